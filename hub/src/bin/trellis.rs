@@ -1,0 +1,363 @@
+//! `trellis`: the operator's command line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use trellis_hub::client::{ApiClient, ClientError};
+use trellis_hub::render;
+use trellis_hub::up::{LocalMesh, UpOptions};
+use trellis_node::cli::{self, EXIT_FAILED, EXIT_USAGE};
+use trellis_node::id::{Identity, Role};
+use trellis_node::tls::{CA_CERT_FILE, DEFAULT_CERT_DAYS, MeshCa, TlsError};
+
+/// Trellis: an edge-aware management mesh for large fleets.
+///
+/// Nodes gossip their health inside each site over QUIC; one relay per site
+/// summarises the site and sends it up; hubs keep the fleet view and serve it
+/// over an HTTP API. This command manages the mesh's certificates, reads a
+/// hub's API, and can start a whole local mesh in one process.
+///
+/// Try it:
+///   trellis up                 start 1 hub, 3 sites × 10 nodes on 127.0.0.1
+///   trellis status             (in another shell) the fleet as a tree
+///   trellis nodes site-1       one site's nodes, live from its relay
+///
+/// Exit codes: 0 ok, 1 the operation failed, 2 bad usage or input.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the mesh certificate authority and member certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Show the fleet: regions, sites, node counts, status.
+    ///
+    /// Sites are coloured by status: healthy, degraded (a node dead or
+    /// failing), critical (half or more dead or critical), stale (the hub
+    /// has not heard from the site's relay for a while).
+    Status {
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the API's JSON instead of the tree.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one site's nodes with their health, live from the site's relay.
+    Nodes {
+        /// The site's name (as in `trellis status`).
+        site: String,
+        /// The site's region, when several regions have a site of that name.
+        #[arg(long)]
+        region: Option<String>,
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the API's JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a real local mesh in this process (Ctrl-C stops it).
+    ///
+    /// Every member gets its own QUIC endpoint on 127.0.0.1 and its own
+    /// certificate from a fresh mesh CA (kept in a temporary directory, or in
+    /// --dir). The hub's API serves on --api.
+    Up {
+        /// Number of sites (one relay each).
+        #[arg(long, default_value_t = 3)]
+        sites: usize,
+        /// Nodes per site.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Number of hubs (1 until hubs federate).
+        #[arg(long, default_value_t = 1)]
+        hubs: usize,
+        /// Address of the hub's HTTP API.
+        #[arg(long, default_value = trellis_hub::config::DEFAULT_API)]
+        api: SocketAddr,
+        /// Directory for the mesh CA (created, or reused if it holds one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Time between gossip rounds.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        gossip_interval: Duration,
+    },
+}
+
+#[derive(clap::Args)]
+struct HubArg {
+    /// The hub's API URL.
+    #[arg(long, env = "TRELLIS_HUB", default_value = "http://127.0.0.1:7800")]
+    hub: String,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new mesh CA (ca.crt, and ca.key readable only by you).
+    Init {
+        /// Directory to keep the CA in.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name for the CA, shown in its certificate.
+        #[arg(long, default_value = "trellis")]
+        name: String,
+    },
+    /// Issue a certificate and key for a member of the mesh.
+    ///
+    /// Writes NAME.crt and NAME.key (readable only by you). Nodes and relays
+    /// need --region and --site; hubs need --region; operators neither.
+    ///
+    /// Example: trellis ca issue --dir ca --role node --region eu --site par-1 --name web-01
+    Issue {
+        /// Directory of the CA (from `trellis ca init`).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        #[arg(long, default_value = "")]
+        region: String,
+        #[arg(long, default_value = "")]
+        site: String,
+        /// The member's name, unique in the mesh.
+        #[arg(long)]
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: u32,
+        /// Where to write the certificate and key (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite an existing certificate of that name.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+        .map_err(|e: trellis_node::id::IdError| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging();
+    match args.command {
+        Command::Ca(c) => ca(c),
+        Command::Status { hub, json } => runtime().block_on(status(&hub.hub, json)),
+        Command::Nodes {
+            site,
+            region,
+            hub,
+            json,
+        } => runtime().block_on(nodes(&hub.hub, &site, region.as_deref(), json)),
+        Command::Up {
+            sites,
+            nodes,
+            hubs,
+            api,
+            dir,
+            gossip_interval,
+        } => {
+            if hubs != 1 {
+                return cli::fail(
+                    EXIT_USAGE,
+                    &"--hubs must be 1: several hubs need federation, which this version does not have",
+                );
+            }
+            let opts = UpOptions {
+                sites,
+                nodes,
+                api,
+                dir,
+                gossip_interval,
+            };
+            runtime().block_on(up(opts))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("tokio runtime")
+}
+
+fn ca(cmd: CaCommand) -> ExitCode {
+    let code = |e: &TlsError| match e {
+        TlsError::Identity(_) | TlsError::Exists { .. } | TlsError::NoCa { .. } => EXIT_USAGE,
+        _ => EXIT_FAILED,
+    };
+    match cmd {
+        CaCommand::Init { dir, name } => {
+            let result = MeshCa::generate(&name).and_then(|ca| ca.save(&dir));
+            match result {
+                Ok(()) => {
+                    println!("created mesh CA in {}", dir.display());
+                    println!(
+                        "  {}  the CA certificate: give it to every member",
+                        dir.join(CA_CERT_FILE).display()
+                    );
+                    println!(
+                        "  {}  the CA key: keep it secret",
+                        dir.join(trellis_node::tls::CA_KEY_FILE).display()
+                    );
+                    println!(
+                        "next: trellis ca issue --dir {} --role node --region R --site S --name N",
+                        dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => cli::fail(code(&e), &e),
+            }
+        }
+        CaCommand::Issue {
+            dir,
+            role,
+            region,
+            site,
+            name,
+            days,
+            out,
+            force,
+        } => {
+            if days == 0 || days > 3650 {
+                return cli::fail(EXIT_USAGE, &"--days must be between 1 and 3650");
+            }
+            let result = (|| {
+                let identity = Identity::new(role, region, site, name)?;
+                let ca = MeshCa::load(&dir)?;
+                let issued = ca.issue(&identity, days)?;
+                let paths = issued.save(out.as_deref().unwrap_or(&dir), force)?;
+                Ok::<_, TlsError>((identity, paths))
+            })();
+            match result {
+                Ok((identity, (cert, key))) => {
+                    println!("issued {identity}, valid {days} days");
+                    println!("  {}", cert.display());
+                    println!("  {}", key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => cli::fail(code(&e), &e),
+            }
+        }
+    }
+}
+
+fn client_error(e: ClientError) -> ExitCode {
+    let code = match e {
+        ClientError::BadUrl(_) => EXIT_USAGE,
+        ClientError::Api { status: 404, .. } => EXIT_USAGE,
+        _ => EXIT_FAILED,
+    };
+    cli::fail(code, &e)
+}
+
+async fn status(hub: &str, json: bool) -> ExitCode {
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    match client.fleet().await {
+        Ok(f) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&f).expect("serialisable")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(f) => {
+            print!("{}", render::fleet(&f, render::use_colour()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(e),
+    }
+}
+
+async fn nodes(hub: &str, site: &str, region: Option<&str>, json: bool) -> ExitCode {
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    match client.nodes(site, region).await {
+        Ok(n) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&n).expect("serialisable")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(n) => {
+            print!("{}", render::nodes(&n, render::use_colour()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(e),
+    }
+}
+
+async fn up(opts: UpOptions) -> ExitCode {
+    let shutdown = cli::shutdown_on_signal();
+    println!(
+        "starting a local Trellis mesh: 1 hub, {} sites × {} nodes on 127.0.0.1",
+        opts.sites, opts.nodes
+    );
+    let mesh = match LocalMesh::start(&opts, shutdown.clone()).await {
+        Ok(m) => m,
+        Err(e) => {
+            shutdown.cancel();
+            return cli::fail(EXIT_FAILED, &format!("{e:#}"));
+        }
+    };
+    let api = format!("http://{}", mesh.hub.api_addr());
+    println!("  mesh CA:      {}", mesh.dir().display());
+    println!("  hub uplink:   {} (QUIC)", mesh.hub.uplink_addr());
+    println!("  API:          {api}");
+    let tty = render::use_colour();
+    let mut last = None;
+    let waited = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        w = mesh.wait_all_alive(Duration::from_secs(60), |alive, total| {
+            if last != Some(alive) {
+                last = Some(alive);
+                if tty {
+                    print!("\r  waiting:      {alive}/{total} nodes alive at the hub");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        }) => w,
+    };
+    if tty {
+        println!();
+    }
+    match waited {
+        Some(t) => println!(
+            "all {} nodes alive at the hub after {:.1} s",
+            mesh.expected_nodes(),
+            t.as_secs_f64()
+        ),
+        None if shutdown.is_cancelled() => {}
+        None => println!("not every node is alive at the hub after 60 s; see `trellis status`"),
+    }
+    let hub_flag = if api == "http://127.0.0.1:7800" {
+        String::new()
+    } else {
+        format!(" --hub {api}")
+    };
+    println!();
+    println!("look at it from another shell:");
+    println!("  cargo run --release --bin trellis -- status{hub_flag}");
+    println!("  cargo run --release --bin trellis -- nodes site-1{hub_flag}");
+    println!("  curl {api}/api/v1/fleet");
+    println!("  curl {api}/metrics");
+    println!("Ctrl-C stops the mesh.");
+    let _ = std::io::stdout().flush();
+    shutdown.cancelled().await;
+    println!("stopping...");
+    mesh.stopped().await;
+    println!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,155 @@
+//! The CLI's client for the hub API.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::api::{ApiError, NodesReport};
+use crate::core::FleetReport;
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0:?} is not a hub URL; use e.g. http://127.0.0.1:7800")]
+    BadUrl(String),
+    #[error(
+        "cannot reach the hub at {url}: {reason}\n\
+         Is a hub running there? Start a local mesh with `trellis up`, \
+         or point --hub (or TRELLIS_HUB) at your hub."
+    )]
+    Unreachable { url: String, reason: String },
+    #[error("the hub answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("unexpected answer from {url}: {reason}")]
+    Decode { url: String, reason: String },
+}
+
+/// A client for one hub's API.
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// `base` is the hub's URL (`http://host:port`); a bare `host:port`
+    /// means `http://host:port`.
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let base = base.trim().trim_end_matches('/');
+        let base = if base.contains("://") {
+            base.to_owned()
+        } else {
+            format!("http://{base}")
+        };
+        let parsed = reqwest::Url::parse(&base).map_err(|_| ClientError::BadUrl(base.clone()))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(ClientError::BadUrl(base));
+        }
+        trellis_node::tls::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .user_agent(concat!("trellis/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        Ok(ApiClient { base, http })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
+    pub async fn fleet(&self) -> Result<FleetReport, ClientError> {
+        self.get("/api/v1/fleet").await
+    }
+
+    pub async fn nodes(
+        &self,
+        site: &str,
+        region: Option<&str>,
+    ) -> Result<NodesReport, ClientError> {
+        let mut path = format!("/api/v1/sites/{}/nodes", urlencode(site));
+        if let Some(r) = region {
+            path.push_str(&format!("?region={}", urlencode(r)));
+        }
+        self.get(&path).await
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The innermost cause of an error, which is the one that says what
+/// happened ("Connection refused"), not where.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_address_means_http() {
+        assert_eq!(
+            ApiClient::new("127.0.0.1:7800").unwrap().base(),
+            "http://127.0.0.1:7800"
+        );
+        assert_eq!(ApiClient::new("http://h:1/").unwrap().base(), "http://h:1");
+        assert!(ApiClient::new("ftp://h:1").is_err());
+        assert!(ApiClient::new("http://").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_hub_is_explained() {
+        // Bind and drop to find a port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = ApiClient::new(&format!("127.0.0.1:{port}")).unwrap();
+        let err = c.fleet().await.unwrap_err().to_string();
+        assert!(err.contains("cannot reach the hub"), "{err}");
+        assert!(err.contains("trellis up"), "{err}");
+    }
+}

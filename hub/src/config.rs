@@ -1,0 +1,145 @@
+//! The hub's configuration file.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use trellis_node::config::{IdentityConfig, Problems, Validate};
+use trellis_relay::config::HUB_UPLINK_PORT;
+
+/// Default address of the HTTP API (and `/metrics`).
+pub const DEFAULT_API: &str = "127.0.0.1:7800";
+
+/// `[uplink]`: where relays connect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubUplinkConfig {
+    /// UDP address of the hub's QUIC endpoint.
+    pub listen: SocketAddr,
+}
+
+impl Default for HubUplinkConfig {
+    fn default() -> Self {
+        HubUplinkConfig {
+            listen: ([127, 0, 0, 1], HUB_UPLINK_PORT).into(),
+        }
+    }
+}
+
+/// `[api]`: the HTTP API, `/metrics` included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// The API has no authentication yet; serving it beyond loopback needs
+    /// this explicit opt-in.
+    pub allow_remote_unauthenticated: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: DEFAULT_API.parse().expect("valid default"),
+            allow_remote_unauthenticated: false,
+        }
+    }
+}
+
+/// `[fleet]`: how the fleet view is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// A site not heard from for this long is shown as stale.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            stale_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The hub's configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    pub identity: IdentityConfig,
+    pub uplink: HubUplinkConfig,
+    pub api: ApiConfig,
+    pub fleet: FleetConfig,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            identity: IdentityConfig::for_name("hub"),
+            uplink: HubUplinkConfig::default(),
+            api: ApiConfig::default(),
+            fleet: FleetConfig::default(),
+        }
+    }
+}
+
+impl Validate for HubConfig {
+    fn normalize(&mut self) {
+        let d = IdentityConfig::for_name("hub");
+        self.identity = IdentityConfig {
+            ca: self.identity.ca.take().or(d.ca),
+            cert: self.identity.cert.take().or(d.cert),
+            key: self.identity.key.take().or(d.key),
+        };
+    }
+
+    fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            self.api.listen.ip().is_loopback() || self.api.allow_remote_unauthenticated,
+            "api.listen",
+            format!(
+                "is {}, which is not a loopback address, and the API has no authentication yet; \
+                 bind it to 127.0.0.1 (and reach it through a tunnel or proxy), or set \
+                 api.allow_remote_unauthenticated = true if you accept that risk",
+                self.api.listen
+            ),
+        );
+        p.check(
+            self.fleet.stale_after >= Duration::from_secs(2),
+            "fleet.stale_after",
+            "must be at least 2s (relays summarise every few seconds)",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use trellis_node::config::parse;
+
+    use super::*;
+
+    fn check(text: &str) -> Result<HubConfig, String> {
+        let path = Path::new("hub.toml");
+        let mut c: HubConfig = parse(text, path).map_err(|e| e.to_string())?;
+        c.normalize();
+        let mut p = Problems::new(path);
+        c.validate(&mut p);
+        p.finish().map(|()| c).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_serve_the_api_on_loopback_7800() {
+        let c = check("").unwrap();
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:7800");
+        assert_eq!(c.uplink.listen.port(), 7700);
+    }
+
+    #[test]
+    fn an_unauthenticated_api_beyond_loopback_needs_an_explicit_opt_in() {
+        let err = check("[api]\nlisten = \"0.0.0.0:7800\"\n").unwrap_err();
+        assert!(err.contains("api.listen"), "{err}");
+        check("[api]\nlisten = \"0.0.0.0:7800\"\nallow_remote_unauthenticated = true\n").unwrap();
+    }
+}

@@ -1,0 +1,24 @@
+//! The Trellis hub and the operator CLI.
+//!
+//! A hub accepts relay uplinks over QUIC, applies their records at most once,
+//! keeps the fleet view (region → site → latest summary, with when it was
+//! last heard) and serves it over an HTTP JSON API with `/metrics`. The
+//! `trellis` binary is the operator's CLI: it manages the mesh CA, reads the
+//! API, and starts a whole local mesh in one process (`trellis up`).
+//!
+//! # Layout
+//! - [`core`]: the sans-IO hub core: at-most-once apply, the fleet view.
+//! - [`driver`]: the hub process: endpoint, per-relay tasks, the core task.
+//! - [`api`]: HTTP routes and the JSON types they return.
+//! - [`config`]: the hub's TOML configuration.
+//! - [`client`]: the CLI's HTTP client for the API.
+//! - [`render`]: the CLI's human-readable output.
+//! - [`up`]: `trellis up`, a real local mesh in one process.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod driver;
+pub mod render;
+pub mod up;

@@ -1,0 +1,312 @@
+//! Human-readable output of the CLI: the fleet as a tree, a site's nodes as
+//! a table. Colour is optional so output to pipes and files stays plain.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use trellis_node::site::Status;
+use trellis_relay::summary::SiteStatus;
+
+use crate::api::NodesReport;
+use crate::core::{FleetReport, SiteRow};
+
+/// Whether to colour output written to stdout: only on a terminal, and
+/// never when `NO_COLOR` is set.
+pub fn use_colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+struct Paint(bool);
+
+impl Paint {
+    fn code(&self, code: &str, text: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn site(&self, status: SiteStatus, text: &str) -> String {
+        let code = match status {
+            SiteStatus::Healthy => "32",
+            SiteStatus::Degraded => "33",
+            SiteStatus::Critical => "31;1",
+            SiteStatus::Stale => "35",
+            SiteStatus::Empty => "2",
+        };
+        self.code(code, text)
+    }
+
+    fn status(&self, status: Status, text: &str) -> String {
+        let code = match status {
+            Status::Passing => "32",
+            Status::Unknown => "2",
+            Status::Warning => "33",
+            Status::Critical => "31;1",
+        };
+        self.code(code, text)
+    }
+
+    fn dim(&self, text: &str) -> String {
+        self.code("2", text)
+    }
+
+    fn bold(&self, text: &str) -> String {
+        self.code("1", text)
+    }
+}
+
+fn marker(status: SiteStatus) -> &'static str {
+    match status {
+        SiteStatus::Healthy => "●",
+        SiteStatus::Degraded => "◐",
+        SiteStatus::Critical => "✖",
+        SiteStatus::Stale => "○",
+        SiteStatus::Empty => "·",
+    }
+}
+
+fn ago(secs: u64) -> String {
+    if secs == u64::MAX || secs > 10 * 365 * 86400 {
+        "never".into()
+    } else if secs < 120 {
+        format!("{secs}s ago")
+    } else if secs < 7200 {
+        format!("{}m ago", secs / 60)
+    } else {
+        format!("{}h ago", secs / 3600)
+    }
+}
+
+fn site_line(p: &Paint, s: &SiteRow, name_width: usize) -> String {
+    let mut line = format!(
+        "  {} {:<name_width$}  {}  {:>11} alive  relay {}  heard {}",
+        p.site(s.status, marker(s.status)),
+        s.site,
+        p.site(s.status, &format!("{:<8}", s.status.as_str())),
+        format!("{}/{}", s.nodes_alive, s.nodes_total),
+        s.relay,
+        ago(s.last_seen_s),
+    );
+    if s.status == SiteStatus::Stale {
+        let _ = write!(
+            line,
+            "  {}",
+            p.site(s.status, "STALE: no news from the relay")
+        );
+    } else if !s.connected {
+        let _ = write!(line, "  {}", p.dim("(relay disconnected)"));
+    }
+    if !s.dead.is_empty() {
+        let more = s.nodes_dead as usize - s.dead.len().min(s.nodes_dead as usize);
+        let mut dead = s.dead.join(", ");
+        if more > 0 {
+            let _ = write!(dead, " and {more} more");
+        }
+        let _ = write!(
+            line,
+            "\n      {} {dead}",
+            p.site(SiteStatus::Critical, "dead:")
+        );
+    }
+    if !s.failing_checks.is_empty() {
+        let checks: Vec<String> = s
+            .failing_checks
+            .iter()
+            .map(|(name, c)| format!("{name} ×{}", c.total()))
+            .collect();
+        let _ = write!(
+            line,
+            "\n      {} {}",
+            p.site(SiteStatus::Degraded, "failing:"),
+            checks.join(", ")
+        );
+    }
+    line
+}
+
+/// The fleet as a tree: regions, then sites.
+pub fn fleet(report: &FleetReport, colour: bool) -> String {
+    let p = Paint(colour);
+    let t = &report.totals;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} hub {}: {} sites, {}/{} nodes alive, {} dead",
+        p.bold("Trellis fleet"),
+        report.hub,
+        t.sites,
+        t.nodes_alive,
+        t.nodes_total,
+        t.nodes_dead,
+    );
+    if report.sites.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {}",
+            p.dim("no site has reported yet (relays connect to the hub's uplink address)")
+        );
+        return out;
+    }
+    let width = report.sites.iter().map(|s| s.site.len()).max().unwrap_or(0);
+    let mut regions: BTreeMap<&str, Vec<&SiteRow>> = BTreeMap::new();
+    for s in &report.sites {
+        regions.entry(&s.region).or_default().push(s);
+    }
+    for (region, sites) in regions {
+        let alive: u32 = sites.iter().map(|s| s.nodes_alive).sum();
+        let total: u32 = sites.iter().map(|s| s.nodes_total).sum();
+        let _ = writeln!(
+            out,
+            "{} {}  {}",
+            p.bold("region"),
+            p.bold(region),
+            p.dim(&format!(
+                "{} sites, {alive}/{total} nodes alive",
+                sites.len()
+            ))
+        );
+        for s in sites {
+            let _ = writeln!(out, "{}", site_line(&p, s, width));
+        }
+    }
+    out
+}
+
+fn pct(v: Option<u8>) -> String {
+    v.map_or("-".into(), |v| format!("{v}%"))
+}
+
+/// A site's members as a table.
+pub fn nodes(report: &NodesReport, colour: bool) -> String {
+    let p = Paint(colour);
+    let alive = report.nodes.iter().filter(|n| n.alive).count();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} {}/{} (relay {}): {} members, {} alive",
+        p.bold("site"),
+        report.region,
+        report.site,
+        report.relay,
+        report.nodes.len(),
+        alive
+    );
+    let width = report
+        .nodes
+        .iter()
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{}",
+        p.dim(&format!(
+            "{:<width$}  {:<5}  {:<5}  {:<8}  {:>4}  {:>4}  {:>4}  {:>5}  FAILING CHECKS",
+            "NAME", "ROLE", "ALIVE", "STATUS", "CPU", "MEM", "DISK", "LOAD"
+        ))
+    );
+    for n in &report.nodes {
+        let (status, status_text) = if n.alive {
+            (n.status, n.status.as_str())
+        } else {
+            (Status::Critical, "dead")
+        };
+        let failing: Vec<String> = n
+            .checks
+            .iter()
+            .filter(|c| c.status != Status::Passing)
+            .map(|c| {
+                if c.detail.is_empty() {
+                    format!("{} ({})", c.name, c.status)
+                } else {
+                    format!("{} ({}: {})", c.name, c.status, c.detail)
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<5}  {:<5}  {}  {:>4}  {:>4}  {:>4}  {:>5}  {}",
+            n.name,
+            n.role.map_or("?", |r| r.as_str()),
+            if n.alive { "yes" } else { "no" },
+            p.status(status, &format!("{status_text:<8}")),
+            pct(n.cpu_pct),
+            pct(n.mem_pct),
+            pct(n.disk_pct),
+            n.load1.map_or("-".into(), |l| format!("{l:.2}")),
+            if failing.is_empty() {
+                "-".to_owned()
+            } else {
+                failing.join(", ")
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_relay::summary::{CheckCounts, StatusCounts};
+
+    use super::*;
+    use crate::core::FleetTotals;
+
+    fn row(site: &str, status: SiteStatus, dead: Vec<String>, last: u64) -> SiteRow {
+        SiteRow {
+            site: site.into(),
+            region: "eu".into(),
+            relay: format!("{site}-relay"),
+            nodes_total: 10,
+            nodes_alive: 10 - dead.len() as u32,
+            nodes_dead: dead.len() as u32,
+            status,
+            last_seen_s: last,
+            connected: true,
+            by_status: StatusCounts::default(),
+            dead,
+            failing_checks: [(
+                "ntp".to_owned(),
+                CheckCounts {
+                    critical: 2,
+                    ..Default::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn the_fleet_tree_names_regions_sites_dead_nodes_and_staleness() {
+        let report = FleetReport {
+            hub: "h".into(),
+            sites: vec![
+                row("par", SiteStatus::Degraded, vec!["n3".into()], 1),
+                row("ber", SiteStatus::Stale, vec![], 45),
+            ],
+            totals: FleetTotals {
+                sites: 2,
+                nodes_total: 20,
+                nodes_alive: 19,
+                nodes_dead: 1,
+                ..Default::default()
+            },
+        };
+        let text = fleet(&report, false);
+        assert!(
+            text.contains("2 sites, 19/20 nodes alive, 1 dead"),
+            "{text}"
+        );
+        assert!(text.contains("region eu"), "{text}");
+        assert!(text.contains("dead: n3"), "{text}");
+        assert!(text.contains("STALE"), "{text}");
+        assert!(text.contains("heard 45s ago"), "{text}");
+        assert!(text.contains("ntp ×2"), "{text}");
+        assert!(!text.contains('\x1b'), "no colour codes when colour is off");
+        assert!(fleet(&report, true).contains('\x1b'));
+    }
+}

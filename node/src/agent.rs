@@ -1,0 +1,180 @@
+//! The node agent: binds the endpoint, joins the site's gossip, and
+//! publishes its health on every tick until shut down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::authz::Protocol;
+use crate::config::{HealthConfig, MetricsConfig, NodeConfig};
+use crate::endpoint::MeshEndpoint;
+use crate::gossip::SiteGossip;
+use crate::health::{self, Checks, ResourceSampler};
+use crate::metrics::{self, MeshMetrics, Registry};
+use crate::tls::Credentials;
+
+/// Why a member could not start. Nothing is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointError),
+    #[error("cannot serve metrics on {addr}: {source} (set [metrics] listen, or enabled = false)")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot join gossip: {0}")]
+    Gossip(anyhow::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Binds `/metrics` if enabled and serves `registry` until `shutdown`.
+pub async fn serve_metrics(
+    cfg: &MetricsConfig,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<Option<SocketAddr>, StartError> {
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let want = cfg.listen_addr();
+    let listener = tokio::net::TcpListener::bind(want)
+        .await
+        .map_err(|source| StartError::Metrics { addr: want, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Metrics { addr: want, source })?;
+    tokio::spawn(async move {
+        if let Err(error) = metrics::serve(listener, registry, shutdown.cancelled_owned()).await {
+            warn!(%error, "metrics server stopped");
+        }
+    });
+    Ok(Some(addr))
+}
+
+/// Samples health and publishes it in gossip every `cfg.interval` until
+/// `shutdown`; keeps the membership gauges current.
+pub async fn publish_health_loop(
+    gossip: Arc<SiteGossip>,
+    role: crate::id::Role,
+    cfg: HealthConfig,
+    checks: Checks,
+    metrics: MeshMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut sampler = ResourceSampler::new();
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        // sysinfo reads /proc synchronously; keep it off the async threads.
+        let (s, resources) = tokio::task::spawn_blocking(move || {
+            let r = sampler.sample();
+            (sampler, r)
+        })
+        .await
+        .expect("sampler does not panic");
+        sampler = s;
+        let health = health::assess(role, &resources, &checks.results(), &cfg);
+        gossip.publish(&health).await;
+        let view = gossip.view().await;
+        let current = view.current_members();
+        let alive = current.iter().filter(|m| m.alive).count();
+        metrics.gossip_members_alive.set(alive as i64);
+        metrics
+            .gossip_members_dead
+            .set((current.len() - alive) as i64);
+    }
+}
+
+/// A running node agent.
+pub struct NodeAgent {
+    endpoint: MeshEndpoint,
+    metrics_addr: Option<SocketAddr>,
+    gossip: Arc<SiteGossip>,
+    task: JoinHandle<()>,
+}
+
+impl NodeAgent {
+    /// Starts the agent: endpoint, gossip, checks, metrics. Returns once
+    /// everything is bound; runs until `shutdown` is cancelled.
+    pub async fn start(
+        creds: Credentials,
+        cfg: NodeConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartError> {
+        let role = creds.identity.role;
+        let mut registry = Registry::default();
+        let mesh_metrics = MeshMetrics::register(&mut registry);
+        let (endpoint, mut routes) = MeshEndpoint::bind(
+            creds,
+            cfg.gossip.listen_addr(),
+            &[Protocol::Gossip],
+            mesh_metrics.clone(),
+        )?;
+        let checks = Checks::start(&cfg.checks, shutdown.child_token());
+        let first = health::assess(role, &Default::default(), &checks.results(), &cfg.health);
+        let gossip = SiteGossip::start(
+            endpoint.clone(),
+            routes.take(Protocol::Gossip),
+            &cfg.gossip.settings(),
+            &first,
+            shutdown.child_token(),
+        )
+        .await
+        .map_err(StartError::Gossip)?;
+        let gossip = Arc::new(gossip);
+        let metrics_addr =
+            serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
+        let task = tokio::spawn(publish_health_loop(
+            gossip.clone(),
+            role,
+            cfg.health.clone(),
+            checks,
+            mesh_metrics,
+            shutdown.child_token(),
+        ));
+        info!(
+            identity = %endpoint.identity(),
+            gossip = %endpoint.local_addr(),
+            metrics = %metrics_addr.map_or("off".to_owned(), |a| a.to_string()),
+            "node ready"
+        );
+        Ok(NodeAgent {
+            endpoint,
+            metrics_addr,
+            gossip,
+            task,
+        })
+    }
+
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn gossip(&self) -> &SiteGossip {
+        &self.gossip
+    }
+
+    /// Waits for the agent to stop (after `shutdown` was cancelled), then
+    /// leaves gossip and closes the endpoint.
+    pub async fn stopped(self) {
+        let _ = self.task.await;
+        if let Ok(gossip) = Arc::try_unwrap(self.gossip) {
+            gossip.shutdown().await;
+        }
+        self.endpoint.shutdown().await;
+    }
+}

@@ -1,0 +1,189 @@
+//! Who may speak which protocol with whom.
+//!
+//! TLS has already proved that a peer holds a certificate of the mesh CA;
+//! this module decides, from the two identities and the protocol (ALPN),
+//! whether the connection may go on. It is a pure function so the whole
+//! table can be tested cell by cell. Both ends check: the server checks the
+//! client that connected, the client checks the server it reached.
+
+use std::fmt;
+
+use crate::id::{Identity, Role};
+
+/// A protocol spoken over the mesh, one ALPN each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// chitchat gossip inside one site (node ↔ node, node ↔ relay).
+    Gossip,
+    /// relay → hub summaries and events; hub → relay drill-down requests.
+    Uplink,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Gossip, Protocol::Uplink];
+
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Protocol::Gossip => b"trellis-gossip/1",
+            Protocol::Uplink => b"trellis-uplink/1",
+        }
+    }
+
+    pub fn from_alpn(alpn: &[u8]) -> Option<Self> {
+        Protocol::ALL.into_iter().find(|p| p.alpn() == alpn)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Gossip => "gossip",
+            Protocol::Uplink => "uplink",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which end of the connection we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// We accepted the connection; the peer is the client.
+    Server,
+    /// We opened the connection; the peer is the server.
+    Client,
+}
+
+/// Why a peer was refused. The connection is closed; no state was touched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{peer} may not speak {protocol} with {local}")]
+    WrongRole {
+        protocol: Protocol,
+        local: Identity,
+        peer: Identity,
+    },
+    #[error("{peer} is not in the site of {local}; {protocol} stays inside a site")]
+    WrongSite {
+        protocol: Protocol,
+        local: Identity,
+        peer: Identity,
+    },
+}
+
+impl Refusal {
+    /// A short, stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::WrongRole { .. } => "wrong_role",
+            Refusal::WrongSite { .. } => "wrong_site",
+        }
+    }
+}
+
+/// Decides whether `peer` may speak `protocol` with `local`.
+pub fn authorize(
+    protocol: Protocol,
+    side: Side,
+    local: &Identity,
+    peer: &Identity,
+) -> Result<(), Refusal> {
+    let role = |ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(Refusal::WrongRole {
+                protocol,
+                local: local.clone(),
+                peer: peer.clone(),
+            })
+        }
+    };
+    match protocol {
+        Protocol::Gossip => {
+            let members = [Role::Node, Role::Relay];
+            role(members.contains(&local.role) && members.contains(&peer.role))?;
+            if !local.same_site(peer) {
+                return Err(Refusal::WrongSite {
+                    protocol,
+                    local: local.clone(),
+                    peer: peer.clone(),
+                });
+            }
+            Ok(())
+        }
+        // Any hub serves any relay (relays fail over across hubs); the hub
+        // binds everything a relay sends to the site in its certificate.
+        Protocol::Uplink => match side {
+            Side::Server => role(local.role == Role::Hub && peer.role == Role::Relay),
+            Side::Client => role(local.role == Role::Relay && peer.role == Role::Hub),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(role: Role, region: &str, site: &str, name: &str) -> Identity {
+        Identity::new(role, region, site, name).unwrap()
+    }
+
+    #[test]
+    fn gossip_is_allowed_between_members_of_one_site() {
+        let a = id(Role::Node, "eu", "par", "a");
+        let b = id(Role::Node, "eu", "par", "b");
+        let r = id(Role::Relay, "eu", "par", "r");
+        for side in [Side::Server, Side::Client] {
+            authorize(Protocol::Gossip, side, &a, &b).unwrap();
+            authorize(Protocol::Gossip, side, &a, &r).unwrap();
+            authorize(Protocol::Gossip, side, &r, &a).unwrap();
+        }
+    }
+
+    #[test]
+    fn gossip_across_sites_or_regions_is_refused() {
+        let a = id(Role::Node, "eu", "par", "a");
+        for other in [
+            id(Role::Node, "eu", "ber", "b"),
+            id(Role::Node, "us", "par", "c"),
+            id(Role::Relay, "eu", "ber", "r"),
+        ] {
+            let err = authorize(Protocol::Gossip, Side::Server, &a, &other).unwrap_err();
+            assert_eq!(err.kind(), "wrong_site");
+        }
+    }
+
+    #[test]
+    fn hubs_and_operators_do_not_join_site_gossip() {
+        let a = id(Role::Node, "eu", "par", "a");
+        for other in [
+            id(Role::Hub, "eu", "", "h"),
+            id(Role::Operator, "", "", "o"),
+        ] {
+            let err = authorize(Protocol::Gossip, Side::Server, &a, &other).unwrap_err();
+            assert_eq!(err.kind(), "wrong_role");
+        }
+    }
+
+    #[test]
+    fn only_relays_uplink_and_only_to_hubs() {
+        let hub = id(Role::Hub, "eu", "", "h");
+        let relay = id(Role::Relay, "us", "nyc", "r");
+        let node = id(Role::Node, "eu", "par", "n");
+        authorize(Protocol::Uplink, Side::Server, &hub, &relay).unwrap();
+        authorize(Protocol::Uplink, Side::Client, &relay, &hub).unwrap();
+        assert!(authorize(Protocol::Uplink, Side::Server, &hub, &node).is_err());
+        assert!(authorize(Protocol::Uplink, Side::Client, &relay, &node).is_err());
+        assert!(authorize(Protocol::Uplink, Side::Server, &relay, &relay).is_err());
+    }
+
+    #[test]
+    fn every_protocol_has_a_distinct_alpn() {
+        for p in Protocol::ALL {
+            assert_eq!(Protocol::from_alpn(p.alpn()), Some(p));
+        }
+    }
+}

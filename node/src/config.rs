@@ -1,0 +1,636 @@
+//! Configuration files (TOML) for the node agent, and the sections relays
+//! and hubs share with it.
+//!
+//! Every section has defaults that work on one machine, unknown keys are
+//! rejected (a typo is an error, not a silently ignored setting), durations
+//! are human (`"1s"`, `"500ms"`, `"24h"`), and [`Validate::validate`] rejects
+//! values that parse but make no sense. Relative paths are taken relative to
+//! the directory of the configuration file.
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::gossip::GossipSettings;
+use crate::tls::{Credentials, TlsError};
+
+/// Why a configuration could not be used. Nothing was started.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{field}` {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+    #[error("{path}: {source}")]
+    Credentials { path: PathBuf, source: TlsError },
+}
+
+/// Collects problems found while validating, with the file they came from.
+pub struct Problems<'a> {
+    path: &'a Path,
+    first: Option<ConfigError>,
+}
+
+impl<'a> Problems<'a> {
+    pub fn new(path: &'a Path) -> Self {
+        Problems { path, first: None }
+    }
+
+    /// Records a problem with `field` unless `ok`.
+    pub fn check(&mut self, ok: bool, field: &str, problem: impl Display) {
+        if !ok && self.first.is_none() {
+            self.first = Some(ConfigError::Invalid {
+                path: self.path.to_owned(),
+                field: field.to_owned(),
+                problem: problem.to_string(),
+            });
+        }
+    }
+
+    pub fn finish(self) -> Result<(), ConfigError> {
+        self.first.map_or(Ok(()), Err)
+    }
+}
+
+/// Semantic checks beyond what the types enforce.
+pub trait Validate {
+    /// Fills in role-dependent defaults a partial section left unset.
+    fn normalize(&mut self) {}
+    fn validate(&self, problems: &mut Problems<'_>);
+}
+
+/// A configuration file read, parsed and validated, with the directory its
+/// relative paths are taken from.
+pub struct Loaded<T> {
+    pub config: T,
+    pub path: PathBuf,
+    pub base_dir: PathBuf,
+}
+
+impl<T> Loaded<T> {
+    /// Resolves a path from the configuration against its directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+/// Reads `path` (or takes every default when `None`), parses and validates.
+pub fn load<T: DeserializeOwned + Default + Validate>(
+    path: Option<&Path>,
+) -> Result<Loaded<T>, ConfigError> {
+    let (config, path, base_dir) = match path {
+        None => {
+            let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+            (T::default(), PathBuf::from("<defaults>"), cwd)
+        }
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let config = parse::<T>(&text, path)?;
+            let base = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned();
+            (config, path.to_owned(), base)
+        }
+    };
+    let mut config = config;
+    config.normalize();
+    let mut problems = Problems::new(&path);
+    config.validate(&mut problems);
+    problems.finish()?;
+    Ok(Loaded {
+        config,
+        path,
+        base_dir,
+    })
+}
+
+/// Parses TOML text; `path` is only used in messages.
+pub fn parse<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+/// `[identity]`: where the member's certificate, key and the mesh CA are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The mesh CA certificate (`ca.crt` from `trellis ca init`).
+    pub ca: Option<PathBuf>,
+    /// This member's certificate (`NAME.crt` from `trellis ca issue`).
+    pub cert: Option<PathBuf>,
+    /// This member's private key (`NAME.key`).
+    pub key: Option<PathBuf>,
+}
+
+impl IdentityConfig {
+    /// Defaults: `tls/ca.crt`, `tls/NAME.crt`, `tls/NAME.key`.
+    pub fn for_name(name: &str) -> Self {
+        IdentityConfig {
+            ca: Some(PathBuf::from("tls/ca.crt")),
+            cert: Some(PathBuf::from(format!("tls/{name}.crt"))),
+            key: Some(PathBuf::from(format!("tls/{name}.key"))),
+        }
+    }
+
+    /// The certificate path (after [`Validate::normalize`]).
+    pub fn cert_path(&self) -> &Path {
+        self.cert.as_deref().unwrap_or(Path::new("tls/member.crt"))
+    }
+
+    /// Loads the credentials, with paths resolved against the config file.
+    /// Call after [`Validate::normalize`] filled in the role's defaults.
+    pub fn load<T>(&self, loaded: &Loaded<T>) -> Result<Credentials, ConfigError> {
+        let p = |x: &Option<PathBuf>, what: &str| {
+            x.as_deref()
+                .map(|x| loaded.resolve(x))
+                .ok_or_else(|| ConfigError::Invalid {
+                    path: loaded.path.clone(),
+                    field: format!("identity.{what}"),
+                    problem: "is not set".into(),
+                })
+        };
+        Credentials::load(
+            &p(&self.ca, "ca")?,
+            &p(&self.cert, "cert")?,
+            &p(&self.key, "key")?,
+        )
+        .map_err(|source| ConfigError::Credentials {
+            path: loaded.path.clone(),
+            source,
+        })
+    }
+}
+
+/// `[gossip]`: the site's chitchat cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipConfig {
+    /// UDP address of this member's QUIC endpoint (default depends on the
+    /// role: 7900 for nodes, 7901 for relays, on 127.0.0.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Members to contact first (usually the site's relay).
+    pub seeds: Vec<SocketAddr>,
+    /// Time between gossip rounds.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Failure detector threshold (phi); higher is slower but surer.
+    pub phi_threshold: f64,
+    /// How long a dead member stays listed before it is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub dead_node_grace: Duration,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            listen: None,
+            seeds: Vec::new(),
+            interval: Duration::from_secs(1),
+            phi_threshold: 8.0,
+            dead_node_grace: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl GossipConfig {
+    pub fn with_listen(listen: SocketAddr) -> Self {
+        GossipConfig {
+            listen: Some(listen),
+            ..GossipConfig::default()
+        }
+    }
+
+    /// The listen address (after [`Validate::normalize`]).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or(([127, 0, 0, 1], NODE_GOSSIP_PORT).into())
+    }
+
+    pub fn settings(&self) -> GossipSettings {
+        GossipSettings {
+            interval: self.interval,
+            phi_threshold: self.phi_threshold,
+            dead_node_grace: self.dead_node_grace,
+            seeds: self.seeds.clone(),
+        }
+    }
+}
+
+impl Validate for GossipConfig {
+    fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            self.interval >= Duration::from_millis(50) && self.interval <= Duration::from_secs(60),
+            "gossip.interval",
+            format!(
+                "is {:?}; use between 50ms and 60s (1s is a good default)",
+                self.interval
+            ),
+        );
+        p.check(
+            self.phi_threshold.is_finite() && (1.0..=64.0).contains(&self.phi_threshold),
+            "gossip.phi_threshold",
+            format!(
+                "is {}; use between 1 and 64 (8 is typical)",
+                self.phi_threshold
+            ),
+        );
+        p.check(
+            self.dead_node_grace >= Duration::from_secs(60),
+            "gossip.dead_node_grace",
+            "must be at least 60s so dead members are reported before being forgotten",
+        );
+    }
+}
+
+/// `[metrics]`: where `/metrics` is served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// TCP address of the Prometheus endpoint (default depends on the
+    /// role: 7910 for nodes, 7911 for relays, on 127.0.0.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: None,
+        }
+    }
+}
+
+impl MetricsConfig {
+    pub fn with_listen(listen: SocketAddr) -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: Some(listen),
+        }
+    }
+
+    /// Metrics switched off.
+    pub fn off() -> Self {
+        MetricsConfig {
+            enabled: false,
+            listen: None,
+        }
+    }
+
+    /// The listen address (after [`Validate::normalize`]).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or(([127, 0, 0, 1], NODE_METRICS_PORT).into())
+    }
+}
+
+/// `[health]`: how often resources are sampled and when they are a problem.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between resource samples (and health publications).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Fullest disk at or above this percentage: warning.
+    pub disk_warning_pct: u8,
+    /// Fullest disk at or above this percentage: critical.
+    pub disk_critical_pct: u8,
+    /// Memory use at or above this percentage: warning.
+    pub memory_warning_pct: u8,
+    /// Memory use at or above this percentage: critical.
+    pub memory_critical_pct: u8,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(2),
+            disk_warning_pct: 90,
+            disk_critical_pct: 97,
+            memory_warning_pct: 95,
+            memory_critical_pct: 99,
+        }
+    }
+}
+
+impl Validate for HealthConfig {
+    fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            self.interval >= Duration::from_millis(100),
+            "health.interval",
+            "must be at least 100ms",
+        );
+        for (field, warn, crit) in [
+            ("disk", self.disk_warning_pct, self.disk_critical_pct),
+            ("memory", self.memory_warning_pct, self.memory_critical_pct),
+        ] {
+            p.check(
+                (1..=100).contains(&warn) && (1..=100).contains(&crit) && warn <= crit,
+                &format!("health.{field}_warning_pct"),
+                format!(
+                    "and `health.{field}_critical_pct` must be percentages (1-100) with warning <= critical, got {warn} and {crit}"
+                ),
+            );
+        }
+    }
+}
+
+/// Built-in checks derived from resource thresholds; user checks may not
+/// take these names.
+pub const RESERVED_CHECK_NAMES: [&str; 2] = ["disk", "memory"];
+
+/// `[[checks]]`: one user check. Exactly one of `command`, `http`, `tcp`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    pub name: String,
+    /// Program and arguments; exit 0 passing, 1 warning, anything else critical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// URL to GET; 2xx passing, 429 warning, anything else critical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// `host:port` to connect to; connected is passing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// What a check does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    Command(Vec<String>),
+    Http(String),
+    Tcp(String),
+}
+
+impl CheckConfig {
+    /// The check's kind; only meaningful after validation.
+    pub fn kind(&self) -> CheckKind {
+        match (&self.command, &self.http, &self.tcp) {
+            (Some(c), _, _) => CheckKind::Command(c.clone()),
+            (_, Some(u), _) => CheckKind::Http(u.clone()),
+            (_, _, Some(a)) => CheckKind::Tcp(a.clone()),
+            _ => unreachable!("validated: exactly one kind"),
+        }
+    }
+}
+
+/// Validates a list of checks (`checks[i]` in messages).
+pub fn validate_checks(checks: &[CheckConfig], p: &mut Problems<'_>) {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, c) in checks.iter().enumerate() {
+        let field = format!("checks[{i}]");
+        p.check(
+            crate::id::validate_name("check name", &c.name).is_ok(),
+            &format!("{field}.name"),
+            format!("{:?} is not a valid name (a-z, 0-9, '-', '_', '.')", c.name),
+        );
+        p.check(
+            !RESERVED_CHECK_NAMES.contains(&c.name.as_str()),
+            &format!("{field}.name"),
+            format!("{:?} is reserved for the built-in resource check", c.name),
+        );
+        p.check(
+            seen.insert(c.name.as_str()),
+            &format!("{field}.name"),
+            format!("{:?} is used by an earlier check", c.name),
+        );
+        let kinds = [c.command.is_some(), c.http.is_some(), c.tcp.is_some()];
+        p.check(
+            kinds.iter().filter(|k| **k).count() == 1,
+            &field,
+            "needs exactly one of `command`, `http` or `tcp`",
+        );
+        if let Some(cmd) = &c.command {
+            p.check(
+                cmd.first().is_some_and(|p| !p.is_empty()),
+                &format!("{field}.command"),
+                "must name a program, e.g. [\"systemctl\", \"is-active\", \"sshd\"]",
+            );
+        }
+        if let Some(url) = &c.http {
+            p.check(
+                url.starts_with("http://") || url.starts_with("https://"),
+                &format!("{field}.http"),
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+        }
+        if let Some(addr) = &c.tcp {
+            p.check(
+                addr.rsplit_once(':')
+                    .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()),
+                &format!("{field}.tcp"),
+                format!("{addr:?} is not host:port"),
+            );
+        }
+        p.check(
+            c.interval >= Duration::from_millis(100),
+            &format!("{field}.interval"),
+            "must be at least 100ms",
+        );
+        p.check(
+            !c.timeout.is_zero() && c.timeout <= c.interval,
+            &format!("{field}.timeout"),
+            "must be more than zero and at most the interval",
+        );
+    }
+}
+
+/// The node agent's configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub identity: IdentityConfig,
+    pub gossip: GossipConfig,
+    pub health: HealthConfig,
+    pub metrics: MetricsConfig,
+    pub checks: Vec<CheckConfig>,
+}
+
+/// Default UDP port of a node's gossip endpoint.
+pub const NODE_GOSSIP_PORT: u16 = 7900;
+/// Default TCP port of a node's `/metrics`.
+pub const NODE_METRICS_PORT: u16 = 7910;
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            identity: IdentityConfig::for_name("node"),
+            gossip: GossipConfig::with_listen(([127, 0, 0, 1], NODE_GOSSIP_PORT).into()),
+            health: HealthConfig::default(),
+            metrics: MetricsConfig::with_listen(([127, 0, 0, 1], NODE_METRICS_PORT).into()),
+            checks: Vec::new(),
+        }
+    }
+}
+
+impl Validate for NodeConfig {
+    fn normalize(&mut self) {
+        let d = NodeConfig::default();
+        self.identity = IdentityConfig {
+            ca: self.identity.ca.take().or(d.identity.ca),
+            cert: self.identity.cert.take().or(d.identity.cert),
+            key: self.identity.key.take().or(d.identity.key),
+        };
+        self.gossip.listen = self.gossip.listen.or(d.gossip.listen);
+        self.metrics.listen = self.metrics.listen.or(d.metrics.listen);
+    }
+
+    fn validate(&self, p: &mut Problems<'_>) {
+        self.gossip.validate(p);
+        self.health.validate(p);
+        validate_checks(&self.checks, p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_node(text: &str) -> Result<NodeConfig, ConfigError> {
+        let path = Path::new("node.toml");
+        let mut c: NodeConfig = parse(text, path)?;
+        c.normalize();
+        let mut p = Problems::new(path);
+        c.validate(&mut p);
+        p.finish().map(|()| c)
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        assert_eq!(parse_node("").unwrap(), NodeConfig::default());
+    }
+
+    #[test]
+    fn a_typo_is_an_error_that_names_the_key() {
+        let err = parse_node("[gossip]\nintervall = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intervall"), "{err}");
+    }
+
+    #[test]
+    fn checks_need_exactly_one_kind() {
+        let err = parse_node("[[checks]]\nname = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one of"), "{err}");
+        let err = parse_node("[[checks]]\nname = \"x\"\ntcp = \"a:1\"\nhttp = \"http://a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one of"), "{err}");
+    }
+
+    #[test]
+    fn every_kind_of_check_parses() {
+        let c = parse_node(
+            r#"
+            [[checks]]
+            name = "sshd"
+            command = ["true"]
+            interval = "5s"
+            timeout = "1s"
+            [[checks]]
+            name = "web"
+            http = "http://127.0.0.1:8080/healthz"
+            [[checks]]
+            name = "db"
+            tcp = "127.0.0.1:5432"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.checks.len(), 3);
+        assert_eq!(c.checks[0].kind(), CheckKind::Command(vec!["true".into()]));
+        assert_eq!(c.checks[2].interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn nonsense_values_are_rejected_with_the_field_name() {
+        for (text, field) in [
+            ("[gossip]\ninterval = \"0s\"\n", "gossip.interval"),
+            ("[gossip]\nphi_threshold = 0.0\n", "gossip.phi_threshold"),
+            (
+                "[health]\ndisk_warning_pct = 99\ndisk_critical_pct = 90\n",
+                "health.disk_warning_pct",
+            ),
+            (
+                "[[checks]]\nname = \"disk\"\ntcp = \"a:1\"\n",
+                "checks[0].name",
+            ),
+            (
+                "[[checks]]\nname = \"a\"\ntcp = \"nope\"\n",
+                "checks[0].tcp",
+            ),
+            (
+                "[[checks]]\nname = \"a\"\ntcp = \"a:1\"\n[[checks]]\nname = \"a\"\ntcp = \"a:2\"\n",
+                "checks[1].name",
+            ),
+            (
+                "[[checks]]\nname = \"a\"\ntcp = \"a:1\"\ninterval = \"1s\"\ntimeout = \"2s\"\n",
+                "checks[0].timeout",
+            ),
+        ] {
+            let err = parse_node(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "").unwrap();
+        let loaded = load::<NodeConfig>(Some(&path)).unwrap();
+        assert_eq!(
+            loaded.resolve(loaded.config.identity.cert_path()),
+            dir.path().join("tls/node.crt")
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_a_clear_error() {
+        let err = load::<NodeConfig>(Some(Path::new("/nonexistent/node.toml")))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("/nonexistent/node.toml"), "{err}");
+    }
+}

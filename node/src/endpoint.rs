@@ -1,0 +1,301 @@
+//! One QUIC endpoint per member: mutual TLS on every connection,
+//! authorisation by [`crate::authz`], and routing of accepted connections to
+//! the task that serves their protocol (ALPN).
+//!
+//! The same UDP socket is used for connections we accept and for those we
+//! open, so a peer's `remote_address()` is the address it listens on; the
+//! gossip transport relies on that to answer a peer on the connection it
+//! came in on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::authz::{self, Protocol, Refusal, Side};
+use crate::id::Identity;
+use crate::metrics::MeshMetrics;
+use crate::tls::{self, Credentials, MESH_SERVER_NAME, TlsError};
+
+/// Application close codes, shared by all protocols.
+pub mod close {
+    use quinn::VarInt;
+    /// Normal end of a conversation.
+    pub const DONE: VarInt = VarInt::from_u32(0);
+    /// The peer is not allowed to speak this protocol with us.
+    pub const REFUSED: VarInt = VarInt::from_u32(1);
+    /// The peer sent malformed, oversized or unexpected data.
+    pub const PROTOCOL_ERROR: VarInt = VarInt::from_u32(2);
+    /// We are shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(3);
+}
+
+/// Time allowed for a handshake, ours or a peer's.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An authenticated, authorised connection handed to a protocol's server.
+pub struct Accepted {
+    pub conn: quinn::Connection,
+    pub peer: Identity,
+}
+
+/// Why an outgoing connection could not be used. Nothing was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot start a connection to {addr}: {source}")]
+    Start {
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
+    #[error("no handshake with {addr} within {HANDSHAKE_TIMEOUT:?}")]
+    Timeout { addr: SocketAddr },
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error("{addr} presented an unusable certificate: {source}")]
+    Identity { addr: SocketAddr, source: TlsError },
+    #[error("refused {addr}: {source}")]
+    Refused { addr: SocketAddr, source: Refusal },
+}
+
+/// Why an endpoint could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    creds: Credentials,
+    clients: HashMap<Protocol, quinn::ClientConfig>,
+    metrics: MeshMetrics,
+}
+
+/// A member's QUIC endpoint. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshEndpoint {
+    inner: Arc<Inner>,
+}
+
+/// Accepted connections, one channel per protocol the endpoint serves.
+pub struct Routes(HashMap<Protocol, mpsc::Receiver<Accepted>>);
+
+impl Routes {
+    /// The channel of accepted connections for `protocol`.
+    ///
+    /// # Panics
+    /// If the endpoint was not built to serve `protocol`, or it was taken
+    /// already: both are programming errors.
+    pub fn take(&mut self, protocol: Protocol) -> mpsc::Receiver<Accepted> {
+        self.0
+            .remove(&protocol)
+            .unwrap_or_else(|| panic!("endpoint does not serve {protocol}"))
+    }
+}
+
+impl MeshEndpoint {
+    /// Binds an endpoint on `addr` that serves `serve` and can connect with
+    /// any protocol, and starts accepting. Must run inside a tokio runtime.
+    ///
+    /// `keep_alive` lists protocols whose outgoing connections send QUIC
+    /// keep-alives (long-lived uplinks through NATs).
+    pub fn bind(
+        creds: Credentials,
+        addr: SocketAddr,
+        serve: &[Protocol],
+        metrics: MeshMetrics,
+    ) -> Result<(Self, Routes), EndpointError> {
+        let alpns: Vec<&[u8]> = serve.iter().map(|p| p.alpn()).collect();
+        let server = if serve.is_empty() {
+            None
+        } else {
+            Some(creds.server_config(&alpns, tls::transport_config(None))?)
+        };
+        let mut clients = HashMap::new();
+        for p in Protocol::ALL {
+            let keep_alive = (p == Protocol::Uplink).then_some(Duration::from_secs(5));
+            clients.insert(
+                p,
+                creds.client_config(p.alpn(), tls::transport_config(keep_alive))?,
+            );
+        }
+        let endpoint = match server {
+            Some(server) => quinn::Endpoint::server(server, addr),
+            None => quinn::Endpoint::client(addr),
+        }
+        .map_err(|source| EndpointError::Bind { addr, source })?;
+        let mut senders = HashMap::new();
+        let mut receivers = HashMap::new();
+        for &p in serve {
+            let (tx, rx) = mpsc::channel(64);
+            senders.insert(p, tx);
+            receivers.insert(p, rx);
+        }
+        let this = MeshEndpoint {
+            inner: Arc::new(Inner {
+                endpoint,
+                creds,
+                clients,
+                metrics,
+            }),
+        };
+        if !serve.is_empty() {
+            tokio::spawn(this.clone().accept_loop(senders));
+        }
+        Ok((this, Routes(receivers)))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner
+            .endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.inner.creds.identity
+    }
+
+    pub fn metrics(&self) -> &MeshMetrics {
+        &self.inner.metrics
+    }
+
+    /// Connects to `addr` for `protocol`, then checks the server's identity.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        protocol: Protocol,
+    ) -> Result<(quinn::Connection, Identity), ConnectError> {
+        let config = self.inner.clients[&protocol].clone();
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(config, addr, MESH_SERVER_NAME)
+            .map_err(|source| ConnectError::Start { addr, source })?;
+        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ConnectError::Timeout { addr })?
+            .map_err(|source| {
+                if is_tls_failure(&source) {
+                    self.inner.metrics.refused(protocol.as_str(), "tls");
+                    warn!(%addr, %protocol, error = %source, "refused server: TLS handshake failed");
+                }
+                ConnectError::Handshake { addr, source }
+            })?;
+        let peer = tls::peer_identity(&conn).map_err(|source| {
+            self.inner.metrics.refused(protocol.as_str(), "identity");
+            conn.close(close::REFUSED, b"no trellis identity");
+            ConnectError::Identity { addr, source }
+        })?;
+        if let Err(refusal) = authz::authorize(protocol, Side::Client, self.identity(), &peer) {
+            self.inner
+                .metrics
+                .refused(protocol.as_str(), refusal.kind());
+            warn!(%addr, %refusal, "refused server");
+            conn.close(close::REFUSED, refusal.to_string().as_bytes());
+            return Err(ConnectError::Refused {
+                addr,
+                source: refusal,
+            });
+        }
+        Ok((conn, peer))
+    }
+
+    /// Stops accepting, closes every connection and waits briefly for the
+    /// peers to be told.
+    pub async fn shutdown(&self) {
+        self.inner.endpoint.close(close::SHUTDOWN, b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    async fn accept_loop(self, routes: HashMap<Protocol, mpsc::Sender<Accepted>>) {
+        let routes = Arc::new(routes);
+        while let Some(incoming) = self.inner.endpoint.accept().await {
+            let this = self.clone();
+            let routes = routes.clone();
+            tokio::spawn(async move { this.admit(incoming, &routes).await });
+        }
+        debug!("endpoint closed; accept loop ends");
+    }
+
+    async fn admit(
+        &self,
+        incoming: quinn::Incoming,
+        routes: &HashMap<Protocol, mpsc::Sender<Accepted>>,
+    ) {
+        let remote = incoming.remote_address();
+        let metrics = &self.inner.metrics;
+        let conn = match incoming.accept() {
+            Ok(connecting) => tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await,
+            Err(e) => Ok(Err(e)),
+        };
+        let conn = match conn {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                metrics.refused("unknown", "tls");
+                warn!(%remote, %error, "refused connection: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                metrics.refused("unknown", "tls");
+                warn!(%remote, "refused connection: handshake timed out");
+                return;
+            }
+        };
+        let alpn = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        let Some(protocol) = alpn.as_deref().and_then(Protocol::from_alpn) else {
+            metrics.refused("unknown", "protocol");
+            warn!(%remote, "refused connection: no supported protocol negotiated");
+            conn.close(close::REFUSED, b"unsupported protocol");
+            return;
+        };
+        let peer = match tls::peer_identity(&conn) {
+            Ok(peer) => peer,
+            Err(error) => {
+                metrics.refused(protocol.as_str(), "identity");
+                warn!(%remote, %protocol, %error, "refused connection");
+                conn.close(close::REFUSED, b"no trellis identity");
+                return;
+            }
+        };
+        if let Err(refusal) = authz::authorize(protocol, Side::Server, self.identity(), &peer) {
+            metrics.refused(protocol.as_str(), refusal.kind());
+            warn!(%remote, %refusal, "refused connection");
+            conn.close(close::REFUSED, refusal.to_string().as_bytes());
+            return;
+        }
+        metrics.connections_accepted.inc();
+        debug!(%remote, %peer, %protocol, "accepted connection");
+        let Some(route) = routes.get(&protocol) else {
+            conn.close(close::REFUSED, b"protocol not served here");
+            return;
+        };
+        if route.send(Accepted { conn, peer }).await.is_err() {
+            info!(%remote, %protocol, "connection arrived while shutting down");
+        }
+    }
+}
+
+/// Whether a handshake failure was the TLS layer refusing the certificate
+/// (ours or theirs), as opposed to a timeout or a reset.
+fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::TransportError(t) => t.code.to_string().contains("crypto"),
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code.to_string().contains("crypto"),
+        _ => false,
+    }
+}

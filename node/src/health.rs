@@ -1,0 +1,424 @@
+//! A member's own health: resources read from the OS and user checks.
+//!
+//! [`assess`] is the pure part: resources + check results + thresholds →
+//! [`Health`]. [`ResourceSampler`] reads CPU, memory, disk and load with
+//! `sysinfo`; [`run_check`] runs one command, HTTP or TCP check with a
+//! timeout; [`Checks`] runs every configured check on its own interval and
+//! keeps the latest results.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sysinfo::{DiskRefreshKind, Disks, System};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::config::{CheckConfig, CheckKind, HealthConfig};
+use crate::id::Role;
+use crate::site::{CheckResult, Health, Status};
+
+/// One sample of the machine's resources. `None` when the OS did not say.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Resources {
+    pub cpu_pct: Option<u8>,
+    pub mem_pct: Option<u8>,
+    pub disk_pct: Option<u8>,
+    pub load1: Option<f32>,
+}
+
+fn threshold_check(what: &str, value: Option<u8>, warn: u8, crit: u8) -> CheckResult {
+    match value {
+        None => CheckResult::new(Status::Unknown, format!("{what} use unknown")),
+        Some(v) if v >= crit => CheckResult::new(Status::Critical, format!("{v}% used")),
+        Some(v) if v >= warn => CheckResult::new(Status::Warning, format!("{v}% used")),
+        Some(_) => CheckResult::new(Status::Passing, ""),
+    }
+}
+
+/// Combines resources and user check results into what a member publishes.
+/// The member's status is the worst of its checks, including the built-in
+/// `disk` and `memory` threshold checks.
+pub fn assess(
+    role: Role,
+    resources: &Resources,
+    checks: &BTreeMap<String, CheckResult>,
+    cfg: &HealthConfig,
+) -> Health {
+    let mut all = checks.clone();
+    all.insert(
+        "disk".into(),
+        threshold_check(
+            "disk",
+            resources.disk_pct,
+            cfg.disk_warning_pct,
+            cfg.disk_critical_pct,
+        ),
+    );
+    all.insert(
+        "memory".into(),
+        threshold_check(
+            "memory",
+            resources.mem_pct,
+            cfg.memory_warning_pct,
+            cfg.memory_critical_pct,
+        ),
+    );
+    let status = all
+        .values()
+        .map(|c| c.status)
+        .max()
+        .unwrap_or(Status::Passing);
+    Health {
+        role: Some(role),
+        status,
+        cpu_pct: resources.cpu_pct,
+        mem_pct: resources.mem_pct,
+        disk_pct: resources.disk_pct,
+        load1: resources.load1,
+        checks: all,
+    }
+}
+
+fn pct(used: u64, total: u64) -> Option<u8> {
+    (total > 0).then(|| {
+        ((used as f64 / total as f64) * 100.0)
+            .round()
+            .clamp(0.0, 100.0) as u8
+    })
+}
+
+/// Reads the machine's resources. CPU usage is measured between two
+/// consecutive samples, so the first sample has none.
+pub struct ResourceSampler {
+    system: Option<System>,
+    disks: Option<Disks>,
+    primed: bool,
+}
+
+impl Default for ResourceSampler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ResourceSampler {
+    pub fn new() -> Self {
+        let system = System::new()
+            .map_err(|e| info!(error = %e, "cannot read CPU and memory; they will be reported as unknown"))
+            .ok();
+        let disks = Disks::new()
+            .map_err(
+                |e| info!(error = %e, "cannot read disks; disk use will be reported as unknown"),
+            )
+            .ok();
+        ResourceSampler {
+            system,
+            disks,
+            primed: false,
+        }
+    }
+
+    pub fn sample(&mut self) -> Resources {
+        let mut r = Resources::default();
+        if let Some(sys) = &mut self.system {
+            sys.refresh_cpu_usage();
+            sys.refresh_memory();
+            if self.primed {
+                r.cpu_pct = Some(sys.global_cpu_usage().round().clamp(0.0, 100.0) as u8);
+            }
+            self.primed = true;
+            r.mem_pct = pct(
+                sys.total_memory().saturating_sub(sys.available_memory()),
+                sys.total_memory(),
+            );
+        }
+        if let Some(disks) = &mut self.disks {
+            disks.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
+            r.disk_pct = disks
+                .iter()
+                .filter(|d| d.total_space() > 0)
+                .filter_map(|d| {
+                    pct(
+                        d.total_space().saturating_sub(d.available_space()),
+                        d.total_space(),
+                    )
+                })
+                .max();
+        }
+        r.load1 = System::load_average().ok().map(|l| l.one as f32);
+        r
+    }
+}
+
+/// Runs one check once, never taking longer than `timeout`.
+pub async fn run_check(kind: &CheckKind, timeout: Duration, http: &reqwest::Client) -> CheckResult {
+    let run = async {
+        match kind {
+            CheckKind::Command(argv) => command_check(argv).await,
+            CheckKind::Http(url) => http_check(http, url, timeout).await,
+            CheckKind::Tcp(addr) => match tokio::net::TcpStream::connect(addr.as_str()).await {
+                Ok(_) => CheckResult::new(Status::Passing, ""),
+                Err(e) => CheckResult::new(Status::Critical, format!("connect {addr}: {e}")),
+            },
+        }
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(result) => result,
+        Err(_) => CheckResult::new(
+            Status::Critical,
+            format!("timed out after {}", humantime::format_duration(timeout)),
+        ),
+    }
+}
+
+async fn command_check(argv: &[String]) -> CheckResult {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match cmd.output().await {
+        Err(e) => CheckResult::new(Status::Critical, format!("cannot run {}: {e}", argv[0])),
+        Ok(out) => {
+            let code = out.status.code().unwrap_or(-1);
+            let text = if out.stdout.iter().any(|b| !b.is_ascii_whitespace()) {
+                &out.stdout
+            } else {
+                &out.stderr
+            };
+            let first_line = String::from_utf8_lossy(text)
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("")
+                .to_owned();
+            let status = match out.status.code() {
+                Some(c) => Status::from_exit_code(c),
+                None => Status::Critical,
+            };
+            let detail = match (status, first_line.is_empty()) {
+                (Status::Passing, _) => first_line,
+                (_, true) => format!("exit {code}"),
+                (_, false) => format!("exit {code}: {first_line}"),
+            };
+            CheckResult::new(status, detail)
+        }
+    }
+}
+
+async fn http_check(http: &reqwest::Client, url: &str, timeout: Duration) -> CheckResult {
+    match http.get(url).timeout(timeout).send().await {
+        Err(e) => CheckResult::new(Status::Critical, format!("GET failed: {e}")),
+        Ok(resp) => {
+            let code = resp.status();
+            let status = if code.is_success() {
+                Status::Passing
+            } else if code.as_u16() == 429 {
+                Status::Warning
+            } else {
+                Status::Critical
+            };
+            let detail = if status == Status::Passing {
+                String::new()
+            } else {
+                format!("HTTP {}", code.as_u16())
+            };
+            CheckResult::new(status, detail)
+        }
+    }
+}
+
+/// The HTTP client used by HTTP checks.
+pub fn http_client() -> reqwest::Client {
+    crate::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .user_agent(concat!("trellis-node/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("HTTP client with default settings")
+}
+
+/// The configured user checks, each running on its own interval.
+#[derive(Clone, Default)]
+pub struct Checks {
+    results: Arc<Mutex<BTreeMap<String, CheckResult>>>,
+}
+
+impl Checks {
+    /// Starts one task per check. Results start as unknown until the first
+    /// run completes.
+    pub fn start(configs: &[CheckConfig], shutdown: CancellationToken) -> Self {
+        let checks = Checks::default();
+        let http = http_client();
+        for c in configs {
+            checks.results.lock().expect("not poisoned").insert(
+                c.name.clone(),
+                CheckResult::new(Status::Unknown, "not run yet"),
+            );
+            let (name, kind, interval, timeout) = (c.name.clone(), c.kind(), c.interval, c.timeout);
+            let results = checks.results.clone();
+            let shutdown = shutdown.clone();
+            let http = http.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    let result = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        r = run_check(&kind, timeout, &http) => r,
+                    };
+                    debug!(check = %name, status = %result.status, detail = %result.detail, "check ran");
+                    results
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(name.clone(), result);
+                }
+            });
+        }
+        checks
+    }
+
+    /// The latest result of every check.
+    pub fn results(&self) -> BTreeMap<String, CheckResult> {
+        self.results.lock().expect("not poisoned").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(disk: u8, mem: u8) -> Resources {
+        Resources {
+            cpu_pct: Some(5),
+            mem_pct: Some(mem),
+            disk_pct: Some(disk),
+            load1: Some(0.1),
+        }
+    }
+
+    #[test]
+    fn a_member_is_as_healthy_as_its_worst_check() {
+        let cfg = HealthConfig::default();
+        let mut checks = BTreeMap::new();
+        checks.insert("a".into(), CheckResult::new(Status::Passing, ""));
+        assert_eq!(
+            assess(Role::Node, &res(10, 10), &checks, &cfg).status,
+            Status::Passing
+        );
+        checks.insert("b".into(), CheckResult::new(Status::Warning, "slow"));
+        assert_eq!(
+            assess(Role::Node, &res(10, 10), &checks, &cfg).status,
+            Status::Warning
+        );
+        checks.insert("c".into(), CheckResult::new(Status::Critical, "down"));
+        assert_eq!(
+            assess(Role::Node, &res(10, 10), &checks, &cfg).status,
+            Status::Critical
+        );
+    }
+
+    #[test]
+    fn resource_thresholds_become_builtin_checks() {
+        let cfg = HealthConfig::default();
+        let h = assess(Role::Node, &res(92, 10), &BTreeMap::new(), &cfg);
+        assert_eq!(h.status, Status::Warning);
+        assert_eq!(h.checks["disk"].detail, "92% used");
+        let h = assess(Role::Node, &res(10, 99), &BTreeMap::new(), &cfg);
+        assert_eq!(h.status, Status::Critical);
+        assert_eq!(h.checks["memory"].status, Status::Critical);
+    }
+
+    #[test]
+    fn the_sampler_reads_this_machine() {
+        let mut s = ResourceSampler::new();
+        let first = s.sample();
+        assert!(first.cpu_pct.is_none(), "no CPU figure before two samples");
+        let second = s.sample();
+        assert!(second.mem_pct.is_some_and(|m| m <= 100));
+        assert!(second.cpu_pct.is_some());
+        assert!(second.load1.is_some());
+    }
+
+    #[tokio::test]
+    async fn command_checks_follow_exit_codes() {
+        let http = http_client();
+        let t = Duration::from_secs(5);
+        let sh = |s: &str| CheckKind::Command(vec!["sh".into(), "-c".into(), s.into()]);
+        assert_eq!(
+            run_check(&sh("exit 0"), t, &http).await.status,
+            Status::Passing
+        );
+        let warn = run_check(&sh("echo degraded; exit 1"), t, &http).await;
+        assert_eq!(warn.status, Status::Warning);
+        assert_eq!(warn.detail, "exit 1: degraded");
+        let crit = run_check(&sh("echo broken >&2; exit 2"), t, &http).await;
+        assert_eq!(
+            (crit.status, crit.detail.as_str()),
+            (Status::Critical, "exit 2: broken")
+        );
+        let missing = CheckKind::Command(vec!["/nonexistent/trellis-check".into()]);
+        let r = run_check(&missing, t, &http).await;
+        assert_eq!(r.status, Status::Critical);
+        assert!(r.detail.starts_with("cannot run"), "{}", r.detail);
+    }
+
+    #[tokio::test]
+    async fn a_check_that_hangs_is_critical_after_its_timeout() {
+        let http = http_client();
+        let hang = CheckKind::Command(vec!["sleep".into(), "30".into()]);
+        let start = std::time::Instant::now();
+        let r = run_check(&hang, Duration::from_millis(200), &http).await;
+        assert_eq!(r.status, Status::Critical);
+        assert!(r.detail.contains("timed out"), "{}", r.detail);
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_checks_reach_real_sockets() {
+        let http = http_client();
+        let t = Duration::from_secs(5);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            for reply in ["200 OK", "503 Service Unavailable"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await.unwrap();
+                let resp =
+                    format!("HTTP/1.1 {reply}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                s.write_all(resp.as_bytes()).await.unwrap();
+            }
+        });
+        let url = format!("http://{addr}/healthz");
+        assert_eq!(
+            run_check(&CheckKind::Http(url.clone()), t, &http)
+                .await
+                .status,
+            Status::Passing
+        );
+        let r = run_check(&CheckKind::Http(url), t, &http).await;
+        assert_eq!(
+            (r.status, r.detail.as_str()),
+            (Status::Critical, "HTTP 503")
+        );
+        server.await.unwrap();
+        // The listener is gone: nothing accepts on that port now.
+        let r = run_check(&CheckKind::Tcp(addr.to_string()), t, &http).await;
+        assert_eq!(r.status, Status::Critical);
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = run_check(
+            &CheckKind::Tcp(open.local_addr().unwrap().to_string()),
+            t,
+            &http,
+        )
+        .await;
+        assert_eq!(r.status, Status::Passing);
+    }
+}

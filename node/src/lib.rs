@@ -1,0 +1,37 @@
+//! Trellis's base library and the node agent.
+//!
+//! Everything the other tiers build on lives here: identities and the mesh
+//! CA, the frame codec, the QUIC endpoint with mutual TLS and authorisation,
+//! chitchat gossip over QUIC, health probes, and the agent that ties them
+//! together on every managed machine. Relays and hubs are nodes with more
+//! duties and reuse all of it.
+//!
+//! # Layout
+//! - [`id`]: roles and identities, and the names allowed in them.
+//! - [`tls`]: the mesh CA, issuing certificates, rustls/quinn configs.
+//! - [`authz`]: who may speak which protocol (ALPN) with whom; pure.
+//! - [`wire`]: the length-prefixed, versioned, size-limited frame codec.
+//! - [`endpoint`]: one QUIC endpoint per member; admits, authorises and
+//!   routes connections by protocol.
+//! - [`site`]: `SiteView`, `Health`: the seam between gossip and the rest.
+//! - [`gossip`]: chitchat's transport over QUIC and the site's gossip.
+//! - [`health`]: resource sampling, user checks, and their assessment.
+//! - [`config`]: TOML configuration with validation.
+//! - [`metrics`]: Prometheus counters and the `/metrics` server.
+//! - [`agent`]: the node agent driver.
+//! - [`cli`]: logging, signals and exit codes shared by the binaries.
+//! - [`clock`]: the wall clock, for drivers only.
+
+pub mod agent;
+pub mod authz;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod endpoint;
+pub mod gossip;
+pub mod health;
+pub mod id;
+pub mod metrics;
+pub mod site;
+pub mod tls;
+pub mod wire;

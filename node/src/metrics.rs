@@ -1,0 +1,174 @@
+//! Prometheus metrics: the counters every mesh member keeps, and a tiny
+//! HTTP server for `/metrics`.
+//!
+//! Each role builds one [`Registry`], registers its metric groups into it
+//! (this module's [`MeshMetrics`] first, then the role's own), freezes it in
+//! an `Arc` and serves it with [`serve`] or mounts [`router`] into its API.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The protocol asked for, or `unknown` when the handshake failed.
+    pub protocol: String,
+    /// `tls` (handshake failed: foreign CA, no certificate, expired…),
+    /// `wrong_role`, `wrong_site`, `identity`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerErrorLabels {
+    pub protocol: String,
+    /// What was wrong with what the peer sent (see `WireError::kind`).
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// `queue_full` (oldest message dropped for a slow peer),
+    /// `unreachable` (no connection could be made), `inbox_full`.
+    pub reason: String,
+}
+
+/// Counters of the QUIC endpoint and the site gossip transport.
+#[derive(Clone, Default)]
+pub struct MeshMetrics {
+    pub refusals: Family<RefusalLabels, Counter>,
+    pub peer_errors: Family<PeerErrorLabels, Counter>,
+    pub connections_accepted: Counter,
+    pub gossip_messages_sent: Counter,
+    pub gossip_bytes_sent: Counter,
+    pub gossip_messages_received: Counter,
+    pub gossip_bytes_received: Counter,
+    pub gossip_dropped: Family<DropLabels, Counter>,
+    pub gossip_members_alive: Gauge,
+    pub gossip_members_dead: Gauge,
+}
+
+impl MeshMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = MeshMetrics::default();
+        let r = registry.sub_registry_with_prefix("trellis");
+        r.register(
+            "connection_refusals",
+            "Connections refused at the handshake or by authorisation",
+            m.refusals.clone(),
+        );
+        r.register(
+            "peer_protocol_errors",
+            "Connections closed because the peer sent malformed or oversized data",
+            m.peer_errors.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Connections accepted after authentication and authorisation",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "gossip_messages_sent",
+            "Gossip messages written to peers",
+            m.gossip_messages_sent.clone(),
+        );
+        r.register(
+            "gossip_sent_bytes",
+            "Gossip bytes written to peers (frames, before QUIC overhead)",
+            m.gossip_bytes_sent.clone(),
+        );
+        r.register(
+            "gossip_messages_received",
+            "Gossip messages received from peers",
+            m.gossip_messages_received.clone(),
+        );
+        r.register(
+            "gossip_received_bytes",
+            "Gossip bytes received from peers (frames)",
+            m.gossip_bytes_received.clone(),
+        );
+        r.register(
+            "gossip_dropped",
+            "Gossip messages dropped instead of stalling the gossip loop",
+            m.gossip_dropped.clone(),
+        );
+        r.register(
+            "gossip_members_alive",
+            "Site members the failure detector considers alive (including self)",
+            m.gossip_members_alive.clone(),
+        );
+        r.register(
+            "gossip_members_dead",
+            "Site members the failure detector considers dead",
+            m.gossip_members_dead.clone(),
+        );
+        m
+    }
+
+    pub fn refused(&self, protocol: &str, reason: &str) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                protocol: protocol.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn peer_error(&self, protocol: &str, kind: &str) {
+        self.peer_errors
+            .get_or_create(&PeerErrorLabels {
+                protocol: protocol.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn gossip_drop(&self, reason: &str) {
+        self.gossip_dropped
+            .get_or_create(&DropLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Renders a registry in the OpenMetrics text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A router serving `GET /metrics` from `registry`.
+pub fn router<S: Clone + Send + Sync + 'static>(registry: Arc<Registry>) -> Router<S> {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&registry)).into_response() }
+        }),
+    )
+}
+
+/// Serves `/metrics` on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router::<()>(registry))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

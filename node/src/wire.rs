@@ -1,0 +1,278 @@
+//! The frame codec every Trellis stream protocol uses.
+//!
+//! A frame is `len: u32 (big endian) | version: u8 | payload`, where `len`
+//! counts the version byte and the payload, and the payload is a postcard
+//! encoded message. Every decoder is given a size limit and checks it against
+//! the length prefix *before* reading the body, so a peer cannot make us
+//! buffer more than the limit.
+//!
+//! The pure functions ([`encode`], [`decode`]) do no I/O; [`read_frame`] and
+//! [`write_frame`] move frames over quinn streams.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Bytes before the payload: the length prefix and the version byte.
+pub const HEADER_LEN: usize = 5;
+
+/// Why a frame could not be encoded or decoded.
+///
+/// Every decode error is peer misbehaviour (or a bug on the other side); the
+/// caller closes the stream's connection. Nothing has been applied to state.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
+    #[error("frame has protocol version {got}, expected {expected}")]
+    Version { got: u8, expected: u8 },
+    #[error("empty frame (no version byte)")]
+    Empty,
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+impl WireError {
+    /// A short, stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WireError::TooLarge { .. } => "too_large",
+            WireError::Version { .. } => "version",
+            WireError::Empty | WireError::Malformed(_) => "malformed",
+            WireError::Truncated => "truncated",
+            WireError::Stream(_) => "stream",
+        }
+    }
+}
+
+/// Encodes `msg` as one frame. Fails only if the message exceeds `limit`,
+/// which means the sender built something its peer would refuse.
+pub fn encode<T: Serialize>(version: u8, msg: &T, limit: usize) -> Result<Vec<u8>, WireError> {
+    let mut buf = vec![0u8; HEADER_LEN];
+    buf[4] = version;
+    let mut buf = postcard::to_extend(msg, buf)?;
+    finish(&mut buf, limit)?;
+    Ok(buf)
+}
+
+/// Frames bytes produced by another codec (chitchat's) the same way.
+pub fn encode_raw(version: u8, payload: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+    buf.extend_from_slice(&[0, 0, 0, 0, version]);
+    buf.extend_from_slice(payload);
+    finish(&mut buf, limit)?;
+    Ok(buf)
+}
+
+fn finish(buf: &mut [u8], limit: usize) -> Result<(), WireError> {
+    let len = buf.len() - 4;
+    if len > limit {
+        return Err(WireError::TooLarge { len, limit });
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Reads the length prefix and checks it against `limit`.
+pub fn frame_len(prefix: [u8; 4], limit: usize) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > limit {
+        return Err(WireError::TooLarge { len, limit });
+    }
+    if len == 0 {
+        return Err(WireError::Empty);
+    }
+    Ok(len)
+}
+
+/// Splits a frame body (what follows the length prefix) into its payload,
+/// checking the version.
+pub fn payload(body: &[u8], version: u8) -> Result<&[u8], WireError> {
+    match body.split_first() {
+        None => Err(WireError::Empty),
+        Some((&got, rest)) if got == version => Ok(rest),
+        Some((&got, _)) => Err(WireError::Version {
+            got,
+            expected: version,
+        }),
+    }
+}
+
+/// Decodes one complete frame from the front of `buf`.
+///
+/// Returns the message and the number of bytes consumed, or
+/// [`WireError::Truncated`] if `buf` holds less than one frame. Trailing
+/// bytes inside the frame are an error: a frame carries exactly one message.
+pub fn decode<T: DeserializeOwned>(
+    buf: &[u8],
+    version: u8,
+    limit: usize,
+) -> Result<(T, usize), WireError> {
+    let prefix: [u8; 4] = buf
+        .get(..4)
+        .ok_or(WireError::Truncated)?
+        .try_into()
+        .expect("four bytes");
+    let len = frame_len(prefix, limit)?;
+    let body = buf.get(4..4 + len).ok_or(WireError::Truncated)?;
+    let msg = decode_body(body, version)?;
+    Ok((msg, 4 + len))
+}
+
+/// Decodes a frame body (version byte and payload).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8], version: u8) -> Result<T, WireError> {
+    let (msg, rest) = postcard::take_from_bytes(payload(body, version)?)?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
+    }
+    Ok(msg)
+}
+
+/// Reads one frame body from a stream. `Ok(None)` means the stream ended
+/// cleanly at a frame boundary.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, WireError> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(WireError::Stream(e.to_string())),
+    }
+    let len = frame_len(prefix, limit)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => WireError::Truncated,
+        quinn::ReadExactError::ReadError(e) => WireError::Stream(e.to_string()),
+    })?;
+    Ok(Some(body))
+}
+
+/// Reads and decodes one message; `Ok(None)` at a clean end of stream.
+pub async fn read_msg<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    version: u8,
+    limit: usize,
+) -> Result<Option<T>, WireError> {
+    match read_frame(recv, limit).await? {
+        None => Ok(None),
+        Some(body) => decode_body(&body, version).map(Some),
+    }
+}
+
+/// Writes an encoded frame.
+pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), WireError> {
+    send.write_all(frame)
+        .await
+        .map_err(|e| WireError::Stream(e.to_string()))
+}
+
+/// Encodes and writes one message.
+pub async fn write_msg<T: Serialize>(
+    send: &mut quinn::SendStream,
+    version: u8,
+    msg: &T,
+    limit: usize,
+) -> Result<(), WireError> {
+    write_frame(send, &encode(version, msg, limit)?).await
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    enum Msg {
+        Hello { name: String, seq: u64 },
+        Data(Vec<u8>),
+        Bye,
+    }
+
+    fn msg() -> impl Strategy<Value = Msg> {
+        prop_oneof![
+            (".{0,40}", any::<u64>()).prop_map(|(name, seq)| Msg::Hello { name, seq }),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(Msg::Data),
+            Just(Msg::Bye),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(m in msg()) {
+            let buf = encode(3, &m, 1 << 16).unwrap();
+            let (back, used): (Msg, usize) = decode(&buf, 3, 1 << 16).unwrap();
+            prop_assert_eq!(back, m);
+            prop_assert_eq!(used, buf.len());
+        }
+
+        #[test]
+        fn every_truncation_is_reported_not_misread(m in msg(), cut in 0usize..400) {
+            let buf = encode(1, &m, 1 << 16).unwrap();
+            let cut = cut.min(buf.len().saturating_sub(1));
+            let err = decode::<Msg>(&buf[..cut], 1, 1 << 16).unwrap_err();
+            prop_assert!(matches!(err, WireError::Truncated), "{err:?}");
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Msg>(&bytes, 1, 256);
+        }
+
+        #[test]
+        fn garbage_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_body::<Msg>(&bytes, 1);
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_refused_before_reading_the_body() {
+        let mut buf = (1_000_000u32).to_be_bytes().to_vec();
+        buf.push(1);
+        assert!(matches!(
+            decode::<Msg>(&buf, 1, 1024),
+            Err(WireError::TooLarge {
+                len: 1_000_000,
+                limit: 1024
+            })
+        ));
+    }
+
+    #[test]
+    fn a_frame_of_another_version_is_refused() {
+        let buf = encode(2, &Msg::Bye, 64).unwrap();
+        assert!(matches!(
+            decode::<Msg>(&buf, 1, 64),
+            Err(WireError::Version {
+                got: 2,
+                expected: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_inside_a_frame_are_refused() {
+        let mut body = vec![1u8];
+        body.extend(postcard::to_stdvec(&Msg::Bye).unwrap());
+        body.push(0);
+        assert!(decode_body::<Msg>(&body, 1).is_err());
+    }
+
+    #[test]
+    fn encoding_past_the_limit_fails() {
+        let big = Msg::Data(vec![0; 100]);
+        assert!(matches!(
+            encode(1, &big, 50),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+}

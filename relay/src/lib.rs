@@ -1,0 +1,20 @@
+//! The Trellis relay: one per site. A member of the site's gossip, it turns
+//! what gossip shows into compact, mergeable [`summary::SiteSummary`]s and
+//! events, keeps them until a hub acknowledges them, and answers the hub's
+//! requests about its site.
+//!
+//! # Layout
+//! - [`summary`]: `SiteSummary`, `Rollup` (last-writer-wins by site) and
+//!   `Totals`; the merge laws are property-tested.
+//! - [`summarise`]: `SiteView` → `SiteSummary`; pure.
+//! - [`uplink`]: the relay ↔ hub protocol messages.
+//! - [`core`]: the sans-IO relay core (records, sequence numbers, acks).
+//! - [`config`]: the relay's TOML configuration.
+//! - [`driver`]: the relay process: gossip, the core's task, the uplink.
+
+pub mod config;
+pub mod core;
+pub mod driver;
+pub mod summarise;
+pub mod summary;
+pub mod uplink;

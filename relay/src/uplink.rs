@@ -1,0 +1,171 @@
+//! The uplink protocol between a relay and a hub (ALPN `trellis-uplink/1`).
+//!
+//! The relay connects and opens one bidirectional *control* stream:
+//!
+//! ```text
+//! relay → hub   Hello { stream }
+//! hub → relay   Welcome { hub, acked }      acked: last seq of `stream` the hub has applied
+//! relay → hub   Record { seq, .. }          seq > acked, increasing
+//! hub → relay   Ack { through }             cumulative, sent after the hub applied `through`
+//! ```
+//!
+//! `stream` names the relay's record stream (its outage buffer); sequence
+//! numbers count within it, so a relay that lost its buffer starts a new
+//! stream instead of being mistaken for a replay. The hub applies each
+//! `(relay, stream, seq)` at most once and acks only what it applied, so a
+//! relay resends everything after `acked` on reconnect and duplicates have no
+//! effect. Sequence numbers may skip (a relay may drop records when its
+//! buffer is full); they never go back.
+//!
+//! The hub may open bidirectional streams of its own on the same connection
+//! for requests ([`Request`] → [`Response`]), e.g. the node list of the site.
+//!
+//! Every message is one frame of [`trellis_node::wire`], version
+//! [`UPLINK_VERSION`], at most [`MAX_UPLINK_FRAME`] bytes.
+
+use serde::{Deserialize, Serialize};
+use trellis_node::site::{MemberView, Status};
+
+use crate::summary::SiteSummary;
+
+pub const UPLINK_VERSION: u8 = 1;
+/// Largest uplink frame; a summary is bounded far below this.
+pub const MAX_UPLINK_FRAME: usize = 4 << 20;
+
+/// Relay → hub on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RelayMsg {
+    Hello { stream: u64 },
+    Record(Record),
+}
+
+/// Hub → relay on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HubMsg {
+    Welcome { hub: String, acked: u64 },
+    Ack { through: u64 },
+}
+
+/// One entry of a relay's record stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// The relay's wall clock when the record was made (ms since epoch).
+    pub at_ms: u64,
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RecordBody {
+    Summary(SiteSummary),
+    Event(Event),
+}
+
+/// Something that happened in a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    NodeJoined {
+        node: String,
+    },
+    NodeDied {
+        node: String,
+    },
+    NodeRecovered {
+        node: String,
+    },
+    CheckChanged {
+        node: String,
+        check: String,
+        from: Status,
+        to: Status,
+        detail: String,
+    },
+}
+
+impl Event {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::NodeJoined { .. } => "node_joined",
+            Event::NodeDied { .. } => "node_died",
+            Event::NodeRecovered { .. } => "node_recovered",
+            Event::CheckChanged { .. } => "check_changed",
+        }
+    }
+}
+
+/// Hub → relay request on a hub-opened stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Every current member of the site with its health.
+    Nodes,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Nodes(Vec<MemberView>),
+    Error(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use trellis_node::wire;
+
+    use super::*;
+    use crate::summary::tests::arb_summary;
+
+    fn arb_record() -> impl Strategy<Value = Record> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            arb_summary(),
+            "[a-z]{1,8}",
+            0u8..4,
+        )
+            .prop_map(|(seq, at_ms, s, node, k)| Record {
+                seq,
+                at_ms,
+                body: match k {
+                    0 => RecordBody::Summary(s),
+                    1 => RecordBody::Event(Event::NodeDied { node }),
+                    2 => RecordBody::Event(Event::CheckChanged {
+                        node,
+                        check: "c".into(),
+                        from: Status::Passing,
+                        to: Status::Critical,
+                        detail: "exit 2".into(),
+                    }),
+                    _ => RecordBody::Event(Event::NodeJoined { node }),
+                },
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn relay_messages_round_trip(r in arb_record(), stream in any::<u64>()) {
+            for m in [RelayMsg::Hello { stream }, RelayMsg::Record(r.clone())] {
+                let f = wire::encode(UPLINK_VERSION, &m, MAX_UPLINK_FRAME).unwrap();
+                let (back, _): (RelayMsg, _) = wire::decode(&f, UPLINK_VERSION, MAX_UPLINK_FRAME).unwrap();
+                prop_assert_eq!(back, m);
+            }
+        }
+
+        #[test]
+        fn truncated_relay_messages_are_rejected(r in arb_record(), cut in 0usize..64) {
+            let f = wire::encode(UPLINK_VERSION, &RelayMsg::Record(r), MAX_UPLINK_FRAME).unwrap();
+            let cut = cut.min(f.len() - 1);
+            prop_assert!(wire::decode::<RelayMsg>(&f[..cut], UPLINK_VERSION, MAX_UPLINK_FRAME).is_err());
+            // A frame whose body was cut but whose prefix was fixed up.
+            let body = &f[4..f.len() - 1];
+            prop_assert!(wire::decode_body::<RelayMsg>(body, UPLINK_VERSION).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics_any_uplink_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = wire::decode_body::<RelayMsg>(&bytes, UPLINK_VERSION);
+            let _ = wire::decode_body::<HubMsg>(&bytes, UPLINK_VERSION);
+            let _ = wire::decode_body::<Request>(&bytes, UPLINK_VERSION);
+            let _ = wire::decode_body::<Response>(&bytes, UPLINK_VERSION);
+        }
+    }
+}
