@@ -34,16 +34,17 @@ impl ApiClient {
     /// `base` is the hub's URL (`http://host:port`); a bare `host:port`
     /// means `http://host:port`.
     pub fn new(base: &str) -> Result<Self, ClientError> {
-        let base = base.trim().trim_end_matches('/');
-        let base = if base.contains("://") {
-            base.to_owned()
+        let raw = base.trim();
+        let full = if raw.contains("://") {
+            raw.to_owned()
         } else {
-            format!("http://{base}")
+            format!("http://{raw}")
         };
-        let parsed = reqwest::Url::parse(&base).map_err(|_| ClientError::BadUrl(base.clone()))?;
+        let parsed = reqwest::Url::parse(&full).map_err(|_| ClientError::BadUrl(raw.to_owned()))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-            return Err(ClientError::BadUrl(base));
+            return Err(ClientError::BadUrl(raw.to_owned()));
         }
+        let base = full.trim_end_matches('/').to_owned();
         trellis_node::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))

@@ -16,12 +16,17 @@ pub const DEFAULT_API: &str = "127.0.0.1:7800";
 pub struct HubUplinkConfig {
     /// UDP address of the hub's QUIC endpoint.
     pub listen: SocketAddr,
+    /// A relay that sends nothing for this long is disconnected (relays
+    /// summarise at least every `uplink.summary_interval`, 5 s by default).
+    #[serde(with = "humantime_serde")]
+    pub silence_timeout: Duration,
 }
 
 impl Default for HubUplinkConfig {
     fn default() -> Self {
         HubUplinkConfig {
             listen: ([127, 0, 0, 1], HUB_UPLINK_PORT).into(),
+            silence_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -103,6 +108,11 @@ impl Validate for HubConfig {
                  api.allow_remote_unauthenticated = true if you accept that risk",
                 self.api.listen
             ),
+        );
+        p.check(
+            self.uplink.silence_timeout >= Duration::from_secs(1),
+            "uplink.silence_timeout",
+            "must be at least 1s",
         );
         p.check(
             self.fleet.stale_after >= Duration::from_secs(2),

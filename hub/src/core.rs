@@ -205,7 +205,7 @@ impl HubCore {
                     );
                 }
                 summary.relay = relay.name.clone();
-                self.apply_summary(summary);
+                self.apply_summary(*summary);
             }
             RecordBody::Event(event) => {
                 self.events.push_back(StoredEvent {
@@ -371,7 +371,11 @@ mod tests {
         let r = relay("par");
         hub.handle_hello(t, &r, 1);
         let err = hub
-            .handle_record(t, &r, rec(1, RecordBody::Summary(summary("ber", 1, 1, 0))))
+            .handle_record(
+                t,
+                &r,
+                rec(1, RecordBody::Summary(Box::new(summary("ber", 1, 1, 0)))),
+            )
             .unwrap_err();
         assert!(matches!(err, RecordError::WrongSite { .. }));
         assert!(hub.fleet(t).sites.is_empty());
@@ -386,7 +390,7 @@ mod tests {
             .handle_record(
                 t,
                 &relay("par"),
-                rec(1, RecordBody::Summary(summary("par", 1, 1, 0))),
+                rec(1, RecordBody::Summary(Box::new(summary("par", 1, 1, 0)))),
             )
             .unwrap_err();
         assert!(matches!(err, RecordError::NoHello { .. }));
@@ -402,7 +406,10 @@ mod tests {
             hub.handle_record(
                 t,
                 &r,
-                rec(1, RecordBody::Summary(summary(site, 1, 9, i as u32))),
+                rec(
+                    1,
+                    RecordBody::Summary(Box::new(summary(site, 1, 9, i as u32))),
+                ),
             )
             .unwrap();
         }
@@ -428,11 +435,15 @@ mod tests {
         hub.handle_record(
             t,
             &r,
-            rec(1, RecordBody::Summary(summary("par", 1000, 5, 0))),
+            rec(1, RecordBody::Summary(Box::new(summary("par", 1000, 5, 0)))),
         )
         .unwrap();
-        hub.handle_record(t, &r, rec(2, RecordBody::Summary(summary("par", 10, 4, 1))))
-            .unwrap();
+        hub.handle_record(
+            t,
+            &r,
+            rec(2, RecordBody::Summary(Box::new(summary("par", 10, 4, 1)))),
+        )
+        .unwrap();
         assert_eq!(hub.fleet(t).sites[0].nodes_dead, 1);
     }
 

@@ -222,14 +222,19 @@ impl Shared {
 async fn serve_relay(
     accepted: Accepted,
     hub_name: String,
+    silence: Duration,
     shared: Shared,
     mesh: MeshMetrics,
     shutdown: CancellationToken,
 ) {
     let Accepted { conn, peer } = accepted;
     let remote = conn.remote_address();
-    let result = serve_relay_inner(&conn, &peer, &hub_name, &shared, &shutdown).await;
+    let result = serve_relay_inner(&conn, &peer, &hub_name, silence, &shared, &shutdown).await;
     match result {
+        Err(ServeError::Silent) => {
+            warn!(relay = %peer, %remote, ?silence, "relay went silent; closing its uplink");
+            conn.close(close::DONE, b"silent too long");
+        }
         Ok(()) => debug!(relay = %peer, "uplink ended"),
         Err(ServeError::Peer(error)) => {
             mesh.peer_error(Protocol::Uplink.as_str(), error.kind());
@@ -277,12 +282,15 @@ enum ServeError {
     Refused(RecordError),
     /// The connection or the hub went away.
     Gone(String),
+    /// Nothing arrived for longer than the silence timeout.
+    Silent,
 }
 
 async fn serve_relay_inner(
     conn: &quinn::Connection,
     peer: &Identity,
     hub_name: &str,
+    silence: Duration,
     shared: &Shared,
     shutdown: &CancellationToken,
 ) -> Result<(), ServeError> {
@@ -328,6 +336,7 @@ async fn serve_relay_inner(
         let msg = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(silence) => return Err(ServeError::Silent),
             m = read(&mut recv) => m?,
         };
         let record = match msg {
@@ -415,6 +424,7 @@ impl Hub {
         ))];
         let mut uplinks = routes.take(Protocol::Uplink);
         let (s, sd, hub_name) = (shared.clone(), shutdown.child_token(), name.clone());
+        let silence = cfg.uplink.silence_timeout;
         tasks.push(tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -431,7 +441,7 @@ impl Hub {
                     hub_metrics.relays_connected.clone(),
                 );
                 tokio::spawn(async move {
-                    serve_relay(accepted, n, s, m, sd).await;
+                    serve_relay(accepted, n, silence, s, m, sd).await;
                     g.dec();
                 });
             }

@@ -92,7 +92,10 @@ impl LocalMesh {
         };
 
         let hub_cfg = HubConfig {
-            uplink: crate::config::HubUplinkConfig { listen: local() },
+            uplink: crate::config::HubUplinkConfig {
+                listen: local(),
+                ..Default::default()
+            },
             api: crate::config::ApiConfig {
                 listen: opts.api,
                 ..Default::default()

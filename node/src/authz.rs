@@ -62,14 +62,14 @@ pub enum Refusal {
     #[error("{peer} may not speak {protocol} with {local}")]
     WrongRole {
         protocol: Protocol,
-        local: Identity,
-        peer: Identity,
+        local: Box<Identity>,
+        peer: Box<Identity>,
     },
     #[error("{peer} is not in the site of {local}; {protocol} stays inside a site")]
     WrongSite {
         protocol: Protocol,
-        local: Identity,
-        peer: Identity,
+        local: Box<Identity>,
+        peer: Box<Identity>,
     },
 }
 
@@ -96,8 +96,8 @@ pub fn authorize(
         } else {
             Err(Refusal::WrongRole {
                 protocol,
-                local: local.clone(),
-                peer: peer.clone(),
+                local: Box::new(local.clone()),
+                peer: Box::new(peer.clone()),
             })
         }
     };
@@ -108,8 +108,8 @@ pub fn authorize(
             if !local.same_site(peer) {
                 return Err(Refusal::WrongSite {
                     protocol,
-                    local: local.clone(),
-                    peer: peer.clone(),
+                    local: Box::new(local.clone()),
+                    peer: Box::new(peer.clone()),
                 });
             }
             Ok(())

@@ -18,8 +18,10 @@ pub fn init_logging() {
     let filter = std::env::var("TRELLIS_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,quinn=warn,quinn_proto=warn,chitchat=error".to_owned());
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

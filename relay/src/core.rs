@@ -167,7 +167,7 @@ impl RelayCore {
             }
         };
         if due {
-            self.push(wall_ms, RecordBody::Summary(summary.clone()));
+            self.push(wall_ms, RecordBody::Summary(Box::new(summary.clone())));
             self.last_summary = Some((now, summary));
         }
     }

@@ -4,8 +4,8 @@
 use trellis_node::site::{MemberView, SiteView, Status};
 
 use crate::summary::{
-    CheckCounts, Histogram, MAX_DEAD_LISTED, MAX_FAILING_CHECKS, MAX_FAILING_PER_NODE, MAX_WORST,
-    NodeBrief, SiteSummary, StatusCounts,
+    Histogram, MAX_DEAD_LISTED, MAX_FAILING_CHECKS, MAX_FAILING_PER_NODE, MAX_WORST, NodeBrief,
+    SiteSummary, StatusCounts,
 };
 
 /// Whether a member counts as a node of the site (relays do not).
@@ -51,7 +51,7 @@ pub fn summarise(view: &SiteView, relay: &str, generated_ms: u64) -> SiteSummary
                 if known {
                     s.failing_checks
                         .entry(name.to_owned())
-                        .or_insert_with(CheckCounts::default)
+                        .or_default()
                         .add(r.status);
                 }
             }

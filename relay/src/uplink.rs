@@ -57,7 +57,7 @@ pub struct Record {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RecordBody {
-    Summary(SiteSummary),
+    Summary(Box<SiteSummary>),
     Event(Event),
 }
 
@@ -126,7 +126,7 @@ mod tests {
                 seq,
                 at_ms,
                 body: match k {
-                    0 => RecordBody::Summary(s),
+                    0 => RecordBody::Summary(Box::new(s)),
                     1 => RecordBody::Event(Event::NodeDied { node }),
                     2 => RecordBody::Event(Event::CheckChanged {
                         node,

@@ -1,0 +1,159 @@
+//! Malformed and oversized frames on the gossip and uplink protocols: the
+//! receiver closes that connection, logs why, and keeps serving everyone
+//! else. The attacker holds valid certificates, so these bytes get past TLS
+//! and authorisation and reach the decoders.
+
+use std::time::Duration;
+
+use trellis_node::authz::Protocol;
+use trellis_node::endpoint::{MeshEndpoint, close};
+use trellis_node::metrics::MeshMetrics;
+use trellis_node::tls::Credentials;
+use trellis_tests::{Mesh, eventually, fleet_site, get_json, serial};
+
+fn creds(mesh: &Mesh, name: &str) -> Credentials {
+    let p = mesh.path();
+    Credentials::load(
+        &p.join("ca/ca.crt"),
+        &p.join(format!("certs/{name}.crt")),
+        &p.join(format!("certs/{name}.key")),
+    )
+    .unwrap()
+}
+
+/// A frame whose length prefix claims 64 MiB.
+fn oversized() -> Vec<u8> {
+    let mut f = (64u32 << 20).to_be_bytes().to_vec();
+    f.push(1);
+    f.extend_from_slice(&[0xAB; 512]);
+    f
+}
+
+/// A well-sized frame of the right version holding random junk.
+fn garbage() -> Vec<u8> {
+    let body: Vec<u8> = (0..200u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let mut f = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    f.push(1);
+    f.extend_from_slice(&body);
+    f
+}
+
+/// Connects, writes `bytes` on a new stream and returns how the peer closed
+/// the connection.
+async fn send_and_wait_close(
+    endpoint: &MeshEndpoint,
+    addr: std::net::SocketAddr,
+    protocol: Protocol,
+    bytes: &[u8],
+) -> quinn::ConnectionError {
+    let (conn, _) = endpoint.connect(addr, protocol).await.unwrap();
+    match protocol {
+        Protocol::Gossip => {
+            let mut s = conn.open_uni().await.unwrap();
+            let _ = s.write_all(bytes).await;
+            let _ = s.finish();
+        }
+        Protocol::Uplink => {
+            let (mut s, _r) = conn.open_bi().await.unwrap();
+            let _ = s.write_all(bytes).await;
+            let _ = s.finish();
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the peer closed the connection")
+}
+
+fn closed_for_protocol_error(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::PROTOCOL_ERROR)
+}
+
+#[test]
+fn garbage_and_oversized_frames_close_the_connection_and_the_process_keeps_serving() {
+    let _serial = serial();
+    trellis_node::tls::install_crypto_provider();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    mesh.issue("relay", "eu", "par", "par-relay");
+    mesh.issue("node", "eu", "par", "par-n1");
+    mesh.issue("node", "eu", "par", "par-prober");
+    mesh.issue("relay", "eu", "par", "par-relay-prober");
+    let (mut hub, uplink, api) = mesh.start_hub("hub-1", "");
+    let (mut relay, gossip) = mesh.start_relay("par-relay", &uplink, "");
+    let (mut node, _) = mesh.start_node("par-n1", &gossip, "");
+    let healthy = || {
+        fleet_site(&api, "par").is_some_and(|(_, r)| {
+            r["nodes_alive"] == 1
+                && r["status"] == "healthy"
+                && r["last_seen_s"].as_u64() < Some(10)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(30), healthy),
+        "mesh never became healthy"
+    );
+
+    let gossip_addr = gossip.parse().unwrap();
+    let uplink_addr = uplink.parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let local = "127.0.0.1:0".parse().unwrap();
+        let (as_node, _) = MeshEndpoint::bind(
+            creds(&mesh, "par-prober"),
+            local,
+            &[],
+            MeshMetrics::default(),
+        )
+        .unwrap();
+        let (as_relay, _) = MeshEndpoint::bind(
+            creds(&mesh, "par-relay-prober"),
+            local,
+            &[],
+            MeshMetrics::default(),
+        )
+        .unwrap();
+        for (name, bytes) in [("garbage", garbage()), ("oversized", oversized())] {
+            let e = send_and_wait_close(&as_node, gossip_addr, Protocol::Gossip, &bytes).await;
+            assert!(closed_for_protocol_error(&e), "gossip {name}: {e}");
+            let e = send_and_wait_close(&as_relay, uplink_addr, Protocol::Uplink, &bytes).await;
+            assert!(closed_for_protocol_error(&e), "uplink {name}: {e}");
+        }
+        as_node.shutdown().await;
+        as_relay.shutdown().await;
+    });
+
+    // Each receiver said why it closed the connection.
+    let relay_log = relay.log().join("\n");
+    assert_eq!(
+        relay_log
+            .matches("closing gossip connection: peer sent a bad message")
+            .count(),
+        2,
+        "{relay_log}"
+    );
+    assert!(relay_log.contains("exceeds the limit"), "{relay_log}");
+    let hub_log = hub.log().join("\n");
+    assert_eq!(
+        hub_log
+            .matches("closing uplink: relay sent a bad message")
+            .count(),
+        2,
+        "{hub_log}"
+    );
+    // And everyone keeps serving: processes up, the site healthy and fresh,
+    // drill-down through the relay still answered.
+    assert!(hub.is_running() && relay.is_running() && node.is_running());
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(healthy(), "{:?}", fleet_site(&api, "par"));
+    let nodes = get_json(&format!("{api}/api/v1/sites/par/nodes")).unwrap();
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 2, "{nodes}");
+    let metrics = trellis_tests::http_get(&format!("{api}/metrics"))
+        .unwrap()
+        .1;
+    assert!(
+        metrics.contains(
+            r#"trellis_peer_protocol_errors_total{protocol="uplink",kind="too_large"} 1"#
+        ),
+        "{metrics}"
+    );
+}
