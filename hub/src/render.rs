@@ -58,6 +58,15 @@ impl Paint {
     }
 }
 
+fn plural(n: impl Into<u64>, word: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
 fn marker(status: SiteStatus) -> &'static str {
     match status {
         SiteStatus::Healthy => "●",
@@ -134,10 +143,10 @@ pub fn fleet(report: &FleetReport, colour: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} hub {}: {} sites, {}/{} nodes alive, {} dead",
+        "{} hub {}: {}, {}/{} nodes alive, {} dead",
         p.bold("Trellis fleet"),
         report.hub,
-        t.sites,
+        plural(t.sites, "site"),
         t.nodes_alive,
         t.nodes_total,
         t.nodes_dead,

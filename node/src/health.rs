@@ -208,7 +208,7 @@ async fn command_check(argv: &[String]) -> CheckResult {
 
 async fn http_check(http: &reqwest::Client, url: &str, timeout: Duration) -> CheckResult {
     match http.get(url).timeout(timeout).send().await {
-        Err(e) => CheckResult::new(Status::Critical, format!("GET failed: {e}")),
+        Err(e) => CheckResult::new(Status::Critical, format!("GET failed: {}", root_cause(&e))),
         Ok(resp) => {
             let code = resp.status();
             let status = if code.is_success() {
@@ -226,6 +226,15 @@ async fn http_check(http: &reqwest::Client, url: &str, timeout: Duration) -> Che
             CheckResult::new(status, detail)
         }
     }
+}
+
+/// The innermost cause of an error: the part that says what happened.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 /// The HTTP client used by HTTP checks.

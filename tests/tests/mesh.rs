@@ -83,6 +83,7 @@ fn a_killed_node_is_dead_at_the_hub_within_15s_and_alive_again_after_restart() {
     let _serial = serial();
     let mut site = start_site(4);
     let victim = 2;
+    let port = site.nodes[victim].wait_field("node ready", "gossip", Duration::from_secs(1));
 
     let status = site.nodes[victim].kill9();
     let killed_at = Instant::now();
@@ -99,6 +100,7 @@ fn a_killed_node_is_dead_at_the_hub_within_15s_and_alive_again_after_restart() {
     });
     let detection = killed_at.elapsed();
     assert!(seen_dead, "the hub never saw the node dead");
+    eprintln!("killed node dead at the hub after {detection:?}");
     assert!(
         detection <= Duration::from_secs(15),
         "dead at the hub only after {detection:?}"
@@ -119,10 +121,14 @@ fn a_killed_node_is_dead_at_the_hub_within_15s_and_alive_again_after_restart() {
         "{events}"
     );
 
-    // Same name, same certificate, a new process (and a new port).
-    let (again, _) = site
-        .mesh
-        .start_node(&node_name(victim), &site.relay_gossip, "");
+    // Same name, same certificate, same address: a new process where the
+    // old one was, as a supervisor would restart it.
+    let (again, _) = site.mesh.start_node(
+        &node_name(victim),
+        &site.relay_gossip,
+        &format!("[gossip]\nlisten = \"{port}\"\n"),
+    );
+    let restarted = Instant::now();
     site.nodes[victim] = again;
     let back = eventually(Duration::from_secs(20), || {
         site.row().is_some_and(|(_, r)| {
@@ -130,6 +136,10 @@ fn a_killed_node_is_dead_at_the_hub_within_15s_and_alive_again_after_restart() {
         })
     });
     assert!(back, "the restarted node never came back: {:?}", site.row());
+    eprintln!(
+        "restarted node alive at the hub after {:?}",
+        restarted.elapsed()
+    );
     assert!(site.hub.is_running() && site.relay.is_running());
 }
 
