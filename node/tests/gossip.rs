@@ -163,3 +163,56 @@ async fn another_sites_certificate_and_a_foreign_ca_are_refused() {
         i.stopped().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_to_a_dead_peer_returns_at_once_and_drops_the_oldest() {
+    use chitchat::ChitchatMessage;
+    use chitchat::transport::Transport;
+    use trellis_node::authz::Protocol;
+    use trellis_node::endpoint::MeshEndpoint;
+    use trellis_node::gossip::QuicTransport;
+    use trellis_node::metrics::{DropLabels, MeshMetrics};
+
+    trellis_node::tls::install_crypto_provider();
+    let ca = MeshCa::generate("t").unwrap();
+    let metrics = MeshMetrics::default();
+    let (endpoint, mut routes) = MeshEndpoint::bind(
+        creds(&ca, "par", "n0"),
+        "127.0.0.1:0".parse().unwrap(),
+        &[Protocol::Gossip],
+        metrics.clone(),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let transport = QuicTransport::start(
+        endpoint.clone(),
+        routes.take(Protocol::Gossip),
+        shutdown.clone(),
+    );
+    let mut socket = transport.open(endpoint.local_addr()).await.unwrap();
+    // A socket that never answers: a handshake with it can only time out
+    // (after 5 s), so a send that waited for it could not finish 1,000 times.
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = blackhole.local_addr().unwrap();
+    let sends = async {
+        for _ in 0..1000 {
+            socket
+                .send(dead, ChitchatMessage::BadCluster)
+                .await
+                .unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(4), sends)
+        .await
+        .expect("sends returned without waiting for the peer");
+    let dropped = metrics
+        .gossip_dropped
+        .get_or_create(&DropLabels {
+            reason: "queue_full".into(),
+        })
+        .get();
+    assert!(dropped >= 1000 - 8 - 1, "only {dropped} dropped");
+    assert_eq!(metrics.gossip_messages_sent.get(), 0);
+    shutdown.cancel();
+    endpoint.shutdown().await;
+}
