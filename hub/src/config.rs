@@ -90,12 +90,7 @@ impl Default for HubConfig {
 
 impl Validate for HubConfig {
     fn normalize(&mut self) {
-        let d = IdentityConfig::for_name("hub");
-        self.identity = IdentityConfig {
-            ca: self.identity.ca.take().or(d.ca),
-            cert: self.identity.cert.take().or(d.cert),
-            key: self.identity.key.take().or(d.key),
-        };
+        self.identity = std::mem::take(&mut self.identity).or(IdentityConfig::for_name("hub"));
     }
 
     fn validate(&self, p: &mut Problems<'_>) {
@@ -119,6 +114,12 @@ impl Validate for HubConfig {
             "fleet.stale_after",
             "must be at least 2s (relays summarise every few seconds)",
         );
+    }
+}
+
+impl trellis_node::cli::MemberConfig for HubConfig {
+    fn identity(&self) -> &IdentityConfig {
+        &self.identity
     }
 }
 

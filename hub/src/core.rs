@@ -308,8 +308,6 @@ impl HubCore {
 
 #[cfg(test)]
 mod tests {
-    use trellis_relay::summary::Histogram;
-
     use super::*;
 
     fn relay(site: &str) -> Identity {
@@ -318,10 +316,6 @@ mod tests {
 
     fn summary(site: &str, ms: u64, alive: u32, dead: u32) -> SiteSummary {
         SiteSummary {
-            region: "eu".into(),
-            site: site.into(),
-            relay: "whoever".into(),
-            generated_ms: ms,
             nodes_total: alive + dead,
             nodes_alive: alive,
             nodes_dead: dead,
@@ -329,12 +323,7 @@ mod tests {
                 passing: alive,
                 ..Default::default()
             },
-            dead: vec![],
-            failing_checks: BTreeMap::new(),
-            cpu: Histogram::default(),
-            mem: Histogram::default(),
-            disk: Histogram::default(),
-            worst: vec![],
+            ..SiteSummary::empty("eu", site, "whoever", ms)
         }
     }
 

@@ -492,3 +492,9 @@ impl Hub {
         self.endpoint.shutdown().await;
     }
 }
+
+impl trellis_node::cli::Running for Hub {
+    async fn stopped(self) {
+        Hub::stopped(self).await
+    }
+}

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::authz::Protocol;
-use crate::config::{HealthConfig, MetricsConfig, NodeConfig};
+use crate::config::{CheckConfig, GossipConfig, HealthConfig, MetricsConfig, NodeConfig};
 use crate::endpoint::MeshEndpoint;
 use crate::gossip::SiteGossip;
 use crate::health::{self, Checks, ResourceSampler};
@@ -67,8 +67,7 @@ pub async fn publish_health_loop(
     shutdown: CancellationToken,
 ) {
     let mut sampler = ResourceSampler::new();
-    let mut tick = tokio::time::interval(cfg.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = crate::clock::ticker(cfg.interval);
     loop {
         tokio::select! {
             biased;
@@ -95,12 +94,76 @@ pub async fn publish_health_loop(
     }
 }
 
+/// What every member of a site's gossip runs, nodes and relays alike: the
+/// endpoint (serving gossip), the user checks, the gossip itself and the
+/// task that publishes health.
+pub struct SiteMember {
+    pub endpoint: MeshEndpoint,
+    pub gossip: Arc<SiteGossip>,
+    health_task: JoinHandle<()>,
+}
+
+impl SiteMember {
+    /// Binds the endpoint, starts the checks, joins gossip and starts
+    /// publishing health. Registers the mesh metrics into `registry`.
+    pub async fn start(
+        creds: Credentials,
+        gossip: &GossipConfig,
+        health_cfg: &HealthConfig,
+        checks: &[CheckConfig],
+        registry: &mut Registry,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, StartError> {
+        let role = creds.identity.role;
+        let mesh_metrics = MeshMetrics::register(registry);
+        let (endpoint, mut routes) = MeshEndpoint::bind(
+            creds,
+            gossip.listen_addr(),
+            &[Protocol::Gossip],
+            mesh_metrics.clone(),
+        )?;
+        let checks = Checks::start(checks, shutdown.child_token());
+        let first = health::assess(role, &Default::default(), &checks.results(), health_cfg);
+        let site_gossip = SiteGossip::start(
+            endpoint.clone(),
+            routes.take(Protocol::Gossip),
+            &gossip.settings(),
+            &first,
+            shutdown.child_token(),
+        )
+        .await
+        .map_err(StartError::Gossip)?;
+        let site_gossip = Arc::new(site_gossip);
+        let health_task = tokio::spawn(publish_health_loop(
+            site_gossip.clone(),
+            role,
+            health_cfg.clone(),
+            checks,
+            mesh_metrics,
+            shutdown.child_token(),
+        ));
+        Ok(SiteMember {
+            endpoint,
+            gossip: site_gossip,
+            health_task,
+        })
+    }
+
+    /// Waits for the health task to end (after shutdown), then leaves
+    /// gossip and closes the endpoint.
+    pub async fn stopped(self) {
+        let _ = self.health_task.await;
+        if let Ok(gossip) = Arc::try_unwrap(self.gossip) {
+            gossip.shutdown().await;
+        }
+        self.endpoint.shutdown().await;
+    }
+}
+
 /// A running node agent.
 pub struct NodeAgent {
-    endpoint: MeshEndpoint,
+    member: SiteMember,
     metrics_addr: Option<SocketAddr>,
-    gossip: Arc<SiteGossip>,
-    task: JoinHandle<()>,
 }
 
 impl NodeAgent {
@@ -111,53 +174,32 @@ impl NodeAgent {
         cfg: NodeConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
-        let role = creds.identity.role;
         let mut registry = Registry::default();
-        let mesh_metrics = MeshMetrics::register(&mut registry);
-        let (endpoint, mut routes) = MeshEndpoint::bind(
+        let member = SiteMember::start(
             creds,
-            cfg.gossip.listen_addr(),
-            &[Protocol::Gossip],
-            mesh_metrics.clone(),
-        )?;
-        let checks = Checks::start(&cfg.checks, shutdown.child_token());
-        let first = health::assess(role, &Default::default(), &checks.results(), &cfg.health);
-        let gossip = SiteGossip::start(
-            endpoint.clone(),
-            routes.take(Protocol::Gossip),
-            &cfg.gossip.settings(),
-            &first,
-            shutdown.child_token(),
+            &cfg.gossip,
+            &cfg.health,
+            &cfg.checks,
+            &mut registry,
+            &shutdown,
         )
-        .await
-        .map_err(StartError::Gossip)?;
-        let gossip = Arc::new(gossip);
+        .await?;
         let metrics_addr =
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
-        let task = tokio::spawn(publish_health_loop(
-            gossip.clone(),
-            role,
-            cfg.health.clone(),
-            checks,
-            mesh_metrics,
-            shutdown.child_token(),
-        ));
         info!(
-            identity = %endpoint.identity(),
-            gossip = %endpoint.local_addr(),
+            identity = %member.endpoint.identity(),
+            gossip = %member.endpoint.local_addr(),
             metrics = %metrics_addr.map_or("off".to_owned(), |a| a.to_string()),
             "node ready"
         );
         Ok(NodeAgent {
-            endpoint,
+            member,
             metrics_addr,
-            gossip,
-            task,
         })
     }
 
     pub fn gossip_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr()
+        self.member.endpoint.local_addr()
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -165,16 +207,17 @@ impl NodeAgent {
     }
 
     pub fn gossip(&self) -> &SiteGossip {
-        &self.gossip
+        &self.member.gossip
     }
 
-    /// Waits for the agent to stop (after `shutdown` was cancelled), then
-    /// leaves gossip and closes the endpoint.
+    /// Waits for the agent to stop (after `shutdown` was cancelled).
     pub async fn stopped(self) {
-        let _ = self.task.await;
-        if let Ok(gossip) = Arc::try_unwrap(self.gossip) {
-            gossip.shutdown().await;
-        }
-        self.endpoint.shutdown().await;
+        self.member.stopped().await;
+    }
+}
+
+impl crate::cli::Running for NodeAgent {
+    async fn stopped(self) {
+        NodeAgent::stopped(self).await
     }
 }

@@ -1,10 +1,19 @@
 //! Helpers shared by the Trellis binaries: logging, shutdown signals and
 //! exit codes.
 
+use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+
+use crate::agent::StartError;
+use crate::config::{self, IdentityConfig, Validate};
+use crate::id::Role;
+use crate::tls::Credentials;
 
 /// Exit code for a failed operation.
 pub const EXIT_FAILED: u8 = 1;
@@ -52,4 +61,90 @@ pub fn shutdown_on_signal() -> CancellationToken {
 pub fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {error}");
     ExitCode::from(code)
+}
+
+/// The options every member binary (`trellis-node`, `-relay`, `-hub`) takes.
+#[derive(clap::Args, Debug)]
+pub struct MemberArgs {
+    /// Configuration file (TOML). Without it, every default applies.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration and credentials, then exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Print the effective configuration as TOML, then exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// A member's configuration file.
+pub trait MemberConfig: DeserializeOwned + Serialize + Default + Validate {
+    fn identity(&self) -> &IdentityConfig;
+}
+
+/// A started member that can be waited on after shutdown.
+pub trait Running {
+    fn stopped(self) -> impl Future<Output = ()>;
+}
+
+/// The whole life of a member binary: load and validate the configuration
+/// and credentials (exit 2 on any problem), then run `start` until Ctrl-C or
+/// SIGTERM (exit 1 if it cannot start).
+pub fn member_main<C, R, Fut>(
+    args: MemberArgs,
+    role: Role,
+    start: impl FnOnce(Credentials, C, CancellationToken) -> Fut,
+) -> ExitCode
+where
+    C: MemberConfig,
+    R: Running,
+    Fut: Future<Output = Result<R, StartError>>,
+{
+    init_logging();
+    let loaded = match config::load::<C>(args.config.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string(&loaded.config).expect("config serialises")
+        );
+        return ExitCode::SUCCESS;
+    }
+    let creds = match loaded.config.identity().load(&loaded) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
+    if creds.identity.role != role {
+        return fail(
+            EXIT_USAGE,
+            &format!(
+                "{} is a {} certificate; trellis-{role} needs one issued with --role {role}",
+                loaded
+                    .resolve(loaded.config.identity().cert_path())
+                    .display(),
+                creds.identity.role
+            ),
+        );
+    }
+    if args.check_config {
+        println!("configuration ok: {}", creds.identity);
+        return ExitCode::SUCCESS;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async move {
+        let shutdown = shutdown_on_signal();
+        match start(creds, loaded.config, shutdown.clone()).await {
+            Ok(running) => {
+                shutdown.cancelled().await;
+                running.stopped().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                shutdown.cancel();
+                fail(EXIT_FAILED, &e)
+            }
+        }
+    })
 }

@@ -156,6 +156,15 @@ impl IdentityConfig {
         }
     }
 
+    /// Fills the paths left unset from `defaults`.
+    pub fn or(self, defaults: IdentityConfig) -> Self {
+        IdentityConfig {
+            ca: self.ca.or(defaults.ca),
+            cert: self.cert.or(defaults.cert),
+            key: self.key.or(defaults.key),
+        }
+    }
+
     /// The certificate path (after [`Validate::normalize`]).
     pub fn cert_path(&self) -> &Path {
         self.cert.as_deref().unwrap_or(Path::new("tls/member.crt"))
@@ -505,11 +514,7 @@ impl Default for NodeConfig {
 impl Validate for NodeConfig {
     fn normalize(&mut self) {
         let d = NodeConfig::default();
-        self.identity = IdentityConfig {
-            ca: self.identity.ca.take().or(d.identity.ca),
-            cert: self.identity.cert.take().or(d.identity.cert),
-            key: self.identity.key.take().or(d.identity.key),
-        };
+        self.identity = std::mem::take(&mut self.identity).or(d.identity);
         self.gossip.listen = self.gossip.listen.or(d.gossip.listen);
         self.metrics.listen = self.metrics.listen.or(d.metrics.listen);
     }
@@ -518,6 +523,12 @@ impl Validate for NodeConfig {
         self.gossip.validate(p);
         self.health.validate(p);
         validate_checks(&self.checks, p);
+    }
+}
+
+impl crate::cli::MemberConfig for NodeConfig {
+    fn identity(&self) -> &IdentityConfig {
+        &self.identity
     }
 }
 

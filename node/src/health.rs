@@ -268,8 +268,7 @@ impl Checks {
             let shutdown = shutdown.clone();
             let http = http.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut tick = crate::clock::ticker(interval);
                 loop {
                     tokio::select! {
                         biased;

@@ -88,11 +88,7 @@ impl Default for RelayConfig {
 impl Validate for RelayConfig {
     fn normalize(&mut self) {
         let d = RelayConfig::default();
-        self.identity = IdentityConfig {
-            ca: self.identity.ca.take().or(d.identity.ca),
-            cert: self.identity.cert.take().or(d.identity.cert),
-            key: self.identity.key.take().or(d.identity.key),
-        };
+        self.identity = std::mem::take(&mut self.identity).or(d.identity);
         self.gossip.listen = self.gossip.listen.or(d.gossip.listen);
         self.metrics.listen = self.metrics.listen.or(d.metrics.listen);
     }
@@ -135,6 +131,12 @@ impl Validate for RelayConfig {
             "uplink.max_outbox",
             "must be at least 10",
         );
+    }
+}
+
+impl trellis_node::cli::MemberConfig for RelayConfig {
+    fn identity(&self) -> &IdentityConfig {
+        &self.identity
     }
 }
 

@@ -20,14 +20,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use trellis_node::agent::{StartError, publish_health_loop, serve_metrics};
+use trellis_node::agent::{SiteMember, StartError, serve_metrics};
 use trellis_node::authz::Protocol;
 use trellis_node::clock::unix_ms;
 use trellis_node::endpoint::{MeshEndpoint, close};
 use trellis_node::gossip::SiteGossip;
-use trellis_node::health::{self, Checks};
 use trellis_node::id::Role;
-use trellis_node::metrics::{MeshMetrics, Registry};
+use trellis_node::metrics::Registry;
 use trellis_node::tls::Credentials;
 use trellis_node::wire::{self, WireError};
 
@@ -124,8 +123,7 @@ async fn core_task(
     shutdown: CancellationToken,
 ) {
     let mut current: Option<Current> = None;
-    let mut tick = tokio::time::interval(sample_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = trellis_node::clock::ticker(sample_interval);
     let mut seen = core.stats();
     loop {
         tokio::select! {
@@ -392,8 +390,7 @@ async fn answer_requests(
 
 /// A running relay.
 pub struct Relay {
-    endpoint: MeshEndpoint,
-    gossip: Arc<SiteGossip>,
+    member: SiteMember,
     metrics_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -414,32 +411,17 @@ impl Relay {
         }
         let identity = creds.identity.clone();
         let mut registry = Registry::default();
-        let mesh_metrics = MeshMetrics::register(&mut registry);
-        let relay_metrics = RelayMetrics::register(&mut registry);
-        let (endpoint, mut routes) = MeshEndpoint::bind(
+        let member = SiteMember::start(
             creds,
-            cfg.gossip.listen_addr(),
-            &[Protocol::Gossip],
-            mesh_metrics.clone(),
-        )?;
-        let checks = Checks::start(&cfg.checks, shutdown.child_token());
-        let first = health::assess(
-            Role::Relay,
-            &Default::default(),
-            &checks.results(),
+            &cfg.gossip,
             &cfg.health,
-        );
-        let gossip = Arc::new(
-            SiteGossip::start(
-                endpoint.clone(),
-                routes.take(Protocol::Gossip),
-                &cfg.gossip.settings(),
-                &first,
-                shutdown.child_token(),
-            )
-            .await
-            .map_err(StartError::Gossip)?,
-        );
+            &cfg.checks,
+            &mut registry,
+            &shutdown,
+        )
+        .await?;
+        let relay_metrics = RelayMetrics::register(&mut registry);
+        let gossip = member.gossip.clone();
         let metrics_addr =
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
         // A new record stream per start: nothing is kept across restarts
@@ -448,14 +430,6 @@ impl Relay {
         let core = RelayCore::new(identity.name.clone(), stream, cfg.uplink.core());
         let (tx, rx) = mpsc::channel(64);
         let tasks = vec![
-            tokio::spawn(publish_health_loop(
-                gossip.clone(),
-                Role::Relay,
-                cfg.health.clone(),
-                checks,
-                mesh_metrics,
-                shutdown.child_token(),
-            )),
             tokio::spawn(core_task(
                 core,
                 gossip.clone(),
@@ -465,32 +439,31 @@ impl Relay {
                 shutdown.child_token(),
             )),
             tokio::spawn(uplink_task(
-                endpoint.clone(),
+                member.endpoint.clone(),
                 cfg.uplink.hubs.clone(),
                 stream,
                 tx,
-                gossip.clone(),
+                gossip,
                 relay_metrics,
                 shutdown.child_token(),
             )),
         ];
         info!(
             %identity,
-            gossip = %endpoint.local_addr(),
+            gossip = %member.endpoint.local_addr(),
             hubs = ?cfg.uplink.hubs,
             metrics = %metrics_addr.map_or("off".to_owned(), |a| a.to_string()),
             "relay ready"
         );
         Ok(Relay {
-            endpoint,
-            gossip,
+            member,
             metrics_addr,
             tasks,
         })
     }
 
     pub fn gossip_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr()
+        self.member.endpoint.local_addr()
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -498,7 +471,7 @@ impl Relay {
     }
 
     pub fn gossip(&self) -> &SiteGossip {
-        &self.gossip
+        &self.member.gossip
     }
 
     /// Waits for the relay's tasks to end after shutdown, then leaves
@@ -507,9 +480,12 @@ impl Relay {
         for t in self.tasks {
             let _ = t.await;
         }
-        if let Ok(gossip) = Arc::try_unwrap(self.gossip) {
-            gossip.shutdown().await;
-        }
-        self.endpoint.shutdown().await;
+        self.member.stopped().await;
+    }
+}
+
+impl trellis_node::cli::Running for Relay {
+    async fn stopped(self) {
+        Relay::stopped(self).await
     }
 }

@@ -4,8 +4,7 @@
 use trellis_node::site::{MemberView, SiteView, Status};
 
 use crate::summary::{
-    Histogram, MAX_DEAD_LISTED, MAX_FAILING_CHECKS, MAX_FAILING_PER_NODE, MAX_WORST, NodeBrief,
-    SiteSummary, StatusCounts,
+    MAX_DEAD_LISTED, MAX_FAILING_CHECKS, MAX_FAILING_PER_NODE, MAX_WORST, NodeBrief, SiteSummary,
 };
 
 /// Whether a member counts as a node of the site (relays do not).
@@ -15,22 +14,7 @@ pub fn is_node(m: &MemberView, relay: &str) -> bool {
 
 /// Summarises `view` as seen by `relay` at wall-clock `generated_ms`.
 pub fn summarise(view: &SiteView, relay: &str, generated_ms: u64) -> SiteSummary {
-    let mut s = SiteSummary {
-        region: view.region.clone(),
-        site: view.site.clone(),
-        relay: relay.to_owned(),
-        generated_ms,
-        nodes_total: 0,
-        nodes_alive: 0,
-        nodes_dead: 0,
-        by_status: StatusCounts::default(),
-        dead: Vec::new(),
-        failing_checks: Default::default(),
-        cpu: Histogram::default(),
-        mem: Histogram::default(),
-        disk: Histogram::default(),
-        worst: Vec::new(),
-    };
+    let mut s = SiteSummary::empty(&view.region, &view.site, relay, generated_ms);
     let mut worst: Vec<NodeBrief> = Vec::new();
     for m in view.current_members() {
         if !is_node(m, relay) {

@@ -217,6 +217,26 @@ impl std::fmt::Display for SiteStatus {
 }
 
 impl SiteSummary {
+    /// A summary of a site with no nodes.
+    pub fn empty(region: &str, site: &str, relay: &str, generated_ms: u64) -> Self {
+        SiteSummary {
+            region: region.to_owned(),
+            site: site.to_owned(),
+            relay: relay.to_owned(),
+            generated_ms,
+            nodes_total: 0,
+            nodes_alive: 0,
+            nodes_dead: 0,
+            by_status: StatusCounts::default(),
+            dead: Vec::new(),
+            failing_checks: BTreeMap::new(),
+            cpu: Histogram::default(),
+            mem: Histogram::default(),
+            disk: Histogram::default(),
+            worst: Vec::new(),
+        }
+    }
+
     /// The site's status from its counts.
     pub fn status(&self) -> SiteStatus {
         if self.nodes_total == 0 {
@@ -496,23 +516,13 @@ pub(crate) mod tests {
 
     fn arb_summary_fixed() -> SiteSummary {
         SiteSummary {
-            region: "eu".into(),
-            site: "par".into(),
-            relay: "r".into(),
-            generated_ms: 0,
             nodes_total: 4,
             nodes_alive: 4,
-            nodes_dead: 0,
             by_status: StatusCounts {
                 passing: 4,
                 ..Default::default()
             },
-            dead: vec![],
-            failing_checks: BTreeMap::new(),
-            cpu: Histogram::default(),
-            mem: Histogram::default(),
-            disk: Histogram::default(),
-            worst: vec![],
+            ..SiteSummary::empty("eu", "par", "r", 0)
         }
     }
 
