@@ -8,10 +8,13 @@
 //!   `Totals`; the merge laws are property-tested.
 //! - [`summarise`]: `SiteView` → `SiteSummary`; pure.
 //! - [`uplink`]: the relay ↔ hub protocol messages.
+//! - [`buffer`]: the durable outage buffer (SQLite), bounded by
+//!   downsampling and gaps.
 //! - [`core`]: the sans-IO relay core (records, sequence numbers, acks).
 //! - [`config`]: the relay's TOML configuration.
 //! - [`driver`]: the relay process: gossip, the core's task, the uplink.
 
+pub mod buffer;
 pub mod config;
 pub mod core;
 pub mod driver;

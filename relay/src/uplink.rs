@@ -55,10 +55,80 @@ pub struct Record {
     pub body: RecordBody,
 }
 
+impl Record {
+    /// The last sequence number this record accounts for: its own, or the
+    /// end of the range a gap stands for.
+    pub fn until(&self) -> u64 {
+        match &self.body {
+            RecordBody::Gap(g) => g.until.max(self.seq),
+            _ => self.seq,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RecordBody {
     Summary(Box<SiteSummary>),
     Event(Event),
+    /// Records the relay had to drop before delivering them. It takes the
+    /// place of the dropped records in the sequence: it stands for every
+    /// seq from its own to `until`.
+    Gap(Gap),
+}
+
+impl RecordBody {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RecordBody::Summary(_) => "summary",
+            RecordBody::Event(e) => e.kind(),
+            RecordBody::Gap(_) => "gap",
+        }
+    }
+}
+
+/// What a relay dropped from its outage buffer, and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    /// The last seq this gap stands for (the first is the record's own).
+    pub until: u64,
+    /// Older summaries thinned out to keep the buffer small.
+    pub summaries_downsampled: u64,
+    /// Summaries dropped because the buffer was full.
+    pub summaries_dropped: u64,
+    /// Events dropped because the buffer was full.
+    pub events_dropped: u64,
+    /// Dropped events by kind (`node_died`, `check_changed`, …).
+    pub event_kinds: std::collections::BTreeMap<String, u64>,
+    /// Records found unreadable in the buffer file.
+    pub unreadable: u64,
+    /// When the dropped records were made (relay clock, ms since epoch).
+    pub from_ms: u64,
+    pub to_ms: u64,
+}
+
+impl Gap {
+    /// Adds another gap's counts (for adjacent gaps merged into one).
+    pub fn absorb(&mut self, other: &Gap) {
+        self.summaries_downsampled += other.summaries_downsampled;
+        self.summaries_dropped += other.summaries_dropped;
+        self.events_dropped += other.events_dropped;
+        for (k, n) in &other.event_kinds {
+            *self.event_kinds.entry(k.clone()).or_default() += n;
+        }
+        self.unreadable += other.unreadable;
+        self.from_ms = if self.from_ms == 0 {
+            other.from_ms
+        } else {
+            self.from_ms.min(other.from_ms)
+        };
+        self.to_ms = self.to_ms.max(other.to_ms);
+        self.until = self.until.max(other.until);
+    }
+
+    /// Records dropped in all.
+    pub fn dropped(&self) -> u64 {
+        self.summaries_downsampled + self.summaries_dropped + self.events_dropped + self.unreadable
+    }
 }
 
 /// Something that happened in a site.
