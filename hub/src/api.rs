@@ -1,5 +1,6 @@
-//! The hub's HTTP API (JSON under `/api/v1`, Prometheus text at `/metrics`)
-//! and the types it returns, shared with the CLI.
+//! The hub's HTTP API: JSON under `/api/v1`, Prometheus text at `/metrics`.
+//! The response shapes live in [`trellis_relay::report`] (shared with the
+//! relay's local API) and [`crate::store::StoredRecord`].
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -7,82 +8,20 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use trellis_node::id::Role;
-use trellis_node::site::{MemberView, Status};
+pub use trellis_relay::report::{ApiError, CheckRow, NodeRow, NodesReport};
 
-use crate::core::StoredEvent;
-use crate::driver::{DrillError, Input, Shared};
+use crate::driver::{DrillError, Shared};
+use crate::store::{self, StoredRecord};
 
-/// One check of a node, in `GET /api/v1/sites/{site}/nodes`.
+/// Records returned by one history or events request, at most.
+pub const MAX_LIMIT: usize = 10_000;
+
+/// `GET /api/v1/sites/{site}/history` and `GET /api/v1/events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckRow {
-    pub name: String,
-    pub status: Status,
-    pub detail: String,
-}
-
-/// One member of a site, in `GET /api/v1/sites/{site}/nodes`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeRow {
-    pub name: String,
-    pub role: Option<Role>,
-    pub alive: bool,
-    pub status: Status,
-    pub cpu_pct: Option<u8>,
-    pub mem_pct: Option<u8>,
-    pub disk_pct: Option<u8>,
-    pub load1: Option<f32>,
-    pub generation: u64,
-    pub gossip_addr: String,
-    pub checks: Vec<CheckRow>,
-}
-
-impl From<MemberView> for NodeRow {
-    fn from(m: MemberView) -> Self {
-        NodeRow {
-            name: m.name,
-            role: m.health.role,
-            alive: m.alive,
-            status: m.health.status,
-            cpu_pct: m.health.cpu_pct,
-            mem_pct: m.health.mem_pct,
-            disk_pct: m.health.disk_pct,
-            load1: m.health.load1,
-            generation: m.generation,
-            gossip_addr: m.gossip_addr.to_string(),
-            checks: m
-                .health
-                .checks
-                .into_iter()
-                .map(|(name, r)| CheckRow {
-                    name,
-                    status: r.status,
-                    detail: r.detail,
-                })
-                .collect(),
-        }
-    }
-}
-
-/// `GET /api/v1/sites/{site}/nodes`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodesReport {
-    pub region: String,
-    pub site: String,
-    pub relay: String,
-    pub nodes: Vec<NodeRow>,
-}
-
-/// `GET /api/v1/events`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventsReport {
-    pub events: Vec<StoredEvent>,
-}
-
-/// The body of every error response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ApiError {
-    pub error: String,
+pub struct RecordsReport {
+    pub records: Vec<StoredRecord>,
+    /// Whether `limit` cut the list (ask again from the last `at_ms`).
+    pub truncated: bool,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -114,6 +53,7 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/", get(index))
         .route("/api/v1/fleet", get(fleet))
         .route("/api/v1/sites/{site}/nodes", get(site_nodes))
+        .route("/api/v1/sites/{site}/history", get(history))
         .route("/api/v1/events", get(events))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see GET /") })
         .with_state(shared)
@@ -125,10 +65,12 @@ async fn index() -> &'static str {
         "Trellis hub ",
         env!("CARGO_PKG_VERSION"),
         "\n\n",
-        "GET /api/v1/fleet                      every site: counts, status, last heard\n",
-        "GET /api/v1/sites/{site}/nodes[?region=R]  a site's nodes, live from its relay\n",
-        "GET /api/v1/events[?limit=N]           recent node and check events\n",
-        "GET /metrics                           Prometheus metrics\n",
+        "GET /api/v1/fleet                           every site: counts, status, last heard\n",
+        "GET /api/v1/sites/{site}/nodes[?region=R]   a site's nodes, live from its relay\n",
+        "GET /api/v1/sites/{site}/history            a site's records (summaries, events, gaps)\n",
+        "    [?region=R&from=MS&to=MS&kind=K&limit=N]    times in ms since the Unix epoch\n",
+        "GET /api/v1/events[?site=S&region=R&since=MS&limit=N]   events and gaps, oldest first\n",
+        "GET /metrics                                Prometheus metrics\n",
     )
 }
 
@@ -144,40 +86,44 @@ struct SiteQuery {
     region: Option<String>,
 }
 
+/// Finds a site's region from the fleet view.
+async fn locate(
+    shared: &Shared,
+    site: &str,
+    region: Option<&str>,
+) -> Result<(String, String), Response> {
+    let fleet = shared.fleet().await.map_err(|e| e.into_response())?;
+    let regions: Vec<String> = fleet
+        .sites
+        .iter()
+        .filter(|s| s.site == site && region.is_none_or(|r| r == s.region))
+        .map(|s| s.region.clone())
+        .collect();
+    match regions.as_slice() {
+        [] => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no site {site:?} has reported to this hub; see GET /api/v1/fleet"),
+        )),
+        [one] => Ok((one.clone(), site.to_owned())),
+        many => Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "site {site:?} exists in regions {}; add ?region=",
+                many.join(", ")
+            ),
+        )),
+    }
+}
+
 async fn site_nodes(
     State(shared): State<Shared>,
     Path(site): Path<String>,
     Query(q): Query<SiteQuery>,
 ) -> Response {
-    let fleet = match shared.fleet().await {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
+    let key = match locate(&shared, &site, q.region.as_deref()).await {
+        Ok(k) => k,
+        Err(r) => return r,
     };
-    let matches: Vec<_> = fleet
-        .sites
-        .iter()
-        .filter(|s| s.site == site && q.region.as_ref().is_none_or(|r| *r == s.region))
-        .collect();
-    let row = match matches.as_slice() {
-        [] => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("no site {site:?} has reported to this hub; see GET /api/v1/fleet"),
-            );
-        }
-        [one] => *one,
-        many => {
-            let regions: Vec<&str> = many.iter().map(|s| s.region.as_str()).collect();
-            return error(
-                StatusCode::CONFLICT,
-                format!(
-                    "site {site:?} exists in regions {}; add ?region=",
-                    regions.join(", ")
-                ),
-            );
-        }
-    };
-    let key = (row.region.clone(), row.site.clone());
     match shared.site_nodes(&key).await {
         Ok((relay, members)) => axum::Json(NodesReport {
             region: key.0,
@@ -191,14 +137,72 @@ async fn site_nodes(
 }
 
 #[derive(Deserialize)]
+struct HistoryQuery {
+    region: Option<String>,
+    from: Option<u64>,
+    to: Option<u64>,
+    /// Comma-separated kinds: `summary`, `gap`, `node_died`, …
+    kind: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn run_query(shared: &Shared, q: store::Query) -> Response {
+    let limit = q.limit;
+    let reader = shared.store.clone();
+    let mut asked = q;
+    asked.limit = limit + 1;
+    match tokio::task::spawn_blocking(move || reader.records(&asked)).await {
+        Ok(Ok(mut records)) => {
+            let truncated = records.len() > limit;
+            records.truncate(limit);
+            axum::Json(RecordsReport { records, truncated }).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn history(
+    State(shared): State<Shared>,
+    Path(site): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Response {
+    let (region, site) = match locate(&shared, &site, q.region.as_deref()).await {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let query = store::Query {
+        region: Some(region),
+        site: Some(site),
+        from_ms: q.from,
+        to_ms: q.to,
+        kinds: q
+            .kind
+            .map(|k| k.split(',').map(|s| s.trim().to_owned()).collect())
+            .unwrap_or_default(),
+        no_summaries: false,
+        limit: q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT),
+    };
+    run_query(&shared, query).await
+}
+
+#[derive(Deserialize)]
 struct EventsQuery {
+    site: Option<String>,
+    region: Option<String>,
+    since: Option<u64>,
     limit: Option<usize>,
 }
 
 async fn events(State(shared): State<Shared>, Query(q): Query<EventsQuery>) -> Response {
-    let limit = q.limit.unwrap_or(100).min(crate::core::MAX_EVENTS);
-    match shared.ask(|reply| Input::Events { limit, reply }).await {
-        Some(events) => axum::Json(EventsReport { events }).into_response(),
-        None => DrillError::ShuttingDown.into_response(),
-    }
+    let query = store::Query {
+        region: q.region,
+        site: q.site,
+        from_ms: q.since,
+        to_ms: None,
+        kinds: Vec::new(),
+        no_summaries: true,
+        limit: q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT),
+    };
+    run_query(&shared, query).await
 }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::api::{ApiError, NodesReport};
-use crate::core::FleetReport;
+use trellis_relay::report::FleetReport;
+use trellis_relay::report::{ApiError, NodesReport};
 
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,9 +13,9 @@ pub enum ClientError {
     #[error("{0:?} is not a hub URL; use e.g. http://127.0.0.1:7800")]
     BadUrl(String),
     #[error(
-        "cannot reach the hub at {url}: {reason}\n\
-         Is a hub running there? Start a local mesh with `trellis up`, \
-         or point --hub (or TRELLIS_HUB) at your hub."
+        "cannot reach {url}: {reason}\n\
+         Is a hub (or, with --relay, a relay) running there? Start a local mesh \
+         with `trellis up`, or point --hub (or TRELLIS_HUB) at your hub."
     )]
     Unreachable { url: String, reason: String },
     #[error("the hub answered {status}: {message}")]
@@ -93,6 +93,16 @@ impl ApiClient {
         self.get("/api/v1/fleet").await
     }
 
+    /// A relay's own site (`GET /api/v1/site` on the relay's API).
+    pub async fn relay_site(&self) -> Result<FleetReport, ClientError> {
+        self.get("/api/v1/site").await
+    }
+
+    /// A relay's site's nodes (`GET /api/v1/site/nodes` on the relay's API).
+    pub async fn relay_nodes(&self) -> Result<NodesReport, ClientError> {
+        self.get("/api/v1/site/nodes").await
+    }
+
     pub async fn nodes(
         &self,
         site: &str,
@@ -150,7 +160,7 @@ mod tests {
             .port();
         let c = ApiClient::new(&format!("127.0.0.1:{port}")).unwrap();
         let err = c.fleet().await.unwrap_err().to_string();
-        assert!(err.contains("cannot reach the hub"), "{err}");
+        assert!(err.contains("cannot reach"), "{err}");
         assert!(err.contains("trellis up"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! The hub's configuration file.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -54,7 +55,8 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FleetConfig {
-    /// A site not heard from for this long is shown as stale.
+    /// A site not heard from for this long is shown as unreachable (with
+    /// its last known state).
     #[serde(with = "humantime_serde")]
     pub stale_after: Duration,
 }
@@ -67,6 +69,27 @@ impl Default for FleetConfig {
     }
 }
 
+/// `[store]`: the hub's durable state (records from relays, history).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite file (relative to the configuration file).
+    pub path: PathBuf,
+    /// History older than this is deleted (each site's newest summary is
+    /// always kept).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("hub-data/hub.db"),
+            retention: Duration::from_secs(30 * 86400),
+        }
+    }
+}
+
 /// The hub's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -75,6 +98,7 @@ pub struct HubConfig {
     pub uplink: HubUplinkConfig,
     pub api: ApiConfig,
     pub fleet: FleetConfig,
+    pub store: StoreConfig,
 }
 
 impl Default for HubConfig {
@@ -84,6 +108,7 @@ impl Default for HubConfig {
             uplink: HubUplinkConfig::default(),
             api: ApiConfig::default(),
             fleet: FleetConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -110,6 +135,11 @@ impl Validate for HubConfig {
             "must be at least 1s",
         );
         p.check(
+            self.store.retention >= Duration::from_secs(3600),
+            "store.retention",
+            "must be at least 1h",
+        );
+        p.check(
             self.fleet.stale_after >= Duration::from_secs(2),
             "fleet.stale_after",
             "must be at least 2s (relays summarise every few seconds)",
@@ -120,6 +150,12 @@ impl Validate for HubConfig {
 impl trellis_node::cli::MemberConfig for HubConfig {
     fn identity(&self) -> &IdentityConfig {
         &self.identity
+    }
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        if self.store.path.is_relative() {
+            self.store.path = base.join(&self.store.path);
+        }
     }
 }
 

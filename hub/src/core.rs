@@ -1,19 +1,27 @@
-//! The hub's sans-IO core: applies what relays send, at most once per
-//! `(relay, stream, seq)`, and answers questions about the fleet.
+//! The hub's sans-IO core: decides which records of a relay are new (each
+//! `(relay, stream, seq)` is applied once, whatever order and however often
+//! it arrives), keeps the fleet view and answers questions about it.
 //!
-//! Time is passed in. The driver owns connections, the API and (later) the
-//! disk; it acks a record only after [`HubCore::handle_record`] returned.
+//! Persist, then acknowledge: [`HubCore::take_fresh`] marks records as
+//! covered and returns those to store; the driver commits them, then calls
+//! [`HubCore::handle_committed`] (which updates the fleet view) and only
+//! then acknowledges. If the commit fails it calls [`HubCore::undo`].
+//!
+//! Time is passed in; the core does no I/O.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use trellis_node::id::{Identity, Role};
-use trellis_relay::summary::{Rollup, SiteKey, SiteStatus, SiteSummary, StatusCounts};
-use trellis_relay::uplink::{Event, Record, RecordBody};
+use trellis_relay::report::{FleetReport, FleetTotals, SiteRow};
+use trellis_relay::summary::{Rollup, SiteKey, SiteStatus, SiteSummary};
+use trellis_relay::uplink::{Record, RecordBody};
 
-/// Events kept for `GET /api/v1/events`.
-pub const MAX_EVENTS: usize = 1000;
+use crate::store::StreamRow;
+
+/// A relay whose uplink has been down this long makes its site unreachable,
+/// even before it goes stale (a relay reconnecting at once does not).
+pub const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// A relay sent something it may not. Nothing was applied; the driver
 /// closes the connection.
@@ -29,32 +37,67 @@ pub enum RecordError {
         own: String,
         claimed: String,
     },
+    #[error("{relay} sent a record with seq 0 or a gap ending before it starts")]
+    BadSeq { relay: String },
+}
+
+/// What is applied of one relay's record stream: everything up to
+/// `applied`, and the disjoint ranges in `above`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    pub applied: u64,
+    pub above: BTreeMap<u64, u64>,
+}
+
+impl Coverage {
+    /// Whether every seq in `a..=b` is applied.
+    pub fn covers(&self, a: u64, b: u64) -> bool {
+        if b <= self.applied {
+            return true;
+        }
+        let a = a.max(self.applied + 1);
+        self.above
+            .range(..=a)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= b)
+    }
+
+    /// Marks `a..=b` applied.
+    pub fn add(&mut self, a: u64, b: u64) {
+        if b <= self.applied {
+            return;
+        }
+        let (mut a, mut b) = (a.max(self.applied + 1), b);
+        // Merge with every range that overlaps or touches.
+        let touching: Vec<(u64, u64)> = self
+            .above
+            .range(..=b.saturating_add(1))
+            .filter(|(_, end)| **end + 1 >= a)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in touching {
+            self.above.remove(&s);
+            a = a.min(s);
+            b = b.max(e);
+        }
+        self.above.insert(a, b);
+        while let Some((&s, &e)) = self.above.first_key_value() {
+            if s > self.applied + 1 {
+                break;
+            }
+            self.applied = self.applied.max(e);
+            self.above.remove(&s);
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
-struct RelayState {
+struct Link {
+    region: String,
+    site: String,
     stream: u64,
-    applied_through: u64,
     connected: bool,
-}
-
-#[derive(Debug, Clone)]
-struct Heard {
-    relay: String,
-    at: Instant,
-}
-
-/// An event as stored by the hub.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredEvent {
-    pub region: String,
-    pub site: String,
-    pub relay: String,
-    pub seq: u64,
-    /// The relay's wall clock when it happened (ms since epoch).
-    pub at_ms: u64,
-    pub kind: String,
-    pub event: Event,
+    since: Instant,
 }
 
 /// Counters the driver exports as metrics.
@@ -65,51 +108,22 @@ pub struct HubStats {
     pub rejected: u64,
 }
 
-/// One site in the fleet view.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SiteRow {
-    pub site: String,
-    pub region: String,
-    pub relay: String,
-    pub nodes_total: u32,
-    pub nodes_alive: u32,
-    pub nodes_dead: u32,
-    pub status: SiteStatus,
-    /// Seconds since the hub last heard from the site's relay.
-    pub last_seen_s: u64,
-    /// Whether the relay's uplink is connected to this hub now.
-    pub connected: bool,
-    pub by_status: StatusCounts,
-    pub dead: Vec<String>,
-    pub failing_checks: BTreeMap<String, trellis_relay::summary::CheckCounts>,
-}
-
-/// Sums over the fleet.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FleetTotals {
-    pub sites: u32,
-    pub sites_by_status: BTreeMap<SiteStatus, u32>,
-    pub nodes_total: u32,
-    pub nodes_alive: u32,
-    pub nodes_dead: u32,
-    pub by_status: StatusCounts,
-}
-
-/// `GET /api/v1/fleet`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FleetReport {
-    pub hub: String,
-    pub sites: Vec<SiteRow>,
-    pub totals: FleetTotals,
+/// Records of one relay taken for storing, and how to take them back.
+#[derive(Debug, Clone)]
+pub struct Fresh {
+    pub relay: Identity,
+    pub stream: u64,
+    pub records: Vec<Record>,
+    before: Coverage,
 }
 
 pub struct HubCore {
     name: String,
     stale_after: Duration,
-    relays: BTreeMap<String, RelayState>,
+    streams: BTreeMap<(String, u64), Coverage>,
+    links: BTreeMap<String, Link>,
     rollup: Rollup,
-    heard: BTreeMap<SiteKey, Heard>,
-    events: VecDeque<StoredEvent>,
+    heard: BTreeMap<SiteKey, Instant>,
     stats: HubStats,
 }
 
@@ -118,11 +132,37 @@ impl HubCore {
         HubCore {
             name: name.into(),
             stale_after,
-            relays: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            links: BTreeMap::new(),
             rollup: Rollup::new(),
             heard: BTreeMap::new(),
-            events: VecDeque::new(),
             stats: HubStats::default(),
+        }
+    }
+
+    /// Takes back what the store holds after a restart. Sites count as
+    /// last heard from `age` ago (from the newest record of the site).
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        streams: Vec<StreamRow>,
+        summaries: Vec<(SiteSummary, Duration)>,
+    ) {
+        for s in streams {
+            self.streams.insert(
+                (s.relay, s.stream),
+                Coverage {
+                    applied: s.applied_through,
+                    above: s.above,
+                },
+            );
+        }
+        for (summary, age) in summaries {
+            self.heard.insert(
+                (summary.region.clone(), summary.site.clone()),
+                now.checked_sub(age).unwrap_or(now),
+            );
+            self.rollup.insert(summary);
         }
     }
 
@@ -134,40 +174,47 @@ impl HubCore {
         &self.rollup
     }
 
+    /// How far `relay`'s `stream` is applied.
+    pub fn applied(&self, relay: &str, stream: u64) -> u64 {
+        self.streams
+            .get(&(relay.to_owned(), stream))
+            .map_or(0, |c| c.applied)
+    }
+
     /// A relay connected and announced its record stream. Returns the last
-    /// seq of that stream already applied (0 for a stream never seen).
+    /// seq of that stream applied without a hole (0 for a new stream).
     pub fn handle_hello(&mut self, now: Instant, relay: &Identity, stream: u64) -> u64 {
-        let state = self.relays.entry(relay.name.clone()).or_insert(RelayState {
-            stream,
-            applied_through: 0,
-            connected: true,
-        });
-        if state.stream != stream {
-            // The relay lost its buffer (or is new): its old stream is done.
-            state.stream = stream;
-            state.applied_through = 0;
-        }
-        state.connected = true;
-        let applied = state.applied_through;
-        self.touch(now, relay);
-        applied
+        self.links.insert(
+            relay.name.clone(),
+            Link {
+                region: relay.region.clone(),
+                site: relay.site.clone(),
+                stream,
+                connected: true,
+                since: now,
+            },
+        );
+        self.streams
+            .entry((relay.name.clone(), stream))
+            .or_default()
+            .applied
     }
 
     /// The relay's connection ended.
-    pub fn handle_disconnected(&mut self, relay: &Identity) {
-        if let Some(s) = self.relays.get_mut(&relay.name) {
-            s.connected = false;
+    pub fn handle_disconnected(&mut self, now: Instant, relay: &Identity) {
+        if let Some(l) = self.links.get_mut(&relay.name) {
+            l.connected = false;
+            l.since = now;
         }
     }
 
-    /// Applies a record unless it was applied before. Returns the seq to
-    /// acknowledge (everything up to it is applied).
-    pub fn handle_record(
+    /// Marks the records of `relay` that are new as covered and returns
+    /// them for storing; duplicates are left out.
+    pub fn take_fresh(
         &mut self,
-        now: Instant,
         relay: &Identity,
-        record: Record,
-    ) -> Result<u64, RecordError> {
+        records: Vec<Record>,
+    ) -> Result<Fresh, RecordError> {
         let reject = |e: RecordError, stats: &mut HubStats| {
             stats.rejected += 1;
             Err(e)
@@ -180,7 +227,7 @@ impl HubCore {
                 &mut self.stats,
             );
         }
-        let Some(state) = self.relays.get(&relay.name) else {
+        let Some(link) = self.links.get(&relay.name).filter(|l| l.connected) else {
             return reject(
                 RecordError::NoHello {
                     relay: relay.name.clone(),
@@ -188,126 +235,117 @@ impl HubCore {
                 &mut self.stats,
             );
         };
-        if record.seq <= state.applied_through {
-            self.stats.duplicates += 1;
-            return Ok(state.applied_through);
-        }
-        match record.body {
-            RecordBody::Summary(mut summary) => {
-                if summary.region != relay.region || summary.site != relay.site {
-                    return reject(
-                        RecordError::WrongSite {
-                            relay: relay.name.clone(),
-                            own: format!("{}/{}", relay.region, relay.site),
-                            claimed: format!("{}/{}", summary.region, summary.site),
-                        },
-                        &mut self.stats,
-                    );
-                }
-                summary.relay = relay.name.clone();
-                self.apply_summary(*summary);
+        let stream = link.stream;
+        for r in &records {
+            if r.seq == 0 || r.until() < r.seq {
+                return reject(
+                    RecordError::BadSeq {
+                        relay: relay.name.clone(),
+                    },
+                    &mut self.stats,
+                );
             }
-            RecordBody::Event(event) => {
-                self.events.push_back(StoredEvent {
-                    region: relay.region.clone(),
-                    site: relay.site.clone(),
-                    relay: relay.name.clone(),
-                    seq: record.seq,
-                    at_ms: record.at_ms,
-                    kind: event.kind().to_owned(),
-                    event,
-                });
-                while self.events.len() > MAX_EVENTS {
-                    self.events.pop_front();
-                }
+            if let RecordBody::Summary(s) = &r.body
+                && (s.region != relay.region || s.site != relay.site)
+            {
+                return reject(
+                    RecordError::WrongSite {
+                        relay: relay.name.clone(),
+                        own: format!("{}/{}", relay.region, relay.site),
+                        claimed: format!("{}/{}", s.region, s.site),
+                    },
+                    &mut self.stats,
+                );
             }
         }
-        let state = self.relays.get_mut(&relay.name).expect("checked above");
-        state.applied_through = record.seq;
-        self.stats.records_applied += 1;
-        self.touch(now, relay);
-        Ok(record.seq)
-    }
-
-    fn apply_summary(&mut self, summary: SiteSummary) {
-        // Records of one relay arrive in seq order, which is authoritative
-        // even if the relay's clock stepped back; across relays (and hubs)
-        // the later summary wins.
-        let same_relay_older = self
-            .rollup
-            .get(&summary.region, &summary.site)
-            .is_some_and(|cur| {
-                cur.relay == summary.relay && cur.generated_ms > summary.generated_ms
-            });
-        if same_relay_older {
-            self.rollup.replace(summary);
-        } else {
-            self.rollup.insert(summary);
+        let cov = self
+            .streams
+            .entry((relay.name.clone(), stream))
+            .or_default();
+        let before = cov.clone();
+        let mut fresh = Vec::new();
+        for r in records {
+            if cov.covers(r.seq, r.until()) {
+                self.stats.duplicates += 1;
+                continue;
+            }
+            cov.add(r.seq, r.until());
+            fresh.push(r);
         }
+        Ok(Fresh {
+            relay: relay.clone(),
+            stream,
+            records: fresh,
+            before,
+        })
     }
 
-    fn touch(&mut self, now: Instant, relay: &Identity) {
-        self.heard.insert(
-            (relay.region.clone(), relay.site.clone()),
-            Heard {
-                relay: relay.name.clone(),
-                at: now,
-            },
-        );
+    /// The store failed: forget that `fresh` was taken.
+    pub fn undo(&mut self, fresh: Fresh) {
+        self.streams
+            .insert((fresh.relay.name.clone(), fresh.stream), fresh.before);
+    }
+
+    /// `fresh` is durable: apply it to the fleet view.
+    pub fn handle_committed(&mut self, now: Instant, fresh: &Fresh) {
+        let relay = &fresh.relay;
+        for r in &fresh.records {
+            if let RecordBody::Summary(s) = &r.body {
+                let mut s = (**s).clone();
+                s.relay = relay.name.clone();
+                self.rollup.insert(s);
+            }
+        }
+        self.stats.records_applied += fresh.records.len() as u64;
+        self.heard
+            .insert((relay.region.clone(), relay.site.clone()), now);
     }
 
     /// The fleet as this hub knows it, sites in (region, site) order.
     pub fn fleet(&self, now: Instant) -> FleetReport {
         let mut sites = Vec::new();
-        let mut totals = FleetTotals::default();
         for s in self.rollup.sites() {
-            let heard = self.heard.get(&(s.region.clone(), s.site.clone()));
-            let age = heard.map_or(Duration::MAX, |h| now.saturating_duration_since(h.at));
-            let connected = heard
-                .and_then(|h| self.relays.get(&h.relay))
-                .is_some_and(|r| r.connected);
-            let status = if age > self.stale_after {
-                SiteStatus::Stale
+            let key = (s.region.clone(), s.site.clone());
+            let age = self
+                .heard
+                .get(&key)
+                .map_or(Duration::MAX, |t| now.saturating_duration_since(*t));
+            let link = self
+                .links
+                .values()
+                .filter(|l| l.region == s.region && l.site == s.site)
+                .max_by_key(|l| (l.connected, l.since));
+            let connected = link.is_some_and(|l| l.connected);
+            let down_long = link.is_none_or(|l| {
+                !l.connected && now.saturating_duration_since(l.since) > DISCONNECT_GRACE
+            });
+            let status = if age > self.stale_after || down_long {
+                SiteStatus::Unreachable
             } else {
                 s.status()
             };
-            totals.sites += 1;
-            *totals.sites_by_status.entry(status).or_default() += 1;
-            totals.nodes_total += s.nodes_total;
-            totals.nodes_alive += s.nodes_alive;
-            totals.nodes_dead += s.nodes_dead;
-            totals.by_status.sum(&s.by_status);
-            sites.push(SiteRow {
-                site: s.site.clone(),
-                region: s.region.clone(),
-                relay: s.relay.clone(),
-                nodes_total: s.nodes_total,
-                nodes_alive: s.nodes_alive,
-                nodes_dead: s.nodes_dead,
+            sites.push(SiteRow::new(
+                s,
                 status,
-                last_seen_s: age.as_secs(),
+                age.as_secs().min(u32::MAX as u64),
                 connected,
-                by_status: s.by_status,
-                dead: s.dead.clone(),
-                failing_checks: s.failing_checks.clone(),
-            });
+            ));
         }
         FleetReport {
             hub: self.name.clone(),
+            totals: FleetTotals::of(&sites),
             sites,
-            totals,
+            relay: None,
         }
-    }
-
-    /// The most recent events, newest last.
-    pub fn events(&self, limit: usize) -> Vec<StoredEvent> {
-        let skip = self.events.len().saturating_sub(limit);
-        self.events.iter().skip(skip).cloned().collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use trellis_relay::summary::StatusCounts;
+    use trellis_relay::uplink::{Event, Gap};
+
     use super::*;
 
     fn relay(site: &str) -> Identity {
@@ -335,22 +373,74 @@ mod tests {
         }
     }
 
+    fn died(seq: u64) -> Record {
+        rec(
+            seq,
+            RecordBody::Event(Event::NodeDied { node: "n1".into() }),
+        )
+    }
+
+    fn apply(hub: &mut HubCore, t: Instant, r: &Identity, records: Vec<Record>) -> Vec<u64> {
+        let fresh = hub.take_fresh(r, records).unwrap();
+        hub.handle_committed(t, &fresh);
+        fresh.records.iter().map(|r| r.seq).collect()
+    }
+
     #[test]
-    fn a_record_applied_twice_has_effect_once() {
+    fn a_record_applied_twice_has_effect_once_whatever_the_order() {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         let r = relay("par");
         assert_eq!(hub.handle_hello(t, &r, 9), 0);
-        let died = RecordBody::Event(Event::NodeDied { node: "n1".into() });
-        assert_eq!(hub.handle_record(t, &r, rec(1, died.clone())), Ok(1));
-        assert_eq!(hub.handle_record(t, &r, rec(1, died)), Ok(1));
-        assert_eq!(hub.events(10).len(), 1);
-        assert_eq!(hub.stats().duplicates, 1);
+        // The newest first, then the backlog in order, then all again.
+        assert_eq!(apply(&mut hub, t, &r, vec![died(3)]), vec![3]);
+        assert_eq!(hub.applied("par-relay", 9), 0, "1 and 2 still missing");
+        assert_eq!(
+            apply(&mut hub, t, &r, vec![died(1), died(2), died(3)]),
+            vec![1, 2]
+        );
+        assert_eq!(hub.applied("par-relay", 9), 3);
+        assert!(apply(&mut hub, t, &r, vec![died(1), died(2), died(3)]).is_empty());
+        assert_eq!(hub.stats().duplicates, 4);
         // A reconnect with the same stream resumes after what was applied.
-        hub.handle_disconnected(&r);
-        assert_eq!(hub.handle_hello(t, &r, 9), 1);
+        hub.handle_disconnected(t, &r);
+        assert_eq!(hub.handle_hello(t, &r, 9), 3);
         // A new stream starts over.
         assert_eq!(hub.handle_hello(t, &r, 10), 0);
+    }
+
+    #[test]
+    fn a_gap_stands_for_every_seq_it_covers() {
+        let t = Instant::now();
+        let mut hub = HubCore::new("h", Duration::from_secs(30));
+        let r = relay("par");
+        hub.handle_hello(t, &r, 1);
+        let gap = rec(
+            2,
+            RecordBody::Gap(Gap {
+                until: 6,
+                events_dropped: 5,
+                ..Gap::default()
+            }),
+        );
+        apply(&mut hub, t, &r, vec![died(1), gap, died(7)]);
+        assert_eq!(hub.applied("par-relay", 1), 7);
+    }
+
+    #[test]
+    fn a_failed_commit_is_undone() {
+        let t = Instant::now();
+        let mut hub = HubCore::new("h", Duration::from_secs(30));
+        let r = relay("par");
+        hub.handle_hello(t, &r, 1);
+        let fresh = hub.take_fresh(&r, vec![died(1)]).unwrap();
+        hub.undo(fresh);
+        assert_eq!(hub.applied("par-relay", 1), 0);
+        assert_eq!(
+            apply(&mut hub, t, &r, vec![died(1)]),
+            vec![1],
+            "taken again"
+        );
     }
 
     #[test]
@@ -360,97 +450,130 @@ mod tests {
         let r = relay("par");
         hub.handle_hello(t, &r, 1);
         let err = hub
-            .handle_record(
-                t,
+            .take_fresh(
                 &r,
-                rec(1, RecordBody::Summary(Box::new(summary("ber", 1, 1, 0)))),
+                vec![rec(
+                    1,
+                    RecordBody::Summary(Box::new(summary("ber", 1, 1, 0))),
+                )],
             )
             .unwrap_err();
         assert!(matches!(err, RecordError::WrongSite { .. }));
         assert!(hub.fleet(t).sites.is_empty());
         assert_eq!(hub.stats().rejected, 1);
+        assert_eq!(hub.applied("par-relay", 1), 0);
     }
 
     #[test]
-    fn records_before_hello_are_refused() {
+    fn records_before_hello_and_seq_zero_are_refused() {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
-        let err = hub
-            .handle_record(
-                t,
-                &relay("par"),
-                rec(1, RecordBody::Summary(Box::new(summary("par", 1, 1, 0)))),
-            )
-            .unwrap_err();
-        assert!(matches!(err, RecordError::NoHello { .. }));
+        let r = relay("par");
+        assert!(matches!(
+            hub.take_fresh(&r, vec![died(1)]),
+            Err(RecordError::NoHello { .. })
+        ));
+        hub.handle_hello(t, &r, 1);
+        assert!(matches!(
+            hub.take_fresh(&r, vec![died(0)]),
+            Err(RecordError::BadSeq { .. })
+        ));
     }
 
     #[test]
-    fn the_fleet_shows_each_site_with_its_age_and_goes_stale() {
+    fn the_fleet_shows_each_site_with_its_age_and_an_unreachable_one_as_one_condition() {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         for (i, site) in ["par", "ber"].into_iter().enumerate() {
             let r = relay(site);
             hub.handle_hello(t, &r, 1);
-            hub.handle_record(
+            apply(
+                &mut hub,
                 t,
                 &r,
-                rec(
+                vec![rec(
                     1,
                     RecordBody::Summary(Box::new(summary(site, 1, 9, i as u32))),
-                ),
-            )
-            .unwrap();
+                )],
+            );
         }
         let f = hub.fleet(t + Duration::from_secs(3));
-        assert_eq!(f.sites.len(), 2);
         assert_eq!(f.sites[0].site, "ber", "sorted by region then site");
         assert_eq!(f.sites[0].status, SiteStatus::Degraded);
         assert_eq!(f.sites[0].relay, "ber-relay");
         assert_eq!(f.sites[1].status, SiteStatus::Healthy);
         assert_eq!(f.sites[1].last_seen_s, 3);
         assert_eq!(f.totals.nodes_total, 19);
-        assert_eq!(f.totals.nodes_dead, 1);
+        // The relay of par drops off: past the grace, par is unreachable
+        // with its last-known state; nothing says its nodes died.
+        hub.handle_disconnected(t + Duration::from_secs(3), &relay("par"));
+        let f = hub.fleet(t + Duration::from_secs(4));
+        assert_eq!(f.sites[1].status, SiteStatus::Healthy, "within the grace");
+        let f = hub.fleet(t + Duration::from_secs(10));
+        assert_eq!(f.sites[1].status, SiteStatus::Unreachable);
+        assert_eq!(f.sites[1].nodes_alive, 9);
+        assert_eq!(f.sites[1].nodes_dead, 0);
+        assert!(!f.sites[1].connected);
         let later = hub.fleet(t + Duration::from_secs(31));
-        assert!(later.sites.iter().all(|s| s.status == SiteStatus::Stale));
+        assert!(
+            later
+                .sites
+                .iter()
+                .all(|s| s.status == SiteStatus::Unreachable)
+        );
     }
 
     #[test]
-    fn a_relay_whose_clock_stepped_back_still_updates_its_site() {
+    fn the_newest_summary_wins_even_when_older_ones_arrive_after_it() {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         let r = relay("par");
         hub.handle_hello(t, &r, 1);
-        hub.handle_record(
+        apply(
+            &mut hub,
             t,
             &r,
-            rec(1, RecordBody::Summary(Box::new(summary("par", 1000, 5, 0)))),
-        )
-        .unwrap();
-        hub.handle_record(
+            vec![rec(
+                5,
+                RecordBody::Summary(Box::new(summary("par", 500, 4, 1))),
+            )],
+        );
+        apply(
+            &mut hub,
             t,
             &r,
-            rec(2, RecordBody::Summary(Box::new(summary("par", 10, 4, 1)))),
-        )
-        .unwrap();
+            vec![rec(
+                1,
+                RecordBody::Summary(Box::new(summary("par", 100, 5, 0))),
+            )],
+        );
         assert_eq!(hub.fleet(t).sites[0].nodes_dead, 1);
     }
 
-    #[test]
-    fn only_the_latest_events_are_kept() {
-        let t = Instant::now();
-        let mut hub = HubCore::new("h", Duration::from_secs(30));
-        let r = relay("par");
-        hub.handle_hello(t, &r, 1);
-        for seq in 1..=(MAX_EVENTS as u64 + 5) {
-            let e = RecordBody::Event(Event::NodeJoined {
-                node: format!("n{seq}"),
-            });
-            hub.handle_record(t, &r, rec(seq, e)).unwrap();
+    proptest! {
+        #[test]
+        fn coverage_equals_the_union_of_what_was_added(
+            ranges in proptest::collection::vec((1u64..60, 0u64..4), 0..40)
+        ) {
+            let mut cov = Coverage::default();
+            let mut set = std::collections::BTreeSet::new();
+            for (a, len) in ranges {
+                cov.add(a, a + len);
+                set.extend(a..=a + len);
+            }
+            let mut applied = 0;
+            while set.contains(&(applied + 1)) {
+                applied += 1;
+            }
+            prop_assert_eq!(cov.applied, applied);
+            for s in 1..70 {
+                prop_assert_eq!(cov.covers(s, s), set.contains(&s), "seq {}", s);
+            }
+            // Ranges stay disjoint and apart.
+            let v: Vec<(u64, u64)> = cov.above.iter().map(|(a, b)| (*a, *b)).collect();
+            for w in v.windows(2) {
+                prop_assert!(w[0].1 + 1 < w[1].0);
+            }
         }
-        let ev = hub.events(usize::MAX);
-        assert_eq!(ev.len(), MAX_EVENTS);
-        assert_eq!(ev.last().unwrap().seq, MAX_EVENTS as u64 + 5);
-        assert_eq!(hub.events(2).len(), 2);
     }
 }

@@ -1,10 +1,12 @@
 //! The hub process: the QUIC endpoint relays connect to, the task that owns
-//! the [`HubCore`], and the HTTP API.
+//! the [`HubCore`], the store's writer thread, and the HTTP API.
 //!
-//! Each relay connection has its own task: it reads the control stream,
-//! asks the core task to apply each record and writes the ack the core
-//! returns. The API asks the core task for snapshots and, for drill-down,
-//! opens a request stream on the site's relay connection.
+//! Each relay connection has a reader task (frames → channel) and a task
+//! that takes whatever records have arrived, asks the core task to apply
+//! them and writes the ack it returns. The core task gathers the records of
+//! every connection that are waiting, takes the new ones, has the store
+//! commit them in one transaction, and only then applies them to the fleet
+//! view and answers with acks (persist, then acknowledge).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,15 +18,17 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use trellis_node::agent::StartError;
 use trellis_node::authz::Protocol;
+use trellis_node::clock::{ticker, unix_ms};
 use trellis_node::endpoint::{Accepted, MeshEndpoint, close};
 use trellis_node::id::{Identity, Role};
 use trellis_node::metrics::{MeshMetrics, Registry};
 use trellis_node::site::MemberView;
 use trellis_node::tls::Credentials;
 use trellis_node::wire::{self, WireError};
+use trellis_relay::report::FleetReport;
 use trellis_relay::summary::SiteKey;
 use trellis_relay::uplink::{
     HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
@@ -32,9 +36,14 @@ use trellis_relay::uplink::{
 
 use crate::api;
 use crate::config::HubConfig;
-use crate::core::{FleetReport, HubCore, RecordError, StoredEvent};
+use crate::core::{Fresh, HubCore, RecordError};
+use crate::store::{Batch, HubStore, StoreError, StoreReader, stored};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records a connection hands to the core task at once, at most.
+const MAX_RECORDS_PER_INPUT: usize = 256;
+/// Inputs the core task gathers into one commit, at most.
+const MAX_INPUTS_PER_COMMIT: usize = 512;
 
 /// The hub's own metrics.
 #[derive(Clone, Default)]
@@ -43,6 +52,8 @@ struct HubMetrics {
     records_applied: Counter,
     duplicates: Counter,
     rejected: Counter,
+    commits: Counter,
+    store_errors: Counter,
 }
 
 impl HubMetrics {
@@ -56,7 +67,7 @@ impl HubMetrics {
         );
         r.register(
             "records_applied",
-            "Relay records applied",
+            "Relay records stored and applied",
             m.records_applied.clone(),
         );
         r.register(
@@ -66,11 +77,30 @@ impl HubMetrics {
         );
         r.register(
             "rejected_records",
-            "Relay records refused (wrong site, no hello)",
+            "Relay records refused (wrong site, no hello, bad seq)",
             m.rejected.clone(),
+        );
+        r.register(
+            "store_commits",
+            "Transactions committed to the store (each one fsync)",
+            m.commits.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Commits that failed (nothing was acknowledged)",
+            m.store_errors.clone(),
         );
         m
     }
+}
+
+/// Why records were not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error(transparent)]
+    Refused(#[from] RecordError),
+    #[error("the hub cannot store records: {0}")]
+    Store(String),
 }
 
 /// Requests to the core task.
@@ -80,10 +110,10 @@ pub(crate) enum Input {
         stream: u64,
         reply: oneshot::Sender<u64>,
     },
-    Record {
+    Records {
         relay: Identity,
-        record: Record,
-        reply: oneshot::Sender<Result<u64, RecordError>>,
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<u64, ApplyError>>,
     },
     Disconnected {
         relay: Identity,
@@ -91,47 +121,138 @@ pub(crate) enum Input {
     Fleet {
         reply: oneshot::Sender<FleetReport>,
     },
-    Events {
-        limit: usize,
-        reply: oneshot::Sender<Vec<StoredEvent>>,
+}
+
+enum StoreCmd {
+    Commit {
+        batch: Batch,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Prune {
+        before_ms: u64,
+    },
+}
+
+fn spawn_store_thread(mut store: HubStore) -> std::sync::mpsc::Sender<StoreCmd> {
+    let (tx, rx) = std::sync::mpsc::channel::<StoreCmd>();
+    std::thread::Builder::new()
+        .name("hub-store".into())
+        .spawn(move || {
+            while let Ok(cmd) = rx.recv() {
+                match cmd {
+                    StoreCmd::Commit { batch, reply } => {
+                        let _ = reply.send(store.commit(&batch));
+                    }
+                    StoreCmd::Prune { before_ms } => match store.prune(before_ms) {
+                        Ok(0) => {}
+                        Ok(n) => info!(records = n, "pruned history past its retention"),
+                        Err(error) => warn!(%error, "cannot prune history"),
+                    },
+                }
+            }
+        })
+        .expect("spawn the store thread");
+    tx
 }
 
 async fn core_task(
     mut core: HubCore,
+    store: std::sync::mpsc::Sender<StoreCmd>,
     mut inputs: mpsc::Receiver<Input>,
     metrics: HubMetrics,
     shutdown: CancellationToken,
 ) {
     let mut seen = core.stats();
     loop {
-        let input = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             i = inputs.recv() => match i { Some(i) => i, None => break },
         };
+        let mut pending = vec![first];
+        while pending.len() < MAX_INPUTS_PER_COMMIT {
+            match inputs.try_recv() {
+                Ok(i) => pending.push(i),
+                Err(_) => break,
+            }
+        }
         let now = Instant::now();
-        match input {
-            Input::Hello {
-                relay,
-                stream,
-                reply,
-            } => {
-                let _ = reply.send(core.handle_hello(now, &relay, stream));
+        let mut work: Vec<(Fresh, oneshot::Sender<Result<u64, ApplyError>>)> = Vec::new();
+        for input in pending {
+            match input {
+                Input::Hello {
+                    relay,
+                    stream,
+                    reply,
+                } => {
+                    let _ = reply.send(core.handle_hello(now, &relay, stream));
+                }
+                Input::Records {
+                    relay,
+                    records,
+                    reply,
+                } => match core.take_fresh(&relay, records) {
+                    Ok(fresh) => work.push((fresh, reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                },
+                Input::Disconnected { relay } => core.handle_disconnected(now, &relay),
+                Input::Fleet { reply } => {
+                    let _ = reply.send(core.fleet(now));
+                }
             }
-            Input::Record {
-                relay,
-                record,
-                reply,
-            } => {
-                let _ = reply.send(core.handle_record(now, &relay, record));
+        }
+        if !work.is_empty() {
+            let received_ms = unix_ms();
+            let mut batch = Batch {
+                records: Vec::new(),
+                streams: Vec::new(),
+            };
+            for (f, _) in &work {
+                let id = &f.relay;
+                batch.records.extend(
+                    f.records
+                        .iter()
+                        .map(|r| stored(&id.name, f.stream, &id.region, &id.site, r, received_ms)),
+                );
+                batch.streams.push((
+                    id.name.clone(),
+                    f.stream,
+                    id.region.clone(),
+                    id.site.clone(),
+                    core.applied(&id.name, f.stream),
+                ));
             }
-            Input::Disconnected { relay } => core.handle_disconnected(&relay),
-            Input::Fleet { reply } => {
-                let _ = reply.send(core.fleet(now));
-            }
-            Input::Events { limit, reply } => {
-                let _ = reply.send(core.events(limit));
+            let committed = if batch.records.is_empty() {
+                Ok(())
+            } else {
+                let (reply, rx) = oneshot::channel();
+                if store.send(StoreCmd::Commit { batch, reply }).is_err() {
+                    Err("the store thread is gone".to_owned())
+                } else {
+                    rx.await
+                        .map_err(|_| "the store thread is gone".to_owned())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                }
+            };
+            match committed {
+                Ok(()) => {
+                    metrics.commits.inc();
+                    let now = Instant::now();
+                    for (fresh, reply) in work {
+                        core.handle_committed(now, &fresh);
+                        let _ = reply.send(Ok(core.applied(&fresh.relay.name, fresh.stream)));
+                    }
+                }
+                Err(e) => {
+                    metrics.store_errors.inc();
+                    error!(error = %e, "cannot store relay records; nothing acknowledged, relays will resend");
+                    for (fresh, reply) in work.into_iter().rev() {
+                        core.undo(fresh);
+                        let _ = reply.send(Err(ApplyError::Store(e.clone())));
+                    }
+                }
             }
         }
         let s = core.stats();
@@ -157,6 +278,7 @@ pub(crate) struct Shared {
     pub core: mpsc::Sender<Input>,
     pub relays: Arc<Mutex<HashMap<SiteKey, RelayConn>>>,
     pub registry: Arc<Registry>,
+    pub store: StoreReader,
 }
 
 /// Why a drill-down request failed.
@@ -218,6 +340,20 @@ impl Shared {
     }
 }
 
+enum ServeError {
+    /// The relay sent something malformed.
+    Peer(WireError),
+    /// The relay sent a well-formed message out of place.
+    Unexpected(&'static str),
+    Refused(RecordError),
+    /// The hub could not store what the relay sent.
+    Store(String),
+    /// The connection or the hub went away.
+    Gone(String),
+    /// Nothing arrived for longer than the silence timeout.
+    Silent,
+}
+
 /// Serves one relay's uplink connection until it ends.
 async fn serve_relay(
     accepted: Accepted,
@@ -231,11 +367,11 @@ async fn serve_relay(
     let remote = conn.remote_address();
     let result = serve_relay_inner(&conn, &peer, &hub_name, silence, &shared, &shutdown).await;
     match result {
+        Ok(()) => debug!(relay = %peer, "uplink ended"),
         Err(ServeError::Silent) => {
             warn!(relay = %peer, %remote, ?silence, "relay went silent; closing its uplink");
             conn.close(close::DONE, b"silent too long");
         }
-        Ok(()) => debug!(relay = %peer, "uplink ended"),
         Err(ServeError::Peer(error)) => {
             mesh.peer_error(Protocol::Uplink.as_str(), error.kind());
             warn!(relay = %peer, %remote, %error, "closing uplink: relay sent a bad message");
@@ -250,6 +386,10 @@ async fn serve_relay(
             mesh.peer_error(Protocol::Uplink.as_str(), "refused_record");
             warn!(relay = %peer, %remote, %error, "closing uplink: record refused");
             conn.close(close::PROTOCOL_ERROR, error.to_string().as_bytes());
+        }
+        Err(ServeError::Store(error)) => {
+            warn!(relay = %peer, %remote, %error, "closing uplink: records could not be stored");
+            conn.close(close::DONE, b"hub cannot store records now");
         }
         Err(ServeError::Gone(reason)) => debug!(relay = %peer, %reason, "uplink lost"),
     }
@@ -266,24 +406,22 @@ async fn serve_relay(
     let _ = shared.core.send(Input::Disconnected { relay: peer }).await;
 }
 
-async fn read(recv: &mut quinn::RecvStream) -> Result<Option<RelayMsg>, ServeError> {
-    match wire::read_msg::<RelayMsg>(recv, UPLINK_VERSION, MAX_UPLINK_FRAME).await {
-        Err(WireError::Stream(e)) => Err(ServeError::Gone(e)),
-        Err(e) => Err(ServeError::Peer(e)),
-        Ok(m) => Ok(m),
+/// Reads frames off the control stream into a channel, so that records can
+/// be taken in batches without cancelling a read halfway.
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<RelayMsg, ServeError>>) {
+    loop {
+        let msg =
+            match wire::read_msg::<RelayMsg>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME).await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => break,
+                Err(WireError::Stream(e)) => Err(ServeError::Gone(e)),
+                Err(e) => Err(ServeError::Peer(e)),
+            };
+        let stop = msg.is_err();
+        if tx.send(msg).await.is_err() || stop {
+            break;
+        }
     }
-}
-
-enum ServeError {
-    /// The relay sent something malformed.
-    Peer(WireError),
-    /// The relay sent a well-formed message out of place.
-    Unexpected(&'static str),
-    Refused(RecordError),
-    /// The connection or the hub went away.
-    Gone(String),
-    /// Nothing arrived for longer than the silence timeout.
-    Silent,
 }
 
 async fn serve_relay_inner(
@@ -295,16 +433,20 @@ async fn serve_relay_inner(
     shutdown: &CancellationToken,
 ) -> Result<(), ServeError> {
     let gone = |e: &dyn std::fmt::Display| ServeError::Gone(e.to_string());
-    let (mut send, mut recv) = tokio::time::timeout(IO_TIMEOUT, conn.accept_bi())
+    let (mut send, recv) = tokio::time::timeout(IO_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| ServeError::Gone("no control stream".into()))?
         .map_err(|e| gone(&e))?;
-    let stream = match tokio::time::timeout(IO_TIMEOUT, read(&mut recv))
+    let (tx, mut frames) = mpsc::channel(MAX_RECORDS_PER_INPUT);
+    let reader = tokio::spawn(read_frames(recv, tx));
+    let _stop_reader = AbortOnDrop(reader);
+    let stream = match tokio::time::timeout(IO_TIMEOUT, frames.recv())
         .await
-        .map_err(|_| ServeError::Gone("no hello".into()))??
+        .map_err(|_| ServeError::Gone("no hello".into()))?
     {
-        Some(RelayMsg::Hello { stream }) => stream,
-        Some(RelayMsg::Record(_)) => return Err(ServeError::Unexpected("record before hello")),
+        Some(Ok(RelayMsg::Hello { stream })) => stream,
+        Some(Ok(RelayMsg::Record(_))) => return Err(ServeError::Unexpected("record before hello")),
+        Some(Err(e)) => return Err(e),
         None => return Ok(()),
     };
     let acked = shared
@@ -329,32 +471,50 @@ async fn serve_relay_inner(
             conn: conn.clone(),
         },
     );
-    info!(relay = %peer, remote = %conn.remote_address(), resume_after = acked, "relay connected");
+    info!(relay = %peer, remote = %conn.remote_address(), stream, resume_after = acked, "relay connected");
     loop {
-        // Dropping a half-read frame is fine here: shutdown closes the
-        // connection anyway.
-        let msg = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(silence) => return Err(ServeError::Silent),
-            m = read(&mut recv) => m?,
+            m = frames.recv() => m,
         };
-        let record = match msg {
-            None => return Ok(()),
-            Some(RelayMsg::Record(r)) => r,
-            Some(RelayMsg::Hello { .. }) => {
-                return Err(ServeError::Unexpected("second hello on the control stream"));
+        let mut records = Vec::new();
+        let mut next = first;
+        loop {
+            match next {
+                None => {
+                    if records.is_empty() {
+                        return Ok(());
+                    }
+                    break;
+                }
+                Some(Err(e)) => return Err(e),
+                Some(Ok(RelayMsg::Record(r))) => records.push(*r),
+                Some(Ok(RelayMsg::Hello { .. })) => {
+                    return Err(ServeError::Unexpected("second hello on the control stream"));
+                }
             }
-        };
+            if records.len() >= MAX_RECORDS_PER_INPUT {
+                break;
+            }
+            match frames.try_recv() {
+                Ok(m) => next = Some(m),
+                Err(_) => break,
+            }
+        }
         let ack = shared
-            .ask(|reply| Input::Record {
+            .ask(|reply| Input::Records {
                 relay: peer.clone(),
-                record,
+                records,
                 reply,
             })
             .await
             .ok_or_else(|| ServeError::Gone("hub shutting down".into()))?
-            .map_err(ServeError::Refused)?;
+            .map_err(|e| match e {
+                ApplyError::Refused(r) => ServeError::Refused(r),
+                ApplyError::Store(s) => ServeError::Store(s),
+            })?;
         wire::write_msg(
             &mut send,
             UPLINK_VERSION,
@@ -363,6 +523,14 @@ async fn serve_relay_inner(
         )
         .await
         .map_err(|e| gone(&e))?;
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -375,8 +543,9 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Starts the hub. Returns once the endpoint and the API are bound; runs
-    /// until `shutdown` is cancelled.
+    /// Starts the hub (with `cfg.store.path` taken as is: relative to the
+    /// working directory). Returns once the store is open and the endpoint
+    /// and the API are bound; runs until `shutdown` is cancelled.
     pub async fn start(
         creds: Credentials,
         cfg: HubConfig,
@@ -389,6 +558,30 @@ impl Hub {
             )));
         }
         let name = creds.identity.name.clone();
+        let path = cfg.store.path.clone();
+        let (store, streams, summaries) = tokio::task::spawn_blocking(move || {
+            let store = HubStore::open(&path)?;
+            let streams = store.streams()?;
+            let summaries = store.latest_summaries()?;
+            Ok::<_, StoreError>((store, streams, summaries))
+        })
+        .await
+        .expect("store open does not panic")
+        .map_err(|e| StartError::Other(format!("{e}; check [store] path")))?;
+        let reader = StoreReader::new(store.path());
+        let now_ms = unix_ms();
+        let restored_sites = summaries.len();
+        let summaries = summaries
+            .into_iter()
+            .map(|s| {
+                let age = Duration::from_millis(now_ms.saturating_sub(s.generated_ms));
+                (s, age)
+            })
+            .collect();
+        let mut core = HubCore::new(name.clone(), cfg.fleet.stale_after);
+        core.restore(Instant::now(), streams, summaries);
+        let store_tx = spawn_store_thread(store);
+
         let mut registry = Registry::default();
         let mesh_metrics = MeshMetrics::register(&mut registry);
         let hub_metrics = HubMetrics::register(&mut registry);
@@ -409,19 +602,39 @@ impl Hub {
         let api_addr = listener
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
-        let (core_tx, core_rx) = mpsc::channel(1024);
+        let (core_tx, core_rx) = mpsc::channel(4096);
         let shared = Shared {
             core: core_tx,
             relays: Arc::new(Mutex::new(HashMap::new())),
             registry: Arc::new(registry),
+            store: reader,
         };
-        let core = HubCore::new(name.clone(), cfg.fleet.stale_after);
         let mut tasks = vec![tokio::spawn(core_task(
             core,
+            store_tx.clone(),
             core_rx,
             hub_metrics.clone(),
             shutdown.child_token(),
         ))];
+        // Retention: prune once an hour (and once at start).
+        {
+            let (retention, sd) = (cfg.store.retention, shutdown.child_token());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = ticker(Duration::from_secs(3600));
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = sd.cancelled() => break,
+                        _ = tick.tick() => {
+                            let before_ms = unix_ms().saturating_sub(retention.as_millis() as u64);
+                            if store_tx.send(StoreCmd::Prune { before_ms }).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
         let mut uplinks = routes.take(Protocol::Uplink);
         let (s, sd, hub_name) = (shared.clone(), shutdown.child_token(), name.clone());
         let silence = cfg.uplink.silence_timeout;
@@ -460,6 +673,8 @@ impl Hub {
             hub = %name,
             uplink = %endpoint.local_addr(),
             api = %format!("http://{api_addr}"),
+            store = %cfg.store.path.display(),
+            restored_sites,
             "hub ready"
         );
         Ok(Hub {

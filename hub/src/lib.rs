@@ -10,6 +10,7 @@
 //! - [`core`]: the sans-IO hub core: at-most-once apply, the fleet view.
 //! - [`driver`]: the hub process: endpoint, per-relay tasks, the core task.
 //! - [`api`]: HTTP routes and the JSON types they return.
+//! - [`store`]: the durable store (SQLite): records from relays, history.
 //! - [`config`]: the hub's TOML configuration.
 //! - [`client`]: the CLI's HTTP client for the API.
 //! - [`render`]: the CLI's human-readable output.
@@ -21,4 +22,5 @@ pub mod config;
 pub mod core;
 pub mod driver;
 pub mod render;
+pub mod store;
 pub mod up;

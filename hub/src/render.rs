@@ -8,7 +8,7 @@ use trellis_node::site::Status;
 use trellis_relay::summary::SiteStatus;
 
 use crate::api::NodesReport;
-use crate::core::{FleetReport, SiteRow};
+use trellis_relay::report::{FleetReport, SiteRow};
 
 /// Whether to colour output written to stdout: only on a terminal, and
 /// never when `NO_COLOR` is set.
@@ -33,7 +33,7 @@ impl Paint {
             SiteStatus::Healthy => "32",
             SiteStatus::Degraded => "33",
             SiteStatus::Critical => "31;1",
-            SiteStatus::Stale => "35",
+            SiteStatus::Unreachable => "35",
             SiteStatus::Empty => "2",
         };
         self.code(code, text)
@@ -72,7 +72,7 @@ fn marker(status: SiteStatus) -> &'static str {
         SiteStatus::Healthy => "●",
         SiteStatus::Degraded => "◐",
         SiteStatus::Critical => "✖",
-        SiteStatus::Stale => "○",
+        SiteStatus::Unreachable => "○",
         SiteStatus::Empty => "·",
     }
 }
@@ -99,11 +99,11 @@ fn site_line(p: &Paint, s: &SiteRow, name_width: usize) -> String {
         s.relay,
         ago(s.last_seen_s),
     );
-    if s.status == SiteStatus::Stale {
+    if s.status == SiteStatus::Unreachable {
         let _ = write!(
             line,
             "  {}",
-            p.site(s.status, "STALE: no news from the relay")
+            p.site(s.status, "UNREACHABLE: last known state shown")
         );
     } else if !s.connected {
         let _ = write!(line, "  {}", p.dim("(relay disconnected)"));
@@ -151,6 +151,24 @@ pub fn fleet(report: &FleetReport, colour: bool) -> String {
         t.nodes_total,
         t.nodes_dead,
     );
+    if let Some(r) = &report.relay {
+        let uplink = match (&r.hub, r.uplink_connected) {
+            (Some(hub), true) => p.site(SiteStatus::Healthy, &format!("uplink to {hub} connected")),
+            _ => p.site(
+                SiteStatus::Unreachable,
+                "uplink DOWN: the site runs on its own",
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "  {uplink}; {} buffered ({} of {} bytes), acknowledged through seq {} of {}",
+            plural(r.buffered_records, "record"),
+            r.buffered_bytes,
+            r.buffer_max_bytes,
+            r.acked_through,
+            r.persisted_through,
+        );
+    }
     if report.sites.is_empty() {
         let _ = writeln!(
             out,
@@ -262,7 +280,7 @@ mod tests {
     use trellis_relay::summary::{CheckCounts, StatusCounts};
 
     use super::*;
-    use crate::core::FleetTotals;
+    use trellis_relay::report::FleetTotals;
 
     fn row(site: &str, status: SiteStatus, dead: Vec<String>, last: u64) -> SiteRow {
         SiteRow {
@@ -295,7 +313,7 @@ mod tests {
             hub: "h".into(),
             sites: vec![
                 row("par", SiteStatus::Degraded, vec!["n3".into()], 1),
-                row("ber", SiteStatus::Stale, vec![], 45),
+                row("ber", SiteStatus::Unreachable, vec![], 45),
             ],
             totals: FleetTotals {
                 sites: 2,
@@ -304,6 +322,7 @@ mod tests {
                 nodes_dead: 1,
                 ..Default::default()
             },
+            relay: None,
         };
         let text = fleet(&report, false);
         assert!(
@@ -312,7 +331,7 @@ mod tests {
         );
         assert!(text.contains("region eu"), "{text}");
         assert!(text.contains("dead: n3"), "{text}");
-        assert!(text.contains("STALE"), "{text}");
+        assert!(text.contains("UNREACHABLE"), "{text}");
         assert!(text.contains("heard 45s ago"), "{text}");
         assert!(text.contains("ntp ×2"), "{text}");
         assert!(!text.contains('\x1b'), "no colour codes when colour is off");

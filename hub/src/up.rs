@@ -28,7 +28,8 @@ pub struct UpOptions {
     pub sites: usize,
     pub nodes: usize,
     pub api: SocketAddr,
-    /// Keep the CA here (reused if present); a temporary directory otherwise.
+    /// Keep the CA and the members' state here (reused if present); a
+    /// temporary directory otherwise.
     pub dir: Option<PathBuf>,
     pub gossip_interval: Duration,
 }
@@ -100,6 +101,10 @@ impl LocalMesh {
                 listen: opts.api,
                 ..Default::default()
             },
+            store: crate::config::StoreConfig {
+                path: dir.join("hub-1").join("hub.db"),
+                ..Default::default()
+            },
             ..HubConfig::default()
         };
         let hub = Hub::start(issue(Role::Hub, "", "hub-1")?, hub_cfg, shutdown.clone()).await?;
@@ -114,14 +119,17 @@ impl LocalMesh {
         let mut nodes = Vec::new();
         for s in 0..opts.sites {
             let site = site_name(s);
+            let relay_name = format!("{site}-relay");
             let mut relay_cfg = RelayConfig {
                 gossip: gossip(vec![]),
                 metrics: MetricsConfig::off(),
                 ..RelayConfig::default()
             };
             relay_cfg.uplink.hubs = vec![hub.uplink_addr().to_string()];
+            relay_cfg.buffer.path = dir.join(&relay_name).join("outage.db");
+            relay_cfg.api.listen = local().to_string().parse().expect("an address");
             let relay = Relay::start(
-                issue(Role::Relay, &site, &format!("{site}-relay"))?,
+                issue(Role::Relay, &site, &relay_name)?,
                 relay_cfg,
                 shutdown.clone(),
             )

@@ -80,6 +80,12 @@ pub struct MemberArgs {
 /// A member's configuration file.
 pub trait MemberConfig: DeserializeOwned + Serialize + Default + Validate {
     fn identity(&self) -> &IdentityConfig;
+
+    /// Makes relative paths (other than the identity's) relative to `base`,
+    /// the configuration file's directory.
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        let _ = base;
+    }
 }
 
 /// A started member that can be waited on after shutdown.
@@ -101,10 +107,12 @@ where
     Fut: Future<Output = Result<R, StartError>>,
 {
     init_logging();
-    let loaded = match config::load::<C>(args.config.as_deref()) {
+    let mut loaded = match config::load::<C>(args.config.as_deref()) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_USAGE, &e),
     };
+    let base = loaded.base_dir.clone();
+    loaded.config.resolve_paths(&base);
     if args.print_config {
         print!(
             "{}",

@@ -1,5 +1,7 @@
 //! The relay's configuration file.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -8,12 +10,15 @@ use trellis_node::config::{
     validate_checks,
 };
 
+use crate::buffer::{DownsampleRule, default_downsample};
 use crate::core::CoreConfig;
 
 /// Default UDP port of a relay's gossip endpoint.
 pub const RELAY_GOSSIP_PORT: u16 = 7901;
 /// Default TCP port of a relay's `/metrics`.
 pub const RELAY_METRICS_PORT: u16 = 7911;
+/// Default TCP port of a relay's local read API.
+pub const RELAY_API_PORT: u16 = 7801;
 /// Default UDP port of a hub's uplink endpoint.
 pub const HUB_UPLINK_PORT: u16 = 7700;
 
@@ -29,11 +34,18 @@ pub struct UplinkConfig {
     /// How often the site's gossip state is looked at.
     #[serde(with = "humantime_serde")]
     pub sample_interval: Duration,
-    /// A hub that leaves records unacknowledged this long is dropped.
+    /// A hub that sends no acknowledgement this long while records are
+    /// outstanding is dropped and reconnected.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
-    /// Records kept for the hub before the oldest are dropped.
-    pub max_outbox: usize,
+    /// Longest wait between two connection attempts (the wait before each
+    /// attempt is random up to an exponentially growing bound, so that
+    /// many relays do not all reconnect at once).
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Pace of the backlog after an outage, in bytes per second; records
+    /// made meanwhile are sent at once.
+    pub replay_bytes_per_s: u64,
 }
 
 impl Default for UplinkConfig {
@@ -44,7 +56,8 @@ impl Default for UplinkConfig {
             summary_interval: core.summary_interval,
             sample_interval: Duration::from_secs(1),
             ack_timeout: core.ack_timeout,
-            max_outbox: core.max_outbox,
+            max_backoff: Duration::from_secs(30),
+            replay_bytes_per_s: 256 * 1024,
         }
     }
 }
@@ -53,8 +66,48 @@ impl UplinkConfig {
     pub fn core(&self) -> CoreConfig {
         CoreConfig {
             summary_interval: self.summary_interval,
-            max_outbox: self.max_outbox,
             ack_timeout: self.ack_timeout,
+        }
+    }
+}
+
+/// `[buffer]`: the durable outage buffer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferConfig {
+    /// The SQLite file (relative to the configuration file).
+    pub path: PathBuf,
+    /// Bound on the buffered records' bytes. Past half of it older
+    /// summaries are downsampled; past all of it the oldest records are
+    /// dropped and a gap record tells the hub what.
+    pub max_bytes: u64,
+    /// Among summaries older than `after`, keep one per `keep_every`.
+    pub downsample: Vec<DownsampleRule>,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            path: PathBuf::from("buffer/outage.db"),
+            max_bytes: 1 << 30,
+            downsample: default_downsample(),
+        }
+    }
+}
+
+/// `[api]`: the relay's local read API (the site, its nodes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayApiConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+impl Default for RelayApiConfig {
+    fn default() -> Self {
+        RelayApiConfig {
+            enabled: true,
+            listen: ([127, 0, 0, 1], RELAY_API_PORT).into(),
         }
     }
 }
@@ -66,6 +119,8 @@ pub struct RelayConfig {
     pub identity: IdentityConfig,
     pub gossip: GossipConfig,
     pub uplink: UplinkConfig,
+    pub buffer: BufferConfig,
+    pub api: RelayApiConfig,
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
     /// The relay's own checks; none by default.
@@ -78,6 +133,8 @@ impl Default for RelayConfig {
             identity: IdentityConfig::for_name("relay"),
             gossip: GossipConfig::with_listen(([127, 0, 0, 1], RELAY_GOSSIP_PORT).into()),
             uplink: UplinkConfig::default(),
+            buffer: BufferConfig::default(),
+            api: RelayApiConfig::default(),
             health: HealthConfig::default(),
             metrics: MetricsConfig::with_listen(([127, 0, 0, 1], RELAY_METRICS_PORT).into()),
             checks: Vec::new(),
@@ -127,16 +184,40 @@ impl Validate for RelayConfig {
             "must be at least 1s",
         );
         p.check(
-            u.max_outbox >= 10,
-            "uplink.max_outbox",
-            "must be at least 10",
+            u.max_backoff >= Duration::from_millis(100),
+            "uplink.max_backoff",
+            "must be at least 100ms",
         );
+        p.check(
+            u.replay_bytes_per_s >= 1024,
+            "uplink.replay_bytes_per_s",
+            "must be at least 1024",
+        );
+        let b = &self.buffer;
+        p.check(
+            b.max_bytes >= 16 * 1024,
+            "buffer.max_bytes",
+            format!("is {}; use at least 16384 (default 1 GiB)", b.max_bytes),
+        );
+        for (i, r) in b.downsample.iter().enumerate() {
+            p.check(
+                !r.keep_every.is_zero(),
+                &format!("buffer.downsample[{i}].keep_every"),
+                "must be more than zero",
+            );
+        }
     }
 }
 
 impl trellis_node::cli::MemberConfig for RelayConfig {
     fn identity(&self) -> &IdentityConfig {
         &self.identity
+    }
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        if self.buffer.path.is_relative() {
+            self.buffer.path = base.join(&self.buffer.path);
+        }
     }
 }
 

@@ -1,32 +1,40 @@
-//! The relay's sans-IO core: turns site views into records, keeps them until
-//! a hub acknowledges them, and says what to send next.
+//! The relay's sans-IO core: turns site views into records, decides what
+//! to send on a hub connection and when, and what may be deleted.
 //!
 //! Inputs are `handle_*` calls with the time passed in; outputs are
-//! [`RelayCore::poll_transmit`] (the next record to send) and
+//! [`RelayCore::poll_persist`] (records to make durable),
+//! [`RelayCore::poll_transmit`] (what to send next) and
 //! [`RelayCore::poll_timeout`] (when to call back). The driver owns the
-//! sockets; the core never blocks and never reads a clock.
+//! sockets and the outage buffer; the core never blocks, never reads a
+//! clock and never touches the disk.
 //!
-//! Records wait in the outbox until a hub acknowledges them. On reconnect the
-//! hub says what it has (`Welcome { acked }`) and sending resumes after that.
+//! Persist, then send: a record is sent only after the buffer reported it
+//! durable ([`RelayCore::handle_persisted`]). On a connection, records
+//! go out on two lanes. The *live* lane carries the newest summary first
+//! (so the hub is current at once) and then every record persisted while
+//! connected. The *backlog* lane carries, in order, whatever the hub had not
+//! acknowledged when the connection came up; the driver reads it from the
+//! buffer in chunks at a limited rate. The hub applies each sequence number
+//! once whichever lane brings it, and acknowledges cumulatively.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use trellis_node::site::{SiteView, Status};
 
+use crate::buffer::NewRecord;
 use crate::summarise::{is_node, summarise};
 use crate::summary::SiteSummary;
-use crate::uplink::{Event, Record, RecordBody};
+use crate::uplink::{Event, Gap, Record, RecordBody};
 
 /// Tuning of the core, from the relay's configuration.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     /// Longest time between two summaries when nothing changes.
     pub summary_interval: Duration,
-    /// Records kept for the hub before the oldest are dropped.
-    pub max_outbox: usize,
-    /// A hub that leaves sent records unacknowledged this long is presumed
-    /// gone; the driver reconnects.
+    /// A hub that sends no acknowledgement this long while records are
+    /// outstanding is presumed gone; the driver reconnects.
     pub ack_timeout: Duration,
 }
 
@@ -34,7 +42,6 @@ impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
             summary_interval: Duration::from_secs(5),
-            max_outbox: 10_000,
             ack_timeout: Duration::from_secs(15),
         }
     }
@@ -48,6 +55,18 @@ pub enum AckError {
     Unsent { through: u64, sent: u64 },
     #[error("hub acknowledgement went back from {acked} to {through}")]
     Backwards { through: u64, acked: u64 },
+    #[error("acknowledgement without a connection")]
+    NotConnected,
+}
+
+/// What to send next on the current connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transmit {
+    /// Send this record now.
+    Record(Record),
+    /// Read the buffer's records after `after` (up to `through`) and send
+    /// them, then report with [`RelayCore::handle_backlog_sent`].
+    Backlog { after: u64, through: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,58 +75,79 @@ struct NodeState {
     checks: BTreeMap<String, Status>,
 }
 
+#[derive(Debug)]
+struct Conn {
+    /// Records from this seq on were persisted while connected: live lane.
+    live_from: u64,
+    first: Option<Record>,
+    live: VecDeque<Record>,
+    /// Highest backlog seq sent.
+    backlog_sent: u64,
+    backlog_end: u64,
+    backlog_reading: bool,
+    /// Highest seq sent on either lane.
+    sent_max: u64,
+    /// Since when records have been outstanding without any acknowledgement.
+    waiting_since: Option<Instant>,
+}
+
 /// Counters the driver exports as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CoreStats {
     pub records_made: u64,
-    pub records_dropped: u64,
+    pub persisted_through: u64,
     pub acked_through: u64,
-    pub outbox_len: usize,
+    pub connected: bool,
+    /// Backlog records still to send on this connection (by seq span).
+    pub backlog_left: u64,
 }
 
 pub struct RelayCore {
     relay: String,
     cfg: CoreConfig,
-    stream: u64,
-    next_seq: u64,
-    outbox: VecDeque<Record>,
-    /// Highest seq handed to the connection, if connected.
-    sent_through: Option<u64>,
-    acked_through: u64,
-    /// When the oldest unacknowledged send happened.
-    waiting_since: Option<Instant>,
+    to_persist: Vec<NewRecord>,
+    persisted: u64,
+    acked: u64,
+    latest_summary: Option<Record>,
+    conn: Option<Conn>,
     last_summary: Option<(Instant, SiteSummary)>,
     nodes: Option<BTreeMap<String, NodeState>>,
-    stats: CoreStats,
+    records_made: u64,
 }
 
 impl RelayCore {
-    /// A core for relay `relay` writing record stream `stream`.
-    pub fn new(relay: impl Into<String>, stream: u64, cfg: CoreConfig) -> Self {
+    /// A core for relay `relay` whose buffer holds records up to
+    /// `persisted`, the newest summary among them being `latest_summary`.
+    pub fn new(
+        relay: impl Into<String>,
+        cfg: CoreConfig,
+        persisted: u64,
+        latest_summary: Option<Record>,
+    ) -> Self {
         RelayCore {
             relay: relay.into(),
             cfg,
-            stream,
-            next_seq: 1,
-            outbox: VecDeque::new(),
-            sent_through: None,
-            acked_through: 0,
-            waiting_since: None,
+            to_persist: Vec::new(),
+            persisted,
+            acked: 0,
+            latest_summary,
+            conn: None,
             last_summary: None,
             nodes: None,
-            stats: CoreStats::default(),
+            records_made: 0,
         }
-    }
-
-    pub fn stream(&self) -> u64 {
-        self.stream
     }
 
     pub fn stats(&self) -> CoreStats {
         CoreStats {
-            acked_through: self.acked_through,
-            outbox_len: self.outbox.len(),
-            ..self.stats
+            records_made: self.records_made,
+            persisted_through: self.persisted,
+            acked_through: self.acked,
+            connected: self.conn.is_some(),
+            backlog_left: self
+                .conn
+                .as_ref()
+                .map_or(0, |c| c.backlog_end - c.backlog_sent),
         }
     }
 
@@ -116,15 +156,14 @@ impl RelayCore {
         self.last_summary.as_ref().map(|(_, s)| s)
     }
 
+    /// The latest summary made and when.
+    pub fn last_summary_at(&self) -> Option<(SiteSummary, Instant)> {
+        self.last_summary.as_ref().map(|(at, s)| (s.clone(), *at))
+    }
+
     fn push(&mut self, at_ms: u64, body: RecordBody) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.stats.records_made += 1;
-        self.outbox.push_back(Record { seq, at_ms, body });
-        while self.outbox.len() > self.cfg.max_outbox {
-            self.outbox.pop_front();
-            self.stats.records_dropped += 1;
-        }
+        self.records_made += 1;
+        self.to_persist.push(NewRecord { at_ms, body });
     }
 
     /// Takes a fresh look at the site: records events for what changed and
@@ -172,60 +211,139 @@ impl RelayCore {
         }
     }
 
+    /// Records to append to the buffer, in order.
+    pub fn poll_persist(&mut self) -> Vec<NewRecord> {
+        std::mem::take(&mut self.to_persist)
+    }
+
+    /// The buffer could not store `batch`: keep it, first in line, for the
+    /// next attempt.
+    pub fn restore_unpersisted(&mut self, mut batch: Vec<NewRecord>) {
+        batch.append(&mut self.to_persist);
+        self.to_persist = batch;
+    }
+
+    /// The buffer made these records durable (in seq order).
+    pub fn handle_persisted(&mut self, records: Vec<Record>) {
+        for r in records {
+            self.persisted = self.persisted.max(r.until());
+            if matches!(r.body, RecordBody::Summary(_)) {
+                self.latest_summary = Some(r.clone());
+            }
+            if let Some(c) = &mut self.conn
+                && r.seq >= c.live_from
+            {
+                c.live.push_back(r);
+            }
+        }
+    }
+
     /// A connection to a hub is up and the hub has applied up to `acked`.
     pub fn handle_connected(&mut self, acked: u64) {
-        self.ack_to(acked.min(self.next_seq - 1));
-        self.sent_through = Some(self.acked_through);
-        self.waiting_since = None;
-    }
-
-    /// The connection is gone; records not acknowledged will be resent.
-    pub fn handle_disconnected(&mut self) {
-        self.sent_through = None;
-        self.waiting_since = None;
-    }
-
-    /// The hub applied every record up to `through`.
-    pub fn handle_ack(&mut self, now: Instant, through: u64) -> Result<(), AckError> {
-        let sent = self.sent_through.unwrap_or(self.acked_through);
-        if through > sent {
-            return Err(AckError::Unsent { through, sent });
-        }
-        if through < self.acked_through {
-            return Err(AckError::Backwards {
-                through,
-                acked: self.acked_through,
+        let mut first = None;
+        // A hub that lost what an earlier one acknowledged (those records
+        // are deleted here) gets a gap for them, or it would wait forever.
+        if acked < self.acked {
+            first = Some(Record {
+                seq: acked + 1,
+                at_ms: 0,
+                body: RecordBody::Gap(Gap {
+                    until: self.acked,
+                    acknowledged_before: self.acked - acked,
+                    ..Gap::default()
+                }),
             });
+        } else {
+            self.acked = acked.min(self.persisted);
         }
-        self.ack_to(through);
-        self.waiting_since = (self.acked_through < sent).then_some(now);
-        Ok(())
+        let backlog_sent = acked.min(self.persisted);
+        if first.is_none() {
+            first = self.latest_summary.clone().filter(|s| s.seq > backlog_sent);
+        }
+        self.conn = Some(Conn {
+            live_from: self.persisted + 1,
+            first,
+            live: VecDeque::new(),
+            backlog_sent,
+            backlog_end: self.persisted,
+            backlog_reading: false,
+            sent_max: backlog_sent,
+            waiting_since: None,
+        });
     }
 
-    fn ack_to(&mut self, through: u64) {
-        self.acked_through = self.acked_through.max(through);
-        while self
-            .outbox
-            .front()
-            .is_some_and(|r| r.seq <= self.acked_through)
-        {
-            self.outbox.pop_front();
-        }
+    /// The connection is gone; what was not acknowledged is sent again on
+    /// the next one.
+    pub fn handle_disconnected(&mut self) {
+        self.conn = None;
     }
 
-    /// The next record to send on the current connection, if any.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Record> {
-        let sent = self.sent_through?;
-        let next = self.outbox.iter().find(|r| r.seq > sent)?.clone();
-        self.sent_through = Some(next.seq);
-        self.waiting_since.get_or_insert(now);
+    /// What to send next, if anything.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let c = self.conn.as_mut()?;
+        let next = if let Some(r) = c.first.take().or_else(|| c.live.pop_front()) {
+            c.sent_max = c.sent_max.max(r.until());
+            Transmit::Record(r)
+        } else if c.backlog_sent < c.backlog_end && !c.backlog_reading {
+            c.backlog_reading = true;
+            Transmit::Backlog {
+                after: c.backlog_sent,
+                through: c.backlog_end,
+            }
+        } else {
+            return None;
+        };
+        c.waiting_since.get_or_insert(now);
         Some(next)
     }
 
-    /// Whether the hub has left records unacknowledged for too long.
+    /// The backlog up to `through` was sent.
+    pub fn handle_backlog_sent(&mut self, through: u64) {
+        if let Some(c) = &mut self.conn {
+            c.backlog_reading = false;
+            c.backlog_sent = c.backlog_sent.max(through.min(c.backlog_end));
+            c.sent_max = c.sent_max.max(c.backlog_sent);
+        }
+    }
+
+    /// The hub applied every record up to `through`. Returns how far the
+    /// buffer may now delete, if that moved.
+    pub fn handle_ack(&mut self, now: Instant, through: u64) -> Result<Option<u64>, AckError> {
+        let c = self.conn.as_mut().ok_or(AckError::NotConnected)?;
+        if through > c.sent_max {
+            return Err(AckError::Unsent {
+                through,
+                sent: c.sent_max,
+            });
+        }
+        if through < self.acked {
+            return Err(AckError::Backwards {
+                through,
+                acked: self.acked,
+            });
+        }
+        c.waiting_since = (through < c.sent_max).then_some(now);
+        let moved = through > self.acked;
+        self.acked = through;
+        Ok(moved.then_some(through))
+    }
+
+    /// Whether the hub has sent no acknowledgement for too long while
+    /// records are outstanding.
     pub fn ack_overdue(&self, now: Instant) -> bool {
-        self.waiting_since
+        self.conn
+            .as_ref()
+            .and_then(|c| c.waiting_since)
             .is_some_and(|t| now.duration_since(t) >= self.cfg.ack_timeout)
+    }
+
+    /// The sequence numbers the buffer may compact: none a hub may hold
+    /// already (sent on this connection), none at or below what it acked.
+    pub fn compactable(&self) -> RangeInclusive<u64> {
+        match &self.conn {
+            Some(c) => (c.backlog_sent + 1)..=(c.live_from - 1),
+            None => (self.acked + 1)..=u64::MAX,
+        }
     }
 
     /// When the core next needs `handle_view` or an overdue check.
@@ -234,7 +352,11 @@ impl RelayCore {
             .last_summary
             .as_ref()
             .map(|(at, _)| *at + self.cfg.summary_interval);
-        let ack = self.waiting_since.map(|t| t + self.cfg.ack_timeout);
+        let ack = self
+            .conn
+            .as_ref()
+            .and_then(|c| c.waiting_since)
+            .map(|t| t + self.cfg.ack_timeout);
         [summary, ack].into_iter().flatten().min()
     }
 }
@@ -324,39 +446,93 @@ mod tests {
         }
     }
 
-    fn bodies(core: &mut RelayCore, now: Instant) -> Vec<RecordBody> {
-        std::iter::from_fn(|| core.poll_transmit(now))
-            .map(|r| r.body)
-            .collect()
+    /// Stands in for the buffer: numbers what the core asks to persist.
+    struct Disk {
+        next: u64,
+        all: Vec<Record>,
+    }
+
+    impl Disk {
+        fn new() -> Self {
+            Disk {
+                next: 1,
+                all: Vec::new(),
+            }
+        }
+
+        fn persist(&mut self, core: &mut RelayCore) -> Vec<u64> {
+            let recs: Vec<Record> = core
+                .poll_persist()
+                .into_iter()
+                .map(|n| {
+                    let r = Record {
+                        seq: self.next,
+                        at_ms: n.at_ms,
+                        body: n.body,
+                    };
+                    self.next += 1;
+                    r
+                })
+                .collect();
+            let seqs = recs.iter().map(|r| r.seq).collect();
+            self.all.extend(recs.clone());
+            core.handle_persisted(recs);
+            seqs
+        }
+
+        /// Everything the core sends now, backlog read from "disk".
+        fn drain(&self, core: &mut RelayCore, now: Instant) -> Vec<u64> {
+            let mut sent = Vec::new();
+            while let Some(t) = core.poll_transmit(now) {
+                match t {
+                    Transmit::Record(r) => sent.push(r.seq),
+                    Transmit::Backlog { after, through } => {
+                        let chunk: Vec<u64> = self
+                            .all
+                            .iter()
+                            .filter(|r| r.seq > after && r.seq <= through)
+                            .map(|r| r.seq)
+                            .take(2)
+                            .collect();
+                        sent.extend(&chunk);
+                        core.handle_backlog_sent(*chunk.last().unwrap_or(&through));
+                    }
+                }
+            }
+            sent
+        }
+    }
+
+    fn core() -> RelayCore {
+        RelayCore::new("relay", CoreConfig::default(), 0, None)
     }
 
     #[test]
-    fn nothing_is_sent_until_a_hub_is_connected() {
+    fn nothing_is_sent_before_it_is_persisted() {
         let t0 = Instant::now();
-        let mut core = RelayCore::new("relay", 7, CoreConfig::default());
-        core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
-        assert!(core.poll_transmit(t0).is_none());
+        let mut core = core();
         core.handle_connected(0);
-        let sent = bodies(&mut core, t0);
-        assert_eq!(sent.len(), 1);
-        assert!(matches!(sent[0], RecordBody::Summary(_)));
+        core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
+        assert!(core.poll_transmit(t0).is_none(), "made but not persisted");
+        let mut disk = Disk::new();
+        disk.persist(&mut core);
+        assert_eq!(disk.drain(&mut core, t0), vec![1]);
     }
 
     #[test]
     fn a_death_is_an_event_and_an_immediate_summary() {
         let t0 = Instant::now();
-        let mut core = RelayCore::new("relay", 7, CoreConfig::default());
-        core.handle_connected(0);
+        let mut core = core();
         core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
-        let _ = bodies(&mut core, t0);
+        let _ = core.poll_persist();
         let t1 = t0 + Duration::from_millis(500);
         core.handle_view(t1, 2, &view(vec![member("a", false, Status::Passing)]));
-        let sent = bodies(&mut core, t1);
+        let made = core.poll_persist();
         assert_eq!(
-            sent[0],
+            made[0].body,
             RecordBody::Event(Event::NodeDied { node: "a".into() })
         );
-        match &sent[1] {
+        match &made[1].body {
             RecordBody::Summary(s) => assert_eq!(s.nodes_dead, 1),
             other => panic!("expected a summary, got {other:?}"),
         }
@@ -367,26 +543,24 @@ mod tests {
         let t0 = Instant::now();
         let cfg = CoreConfig::default();
         let interval = cfg.summary_interval;
-        let mut core = RelayCore::new("relay", 7, cfg);
-        core.handle_connected(0);
+        let mut core = RelayCore::new("relay", cfg, 0, None);
         let v = view(vec![member("a", true, Status::Passing)]);
         core.handle_view(t0, 1, &v);
         core.handle_view(t0 + interval / 2, 2, &v);
-        assert_eq!(bodies(&mut core, t0).len(), 1);
+        assert_eq!(core.poll_persist().len(), 1);
         assert_eq!(core.poll_timeout(), Some(t0 + interval));
         core.handle_view(t0 + interval, 3, &v);
-        assert_eq!(bodies(&mut core, t0 + interval).len(), 1);
+        assert_eq!(core.poll_persist().len(), 1);
     }
 
     #[test]
     fn check_changes_become_events_with_their_detail() {
         let t0 = Instant::now();
-        let mut core = RelayCore::new("relay", 7, CoreConfig::default());
-        core.handle_connected(0);
+        let mut core = core();
         core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
         core.handle_view(t0, 2, &view(vec![member("a", true, Status::Critical)]));
-        let sent = bodies(&mut core, t0);
-        assert!(sent.contains(&RecordBody::Event(Event::CheckChanged {
+        let made: Vec<RecordBody> = core.poll_persist().into_iter().map(|r| r.body).collect();
+        assert!(made.contains(&RecordBody::Event(Event::CheckChanged {
             node: "a".into(),
             check: "web".into(),
             from: Status::Passing,
@@ -396,36 +570,64 @@ mod tests {
     }
 
     #[test]
-    fn unacknowledged_records_are_resent_after_a_reconnect() {
+    fn after_an_outage_the_newest_summary_goes_first_then_live_records_and_the_backlog_in_order() {
         let t0 = Instant::now();
-        let mut core = RelayCore::new("relay", 7, CoreConfig::default());
-        core.handle_connected(0);
+        let mut core = core();
+        let mut disk = Disk::new();
+        // An outage: six records pile up (summaries and events).
         for i in 0..3 {
             let alive = i % 2 == 0;
             core.handle_view(t0, i, &view(vec![member("a", alive, Status::Passing)]));
+            disk.persist(&mut core);
         }
-        let first: Vec<u64> = std::iter::from_fn(|| core.poll_transmit(t0))
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(first, vec![1, 2, 3, 4, 5]);
-        core.handle_ack(t0, 2).unwrap();
+        assert_eq!(disk.next - 1, 5);
+        let newest_summary = disk
+            .all
+            .iter()
+            .rev()
+            .find(|r| matches!(r.body, RecordBody::Summary(_)))
+            .unwrap()
+            .seq;
+        core.handle_connected(0);
+        // A record made right after the link came back.
+        core.handle_view(t0, 9, &view(vec![member("a", true, Status::Critical)]));
+        let live = disk.persist(&mut core);
+        let sent = disk.drain(&mut core, t0);
+        assert_eq!(sent[0], newest_summary, "newest summary first: {sent:?}");
+        assert_eq!(&sent[1..1 + live.len()], &live[..], "then live records");
+        let backlog: Vec<u64> = sent[1 + live.len()..].to_vec();
+        assert_eq!(backlog, vec![1, 2, 3, 4, 5], "then the backlog, in order");
+        assert_eq!(core.stats().backlog_left, 0);
+    }
+
+    #[test]
+    fn unacknowledged_records_are_resent_on_the_next_connection() {
+        let t0 = Instant::now();
+        let mut core = core();
+        let mut disk = Disk::new();
+        core.handle_connected(0);
+        for i in 0..3 {
+            core.handle_view(t0, i, &view(vec![member("a", i % 2 == 0, Status::Passing)]));
+            disk.persist(&mut core);
+        }
+        assert_eq!(disk.drain(&mut core, t0), vec![1, 2, 3, 4, 5]);
+        assert_eq!(core.handle_ack(t0, 2), Ok(Some(2)));
         core.handle_disconnected();
         assert!(core.poll_transmit(t0).is_none());
-        // The next hub has applied up to 3 (a previous hub told it).
+        // The next hub has applied up to 3 (the previous one told it).
         core.handle_connected(3);
-        let again: Vec<u64> = std::iter::from_fn(|| core.poll_transmit(t0))
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(again, vec![4, 5]);
+        let again = disk.drain(&mut core, t0);
+        assert_eq!(again, vec![5, 4, 5], "newest summary, then the backlog");
     }
 
     #[test]
     fn acks_for_unsent_or_earlier_records_are_refused_without_effect() {
         let t0 = Instant::now();
-        let mut core = RelayCore::new("relay", 7, CoreConfig::default());
+        let mut core = core();
+        let mut disk = Disk::new();
         core.handle_connected(0);
         core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
-        core.handle_view(t0, 1, &view(vec![member("a", false, Status::Passing)]));
+        disk.persist(&mut core);
         let _ = core.poll_transmit(t0);
         assert_eq!(
             core.handle_ack(t0, 5),
@@ -434,13 +636,18 @@ mod tests {
                 sent: 1
             })
         );
-        core.handle_ack(t0, 1).unwrap();
+        assert_eq!(core.handle_ack(t0, 1), Ok(Some(1)));
         assert_eq!(
             core.handle_ack(t0, 0),
             Err(AckError::Backwards {
                 through: 0,
                 acked: 1
             })
+        );
+        assert_eq!(
+            core.handle_ack(t0, 1),
+            Ok(None),
+            "no news, nothing to delete"
         );
         assert_eq!(core.stats().acked_through, 1);
     }
@@ -450,9 +657,11 @@ mod tests {
         let t0 = Instant::now();
         let cfg = CoreConfig::default();
         let timeout = cfg.ack_timeout;
-        let mut core = RelayCore::new("relay", 7, cfg);
+        let mut core = RelayCore::new("relay", cfg, 0, None);
+        let mut disk = Disk::new();
         core.handle_connected(0);
         core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
+        disk.persist(&mut core);
         let _ = core.poll_transmit(t0);
         assert!(!core.ack_overdue(t0 + timeout / 2));
         assert!(core.ack_overdue(t0 + timeout));
@@ -461,24 +670,49 @@ mod tests {
     }
 
     #[test]
-    fn a_full_outbox_drops_the_oldest_records() {
+    fn records_a_hub_may_hold_are_never_compacted() {
         let t0 = Instant::now();
-        let cfg = CoreConfig {
-            max_outbox: 3,
-            ..CoreConfig::default()
-        };
-        let mut core = RelayCore::new("relay", 7, cfg);
-        for i in 0..10 {
+        let mut core = core();
+        let mut disk = Disk::new();
+        for i in 0..5 {
             core.handle_view(t0, i, &view(vec![member("a", i % 2 == 0, Status::Passing)]));
+            disk.persist(&mut core);
         }
-        let s = core.stats();
-        assert_eq!(s.outbox_len, 3);
-        assert_eq!(s.records_dropped, s.records_made - 3);
+        let last = disk.next - 1;
+        assert_eq!(
+            core.compactable(),
+            1..=u64::MAX,
+            "disconnected: all unacked"
+        );
         core.handle_connected(0);
-        let seqs: Vec<u64> = std::iter::from_fn(|| core.poll_transmit(t0))
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(seqs.len(), 3);
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        // Newest summary sent first (it lies in the backlog) and one chunk.
+        let _ = core.poll_transmit(t0);
+        if let Some(Transmit::Backlog { .. }) = core.poll_transmit(t0) {
+            core.handle_backlog_sent(2);
+        }
+        assert_eq!(core.compactable(), 3..=last);
+    }
+
+    #[test]
+    fn a_hub_that_lost_acknowledged_records_is_sent_a_gap_for_them() {
+        let t0 = Instant::now();
+        let mut core = core();
+        let mut disk = Disk::new();
+        core.handle_connected(0);
+        for i in 0..3 {
+            core.handle_view(t0, i, &view(vec![member("a", i % 2 == 0, Status::Passing)]));
+            disk.persist(&mut core);
+        }
+        disk.drain(&mut core, t0);
+        core.handle_ack(t0, 4).unwrap();
+        core.handle_disconnected();
+        core.handle_connected(0);
+        let Some(Transmit::Record(r)) = core.poll_transmit(t0) else {
+            panic!("a gap first");
+        };
+        assert_eq!(r.seq, 1);
+        assert!(
+            matches!(&r.body, RecordBody::Gap(g) if g.until == 4 && g.acknowledged_before == 4)
+        );
     }
 }

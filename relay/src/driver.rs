@@ -1,28 +1,33 @@
 //! The relay process: a gossip member of its site, the task that owns the
-//! [`RelayCore`], and the uplink to a hub.
+//! [`RelayCore`], the outage buffer's thread, the uplink to a hub, and the
+//! local read API that keeps the site visible through a WAN outage.
 //!
 //! Tasks and what they own:
-//! - the core task owns the core; it samples the site's gossip, feeds the
-//!   core and hands records to the current connection's writer;
-//! - the uplink task connects to a hub (trying each in turn, with backoff),
-//!   says hello, then writes records and forwards acks to the core task; a
-//!   reader task per connection reads acks, a responder task answers the
-//!   hub's requests;
-//! - the health task publishes the relay's own health in gossip.
+//! - the core task owns the core; it samples the site's gossip, asks the
+//!   buffer thread to persist what the core made, and hands what the core
+//!   says to send to the current connection's writer;
+//! - the buffer thread owns the SQLite buffer; every call on it blocks, so
+//!   nothing else ever waits for the disk;
+//! - the uplink task connects to a hub (trying each in turn, waiting a
+//!   random time up to an exponentially growing bound between attempts),
+//!   says hello and starts, per connection, a writer (live records first,
+//!   the backlog paced at `uplink.replay_bytes_per_s`), a reader (acks) and
+//!   a responder (the hub's requests);
+//! - the API task serves `/api/v1/site` and `/api/v1/site/nodes`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use trellis_node::agent::{SiteMember, StartError, serve_metrics};
 use trellis_node::authz::Protocol;
-use trellis_node::clock::unix_ms;
+use trellis_node::clock::{ticker, unix_ms};
 use trellis_node::endpoint::{MeshEndpoint, close};
 use trellis_node::gossip::SiteGossip;
 use trellis_node::id::Role;
@@ -30,25 +35,35 @@ use trellis_node::metrics::Registry;
 use trellis_node::tls::Credentials;
 use trellis_node::wire::{self, WireError};
 
+use crate::api::{ApiState, LocalState, api_router};
+use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
-use crate::core::RelayCore;
+use crate::core::{RelayCore, Transmit};
 use crate::uplink::{
-    HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
+    Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
 
 /// Largest request a hub may send on a request stream.
 const MAX_REQUEST: usize = 64 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often the buffer is checked against its bounds.
+const COMPACT_EVERY: Duration = Duration::from_secs(1);
+/// Backlog is read from the buffer in chunks of at most this many records.
+const BACKLOG_CHUNK_ROWS: usize = 512;
 
 /// The relay's own metrics.
 #[derive(Clone, Default)]
 struct RelayMetrics {
     connected: Gauge,
     records_made: Counter,
-    records_dropped: Counter,
+    persisted_through: Gauge,
     acked_through: Gauge,
-    outbox: Gauge,
+    buffer_records: Gauge,
+    buffer_bytes: Gauge,
+    buffer_fsyncs: Gauge,
+    buffer_errors: Counter,
+    dropped: Counter,
+    backlog_left: Gauge,
     requests: Counter,
 }
 
@@ -67,9 +82,9 @@ impl RelayMetrics {
             m.records_made.clone(),
         );
         r.register(
-            "records_dropped",
-            "Records dropped unacknowledged because the outbox was full",
-            m.records_dropped.clone(),
+            "persisted_through",
+            "Highest sequence number made durable in the outage buffer",
+            m.persisted_through.clone(),
         );
         r.register(
             "acked_through",
@@ -77,9 +92,34 @@ impl RelayMetrics {
             m.acked_through.clone(),
         );
         r.register(
-            "outbox_records",
-            "Records waiting for a hub's acknowledgement",
-            m.outbox.clone(),
+            "buffer_records",
+            "Records in the outage buffer",
+            m.buffer_records.clone(),
+        );
+        r.register(
+            "buffer_bytes",
+            "Bytes counted against buffer.max_bytes",
+            m.buffer_bytes.clone(),
+        );
+        r.register(
+            "buffer_fsyncs",
+            "Transactions committed (each one fsync) since start",
+            m.buffer_fsyncs.clone(),
+        );
+        r.register(
+            "buffer_errors",
+            "Outage buffer operations that failed",
+            m.buffer_errors.clone(),
+        );
+        r.register(
+            "records_dropped",
+            "Records downsampled or dropped to keep the buffer within its bounds",
+            m.dropped.clone(),
+        );
+        r.register(
+            "backlog_records",
+            "Backlog still to send on the current connection (by sequence span)",
+            m.backlog_left.clone(),
         );
         r.register(
             "hub_requests",
@@ -90,16 +130,92 @@ impl RelayMetrics {
     }
 }
 
-/// What the uplink tells the core task. `conn` numbers connections so that
-/// news from a connection already replaced is ignored.
+/// The result of an append: the records with their seqs, or the error and
+/// the batch back (to retry).
+type Appended = Result<Vec<Record>, (BufferError, Vec<NewRecord>)>;
+
+/// Work for the buffer thread.
+enum BufferCmd {
+    Append {
+        batch: Vec<NewRecord>,
+        reply: oneshot::Sender<Appended>,
+    },
+    Read {
+        after: u64,
+        through: u64,
+        max_bytes: usize,
+        reply: oneshot::Sender<Result<Vec<Record>, BufferError>>,
+    },
+    Delete {
+        through: u64,
+    },
+    Compact {
+        now_ms: u64,
+        movable: std::ops::RangeInclusive<u64>,
+        reply: oneshot::Sender<Result<Option<Gap>, BufferError>>,
+    },
+}
+
+/// Runs the buffer on a thread of its own until every sender is gone.
+fn spawn_buffer_thread(
+    mut buffer: OutageBuffer,
+    stats: Arc<Mutex<BufferStats>>,
+) -> std::sync::mpsc::Sender<BufferCmd> {
+    let (tx, rx) = std::sync::mpsc::channel::<BufferCmd>();
+    std::thread::Builder::new()
+        .name("outage-buffer".into())
+        .spawn(move || {
+            while let Ok(cmd) = rx.recv() {
+                match cmd {
+                    BufferCmd::Append { batch, reply } => {
+                        let result = buffer.append(batch.clone()).map_err(|e| (e, batch));
+                        let _ = reply.send(result);
+                    }
+                    BufferCmd::Read {
+                        after,
+                        through,
+                        max_bytes,
+                        reply,
+                    } => {
+                        let result = buffer
+                            .read_after(after, BACKLOG_CHUNK_ROWS, max_bytes)
+                            .map(|v| v.into_iter().filter(|r| r.seq <= through).collect());
+                        let _ = reply.send(result);
+                    }
+                    BufferCmd::Delete { through } => {
+                        if let Err(error) = buffer.delete_through(through) {
+                            warn!(%error, "cannot delete acknowledged records; will retry");
+                        }
+                    }
+                    BufferCmd::Compact {
+                        now_ms,
+                        movable,
+                        reply,
+                    } => {
+                        let _ = reply.send(buffer.compact(now_ms, movable));
+                    }
+                }
+                *stats.lock().expect("not poisoned") = buffer.stats();
+            }
+        })
+        .expect("spawn the buffer thread");
+    tx
+}
+
+/// News for the core task. `conn` numbers connections so that news from a
+/// connection already replaced is ignored.
 enum Input {
     Connected {
         conn: u64,
+        hub: String,
         acked: u64,
-        records: mpsc::Sender<Record>,
-        cancel: CancellationToken,
+        writer: Writer,
     },
     Ack {
+        conn: u64,
+        through: u64,
+    },
+    BacklogSent {
         conn: u64,
         through: u64,
     },
@@ -108,201 +224,532 @@ enum Input {
     },
 }
 
-struct Current {
-    id: u64,
-    records: mpsc::Sender<Record>,
+/// The core task's handle on a connection's writer.
+struct Writer {
+    live: mpsc::UnboundedSender<Record>,
+    backlog: mpsc::UnboundedSender<(Vec<Record>, u64)>,
     cancel: CancellationToken,
 }
 
-async fn core_task(
-    mut core: RelayCore,
+struct Current {
+    id: u64,
+    hub: String,
+    writer: Writer,
+}
+
+/// Events for the core task from the buffer thread.
+enum Done {
+    Persisted(Appended),
+    Read {
+        conn: u64,
+        through: u64,
+        result: Result<Vec<Record>, BufferError>,
+    },
+    Compacted(Result<Option<Gap>, BufferError>),
+}
+
+struct CoreTask {
+    core: RelayCore,
     gossip: Arc<SiteGossip>,
-    sample_interval: Duration,
-    mut inputs: mpsc::Receiver<Input>,
+    buffer: std::sync::mpsc::Sender<BufferCmd>,
+    done_tx: mpsc::UnboundedSender<Done>,
     metrics: RelayMetrics,
-    shutdown: CancellationToken,
-) {
-    let mut current: Option<Current> = None;
-    let mut tick = trellis_node::clock::ticker(sample_interval);
-    let mut seen = core.stats();
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            input = inputs.recv() => match input {
-                None => break,
-                Some(Input::Connected { conn, acked, records, cancel }) => {
-                    core.handle_connected(acked);
-                    if let Some(old) = current.replace(Current { id: conn, records, cancel }) {
-                        old.cancel.cancel();
-                    }
-                }
-                Some(Input::Ack { conn, through }) if current.as_ref().is_some_and(|c| c.id == conn) => {
-                    if let Err(error) = core.handle_ack(Instant::now(), through) {
-                        warn!(%error, "hub broke the uplink protocol; reconnecting");
-                        drop_connection(&mut core, &mut current);
-                    }
-                }
-                Some(Input::Disconnected { conn }) if current.as_ref().is_some_and(|c| c.id == conn) => {
-                    drop_connection(&mut core, &mut current);
-                }
-                Some(_) => {} // news from a connection already replaced
-            },
-            _ = tick.tick() => {
-                let view = gossip.view().await;
-                let now = Instant::now();
-                core.handle_view(now, unix_ms(), &view);
-                if current.is_some() && core.ack_overdue(now) {
-                    warn!("hub stopped acknowledging records; reconnecting");
-                    drop_connection(&mut core, &mut current);
-                }
-            }
-        }
-        if let Some(c) = &current {
-            while let Ok(permit) = c.records.try_reserve() {
-                match core.poll_transmit(Instant::now()) {
-                    Some(record) => permit.send(record),
+    local: watch::Sender<LocalState>,
+    current: Option<Current>,
+    appending: bool,
+    compacting: bool,
+    seen_made: u64,
+}
+
+impl CoreTask {
+    async fn run(
+        mut self,
+        sample_interval: Duration,
+        mut inputs: mpsc::Receiver<Input>,
+        mut done: mpsc::UnboundedReceiver<Done>,
+        shutdown: CancellationToken,
+    ) {
+        let mut sample = ticker(sample_interval);
+        let mut compact = ticker(COMPACT_EVERY);
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                d = done.recv() => match d {
+                    Some(d) => self.on_done(d, &mut retry_at),
                     None => break,
+                },
+                i = inputs.recv() => match i {
+                    Some(i) => self.on_input(i),
+                    None => break,
+                },
+                _ = sample.tick() => {
+                    let view = self.gossip.view().await;
+                    let now = Instant::now();
+                    self.core.handle_view(now, unix_ms(), &view);
+                    if self.current.is_some() && self.core.ack_overdue(now) {
+                        warn!("hub stopped acknowledging records; reconnecting");
+                        self.drop_connection();
+                    }
+                }
+                _ = compact.tick(), if !self.compacting => {
+                    self.compacting = true;
+                    let (reply, rx) = oneshot::channel();
+                    let cmd = BufferCmd::Compact {
+                        now_ms: unix_ms(),
+                        movable: self.core.compactable(),
+                        reply,
+                    };
+                    self.to_buffer(cmd, rx, Done::Compacted);
+                }
+                _ = sleep_until(retry_at) => retry_at = None,
+            }
+            self.flush(retry_at.is_none());
+        }
+        self.drop_connection();
+    }
+
+    /// Sends a command to the buffer thread; its reply comes back as a
+    /// `Done`.
+    fn to_buffer<T: Send + 'static>(
+        &self,
+        cmd: BufferCmd,
+        rx: oneshot::Receiver<T>,
+        wrap: impl FnOnce(T) -> Done + Send + 'static,
+    ) {
+        if self.buffer.send(cmd).is_err() {
+            error!("the outage buffer thread is gone");
+            return;
+        }
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(v) = rx.await {
+                let _ = done.send(wrap(v));
+            }
+        });
+    }
+
+    fn on_done(&mut self, d: Done, retry_at: &mut Option<tokio::time::Instant>) {
+        match d {
+            Done::Persisted(Ok(records)) => {
+                self.appending = false;
+                self.core.handle_persisted(records);
+            }
+            Done::Persisted(Err((error, batch))) => {
+                self.appending = false;
+                self.metrics.buffer_errors.inc();
+                error!(%error, records = batch.len(), "cannot persist records; retrying in 1 s (they are kept in memory meanwhile)");
+                self.core.restore_unpersisted(batch);
+                *retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+            Done::Read {
+                conn,
+                through,
+                result,
+            } => match (result, &self.current) {
+                (Ok(records), Some(c)) if c.id == conn => {
+                    let _ = c.writer.backlog.send((records, through));
+                }
+                (Err(error), Some(c)) if c.id == conn => {
+                    self.metrics.buffer_errors.inc();
+                    error!(%error, "cannot read the backlog; reconnecting to retry");
+                    self.drop_connection();
+                }
+                _ => {}
+            },
+            Done::Compacted(result) => {
+                self.compacting = false;
+                match result {
+                    Ok(Some(gap)) => {
+                        self.metrics.dropped.inc_by(gap.dropped());
+                        warn!(
+                            downsampled = gap.summaries_downsampled,
+                            summaries_dropped = gap.summaries_dropped,
+                            events_dropped = gap.events_dropped,
+                            "outage buffer near its bound; thinned out older records (the hub is told by a gap record)"
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        self.metrics.buffer_errors.inc();
+                        error!(%error, "cannot compact the outage buffer");
+                    }
                 }
             }
         }
-        let stats = core.stats();
-        metrics
+    }
+
+    fn on_input(&mut self, input: Input) {
+        let is_current = |c: &Option<Current>, id| c.as_ref().is_some_and(|c| c.id == id);
+        match input {
+            Input::Connected {
+                conn,
+                hub,
+                acked,
+                writer,
+            } => {
+                self.core.handle_connected(acked);
+                if let Some(old) = self.current.replace(Current {
+                    id: conn,
+                    hub,
+                    writer,
+                }) {
+                    old.writer.cancel.cancel();
+                }
+            }
+            Input::Ack { conn, through } if is_current(&self.current, conn) => {
+                match self.core.handle_ack(Instant::now(), through) {
+                    Ok(Some(t)) => {
+                        let _ = self.buffer.send(BufferCmd::Delete { through: t });
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        warn!(%error, "hub broke the uplink protocol; reconnecting");
+                        self.drop_connection();
+                    }
+                }
+            }
+            Input::BacklogSent { conn, through } if is_current(&self.current, conn) => {
+                self.core.handle_backlog_sent(through);
+            }
+            Input::Disconnected { conn } if is_current(&self.current, conn) => {
+                self.drop_connection();
+            }
+            _ => {} // news from a connection already replaced
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        if let Some(c) = self.current.take() {
+            c.writer.cancel.cancel();
+        }
+        self.core.handle_disconnected();
+    }
+
+    /// Hands the core's output to the buffer and the writer, and publishes
+    /// figures.
+    fn flush(&mut self, may_append: bool) {
+        if may_append && !self.appending {
+            let batch = self.core.poll_persist();
+            if !batch.is_empty() {
+                self.appending = true;
+                let (reply, rx) = oneshot::channel();
+                self.to_buffer(BufferCmd::Append { batch, reply }, rx, Done::Persisted);
+            }
+        }
+        let now = Instant::now();
+        while let Some(t) = self.core.poll_transmit(now) {
+            let Some(c) = &self.current else { break };
+            match t {
+                Transmit::Record(r) => {
+                    let _ = c.writer.live.send(r);
+                }
+                Transmit::Backlog { after, through } => {
+                    let (reply, rx) = oneshot::channel();
+                    let conn = c.id;
+                    let cmd = BufferCmd::Read {
+                        after,
+                        through,
+                        max_bytes: 64 * 1024,
+                        reply,
+                    };
+                    self.to_buffer(cmd, rx, move |result| Done::Read {
+                        conn,
+                        through,
+                        result,
+                    });
+                }
+            }
+        }
+        let s = self.core.stats();
+        self.metrics
             .records_made
-            .inc_by(stats.records_made - seen.records_made);
-        metrics
-            .records_dropped
-            .inc_by(stats.records_dropped - seen.records_dropped);
-        metrics.acked_through.set(stats.acked_through as i64);
-        metrics.outbox.set(stats.outbox_len as i64);
-        metrics.connected.set(i64::from(current.is_some()));
-        seen = stats;
+            .inc_by(s.records_made - self.seen_made);
+        self.seen_made = s.records_made;
+        self.metrics
+            .persisted_through
+            .set(s.persisted_through as i64);
+        self.metrics.acked_through.set(s.acked_through as i64);
+        self.metrics.backlog_left.set(s.backlog_left as i64);
+        self.metrics
+            .connected
+            .set(i64::from(self.current.is_some()));
+        let summary = self.core.last_summary_at();
+        let hub = self.current.as_ref().map(|c| c.hub.clone());
+        self.local.send_if_modified(|l| {
+            let next = LocalState {
+                summary: summary.clone(),
+                hub: hub.clone(),
+                persisted_through: s.persisted_through,
+                acked_through: s.acked_through,
+            };
+            let changed = l.hub != next.hub
+                || l.persisted_through != next.persisted_through
+                || l.acked_through != next.acked_through
+                || l.summary.as_ref().map(|(_, t)| *t) != next.summary.as_ref().map(|(_, t)| *t);
+            *l = next;
+            changed
+        });
     }
 }
 
-fn drop_connection(core: &mut RelayCore, current: &mut Option<Current>) {
-    if let Some(c) = current.take() {
-        c.cancel.cancel();
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
-    core.handle_disconnected();
 }
 
 /// Connects to the hubs in turn, forever (until shutdown).
+#[allow(clippy::too_many_arguments)]
 async fn uplink_task(
     endpoint: MeshEndpoint,
     hubs: Vec<String>,
     stream: u64,
+    max_backoff: Duration,
+    replay_bytes_per_s: u64,
     inputs: mpsc::Sender<Input>,
     gossip: Arc<SiteGossip>,
     metrics: RelayMetrics,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::ZERO;
-    let mut conn_id = 0u64;
-    for hub in hubs.iter().cycle() {
+    let mut attempt = 0u32;
+    for (n, hub) in hubs.iter().cycle().enumerate() {
         if shutdown.is_cancelled() {
             break;
         }
-        conn_id += 1;
+        let conn_id = n as u64 + 1;
         let started = Instant::now();
-        match session(
-            &endpoint, hub, stream, conn_id, &inputs, &gossip, &metrics, &shutdown,
-        )
-        .await
-        {
+        let s = Session {
+            endpoint: &endpoint,
+            stream,
+            conn_id,
+            replay_bytes_per_s,
+            inputs: &inputs,
+            gossip: &gossip,
+            metrics: &metrics,
+            shutdown: &shutdown,
+        };
+        match s.run(hub).await {
             Ok(()) => info!(%hub, "uplink closed"),
             Err(error) => warn!(%hub, %error, "uplink failed"),
         }
         let _ = inputs.send(Input::Disconnected { conn: conn_id }).await;
-        // A session that lasted a while resets the backoff.
-        backoff = if started.elapsed() > Duration::from_secs(30) {
-            Duration::from_millis(250)
+        // A session that lasted a while starts the backoff over.
+        attempt = if started.elapsed() > Duration::from_secs(30) {
+            0
         } else {
-            (backoff * 2).clamp(Duration::from_millis(250), MAX_BACKOFF)
+            attempt.saturating_add(1)
         };
+        let wait = full_jitter(attempt, max_backoff);
+        debug!(?wait, "waiting before the next connection attempt");
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    endpoint: &MeshEndpoint,
-    hub: &str,
+/// "Full jitter" backoff: a random wait between zero and
+/// min(max, 250 ms × 2^attempt).
+fn full_jitter(attempt: u32, max: Duration) -> Duration {
+    let bound = Duration::from_millis(250)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max);
+    Duration::from_millis(rand::random_range(0..=bound.as_millis() as u64))
+}
+
+struct Session<'a> {
+    endpoint: &'a MeshEndpoint,
     stream: u64,
     conn_id: u64,
-    inputs: &mpsc::Sender<Input>,
-    gossip: &Arc<SiteGossip>,
-    metrics: &RelayMetrics,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let addr: SocketAddr = tokio::net::lookup_host(hub)
-        .await?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{hub} resolves to no address"))?;
-    let (conn, peer) = endpoint.connect(addr, Protocol::Uplink).await?;
-    let cancel = shutdown.child_token();
-    let result = async {
+    replay_bytes_per_s: u64,
+    inputs: &'a mpsc::Sender<Input>,
+    gossip: &'a Arc<SiteGossip>,
+    metrics: &'a RelayMetrics,
+    shutdown: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    async fn run(&self, hub: &str) -> anyhow::Result<()> {
+        let addr: SocketAddr = tokio::net::lookup_host(hub)
+            .await?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{hub} resolves to no address"))?;
+        let (conn, peer) = self.endpoint.connect(addr, Protocol::Uplink).await?;
+        let cancel = self.shutdown.child_token();
+        let result = self.speak(&conn, addr, &peer.name, &cancel).await;
+        cancel.cancel();
+        conn.close(close::DONE, b"bye");
+        result
+    }
+
+    async fn speak(
+        &self,
+        conn: &quinn::Connection,
+        addr: SocketAddr,
+        hub_name: &str,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let (mut send, mut recv) = conn.open_bi().await?;
-        wire::write_msg(
-            &mut send,
-            UPLINK_VERSION,
-            &RelayMsg::Hello { stream },
-            MAX_UPLINK_FRAME,
-        )
-        .await?;
+        let hello = RelayMsg::Hello {
+            stream: self.stream,
+        };
+        wire::write_msg(&mut send, UPLINK_VERSION, &hello, MAX_UPLINK_FRAME).await?;
         let welcome = tokio::time::timeout(
             IO_TIMEOUT,
             wire::read_msg::<HubMsg>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME),
         )
         .await
         .map_err(|_| anyhow::anyhow!("no welcome from the hub within {IO_TIMEOUT:?}"))??;
-        let Some(HubMsg::Welcome {
-            hub: hub_name,
-            acked,
-        }) = welcome
-        else {
+        let Some(HubMsg::Welcome { hub, acked }) = welcome else {
             anyhow::bail!("hub did not start with a welcome: {welcome:?}");
         };
-        info!(hub = %hub_name, %addr, %peer, resume_after = acked, "uplink connected");
-        let (tx, mut rx) = mpsc::channel::<Record>(64);
-        inputs
+        info!(%hub, %addr, certificate = %hub_name, resume_after = acked, "uplink connected");
+        let (live_tx, live_rx) = mpsc::unbounded_channel();
+        let (backlog_tx, backlog_rx) = mpsc::unbounded_channel();
+        self.inputs
             .send(Input::Connected {
-                conn: conn_id,
+                conn: self.conn_id,
+                hub,
                 acked,
-                records: tx,
-                cancel: cancel.clone(),
+                writer: Writer {
+                    live: live_tx,
+                    backlog: backlog_tx,
+                    cancel: cancel.clone(),
+                },
             })
             .await?;
-        tokio::spawn(read_acks(recv, conn_id, inputs.clone(), cancel.clone()));
-        tokio::spawn(answer_requests(
-            conn.clone(),
-            gossip.clone(),
-            metrics.clone(),
+        tokio::spawn(read_acks(
+            recv,
+            self.conn_id,
+            self.inputs.clone(),
             cancel.clone(),
         ));
-        loop {
-            let record = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = rx.recv() => match r { Some(r) => r, None => break },
-            };
-            let frame = wire::encode(UPLINK_VERSION, &RelayMsg::Record(record), MAX_UPLINK_FRAME)?;
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = wire::write_frame(&mut send, &frame) => r?,
+        tokio::spawn(answer_requests(
+            conn.clone(),
+            self.gossip.clone(),
+            self.metrics.clone(),
+            cancel.clone(),
+        ));
+        write_records(
+            send,
+            live_rx,
+            backlog_rx,
+            self.replay_bytes_per_s,
+            self.conn_id,
+            self.inputs.clone(),
+            cancel.clone(),
+        )
+        .await
+    }
+}
+
+/// Writes live records at once and backlog chunks paced by a token bucket.
+async fn write_records(
+    mut send: quinn::SendStream,
+    mut live: mpsc::UnboundedReceiver<Record>,
+    mut backlog: mpsc::UnboundedReceiver<(Vec<Record>, u64)>,
+    bytes_per_s: u64,
+    conn: u64,
+    inputs: mpsc::Sender<Input>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut bucket = TokenBucket::new(bytes_per_s);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            r = live.recv() => {
+                let Some(r) = r else { return Ok(()) };
+                write_record(&mut send, r, &cancel).await?;
+            }
+            chunk = backlog.recv() => {
+                let Some((records, through)) = chunk else { return Ok(()) };
+                let mut last = through;
+                for r in records {
+                    // Live records jump the queue between backlog records.
+                    while let Ok(l) = live.try_recv() {
+                        write_record(&mut send, l, &cancel).await?;
+                    }
+                    let frame = frame_of(r.clone())?;
+                    let wait = bucket.take(frame.len() as u64);
+                    if !wait.is_zero() {
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                    last = r.until().min(through);
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Ok(()),
+                        w = wire::write_frame(&mut send, &frame) => w?,
+                    }
+                }
+                // An empty chunk means nothing is left up to `through`.
+                inputs.send(Input::BacklogSent { conn, through: last }).await?;
             }
         }
-        anyhow::Ok(())
     }
-    .await;
-    cancel.cancel();
-    conn.close(close::DONE, b"bye");
-    result
+}
+
+fn frame_of(r: Record) -> Result<Vec<u8>, WireError> {
+    wire::encode(
+        UPLINK_VERSION,
+        &RelayMsg::Record(Box::new(r)),
+        MAX_UPLINK_FRAME,
+    )
+}
+
+async fn write_record(
+    send: &mut quinn::SendStream,
+    r: Record,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let frame = frame_of(r)?;
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Ok(()),
+        w = wire::write_frame(send, &frame) => Ok(w?),
+    }
+}
+
+/// A token bucket of bytes: `take` says how long to wait before sending.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(bytes_per_s: u64) -> Self {
+        let rate = bytes_per_s as f64;
+        let burst = (rate / 4.0).max(16.0 * 1024.0);
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, n: u64) -> Duration {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
 }
 
 async fn read_acks(
@@ -392,11 +839,13 @@ async fn answer_requests(
 pub struct Relay {
     member: SiteMember,
     metrics_addr: Option<SocketAddr>,
+    api_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Relay {
-    /// Starts the relay. Returns once everything is bound; runs until
+    /// Starts the relay (with `cfg.buffer.path` taken as is: relative to the
+    /// working directory). Returns once everything is bound; runs until
     /// `shutdown` is cancelled.
     pub async fn start(
         creds: Credentials,
@@ -408,6 +857,19 @@ impl Relay {
                 "{} holds a {} certificate; a relay needs one issued with --role relay",
                 creds.identity.name, creds.identity.role
             )));
+        }
+        let (buffer, notes) = tokio::task::spawn_blocking({
+            let cfg = cfg.buffer.clone();
+            move || OutageBuffer::open(&cfg.path, cfg.max_bytes, cfg.downsample)
+        })
+        .await
+        .expect("buffer open does not panic")
+        .map_err(|e| StartError::Other(format!("{e}; check [buffer] path")))?;
+        for note in &notes {
+            match note {
+                crate::buffer::OpenNote::MovedAside { .. } => error!("{note}"),
+                _ => info!("{note}"),
+            }
         }
         let identity = creds.identity.clone();
         let mut registry = Registry::default();
@@ -424,40 +886,123 @@ impl Relay {
         let gossip = member.gossip.clone();
         let metrics_addr =
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
-        // A new record stream per start: nothing is kept across restarts
-        // yet, so a hub must not take our seq 1 for a replay.
-        let stream = rand::random::<u64>();
-        let core = RelayCore::new(identity.name.clone(), stream, cfg.uplink.core());
-        let (tx, rx) = mpsc::channel(64);
-        let tasks = vec![
-            tokio::spawn(core_task(
-                core,
-                gossip.clone(),
+
+        let stream = buffer.stream();
+        let latest = buffer
+            .latest_summary()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let core = RelayCore::new(
+            identity.name.clone(),
+            cfg.uplink.core(),
+            buffer.last_seq(),
+            latest,
+        );
+        let stats = Arc::new(Mutex::new(buffer.stats()));
+        {
+            let s = buffer.stats();
+            relay_metrics.buffer_records.set(s.rows as i64);
+            relay_metrics.buffer_bytes.set(s.bytes as i64);
+        }
+        let buffer_tx = spawn_buffer_thread(buffer, stats.clone());
+        let (local_tx, local_rx) = watch::channel(LocalState::default());
+        let (input_tx, input_rx) = mpsc::channel(256);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let task = CoreTask {
+            core,
+            gossip: gossip.clone(),
+            buffer: buffer_tx,
+            done_tx,
+            metrics: relay_metrics.clone(),
+            local: local_tx,
+            current: None,
+            appending: false,
+            compacting: false,
+            seen_made: 0,
+        };
+        let mut tasks = vec![
+            tokio::spawn(task.run(
                 cfg.uplink.sample_interval,
-                rx,
-                relay_metrics.clone(),
+                input_rx,
+                done_rx,
                 shutdown.child_token(),
             )),
             tokio::spawn(uplink_task(
                 member.endpoint.clone(),
                 cfg.uplink.hubs.clone(),
                 stream,
-                tx,
-                gossip,
-                relay_metrics,
+                cfg.uplink.max_backoff,
+                cfg.uplink.replay_bytes_per_s,
+                input_tx,
+                gossip.clone(),
+                relay_metrics.clone(),
                 shutdown.child_token(),
             )),
         ];
+        // Buffer figures for /metrics, refreshed once a second.
+        {
+            let (stats, m, sd) = (stats.clone(), relay_metrics, shutdown.child_token());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = ticker(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = sd.cancelled() => break,
+                        _ = tick.tick() => {
+                            let s = *stats.lock().expect("not poisoned");
+                            m.buffer_records.set(s.rows as i64);
+                            m.buffer_bytes.set(s.bytes as i64);
+                            m.buffer_fsyncs.set(s.fsyncs as i64);
+                        }
+                    }
+                }
+            }));
+        }
+        let api_addr = if cfg.api.enabled {
+            let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+                .await
+                .map_err(|e| {
+                    StartError::Other(format!(
+                        "cannot serve the relay API on {}: {e} (set [api] listen, or enabled = false)",
+                        cfg.api.listen
+                    ))
+                })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| StartError::Other(e.to_string()))?;
+            let app = api_router(ApiState {
+                name: identity.name.clone(),
+                region: identity.region.clone(),
+                site: identity.site.clone(),
+                gossip: gossip.clone(),
+                local: local_rx,
+                buffer: stats,
+            });
+            let sd = shutdown.child_token();
+            tasks.push(tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, app)
+                    .with_graceful_shutdown(sd.cancelled_owned())
+                    .await
+                {
+                    warn!(%error, "relay API stopped");
+                }
+            }));
+            Some(addr)
+        } else {
+            None
+        };
         info!(
             %identity,
             gossip = %member.endpoint.local_addr(),
             hubs = ?cfg.uplink.hubs,
+            stream,
+            api = %api_addr.map_or("off".to_owned(), |a| format!("http://{a}")),
             metrics = %metrics_addr.map_or("off".to_owned(), |a| a.to_string()),
             "relay ready"
         );
         Ok(Relay {
             member,
             metrics_addr,
+            api_addr,
             tasks,
         })
     }
@@ -468,6 +1013,10 @@ impl Relay {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     pub fn gossip(&self) -> &SiteGossip {
@@ -487,5 +1036,39 @@ impl Relay {
 impl trellis_node::cli::Running for Relay {
     async fn stopped(self) {
         Relay::stopped(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_random_below_a_bound_that_doubles_up_to_the_maximum() {
+        let max = Duration::from_secs(30);
+        for attempt in 0..20 {
+            let bound = Duration::from_millis(250)
+                .saturating_mul(1 << attempt.min(16))
+                .min(max);
+            for _ in 0..50 {
+                assert!(full_jitter(attempt, max) <= bound);
+            }
+        }
+        // Random: a thousand relays do not all pick the same wait.
+        let waits: std::collections::BTreeSet<_> = (0..100).map(|_| full_jitter(10, max)).collect();
+        assert!(waits.len() > 50, "{waits:?}");
+    }
+
+    #[test]
+    fn the_token_bucket_holds_the_rate_after_its_burst() {
+        let mut b = TokenBucket::new(100_000);
+        // The burst (25,000 bytes here) goes at once…
+        assert_eq!(b.take(25_000), Duration::ZERO);
+        // …then 50,000 more bytes must wait about half a second.
+        let wait = b.take(50_000);
+        assert!(
+            wait >= Duration::from_millis(450) && wait <= Duration::from_millis(510),
+            "{wait:?}"
+        );
     }
 }

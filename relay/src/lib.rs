@@ -12,12 +12,16 @@
 //!   downsampling and gaps.
 //! - [`core`]: the sans-IO relay core (records, sequence numbers, acks).
 //! - [`config`]: the relay's TOML configuration.
+//! - [`report`]: the JSON shapes of the hub's and the relay's read APIs.
+//! - [`api`]: the relay's local read API.
 //! - [`driver`]: the relay process: gossip, the core's task, the uplink.
 
+pub mod api;
 pub mod buffer;
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod report;
 pub mod summarise;
 pub mod summary;
 pub mod uplink;

@@ -194,8 +194,10 @@ pub enum SiteStatus {
     Critical,
     /// No nodes known.
     Empty,
-    /// Not heard from for too long (assigned by the hub, not the relay).
-    Stale,
+    /// The hub cannot reach the site's relay (it has not heard from it for
+    /// too long, or its uplink is down): the state shown is the last known.
+    /// Assigned by the hub, never by the relay.
+    Unreachable,
 }
 
 impl SiteStatus {
@@ -205,7 +207,7 @@ impl SiteStatus {
             SiteStatus::Degraded => "degraded",
             SiteStatus::Critical => "critical",
             SiteStatus::Empty => "empty",
-            SiteStatus::Stale => "stale",
+            SiteStatus::Unreachable => "unreachable",
         }
     }
 }

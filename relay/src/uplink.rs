@@ -36,7 +36,7 @@ pub const MAX_UPLINK_FRAME: usize = 4 << 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RelayMsg {
     Hello { stream: u64 },
-    Record(Record),
+    Record(Box<Record>),
 }
 
 /// Hub → relay on the control stream.
@@ -101,6 +101,9 @@ pub struct Gap {
     pub event_kinds: std::collections::BTreeMap<String, u64>,
     /// Records found unreadable in the buffer file.
     pub unreadable: u64,
+    /// Records an earlier hub acknowledged (so the relay deleted them) that
+    /// this hub says it does not have.
+    pub acknowledged_before: u64,
     /// When the dropped records were made (relay clock, ms since epoch).
     pub from_ms: u64,
     pub to_ms: u64,
@@ -116,6 +119,7 @@ impl Gap {
             *self.event_kinds.entry(k.clone()).or_default() += n;
         }
         self.unreadable += other.unreadable;
+        self.acknowledged_before += other.acknowledged_before;
         self.from_ms = if self.from_ms == 0 {
             other.from_ms
         } else {
@@ -127,7 +131,11 @@ impl Gap {
 
     /// Records dropped in all.
     pub fn dropped(&self) -> u64 {
-        self.summaries_downsampled + self.summaries_dropped + self.events_dropped + self.unreadable
+        self.summaries_downsampled
+            + self.summaries_dropped
+            + self.events_dropped
+            + self.unreadable
+            + self.acknowledged_before
     }
 }
 
@@ -213,7 +221,7 @@ mod tests {
     proptest! {
         #[test]
         fn relay_messages_round_trip(r in arb_record(), stream in any::<u64>()) {
-            for m in [RelayMsg::Hello { stream }, RelayMsg::Record(r.clone())] {
+            for m in [RelayMsg::Hello { stream }, RelayMsg::Record(Box::new(r.clone()))] {
                 let f = wire::encode(UPLINK_VERSION, &m, MAX_UPLINK_FRAME).unwrap();
                 let (back, _): (RelayMsg, _) = wire::decode(&f, UPLINK_VERSION, MAX_UPLINK_FRAME).unwrap();
                 prop_assert_eq!(back, m);
@@ -222,7 +230,7 @@ mod tests {
 
         #[test]
         fn truncated_relay_messages_are_rejected(r in arb_record(), cut in 0usize..64) {
-            let f = wire::encode(UPLINK_VERSION, &RelayMsg::Record(r), MAX_UPLINK_FRAME).unwrap();
+            let f = wire::encode(UPLINK_VERSION, &RelayMsg::Record(Box::new(r)), MAX_UPLINK_FRAME).unwrap();
             let cut = cut.min(f.len() - 1);
             prop_assert!(wire::decode::<RelayMsg>(&f[..cut], UPLINK_VERSION, MAX_UPLINK_FRAME).is_err());
             // A frame whose body was cut but whose prefix was fixed up.

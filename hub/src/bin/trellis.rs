@@ -42,19 +42,27 @@ enum Command {
     /// Show the fleet: regions, sites, node counts, status.
     ///
     /// Sites are coloured by status: healthy, degraded (a node dead or
-    /// failing), critical (half or more dead or critical), stale (the hub
-    /// has not heard from the site's relay for a while).
+    /// failing), critical (half or more dead or critical), unreachable (the
+    /// hub cannot reach the site's relay; the last known state is shown).
     Status {
         #[command(flatten)]
         hub: HubArg,
+        /// Ask a relay's local API instead of a hub (its own site only; works
+        /// while the site is cut off from its hubs).
+        #[arg(long)]
+        relay: Option<String>,
         /// Print the API's JSON instead of the tree.
         #[arg(long)]
         json: bool,
     },
     /// Show one site's nodes with their health, live from the site's relay.
     Nodes {
-        /// The site's name (as in `trellis status`).
-        site: String,
+        /// The site's name (as in `trellis status`); not needed with --relay.
+        #[arg(required_unless_present = "relay")]
+        site: Option<String>,
+        /// Ask a relay's local API instead of a hub.
+        #[arg(long)]
+        relay: Option<String>,
         /// The site's region, when several regions have a site of that name.
         #[arg(long)]
         region: Option<String>,
@@ -150,13 +158,22 @@ fn main() -> ExitCode {
     cli::init_logging();
     match args.command {
         Command::Ca(c) => ca(c),
-        Command::Status { hub, json } => runtime().block_on(status(&hub.hub, json)),
+        Command::Status { hub, relay, json } => {
+            runtime().block_on(status(&hub.hub, relay.as_deref(), json))
+        }
         Command::Nodes {
             site,
+            relay,
             region,
             hub,
             json,
-        } => runtime().block_on(nodes(&hub.hub, &site, region.as_deref(), json)),
+        } => runtime().block_on(nodes(
+            &hub.hub,
+            relay.as_deref(),
+            site.as_deref(),
+            region.as_deref(),
+            json,
+        )),
         Command::Up {
             sites,
             nodes,
@@ -257,12 +274,16 @@ fn client_error(e: ClientError) -> ExitCode {
     cli::fail(code, &e)
 }
 
-async fn status(hub: &str, json: bool) -> ExitCode {
-    let client = match ApiClient::new(hub) {
+async fn status(hub: &str, relay: Option<&str>, json: bool) -> ExitCode {
+    let client = match ApiClient::new(relay.unwrap_or(hub)) {
         Ok(c) => c,
         Err(e) => return client_error(e),
     };
-    match client.fleet().await {
+    let report = match relay {
+        Some(_) => client.relay_site().await,
+        None => client.fleet().await,
+    };
+    match report {
         Ok(f) if json => {
             println!(
                 "{}",
@@ -278,12 +299,23 @@ async fn status(hub: &str, json: bool) -> ExitCode {
     }
 }
 
-async fn nodes(hub: &str, site: &str, region: Option<&str>, json: bool) -> ExitCode {
-    let client = match ApiClient::new(hub) {
+async fn nodes(
+    hub: &str,
+    relay: Option<&str>,
+    site: Option<&str>,
+    region: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let client = match ApiClient::new(relay.unwrap_or(hub)) {
         Ok(c) => c,
         Err(e) => return client_error(e),
     };
-    match client.nodes(site, region).await {
+    let report = match (relay, site) {
+        (Some(_), _) => client.relay_nodes().await,
+        (None, Some(site)) => client.nodes(site, region).await,
+        (None, None) => return cli::fail(EXIT_USAGE, &"name a SITE, or use --relay URL"),
+    };
+    match report {
         Ok(n) if json => {
             println!(
                 "{}",
@@ -316,6 +348,11 @@ async fn up(opts: UpOptions) -> ExitCode {
     println!("  mesh CA:      {}", mesh.dir().display());
     println!("  hub uplink:   {} (QUIC)", mesh.hub.uplink_addr());
     println!("  API:          {api}");
+    for r in &mesh.relays {
+        if let Some(a) = r.api_addr() {
+            println!("  relay API:    http://{a} (trellis status --relay http://{a})");
+        }
+    }
     let tty = render::use_colour();
     let mut last = None;
     let waited = tokio::select! {
