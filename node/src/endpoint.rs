@@ -33,8 +33,9 @@ pub mod close {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(3);
 }
 
-/// Time allowed for a handshake, ours or a peer's.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a handshake, ours or a peer's: long enough for a few
+/// retransmissions over a slow, lossy WAN link.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An authenticated, authorised connection handed to a protocol's server.
 pub struct Accepted {

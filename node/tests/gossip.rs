@@ -191,7 +191,8 @@ async fn sending_to_a_dead_peer_returns_at_once_and_drops_the_oldest() {
     );
     let mut socket = transport.open(endpoint.local_addr()).await.unwrap();
     // A socket that never answers: a handshake with it can only time out
-    // (after 5 s), so a send that waited for it could not finish 1,000 times.
+    // (after HANDSHAKE_TIMEOUT, 10 s), so a send that waited for it could not
+    // finish 1,000 times.
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dead = blackhole.local_addr().unwrap();
     let sends = async {

@@ -17,7 +17,7 @@
 //! buffer in chunks at a limited rate. The hub applies each sequence number
 //! once whichever lane brings it, and acknowledges cumulatively.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
@@ -112,8 +112,13 @@ pub struct RelayCore {
     conn: Option<Conn>,
     last_summary: Option<(Instant, SiteSummary)>,
     nodes: Option<BTreeMap<String, NodeState>>,
+    seen_alive: BTreeSet<(String, u64)>,
     records_made: u64,
 }
+
+/// How long a new member may take to be seen alive before it counts as
+/// dead.
+pub const JOIN_GRACE: Duration = Duration::from_secs(30);
 
 impl RelayCore {
     /// A core for relay `relay` whose buffer holds records up to
@@ -134,6 +139,7 @@ impl RelayCore {
             conn: None,
             last_summary: None,
             nodes: None,
+            seen_alive: BTreeSet::new(),
             records_made: 0,
         }
     }
@@ -169,6 +175,7 @@ impl RelayCore {
     /// Takes a fresh look at the site: records events for what changed and
     /// a summary if the site's state changed or one is due.
     pub fn handle_view(&mut self, now: Instant, wall_ms: u64, view: &SiteView) {
+        let view = &self.without_joining(wall_ms, view);
         let current: BTreeMap<String, NodeState> = view
             .current_members()
             .into_iter()
@@ -208,6 +215,40 @@ impl RelayCore {
         if due {
             self.push(wall_ms, RecordBody::Summary(Box::new(summary.clone())));
             self.last_summary = Some((now, summary));
+        }
+    }
+
+    /// The view without members that are still joining: a member the
+    /// failure detector does not call alive yet, that started less than
+    /// [`JOIN_GRACE`] ago (by its generation, its start time in ms) and was
+    /// never seen alive. They are not dead, just new; after the grace they
+    /// count as dead.
+    fn without_joining(&mut self, wall_ms: u64, view: &SiteView) -> SiteView {
+        let grace = JOIN_GRACE.as_millis() as u64;
+        for m in &view.members {
+            if m.alive {
+                self.seen_alive.insert((m.name.clone(), m.generation));
+            }
+        }
+        self.seen_alive.retain(|(name, generation)| {
+            view.members
+                .iter()
+                .any(|m| &m.name == name && m.generation == *generation)
+        });
+        let seen = &self.seen_alive;
+        SiteView {
+            region: view.region.clone(),
+            site: view.site.clone(),
+            members: view
+                .members
+                .iter()
+                .filter(|m| {
+                    m.alive
+                        || seen.contains(&(m.name.clone(), m.generation))
+                        || wall_ms.saturating_sub(m.generation) >= grace
+                })
+                .cloned()
+                .collect(),
         }
     }
 
@@ -371,7 +412,8 @@ fn diff(
         let node = name.clone();
         match prev.get(name) {
             None if now.alive => events.push(Event::NodeJoined { node }),
-            None => {}
+            // Past its join grace without ever being alive.
+            None => events.push(Event::NodeDied { node }),
             Some(before) => {
                 match (before.alive, now.alive) {
                     (true, false) => events.push(Event::NodeDied { node: node.clone() }),
@@ -505,6 +547,42 @@ mod tests {
 
     fn core() -> RelayCore {
         RelayCore::new("relay", CoreConfig::default(), 0, None)
+    }
+
+    #[test]
+    fn a_new_member_not_yet_alive_is_joining_not_dead() {
+        let t0 = Instant::now();
+        let mut core = core();
+        let started = 1_000_000;
+        let mut newcomer = member("b", false, Status::Passing);
+        newcomer.generation = started;
+        let a = member("a", true, Status::Passing);
+        core.handle_view(t0, started + 100, &view(vec![a.clone()]));
+        let _ = core.poll_persist();
+        core.handle_view(t0, started + 500, &view(vec![a.clone(), newcomer.clone()]));
+        assert!(core.poll_persist().is_empty(), "nothing to report yet");
+        assert_eq!(core.last_summary().unwrap().nodes_total, 1);
+        newcomer.alive = true;
+        core.handle_view(t0, started + 2000, &view(vec![a.clone(), newcomer.clone()]));
+        let made = core.poll_persist();
+        assert_eq!(
+            made[0].body,
+            RecordBody::Event(Event::NodeJoined { node: "b".into() })
+        );
+        // One that never comes alive is dead once its grace is over.
+        let mut stuck = member("c", false, Status::Passing);
+        stuck.generation = started;
+        let grace = JOIN_GRACE.as_millis() as u64;
+        core.handle_view(
+            t0,
+            started + grace - 1,
+            &view(vec![a.clone(), newcomer.clone(), stuck.clone()]),
+        );
+        assert_eq!(core.last_summary().unwrap().nodes_dead, 0);
+        core.handle_view(t0, started + grace, &view(vec![a, newcomer, stuck]));
+        let made: Vec<RecordBody> = core.poll_persist().into_iter().map(|r| r.body).collect();
+        assert!(made.contains(&RecordBody::Event(Event::NodeDied { node: "c".into() })));
+        assert_eq!(core.last_summary().unwrap().nodes_dead, 1);
     }
 
     #[test]

@@ -729,7 +729,9 @@ struct TokenBucket {
 impl TokenBucket {
     fn new(bytes_per_s: u64) -> Self {
         let rate = bytes_per_s as f64;
-        let burst = (rate / 4.0).max(16.0 * 1024.0);
+        // A quarter of a second of sending; a frame larger than that
+        // simply waits for its tokens.
+        let burst = (rate / 4.0).max(1.0);
         TokenBucket {
             rate,
             burst,
@@ -1062,7 +1064,7 @@ mod tests {
     #[test]
     fn the_token_bucket_holds_the_rate_after_its_burst() {
         let mut b = TokenBucket::new(100_000);
-        // The burst (25,000 bytes here) goes at once…
+        // The burst (a quarter of a second: 25,000 bytes) goes at once…
         assert_eq!(b.take(25_000), Duration::ZERO);
         // …then 50,000 more bytes must wait about half a second.
         let wait = b.take(50_000);

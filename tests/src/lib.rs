@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod proxy;
+
 /// Whole-mesh tests share two cores; running them one at a time keeps
 /// failure detection timings meaningful.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -270,7 +272,7 @@ impl Mesh {
     /// and API URL.
     pub fn start_hub(&self, name: &str, extra: &str) -> (Proc, String, String) {
         let cfg = format!(
-            "{}\n[uplink]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n",
+            "{}\n[uplink]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"{name}/hub.db\"\n",
             self.identity_toml(name)
         );
         let path = self.write_config(name, &cfg, extra);
@@ -283,7 +285,7 @@ impl Mesh {
     /// Starts a relay uplinking to `hub`; returns it with its gossip address.
     pub fn start_relay(&self, name: &str, hub: &str, extra: &str) -> (Proc, String) {
         let cfg = format!(
-            "{}\n[gossip]\nlisten = \"127.0.0.1:0\"\n[uplink]\nhubs = [\"{hub}\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            "{}\n[gossip]\nlisten = \"127.0.0.1:0\"\n[uplink]\nhubs = [\"{hub}\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n[api]\nlisten = \"127.0.0.1:0\"\n[buffer]\npath = \"{name}/outage.db\"\n",
             self.identity_toml(name)
         );
         let path = self.write_config(name, &cfg, extra);
@@ -382,4 +384,14 @@ pub fn fleet_site(api: &str, site: &str) -> Option<(Value, Value)> {
         .find(|s| s["site"] == site)?
         .clone();
     Some((f["totals"].clone(), row))
+}
+
+/// A sample from a member's `/metrics` at `addr`: the first line starting
+/// with `series` (a metric name, with its labels if any).
+pub fn metric(addr: &str, series: &str) -> Option<f64> {
+    let (_, body) = http_get(&format!("http://{addr}/metrics"))?;
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
