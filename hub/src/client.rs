@@ -7,6 +7,8 @@ use serde::de::DeserializeOwned;
 use trellis_relay::report::FleetReport;
 use trellis_relay::report::{ApiError, NodesReport};
 
+use crate::api::RecordsReport;
+
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -87,6 +89,45 @@ impl ApiClient {
             url,
             reason: e.to_string(),
         })
+    }
+
+    /// Events and gaps (`GET /api/v1/events`).
+    pub async fn events(
+        &self,
+        site: Option<&str>,
+        since_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<RecordsReport, ClientError> {
+        let mut path = format!("/api/v1/events?limit={limit}");
+        if let Some(s) = site {
+            path.push_str(&format!("&site={}", urlencode(s)));
+        }
+        if let Some(t) = since_ms {
+            path.push_str(&format!("&since={t}"));
+        }
+        self.get(&path).await
+    }
+
+    /// A site's records (`GET /api/v1/sites/{site}/history`).
+    pub async fn history(
+        &self,
+        site: &str,
+        region: Option<&str>,
+        from_ms: Option<u64>,
+        to_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<RecordsReport, ClientError> {
+        let mut path = format!("/api/v1/sites/{}/history?limit={limit}", urlencode(site));
+        if let Some(r) = region {
+            path.push_str(&format!("&region={}", urlencode(r)));
+        }
+        if let Some(t) = from_ms {
+            path.push_str(&format!("&from={t}"));
+        }
+        if let Some(t) = to_ms {
+            path.push_str(&format!("&to={t}"));
+        }
+        self.get(&path).await
     }
 
     pub async fn fleet(&self) -> Result<FleetReport, ClientError> {

@@ -202,6 +202,77 @@ pub fn fleet(report: &FleetReport, colour: bool) -> String {
     out
 }
 
+/// One line per record: when, where, what.
+pub fn records(report: &crate::api::RecordsReport, colour: bool) -> String {
+    use trellis_relay::uplink::{Event, RecordBody};
+    let p = Paint(colour);
+    let mut out = String::new();
+    for r in &report.records {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms),
+        );
+        let what = match &r.body {
+            RecordBody::Summary(s) => format!(
+                "summary: {}/{} alive, {} dead, {}",
+                s.nodes_alive,
+                s.nodes_total,
+                s.nodes_dead,
+                s.status()
+            ),
+            RecordBody::Event(Event::NodeJoined { node }) => format!("{node} joined"),
+            RecordBody::Event(Event::NodeDied { node }) => {
+                p.site(SiteStatus::Critical, &format!("{node} died"))
+            }
+            RecordBody::Event(Event::NodeRecovered { node }) => {
+                p.site(SiteStatus::Healthy, &format!("{node} recovered"))
+            }
+            RecordBody::Event(Event::CheckChanged {
+                node,
+                check,
+                from,
+                to,
+                detail,
+            }) => {
+                let text = if detail.is_empty() {
+                    format!("{node}: check {check} {from} → {to}")
+                } else {
+                    format!("{node}: check {check} {from} → {to} ({detail})")
+                };
+                p.status(*to, &text)
+            }
+            RecordBody::Gap(g) => p.site(
+                SiteStatus::Degraded,
+                &format!(
+                    "GAP: the relay dropped {} records (seq {}–{}): {} summaries downsampled, {} summaries and {} events dropped for lack of space{}",
+                    g.dropped(),
+                    r.seq,
+                    r.until,
+                    g.summaries_downsampled,
+                    g.summaries_dropped,
+                    g.events_dropped,
+                    if g.acknowledged_before > 0 {
+                        format!(", {} acknowledged earlier but lost by this hub", g.acknowledged_before)
+                    } else {
+                        String::new()
+                    }
+                ),
+            ),
+        };
+        let _ = writeln!(out, "{when}  {}/{}  {}", r.region, r.site, what);
+    }
+    if report.records.is_empty() {
+        let _ = writeln!(out, "{}", p.dim("nothing recorded in that range"));
+    }
+    if report.truncated {
+        let _ = writeln!(
+            out,
+            "{}",
+            p.dim("… more; narrow the range or raise --limit")
+        );
+    }
+    out
+}
+
 fn pct(v: Option<u8>) -> String {
     v.map_or("-".into(), |v| format!("{v}%"))
 }

@@ -188,7 +188,7 @@ impl NodeAgent {
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
         info!(
             identity = %member.endpoint.identity(),
-            gossip = %member.endpoint.local_addr(),
+            gossip = %member.gossip.advertise_addr(),
             metrics = %metrics_addr.map_or("off".to_owned(), |a| a.to_string()),
             "node ready"
         );
@@ -198,8 +198,9 @@ impl NodeAgent {
         })
     }
 
+    /// The address the site reaches this node at.
     pub fn gossip_addr(&self) -> SocketAddr {
-        self.member.endpoint.local_addr()
+        self.member.gossip.advertise_addr()
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {

@@ -202,6 +202,10 @@ pub struct GossipConfig {
     /// role: 7900 for nodes, 7901 for relays, on 127.0.0.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+    /// The address other members reach this one at. Needed when `listen`
+    /// is a wildcard (0.0.0.0) or behind NAT; port 0 means the bound port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<SocketAddr>,
     /// Members to contact first (usually the site's relay).
     pub seeds: Vec<SocketAddr>,
     /// Time between gossip rounds.
@@ -218,6 +222,7 @@ impl Default for GossipConfig {
     fn default() -> Self {
         GossipConfig {
             listen: None,
+            advertise: None,
             seeds: Vec::new(),
             interval: Duration::from_secs(1),
             phi_threshold: 8.0,
@@ -246,12 +251,26 @@ impl GossipConfig {
             phi_threshold: self.phi_threshold,
             dead_node_grace: self.dead_node_grace,
             seeds: self.seeds.clone(),
+            advertise: self.advertise,
         }
     }
 }
 
 impl Validate for GossipConfig {
     fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            !self.listen_addr().ip().is_unspecified() || self.advertise.is_some(),
+            "gossip.listen",
+            format!(
+                "is {}, a wildcard; set gossip.advertise to the address the site's other members reach this one at",
+                self.listen_addr()
+            ),
+        );
+        p.check(
+            self.advertise.is_none_or(|a| !a.ip().is_unspecified()),
+            "gossip.advertise",
+            "must be an address others can reach, not a wildcard",
+        );
         p.check(
             self.interval >= Duration::from_millis(50) && self.interval <= Duration::from_secs(60),
             "gossip.interval",
@@ -622,6 +641,20 @@ mod tests {
             let err = parse_node(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_an_advertised_one() {
+        let err = parse_node("[gossip]\nlisten = \"0.0.0.0:7900\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gossip.advertise"), "{err}");
+        let c = parse_node("[gossip]\nlisten = \"0.0.0.0:7900\"\nadvertise = \"10.0.0.5:0\"\n")
+            .unwrap();
+        assert_eq!(
+            crate::gossip::advertised(c.gossip.listen_addr(), c.gossip.advertise).to_string(),
+            "10.0.0.5:7900"
+        );
     }
 
     #[test]

@@ -350,11 +350,25 @@ pub struct GossipSettings {
     /// How long a dead member stays listed before it is forgotten.
     pub dead_node_grace: Duration,
     pub seeds: Vec<SocketAddr>,
+    /// The address other members reach this one at, when it is not the
+    /// address the endpoint is bound to (a wildcard bind, NAT). Port 0
+    /// means the bound port.
+    pub advertise: Option<SocketAddr>,
+}
+
+/// The address a member bound to `listen` announces.
+pub fn advertised(listen: SocketAddr, advertise: Option<SocketAddr>) -> SocketAddr {
+    match advertise {
+        Some(a) if a.port() == 0 => SocketAddr::new(a.ip(), listen.port()),
+        Some(a) => a,
+        None => listen,
+    }
 }
 
 /// A member's place in its site's gossip.
 pub struct SiteGossip {
     handle: ChitchatHandle,
+    advertise: SocketAddr,
     region: String,
     site: String,
 }
@@ -371,18 +385,19 @@ impl SiteGossip {
     ) -> anyhow::Result<Self> {
         let id = endpoint.identity().clone();
         let listen = endpoint.local_addr();
+        let advertise = advertised(listen, settings.advertise);
         // chitchat requires generations to grow across restarts.
         let generation = crate::clock::unix_ms();
         let transport = QuicTransport::start(endpoint, accepted, shutdown);
         let config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(id.name.clone(), generation, listen),
+            chitchat_id: ChitchatId::new(id.name.clone(), generation, advertise),
             cluster_id: format!("trellis/{}/{}", id.region, id.site),
             gossip_interval: settings.interval,
             listen_addr: listen,
             seed_nodes: settings
                 .seeds
                 .iter()
-                .filter(|s| **s != listen)
+                .filter(|s| **s != listen && **s != advertise)
                 .map(|s| s.to_string())
                 .collect(),
             failure_detector_config: FailureDetectorConfig {
@@ -403,9 +418,15 @@ impl SiteGossip {
         let handle = spawn_chitchat(config, health.to_kv(), &transport).await?;
         Ok(SiteGossip {
             handle,
+            advertise,
             region: id.region,
             site: id.site,
         })
+    }
+
+    /// The address this member announces to the site.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        self.advertise
     }
 
     /// Publishes new health, removing check keys that are gone.

@@ -994,7 +994,7 @@ impl Relay {
         };
         info!(
             %identity,
-            gossip = %member.endpoint.local_addr(),
+            gossip = %member.gossip.advertise_addr(),
             hubs = ?cfg.uplink.hubs,
             stream,
             api = %api_addr.map_or("off".to_owned(), |a| format!("http://{a}")),
@@ -1009,8 +1009,9 @@ impl Relay {
         })
     }
 
+    /// The address the site reaches this relay at (nodes' seed).
     pub fn gossip_addr(&self) -> SocketAddr {
-        self.member.endpoint.local_addr()
+        self.member.gossip.advertise_addr()
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {

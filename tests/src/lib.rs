@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod netns;
 pub mod proxy;
 
 /// Whole-mesh tests share two cores; running them one at a time keeps
@@ -47,7 +48,24 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Runs a binary to completion.
 pub fn run(name: &str, args: &[&str]) -> Output {
-    Command::new(bin(name))
+    run_in(None, name, args)
+}
+
+/// A command for `bin`, inside network namespace `netns` if given.
+fn command(netns: Option<&str>, bin_name: &str) -> Command {
+    match netns {
+        None => Command::new(bin(bin_name)),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin(bin_name));
+            c
+        }
+    }
+}
+
+/// Runs a binary to completion, inside network namespace `netns` if given.
+pub fn run_in(netns: Option<&str>, name: &str, args: &[&str]) -> Output {
+    command(netns, name)
         .args(args)
         .env("NO_COLOR", "1")
         .output()
@@ -78,7 +96,19 @@ pub struct Proc {
 impl Proc {
     /// Spawns `bin` with `args`, logging to `log` as well as memory.
     pub fn spawn(name: &str, bin_name: &str, args: &[&str], log: &Path) -> Proc {
-        let mut child = Command::new(bin(bin_name))
+        Self::spawn_in(None, name, bin_name, args, log)
+    }
+
+    /// Like [`Proc::spawn`], inside network namespace `netns` if given
+    /// (`ip netns exec` runs the binary itself, so signals reach it).
+    pub fn spawn_in(
+        netns: Option<&str>,
+        name: &str,
+        bin_name: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> Proc {
+        let mut child = command(netns, bin_name)
             .args(args)
             .env("TRELLIS_LOG", "info,quinn=warn,chitchat=error")
             .env("NO_COLOR", "1")
@@ -190,6 +220,7 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 /// A test mesh: a temp dir with a CA made by `trellis ca init`.
 pub struct Mesh {
     pub dir: tempfile::TempDir,
+    netns: std::cell::RefCell<Option<String>>,
 }
 
 impl Default for Mesh {
@@ -207,7 +238,16 @@ impl Mesh {
         let ca = dir.path().join("ca");
         let out = run("trellis", &["ca", "init", "--dir", ca.to_str().unwrap()]);
         assert!(out.status.success(), "ca init: {out:?}");
-        Mesh { dir }
+        Mesh {
+            dir,
+            netns: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// Members started from now on run in network namespace `ns` (or in
+    /// the test's own with `None`).
+    pub fn set_netns(&self, ns: Option<&str>) {
+        *self.netns.borrow_mut() = ns.map(str::to_owned);
     }
 
     pub fn path(&self) -> &Path {
@@ -260,7 +300,8 @@ impl Mesh {
     }
 
     fn spawn(&self, name: &str, bin_name: &str, config: &Path) -> Proc {
-        Proc::spawn(
+        Proc::spawn_in(
+            self.netns.borrow().as_deref(),
             name,
             bin_name,
             &["--config", config.to_str().unwrap()],

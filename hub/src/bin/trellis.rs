@@ -72,6 +72,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show recent events (nodes joined, died, recovered; checks changed)
+    /// and gaps (records a relay had to drop), oldest first.
+    Events {
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// How far back, e.g. 10m, 2h, 1d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a site's recorded history: summaries, events and gaps.
+    History {
+        site: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// How far back, e.g. 10m, 2h, 1d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a real local mesh in this process (Ctrl-C stops it).
     ///
     /// Every member gets its own QUIC endpoint on 127.0.0.1 and its own
@@ -174,6 +209,27 @@ fn main() -> ExitCode {
             region.as_deref(),
             json,
         )),
+        Command::Events {
+            site,
+            since,
+            limit,
+            hub,
+            json,
+        } => runtime().block_on(records(&hub.hub, json, |c| async move {
+            c.events(site.as_deref(), Some(since_ms(since)), limit)
+                .await
+        })),
+        Command::History {
+            site,
+            region,
+            since,
+            limit,
+            hub,
+            json,
+        } => runtime().block_on(records(&hub.hub, json, |c| async move {
+            c.history(&site, region.as_deref(), Some(since_ms(since)), None, limit)
+                .await
+        })),
         Command::Up {
             sites,
             nodes,
@@ -325,6 +381,35 @@ async fn nodes(
         }
         Ok(n) => {
             print!("{}", render::nodes(&n, render::use_colour()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(e),
+    }
+}
+
+fn since_ms(ago: Duration) -> u64 {
+    trellis_node::clock::unix_ms().saturating_sub(ago.as_millis() as u64)
+}
+
+async fn records<F, Fut>(hub: &str, json: bool, fetch: F) -> ExitCode
+where
+    F: FnOnce(ApiClient) -> Fut,
+    Fut: std::future::Future<Output = Result<trellis_hub::api::RecordsReport, ClientError>>,
+{
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    match fetch(client).await {
+        Ok(r) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r).expect("serialisable")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}", render::records(&r, render::use_colour()));
             ExitCode::SUCCESS
         }
         Err(e) => client_error(e),
