@@ -214,6 +214,11 @@ fn after_an_outage_the_hub_has_every_record_once_in_order_and_is_current_within_
         "{:?}",
         get_json(&format!("{}/api/v1/site", s.relay_api))
     );
+    let o = trellis_tests::run("trellis", &["status", "--relay", &s.relay_api]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(text.contains("uplink DOWN"), "{text}");
+    assert!(text.contains("19/20"), "{text}");
     assert!(
         s.proxy.stats().dropped_blackhole > 0,
         "the blackhole dropped traffic"
