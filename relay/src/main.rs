@@ -10,10 +10,11 @@ use trellis_relay::driver::Relay;
 /// The Trellis relay: one per site.
 ///
 /// Joins its site's gossip, summarises the site (node counts by status, dead
-/// nodes, failing checks, resource histograms, the worst nodes) and sends the
-/// summaries and events to a hub over QUIC with mutual TLS, resending
-/// whatever the hub has not acknowledged. Answers the hub's requests for the
-/// site's node list. Its region, site and name come from its certificate
+/// nodes, failing checks, resource histograms, the worst nodes) and records
+/// summaries and events in a durable outage buffer, from which they go to a
+/// hub over QUIC with mutual TLS; only what a hub acknowledged is deleted.
+/// Through a WAN outage the site keeps running and stays visible on the
+/// relay's local API. Answers the hub's requests for the site's node list. Its region, site and name come from its certificate
 /// (`trellis ca issue --role relay ...`).
 ///
 /// Example configuration (every key is optional; these are the defaults):
@@ -30,6 +31,16 @@ use trellis_relay::driver::Relay;
 ///   [uplink]
 ///   hubs = ["127.0.0.1:7700"]    # tried in order
 ///   summary_interval = "5s"      # sooner when the site changes
+///   replay_bytes_per_s = 262144  # pace of the backlog after an outage
+///   max_backoff = "30s"          # between connection attempts (randomised)
+///
+///   [buffer]                     # everything waits here until a hub has it
+///   path = "buffer/outage.db"    # relative to this file
+///   max_bytes = 1073741824       # then older summaries thin out, then the
+///                                # oldest records go (and the hub is told)
+///
+///   [api]                        # the site, served locally (trellis status --relay)
+///   listen = "127.0.0.1:7801"
 ///
 ///   [metrics]
 ///   listen = "127.0.0.1:7911"

@@ -9,8 +9,9 @@ use trellis_node::id::Role;
 
 /// The Trellis hub.
 ///
-/// Accepts relay uplinks over QUIC with mutual TLS, applies their summaries
-/// and events at most once, and serves the fleet over an HTTP JSON API with
+/// Accepts relay uplinks over QUIC with mutual TLS, stores their summaries
+/// and events durably before acknowledging them, applies each at most once,
+/// and serves the fleet and its history over an HTTP JSON API with
 /// Prometheus metrics at /metrics. Its name comes from its certificate
 /// (`trellis ca issue --role hub ...`).
 ///
@@ -28,7 +29,11 @@ use trellis_node::id::Role;
 ///   listen = "127.0.0.1:7800"    # GET /api/v1/fleet, /metrics
 ///
 ///   [fleet]
-///   stale_after = "30s"          # a silent site is shown as stale
+///   stale_after = "30s"          # a silent site is shown as unreachable
+///
+///   [store]                      # every record relays sent: the history
+///   path = "hub-data/hub.db"     # relative to this file
+///   retention = "30d"
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
