@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use crate::authz::Protocol;
 use crate::config::{CheckConfig, GossipConfig, HealthConfig, MetricsConfig, NodeConfig};
 use crate::endpoint::MeshEndpoint;
-use crate::gossip::SiteGossip;
+use crate::gossip::Gossip;
 use crate::health::{self, Checks, ResourceSampler};
 use crate::metrics::{self, MeshMetrics, Registry};
 use crate::tls::Credentials;
@@ -59,7 +59,7 @@ pub async fn serve_metrics(
 /// Samples health and publishes it in gossip every `cfg.interval` until
 /// `shutdown`; keeps the membership gauges current.
 pub async fn publish_health_loop(
-    gossip: Arc<SiteGossip>,
+    gossip: Arc<Gossip>,
     role: crate::id::Role,
     cfg: HealthConfig,
     checks: Checks,
@@ -99,7 +99,7 @@ pub async fn publish_health_loop(
 /// task that publishes health.
 pub struct SiteMember {
     pub endpoint: MeshEndpoint,
-    pub gossip: Arc<SiteGossip>,
+    pub gossip: Arc<Gossip>,
     health_task: JoinHandle<()>,
 }
 
@@ -124,7 +124,7 @@ impl SiteMember {
         )?;
         let checks = Checks::start(checks, shutdown.child_token());
         let first = health::assess(role, &Default::default(), &checks.results(), health_cfg);
-        let site_gossip = SiteGossip::start(
+        let site_gossip = Gossip::start(
             endpoint.clone(),
             routes.take(Protocol::Gossip),
             &gossip.settings(),
@@ -207,7 +207,7 @@ impl NodeAgent {
         self.metrics_addr
     }
 
-    pub fn gossip(&self) -> &SiteGossip {
+    pub fn gossip(&self) -> &Gossip {
         &self.member.gossip
     }
 

@@ -17,15 +17,26 @@ pub enum Protocol {
     Gossip,
     /// relay → hub summaries and events; hub → relay drill-down requests.
     Uplink,
+    /// chitchat among hubs: membership, which hub serves which site.
+    Federation,
+    /// hub ↔ hub: relay records and the management log, pushed and pulled.
+    Replication,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 2] = [Protocol::Gossip, Protocol::Uplink];
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Gossip,
+        Protocol::Uplink,
+        Protocol::Federation,
+        Protocol::Replication,
+    ];
 
     pub fn alpn(self) -> &'static [u8] {
         match self {
             Protocol::Gossip => b"trellis-gossip/1",
             Protocol::Uplink => b"trellis-uplink/1",
+            Protocol::Federation => b"trellis-federation/1",
+            Protocol::Replication => b"trellis-replication/1",
         }
     }
 
@@ -37,6 +48,8 @@ impl Protocol {
         match self {
             Protocol::Gossip => "gossip",
             Protocol::Uplink => "uplink",
+            Protocol::Federation => "federation",
+            Protocol::Replication => "replication",
         }
     }
 }
@@ -120,6 +133,10 @@ pub fn authorize(
             Side::Server => role(local.role == Role::Hub && peer.role == Role::Relay),
             Side::Client => role(local.role == Role::Relay && peer.role == Role::Hub),
         },
+        // Only hubs federate, across regions.
+        Protocol::Federation | Protocol::Replication => {
+            role(local.role == Role::Hub && peer.role == Role::Hub)
+        }
     }
 }
 
@@ -178,6 +195,25 @@ mod tests {
         assert!(authorize(Protocol::Uplink, Side::Server, &hub, &node).is_err());
         assert!(authorize(Protocol::Uplink, Side::Client, &relay, &node).is_err());
         assert!(authorize(Protocol::Uplink, Side::Server, &relay, &relay).is_err());
+    }
+
+    #[test]
+    fn only_hubs_federate_and_replicate_with_each_other() {
+        let a = id(Role::Hub, "eu", "", "a");
+        let b = id(Role::Hub, "us", "", "b");
+        let relay = id(Role::Relay, "eu", "par", "r");
+        let op = id(Role::Operator, "", "", "o");
+        for p in [Protocol::Federation, Protocol::Replication] {
+            for side in [Side::Server, Side::Client] {
+                authorize(p, side, &a, &b).unwrap();
+                assert_eq!(
+                    authorize(p, side, &a, &relay).unwrap_err().kind(),
+                    "wrong_role"
+                );
+                assert!(authorize(p, side, &a, &op).is_err());
+                assert!(authorize(p, side, &relay, &a).is_err());
+            }
+        }
     }
 
     #[test]

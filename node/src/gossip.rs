@@ -13,7 +13,7 @@
 //! [`MAX_GOSSIP_FRAME`] closes its connection with
 //! [`close::PROTOCOL_ERROR`]; the member keeps serving everyone else.
 //!
-//! [`SiteGossip`] owns the chitchat instance and turns its state into a
+//! [`Gossip`] owns the chitchat instance and turns its state into a
 //! [`SiteView`].
 
 use std::collections::{HashMap, VecDeque};
@@ -76,6 +76,7 @@ struct PeerQueue {
 
 struct Shared {
     endpoint: MeshEndpoint,
+    protocol: Protocol,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     peers: Mutex<HashMap<SocketAddr, Arc<PeerQueue>>>,
     inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
@@ -89,15 +90,18 @@ pub struct QuicTransport {
 }
 
 impl QuicTransport {
-    /// Starts serving gossip connections arriving on `accepted`.
+    /// Starts serving gossip connections arriving on `accepted` (the
+    /// endpoint's route for `protocol`: site gossip or hub federation).
     pub fn start(
         endpoint: MeshEndpoint,
+        protocol: Protocol,
         mut accepted: mpsc::Receiver<Accepted>,
         shutdown: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(INBOX);
         let shared = Arc::new(Shared {
             endpoint,
+            protocol,
             conns: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             inbox: tx,
@@ -329,7 +333,7 @@ impl Shared {
             }
             self.forget(to, &conn);
         }
-        let (conn, _peer) = self.endpoint.connect(to, Protocol::Gossip).await?;
+        let (conn, _peer) = self.endpoint.connect(to, self.protocol).await?;
         self.adopt(conn.clone());
         Ok(conn)
     }
@@ -365,15 +369,52 @@ pub fn advertised(listen: SocketAddr, advertise: Option<SocketAddr>) -> SocketAd
     }
 }
 
-/// A member's place in its site's gossip.
-pub struct SiteGossip {
+/// Which gossip cluster to join: a site's, or the hubs' federation.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub protocol: Protocol,
+    /// chitchat refuses messages from another cluster id: a second fence
+    /// behind the certificate check.
+    pub cluster_id: String,
+}
+
+impl Cluster {
+    /// The gossip of `id`'s site.
+    pub fn site(id: &crate::id::Identity) -> Self {
+        Cluster {
+            protocol: Protocol::Gossip,
+            cluster_id: format!("trellis/{}/{}", id.region, id.site),
+        }
+    }
+
+    /// The hubs' federation.
+    pub fn hubs() -> Self {
+        Cluster {
+            protocol: Protocol::Federation,
+            cluster_id: "trellis/hubs".to_owned(),
+        }
+    }
+}
+
+/// One member of a gossip cluster as raw key-values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: String,
+    pub generation: u64,
+    pub addr: SocketAddr,
+    pub alive: bool,
+    pub kv: std::collections::BTreeMap<String, String>,
+}
+
+/// A member's place in a gossip cluster (its site's, or the hubs').
+pub struct Gossip {
     handle: ChitchatHandle,
     advertise: SocketAddr,
     region: String,
     site: String,
 }
 
-impl SiteGossip {
+impl Gossip {
     /// Joins the site's gossip on the endpoint. `accepted` is the endpoint's
     /// gossip route; `health` is published at once.
     pub async fn start(
@@ -383,15 +424,36 @@ impl SiteGossip {
         health: &Health,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        let cluster = Cluster::site(endpoint.identity());
+        Self::join(
+            endpoint,
+            cluster,
+            accepted,
+            settings,
+            health.to_kv(),
+            shutdown,
+        )
+        .await
+    }
+
+    /// Joins `cluster` on the endpoint, publishing `initial` at once.
+    pub async fn join(
+        endpoint: MeshEndpoint,
+        cluster: Cluster,
+        accepted: mpsc::Receiver<Accepted>,
+        settings: &GossipSettings,
+        initial: Vec<(String, String)>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let id = endpoint.identity().clone();
         let listen = endpoint.local_addr();
         let advertise = advertised(listen, settings.advertise);
         // chitchat requires generations to grow across restarts.
         let generation = crate::clock::unix_ms();
-        let transport = QuicTransport::start(endpoint, accepted, shutdown);
+        let transport = QuicTransport::start(endpoint, cluster.protocol, accepted, shutdown);
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(id.name.clone(), generation, advertise),
-            cluster_id: format!("trellis/{}/{}", id.region, id.site),
+            cluster_id: cluster.cluster_id,
             gossip_interval: settings.interval,
             listen_addr: listen,
             seed_nodes: settings
@@ -415,8 +477,8 @@ impl SiteGossip {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
-        let handle = spawn_chitchat(config, health.to_kv(), &transport).await?;
-        Ok(SiteGossip {
+        let handle = spawn_chitchat(config, initial, &transport).await?;
+        Ok(Gossip {
             handle,
             advertise,
             region: id.region,
@@ -424,21 +486,18 @@ impl SiteGossip {
         })
     }
 
-    /// The address this member announces to the site.
-    pub fn advertise_addr(&self) -> SocketAddr {
-        self.advertise
-    }
-
-    /// Publishes new health, removing check keys that are gone.
-    pub async fn publish(&self, health: &Health) {
-        let kv = health.to_kv();
+    /// Sets this member's keys to `kv`, deleting those with `prefix` that
+    /// are no longer in it (so a key can disappear as well as change).
+    pub async fn set(&self, kv: Vec<(String, String)>, prefix: &str) {
         self.handle
             .with_chitchat(|c| {
                 let state = c.self_node_state();
                 let stale: Vec<String> = state
                     .key_values()
                     .filter(|(k, _)| {
-                        k.starts_with(keys::CHECK_PREFIX) && !kv.iter().any(|(key, _)| key == k)
+                        !prefix.is_empty()
+                            && k.starts_with(prefix)
+                            && !kv.iter().any(|(key, _)| key == k)
                     })
                     .map(|(k, _)| k.to_owned())
                     .collect();
@@ -452,6 +511,38 @@ impl SiteGossip {
                 }
             })
             .await;
+    }
+
+    /// Every known member (every incarnation) with its key-values.
+    pub async fn members(&self) -> Vec<Member> {
+        self.handle
+            .with_chitchat(|c| {
+                let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+                c.node_states()
+                    .iter()
+                    .map(|(id, state)| Member {
+                        name: id.node_id.to_string(),
+                        generation: id.generation_id,
+                        addr: id.gossip_advertise_addr,
+                        alive: live.contains(id),
+                        kv: state
+                            .key_values()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    /// The address this member announces to the site.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        self.advertise
+    }
+
+    /// Publishes new health, removing check keys that are gone.
+    pub async fn publish(&self, health: &Health) {
+        self.set(health.to_kv(), keys::CHECK_PREFIX).await;
     }
 
     /// The site as this member sees it now.

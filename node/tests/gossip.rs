@@ -186,6 +186,7 @@ async fn sending_to_a_dead_peer_returns_at_once_and_drops_the_oldest() {
     let shutdown = CancellationToken::new();
     let transport = QuicTransport::start(
         endpoint.clone(),
+        Protocol::Gossip,
         routes.take(Protocol::Gossip),
         shutdown.clone(),
     );

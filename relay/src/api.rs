@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
-use trellis_node::gossip::SiteGossip;
+use trellis_node::gossip::Gossip;
 
 use crate::buffer::BufferStats;
 use crate::report::{FleetReport, FleetTotals, NodeRow, NodesReport, RelayStatus, SiteRow};
@@ -31,7 +31,7 @@ pub(crate) struct ApiState {
     pub name: String,
     pub region: String,
     pub site: String,
-    pub gossip: Arc<SiteGossip>,
+    pub gossip: Arc<Gossip>,
     pub local: watch::Receiver<LocalState>,
     pub buffer: Arc<Mutex<BufferStats>>,
 }

@@ -29,7 +29,7 @@ use trellis_node::agent::{SiteMember, StartError, serve_metrics};
 use trellis_node::authz::Protocol;
 use trellis_node::clock::{ticker, unix_ms};
 use trellis_node::endpoint::{MeshEndpoint, close};
-use trellis_node::gossip::SiteGossip;
+use trellis_node::gossip::Gossip;
 use trellis_node::id::Role;
 use trellis_node::metrics::Registry;
 use trellis_node::tls::Credentials;
@@ -250,7 +250,7 @@ enum Done {
 
 struct CoreTask {
     core: RelayCore,
-    gossip: Arc<SiteGossip>,
+    gossip: Arc<Gossip>,
     buffer: std::sync::mpsc::Sender<BufferCmd>,
     done_tx: mpsc::UnboundedSender<Done>,
     metrics: RelayMetrics,
@@ -510,7 +510,7 @@ async fn uplink_task(
     max_backoff: Duration,
     replay_bytes_per_s: u64,
     inputs: mpsc::Sender<Input>,
-    gossip: Arc<SiteGossip>,
+    gossip: Arc<Gossip>,
     metrics: RelayMetrics,
     shutdown: CancellationToken,
 ) {
@@ -567,7 +567,7 @@ struct Session<'a> {
     conn_id: u64,
     replay_bytes_per_s: u64,
     inputs: &'a mpsc::Sender<Input>,
-    gossip: &'a Arc<SiteGossip>,
+    gossip: &'a Arc<Gossip>,
     metrics: &'a RelayMetrics,
     shutdown: &'a CancellationToken,
 }
@@ -788,7 +788,7 @@ async fn read_acks(
 
 async fn answer_requests(
     conn: quinn::Connection,
-    gossip: Arc<SiteGossip>,
+    gossip: Arc<Gossip>,
     metrics: RelayMetrics,
     cancel: CancellationToken,
 ) {
@@ -1022,7 +1022,7 @@ impl Relay {
         self.api_addr
     }
 
-    pub fn gossip(&self) -> &SiteGossip {
+    pub fn gossip(&self) -> &Gossip {
         &self.member.gossip
     }
 

@@ -47,17 +47,16 @@ async fn send_and_wait_close(
     bytes: &[u8],
 ) -> quinn::ConnectionError {
     let (conn, _) = endpoint.connect(addr, protocol).await.unwrap();
-    match protocol {
-        Protocol::Gossip => {
-            let mut s = conn.open_uni().await.unwrap();
-            let _ = s.write_all(bytes).await;
-            let _ = s.finish();
-        }
-        Protocol::Uplink => {
-            let (mut s, _r) = conn.open_bi().await.unwrap();
-            let _ = s.write_all(bytes).await;
-            let _ = s.finish();
-        }
+    // Gossip (site and federation) reads unidirectional streams; the
+    // other protocols start with a bidirectional one.
+    if matches!(protocol, Protocol::Gossip | Protocol::Federation) {
+        let mut s = conn.open_uni().await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let _ = s.finish();
+    } else {
+        let (mut s, _r) = conn.open_bi().await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let _ = s.finish();
     }
     tokio::time::timeout(Duration::from_secs(10), conn.closed())
         .await
