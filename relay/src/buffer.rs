@@ -320,6 +320,16 @@ impl OutageBuffer {
         self.stream
     }
 
+    /// The lowest sequence number still held, if any.
+    pub fn first_seq(&self) -> Result<Option<u64>, BufferError> {
+        self.conn
+            .query_row("SELECT min(seq) FROM records", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|v| v.map(|v| v as u64))
+            .map_err(self.err())
+    }
+
     /// The highest sequence number ever appended (0 if none).
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1

@@ -46,6 +46,14 @@ pub struct UplinkConfig {
     /// Pace of the backlog after an outage, in bytes per second; records
     /// made meanwhile are sent at once.
     pub replay_bytes_per_s: u64,
+    /// A hub unreachable this long (no acknowledgement, no connection) is
+    /// left for the next one in `hubs`.
+    #[serde(with = "humantime_serde")]
+    pub failover_after: Duration,
+    /// While on a hub other than the first, how often to look whether a
+    /// hub earlier in `hubs` is back (and go back to it).
+    #[serde(with = "humantime_serde")]
+    pub failback_every: Duration,
 }
 
 impl Default for UplinkConfig {
@@ -58,6 +66,8 @@ impl Default for UplinkConfig {
             ack_timeout: core.ack_timeout,
             max_backoff: Duration::from_secs(30),
             replay_bytes_per_s: 256 * 1024,
+            failover_after: Duration::from_secs(15),
+            failback_every: Duration::from_secs(60),
         }
     }
 }
@@ -83,6 +93,11 @@ pub struct BufferConfig {
     pub max_bytes: u64,
     /// Among summaries older than `after`, keep one per `keep_every`.
     pub downsample: Vec<DownsampleRule>,
+    /// Acknowledged records are kept this long before they are deleted, so
+    /// that a hub taking over from one that died before replicating them
+    /// can still get them.
+    #[serde(with = "humantime_serde")]
+    pub keep_acked: Duration,
 }
 
 impl Default for BufferConfig {
@@ -91,6 +106,7 @@ impl Default for BufferConfig {
             path: PathBuf::from("buffer/outage.db"),
             max_bytes: 1 << 30,
             downsample: default_downsample(),
+            keep_acked: Duration::from_secs(300),
         }
     }
 }
@@ -187,6 +203,16 @@ impl Validate for RelayConfig {
             u.max_backoff >= Duration::from_millis(100),
             "uplink.max_backoff",
             "must be at least 100ms",
+        );
+        p.check(
+            u.failover_after >= Duration::from_secs(1),
+            "uplink.failover_after",
+            "must be at least 1s",
+        );
+        p.check(
+            u.failback_every >= Duration::from_secs(1),
+            "uplink.failback_every",
+            "must be at least 1s",
         );
         p.check(
             u.replay_bytes_per_s >= 1024,

@@ -107,7 +107,10 @@ pub struct RelayCore {
     cfg: CoreConfig,
     to_persist: Vec<NewRecord>,
     persisted: u64,
+    /// What the current (or last) hub acknowledged.
     acked: u64,
+    /// Records up to here are no longer in the buffer.
+    deleted: u64,
     latest_summary: Option<Record>,
     conn: Option<Conn>,
     last_summary: Option<(Instant, SiteSummary)>,
@@ -121,11 +124,13 @@ pub struct RelayCore {
 pub const JOIN_GRACE: Duration = Duration::from_secs(30);
 
 impl RelayCore {
-    /// A core for relay `relay` whose buffer holds records up to
-    /// `persisted`, the newest summary among them being `latest_summary`.
+    /// A core for relay `relay` whose buffer holds the records after
+    /// `deleted` up to `persisted`, the newest summary among them being
+    /// `latest_summary`.
     pub fn new(
         relay: impl Into<String>,
         cfg: CoreConfig,
+        deleted: u64,
         persisted: u64,
         latest_summary: Option<Record>,
     ) -> Self {
@@ -134,7 +139,8 @@ impl RelayCore {
             cfg,
             to_persist: Vec::new(),
             persisted,
-            acked: 0,
+            acked: deleted,
+            deleted,
             latest_summary,
             conn: None,
             last_summary: None,
@@ -280,24 +286,27 @@ impl RelayCore {
     }
 
     /// A connection to a hub is up and the hub has applied up to `acked`.
+    /// (A hub taking over from another may be behind what the other
+    /// acknowledged; what the buffer still holds is sent again.)
     pub fn handle_connected(&mut self, acked: u64) {
+        let acked = acked.min(self.persisted);
+        self.acked = acked;
         let mut first = None;
-        // A hub that lost what an earlier one acknowledged (those records
-        // are deleted here) gets a gap for them, or it would wait forever.
-        if acked < self.acked {
+        let mut backlog_sent = acked;
+        // Records already deleted here that this hub does not have: a gap
+        // stands for them, or its watermark could never move on.
+        if acked < self.deleted {
             first = Some(Record {
                 seq: acked + 1,
                 at_ms: 0,
                 body: RecordBody::Gap(Gap {
-                    until: self.acked,
-                    acknowledged_before: self.acked - acked,
+                    until: self.deleted,
+                    acknowledged_before: self.deleted - acked,
                     ..Gap::default()
                 }),
             });
-        } else {
-            self.acked = acked.min(self.persisted);
+            backlog_sent = self.deleted;
         }
-        let backlog_sent = acked.min(self.persisted);
         if first.is_none() {
             first = self.latest_summary.clone().filter(|s| s.seq > backlog_sent);
         }
@@ -311,6 +320,12 @@ impl RelayCore {
             sent_max: backlog_sent,
             waiting_since: None,
         });
+    }
+
+    /// The buffer deleted every record up to `through` (acknowledged, and
+    /// kept a while in case another hub takes over).
+    pub fn handle_deleted(&mut self, through: u64) {
+        self.deleted = self.deleted.max(through.min(self.acked));
     }
 
     /// The connection is gone; what was not acknowledged is sent again on
@@ -546,7 +561,7 @@ mod tests {
     }
 
     fn core() -> RelayCore {
-        RelayCore::new("relay", CoreConfig::default(), 0, None)
+        RelayCore::new("relay", CoreConfig::default(), 0, 0, None)
     }
 
     #[test]
@@ -621,7 +636,7 @@ mod tests {
         let t0 = Instant::now();
         let cfg = CoreConfig::default();
         let interval = cfg.summary_interval;
-        let mut core = RelayCore::new("relay", cfg, 0, None);
+        let mut core = RelayCore::new("relay", cfg, 0, 0, None);
         let v = view(vec![member("a", true, Status::Passing)]);
         core.handle_view(t0, 1, &v);
         core.handle_view(t0 + interval / 2, 2, &v);
@@ -735,7 +750,7 @@ mod tests {
         let t0 = Instant::now();
         let cfg = CoreConfig::default();
         let timeout = cfg.ack_timeout;
-        let mut core = RelayCore::new("relay", cfg, 0, None);
+        let mut core = RelayCore::new("relay", cfg, 0, 0, None);
         let mut disk = Disk::new();
         core.handle_connected(0);
         core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
@@ -772,7 +787,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hub_that_lost_acknowledged_records_is_sent_a_gap_for_them() {
+    fn a_hub_behind_another_gets_what_is_still_kept_and_a_gap_for_what_is_gone() {
         let t0 = Instant::now();
         let mut core = core();
         let mut disk = Disk::new();
@@ -783,14 +798,24 @@ mod tests {
         }
         disk.drain(&mut core, t0);
         core.handle_ack(t0, 4).unwrap();
+        // Still kept: a hub that has nothing gets it all again.
         core.handle_disconnected();
         core.handle_connected(0);
+        let again = disk.drain(&mut core, t0);
+        assert_eq!(again, vec![5, 1, 2, 3, 4, 5], "newest summary, then all");
+        core.handle_ack(t0, 4).unwrap();
+        // Once deleted, a hub behind gets a gap for what is gone.
+        core.handle_deleted(4);
+        core.handle_disconnected();
+        core.handle_connected(2);
         let Some(Transmit::Record(r)) = core.poll_transmit(t0) else {
             panic!("a gap first");
         };
-        assert_eq!(r.seq, 1);
+        assert_eq!(r.seq, 3);
         assert!(
-            matches!(&r.body, RecordBody::Gap(g) if g.until == 4 && g.acknowledged_before == 4)
+            matches!(&r.body, RecordBody::Gap(g) if g.until == 4 && g.acknowledged_before == 2)
         );
+        let rest = disk.drain(&mut core, t0);
+        assert_eq!(rest, vec![5]);
     }
 }

@@ -39,6 +39,7 @@ use crate::api::{ApiState, LocalState, api_router};
 use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
 use crate::core::{RelayCore, Transmit};
+use crate::failover::HubChoice;
 use crate::uplink::{
     Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
@@ -259,6 +260,9 @@ struct CoreTask {
     appending: bool,
     compacting: bool,
     seen_made: u64,
+    /// Acknowledged seqs and when, to delete once `keep_acked` has passed.
+    to_delete: std::collections::VecDeque<(Instant, u64)>,
+    keep_acked: Duration,
 }
 
 impl CoreTask {
@@ -287,6 +291,7 @@ impl CoreTask {
                 _ = sample.tick() => {
                     let view = self.gossip.view().await;
                     let now = Instant::now();
+                    self.delete_old_acked(now);
                     self.core.handle_view(now, unix_ms(), &view);
                     if self.current.is_some() && self.core.ack_overdue(now) {
                         warn!("hub stopped acknowledging records; reconnecting");
@@ -400,9 +405,7 @@ impl CoreTask {
             }
             Input::Ack { conn, through } if is_current(&self.current, conn) => {
                 match self.core.handle_ack(Instant::now(), through) {
-                    Ok(Some(t)) => {
-                        let _ = self.buffer.send(BufferCmd::Delete { through: t });
-                    }
+                    Ok(Some(t)) => self.to_delete.push_back((Instant::now(), t)),
                     Ok(None) => {}
                     Err(error) => {
                         warn!(%error, "hub broke the uplink protocol; reconnecting");
@@ -417,6 +420,22 @@ impl CoreTask {
                 self.drop_connection();
             }
             _ => {} // news from a connection already replaced
+        }
+    }
+
+    /// Deletes what was acknowledged more than `keep_acked` ago.
+    fn delete_old_acked(&mut self, now: Instant) {
+        let mut through = None;
+        while let Some(&(at, t)) = self.to_delete.front() {
+            if now.saturating_duration_since(at) < self.keep_acked {
+                break;
+            }
+            through = Some(t);
+            self.to_delete.pop_front();
+        }
+        if let Some(t) = through {
+            let _ = self.buffer.send(BufferCmd::Delete { through: t });
+            self.core.handle_deleted(t);
         }
     }
 
@@ -501,48 +520,102 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Connects to the hubs in turn, forever (until shutdown).
-#[allow(clippy::too_many_arguments)]
-async fn uplink_task(
-    endpoint: MeshEndpoint,
+/// How the uplink behaves, from `[uplink]`.
+#[derive(Clone)]
+struct UplinkSettings {
     hubs: Vec<String>,
     stream: u64,
     max_backoff: Duration,
     replay_bytes_per_s: u64,
+    failover_after: Duration,
+    failback_every: Duration,
+}
+
+/// How a session ended.
+enum Ended {
+    /// The connection ended (or never came up); the hub last answered at
+    /// `last_heard` on it, if it did.
+    Lost { last_heard: Option<Instant> },
+    /// An earlier hub in the list answers again: go back to it.
+    FailBack(usize),
+}
+
+/// Keeps a connection to the preferred reachable hub, forever (until
+/// shutdown).
+async fn uplink_task(
+    endpoint: MeshEndpoint,
+    settings: UplinkSettings,
     inputs: mpsc::Sender<Input>,
     gossip: Arc<Gossip>,
     metrics: RelayMetrics,
     shutdown: CancellationToken,
 ) {
+    let hubs = &settings.hubs;
+    let mut choice = HubChoice::new(
+        hubs.len(),
+        settings.failover_after,
+        settings.failback_every,
+        Instant::now(),
+    );
     let mut attempt = 0u32;
-    for (n, hub) in hubs.iter().cycle().enumerate() {
-        if shutdown.is_cancelled() {
-            break;
+    let mut conn_id = 0u64;
+    let mut previous = 0usize;
+    while !shutdown.is_cancelled() {
+        let index = choice.next(Instant::now());
+        if index != previous {
+            warn!(
+                from = %hubs[previous],
+                to = %hubs[index],
+                after = ?settings.failover_after,
+                "hub unreachable; failing over to the next one"
+            );
+            previous = index;
+            attempt = 0;
         }
-        let conn_id = n as u64 + 1;
-        let started = Instant::now();
+        conn_id += 1;
+        let tried = Instant::now();
+        let failback: Vec<(usize, String)> = (0..index).map(|i| (i, hubs[i].clone())).collect();
         let s = Session {
             endpoint: &endpoint,
-            stream,
+            stream: settings.stream,
             conn_id,
-            replay_bytes_per_s,
+            replay_bytes_per_s: settings.replay_bytes_per_s,
+            failback_every: settings.failback_every,
             inputs: &inputs,
             gossip: &gossip,
             metrics: &metrics,
             shutdown: &shutdown,
         };
-        match s.run(hub).await {
-            Ok(()) => info!(%hub, "uplink closed"),
-            Err(error) => warn!(%hub, %error, "uplink failed"),
-        }
+        let hub = &hubs[index];
+        let ended = s.run(hub, failback).await;
         let _ = inputs.send(Input::Disconnected { conn: conn_id }).await;
-        // A session that lasted a while starts the backoff over.
-        attempt = if started.elapsed() > Duration::from_secs(30) {
-            0
-        } else {
-            attempt.saturating_add(1)
-        };
-        let wait = full_jitter(attempt, max_backoff);
+        match ended {
+            Ok(Ended::FailBack(i)) => {
+                info!(from = %hub, to = %hubs[i], "an earlier hub answers again; going back to it");
+                choice.fail_back(i, Instant::now());
+                previous = i;
+                attempt = 0;
+                continue;
+            }
+            Ok(Ended::Lost { last_heard }) => {
+                info!(%hub, "uplink closed");
+                choice.handle_ended(last_heard, tried);
+                // A session that lasted a while starts the backoff over.
+                attempt = if last_heard
+                    .is_some_and(|t| t.duration_since(tried) > Duration::from_secs(30))
+                {
+                    0
+                } else {
+                    attempt.saturating_add(1)
+                };
+            }
+            Err(error) => {
+                warn!(%hub, %error, "uplink failed");
+                choice.handle_ended(None, tried);
+                attempt = attempt.saturating_add(1);
+            }
+        }
+        let wait = full_jitter(attempt, settings.max_backoff);
         debug!(?wait, "waiting before the next connection attempt");
         tokio::select! {
             biased;
@@ -566,24 +639,53 @@ struct Session<'a> {
     stream: u64,
     conn_id: u64,
     replay_bytes_per_s: u64,
+    failback_every: Duration,
     inputs: &'a mpsc::Sender<Input>,
     gossip: &'a Arc<Gossip>,
     metrics: &'a RelayMetrics,
     shutdown: &'a CancellationToken,
 }
 
+async fn resolve(hub: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(hub)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{hub} resolves to no address"))
+}
+
 impl Session<'_> {
-    async fn run(&self, hub: &str) -> anyhow::Result<()> {
-        let addr: SocketAddr = tokio::net::lookup_host(hub)
-            .await?
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("{hub} resolves to no address"))?;
+    /// Connects to `hub` and speaks until the connection ends, or until one
+    /// of the `failback` hubs (earlier in the list) answers a look.
+    async fn run(&self, hub: &str, failback: Vec<(usize, String)>) -> anyhow::Result<Ended> {
+        let addr = resolve(hub).await?;
         let (conn, peer) = self.endpoint.connect(addr, Protocol::Uplink).await?;
         let cancel = self.shutdown.child_token();
-        let result = self.speak(&conn, addr, &peer.name, &cancel).await;
+        let heard = Arc::new(Mutex::new(None));
+        let back = Arc::new(Mutex::new(None));
+        if !failback.is_empty() {
+            tokio::spawn(look_for_earlier_hubs(
+                self.endpoint.clone(),
+                failback,
+                self.failback_every,
+                back.clone(),
+                cancel.clone(),
+            ));
+        }
+        let result = self.speak(&conn, addr, &peer.name, &heard, &cancel).await;
         cancel.cancel();
         conn.close(close::DONE, b"bye");
-        result
+        let last_heard = *heard.lock().expect("not poisoned");
+        if let Some(i) = *back.lock().expect("not poisoned") {
+            return Ok(Ended::FailBack(i));
+        }
+        match result {
+            Ok(()) => Ok(Ended::Lost { last_heard }),
+            Err(e) if last_heard.is_some() => {
+                debug!(error = %e, "uplink ended");
+                Ok(Ended::Lost { last_heard })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn speak(
@@ -591,6 +693,7 @@ impl Session<'_> {
         conn: &quinn::Connection,
         addr: SocketAddr,
         hub_name: &str,
+        heard: &Arc<Mutex<Option<Instant>>>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -608,6 +711,7 @@ impl Session<'_> {
             anyhow::bail!("hub did not start with a welcome: {welcome:?}");
         };
         info!(%hub, %addr, certificate = %hub_name, resume_after = acked, "uplink connected");
+        *heard.lock().expect("not poisoned") = Some(Instant::now());
         let (live_tx, live_rx) = mpsc::unbounded_channel();
         let (backlog_tx, backlog_rx) = mpsc::unbounded_channel();
         self.inputs
@@ -626,6 +730,7 @@ impl Session<'_> {
             recv,
             self.conn_id,
             self.inputs.clone(),
+            heard.clone(),
             cancel.clone(),
         ));
         tokio::spawn(answer_requests(
@@ -754,10 +859,46 @@ impl TokenBucket {
     }
 }
 
+/// Every `every`, tries the hubs earlier in the list (best first); the
+/// first that completes a handshake ends the session so the relay goes
+/// back to it.
+async fn look_for_earlier_hubs(
+    endpoint: MeshEndpoint,
+    hubs: Vec<(usize, String)>,
+    every: Duration,
+    found: Arc<Mutex<Option<usize>>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for (i, hub) in &hubs {
+            let Ok(addr) = resolve(hub).await else {
+                continue;
+            };
+            let probe = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                p = endpoint.connect(addr, Protocol::Uplink) => p,
+            };
+            if let Ok((conn, _)) = probe {
+                conn.close(close::DONE, b"just looking");
+                *found.lock().expect("not poisoned") = Some(*i);
+                cancel.cancel();
+                return;
+            }
+        }
+    }
+}
+
 async fn read_acks(
     mut recv: quinn::RecvStream,
     conn: u64,
     inputs: mpsc::Sender<Input>,
+    heard: Arc<Mutex<Option<Instant>>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -768,6 +909,7 @@ async fn read_acks(
         };
         match msg {
             Ok(Some(HubMsg::Ack { through })) => {
+                *heard.lock().expect("not poisoned") = Some(Instant::now());
                 if inputs.send(Input::Ack { conn, through }).await.is_err() {
                     break;
                 }
@@ -893,9 +1035,14 @@ impl Relay {
         let latest = buffer
             .latest_summary()
             .map_err(|e| StartError::Other(e.to_string()))?;
+        let deleted = buffer
+            .first_seq()
+            .map_err(|e| StartError::Other(e.to_string()))?
+            .map_or(buffer.last_seq(), |f| f - 1);
         let core = RelayCore::new(
             identity.name.clone(),
             cfg.uplink.core(),
+            deleted,
             buffer.last_seq(),
             latest,
         );
@@ -920,6 +1067,8 @@ impl Relay {
             appending: false,
             compacting: false,
             seen_made: 0,
+            to_delete: std::collections::VecDeque::new(),
+            keep_acked: cfg.buffer.keep_acked,
         };
         let mut tasks = vec![
             tokio::spawn(task.run(
@@ -930,10 +1079,14 @@ impl Relay {
             )),
             tokio::spawn(uplink_task(
                 member.endpoint.clone(),
-                cfg.uplink.hubs.clone(),
-                stream,
-                cfg.uplink.max_backoff,
-                cfg.uplink.replay_bytes_per_s,
+                UplinkSettings {
+                    hubs: cfg.uplink.hubs.clone(),
+                    stream,
+                    max_backoff: cfg.uplink.max_backoff,
+                    replay_bytes_per_s: cfg.uplink.replay_bytes_per_s,
+                    failover_after: cfg.uplink.failover_after,
+                    failback_every: cfg.uplink.failback_every,
+                },
                 input_tx,
                 gossip.clone(),
                 relay_metrics.clone(),

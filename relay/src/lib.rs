@@ -14,6 +14,7 @@
 //! - [`config`]: the relay's TOML configuration.
 //! - [`report`]: the JSON shapes of the hub's and the relay's read APIs.
 //! - [`api`]: the relay's local read API.
+//! - [`failover`]: which hub to use, when to leave it and when to go back.
 //! - [`driver`]: the relay process: gossip, the core's task, the uplink.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod buffer;
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod failover;
 pub mod report;
 pub mod summarise;
 pub mod summary;

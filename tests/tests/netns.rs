@@ -75,7 +75,7 @@ fn a_site_behind_a_link_that_goes_down_catches_up_completely_when_it_returns() {
         &uplink,
         // One endpoint for the site (loopback) and the WAN (the veth): a
         // wildcard bind, announcing the loopback address to the site.
-        "[gossip]\nlisten = \"0.0.0.0:0\"\nadvertise = \"127.0.0.1:0\"\n[uplink]\nsummary_interval = \"1s\"\nack_timeout = \"3s\"\nmax_backoff = \"1s\"\n",
+        "[gossip]\nlisten = \"0.0.0.0:0\"\nadvertise = \"127.0.0.1:0\"\n[uplink]\nsummary_interval = \"1s\"\nack_timeout = \"3s\"\nmax_backoff = \"1s\"\n[buffer]\nkeep_acked = \"0s\"\n",
     );
     let mut nodes: Vec<_> = (0..3)
         .map(|i| mesh.start_node(&format!("par-n{i}"), &gossip, "").0)
