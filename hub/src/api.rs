@@ -10,7 +10,9 @@ use axum::routing::get;
 use serde::{Deserialize, Serialize};
 pub use trellis_relay::report::{ApiError, CheckRow, NodeRow, NodesReport};
 
-use crate::driver::{DrillError, Shared};
+use crate::driver::{DrillError, Input, Shared};
+use crate::federation::{HubRow, HubsReport};
+use crate::log::{Op, VersionVector, Winner};
 use crate::store::{self, StoredRecord};
 
 /// Records returned by one history or events request, at most.
@@ -55,6 +57,13 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/api/v1/sites/{site}/nodes", get(site_nodes))
         .route("/api/v1/sites/{site}/history", get(history))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/hubs", get(hubs))
+        .route("/api/v1/desired", get(desired))
+        .route(
+            "/api/v1/desired/{key}",
+            axum::routing::put(put_desired).delete(delete_desired),
+        )
+        .route("/api/v1/log", get(log))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see GET /") })
         .with_state(shared)
         .merge(metrics)
@@ -70,6 +79,11 @@ async fn index() -> &'static str {
         "GET /api/v1/sites/{site}/history            a site's records (summaries, events, gaps)\n",
         "    [?region=R&from=MS&to=MS&kind=K&limit=N]    times in ms since the Unix epoch\n",
         "GET /api/v1/events[?site=S&region=R&since=MS&limit=N]   events and gaps, oldest first\n",
+        "GET /api/v1/hubs                            the federation's hubs and their state\n",
+        "GET /api/v1/desired                         the desired state (from the replicated log)\n",
+        "PUT /api/v1/desired/{key}  {\"value\": V}     write; acknowledged once on write_quorum hubs\n",
+        "DELETE /api/v1/desired/{key}                delete, likewise\n",
+        "GET /api/v1/log[?limit=N]                   the replicated log, by (origin, seq)\n",
         "GET /metrics                                Prometheus metrics\n",
     )
 }
@@ -205,4 +219,208 @@ async fn events(State(shared): State<Shared>, Query(q): Query<EventsQuery>) -> R
         limit: q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT),
     };
     run_query(&shared, query).await
+}
+
+async fn hubs(State(shared): State<Shared>) -> Response {
+    let Some(peering) = shared.peering.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting");
+    };
+    let Some(me) = shared.ask(|reply| Input::Federation { reply }).await else {
+        return DrillError::ShuttingDown.into_response();
+    };
+    let mut rows = vec![HubRow {
+        name: peering.me.clone(),
+        region: peering.region.clone(),
+        addr: peering.gossip.advertise_addr().to_string(),
+        api: peering.api.clone(),
+        this: true,
+        alive: true,
+        sites_served: me.served.len(),
+        log_entries: me.log_entries,
+        in_sync: true,
+    }];
+    for p in peering.peers() {
+        rows.push(HubRow {
+            in_sync: p.records_digest == me.records_digest && p.log_digest == me.log_digest,
+            name: p.name,
+            region: p.region,
+            addr: p.addr.to_string(),
+            api: p.api,
+            this: false,
+            alive: p.alive,
+            sites_served: p.sites_served,
+            log_entries: p.log_entries,
+        });
+    }
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    axum::Json(HubsReport { hubs: rows }).into_response()
+}
+
+/// `GET /api/v1/desired`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredReport {
+    pub keys: std::collections::BTreeMap<String, Winner>,
+    /// Per origin hub, the highest log entry held.
+    pub version_vector: VersionVector,
+    pub log_entries: u64,
+}
+
+async fn desired(State(shared): State<Shared>) -> Response {
+    match shared.ask(|reply| Input::LogState { reply }).await {
+        Some(s) => axum::Json(DesiredReport {
+            keys: s.desired.into_iter().collect(),
+            version_vector: s.version_vector,
+            log_entries: s.entries,
+        })
+        .into_response(),
+        None => DrillError::ShuttingDown.into_response(),
+    }
+}
+
+/// The body of `PUT /api/v1/desired/{key}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PutBody {
+    pub value: String,
+    /// Who asks (until the API authenticates operators).
+    #[serde(default)]
+    pub author: Option<String>,
+}
+
+/// The answer to a write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WriteReport {
+    pub origin: String,
+    pub seq: u64,
+    pub hlc: crate::log::Hlc,
+    /// Hubs that hold the entry durably.
+    pub durable_on: Vec<String>,
+    pub write_quorum: usize,
+}
+
+async fn put_desired(
+    State(shared): State<Shared>,
+    Path(key): Path<String>,
+    axum::Json(body): axum::Json<PutBody>,
+) -> Response {
+    let author = body.author.unwrap_or_else(|| "anonymous".into());
+    write_op(
+        &shared,
+        author,
+        Op::Put {
+            key,
+            value: body.value,
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    author: Option<String>,
+}
+
+async fn delete_desired(
+    State(shared): State<Shared>,
+    Path(key): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Response {
+    let author = q.author.unwrap_or_else(|| "anonymous".into());
+    write_op(&shared, author, Op::Delete { key }).await
+}
+
+async fn write_op(shared: &Shared, author: String, op: Op) -> Response {
+    if let Err(e) = trellis_node::id::validate_name("key", op.key()) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let Some(peering) = shared.peering.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting");
+    };
+    match crate::peering::write(shared, peering, author, op).await {
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(w) => {
+            let report = WriteReport {
+                origin: w.entry.entry.origin.clone(),
+                seq: w.entry.entry.seq,
+                hlc: w.entry.entry.hlc,
+                durable_on: w.durable_on.clone(),
+                write_quorum: w.quorum,
+            };
+            if w.acknowledged() {
+                axum::Json(report).into_response()
+            } else {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not acknowledged: entry {}/{} is durable on {} of the {} hubs required ({}). \
+                         It stays in this hub's log and replicates when the other hubs are reachable; \
+                         until then another hub may not show it.",
+                        report.origin,
+                        report.seq,
+                        report.durable_on.len(),
+                        report.write_quorum,
+                        report.durable_on.join(", ")
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// One entry in `GET /api/v1/log`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRow {
+    pub entry: crate::log::Entry,
+    /// The origin's signature, hex.
+    pub signature: String,
+}
+
+/// `GET /api/v1/log`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogReport {
+    pub entries: Vec<LogRow>,
+    pub truncated: bool,
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    limit: Option<usize>,
+}
+
+async fn log(State(shared): State<Shared>, Query(q): Query<LogQuery>) -> Response {
+    let Some(state) = shared.ask(|reply| Input::LogState { reply }).await else {
+        return DrillError::ShuttingDown.into_response();
+    };
+    let limit = q.limit.unwrap_or(10_000).clamp(1, 100_000);
+    let reader = shared.store.clone();
+    let vv = state.version_vector;
+    let rows = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for origin in vv.keys() {
+            if out.len() > limit {
+                break;
+            }
+            out.extend(reader.log_after(origin, 0, limit + 1 - out.len())?);
+        }
+        Ok::<_, crate::store::StoreError>(out)
+    })
+    .await;
+    match rows {
+        Ok(Ok(mut entries)) => {
+            let truncated = entries.len() > limit;
+            entries.truncate(limit);
+            axum::Json(LogReport {
+                entries: entries
+                    .into_iter()
+                    .map(|e| LogRow {
+                        signature: e.signature.iter().map(|b| format!("{b:02x}")).collect(),
+                        entry: e.entry,
+                    })
+                    .collect(),
+                truncated,
+            })
+            .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

@@ -90,6 +90,57 @@ impl Default for StoreConfig {
     }
 }
 
+/// `[federation]`: the other hubs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Other hubs' endpoints (their `uplink.listen`), to join the
+    /// federation through; any one that answers is enough.
+    pub peers: Vec<SocketAddr>,
+    /// The address other hubs reach this one at, when `uplink.listen` is a
+    /// wildcard or behind NAT; port 0 means the bound port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<SocketAddr>,
+    /// Time between gossip rounds among hubs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            peers: Vec::new(),
+            advertise: None,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[replication]`: how hubs share relay records and the management log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Hubs that must hold an operator's write before it is acknowledged;
+    /// 0 means 2 when the federation has two hubs or more, else 1.
+    pub write_quorum: usize,
+    /// How long a write waits for the quorum.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// How often hubs compare what they hold and pull what they lack.
+    #[serde(with = "humantime_serde")]
+    pub anti_entropy_every: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            write_quorum: 0,
+            write_timeout: Duration::from_secs(5),
+            anti_entropy_every: Duration::from_secs(2),
+        }
+    }
+}
+
 /// The hub's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -99,6 +150,8 @@ pub struct HubConfig {
     pub api: ApiConfig,
     pub fleet: FleetConfig,
     pub store: StoreConfig,
+    pub federation: FederationConfig,
+    pub replication: ReplicationConfig,
 }
 
 impl Default for HubConfig {
@@ -109,6 +162,8 @@ impl Default for HubConfig {
             api: ApiConfig::default(),
             fleet: FleetConfig::default(),
             store: StoreConfig::default(),
+            federation: FederationConfig::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -133,6 +188,29 @@ impl Validate for HubConfig {
             self.uplink.silence_timeout >= Duration::from_secs(1),
             "uplink.silence_timeout",
             "must be at least 1s",
+        );
+        p.check(
+            !self.uplink.listen.ip().is_unspecified() || self.federation.advertise.is_some(),
+            "uplink.listen",
+            format!(
+                "is {}, a wildcard; set federation.advertise to the address other hubs reach this one at",
+                self.uplink.listen
+            ),
+        );
+        p.check(
+            self.federation.interval >= Duration::from_millis(50),
+            "federation.interval",
+            "must be at least 50ms",
+        );
+        p.check(
+            self.replication.write_timeout >= Duration::from_millis(100),
+            "replication.write_timeout",
+            "must be at least 100ms",
+        );
+        p.check(
+            self.replication.anti_entropy_every >= Duration::from_millis(100),
+            "replication.anti_entropy_every",
+            "must be at least 100ms",
         );
         p.check(
             self.store.retention >= Duration::from_secs(3600),

@@ -17,7 +17,7 @@ use trellis_relay::report::{FleetReport, FleetTotals, SiteRow};
 use trellis_relay::summary::{Rollup, SiteKey, SiteStatus, SiteSummary};
 use trellis_relay::uplink::{Record, RecordBody};
 
-use crate::store::StreamRow;
+use crate::store::{StoredRecord, StreamRow};
 
 /// A relay whose uplink has been down this long makes its site unreachable,
 /// even before it goes stale (a relay reconnecting at once does not).
@@ -43,7 +43,7 @@ pub enum RecordError {
 
 /// What is applied of one relay's record stream: everything up to
 /// `applied`, and the disjoint ranges in `above`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Coverage {
     pub applied: u64,
     pub above: BTreeMap<u64, u64>,
@@ -114,7 +114,22 @@ pub struct Fresh {
     pub relay: Identity,
     pub stream: u64,
     pub records: Vec<Record>,
+    /// When the first hub received them, for replicated records (0 for
+    /// records straight from the relay: received now).
+    pub received_ms: u64,
     before: Coverage,
+}
+
+/// What another hub says (in federation gossip) about a site it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub hub: String,
+    pub relay: String,
+    /// When that hub last heard from the relay (its clock, ms).
+    pub heard_ms: u64,
+    /// The site's latest counts there, for a site this hub has no summary
+    /// of yet.
+    pub summary: SiteSummary,
 }
 
 pub struct HubCore {
@@ -123,7 +138,10 @@ pub struct HubCore {
     streams: BTreeMap<(String, u64), Coverage>,
     links: BTreeMap<String, Link>,
     rollup: Rollup,
-    heard: BTreeMap<SiteKey, Instant>,
+    /// When a record of the site was last received by any hub (wall ms).
+    heard_ms: BTreeMap<SiteKey, u64>,
+    /// Sites other hubs serve now (alive hubs only).
+    remote: BTreeMap<SiteKey, Served>,
     stats: HubStats,
 }
 
@@ -135,19 +153,15 @@ impl HubCore {
             streams: BTreeMap::new(),
             links: BTreeMap::new(),
             rollup: Rollup::new(),
-            heard: BTreeMap::new(),
+            heard_ms: BTreeMap::new(),
+            remote: BTreeMap::new(),
             stats: HubStats::default(),
         }
     }
 
     /// Takes back what the store holds after a restart. Sites count as
-    /// last heard from `age` ago (from the newest record of the site).
-    pub fn restore(
-        &mut self,
-        now: Instant,
-        streams: Vec<StreamRow>,
-        summaries: Vec<(SiteSummary, Duration)>,
-    ) {
+    /// last heard when their newest summary was made.
+    pub fn restore(&mut self, streams: Vec<StreamRow>, summaries: Vec<SiteSummary>) {
         for s in streams {
             self.streams.insert(
                 (s.relay, s.stream),
@@ -157,10 +171,10 @@ impl HubCore {
                 },
             );
         }
-        for (summary, age) in summaries {
-            self.heard.insert(
+        for summary in summaries {
+            self.heard_ms.insert(
                 (summary.region.clone(), summary.site.clone()),
-                now.checked_sub(age).unwrap_or(now),
+                summary.generated_ms,
             );
             self.rollup.insert(summary);
         }
@@ -258,6 +272,46 @@ impl HubCore {
                 );
             }
         }
+        Ok(self.cover(relay.clone(), stream, records))
+    }
+
+    /// Marks records another hub stored as covered and returns those that
+    /// are new here, grouped per relay stream. Records whose relay name,
+    /// region or site is not a valid identity are left out.
+    pub fn take_replicated(&mut self, records: Vec<StoredRecord>) -> Vec<Fresh> {
+        type Group = (Vec<Record>, u64);
+        let mut groups: BTreeMap<(String, u64, String, String), Group> = BTreeMap::new();
+        for r in records {
+            if r.seq == 0 || r.until < r.seq {
+                self.stats.rejected += 1;
+                continue;
+            }
+            let g = groups
+                .entry((r.relay, r.stream, r.region, r.site))
+                .or_default();
+            g.1 = g.1.max(r.received_ms);
+            g.0.push(Record {
+                seq: r.seq,
+                at_ms: r.at_ms,
+                body: r.body,
+            });
+        }
+        let mut out = Vec::new();
+        for ((relay, stream, region, site), (records, received_ms)) in groups {
+            let Ok(id) = Identity::new(Role::Relay, region, site, relay) else {
+                self.stats.rejected += records.len() as u64;
+                continue;
+            };
+            let mut fresh = self.cover(id, stream, records);
+            fresh.received_ms = received_ms;
+            if !fresh.records.is_empty() {
+                out.push(fresh);
+            }
+        }
+        out
+    }
+
+    fn cover(&mut self, relay: Identity, stream: u64, records: Vec<Record>) -> Fresh {
         let cov = self
             .streams
             .entry((relay.name.clone(), stream))
@@ -272,12 +326,13 @@ impl HubCore {
             cov.add(r.seq, r.until());
             fresh.push(r);
         }
-        Ok(Fresh {
-            relay: relay.clone(),
+        Fresh {
+            relay,
             stream,
             records: fresh,
+            received_ms: 0,
             before,
-        })
+        }
     }
 
     /// The store failed: forget that `fresh` was taken.
@@ -286,8 +341,9 @@ impl HubCore {
             .insert((fresh.relay.name.clone(), fresh.stream), fresh.before);
     }
 
-    /// `fresh` is durable: apply it to the fleet view.
-    pub fn handle_committed(&mut self, now: Instant, fresh: &Fresh) {
+    /// `fresh` is durable: apply it to the fleet view. `received_ms` is
+    /// when the first hub received it (now, for records from a relay).
+    pub fn handle_committed(&mut self, received_ms: u64, fresh: &Fresh) {
         let relay = &fresh.relay;
         for r in &fresh.records {
             if let RecordBody::Summary(s) = &r.body {
@@ -297,39 +353,100 @@ impl HubCore {
             }
         }
         self.stats.records_applied += fresh.records.len() as u64;
-        self.heard
-            .insert((relay.region.clone(), relay.site.clone()), now);
+        let heard = self
+            .heard_ms
+            .entry((relay.region.clone(), relay.site.clone()))
+            .or_default();
+        *heard = (*heard).max(received_ms);
     }
 
-    /// The fleet as this hub knows it, sites in (region, site) order.
-    pub fn fleet(&self, now: Instant) -> FleetReport {
+    /// What the alive hubs of the federation say they serve now.
+    pub fn handle_peers(&mut self, served: Vec<(SiteKey, Served)>) {
+        self.remote = served.into_iter().collect();
+        for (key, s) in &self.remote {
+            let heard = self.heard_ms.entry(key.clone()).or_default();
+            *heard = (*heard).max(s.heard_ms);
+        }
+    }
+
+    /// The sites whose relay is connected to this hub now, with what the
+    /// federation is told about them.
+    pub fn served(&self) -> Vec<(SiteKey, Served)> {
+        self.links
+            .iter()
+            .filter(|(_, l)| l.connected)
+            .map(|(relay, l)| {
+                let key = (l.region.clone(), l.site.clone());
+                let summary = self
+                    .rollup
+                    .get(&l.region, &l.site)
+                    .cloned()
+                    .unwrap_or_else(|| SiteSummary::empty(&l.region, &l.site, relay, 0));
+                let served = Served {
+                    hub: self.name.clone(),
+                    relay: relay.clone(),
+                    heard_ms: self.heard_ms.get(&key).copied().unwrap_or(0),
+                    summary,
+                };
+                (key, served)
+            })
+            .collect()
+    }
+
+    /// A fingerprint of what this hub holds of the relays' streams; equal
+    /// fingerprints mean nothing to exchange.
+    pub fn records_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.streams.hash(&mut h);
+        h.finish()
+    }
+
+    /// What this hub holds of each relay stream.
+    pub fn coverage(&self) -> &BTreeMap<(String, u64), Coverage> {
+        &self.streams
+    }
+
+    /// The fleet as this hub knows it, sites in (region, site) order. `now_ms`
+    /// is the wall clock, to age what other hubs heard.
+    pub fn fleet(&self, now: Instant, now_ms: u64) -> FleetReport {
+        let mut rollup = self.rollup.clone();
+        // Sites known only from another hub's gossip so far.
+        for s in self.remote.values() {
+            if rollup.get(&s.summary.region, &s.summary.site).is_none() {
+                rollup.insert(s.summary.clone());
+            }
+        }
         let mut sites = Vec::new();
-        for s in self.rollup.sites() {
+        for s in rollup.sites() {
             let key = (s.region.clone(), s.site.clone());
-            let age = self
-                .heard
+            let age_ms = self
+                .heard_ms
                 .get(&key)
-                .map_or(Duration::MAX, |t| now.saturating_duration_since(*t));
-            let link = self
+                .map_or(u64::MAX, |h| now_ms.saturating_sub(*h));
+            let local = self
                 .links
                 .values()
                 .filter(|l| l.region == s.region && l.site == s.site)
                 .max_by_key(|l| (l.connected, l.since));
-            let connected = link.is_some_and(|l| l.connected);
-            let down_long = link.is_none_or(|l| {
-                !l.connected && now.saturating_duration_since(l.since) > DISCONNECT_GRACE
-            });
-            let status = if age > self.stale_after || down_long {
+            let (hub, connected) = match (local, self.remote.get(&key)) {
+                (Some(l), _) if l.connected => (Some(self.name.clone()), true),
+                (_, Some(r)) => (Some(r.hub.clone()), true),
+                _ => (None, false),
+            };
+            // Nobody serves it, and not just for a moment (a relay that
+            // reconnects at once does not make its site unreachable).
+            let down_long = !connected
+                && local.is_none_or(|l| now.saturating_duration_since(l.since) > DISCONNECT_GRACE)
+                && age_ms > DISCONNECT_GRACE.as_millis() as u64;
+            let status = if age_ms > self.stale_after.as_millis() as u64 || down_long {
                 SiteStatus::Unreachable
             } else {
                 s.status()
             };
-            sites.push(SiteRow::new(
-                s,
-                status,
-                age.as_secs().min(u32::MAX as u64),
-                connected,
-            ));
+            let mut row = SiteRow::new(s, status, (age_ms / 1000).min(u32::MAX as u64), connected);
+            row.hub = hub;
+            sites.push(row);
         }
         FleetReport {
             hub: self.name.clone(),
@@ -380,9 +497,16 @@ mod tests {
         )
     }
 
-    fn apply(hub: &mut HubCore, t: Instant, r: &Identity, records: Vec<Record>) -> Vec<u64> {
+    /// The wall clock (ms) at `t0` in these tests.
+    const T0_MS: u64 = 1_000_000;
+
+    fn ms(t0: Instant, t: Instant) -> u64 {
+        T0_MS + t.duration_since(t0).as_millis() as u64
+    }
+
+    fn apply(hub: &mut HubCore, received_ms: u64, r: &Identity, records: Vec<Record>) -> Vec<u64> {
         let fresh = hub.take_fresh(r, records).unwrap();
-        hub.handle_committed(t, &fresh);
+        hub.handle_committed(received_ms, &fresh);
         fresh.records.iter().map(|r| r.seq).collect()
     }
 
@@ -393,14 +517,14 @@ mod tests {
         let r = relay("par");
         assert_eq!(hub.handle_hello(t, &r, 9), 0);
         // The newest first, then the backlog in order, then all again.
-        assert_eq!(apply(&mut hub, t, &r, vec![died(3)]), vec![3]);
+        assert_eq!(apply(&mut hub, T0_MS, &r, vec![died(3)]), vec![3]);
         assert_eq!(hub.applied("par-relay", 9), 0, "1 and 2 still missing");
         assert_eq!(
-            apply(&mut hub, t, &r, vec![died(1), died(2), died(3)]),
+            apply(&mut hub, T0_MS, &r, vec![died(1), died(2), died(3)]),
             vec![1, 2]
         );
         assert_eq!(hub.applied("par-relay", 9), 3);
-        assert!(apply(&mut hub, t, &r, vec![died(1), died(2), died(3)]).is_empty());
+        assert!(apply(&mut hub, T0_MS, &r, vec![died(1), died(2), died(3)]).is_empty());
         assert_eq!(hub.stats().duplicates, 4);
         // A reconnect with the same stream resumes after what was applied.
         hub.handle_disconnected(t, &r);
@@ -423,7 +547,7 @@ mod tests {
                 ..Gap::default()
             }),
         );
-        apply(&mut hub, t, &r, vec![died(1), gap, died(7)]);
+        apply(&mut hub, T0_MS, &r, vec![died(1), gap, died(7)]);
         assert_eq!(hub.applied("par-relay", 1), 7);
     }
 
@@ -437,7 +561,7 @@ mod tests {
         hub.undo(fresh);
         assert_eq!(hub.applied("par-relay", 1), 0);
         assert_eq!(
-            apply(&mut hub, t, &r, vec![died(1)]),
+            apply(&mut hub, T0_MS, &r, vec![died(1)]),
             vec![1],
             "taken again"
         );
@@ -459,7 +583,7 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, RecordError::WrongSite { .. }));
-        assert!(hub.fleet(t).sites.is_empty());
+        assert!(hub.fleet(t, ms(t, t)).sites.is_empty());
         assert_eq!(hub.stats().rejected, 1);
         assert_eq!(hub.applied("par-relay", 1), 0);
     }
@@ -489,7 +613,7 @@ mod tests {
             hub.handle_hello(t, &r, 1);
             apply(
                 &mut hub,
-                t,
+                T0_MS,
                 &r,
                 vec![rec(
                     1,
@@ -497,7 +621,10 @@ mod tests {
                 )],
             );
         }
-        let f = hub.fleet(t + Duration::from_secs(3));
+        let f = hub.fleet(
+            t + Duration::from_secs(3),
+            ms(t, t + Duration::from_secs(3)),
+        );
         assert_eq!(f.sites[0].site, "ber", "sorted by region then site");
         assert_eq!(f.sites[0].status, SiteStatus::Degraded);
         assert_eq!(f.sites[0].relay, "ber-relay");
@@ -507,14 +634,23 @@ mod tests {
         // The relay of par drops off: past the grace, par is unreachable
         // with its last-known state; nothing says its nodes died.
         hub.handle_disconnected(t + Duration::from_secs(3), &relay("par"));
-        let f = hub.fleet(t + Duration::from_secs(4));
+        let f = hub.fleet(
+            t + Duration::from_secs(4),
+            ms(t, t + Duration::from_secs(4)),
+        );
         assert_eq!(f.sites[1].status, SiteStatus::Healthy, "within the grace");
-        let f = hub.fleet(t + Duration::from_secs(10));
+        let f = hub.fleet(
+            t + Duration::from_secs(10),
+            ms(t, t + Duration::from_secs(10)),
+        );
         assert_eq!(f.sites[1].status, SiteStatus::Unreachable);
         assert_eq!(f.sites[1].nodes_alive, 9);
         assert_eq!(f.sites[1].nodes_dead, 0);
         assert!(!f.sites[1].connected);
-        let later = hub.fleet(t + Duration::from_secs(31));
+        let later = hub.fleet(
+            t + Duration::from_secs(31),
+            ms(t, t + Duration::from_secs(31)),
+        );
         assert!(
             later
                 .sites
@@ -531,7 +667,7 @@ mod tests {
         hub.handle_hello(t, &r, 1);
         apply(
             &mut hub,
-            t,
+            T0_MS,
             &r,
             vec![rec(
                 5,
@@ -540,14 +676,94 @@ mod tests {
         );
         apply(
             &mut hub,
-            t,
+            T0_MS,
             &r,
             vec![rec(
                 1,
                 RecordBody::Summary(Box::new(summary("par", 100, 5, 0))),
             )],
         );
-        assert_eq!(hub.fleet(t).sites[0].nodes_dead, 1);
+        assert_eq!(hub.fleet(t, ms(t, t)).sites[0].nodes_dead, 1);
+    }
+
+    #[test]
+    fn records_from_another_hub_are_taken_once_and_join_the_same_coverage() {
+        let t = Instant::now();
+        let mut hub = HubCore::new("h2", Duration::from_secs(30));
+        let r = relay("par");
+        let stored = |seq: u64| crate::store::stored(&r.name, 9, "eu", "par", &died(seq), T0_MS);
+        let fresh = hub.take_replicated(vec![stored(1), stored(2)]);
+        assert_eq!(fresh.len(), 1);
+        for f in &fresh {
+            hub.handle_committed(T0_MS, f);
+        }
+        assert!(
+            hub.take_replicated(vec![stored(2)]).is_empty(),
+            "a duplicate"
+        );
+        // The relay fails over to this hub: it resumes after what was
+        // replicated, and what it resends is absorbed.
+        assert_eq!(hub.handle_hello(t, &r, 9), 2);
+        assert_eq!(apply(&mut hub, T0_MS, &r, vec![died(2), died(3)]), vec![3]);
+        let bad = crate::store::stored("Not A Name", 9, "eu", "par", &died(1), T0_MS);
+        assert!(hub.take_replicated(vec![bad]).is_empty());
+    }
+
+    #[test]
+    fn a_site_another_hub_serves_is_shown_with_that_hub_and_its_freshness() {
+        let t = Instant::now();
+        let mut hub = HubCore::new("h1", Duration::from_secs(30));
+        let served = Served {
+            hub: "h2".into(),
+            relay: "ber-relay".into(),
+            heard_ms: T0_MS,
+            summary: summary("ber", T0_MS, 7, 1),
+        };
+        hub.handle_peers(vec![(("eu".into(), "ber".into()), served)]);
+        let f = hub.fleet(t, T0_MS + 2000);
+        assert_eq!(f.sites.len(), 1, "known from gossip before any record");
+        let row = &f.sites[0];
+        assert_eq!(row.hub.as_deref(), Some("h2"));
+        assert!(row.connected);
+        assert_eq!(row.last_seen_s, 2);
+        assert_eq!((row.nodes_alive, row.nodes_dead), (7, 1));
+        assert_eq!(row.status, SiteStatus::Degraded);
+        // The serving hub goes away: after the grace the site is unreachable.
+        hub.handle_peers(vec![]);
+        assert_eq!(
+            hub.fleet(t, T0_MS + 10_000).sites[0].status,
+            SiteStatus::Unreachable
+        );
+    }
+
+    #[test]
+    fn a_hub_tells_the_federation_which_sites_it_serves() {
+        let t = Instant::now();
+        let mut hub = HubCore::new("h1", Duration::from_secs(30));
+        let r = relay("par");
+        hub.handle_hello(t, &r, 1);
+        apply(
+            &mut hub,
+            T0_MS,
+            &r,
+            vec![rec(
+                1,
+                RecordBody::Summary(Box::new(summary("par", 5, 3, 0))),
+            )],
+        );
+        let served = hub.served();
+        assert_eq!(served.len(), 1);
+        assert_eq!(served[0].1.relay, "par-relay");
+        assert_eq!(served[0].1.summary.nodes_alive, 3);
+        let d = hub.records_digest();
+        apply(&mut hub, T0_MS, &r, vec![died(2)]);
+        assert_ne!(
+            hub.records_digest(),
+            d,
+            "the fingerprint follows the coverage"
+        );
+        hub.handle_disconnected(t, &r);
+        assert!(hub.served().is_empty());
     }
 
     proptest! {

@@ -8,7 +8,7 @@
 //! commit them in one transaction, and only then applies them to the fleet
 //! view and answers with acks (persist, then acknowledge).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use trellis_node::agent::StartError;
 use trellis_node::authz::Protocol;
 use trellis_node::clock::{ticker, unix_ms};
 use trellis_node::endpoint::{Accepted, MeshEndpoint, close};
+use trellis_node::gossip::{Cluster, Gossip};
 use trellis_node::id::{Identity, Role};
 use trellis_node::metrics::{MeshMetrics, Registry};
 use trellis_node::site::MemberView;
@@ -36,8 +37,11 @@ use trellis_relay::uplink::{
 
 use crate::api;
 use crate::config::HubConfig;
-use crate::core::{Fresh, HubCore, RecordError};
-use crate::store::{Batch, HubStore, StoreError, StoreReader, stored};
+use crate::core::{Coverage, Fresh, HubCore, RecordError, Served};
+use crate::log::{LogCore, Op, SignedEntry, VersionVector, Winner};
+use crate::peering::{Peering, PeeringSettings, federation_task, push_task, serve_replication};
+use crate::replication::ReplClient;
+use crate::store::{Batch, HubStore, StoreError, StoreReader, StoredRecord, stored};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Records a connection hands to the core task at once, at most.
@@ -115,17 +119,73 @@ pub(crate) enum Input {
         records: Vec<Record>,
         reply: oneshot::Sender<Result<u64, ApplyError>>,
     },
+    /// Records another hub stored; answered once they are durable here.
+    Replicated {
+        records: Vec<StoredRecord>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Disconnected {
         relay: Identity,
     },
     Fleet {
         reply: oneshot::Sender<FleetReport>,
     },
+    /// What the other hubs say they serve.
+    Peers {
+        served: Vec<(SiteKey, Served)>,
+    },
+    /// What this hub publishes to the federation.
+    Federation {
+        reply: oneshot::Sender<FederationState>,
+    },
+    Coverage {
+        reply: oneshot::Sender<BTreeMap<(String, u64), Coverage>>,
+    },
+    /// An operator's write: answered with the entry once durable here.
+    LogWrite {
+        author: String,
+        op: Op,
+        reply: oneshot::Sender<Result<SignedEntry, String>>,
+    },
+    /// Entries from another hub (signatures verified): answered with how
+    /// many were new, once durable.
+    LogEntries {
+        entries: Vec<SignedEntry>,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    LogMissing {
+        have: VersionVector,
+        reply: oneshot::Sender<Vec<(String, u64)>>,
+    },
+    LogState {
+        reply: oneshot::Sender<LogSnapshot>,
+    },
+}
+
+/// What a hub publishes about itself in federation gossip.
+#[derive(Clone)]
+pub(crate) struct FederationState {
+    pub served: Vec<(SiteKey, Served)>,
+    pub records_digest: u64,
+    pub log_digest: u64,
+    pub log_entries: u64,
+}
+
+/// The desired state and the log's extent.
+#[derive(Clone)]
+pub(crate) struct LogSnapshot {
+    pub version_vector: VersionVector,
+    pub entries: u64,
+    pub desired: Vec<(String, Winner)>,
 }
 
 enum StoreCmd {
     Commit {
         batch: Batch,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    CommitLog {
+        entries: Vec<SignedEntry>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Prune {
@@ -143,6 +203,9 @@ fn spawn_store_thread(mut store: HubStore) -> std::sync::mpsc::Sender<StoreCmd> 
                     StoreCmd::Commit { batch, reply } => {
                         let _ = reply.send(store.commit(&batch));
                     }
+                    StoreCmd::CommitLog { entries, reply } => {
+                        let _ = reply.send(store.commit_log(&entries));
+                    }
                     StoreCmd::Prune { before_ms } => match store.prune(before_ms) {
                         Ok(0) => {}
                         Ok(n) => info!(records = n, "pruned history past its retention"),
@@ -155,113 +218,253 @@ fn spawn_store_thread(mut store: HubStore) -> std::sync::mpsc::Sender<StoreCmd> 
     tx
 }
 
-async fn core_task(
-    mut core: HubCore,
+/// Sends a command to the store thread and waits for its answer.
+async fn store_call<T>(
+    store: &std::sync::mpsc::Sender<StoreCmd>,
+    make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> StoreCmd,
+) -> Result<T, String> {
+    let (reply, rx) = oneshot::channel();
+    store
+        .send(make(reply))
+        .map_err(|_| "the store thread is gone".to_owned())?;
+    rx.await
+        .map_err(|_| "the store thread is gone".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+/// What the core task owns.
+struct CoreTask {
+    core: HubCore,
+    log: LogCore,
+    creds: Credentials,
     store: std::sync::mpsc::Sender<StoreCmd>,
-    mut inputs: mpsc::Receiver<Input>,
+    /// Records stored here, to push to the other hubs.
+    pushes: mpsc::Sender<Vec<StoredRecord>>,
     metrics: HubMetrics,
-    shutdown: CancellationToken,
-) {
-    let mut seen = core.stats();
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            i = inputs.recv() => match i { Some(i) => i, None => break },
-        };
-        let mut pending = vec![first];
-        while pending.len() < MAX_INPUTS_PER_COMMIT {
-            match inputs.try_recv() {
-                Ok(i) => pending.push(i),
-                Err(_) => break,
-            }
-        }
-        let now = Instant::now();
-        let mut work: Vec<(Fresh, oneshot::Sender<Result<u64, ApplyError>>)> = Vec::new();
-        for input in pending {
-            match input {
-                Input::Hello {
-                    relay,
-                    stream,
-                    reply,
-                } => {
-                    let _ = reply.send(core.handle_hello(now, &relay, stream));
-                }
-                Input::Records {
-                    relay,
-                    records,
-                    reply,
-                } => match core.take_fresh(&relay, records) {
-                    Ok(fresh) => work.push((fresh, reply)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
-                },
-                Input::Disconnected { relay } => core.handle_disconnected(now, &relay),
-                Input::Fleet { reply } => {
-                    let _ = reply.send(core.fleet(now));
-                }
-            }
-        }
-        if !work.is_empty() {
-            let received_ms = unix_ms();
-            let mut batch = Batch {
-                records: Vec::new(),
-                streams: Vec::new(),
+}
+
+type RecordWork = (Fresh, Option<oneshot::Sender<Result<u64, ApplyError>>>);
+
+impl CoreTask {
+    async fn run(mut self, mut inputs: mpsc::Receiver<Input>, shutdown: CancellationToken) {
+        let mut seen = self.core.stats();
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                i = inputs.recv() => match i { Some(i) => i, None => break },
             };
-            for (f, _) in &work {
-                let id = &f.relay;
-                batch.records.extend(
-                    f.records
-                        .iter()
-                        .map(|r| stored(&id.name, f.stream, &id.region, &id.site, r, received_ms)),
-                );
-                batch.streams.push((
-                    id.name.clone(),
-                    f.stream,
-                    id.region.clone(),
-                    id.site.clone(),
-                    core.applied(&id.name, f.stream),
-                ));
+            let mut pending = vec![first];
+            while pending.len() < MAX_INPUTS_PER_COMMIT {
+                match inputs.try_recv() {
+                    Ok(i) => pending.push(i),
+                    Err(_) => break,
+                }
             }
-            let committed = if batch.records.is_empty() {
-                Ok(())
+            let now = Instant::now();
+            let mut work: Vec<RecordWork> = Vec::new();
+            let mut replicated: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+            let mut log_work = Vec::new();
+            for input in pending {
+                match input {
+                    Input::Hello {
+                        relay,
+                        stream,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.core.handle_hello(now, &relay, stream));
+                    }
+                    Input::Records {
+                        relay,
+                        records,
+                        reply,
+                    } => match self.core.take_fresh(&relay, records) {
+                        Ok(fresh) => work.push((fresh, Some(reply))),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                        }
+                    },
+                    Input::Replicated { records, reply } => {
+                        for fresh in self.core.take_replicated(records) {
+                            work.push((fresh, None));
+                        }
+                        replicated.push(reply);
+                    }
+                    Input::Disconnected { relay } => self.core.handle_disconnected(now, &relay),
+                    Input::Fleet { reply } => {
+                        let _ = reply.send(self.core.fleet(now, unix_ms()));
+                    }
+                    Input::Peers { served } => self.core.handle_peers(served),
+                    Input::Federation { reply } => {
+                        let _ = reply.send(FederationState {
+                            served: self.core.served(),
+                            records_digest: self.core.records_digest(),
+                            log_digest: self.log.digest(),
+                            log_entries: self.log.len(),
+                        });
+                    }
+                    Input::Coverage { reply } => {
+                        let _ = reply.send(self.core.coverage().clone());
+                    }
+                    Input::LogMissing { have, reply } => {
+                        let _ = reply.send(self.log.missing_for(&have));
+                    }
+                    Input::LogState { reply } => {
+                        let _ = reply.send(LogSnapshot {
+                            version_vector: self.log.version_vector().clone(),
+                            entries: self.log.len(),
+                            desired: self
+                                .log
+                                .state()
+                                .values()
+                                .map(|(k, w)| (k.to_owned(), w.clone()))
+                                .collect(),
+                        });
+                    }
+                    other @ (Input::LogWrite { .. } | Input::LogEntries { .. }) => {
+                        log_work.push(other)
+                    }
+                }
+            }
+            if !work.is_empty() {
+                let stored = self.commit_records(work).await;
+                for r in replicated {
+                    let _ = r.send(stored.clone());
+                }
             } else {
-                let (reply, rx) = oneshot::channel();
-                if store.send(StoreCmd::Commit { batch, reply }).is_err() {
-                    Err("the store thread is gone".to_owned())
-                } else {
-                    rx.await
-                        .map_err(|_| "the store thread is gone".to_owned())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
+                for r in replicated {
+                    let _ = r.send(Ok(()));
                 }
+            }
+            for input in log_work {
+                self.log_input(input).await;
+            }
+            let s = self.core.stats();
+            self.metrics
+                .records_applied
+                .inc_by(s.records_applied - seen.records_applied);
+            self.metrics
+                .duplicates
+                .inc_by(s.duplicates - seen.duplicates);
+            self.metrics.rejected.inc_by(s.rejected - seen.rejected);
+            seen = s;
+        }
+    }
+
+    /// Stores new records in one transaction, then applies them and
+    /// acknowledges; on failure, takes them back.
+    async fn commit_records(&mut self, work: Vec<RecordWork>) -> Result<(), String> {
+        let now_ms = unix_ms();
+        let mut batch = Batch {
+            records: Vec::new(),
+            streams: Vec::new(),
+        };
+        for (f, _) in &work {
+            let id = &f.relay;
+            let received = if f.received_ms > 0 {
+                f.received_ms
+            } else {
+                now_ms
             };
-            match committed {
-                Ok(()) => {
-                    metrics.commits.inc();
-                    let now = Instant::now();
-                    for (fresh, reply) in work {
-                        core.handle_committed(now, &fresh);
-                        let _ = reply.send(Ok(core.applied(&fresh.relay.name, fresh.stream)));
+            batch.records.extend(
+                f.records
+                    .iter()
+                    .map(|r| stored(&id.name, f.stream, &id.region, &id.site, r, received)),
+            );
+            batch.streams.push((
+                id.name.clone(),
+                f.stream,
+                id.region.clone(),
+                id.site.clone(),
+                self.core.applied(&id.name, f.stream),
+            ));
+        }
+        let records = batch.records.clone();
+        let committed = if records.is_empty() {
+            Ok(())
+        } else {
+            store_call(&self.store, |reply| StoreCmd::Commit { batch, reply }).await
+        };
+        match committed {
+            Ok(()) => {
+                self.metrics.commits.inc();
+                for (fresh, reply) in work {
+                    let received = if fresh.received_ms > 0 {
+                        fresh.received_ms
+                    } else {
+                        now_ms
+                    };
+                    self.core.handle_committed(received, &fresh);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(self.core.applied(&fresh.relay.name, fresh.stream)));
                     }
                 }
-                Err(e) => {
-                    metrics.store_errors.inc();
-                    error!(error = %e, "cannot store relay records; nothing acknowledged, relays will resend");
-                    for (fresh, reply) in work.into_iter().rev() {
-                        core.undo(fresh);
+                // The others get them at once; anti-entropy repairs a push
+                // that is dropped here for lack of room.
+                if !records.is_empty() {
+                    let _ = self.pushes.try_send(records);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                error!(error = %e, "cannot store relay records; nothing acknowledged, relays will resend");
+                for (fresh, reply) in work.into_iter().rev() {
+                    self.core.undo(fresh);
+                    if let Some(reply) = reply {
                         let _ = reply.send(Err(ApplyError::Store(e.clone())));
                     }
                 }
+                Err(e)
             }
         }
-        let s = core.stats();
-        metrics
-            .records_applied
-            .inc_by(s.records_applied - seen.records_applied);
-        metrics.duplicates.inc_by(s.duplicates - seen.duplicates);
-        metrics.rejected.inc_by(s.rejected - seen.rejected);
-        seen = s;
+    }
+
+    async fn log_input(&mut self, input: Input) {
+        match input {
+            Input::LogWrite { author, op, reply } => {
+                let entry = self.log.write(unix_ms(), &author, op);
+                let signed = match self.creds.sign(&entry.signing_bytes()) {
+                    Ok(signature) => SignedEntry {
+                        entry,
+                        cert: self.creds.cert_der().to_vec(),
+                        signature,
+                    },
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let entries = vec![signed.clone()];
+                let result =
+                    store_call(&self.store, |reply| StoreCmd::CommitLog { entries, reply }).await;
+                if result.is_ok() {
+                    self.log.apply(&signed.entry);
+                }
+                let _ = reply.send(result.map(|()| signed));
+            }
+            Input::LogEntries { entries, reply } => {
+                let fresh: Vec<SignedEntry> =
+                    self.log.fresh(&entries).into_iter().cloned().collect();
+                if fresh.is_empty() {
+                    let _ = reply.send(Ok(0));
+                    return;
+                }
+                let to_store = fresh.clone();
+                let result = store_call(&self.store, |reply| StoreCmd::CommitLog {
+                    entries: to_store,
+                    reply,
+                })
+                .await;
+                if result.is_ok() {
+                    for e in &fresh {
+                        self.log.apply(&e.entry);
+                    }
+                }
+                let _ = reply.send(result.map(|()| fresh.len()));
+            }
+            _ => {}
+        }
     }
 }
 
@@ -279,6 +482,8 @@ pub(crate) struct Shared {
     pub relays: Arc<Mutex<HashMap<SiteKey, RelayConn>>>,
     pub registry: Arc<Registry>,
     pub store: StoreReader,
+    /// Filled in once the federation is joined.
+    pub peering: Arc<std::sync::OnceLock<Peering>>,
 }
 
 /// Why a drill-down request failed.
@@ -539,6 +744,7 @@ pub struct Hub {
     endpoint: MeshEndpoint,
     api_addr: SocketAddr,
     shared: Shared,
+    gossip: Arc<Gossip>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -569,26 +775,35 @@ impl Hub {
         .expect("store open does not panic")
         .map_err(|e| StartError::Other(format!("{e}; check [store] path")))?;
         let reader = StoreReader::new(store.path());
-        let now_ms = unix_ms();
         let restored_sites = summaries.len();
-        let summaries = summaries
-            .into_iter()
-            .map(|s| {
-                let age = Duration::from_millis(now_ms.saturating_sub(s.generated_ms));
-                (s, age)
-            })
-            .collect();
         let mut core = HubCore::new(name.clone(), cfg.fleet.stale_after);
-        core.restore(Instant::now(), streams, summaries);
+        core.restore(streams, summaries);
+        let log_entries = {
+            let path = cfg.store.path.clone();
+            tokio::task::spawn_blocking(move || HubStore::open(&path)?.log_entries())
+                .await
+                .expect("log load does not panic")
+                .map_err(|e| StartError::Other(e.to_string()))?
+        };
+        let mut log = LogCore::new(name.clone());
+        for e in &log_entries {
+            log.apply(e);
+        }
+        drop(log_entries);
         let store_tx = spawn_store_thread(store);
 
         let mut registry = Registry::default();
         let mesh_metrics = MeshMetrics::register(&mut registry);
         let hub_metrics = HubMetrics::register(&mut registry);
+        let region = creds.identity.region.clone();
         let (endpoint, mut routes) = MeshEndpoint::bind(
-            creds,
+            creds.clone(),
             cfg.uplink.listen,
-            &[Protocol::Uplink],
+            &[
+                Protocol::Uplink,
+                Protocol::Federation,
+                Protocol::Replication,
+            ],
             mesh_metrics.clone(),
         )?;
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)
@@ -608,14 +823,68 @@ impl Hub {
             relays: Arc::new(Mutex::new(HashMap::new())),
             registry: Arc::new(registry),
             store: reader,
+            peering: Arc::new(std::sync::OnceLock::new()),
         };
-        let mut tasks = vec![tokio::spawn(core_task(
+        let (push_tx, push_rx) = mpsc::channel(1024);
+        let core_task = CoreTask {
             core,
-            store_tx.clone(),
-            core_rx,
-            hub_metrics.clone(),
+            log,
+            creds: creds.clone(),
+            store: store_tx.clone(),
+            pushes: push_tx,
+            metrics: hub_metrics.clone(),
+        };
+        let mut tasks = vec![tokio::spawn(core_task.run(core_rx, shutdown.child_token()))];
+        // The federation: gossip among hubs, replication.
+        let gossip_settings = trellis_node::gossip::GossipSettings {
+            interval: cfg.federation.interval,
+            phi_threshold: 8.0,
+            dead_node_grace: Duration::from_secs(24 * 3600),
+            seeds: cfg.federation.peers.clone(),
+            advertise: cfg.federation.advertise,
+        };
+        let gossip = Gossip::join(
+            endpoint.clone(),
+            Cluster::hubs(),
+            routes.take(Protocol::Federation),
+            &gossip_settings,
+            Vec::new(),
             shutdown.child_token(),
-        ))];
+        )
+        .await
+        .map_err(StartError::Gossip)?;
+        let peering = Peering {
+            me: name.clone(),
+            region,
+            api: format!("http://{api_addr}"),
+            gossip: Arc::new(gossip),
+            repl: ReplClient::new(endpoint.clone()),
+            creds: creds.clone(),
+            peers: Arc::new(Mutex::new(Vec::new())),
+            settings: PeeringSettings {
+                interval: cfg.federation.interval,
+                anti_entropy_every: cfg.replication.anti_entropy_every,
+                write_quorum: cfg.replication.write_quorum,
+                write_timeout: cfg.replication.write_timeout,
+            },
+        };
+        let _ = shared.peering.set(peering.clone());
+        tasks.push(tokio::spawn(federation_task(
+            shared.clone(),
+            peering.clone(),
+            shutdown.child_token(),
+        )));
+        tasks.push(tokio::spawn(push_task(
+            peering.clone(),
+            push_rx,
+            shutdown.child_token(),
+        )));
+        tasks.push(tokio::spawn(serve_replication(
+            shared.clone(),
+            peering.clone(),
+            routes.take(Protocol::Replication),
+            shutdown.child_token(),
+        )));
         // Retention: prune once an hour (and once at start).
         {
             let (retention, sd) = (cfg.store.retention, shutdown.child_token());
@@ -672,6 +941,7 @@ impl Hub {
         info!(
             hub = %name,
             uplink = %endpoint.local_addr(),
+            federation = %peering.gossip.advertise_addr(),
             api = %format!("http://{api_addr}"),
             store = %cfg.store.path.display(),
             restored_sites,
@@ -681,6 +951,7 @@ impl Hub {
             endpoint,
             api_addr,
             shared,
+            gossip: peering.gossip.clone(),
             tasks,
         })
     }
@@ -698,11 +969,20 @@ impl Hub {
         self.shared.fleet().await.ok()
     }
 
-    /// Waits for the hub's tasks to end after shutdown, then closes the
-    /// endpoint.
+    /// The address other hubs reach this one at.
+    pub fn federation_addr(&self) -> SocketAddr {
+        self.gossip.advertise_addr()
+    }
+
+    /// Waits for the hub's tasks to end after shutdown, then leaves the
+    /// federation and closes the endpoint.
     pub async fn stopped(self) {
         for t in self.tasks {
             let _ = t.await;
+        }
+        drop(self.shared);
+        if let Ok(gossip) = Arc::try_unwrap(self.gossip) {
+            gossip.shutdown().await;
         }
         self.endpoint.shutdown().await;
     }

@@ -8,6 +8,12 @@
 //!
 //! # Layout
 //! - [`core`]: the sans-IO hub core: at-most-once apply, the fleet view.
+//! - [`log`]: the replicated management log and the desired state it
+//!   folds into; pure.
+//! - [`federation`]: what hubs tell each other in their gossip.
+//! - [`replication`]: the hub ↔ hub replication protocol and client.
+//! - [`peering`]: the federation task, replication server, pushes,
+//!   pulls and quorum writes.
 //! - [`driver`]: the hub process: endpoint, per-relay tasks, the core task.
 //! - [`api`]: HTTP routes and the JSON types they return.
 //! - [`store`]: the durable store (SQLite): records from relays, history.
@@ -21,6 +27,10 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod federation;
+pub mod log;
+pub mod peering;
 pub mod render;
+pub mod replication;
 pub mod store;
 pub mod up;

@@ -89,7 +89,7 @@ fn ago(secs: u64) -> String {
     }
 }
 
-fn site_line(p: &Paint, s: &SiteRow, name_width: usize) -> String {
+fn site_line(p: &Paint, s: &SiteRow, name_width: usize, answering: &str) -> String {
     let mut line = format!(
         "  {} {:<name_width$}  {}  {:>11} alive  relay {}  heard {}",
         p.site(s.status, marker(s.status)),
@@ -99,6 +99,9 @@ fn site_line(p: &Paint, s: &SiteRow, name_width: usize) -> String {
         s.relay,
         ago(s.last_seen_s),
     );
+    if let Some(hub) = s.hub.as_deref().filter(|h| *h != answering) {
+        let _ = write!(line, "  via {hub}");
+    }
     if s.status == SiteStatus::Unreachable {
         let _ = write!(
             line,
@@ -196,7 +199,7 @@ pub fn fleet(report: &FleetReport, colour: bool) -> String {
             ))
         );
         for s in sites {
-            let _ = writeln!(out, "{}", site_line(&p, s, width));
+            let _ = writeln!(out, "{}", site_line(&p, s, width, &report.hub));
         }
     }
     out
@@ -364,6 +367,7 @@ mod tests {
             status,
             last_seen_s: last,
             connected: true,
+            hub: Some("h".into()),
             by_status: StatusCounts::default(),
             dead,
             failing_checks: [(

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use trellis_relay::summary::SiteSummary;
 use trellis_relay::uplink::{Record, RecordBody};
 
+use crate::log::{Entry, SignedEntry};
+
 /// Why the store failed. A failed commit stored nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -133,7 +135,16 @@ impl HubStore {
                  body BLOB NOT NULL,
                  PRIMARY KEY (relay, stream, seq));
              CREATE INDEX IF NOT EXISTS records_by_site ON records (region, site, at_ms);
-             CREATE INDEX IF NOT EXISTS records_by_time ON records (at_ms);",
+             CREATE INDEX IF NOT EXISTS records_by_time ON records (at_ms);
+             CREATE TABLE IF NOT EXISTS log (
+                 origin TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 entry BLOB NOT NULL,
+                 signature BLOB NOT NULL,
+                 PRIMARY KEY (origin, seq));
+             CREATE TABLE IF NOT EXISTS certs (
+                 origin TEXT PRIMARY KEY,
+                 der BLOB NOT NULL);",
         )
         .map_err(err)?;
         Ok(HubStore {
@@ -214,6 +225,60 @@ impl HubStore {
         tx.commit().map_err(err)?;
         self.commits += 1;
         Ok(())
+    }
+
+    /// Appends log entries (in one transaction). The origin's certificate
+    /// is kept once per origin.
+    pub fn commit_log(&mut self, entries: &[SignedEntry]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO log (origin, seq, entry, signature) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            let mut cert = tx
+                .prepare_cached("INSERT OR REPLACE INTO certs (origin, der) VALUES (?1, ?2)")
+                .map_err(err)?;
+            for e in entries {
+                insert
+                    .execute(params![
+                        e.entry.origin,
+                        e.entry.seq as i64,
+                        e.entry.signing_bytes(),
+                        e.signature
+                    ])
+                    .map_err(err)?;
+                cert.execute(params![e.entry.origin, e.cert]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        self.commits += 1;
+        Ok(())
+    }
+
+    /// Every log entry, in (origin, seq) order, without signatures (to
+    /// rebuild the log's state at start).
+    pub fn log_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT entry FROM log ORDER BY origin, seq")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(e) = postcard::from_bytes::<Entry>(&row.map_err(self.err())?) {
+                out.push(e);
+            }
+        }
+        Ok(out)
     }
 
     /// Every stream, with the ranges applied beyond its watermark.
@@ -315,12 +380,7 @@ impl StoreReader {
             path: self.path.clone(),
             source,
         };
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        let conn = self.open().map_err(err)?;
         let mut sql = String::from(
             "SELECT relay, stream, region, site, seq, until_seq, kind, at_ms, received_ms, body
              FROM records WHERE 1 = 1",
@@ -363,34 +423,102 @@ impl StoreReader {
         ));
         let mut stmt = conn.prepare(&sql).map_err(err)?;
         let rows = stmt
-            .query_map(rusqlite::params_from_iter(args), |r| {
-                Ok((
-                    StoredRecord {
-                        relay: r.get(0)?,
-                        stream: r.get::<_, i64>(1)? as u64,
-                        region: r.get(2)?,
-                        site: r.get(3)?,
-                        seq: r.get::<_, i64>(4)? as u64,
-                        until: r.get::<_, i64>(5)? as u64,
-                        kind: r.get(6)?,
-                        at_ms: r.get::<_, i64>(7)? as u64,
-                        received_ms: r.get::<_, i64>(8)? as u64,
-                        body: RecordBody::Gap(Default::default()),
-                    },
-                    r.get::<_, Vec<u8>>(9)?,
-                ))
+            .query_map(rusqlite::params_from_iter(args), row_to_record)
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(r) = row.map_err(err)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Log entries of `origin` after `after`, in order, at most `limit`.
+    pub fn log_after(
+        &self,
+        origin: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SignedEntry>, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let conn = self.open().map_err(err)?;
+        let cert: Vec<u8> = conn
+            .query_row("SELECT der FROM certs WHERE origin = ?1", [origin], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?
+            .unwrap_or_default();
+        let mut stmt = conn
+            .prepare(
+                "SELECT entry, signature FROM log WHERE origin = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(params![origin, after as i64, limit as i64], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
             })
             .map_err(err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (mut rec, body) = row.map_err(err)?;
-            match postcard::from_bytes(&body) {
-                Ok(b) => rec.body = b,
-                Err(_) => continue,
+            let (entry, signature) = row.map_err(err)?;
+            if let Ok(entry) = postcard::from_bytes::<Entry>(&entry) {
+                out.push(SignedEntry {
+                    entry,
+                    cert: cert.clone(),
+                    signature,
+                });
             }
-            out.push(rec);
         }
         Ok(out)
+    }
+
+    /// Records of one relay stream with seq after `after`, in order, at
+    /// most `limit`.
+    pub fn stream_after(
+        &self,
+        relay: &str,
+        stream: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let conn = self.open().map_err(err)?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT relay, stream, region, site, seq, until_seq, kind, at_ms, received_ms, body
+                 FROM records WHERE relay = ?1 AND stream = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(
+                params![relay, stream as i64, after as i64, limit as i64],
+                row_to_record,
+            )
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(r) = row.map_err(err)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn open(&self) -> rusqlite::Result<Connection> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
     }
 
     /// The stored state of one relay stream, if any.
@@ -410,6 +538,27 @@ impl StoreReader {
         .map(|v| v.map(|v| v as u64))
         .map_err(err)
     }
+}
+
+/// Reads a `records` row (in the column order the queries use); `None`
+/// for a body that does not decode.
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<StoredRecord>> {
+    let body: Vec<u8> = r.get(9)?;
+    let Ok(body) = postcard::from_bytes(&body) else {
+        return Ok(None);
+    };
+    Ok(Some(StoredRecord {
+        relay: r.get(0)?,
+        stream: r.get::<_, i64>(1)? as u64,
+        region: r.get(2)?,
+        site: r.get(3)?,
+        seq: r.get::<_, i64>(4)? as u64,
+        until: r.get::<_, i64>(5)? as u64,
+        kind: r.get(6)?,
+        at_ms: r.get::<_, i64>(7)? as u64,
+        received_ms: r.get::<_, i64>(8)? as u64,
+        body,
+    }))
 }
 
 /// A record as the store keeps it.

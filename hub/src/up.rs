@@ -2,7 +2,9 @@
 //!
 //! Every member is the production code path: its own QUIC endpoint on
 //! 127.0.0.1, its own certificate from a fresh (or given) mesh CA, real
-//! gossip, real relay uplinks to a real hub serving the real API.
+//! gossip, real relay uplinks to real hubs serving the real API. With
+//! several hubs they federate, and the sites are spread over them (each
+//! relay prefers one hub and fails over to the others).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ pub const REGION: &str = "local";
 pub struct UpOptions {
     pub sites: usize,
     pub nodes: usize,
+    pub hubs: usize,
     pub api: SocketAddr,
     /// Keep the CA and the members' state here (reused if present); a
     /// temporary directory otherwise.
@@ -39,6 +42,7 @@ impl Default for UpOptions {
         UpOptions {
             sites: 3,
             nodes: 10,
+            hubs: 1,
             api: crate::config::DEFAULT_API.parse().expect("valid default"),
             dir: None,
             gossip_interval: Duration::from_secs(1),
@@ -48,7 +52,8 @@ impl Default for UpOptions {
 
 /// A running local mesh.
 pub struct LocalMesh {
-    pub hub: Hub,
+    /// The hubs; the first serves the API at `--api`.
+    pub hubs: Vec<Hub>,
     pub relays: Vec<Relay>,
     pub nodes: Vec<NodeAgent>,
     dir: PathBuf,
@@ -65,7 +70,7 @@ fn local() -> SocketAddr {
 }
 
 impl LocalMesh {
-    /// Starts the hub, then each site's relay, then its nodes.
+    /// Starts the hubs, then each site's relay, then its nodes.
     pub async fn start(opts: &UpOptions, shutdown: CancellationToken) -> anyhow::Result<Self> {
         anyhow::ensure!(
             (1..=100).contains(&opts.sites),
@@ -92,23 +97,34 @@ impl LocalMesh {
             )?)
         };
 
-        let hub_cfg = HubConfig {
-            uplink: crate::config::HubUplinkConfig {
-                listen: local(),
-                ..Default::default()
-            },
-            api: crate::config::ApiConfig {
-                listen: opts.api,
-                ..Default::default()
-            },
-            store: crate::config::StoreConfig {
-                path: dir.join("hub-1").join("hub.db"),
-                ..Default::default()
-            },
-            ..HubConfig::default()
-        };
-        let hub = Hub::start(issue(Role::Hub, "", "hub-1")?, hub_cfg, shutdown.clone()).await?;
-
+        anyhow::ensure!(
+            (1..=5).contains(&opts.hubs),
+            "--hubs must be between 1 and 5"
+        );
+        let mut hubs: Vec<Hub> = Vec::new();
+        for h in 0..opts.hubs {
+            let name = format!("hub-{}", h + 1);
+            let hub_cfg = HubConfig {
+                uplink: crate::config::HubUplinkConfig {
+                    listen: local(),
+                    ..Default::default()
+                },
+                api: crate::config::ApiConfig {
+                    listen: if h == 0 { opts.api } else { local() },
+                    ..Default::default()
+                },
+                store: crate::config::StoreConfig {
+                    path: dir.join(&name).join("hub.db"),
+                    ..Default::default()
+                },
+                federation: crate::config::FederationConfig {
+                    peers: hubs.iter().map(|h| h.federation_addr()).collect(),
+                    ..Default::default()
+                },
+                ..HubConfig::default()
+            };
+            hubs.push(Hub::start(issue(Role::Hub, "", &name)?, hub_cfg, shutdown.clone()).await?);
+        }
         let gossip = |seeds: Vec<SocketAddr>| GossipConfig {
             seeds,
             interval: opts.gossip_interval,
@@ -125,7 +141,10 @@ impl LocalMesh {
                 metrics: MetricsConfig::off(),
                 ..RelayConfig::default()
             };
-            relay_cfg.uplink.hubs = vec![hub.uplink_addr().to_string()];
+            // Site i prefers hub i (round the list), then the others.
+            relay_cfg.uplink.hubs = (0..hubs.len())
+                .map(|k| hubs[(s + k) % hubs.len()].uplink_addr().to_string())
+                .collect();
             relay_cfg.buffer.path = dir.join(&relay_name).join("outage.db");
             relay_cfg.api.listen = local().to_string().parse().expect("an address");
             let relay = Relay::start(
@@ -150,7 +169,7 @@ impl LocalMesh {
             }
         }
         Ok(LocalMesh {
-            hub,
+            hubs,
             relays,
             nodes,
             dir,
@@ -177,7 +196,7 @@ impl LocalMesh {
     ) -> Option<Duration> {
         let start = Instant::now();
         while start.elapsed() < limit {
-            if let Some(f) = self.hub.fleet().await {
+            if let Some(f) = self.hubs[0].fleet().await {
                 progress(f.totals.nodes_alive, self.expected_nodes);
                 if f.totals.nodes_alive == self.expected_nodes && f.totals.nodes_dead == 0 {
                     return Some(start.elapsed());
@@ -197,7 +216,9 @@ impl LocalMesh {
         for r in self.relays {
             r.stopped().await;
         }
-        self.hub.stopped().await;
+        for h in self.hubs {
+            h.stopped().await;
+        }
     }
 }
 

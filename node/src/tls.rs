@@ -347,6 +347,59 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// This member's certificate (DER).
+    pub fn cert_der(&self) -> &[u8] {
+        &self.chain[0]
+    }
+
+    /// Signs `msg` with this member's key (ECDSA P-256, SHA-256, ASN.1), so
+    /// that any member holding the mesh CA can tell who wrote it.
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, TlsError> {
+        let PrivateKeyDer::Pkcs8(pkcs8) = &*self.key else {
+            return Err(TlsError::Config("signing needs a PKCS#8 key".into()));
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &rng,
+        )
+        .map_err(|e| TlsError::Config(format!("not an ECDSA P-256 key: {e}")))?;
+        key.sign(&rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|e| TlsError::Config(format!("signing failed: {e}")))
+    }
+
+    /// Checks that `cert` was issued by the mesh CA (and is valid now) and
+    /// that `signature` over `msg` was made with its key. Returns the
+    /// signer's identity.
+    pub fn verify_signed(
+        &self,
+        cert: &[u8],
+        msg: &[u8],
+        signature: &[u8],
+    ) -> Result<Identity, TlsError> {
+        let der = CertificateDer::from(cert.to_vec());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        verifier
+            .verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now())
+            .map_err(|e| TlsError::NotTrellis(format!("certificate not from the mesh CA: {e}")))?;
+        let identity = identity_of(&der)?;
+        use x509_parser::prelude::*;
+        let (_, x509) =
+            X509Certificate::from_der(cert).map_err(|e| TlsError::NotTrellis(e.to_string()))?;
+        let key = &x509.tbs_certificate.subject_pki.subject_public_key.data;
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
+            .verify(msg, signature)
+            .map_err(|_| TlsError::NotTrellis(format!("bad signature by {identity}")))?;
+        Ok(identity)
+    }
+}
+
 /// Reads the trellis identity out of a certificate.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     use x509_parser::prelude::*;
@@ -445,6 +498,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = MeshCa::load(dir.path()).err().unwrap().to_string();
         assert!(err.contains("trellis ca init"), "{err}");
+    }
+
+    #[test]
+    fn a_signature_verifies_for_its_signer_and_nothing_else() {
+        let ca = MeshCa::generate("test").unwrap();
+        let hub =
+            Credentials::issue(&ca, &Identity::new(Role::Hub, "eu", "", "h1").unwrap()).unwrap();
+        let other =
+            Credentials::issue(&ca, &Identity::new(Role::Hub, "eu", "", "h2").unwrap()).unwrap();
+        let sig = hub.sign(b"entry").unwrap();
+        let who = other.verify_signed(hub.cert_der(), b"entry", &sig).unwrap();
+        assert_eq!(who.name, "h1");
+        assert!(
+            other.verify_signed(hub.cert_der(), b"entrx", &sig).is_err(),
+            "altered message"
+        );
+        assert!(
+            other
+                .verify_signed(other.cert_der(), b"entry", &sig)
+                .is_err(),
+            "wrong signer"
+        );
+        let foreign = MeshCa::generate("foreign").unwrap();
+        let impostor =
+            Credentials::issue(&foreign, &Identity::new(Role::Hub, "eu", "", "h1").unwrap())
+                .unwrap();
+        let sig = impostor.sign(b"entry").unwrap();
+        let err = other
+            .verify_signed(impostor.cert_der(), b"entry", &sig)
+            .unwrap_err();
+        assert!(err.to_string().contains("mesh CA"), "{err}");
     }
 
     #[test]

@@ -23,9 +23,12 @@ pub struct SiteRow {
     /// Seconds since the site's relay was last heard from (at a hub) or
     /// since the summary was made (at the relay).
     pub last_seen_s: u64,
-    /// Whether the relay's uplink is connected (to this hub, or at the
-    /// relay: to any hub).
+    /// Whether the relay's uplink is connected (to a hub of the
+    /// federation, or at the relay: to any hub).
     pub connected: bool,
+    /// The hub the relay is connected to, if any.
+    #[serde(default)]
+    pub hub: Option<String>,
     pub by_status: StatusCounts,
     pub dead: Vec<String>,
     pub failing_checks: BTreeMap<String, CheckCounts>,
@@ -43,6 +46,7 @@ impl SiteRow {
             status,
             last_seen_s,
             connected,
+            hub: None,
             by_status: s.by_status,
             dead: s.dead.clone(),
             failing_checks: s.failing_checks.clone(),

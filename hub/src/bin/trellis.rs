@@ -119,7 +119,8 @@ enum Command {
         /// Nodes per site.
         #[arg(long, default_value_t = 10)]
         nodes: usize,
-        /// Number of hubs (1 until hubs federate).
+        /// Number of hubs; several federate, and the sites are spread over
+        /// them.
         #[arg(long, default_value_t = 1)]
         hubs: usize,
         /// Address of the hub's HTTP API.
@@ -238,15 +239,10 @@ fn main() -> ExitCode {
             dir,
             gossip_interval,
         } => {
-            if hubs != 1 {
-                return cli::fail(
-                    EXIT_USAGE,
-                    &"--hubs must be 1: several hubs need federation, which this version does not have",
-                );
-            }
             let opts = UpOptions {
                 sites,
                 nodes,
+                hubs,
                 api,
                 dir,
                 gossip_interval,
@@ -419,8 +415,11 @@ where
 async fn up(opts: UpOptions) -> ExitCode {
     let shutdown = cli::shutdown_on_signal();
     println!(
-        "starting a local Trellis mesh: 1 hub, {} sites × {} nodes on 127.0.0.1",
-        opts.sites, opts.nodes
+        "starting a local Trellis mesh: {} hub{}, {} sites × {} nodes on 127.0.0.1",
+        opts.hubs,
+        if opts.hubs == 1 { "" } else { "s" },
+        opts.sites,
+        opts.nodes
     );
     let mesh = match LocalMesh::start(&opts, shutdown.clone()).await {
         Ok(m) => m,
@@ -429,9 +428,16 @@ async fn up(opts: UpOptions) -> ExitCode {
             return cli::fail(EXIT_FAILED, &format!("{e:#}"));
         }
     };
-    let api = format!("http://{}", mesh.hub.api_addr());
+    let api = format!("http://{}", mesh.hubs[0].api_addr());
     println!("  mesh CA:      {}", mesh.dir().display());
-    println!("  hub uplink:   {} (QUIC)", mesh.hub.uplink_addr());
+    for (i, h) in mesh.hubs.iter().enumerate() {
+        println!(
+            "  hub-{}:        uplink {} (QUIC), API http://{}",
+            i + 1,
+            h.uplink_addr(),
+            h.api_addr()
+        );
+    }
     println!("  API:          {api}");
     for r in &mesh.relays {
         if let Some(a) = r.api_addr() {

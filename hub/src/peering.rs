@@ -1,0 +1,424 @@
+//! The hub's dealings with the other hubs: its place in the federation's
+//! gossip, answering their replication requests, pushing what it stores to
+//! them, pulling what it lacks (anti-entropy), and operator writes that are
+//! acknowledged only once enough hubs hold them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use trellis_node::clock::ticker;
+use trellis_node::endpoint::{Accepted, close};
+use trellis_node::gossip::Gossip;
+use trellis_node::id::Role;
+use trellis_node::tls::Credentials;
+use trellis_node::wire::{self, WireError};
+
+use crate::driver::{Input, Shared};
+use crate::federation::{self, PeerHub, Published};
+use crate::log::{Op, SignedEntry};
+use crate::replication::{
+    MAX_REPL_FRAME, PULL_CHUNK, REPL_VERSION, ReplClient, ReplRequest, ReplResponse, missing,
+};
+use crate::store::StoredRecord;
+
+/// How the hub deals with its peers, from `[federation]` and
+/// `[replication]`.
+#[derive(Debug, Clone)]
+pub struct PeeringSettings {
+    pub interval: Duration,
+    pub anti_entropy_every: Duration,
+    /// 0: 2 when the federation has two hubs or more, else 1.
+    pub write_quorum: usize,
+    pub write_timeout: Duration,
+}
+
+/// What the API and the replication server share about the peers.
+#[derive(Clone)]
+pub struct Peering {
+    pub me: String,
+    pub region: String,
+    pub api: String,
+    pub gossip: Arc<Gossip>,
+    pub repl: ReplClient,
+    pub creds: Credentials,
+    pub peers: Arc<Mutex<Vec<PeerHub>>>,
+    pub settings: PeeringSettings,
+}
+
+impl Peering {
+    pub fn peers(&self) -> Vec<PeerHub> {
+        self.peers.lock().expect("not poisoned").clone()
+    }
+
+    /// Hubs that must hold a write before it is acknowledged.
+    pub fn write_quorum(&self) -> usize {
+        match self.settings.write_quorum {
+            0 if self.peers().is_empty() => 1,
+            0 => 2,
+            q => q,
+        }
+    }
+}
+
+/// Keeps the hub's gossip keys current, reads the others', tells the core
+/// task what they serve and pulls from any peer that holds something this
+/// hub lacks.
+pub(crate) async fn federation_task(shared: Shared, peering: Peering, shutdown: CancellationToken) {
+    let mut tick = ticker(peering.settings.interval);
+    let mut last_sync = Instant::now() - peering.settings.anti_entropy_every;
+    let syncing: Arc<Mutex<BTreeSet<(String, &'static str)>>> = Default::default();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(state) = shared.ask(|reply| Input::Federation { reply }).await else {
+            break;
+        };
+        let kv = federation::encode(&Published {
+            api: &peering.api,
+            region: &peering.region,
+            records_digest: state.records_digest,
+            log_digest: state.log_digest,
+            log_entries: state.log_entries,
+            served: &state.served,
+        });
+        peering.gossip.set(kv, federation::keys::SERVES).await;
+        let peers = federation::peers(peering.gossip.members().await, &peering.me);
+        let served = federation::served_by_alive(&peers);
+        let _ = shared.core.send(Input::Peers { served }).await;
+        *peering.peers.lock().expect("not poisoned") = peers.clone();
+        if last_sync.elapsed() < peering.settings.anti_entropy_every {
+            continue;
+        }
+        last_sync = Instant::now();
+        for p in peers.iter().filter(|p| p.alive) {
+            for (what, differs) in [
+                ("records", p.records_digest != state.records_digest),
+                ("log", p.log_digest != state.log_digest),
+            ] {
+                let key = (p.name.clone(), what);
+                if !differs || !syncing.lock().expect("not poisoned").insert(key.clone()) {
+                    continue;
+                }
+                let (shared, peering, syncing, peer) =
+                    (shared.clone(), peering.clone(), syncing.clone(), p.clone());
+                tokio::spawn(async move {
+                    let result = if what == "records" {
+                        pull_records(&shared, &peering, &peer).await
+                    } else {
+                        pull_entries(&shared, &peering, &peer).await
+                    };
+                    match result {
+                        Ok(0) => {}
+                        Ok(n) => info!(peer = %peer.name, what, n, "caught up from another hub"),
+                        Err(error) => {
+                            debug!(peer = %peer.name, what, %error, "anti-entropy failed")
+                        }
+                    }
+                    syncing.lock().expect("not poisoned").remove(&key);
+                });
+            }
+        }
+    }
+}
+
+/// Pulls the relay records `peer` holds and this hub lacks; returns how
+/// many arrived.
+async fn pull_records(shared: &Shared, peering: &Peering, peer: &PeerHub) -> anyhow::Result<usize> {
+    let mut total = 0;
+    for _ in 0..1000 {
+        let have = shared
+            .ask(|reply| Input::Coverage { reply })
+            .await
+            .ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+        let req = ReplRequest::PullRecords {
+            have: have.into_iter().collect(),
+            max: PULL_CHUNK,
+        };
+        let ReplResponse::Records { records, more } = peering.repl.ask(peer.addr, &req).await?
+        else {
+            anyhow::bail!("unexpected answer to a pull");
+        };
+        total += records.len();
+        if !records.is_empty() {
+            shared
+                .ask(|reply| Input::Replicated { records, reply })
+                .await
+                .ok_or_else(|| anyhow::anyhow!("shutting down"))?
+                .map_err(anyhow::Error::msg)?;
+        }
+        if !more {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// Pulls the log entries `peer` holds and this hub lacks.
+async fn pull_entries(shared: &Shared, peering: &Peering, peer: &PeerHub) -> anyhow::Result<usize> {
+    let mut total = 0;
+    for _ in 0..1000 {
+        let have = shared
+            .ask(|reply| Input::LogState { reply })
+            .await
+            .ok_or_else(|| anyhow::anyhow!("shutting down"))?
+            .version_vector;
+        let req = ReplRequest::PullEntries {
+            have,
+            max: PULL_CHUNK,
+        };
+        let ReplResponse::Entries { entries, more } = peering.repl.ask(peer.addr, &req).await?
+        else {
+            anyhow::bail!("unexpected answer to a pull");
+        };
+        let entries = verified(&peering.creds, entries);
+        total += entries.len();
+        if !entries.is_empty() {
+            shared
+                .ask(|reply| Input::LogEntries { entries, reply })
+                .await
+                .ok_or_else(|| anyhow::anyhow!("shutting down"))?
+                .map_err(anyhow::Error::msg)?;
+        }
+        if !more {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// The entries whose signature is their origin hub's, by the mesh CA; the
+/// others are logged and left out.
+pub fn verified(creds: &Credentials, entries: Vec<SignedEntry>) -> Vec<SignedEntry> {
+    entries
+        .into_iter()
+        .filter(|e| {
+            match creds.verify_signed(&e.cert, &e.entry.signing_bytes(), &e.signature) {
+                Ok(id) if id.role == Role::Hub && id.name == e.entry.origin => true,
+                Ok(id) => {
+                    warn!(origin = %e.entry.origin, signer = %id, "log entry signed by another than its origin hub; ignored");
+                    false
+                }
+                Err(error) => {
+                    warn!(origin = %e.entry.origin, %error, "log entry with a bad signature; ignored");
+                    false
+                }
+            }
+        })
+        .collect()
+}
+
+/// Pushes records this hub stored to every alive peer.
+pub(crate) async fn push_task(
+    peering: Peering,
+    mut pushes: mpsc::Receiver<Vec<StoredRecord>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let records = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = pushes.recv() => match r { Some(r) => r, None => break },
+        };
+        let req = Arc::new(ReplRequest::Records(records));
+        for p in peering.peers().into_iter().filter(|p| p.alive) {
+            let (repl, req) = (peering.repl.clone(), req.clone());
+            tokio::spawn(async move {
+                if let Err(error) = repl.ask(p.addr, &req).await {
+                    debug!(peer = %p.name, %error, "push failed; anti-entropy will repair");
+                }
+            });
+        }
+    }
+}
+
+/// An operator's write: durable here, then pushed to the alive peers;
+/// acknowledged once `write_quorum` hubs hold it.
+pub(crate) async fn write(
+    shared: &Shared,
+    peering: &Peering,
+    author: String,
+    op: Op,
+) -> Result<WriteOutcome, String> {
+    let entry = shared
+        .ask(|reply| Input::LogWrite { author, op, reply })
+        .await
+        .ok_or("the hub is shutting down")??;
+    let quorum = peering.write_quorum();
+    let mut durable_on = vec![peering.me.clone()];
+    let req = Arc::new(ReplRequest::Entries(vec![entry.clone()]));
+    let (tx, mut rx) = mpsc::channel(16);
+    for p in peering.peers().into_iter().filter(|p| p.alive) {
+        let (repl, req, tx) = (peering.repl.clone(), req.clone(), tx.clone());
+        tokio::spawn(async move {
+            let ok = matches!(repl.ask(p.addr, &req).await, Ok(ReplResponse::Stored));
+            let _ = tx.send((p.name, ok)).await;
+        });
+    }
+    drop(tx);
+    let deadline = tokio::time::Instant::now() + peering.settings.write_timeout;
+    while durable_on.len() < quorum {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((hub, true))) => durable_on.push(hub),
+            Ok(Some((_, false))) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(WriteOutcome {
+        entry,
+        durable_on,
+        quorum,
+    })
+}
+
+/// What became of a write.
+pub struct WriteOutcome {
+    pub entry: SignedEntry,
+    pub durable_on: Vec<String>,
+    pub quorum: usize,
+}
+
+impl WriteOutcome {
+    pub fn acknowledged(&self) -> bool {
+        self.durable_on.len() >= self.quorum
+    }
+}
+
+/// Answers the replication requests of other hubs.
+pub(crate) async fn serve_replication(
+    shared: Shared,
+    peering: Peering,
+    mut accepted: mpsc::Receiver<Accepted>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let a = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            a = accepted.recv() => match a { Some(a) => a, None => break },
+        };
+        let (shared, peering, sd) = (shared.clone(), peering.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    biased;
+                    _ = sd.cancelled() => break,
+                    s = a.conn.accept_bi() => s,
+                };
+                let Ok((mut send, mut recv)) = stream else {
+                    break;
+                };
+                let (shared, peering, conn, peer) = (
+                    shared.clone(),
+                    peering.clone(),
+                    a.conn.clone(),
+                    a.peer.clone(),
+                );
+                tokio::spawn(async move {
+                    let req =
+                        wire::read_msg::<ReplRequest>(&mut recv, REPL_VERSION, MAX_REPL_FRAME)
+                            .await;
+                    let req = match req {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return,
+                        Err(WireError::Stream(_)) => return,
+                        Err(error) => {
+                            warn!(%peer, %error, "closing replication connection: bad request");
+                            conn.close(close::PROTOCOL_ERROR, error.to_string().as_bytes());
+                            return;
+                        }
+                    };
+                    let resp = answer(&shared, &peering, req).await;
+                    if let Ok(frame) = wire::encode(REPL_VERSION, &resp, MAX_REPL_FRAME) {
+                        let _ = wire::write_frame(&mut send, &frame).await;
+                        let _ = send.finish();
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn answer(shared: &Shared, peering: &Peering, req: ReplRequest) -> ReplResponse {
+    let gone = || ReplResponse::Refused("the hub is shutting down".into());
+    match req {
+        ReplRequest::Records(records) => {
+            match shared
+                .ask(|reply| Input::Replicated { records, reply })
+                .await
+            {
+                Some(Ok(())) => ReplResponse::Stored,
+                Some(Err(e)) => ReplResponse::Refused(e),
+                None => gone(),
+            }
+        }
+        ReplRequest::Entries(entries) => {
+            let entries = verified(&peering.creds, entries);
+            match shared
+                .ask(|reply| Input::LogEntries { entries, reply })
+                .await
+            {
+                Some(Ok(_)) => ReplResponse::Stored,
+                Some(Err(e)) => ReplResponse::Refused(e),
+                None => gone(),
+            }
+        }
+        ReplRequest::PullRecords { have, max } => {
+            let Some(mine) = shared.ask(|reply| Input::Coverage { reply }).await else {
+                return gone();
+            };
+            let have: BTreeMap<_, _> = have.into_iter().collect();
+            let gaps = missing(&mine, &have);
+            let reader = shared.store.clone();
+            let max = max.min(PULL_CHUNK) as usize;
+            let found = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                for (relay, stream, after, until) in gaps {
+                    if out.len() >= max {
+                        return Ok::<_, crate::store::StoreError>((out, true));
+                    }
+                    let recs = reader.stream_after(&relay, stream, after, max - out.len())?;
+                    out.extend(recs.into_iter().filter(|r| r.seq <= until));
+                }
+                let more = out.len() >= max;
+                Ok((out, more))
+            })
+            .await;
+            match found {
+                Ok(Ok((records, more))) => ReplResponse::Records { records, more },
+                Ok(Err(e)) => ReplResponse::Refused(e.to_string()),
+                Err(e) => ReplResponse::Refused(e.to_string()),
+            }
+        }
+        ReplRequest::PullEntries { have, max } => {
+            let Some(missing) = shared.ask(|reply| Input::LogMissing { have, reply }).await else {
+                return gone();
+            };
+            let reader = shared.store.clone();
+            let max = max.min(PULL_CHUNK) as usize;
+            let found = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                for (origin, after) in missing {
+                    if out.len() >= max {
+                        return Ok::<_, crate::store::StoreError>((out, true));
+                    }
+                    out.extend(reader.log_after(&origin, after, max - out.len())?);
+                }
+                let more = out.len() >= max;
+                Ok((out, more))
+            })
+            .await;
+            match found {
+                Ok(Ok((entries, more))) => ReplResponse::Entries { entries, more },
+                Ok(Err(e)) => ReplResponse::Refused(e.to_string()),
+                Err(e) => ReplResponse::Refused(e.to_string()),
+            }
+        }
+    }
+}
