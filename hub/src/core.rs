@@ -142,6 +142,10 @@ pub struct HubCore {
     heard_ms: BTreeMap<SiteKey, u64>,
     /// Sites other hubs serve now (alive hubs only).
     remote: BTreeMap<SiteKey, Served>,
+    /// The latest counts other hubs gossiped per site, kept after they stop
+    /// serving it: the last known state of a site no record of which has
+    /// reached this hub yet.
+    gossiped: BTreeMap<SiteKey, SiteSummary>,
     stats: HubStats,
 }
 
@@ -155,6 +159,7 @@ impl HubCore {
             rollup: Rollup::new(),
             heard_ms: BTreeMap::new(),
             remote: BTreeMap::new(),
+            gossiped: BTreeMap::new(),
             stats: HubStats::default(),
         }
     }
@@ -366,6 +371,10 @@ impl HubCore {
         for (key, s) in &self.remote {
             let heard = self.heard_ms.entry(key.clone()).or_default();
             *heard = (*heard).max(s.heard_ms);
+            let known = self.gossiped.entry(key.clone()).or_insert_with(|| s.summary.clone());
+            if s.summary.generated_ms >= known.generated_ms {
+                *known = s.summary.clone();
+            }
         }
     }
 
@@ -412,9 +421,9 @@ impl HubCore {
     pub fn fleet(&self, now: Instant, now_ms: u64) -> FleetReport {
         let mut rollup = self.rollup.clone();
         // Sites known only from another hub's gossip so far.
-        for s in self.remote.values() {
-            if rollup.get(&s.summary.region, &s.summary.site).is_none() {
-                rollup.insert(s.summary.clone());
+        for s in self.gossiped.values() {
+            if rollup.get(&s.region, &s.site).is_none() {
+                rollup.insert(s.clone());
             }
         }
         let mut sites = Vec::new();
