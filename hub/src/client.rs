@@ -71,6 +71,14 @@ impl ApiClient {
                 url: self.base.clone(),
                 reason: root_cause(&e),
             })?;
+        self.decode(url, resp).await
+    }
+
+    async fn decode<T: DeserializeOwned>(
+        &self,
+        url: String,
+        resp: reqwest::Response,
+    ) -> Result<T, ClientError> {
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
             url: self.base.clone(),
@@ -128,6 +136,38 @@ impl ApiClient {
             path.push_str(&format!("&to={t}"));
         }
         self.get(&path).await
+    }
+
+    pub async fn hubs(&self) -> Result<crate::federation::HubsReport, ClientError> {
+        self.get("/api/v1/hubs").await
+    }
+
+    pub async fn desired(&self) -> Result<crate::api::DesiredReport, ClientError> {
+        self.get("/api/v1/desired").await
+    }
+
+    /// Writes (`Some(value)`) or deletes (`None`) a desired-state key.
+    pub async fn write_desired(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        author: &str,
+    ) -> Result<crate::api::WriteReport, ClientError> {
+        let url = format!("{}/api/v1/desired/{}", self.base, urlencode(key));
+        let req = match value {
+            Some(v) => self.http.put(&url).json(&crate::api::PutBody {
+                value: v.to_owned(),
+                author: Some(author.to_owned()),
+            }),
+            None => self
+                .http
+                .delete(format!("{url}?author={}", urlencode(author))),
+        };
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })?;
+        self.decode(url, resp).await
     }
 
     pub async fn fleet(&self) -> Result<FleetReport, ClientError> {

@@ -371,7 +371,10 @@ impl HubCore {
         for (key, s) in &self.remote {
             let heard = self.heard_ms.entry(key.clone()).or_default();
             *heard = (*heard).max(s.heard_ms);
-            let known = self.gossiped.entry(key.clone()).or_insert_with(|| s.summary.clone());
+            let known = self
+                .gossiped
+                .entry(key.clone())
+                .or_insert_with(|| s.summary.clone());
             if s.summary.generated_ms >= known.generated_ms {
                 *known = s.summary.clone();
             }

@@ -205,6 +205,47 @@ pub fn fleet(report: &FleetReport, colour: bool) -> String {
     out
 }
 
+/// The federation's hubs as a table.
+pub fn hubs(report: &crate::federation::HubsReport, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    let width = report
+        .hubs
+        .iter()
+        .map(|h| h.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{}",
+        p.dim(&format!(
+            "{:<width$}  {:<7}  {:<6}  {:>5}  {:>7}  {:<8}  API",
+            "HUB", "REGION", "STATE", "SITES", "LOG", "IN SYNC"
+        ))
+    );
+    for h in &report.hubs {
+        let state = if h.alive {
+            p.site(SiteStatus::Healthy, "alive ")
+        } else {
+            p.site(SiteStatus::Critical, "DOWN  ")
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<7}  {}  {:>5}  {:>7}  {:<8}  {}{}",
+            h.name,
+            h.region,
+            state,
+            h.sites_served,
+            h.log_entries,
+            if h.in_sync { "yes" } else { "catching up" },
+            h.api,
+            if h.this { "  (this hub)" } else { "" }
+        );
+    }
+    out
+}
+
 /// One line per record: when, where, what.
 pub fn records(report: &crate::api::RecordsReport, colour: bool) -> String {
     use trellis_relay::uplink::{Event, RecordBody};

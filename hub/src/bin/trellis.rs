@@ -107,6 +107,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the federation's hubs: which are alive, what they serve, and
+    /// whether they hold the same records and log.
+    Hubs {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read and write the desired state (kept in the hubs' replicated log).
+    #[command(subcommand)]
+    Desired(DesiredCommand),
     /// Start a real local mesh in this process (Ctrl-C stops it).
     ///
     /// Every member gets its own QUIC endpoint on 127.0.0.1 and its own
@@ -132,6 +143,38 @@ enum Command {
         /// Time between gossip rounds.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         gossip_interval: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum DesiredCommand {
+    /// Show every key, or one.
+    Get {
+        key: Option<String>,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a key. Acknowledged once the write is durable on the
+    /// federation's write quorum of hubs (exit 1 otherwise: the write then
+    /// stays in the hub's log and replicates when the others are back).
+    Set {
+        key: String,
+        value: String,
+        /// Who writes (recorded in the log).
+        #[arg(long = "as", env = "USER", default_value = "operator")]
+        author: String,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Delete a key (acknowledged like `set`).
+    Delete {
+        key: String,
+        #[arg(long = "as", env = "USER", default_value = "operator")]
+        author: String,
+        #[command(flatten)]
+        hub: HubArg,
     },
 }
 
@@ -231,6 +274,8 @@ fn main() -> ExitCode {
             c.history(&site, region.as_deref(), Some(since_ms(since)), None, limit)
                 .await
         })),
+        Command::Hubs { hub, json } => runtime().block_on(hubs(&hub.hub, json)),
+        Command::Desired(cmd) => runtime().block_on(desired(cmd)),
         Command::Up {
             sites,
             nodes,
@@ -377,6 +422,98 @@ async fn nodes(
         }
         Ok(n) => {
             print!("{}", render::nodes(&n, render::use_colour()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(e),
+    }
+}
+
+async fn hubs(hub: &str, json: bool) -> ExitCode {
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    match client.hubs().await {
+        Ok(r) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r).expect("serialisable")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}", render::hubs(&r, render::use_colour()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(e),
+    }
+}
+
+async fn desired(cmd: DesiredCommand) -> ExitCode {
+    let hub = match &cmd {
+        DesiredCommand::Get { hub, .. }
+        | DesiredCommand::Set { hub, .. }
+        | DesiredCommand::Delete { hub, .. } => hub.hub.clone(),
+    };
+    let client = match ApiClient::new(&hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    match cmd {
+        DesiredCommand::Get { key, json, .. } => match client.desired().await {
+            Ok(r) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("serialisable")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(r) => match key {
+                Some(k) => match r.keys.get(&k) {
+                    Some(w) => {
+                        println!("{}", w.value.as_deref().unwrap_or(""));
+                        ExitCode::SUCCESS
+                    }
+                    None => cli::fail(EXIT_FAILED, &format!("no desired state for {k:?}")),
+                },
+                None => {
+                    for (k, w) in &r.keys {
+                        println!(
+                            "{k} = {}   ({} via {}, entry {}/{})",
+                            w.value.as_deref().unwrap_or(""),
+                            w.author,
+                            w.origin,
+                            w.origin,
+                            w.seq
+                        );
+                    }
+                    if r.keys.is_empty() {
+                        println!("no desired state yet");
+                    }
+                    ExitCode::SUCCESS
+                }
+            },
+            Err(e) => client_error(e),
+        },
+        DesiredCommand::Set {
+            key, value, author, ..
+        } => report_write(client.write_desired(&key, Some(&value), &author).await),
+        DesiredCommand::Delete { key, author, .. } => {
+            report_write(client.write_desired(&key, None, &author).await)
+        }
+    }
+}
+
+fn report_write(r: Result<trellis_hub::api::WriteReport, ClientError>) -> ExitCode {
+    match r {
+        Ok(w) => {
+            println!(
+                "written: entry {}/{}, durable on {} ({} required)",
+                w.origin,
+                w.seq,
+                w.durable_on.join(", "),
+                w.write_quorum
+            );
             ExitCode::SUCCESS
         }
         Err(e) => client_error(e),
