@@ -33,6 +33,8 @@ use trellis_relay::driver::Relay;
 ///   summary_interval = "5s"      # sooner when the site changes
 ///   replay_bytes_per_s = 262144  # pace of the backlog after an outage
 ///   max_backoff = "30s"          # between connection attempts (randomised)
+///   failover_after = "15s"       # then the next hub in `hubs`
+///   failback_every = "60s"       # look whether an earlier hub is back
 ///
 ///   [buffer]                     # everything waits here until a hub has it
 ///   path = "buffer/outage.db"    # relative to this file

@@ -34,6 +34,12 @@ use trellis_node::id::Role;
 ///   [store]                      # every record relays sent: the history
 ///   path = "hub-data/hub.db"     # relative to this file
 ///   retention = "30d"
+///
+///   [federation]                 # other hubs (none by default)
+///   peers = ["10.0.2.2:7700"]    # their uplink addresses
+///
+///   [replication]
+///   write_quorum = 0             # 0: 2 when there are two hubs or more
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
