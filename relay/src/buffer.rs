@@ -403,22 +403,37 @@ impl OutageBuffer {
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, BufferError> {
+        // Both queries walk the primary key from `after`: the read costs
+        // what it returns, however much sent-but-kept history lies before.
+        let row = |r: &rusqlite::Row<'_>| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        };
+        // A gap row that starts at or before `after` and reaches past it.
+        let spanning = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, until_seq, at_ms, body FROM records WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
+            )
+            .map_err(self.err())?
+            .query_row([after as i64], row)
+            .optional()
+            .map_err(self.err())?
+            .filter(|(_, until, _, _)| *until > after);
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT seq, until_seq, at_ms, body FROM records WHERE until_seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, until_seq, at_ms, body FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )
             .map_err(self.err())?;
         let rows = stmt
-            .query_map(params![after as i64, max_rows as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    r.get::<_, i64>(1)? as u64,
-                    r.get::<_, i64>(2)? as u64,
-                    r.get::<_, Vec<u8>>(3)?,
-                ))
-            })
+            .query_map(params![after as i64, max_rows as i64], row)
             .map_err(self.err())?;
+        let rows = spanning.into_iter().map(Ok).chain(rows);
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for row in rows {
@@ -454,10 +469,12 @@ impl OutageBuffer {
 
     /// Deletes every record a hub acknowledged (up to `through`).
     pub fn delete_through(&mut self, through: u64) -> Result<u64, BufferError> {
+        // `seq <= ?1` lets SQLite walk the primary key instead of the table.
         let (rows, bytes): (i64, i64) = self
             .conn
             .query_row(
-                "SELECT count(*), coalesce(sum(length(body)), 0) FROM records WHERE until_seq <= ?1",
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM records
+                 WHERE seq <= ?1 AND until_seq <= ?1",
                 [through as i64],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -467,7 +484,7 @@ impl OutageBuffer {
         }
         self.conn
             .execute(
-                "DELETE FROM records WHERE until_seq <= ?1",
+                "DELETE FROM records WHERE seq <= ?1 AND until_seq <= ?1",
                 [through as i64],
             )
             .map_err(self.err())?;
@@ -827,6 +844,24 @@ mod tests {
             .map(|r| r.seq)
             .collect();
         assert_eq!(left, vec![3, 4]);
+    }
+
+    #[test]
+    fn reading_after_a_seq_inside_a_gap_starts_with_that_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = OutageBuffer::open(&dir.path().join("b.db"), 4_000, vec![])
+            .unwrap()
+            .0;
+        b.append((0..100).map(event).collect()).unwrap();
+        b.compact(1000, 1..=u64::MAX).unwrap().unwrap();
+        let all = b.read_after(0, 1000, 1 << 30).unwrap();
+        let gap_end = all[0].until();
+        assert!(gap_end > 2);
+        let from_inside = b.read_after(1, 10, 1 << 30).unwrap();
+        assert_eq!(from_inside[0].seq, 1, "the gap spanning seq 2");
+        assert_eq!(from_inside[1].seq, gap_end + 1);
+        let after_gap = b.read_after(gap_end, 10, 1 << 30).unwrap();
+        assert_eq!(after_gap[0].seq, gap_end + 1);
     }
 
     #[test]
