@@ -369,6 +369,28 @@ pub fn advertised(listen: SocketAddr, advertise: Option<SocketAddr>) -> SocketAd
     }
 }
 
+/// The site as a chitchat instance sees it (the seam: chitchat in,
+/// [`SiteView`] out).
+pub fn site_view_of(c: &chitchat::Chitchat, region: &str, site: &str) -> SiteView {
+    let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+    let members = c
+        .node_states()
+        .iter()
+        .map(|(id, state)| MemberView {
+            name: id.node_id.to_string(),
+            generation: id.generation_id,
+            gossip_addr: id.gossip_advertise_addr,
+            alive: live.contains(id),
+            health: Health::from_kv(state.key_values()),
+        })
+        .collect();
+    SiteView {
+        region: region.to_owned(),
+        site: site.to_owned(),
+        members,
+    }
+}
+
 /// Which gossip cluster to join: a site's, or the hubs' federation.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -549,25 +571,7 @@ impl Gossip {
     pub async fn view(&self) -> SiteView {
         let (region, site) = (self.region.clone(), self.site.clone());
         self.handle
-            .with_chitchat(|c| {
-                let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
-                let members = c
-                    .node_states()
-                    .iter()
-                    .map(|(id, state)| MemberView {
-                        name: id.node_id.to_string(),
-                        generation: id.generation_id,
-                        gossip_addr: id.gossip_advertise_addr,
-                        alive: live.contains(id),
-                        health: Health::from_kv(state.key_values()),
-                    })
-                    .collect();
-                SiteView {
-                    region: region.clone(),
-                    site: site.clone(),
-                    members,
-                }
-            })
+            .with_chitchat(|c| site_view_of(c, &region, &site))
             .await
     }
 

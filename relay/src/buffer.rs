@@ -513,12 +513,6 @@ impl OutageBuffer {
         if plan.runs.is_empty() {
             return Ok(None);
         }
-        let mut total = Gap::default();
-        let path = self.path.clone();
-        let err = |source| BufferError::Sqlite {
-            path: path.clone(),
-            source,
-        };
         // Existing gap rows absorbed into a run need their counts.
         let mut old_gaps: HashMap<u64, Gap> = HashMap::new();
         for run in &plan.runs {
@@ -528,40 +522,37 @@ impl OutageBuffer {
                 }
             }
         }
+        let (gaps, total) = gap_rows(&rows, &plan, |seq| old_gaps.remove(&seq).unwrap_or_default());
+        let path = self.path.clone();
+        let err = |source| BufferError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(err)?;
         let mut freed = 0u64;
         let mut removed = 0u64;
-        let mut added_rows = 0u64;
-        let mut added_bytes = 0u64;
         for run in &plan.runs {
-            let mut gap = run.fresh.clone();
-            total.absorb(&run.fresh);
             for &i in &run.rows {
                 let r = &rows[i];
-                if let Some(g) = old_gaps.get(&r.seq) {
-                    gap.absorb(g);
-                }
                 tx.execute("DELETE FROM records WHERE seq = ?1", [r.seq as i64])
                     .map_err(err)?;
                 freed += r.len + ROW_OVERHEAD;
                 removed += 1;
             }
-            let first = &rows[run.rows[0]];
-            let last = &rows[*run.rows.last().expect("runs are not empty")];
-            gap.until = last.until;
-            let body = RecordBody::Gap(gap.clone());
-            let bytes = postcard::to_stdvec(&body).expect("records serialise");
+        }
+        let mut added_bytes = 0u64;
+        for g in &gaps {
+            let bytes = postcard::to_stdvec(&g.body).expect("records serialise");
             tx.execute(
                 "INSERT INTO records (seq, until_seq, kind, at_ms, body) VALUES (?1, ?2, 'gap', ?3, ?4)",
-                params![first.seq as i64, last.until as i64, gap.from_ms as i64, bytes],
+                params![g.seq as i64, g.until() as i64, g.at_ms as i64, bytes],
             )
             .map_err(err)?;
-            added_rows += 1;
             added_bytes += bytes.len() as u64 + ROW_OVERHEAD;
         }
         tx.commit().map_err(err)?;
         self.fsyncs += 1;
-        self.rows = self.rows - removed + added_rows;
+        self.rows = self.rows - removed + gaps.len() as u64;
         self.bytes = self.bytes - freed + added_bytes;
         Ok(Some(total))
     }
@@ -644,25 +635,55 @@ fn decode_row(seq: u64, until: u64, at_ms: u64, body: &[u8]) -> Record {
 
 /// What the planner needs to know of a row.
 #[derive(Debug, Clone, PartialEq)]
-struct RowMeta {
-    seq: u64,
-    until: u64,
-    kind: String,
-    at_ms: u64,
-    len: u64,
+pub struct RowMeta {
+    pub seq: u64,
+    pub until: u64,
+    /// `summary`, `gap`, or the event's kind.
+    pub kind: String,
+    pub at_ms: u64,
+    /// Bytes of the body.
+    pub len: u64,
 }
 
 /// Consecutive rows to replace by one gap row; `fresh` counts what is newly
 /// dropped (absorbed old gaps are added when writing).
 #[derive(Debug, Clone, PartialEq)]
-struct Run {
-    rows: Vec<usize>,
-    fresh: Gap,
+pub struct Run {
+    /// Indexes into the rows given to [`plan_compaction`].
+    pub rows: Vec<usize>,
+    pub fresh: Gap,
 }
 
+/// What a compaction does.
 #[derive(Debug, Default)]
-struct Plan {
-    runs: Vec<Run>,
+pub struct Plan {
+    pub runs: Vec<Run>,
+}
+
+/// The gap records that replace each run of `plan` (absorbing the old gap
+/// rows in it, whose counts `old_gap` gives by seq), and the total newly
+/// dropped. Pure.
+pub fn gap_rows(rows: &[RowMeta], plan: &Plan, mut old_gap: impl FnMut(u64) -> Gap) -> (Vec<Record>, Gap) {
+    let mut total = Gap::default();
+    let mut out = Vec::new();
+    for run in &plan.runs {
+        let mut gap = run.fresh.clone();
+        total.absorb(&run.fresh);
+        for &i in &run.rows {
+            if rows[i].kind == "gap" {
+                gap.absorb(&old_gap(rows[i].seq));
+            }
+        }
+        let first = &rows[run.rows[0]];
+        let last = &rows[*run.rows.last().expect("runs are not empty")];
+        gap.until = last.until;
+        out.push(Record {
+            seq: first.seq,
+            at_ms: gap.from_ms,
+            body: RecordBody::Gap(gap),
+        });
+    }
+    (out, total)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -672,8 +693,9 @@ enum Fate {
     Dropped,
 }
 
-/// Decides what to drop. Pure, so it is tested without a database.
-fn plan_compaction(
+/// Decides what to drop. Pure, so it is tested without a database (and
+/// the simulator runs it on its virtual disks).
+pub fn plan_compaction(
     rows: &[RowMeta],
     now_ms: u64,
     rules: &[DownsampleRule],
