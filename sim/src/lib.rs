@@ -8,6 +8,13 @@
 //! - [`EventQueue`]: events ordered by `(virtual time, insertion sequence)`,
 //!   so that equal times are delivered in the order they were scheduled and
 //!   a run is reproducible.
+//! - [`rng`]: one root seed, an independent stream per named consumer.
+//! - [`scenario`]: scenario files.
+//! - [`model`]: the gossip model of a site.
+
+pub mod model;
+pub mod rng;
+pub mod scenario;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -1,0 +1,519 @@
+//! Scenario files (TOML): the topology, the links, the production settings
+//! the cores run with, a fault timeline, and random fault rates.
+//!
+//! Names are derived from the topology: regions `r1`, `r2`…, sites
+//! `r1-s1`…, nodes `r1-s1-n1`…, the site's relay `r1-s1-relay`, hubs
+//! `hub-1`… (hub *h* in region ((h − 1) mod regions) + 1).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a scenario could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Virtual time the faults play out in.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Extra time with every fault healed, for backlogs to drain before
+    /// the invariants are checked.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain: Duration,
+    /// Resolution of `timeseries.csv`.
+    #[serde(default = "default_sample", with = "humantime_serde")]
+    pub sample_every: Duration,
+    pub topology: Topology,
+    #[serde(default)]
+    pub gossip: GossipSettings,
+    #[serde(default)]
+    pub relay: RelaySettings,
+    #[serde(default)]
+    pub hub: HubSettings,
+    #[serde(default)]
+    pub links: Links,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub swarm: Swarm,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_sample() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub regions: usize,
+    pub hubs: usize,
+    pub sites_per_region: usize,
+    pub nodes_per_site: usize,
+    /// How many sites (the first ones) run real chitchat instead of the
+    /// gossip model.
+    #[serde(default)]
+    pub real_gossip_sites: usize,
+}
+
+/// Site gossip, as the nodes are configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipSettings {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub phi_threshold: f64,
+}
+
+impl Default for GossipSettings {
+    fn default() -> Self {
+        GossipSettings {
+            interval: Duration::from_secs(1),
+            phi_threshold: 8.0,
+        }
+    }
+}
+
+/// The relays' settings (as in `trellis-relay`'s configuration).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySettings {
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failover_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failback_every: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    pub replay_bytes_per_s: u64,
+    pub buffer_max_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub keep_acked: Duration,
+    /// Time for the virtual disk to make an append durable.
+    #[serde(with = "humantime_serde")]
+    pub fsync: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            summary_interval: Duration::from_secs(5),
+            sample_interval: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(15),
+            failover_after: Duration::from_secs(15),
+            failback_every: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(30),
+            replay_bytes_per_s: 256 * 1024,
+            buffer_max_bytes: 1 << 30,
+            keep_acked: Duration::from_secs(300),
+            fsync: Duration::from_millis(2),
+        }
+    }
+}
+
+/// The hubs' settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubSettings {
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub silence_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub anti_entropy_every: Duration,
+    #[serde(with = "humantime_serde")]
+    pub fsync: Duration,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        HubSettings {
+            stale_after: Duration::from_secs(30),
+            silence_timeout: Duration::from_secs(20),
+            anti_entropy_every: Duration::from_secs(2),
+            fsync: Duration::from_millis(2),
+        }
+    }
+}
+
+/// A class of links.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinkClass {
+    /// One-way latency.
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+    /// Uniform extra latency in [0, jitter).
+    #[serde(with = "humantime_serde")]
+    pub jitter: Duration,
+    /// Share of packets lost (each loss costs a retransmission).
+    pub loss: f64,
+    /// Bytes per second.
+    pub bandwidth: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Links {
+    /// Inside a site (node ↔ node, node ↔ relay).
+    pub lan: LinkClass,
+    /// Relay ↔ hub.
+    pub wan: LinkClass,
+    /// Hub ↔ hub.
+    pub hub: LinkClass,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Links {
+            lan: LinkClass {
+                latency: Duration::from_micros(300),
+                jitter: Duration::from_micros(200),
+                loss: 0.0,
+                bandwidth: 125_000_000,
+            },
+            wan: LinkClass {
+                latency: Duration::from_millis(40),
+                jitter: Duration::from_millis(10),
+                loss: 0.0,
+                bandwidth: 1_250_000,
+            },
+            hub: LinkClass {
+                latency: Duration::from_millis(10),
+                jitter: Duration::from_millis(2),
+                loss: 0.0,
+                bandwidth: 12_500_000,
+            },
+        }
+    }
+}
+
+impl Default for LinkClass {
+    fn default() -> Self {
+        Links::default().wan
+    }
+}
+
+/// What a fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// The targeted sites' WAN links go down.
+    WanOutage,
+    /// `hubs` are cut off from the other hubs (hub ↔ hub links only).
+    HubPartition,
+    /// `hub` crashes, and restarts when the fault ends.
+    HubCrash,
+    /// The targeted sites' relays crash (losing what was not yet durable)
+    /// and restart when the fault ends.
+    RelayCrash,
+    /// A `share` of the targeted sites' nodes crash, and restart when the
+    /// fault ends.
+    NodeCrash,
+    /// `loss` on the links of `class` (lan, wan, hub).
+    LossStorm,
+    /// The targeted sites' relay buffers shrink to `max_bytes`.
+    DiskFull,
+}
+
+/// One fault of the timeline. Sites are targeted by name (`sites`), by
+/// region (`regions`), and/or by a `fraction` of them picked from the seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub kind: FaultKind,
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+}
+
+impl Fault {
+    /// A fault of `kind` on exactly these sites.
+    pub fn on_sites(kind: FaultKind, at: Duration, duration: Duration, sites: Vec<String>) -> Self {
+        Fault {
+            kind,
+            at,
+            duration,
+            sites,
+            regions: Vec::new(),
+            fraction: None,
+            hubs: Vec::new(),
+            hub: None,
+            share: None,
+            class: None,
+            loss: None,
+            max_bytes: None,
+        }
+    }
+
+    pub fn targets_sites(&self) -> bool {
+        matches!(
+            self.kind,
+            FaultKind::WanOutage | FaultKind::RelayCrash | FaultKind::NodeCrash | FaultKind::DiskFull
+        )
+    }
+}
+
+/// Random faults, per site and virtual hour, drawn from the seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Swarm {
+    pub wan_flaps_per_site_hour: f64,
+    pub relay_crashes_per_site_hour: f64,
+    pub node_crashes_per_site_hour: f64,
+    /// Mean length of a random fault.
+    #[serde(with = "humantime_serde")]
+    pub mean_duration: Duration,
+}
+
+impl Default for Swarm {
+    fn default() -> Self {
+        Swarm {
+            wan_flaps_per_site_hour: 0.0,
+            relay_crashes_per_site_hour: 0.0,
+            node_crashes_per_site_hour: 0.0,
+            mean_duration: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Scenario {
+    /// Reads, parses and validates a scenario file.
+    pub fn load(path: &Path) -> Result<(Scenario, String), ScenarioError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let s = Self::parse(&text, &shown)?;
+        Ok((s, text))
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        s.validate()
+            .map_err(|message| ScenarioError::Invalid {
+                path: path.to_owned(),
+                message,
+            })?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.topology;
+        let ok = |c: bool, m: &str| if c { Ok(()) } else { Err(m.to_owned()) };
+        ok(t.regions >= 1, "topology.regions must be at least 1")?;
+        ok(t.hubs >= 1 && t.hubs <= 64, "topology.hubs must be between 1 and 64")?;
+        ok(t.sites_per_region >= 1, "topology.sites_per_region must be at least 1")?;
+        ok(
+            (1..=10_000).contains(&t.nodes_per_site),
+            "topology.nodes_per_site must be between 1 and 10000",
+        )?;
+        ok(
+            t.real_gossip_sites <= t.regions * t.sites_per_region,
+            "topology.real_gossip_sites is more than there are sites",
+        )?;
+        ok(
+            self.duration > Duration::ZERO,
+            "duration must be more than zero",
+        )?;
+        ok(
+            self.sample_every >= Duration::from_millis(100),
+            "sample_every must be at least 100ms",
+        )?;
+        ok(
+            self.gossip.interval >= Duration::from_millis(10),
+            "gossip.interval must be at least 10ms",
+        )?;
+        ok(
+            self.relay.sample_interval >= Duration::from_millis(10),
+            "relay.sample_interval must be at least 10ms",
+        )?;
+        ok(
+            self.relay.replay_bytes_per_s >= 1024,
+            "relay.replay_bytes_per_s must be at least 1024",
+        )?;
+        for (name, c) in [("lan", &self.links.lan), ("wan", &self.links.wan), ("hub", &self.links.hub)] {
+            ok(
+                (0.0..1.0).contains(&c.loss),
+                &format!("links.{name}.loss must be in [0, 1)"),
+            )?;
+            ok(c.bandwidth > 0, &format!("links.{name}.bandwidth must be more than zero"))?;
+        }
+        let hubs: Vec<String> = (1..=t.hubs).map(hub_name).collect();
+        let sites = self.site_names();
+        for (i, f) in self.faults.iter().enumerate() {
+            let at = format!("faults[{i}] ({:?})", f.kind);
+            if f.targets_sites() {
+                for s in &f.sites {
+                    ok(sites.contains(s), &format!("{at}: no site {s:?}"))?;
+                }
+                for r in &f.regions {
+                    ok(
+                        (1..=t.regions).any(|n| region_name(n) == *r),
+                        &format!("{at}: no region {r:?}"),
+                    )?;
+                }
+                if let Some(fr) = f.fraction {
+                    ok((0.0..=1.0).contains(&fr), &format!("{at}: fraction must be in [0, 1]"))?;
+                }
+                ok(
+                    !f.sites.is_empty() || !f.regions.is_empty() || f.fraction.is_some(),
+                    &format!("{at}: name sites, regions or a fraction"),
+                )?;
+            }
+            match f.kind {
+                FaultKind::NodeCrash => ok(
+                    f.share.is_some_and(|s| (0.0..=1.0).contains(&s)),
+                    &format!("{at}: needs share in [0, 1]"),
+                )?,
+                FaultKind::DiskFull => ok(
+                    f.max_bytes.is_some_and(|b| b >= 16 * 1024),
+                    &format!("{at}: needs max_bytes of at least 16384"),
+                )?,
+                FaultKind::HubPartition => {
+                    ok(!f.hubs.is_empty(), &format!("{at}: needs hubs"))?;
+                    for h in &f.hubs {
+                        ok(hubs.contains(h), &format!("{at}: no hub {h:?}"))?;
+                    }
+                }
+                FaultKind::HubCrash => ok(
+                    f.hub.as_ref().is_some_and(|h| hubs.contains(h)),
+                    &format!("{at}: needs hub, one of {}", hubs.join(", ")),
+                )?,
+                FaultKind::LossStorm => {
+                    ok(
+                        f.class.as_deref().is_some_and(|c| ["lan", "wan", "hub"].contains(&c)),
+                        &format!("{at}: class must be lan, wan or hub"),
+                    )?;
+                    ok(
+                        f.loss.is_some_and(|l| (0.0..1.0).contains(&l)),
+                        &format!("{at}: loss must be in [0, 1)"),
+                    )?;
+                }
+                FaultKind::WanOutage | FaultKind::RelayCrash => {}
+            }
+            ok(f.at <= self.duration, &format!("{at}: starts after the scenario ends"))?;
+        }
+        Ok(())
+    }
+
+    /// Every site's name, in order.
+    pub fn site_names(&self) -> Vec<String> {
+        let t = &self.topology;
+        (1..=t.regions)
+            .flat_map(|r| (1..=t.sites_per_region).map(move |s| site_name(r, s)))
+            .collect()
+    }
+
+    pub fn total_nodes(&self) -> usize {
+        self.topology.regions * self.topology.sites_per_region * self.topology.nodes_per_site
+    }
+}
+
+pub fn region_name(r: usize) -> String {
+    format!("r{r}")
+}
+
+pub fn site_name(r: usize, s: usize) -> String {
+    format!("r{r}-s{s}")
+}
+
+pub fn hub_name(h: usize) -> String {
+    format!("hub-{h}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"
+        name = "small"
+        duration = "2m"
+        [topology]
+        regions = 2
+        hubs = 2
+        sites_per_region = 3
+        nodes_per_site = 10
+        [[faults]]
+        kind = "wan_outage"
+        at = "30s"
+        duration = "40s"
+        sites = ["r1-s2"]
+        [[faults]]
+        kind = "hub_crash"
+        at = "1m"
+        duration = "20s"
+        hub = "hub-2"
+    "#;
+
+    #[test]
+    fn a_scenario_parses_with_defaults_and_names_its_sites() {
+        let s = Scenario::parse(SMALL, "small.toml").unwrap();
+        assert_eq!(s.site_names().len(), 6);
+        assert_eq!(s.total_nodes(), 60);
+        assert_eq!(s.relay.summary_interval, Duration::from_secs(5));
+        assert_eq!(s.faults.len(), 2);
+    }
+
+    #[test]
+    fn faults_that_name_nothing_real_are_refused() {
+        for (bad, needle) in [
+            (SMALL.replace("r1-s2", "r9-s9"), "no site"),
+            (SMALL.replace("hub = \"hub-2\"", "hub = \"hub-7\""), "needs hub"),
+            (SMALL.replace("hubs = 2", "hubs = 0"), "topology.hubs"),
+        ] {
+            let err = Scenario::parse(&bad, "x.toml").unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let err = Scenario::parse("name = 1", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("x.toml"), "{err}");
+    }
+}
