@@ -39,7 +39,7 @@ use crate::api::{ApiState, LocalState, api_router};
 use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
 use crate::core::{RelayCore, Transmit};
-use crate::failover::HubChoice;
+use crate::failover::{HubChoice, full_jitter, next_attempt};
 use crate::uplink::{
     Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
@@ -600,14 +600,7 @@ async fn uplink_task(
             Ok(Ended::Lost { last_heard }) => {
                 info!(%hub, "uplink closed");
                 choice.handle_ended(last_heard, tried);
-                // A session that lasted a while starts the backoff over.
-                attempt = if last_heard
-                    .is_some_and(|t| t.duration_since(tried) > Duration::from_secs(30))
-                {
-                    0
-                } else {
-                    attempt.saturating_add(1)
-                };
+                attempt = next_attempt(attempt, last_heard, tried);
             }
             Err(error) => {
                 warn!(%hub, %error, "uplink failed");
@@ -615,7 +608,7 @@ async fn uplink_task(
                 attempt = attempt.saturating_add(1);
             }
         }
-        let wait = full_jitter(attempt, settings.max_backoff);
+        let wait = full_jitter(attempt, settings.max_backoff, rand::random::<f64>());
         debug!(?wait, "waiting before the next connection attempt");
         tokio::select! {
             biased;
@@ -623,15 +616,6 @@ async fn uplink_task(
             _ = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-/// "Full jitter" backoff: a random wait between zero and
-/// min(max, 250 ms × 2^attempt).
-fn full_jitter(attempt: u32, max: Duration) -> Duration {
-    let bound = Duration::from_millis(250)
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(max);
-    Duration::from_millis(rand::random_range(0..=bound.as_millis() as u64))
 }
 
 struct Session<'a> {
@@ -1198,20 +1182,19 @@ impl trellis_node::cli::Running for Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failover::backoff_bound;
 
     #[test]
     fn backoff_is_random_below_a_bound_that_doubles_up_to_the_maximum() {
         let max = Duration::from_secs(30);
+        let wait = |attempt| full_jitter(attempt, max, rand::random::<f64>());
         for attempt in 0..20 {
-            let bound = Duration::from_millis(250)
-                .saturating_mul(1 << attempt.min(16))
-                .min(max);
             for _ in 0..50 {
-                assert!(full_jitter(attempt, max) <= bound);
+                assert!(wait(attempt) <= backoff_bound(attempt, max));
             }
         }
         // Random: a thousand relays do not all pick the same wait.
-        let waits: std::collections::BTreeSet<_> = (0..100).map(|_| full_jitter(10, max)).collect();
+        let waits: std::collections::BTreeSet<_> = (0..100).map(|_| wait(10)).collect();
         assert!(waits.len() > 50, "{waits:?}");
     }
 

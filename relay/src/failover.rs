@@ -85,6 +85,34 @@ impl HubChoice {
     }
 }
 
+/// The bound of the "full jitter" backoff before attempt `attempt` (0 for
+/// the first retry): min(max, 250 ms × 2^attempt). The wait is a uniformly
+/// random duration between zero and the bound, so that relays cut off
+/// together do not all come back in the same instant.
+pub fn backoff_bound(attempt: u32, max: Duration) -> Duration {
+    Duration::from_millis(250)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max)
+}
+
+/// The wait before the next attempt, given `unit`, a uniform random number
+/// in [0, 1).
+pub fn full_jitter(attempt: u32, max: Duration, unit: f64) -> Duration {
+    let bound = backoff_bound(attempt, max).as_millis() as f64;
+    Duration::from_millis((bound * unit.clamp(0.0, 1.0)).round() as u64)
+}
+
+/// The attempt count after a connection ended: a session that lasted a
+/// while (its hub last heard more than 30 s after the attempt began)
+/// starts the backoff over; anything shorter backs off further.
+pub fn next_attempt(attempt: u32, last_heard: Option<Instant>, tried: Instant) -> u32 {
+    if last_heard.is_some_and(|t| t.saturating_duration_since(tried) > Duration::from_secs(30)) {
+        0
+    } else {
+        attempt.saturating_add(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +173,20 @@ mod tests {
             c.failback_candidates(t + 500 * S).is_empty(),
             "on the first hub"
         );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum_and_restarts_after_a_long_session() {
+        let max = 30 * S;
+        assert_eq!(backoff_bound(0, max), Duration::from_millis(250));
+        assert_eq!(backoff_bound(3, max), 2 * S);
+        assert_eq!(backoff_bound(40, max), max);
+        assert_eq!(full_jitter(3, max, 0.0), Duration::ZERO);
+        assert_eq!(full_jitter(3, max, 0.5), S);
+        let t = Instant::now();
+        assert_eq!(next_attempt(4, Some(t + 31 * S), t), 0);
+        assert_eq!(next_attempt(4, Some(t + 5 * S), t), 5);
+        assert_eq!(next_attempt(4, None, t), 5);
     }
 
     #[test]
