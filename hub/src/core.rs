@@ -98,6 +98,9 @@ struct Link {
     stream: u64,
     connected: bool,
     since: Instant,
+    /// The connection the link is on (the driver's id for it): the end of
+    /// an older connection, noticed late, does not disconnect a newer one.
+    conn: u64,
 }
 
 /// Counters the driver exports as metrics.
@@ -200,9 +203,10 @@ impl HubCore {
             .map_or(0, |c| c.applied)
     }
 
-    /// A relay connected and announced its record stream. Returns the last
-    /// seq of that stream applied without a hole (0 for a new stream).
-    pub fn handle_hello(&mut self, now: Instant, relay: &Identity, stream: u64) -> u64 {
+    /// A relay connected on connection `conn` and announced its record
+    /// stream. Returns the last seq of that stream applied without a hole
+    /// (0 for a new stream).
+    pub fn handle_hello(&mut self, now: Instant, relay: &Identity, stream: u64, conn: u64) -> u64 {
         self.links.insert(
             relay.name.clone(),
             Link {
@@ -211,6 +215,7 @@ impl HubCore {
                 stream,
                 connected: true,
                 since: now,
+                conn,
             },
         );
         self.streams
@@ -219,9 +224,10 @@ impl HubCore {
             .applied
     }
 
-    /// The relay's connection ended.
-    pub fn handle_disconnected(&mut self, now: Instant, relay: &Identity) {
-        if let Some(l) = self.links.get_mut(&relay.name) {
+    /// The relay's connection `conn` ended. (A relay that reconnected in
+    /// the meantime stays connected.)
+    pub fn handle_disconnected(&mut self, now: Instant, relay: &Identity, conn: u64) {
+        if let Some(l) = self.links.get_mut(&relay.name).filter(|l| l.conn == conn) {
             l.connected = false;
             l.since = now;
         }
@@ -527,7 +533,7 @@ mod tests {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         let r = relay("par");
-        assert_eq!(hub.handle_hello(t, &r, 9), 0);
+        assert_eq!(hub.handle_hello(t, &r, 9, 1), 0);
         // The newest first, then the backlog in order, then all again.
         assert_eq!(apply(&mut hub, T0_MS, &r, vec![died(3)]), vec![3]);
         assert_eq!(hub.applied("par-relay", 9), 0, "1 and 2 still missing");
@@ -539,10 +545,26 @@ mod tests {
         assert!(apply(&mut hub, T0_MS, &r, vec![died(1), died(2), died(3)]).is_empty());
         assert_eq!(hub.stats().duplicates, 4);
         // A reconnect with the same stream resumes after what was applied.
-        hub.handle_disconnected(t, &r);
-        assert_eq!(hub.handle_hello(t, &r, 9), 3);
+        hub.handle_disconnected(t, &r, 1);
+        assert_eq!(hub.handle_hello(t, &r, 9, 1), 3);
         // A new stream starts over.
-        assert_eq!(hub.handle_hello(t, &r, 10), 0);
+        assert_eq!(hub.handle_hello(t, &r, 10, 1), 0);
+    }
+
+    #[test]
+    fn an_old_connection_ending_late_does_not_disconnect_a_newer_one() {
+        let t = Instant::now();
+        let mut hub = HubCore::new("h", Duration::from_secs(30));
+        let r = relay("par");
+        hub.handle_hello(t, &r, 9, 1);
+        // The relay gave up on connection 1 and came back on 2; the hub
+        // notices the end of 1 only later (its silence timeout).
+        hub.handle_hello(t + Duration::from_secs(20), &r, 9, 2);
+        hub.handle_disconnected(t + Duration::from_secs(40), &r, 1);
+        assert_eq!(hub.served().len(), 1, "still served on connection 2");
+        assert!(apply(&mut hub, T0_MS, &r, vec![died(1)]) == vec![1]);
+        hub.handle_disconnected(t + Duration::from_secs(50), &r, 2);
+        assert!(hub.served().is_empty());
     }
 
     #[test]
@@ -550,7 +572,7 @@ mod tests {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         let r = relay("par");
-        hub.handle_hello(t, &r, 1);
+        hub.handle_hello(t, &r, 1, 1);
         let gap = rec(
             2,
             RecordBody::Gap(Gap {
@@ -568,7 +590,7 @@ mod tests {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         let r = relay("par");
-        hub.handle_hello(t, &r, 1);
+        hub.handle_hello(t, &r, 1, 1);
         let fresh = hub.take_fresh(&r, vec![died(1)]).unwrap();
         hub.undo(fresh);
         assert_eq!(hub.applied("par-relay", 1), 0);
@@ -584,7 +606,7 @@ mod tests {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         let r = relay("par");
-        hub.handle_hello(t, &r, 1);
+        hub.handle_hello(t, &r, 1, 1);
         let err = hub
             .take_fresh(
                 &r,
@@ -609,7 +631,7 @@ mod tests {
             hub.take_fresh(&r, vec![died(1)]),
             Err(RecordError::NoHello { .. })
         ));
-        hub.handle_hello(t, &r, 1);
+        hub.handle_hello(t, &r, 1, 1);
         assert!(matches!(
             hub.take_fresh(&r, vec![died(0)]),
             Err(RecordError::BadSeq { .. })
@@ -622,7 +644,7 @@ mod tests {
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         for (i, site) in ["par", "ber"].into_iter().enumerate() {
             let r = relay(site);
-            hub.handle_hello(t, &r, 1);
+            hub.handle_hello(t, &r, 1, 1);
             apply(
                 &mut hub,
                 T0_MS,
@@ -645,7 +667,7 @@ mod tests {
         assert_eq!(f.totals.nodes_total, 19);
         // The relay of par drops off: past the grace, par is unreachable
         // with its last-known state; nothing says its nodes died.
-        hub.handle_disconnected(t + Duration::from_secs(3), &relay("par"));
+        hub.handle_disconnected(t + Duration::from_secs(3), &relay("par"), 1);
         let f = hub.fleet(
             t + Duration::from_secs(4),
             ms(t, t + Duration::from_secs(4)),
@@ -676,7 +698,7 @@ mod tests {
         let t = Instant::now();
         let mut hub = HubCore::new("h", Duration::from_secs(30));
         let r = relay("par");
-        hub.handle_hello(t, &r, 1);
+        hub.handle_hello(t, &r, 1, 1);
         apply(
             &mut hub,
             T0_MS,
@@ -715,7 +737,7 @@ mod tests {
         );
         // The relay fails over to this hub: it resumes after what was
         // replicated, and what it resends is absorbed.
-        assert_eq!(hub.handle_hello(t, &r, 9), 2);
+        assert_eq!(hub.handle_hello(t, &r, 9, 1), 2);
         assert_eq!(apply(&mut hub, T0_MS, &r, vec![died(2), died(3)]), vec![3]);
         let bad = crate::store::stored("Not A Name", 9, "eu", "par", &died(1), T0_MS);
         assert!(hub.take_replicated(vec![bad]).is_empty());
@@ -753,7 +775,7 @@ mod tests {
         let t = Instant::now();
         let mut hub = HubCore::new("h1", Duration::from_secs(30));
         let r = relay("par");
-        hub.handle_hello(t, &r, 1);
+        hub.handle_hello(t, &r, 1, 1);
         apply(
             &mut hub,
             T0_MS,
@@ -774,7 +796,7 @@ mod tests {
             d,
             "the fingerprint follows the coverage"
         );
-        hub.handle_disconnected(t, &r);
+        hub.handle_disconnected(t, &r, 1);
         assert!(hub.served().is_empty());
     }
 

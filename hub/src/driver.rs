@@ -112,6 +112,7 @@ pub(crate) enum Input {
     Hello {
         relay: Identity,
         stream: u64,
+        conn: u64,
         reply: oneshot::Sender<u64>,
     },
     Records {
@@ -126,6 +127,7 @@ pub(crate) enum Input {
     },
     Disconnected {
         relay: Identity,
+        conn: u64,
     },
     Fleet {
         reply: oneshot::Sender<FleetReport>,
@@ -270,9 +272,10 @@ impl CoreTask {
                     Input::Hello {
                         relay,
                         stream,
+                        conn,
                         reply,
                     } => {
-                        let _ = reply.send(self.core.handle_hello(now, &relay, stream));
+                        let _ = reply.send(self.core.handle_hello(now, &relay, stream, conn));
                     }
                     Input::Records {
                         relay,
@@ -290,7 +293,9 @@ impl CoreTask {
                         }
                         replicated.push(reply);
                     }
-                    Input::Disconnected { relay } => self.core.handle_disconnected(now, &relay),
+                    Input::Disconnected { relay, conn } => {
+                        self.core.handle_disconnected(now, &relay, conn)
+                    }
                     Input::Fleet { reply } => {
                         let _ = reply.send(self.core.fleet(now, unix_ms()));
                     }
@@ -608,7 +613,11 @@ async fn serve_relay(
             relays.remove(&key);
         }
     }
-    let _ = shared.core.send(Input::Disconnected { relay: peer }).await;
+    let conn = conn.stable_id() as u64;
+    let _ = shared
+        .core
+        .send(Input::Disconnected { relay: peer, conn })
+        .await;
 }
 
 /// Reads frames off the control stream into a channel, so that records can
@@ -658,6 +667,7 @@ async fn serve_relay_inner(
         .ask(|reply| Input::Hello {
             relay: peer.clone(),
             stream,
+            conn: conn.stable_id() as u64,
             reply,
         })
         .await
