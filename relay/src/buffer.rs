@@ -522,7 +522,9 @@ impl OutageBuffer {
                 }
             }
         }
-        let (gaps, total) = gap_rows(&rows, &plan, |seq| old_gaps.remove(&seq).unwrap_or_default());
+        let (gaps, total) = gap_rows(&rows, &plan, |seq| {
+            old_gaps.remove(&seq).unwrap_or_default()
+        });
         let path = self.path.clone();
         let err = |source| BufferError::Sqlite {
             path: path.clone(),
@@ -663,7 +665,11 @@ pub struct Plan {
 /// The gap records that replace each run of `plan` (absorbing the old gap
 /// rows in it, whose counts `old_gap` gives by seq), and the total newly
 /// dropped. Pure.
-pub fn gap_rows(rows: &[RowMeta], plan: &Plan, mut old_gap: impl FnMut(u64) -> Gap) -> (Vec<Record>, Gap) {
+pub fn gap_rows(
+    rows: &[RowMeta],
+    plan: &Plan,
+    mut old_gap: impl FnMut(u64) -> Gap,
+) -> (Vec<Record>, Gap) {
     let mut total = Gap::default();
     let mut out = Vec::new();
     for run in &plan.runs {

@@ -40,6 +40,7 @@ use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
 use crate::core::{RelayCore, Transmit};
 use crate::failover::{HubChoice, full_jitter, next_attempt};
+use crate::pace::TokenBucket;
 use crate::uplink::{
     Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
@@ -746,7 +747,7 @@ async fn write_records(
     inputs: mpsc::Sender<Input>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut bucket = TokenBucket::new(bytes_per_s);
+    let mut bucket = TokenBucket::new(bytes_per_s, Instant::now());
     loop {
         tokio::select! {
             biased;
@@ -764,7 +765,7 @@ async fn write_records(
                         write_record(&mut send, l, &cancel).await?;
                     }
                     let frame = frame_of(r.clone())?;
-                    let wait = bucket.take(frame.len() as u64);
+                    let wait = bucket.take(frame.len() as u64, Instant::now());
                     if !wait.is_zero() {
                         tokio::select! {
                             biased;
@@ -804,42 +805,6 @@ async fn write_record(
         biased;
         _ = cancel.cancelled() => Ok(()),
         w = wire::write_frame(send, &frame) => Ok(w?),
-    }
-}
-
-/// A token bucket of bytes: `take` says how long to wait before sending.
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl TokenBucket {
-    fn new(bytes_per_s: u64) -> Self {
-        let rate = bytes_per_s as f64;
-        // A quarter of a second of sending; a frame larger than that
-        // simply waits for its tokens.
-        let burst = (rate / 4.0).max(1.0);
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            at: Instant::now(),
-        }
-    }
-
-    fn take(&mut self, n: u64) -> Duration {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
-        self.at = now;
-        self.tokens -= n as f64;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
-        }
     }
 }
 
@@ -1196,18 +1161,5 @@ mod tests {
         // Random: a thousand relays do not all pick the same wait.
         let waits: std::collections::BTreeSet<_> = (0..100).map(|_| wait(10)).collect();
         assert!(waits.len() > 50, "{waits:?}");
-    }
-
-    #[test]
-    fn the_token_bucket_holds_the_rate_after_its_burst() {
-        let mut b = TokenBucket::new(100_000);
-        // The burst (a quarter of a second: 25,000 bytes) goes at once…
-        assert_eq!(b.take(25_000), Duration::ZERO);
-        // …then 50,000 more bytes must wait about half a second.
-        let wait = b.take(50_000);
-        assert!(
-            wait >= Duration::from_millis(450) && wait <= Duration::from_millis(510),
-            "{wait:?}"
-        );
     }
 }

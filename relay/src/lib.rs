@@ -15,6 +15,7 @@
 //! - [`report`]: the JSON shapes of the hub's and the relay's read APIs.
 //! - [`api`]: the relay's local read API.
 //! - [`failover`]: which hub to use, when to leave it and when to go back.
+//! - [`pace`]: the token bucket that paces the backlog replay.
 //! - [`driver`]: the relay process: gossip, the core's task, the uplink.
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod core;
 pub mod driver;
 pub mod failover;
+pub mod pace;
 pub mod report;
 pub mod summarise;
 pub mod summary;
