@@ -384,8 +384,26 @@ impl CoreTask {
                 self.core.applied(&id.name, f.stream),
             ));
         }
-        let records = batch.records.clone();
-        let committed = if records.is_empty() {
+        // Only what came straight from relays is pushed: a hub that pushed
+        // what it was itself pushed would send every record around the
+        // federation again, once per hub (anti-entropy repairs a push
+        // that is lost).
+        let records: Vec<StoredRecord> = work
+            .iter()
+            .filter(|(_, reply)| reply.is_some())
+            .flat_map(|(f, _)| {
+                let id = &f.relay;
+                let received = if f.received_ms > 0 {
+                    f.received_ms
+                } else {
+                    now_ms
+                };
+                f.records
+                    .iter()
+                    .map(move |r| stored(&id.name, f.stream, &id.region, &id.site, r, received))
+            })
+            .collect();
+        let committed = if batch.records.is_empty() {
             Ok(())
         } else {
             store_call(&self.store, |reply| StoreCmd::Commit { batch, reply }).await
