@@ -12,9 +12,17 @@
 //! - [`scenario`]: scenario files.
 //! - [`model`]: the gossip model of a site.
 
+pub mod disk;
+pub mod html;
 pub mod model;
+pub mod net;
+pub mod real;
+pub mod report;
 pub mod rng;
 pub mod scenario;
+pub mod schedule;
+pub mod site;
+pub mod world;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -71,6 +79,17 @@ impl<E> EventQueue<E> {
     /// The time of the last event popped.
     pub fn now(&self) -> VirtualTime {
         self.now
+    }
+
+    /// Schedules `event` at `at` (not before now).
+    pub fn schedule_at(&mut self, at: VirtualTime, event: E) {
+        let at = at.max(self.now);
+        self.heap.push(Reverse(Entry {
+            at,
+            seq: self.next_seq,
+            event,
+        }));
+        self.next_seq += 1;
     }
 
     /// Schedules `event` after `delay` from now.

@@ -29,7 +29,9 @@ impl SimRng {
 
     /// The stream for `label` (and `index`) under the root `seed`.
     pub fn derive(seed: u64, label: &str, index: u64) -> Self {
-        SimRng(mix(seed ^ mix(fnv1a(label.as_bytes()) ^ mix(index.wrapping_add(1)))))
+        SimRng(mix(
+            seed ^ mix(fnv1a(label.as_bytes()) ^ mix(index.wrapping_add(1)))
+        ))
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -89,14 +91,18 @@ mod tests {
 
     #[test]
     fn the_same_seed_and_label_give_the_same_stream_and_others_differ() {
-        let a: Vec<u64> = (0..5).map({
-            let mut r = SimRng::derive(7, "site", 3);
-            move |_| r.next_u64()
-        }).collect();
-        let b: Vec<u64> = (0..5).map({
-            let mut r = SimRng::derive(7, "site", 3);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..5)
+            .map({
+                let mut r = SimRng::derive(7, "site", 3);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .map({
+                let mut r = SimRng::derive(7, "site", 3);
+                move |_| r.next_u64()
+            })
+            .collect();
         let c = SimRng::derive(7, "site", 4).next_u64();
         let d = SimRng::derive(8, "site", 3).next_u64();
         assert_eq!(a, b);

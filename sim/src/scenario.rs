@@ -70,10 +70,13 @@ pub struct Topology {
     pub hubs: usize,
     pub sites_per_region: usize,
     pub nodes_per_site: usize,
-    /// How many sites (the first ones) run real chitchat instead of the
-    /// gossip model.
+    /// How many sites (the first ones, in name order) run real chitchat
+    /// instead of the gossip model: a sample of the fleet.
     #[serde(default)]
     pub real_gossip_sites: usize,
+    /// Sites, by name, that run real chitchat (in addition to the sample).
+    #[serde(default)]
+    pub real_gossip: Vec<String>,
 }
 
 /// Site gossip, as the nodes are configured.
@@ -83,6 +86,9 @@ pub struct GossipSettings {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     pub phi_threshold: f64,
+    /// How often a node's health changes (a check flips between passing
+    /// and warning), per node and virtual hour.
+    pub health_changes_per_node_hour: f64,
 }
 
 impl Default for GossipSettings {
@@ -90,6 +96,7 @@ impl Default for GossipSettings {
         GossipSettings {
             interval: Duration::from_secs(1),
             phi_threshold: 8.0,
+            health_changes_per_node_hour: 1.0,
         }
     }
 }
@@ -293,7 +300,10 @@ impl Fault {
     pub fn targets_sites(&self) -> bool {
         matches!(
             self.kind,
-            FaultKind::WanOutage | FaultKind::RelayCrash | FaultKind::NodeCrash | FaultKind::DiskFull
+            FaultKind::WanOutage
+                | FaultKind::RelayCrash
+                | FaultKind::NodeCrash
+                | FaultKind::DiskFull
         )
     }
 }
@@ -338,11 +348,10 @@ impl Scenario {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        s.validate()
-            .map_err(|message| ScenarioError::Invalid {
-                path: path.to_owned(),
-                message,
-            })?;
+        s.validate().map_err(|message| ScenarioError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(s)
     }
 
@@ -350,8 +359,14 @@ impl Scenario {
         let t = &self.topology;
         let ok = |c: bool, m: &str| if c { Ok(()) } else { Err(m.to_owned()) };
         ok(t.regions >= 1, "topology.regions must be at least 1")?;
-        ok(t.hubs >= 1 && t.hubs <= 64, "topology.hubs must be between 1 and 64")?;
-        ok(t.sites_per_region >= 1, "topology.sites_per_region must be at least 1")?;
+        ok(
+            t.hubs >= 1 && t.hubs <= 64,
+            "topology.hubs must be between 1 and 64",
+        )?;
+        ok(
+            t.sites_per_region >= 1,
+            "topology.sites_per_region must be at least 1",
+        )?;
         ok(
             (1..=10_000).contains(&t.nodes_per_site),
             "topology.nodes_per_site must be between 1 and 10000",
@@ -360,6 +375,15 @@ impl Scenario {
             t.real_gossip_sites <= t.regions * t.sites_per_region,
             "topology.real_gossip_sites is more than there are sites",
         )?;
+        let names = self.site_names();
+        for site in &t.real_gossip {
+            ok(
+                names.contains(site),
+                &format!(
+                    "topology.real_gossip: there is no site {site:?} (sites are named r1-s1, r1-s2, ...)"
+                ),
+            )?;
+        }
         ok(
             self.duration > Duration::ZERO,
             "duration must be more than zero",
@@ -373,6 +397,10 @@ impl Scenario {
             "gossip.interval must be at least 10ms",
         )?;
         ok(
+            (0.0..=3600.0).contains(&self.gossip.health_changes_per_node_hour),
+            "gossip.health_changes_per_node_hour must be in [0, 3600]",
+        )?;
+        ok(
             self.relay.sample_interval >= Duration::from_millis(10),
             "relay.sample_interval must be at least 10ms",
         )?;
@@ -380,12 +408,19 @@ impl Scenario {
             self.relay.replay_bytes_per_s >= 1024,
             "relay.replay_bytes_per_s must be at least 1024",
         )?;
-        for (name, c) in [("lan", &self.links.lan), ("wan", &self.links.wan), ("hub", &self.links.hub)] {
+        for (name, c) in [
+            ("lan", &self.links.lan),
+            ("wan", &self.links.wan),
+            ("hub", &self.links.hub),
+        ] {
             ok(
                 (0.0..1.0).contains(&c.loss),
                 &format!("links.{name}.loss must be in [0, 1)"),
             )?;
-            ok(c.bandwidth > 0, &format!("links.{name}.bandwidth must be more than zero"))?;
+            ok(
+                c.bandwidth > 0,
+                &format!("links.{name}.bandwidth must be more than zero"),
+            )?;
         }
         let hubs: Vec<String> = (1..=t.hubs).map(hub_name).collect();
         let sites = self.site_names();
@@ -402,7 +437,10 @@ impl Scenario {
                     )?;
                 }
                 if let Some(fr) = f.fraction {
-                    ok((0.0..=1.0).contains(&fr), &format!("{at}: fraction must be in [0, 1]"))?;
+                    ok(
+                        (0.0..=1.0).contains(&fr),
+                        &format!("{at}: fraction must be in [0, 1]"),
+                    )?;
                 }
                 ok(
                     !f.sites.is_empty() || !f.regions.is_empty() || f.fraction.is_some(),
@@ -430,7 +468,9 @@ impl Scenario {
                 )?,
                 FaultKind::LossStorm => {
                     ok(
-                        f.class.as_deref().is_some_and(|c| ["lan", "wan", "hub"].contains(&c)),
+                        f.class
+                            .as_deref()
+                            .is_some_and(|c| ["lan", "wan", "hub"].contains(&c)),
                         &format!("{at}: class must be lan, wan or hub"),
                     )?;
                     ok(
@@ -440,7 +480,10 @@ impl Scenario {
                 }
                 FaultKind::WanOutage | FaultKind::RelayCrash => {}
             }
-            ok(f.at <= self.duration, &format!("{at}: starts after the scenario ends"))?;
+            ok(
+                f.at <= self.duration,
+                &format!("{at}: starts after the scenario ends"),
+            )?;
         }
         Ok(())
     }
@@ -451,6 +494,13 @@ impl Scenario {
         (1..=t.regions)
             .flat_map(|r| (1..=t.sites_per_region).map(move |s| site_name(r, s)))
             .collect()
+    }
+
+    /// Whether the site at `index` (in [`Scenario::site_names`] order)
+    /// runs real chitchat.
+    pub fn real_gossip(&self, index: usize, name: &str) -> bool {
+        index < self.topology.real_gossip_sites
+            || self.topology.real_gossip.iter().any(|s| s == name)
     }
 
     pub fn total_nodes(&self) -> usize {
@@ -504,16 +554,48 @@ mod tests {
     }
 
     #[test]
+    fn sites_run_real_chitchat_by_name_or_as_the_first_n() {
+        let sc = Scenario::parse(
+            &SMALL.replace(
+                "nodes_per_site = 10",
+                "nodes_per_site = 10\nreal_gossip_sites = 1\nreal_gossip = [\"r2-s3\"]",
+            ),
+            "x.toml",
+        )
+        .unwrap();
+        let real: Vec<String> = sc
+            .site_names()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, n)| sc.real_gossip(*i, n))
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(real, ["r1-s1", "r2-s3"]);
+    }
+
+    #[test]
     fn faults_that_name_nothing_real_are_refused() {
         for (bad, needle) in [
             (SMALL.replace("r1-s2", "r9-s9"), "no site"),
-            (SMALL.replace("hub = \"hub-2\"", "hub = \"hub-7\""), "needs hub"),
+            (
+                SMALL.replace("hub = \"hub-2\"", "hub = \"hub-7\""),
+                "needs hub",
+            ),
             (SMALL.replace("hubs = 2", "hubs = 0"), "topology.hubs"),
+            (
+                SMALL.replace(
+                    "nodes_per_site = 10",
+                    "nodes_per_site = 10\nreal_gossip = [\"r9-s1\"]",
+                ),
+                "no site \"r9-s1\"",
+            ),
         ] {
             let err = Scenario::parse(&bad, "x.toml").unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");
         }
-        let err = Scenario::parse("name = 1", "x.toml").unwrap_err().to_string();
+        let err = Scenario::parse("name = 1", "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x.toml"), "{err}");
     }
 }

@@ -1,0 +1,243 @@
+//! What a run reports: `report.json` (figures and invariants), the time
+//! series behind `timeseries.csv`, and the data the charts of
+//! `report.html` are drawn from.
+//!
+//! Everything here is computed from the run alone, in a fixed order, so
+//! the same scenario and seed serialise to the same bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Latency figures (seconds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_s: f64,
+    pub p99_s: f64,
+    pub max_s: f64,
+    /// The distribution: the value at each percentile 0, 1, …, 100 (empty
+    /// when there are no samples).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdf: Vec<f64>,
+}
+
+impl Latency {
+    /// Figures of `samples` (seconds), rounded to the millisecond.
+    pub fn of(samples: &[f64], with_cdf: bool) -> Latency {
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        let mut s = samples.to_vec();
+        s.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let i = ((s.len() - 1) as f64 * q).round() as usize;
+            ms(s[i])
+        };
+        Latency {
+            count: s.len() as u64,
+            p50_s: at(0.5),
+            p99_s: at(0.99),
+            max_s: ms(s[s.len() - 1]),
+            cdf: if with_cdf {
+                (0..=100).map(|p| at(p as f64 / 100.0)).collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// Seconds rounded to the millisecond (so reports do not carry float
+/// noise).
+pub fn ms(s: f64) -> f64 {
+    (s * 1000.0).round() / 1000.0
+}
+
+/// Failure detection at the relays.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    /// From a node's crash to its relay calling it dead.
+    pub latency: Latency,
+    /// Nodes called dead while their process ran.
+    pub false_suspicions: u64,
+    /// Crashes not detected before the node restarted or the run ended.
+    pub undetected: u64,
+    /// From a health change to every member of the site holding it.
+    pub dissemination: Latency,
+}
+
+/// One fault as it ran, and how long the mesh took to settle after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultOutcome {
+    pub kind: String,
+    pub at_s: f64,
+    pub healed_s: f64,
+    /// What it hit: sites, hubs or a link class, by name (at most 20
+    /// listed; `targets` counts them all).
+    pub targets: u64,
+    pub named: Vec<String>,
+    /// Seconds from the heal until every relay's records were acknowledged,
+    /// every hub held every stream alike and the hubs' views agreed with
+    /// the truth; `None` when that did not happen before the run ended.
+    pub converged_after_s: Option<f64>,
+}
+
+/// Traffic of one link class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub bytes: u64,
+    pub messages: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkTraffic {
+    /// Inside sites. For sites running the gossip model this is an
+    /// estimate from the digests and deltas exchanged; for sites running
+    /// real chitchat it is what chitchat sent.
+    pub lan: Traffic,
+    /// Relay ↔ hub: records, acknowledgements, handshakes.
+    pub wan: Traffic,
+    /// Hub ↔ hub: replication and federation gossip.
+    pub hub: Traffic,
+}
+
+/// A relay buffer's biggest moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferPeak {
+    pub relay: String,
+    pub bytes: u64,
+    pub records: u64,
+}
+
+/// How long a relay took to empty its backlog after its link came back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drain {
+    pub relay: String,
+    pub healed_s: f64,
+    /// Records not yet acknowledged when the link came back.
+    pub backlog: u64,
+    /// Seconds until all of them were acknowledged (`None`: not by the end).
+    pub drain_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Buffers {
+    /// The largest peak of any relay (bytes).
+    pub peak_bytes_max: u64,
+    /// The ten relays with the largest peaks, largest first.
+    pub top_peaks: Vec<BufferPeak>,
+    pub drain: Latency,
+    /// Individual drains (at most 50 listed, longest first).
+    pub drains: Vec<Drain>,
+}
+
+/// Record accounting, checked at the end of the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Records {
+    /// Records the relays made durable.
+    pub persisted: u64,
+    /// Of those, held by at least one hub at the end (a gap stands for the
+    /// records it replaces).
+    pub delivered: u64,
+    /// Records dropped at a full buffer and told to the hubs by a gap.
+    pub dropped_with_gap: u64,
+    /// Durable records no hub holds and no relay still buffers: must be 0.
+    pub lost: u64,
+    /// Records some hub applied twice: must be 0.
+    pub duplicates_applied: u64,
+    /// Copies that arrived again and were absorbed by the `(relay, seq)`
+    /// rule.
+    pub duplicates_absorbed: u64,
+    /// Records durable at a relay but still buffered at the end (the run
+    /// ended before they drained).
+    pub still_buffered: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    /// SHA-256 of the scenario file as given.
+    pub scenario_sha256: String,
+    pub seed: u64,
+    pub virtual_seconds: f64,
+    pub regions: u64,
+    pub sites: u64,
+    pub nodes: u64,
+    pub hubs: u64,
+    pub real_gossip_sites: u64,
+    /// Events the engine processed (sites count one per gossip round).
+    pub events: u64,
+    pub detection: Detection,
+    pub faults: Vec<FaultOutcome>,
+    pub traffic: LinkTraffic,
+    pub buffers: Buffers,
+    pub records: Records,
+    /// Invariant violations; empty on a good run.
+    pub violations: Vec<String>,
+}
+
+/// Samples taken every `sample_every` of virtual time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timeseries {
+    /// Column names; the first is `t_s`.
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<f64>>,
+}
+
+impl Timeseries {
+    pub fn new(columns: Vec<String>) -> Self {
+        Timeseries {
+            columns,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, row: Vec<f64>) {
+        debug_assert_eq!(row.len(), self.columns.len());
+        self.rows.push(row);
+    }
+
+    /// The values of column `name`, if there is one.
+    pub fn column(&self, name: &str) -> Option<Vec<f64>> {
+        let i = self.columns.iter().position(|c| c == name)?;
+        Some(self.rows.iter().map(|r| r[i]).collect())
+    }
+
+    /// CSV with a header line; numbers as Rust prints them (shortest
+    /// representation that reads back the same).
+    pub fn to_csv(&self) -> String {
+        let mut out = self.columns.join(",");
+        out.push('\n');
+        for r in &self.rows {
+            let line: Vec<String> = r.iter().map(|v| format!("{v}")).collect();
+            out.push_str(&line.join(","));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_the_sorted_samples() {
+        let l = Latency::of(&[3.0, 1.0, 2.0, 10.0], true);
+        assert_eq!(l.count, 4);
+        assert_eq!(l.p50_s, 3.0, "index round(1.5) = 2");
+        assert_eq!(l.max_s, 10.0);
+        assert_eq!(l.cdf.len(), 101);
+        assert_eq!(l.cdf[0], 1.0);
+        assert_eq!(Latency::of(&[], true), Latency::default());
+    }
+
+    #[test]
+    fn csv_has_a_header_and_a_line_per_sample() {
+        let mut t = Timeseries::new(vec!["t_s".into(), "x".into()]);
+        t.push(vec![0.0, 1.5]);
+        t.push(vec![10.0, 2.0]);
+        assert_eq!(t.to_csv(), "t_s,x\n0,1.5\n10,2\n");
+        assert_eq!(t.column("x"), Some(vec![1.5, 2.0]));
+    }
+}
