@@ -1,16 +1,23 @@
 //! trellis-sim: the mesh's cores on a virtual clock.
 //!
-//! This crate will run the sans-IO cores of nodes, relays and hubs on a
-//! virtual network for what-if runs at 100k nodes. For now it holds the one
-//! piece everything else in it will stand on: a deterministic event queue.
+//! Runs the sans-IO cores of relays and hubs, and site gossip (a calibrated
+//! model, or real chitchat), on a virtual network and disk, for what-if
+//! runs at 100k nodes that a seed reproduces. See `docs/ARCHITECTURE.md`,
+//! "Simulator".
 //!
 //! # Layout
 //! - [`EventQueue`]: events ordered by `(virtual time, insertion sequence)`,
 //!   so that equal times are delivered in the order they were scheduled and
 //!   a run is reproducible.
 //! - [`rng`]: one root seed, an independent stream per named consumer.
-//! - [`scenario`]: scenario files.
-//! - [`model`]: the gossip model of a site.
+//! - [`scenario`]: scenario files; [`schedule`]: the faults they expand to.
+//! - [`model`]: the gossip model of a site; [`real`]: real chitchat on an
+//!   in-memory transport under paused tokio time; [`site`]: a site, its
+//!   gossip and its relay.
+//! - [`net`]: links and their messages; [`disk`]: a relay's buffer on a
+//!   virtual disk.
+//! - [`world`]: everything on one clock, and the books that check the
+//!   invariants; [`report`] and [`html`]: what a run writes.
 
 pub mod disk;
 pub mod html;

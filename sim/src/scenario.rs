@@ -248,6 +248,21 @@ pub enum FaultKind {
     DiskFull,
 }
 
+impl FaultKind {
+    /// The name scenario files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::WanOutage => "wan_outage",
+            FaultKind::HubPartition => "hub_partition",
+            FaultKind::HubCrash => "hub_crash",
+            FaultKind::RelayCrash => "relay_crash",
+            FaultKind::NodeCrash => "node_crash",
+            FaultKind::LossStorm => "loss_storm",
+            FaultKind::DiskFull => "disk_full",
+        }
+    }
+}
+
 /// One fault of the timeline. Sites are targeted by name (`sites`), by
 /// region (`regions`), and/or by a `fraction` of them picked from the seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,7 +440,7 @@ impl Scenario {
         let hubs: Vec<String> = (1..=t.hubs).map(hub_name).collect();
         let sites = self.site_names();
         for (i, f) in self.faults.iter().enumerate() {
-            let at = format!("faults[{i}] ({:?})", f.kind);
+            let at = format!("faults[{i}] ({})", f.kind.name());
             if f.targets_sites() {
                 for s in &f.sites {
                     ok(sites.contains(s), &format!("{at}: no site {s:?}"))?;
@@ -479,6 +494,25 @@ impl Scenario {
                     )?;
                 }
                 FaultKind::WanOutage | FaultKind::RelayCrash => {}
+            }
+            // A field the kind does not use is a mistake, not a no-op.
+            let k = f.kind;
+            let site_kind = f.targets_sites();
+            for (field, set, used) in [
+                ("sites", !f.sites.is_empty(), site_kind),
+                ("regions", !f.regions.is_empty(), site_kind),
+                ("fraction", f.fraction.is_some(), site_kind),
+                ("share", f.share.is_some(), k == FaultKind::NodeCrash),
+                ("max_bytes", f.max_bytes.is_some(), k == FaultKind::DiskFull),
+                ("hubs", !f.hubs.is_empty(), k == FaultKind::HubPartition),
+                ("hub", f.hub.is_some(), k == FaultKind::HubCrash),
+                ("class", f.class.is_some(), k == FaultKind::LossStorm),
+                ("loss", f.loss.is_some(), k == FaultKind::LossStorm),
+            ] {
+                ok(
+                    !set || used,
+                    &format!("{at}: `{field}` does not apply to this kind of fault"),
+                )?;
             }
             ok(
                 f.at <= self.duration,
@@ -582,6 +616,13 @@ mod tests {
                 "needs hub",
             ),
             (SMALL.replace("hubs = 2", "hubs = 0"), "topology.hubs"),
+            (
+                SMALL.replace(
+                    "kind = \"wan_outage\"",
+                    "kind = \"wan_outage\"\nshare = 0.5",
+                ),
+                "`share` does not apply",
+            ),
             (
                 SMALL.replace(
                     "nodes_per_site = 10",

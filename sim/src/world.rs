@@ -562,7 +562,7 @@ impl World {
             w.q.schedule_at(secs(at), Ev::FaultStart(i));
             w.q.schedule_at(secs(until), Ev::FaultEnd(i));
             w.outcomes.push(FaultOutcome {
-                kind: kind_name(f.kind).to_owned(),
+                kind: f.kind.name().to_owned(),
                 at_s: ms(at),
                 healed_s: ms(until),
                 targets: 0,
@@ -2061,18 +2061,6 @@ fn preference(region: usize, regions: usize, hubs: usize) -> Vec<usize> {
         order.extend((0..hubs).map(|k| (first + k) % hubs).filter(|h| !home(*h)));
     }
     order
-}
-
-fn kind_name(k: FaultKind) -> &'static str {
-    match k {
-        FaultKind::WanOutage => "wan_outage",
-        FaultKind::HubPartition => "hub_partition",
-        FaultKind::HubCrash => "hub_crash",
-        FaultKind::RelayCrash => "relay_crash",
-        FaultKind::NodeCrash => "node_crash",
-        FaultKind::LossStorm => "loss_storm",
-        FaultKind::DiskFull => "disk_full",
-    }
 }
 
 #[cfg(test)]

@@ -92,22 +92,37 @@ fn check(path: &Path, seed: u64) -> ExitCode {
     };
     let t = &sc.topology;
     let faults = trellis_sim::schedule::expand(&sc, seed);
-    println!("{}: {}", sc.name, sc.description.trim());
+    if sc.description.trim().is_empty() {
+        println!("{}", sc.name);
+    } else {
+        println!("{}: {}", sc.name, sc.description.trim());
+    }
+    let real = sc
+        .site_names()
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| sc.real_gossip(*i, n))
+        .count();
     println!(
-        "  {} regions × {} sites × {} nodes = {} nodes, {} relays, {} hubs ({} sites with real chitchat)",
+        "  {} regions × {} sites × {} nodes = {} nodes, {} relays, {} hubs ({} with real chitchat)",
         t.regions,
         t.sites_per_region,
         t.nodes_per_site,
         sc.total_nodes(),
         t.regions * t.sites_per_region,
         t.hubs,
-        t.real_gossip_sites,
+        if real == 1 {
+            "1 site".to_owned()
+        } else {
+            format!("{real} sites")
+        },
     );
     println!(
-        "  {} of virtual time, then {} to drain; {} faults with seed {seed}",
+        "  {} of virtual time, then {} to drain; {} fault{} with seed {seed}",
         humantime::format_duration(sc.duration),
         humantime::format_duration(sc.drain),
-        faults.len()
+        faults.len(),
+        if faults.len() == 1 { "" } else { "s" },
     );
     for f in faults.iter().take(20) {
         let what = if !f.sites.is_empty() {
@@ -120,10 +135,10 @@ fn check(path: &Path, seed: u64) -> ExitCode {
             f.class.clone().unwrap_or_default()
         };
         println!(
-            "    {:>8} +{:<8} {:?} on {what}",
+            "    {:>8} +{:<8} {} on {what}",
             humantime::format_duration(f.at).to_string(),
             humantime::format_duration(f.duration).to_string(),
-            f.kind,
+            f.kind.name(),
         );
     }
     if faults.len() > 20 {
@@ -207,10 +222,17 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
         r.events,
         r.events as f64 / wall.max(1e-9)
     );
-    println!(
-        "  detection p50 {:.1} s, p99 {:.1} s, max {:.1} s over {} crashes; {} false suspicions",
-        d.p50_s, d.p99_s, d.max_s, d.count, r.detection.false_suspicions
-    );
+    if d.count == 0 {
+        println!(
+            "  detection: no node crashed; {} false suspicions",
+            r.detection.false_suspicions
+        );
+    } else {
+        println!(
+            "  detection p50 {:.1} s, p99 {:.1} s, max {:.1} s over {} crashes; {} false suspicions",
+            d.p50_s, d.p99_s, d.max_s, d.count, r.detection.false_suspicions
+        );
+    }
     println!(
         "  records: {} durable, {} delivered, {} lost, {} applied twice, {} duplicates absorbed, {} dropped with a gap",
         r.records.persisted,
@@ -314,12 +336,12 @@ impl Bar {
             let filled = (frac * width as f64) as usize;
             let _ = write!(
                 err,
-                "\r  [{}{}] {:>6.0}/{:.0} virtual s · {:>6.2}M events/s · eta {:>4.0} s ",
+                "\r  [{}{}] {:>6.0}/{:.0} virtual s · {:>7} events/s · eta {:>4.0} s ",
                 "#".repeat(filled),
                 ".".repeat(width - filled),
                 p.virtual_s,
                 p.total_s,
-                rate / 1e6,
+                human(rate),
                 eta
             );
             self.drawn = true;
@@ -329,11 +351,11 @@ impl Bar {
                 self.last_tenth = tenth;
                 let _ = writeln!(
                     err,
-                    "  {:>3}%: {:.0}/{:.0} virtual s, {:.2}M events/s, {:.0} s so far",
+                    "  {:>3}%: {:.0}/{:.0} virtual s, {} events/s, {:.0} s so far",
                     tenth * 10,
                     p.virtual_s,
                     p.total_s,
-                    rate / 1e6,
+                    human(rate),
                     wall
                 );
             }
@@ -344,5 +366,18 @@ impl Bar {
         if self.drawn {
             eprintln!();
         }
+    }
+}
+
+/// 950, 12.3k, 4.56M.
+fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e4 {
+        format!("{:.0}k", x / 1e3)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
     }
 }
