@@ -3,7 +3,7 @@
 //! them, pulling what it lacks (anti-entropy), and operator writes that are
 //! acknowledged only once enough hubs hold them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use trellis_node::clock::ticker;
 use trellis_node::endpoint::{Accepted, close};
 use trellis_node::gossip::Gossip;
 use trellis_node::id::Role;
-use trellis_node::tls::Credentials;
+use trellis_node::tls::{Credentials, Signer};
 use trellis_node::wire::{self, WireError};
 
 use crate::driver::{Input, Shared};
@@ -196,10 +196,23 @@ async fn pull_entries(shared: &Shared, peering: &Peering, peer: &PeerHub) -> any
 /// The entries whose signature is their origin hub's, by the mesh CA; the
 /// others are logged and left out.
 pub fn verified(creds: &Credentials, entries: Vec<SignedEntry>) -> Vec<SignedEntry> {
+    // Entries from one origin carry the same certificate: its chain is
+    // checked once per batch, each entry's signature every time.
+    let mut signers: HashMap<Vec<u8>, Result<Signer, String>> = HashMap::new();
     entries
         .into_iter()
         .filter(|e| {
-            match creds.verify_signed(&e.cert, &e.entry.signing_bytes(), &e.signature) {
+            let signer = signers
+                .entry(e.cert.clone())
+                .or_insert_with(|| creds.verify_signer(&e.cert).map_err(|e| e.to_string()));
+            let checked = match signer {
+                Ok(s) => s
+                    .verify(&e.entry.signing_bytes(), &e.signature)
+                    .map(|()| &s.identity)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
+            match checked {
                 Ok(id) if id.role == Role::Hub && id.name == e.entry.origin => true,
                 Ok(id) => {
                     warn!(origin = %e.entry.origin, signer = %id, "log entry signed by another than its origin hub; ignored");
@@ -420,5 +433,70 @@ async fn answer(shared: &Shared, peering: &Peering, req: ReplRequest) -> ReplRes
                 Err(e) => ReplResponse::Refused(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_node::id::Identity;
+    use trellis_node::tls::MeshCa;
+
+    use super::*;
+    use crate::log::{Entry, Hlc};
+
+    fn entry(creds: &Credentials, origin: &str, seq: u64) -> SignedEntry {
+        let entry = Entry {
+            origin: origin.into(),
+            seq,
+            hlc: Hlc {
+                ms: 1_000 + seq,
+                counter: 0,
+            },
+            author: "alice".into(),
+            op: Op::Put {
+                key: format!("k{seq}"),
+                value: "v".into(),
+            },
+        };
+        let signature = creds.sign(&entry.signing_bytes()).unwrap();
+        SignedEntry {
+            entry,
+            cert: creds.cert_der().to_vec(),
+            signature,
+        }
+    }
+
+    #[test]
+    fn only_entries_signed_by_their_origin_hub_of_the_mesh_survive() {
+        let ca = MeshCa::generate("test").unwrap();
+        let hub = |ca: &MeshCa, name: &str| {
+            Credentials::issue(ca, &Identity::new(Role::Hub, "eu", "", name).unwrap()).unwrap()
+        };
+        let (a, b, me) = (hub(&ca, "hub-a"), hub(&ca, "hub-b"), hub(&ca, "hub-c"));
+        let foreign = hub(&MeshCa::generate("foreign").unwrap(), "hub-a");
+        let mut tampered = entry(&a, "hub-a", 3);
+        tampered.entry.author = "mallory".into();
+        let entries = vec![
+            entry(&a, "hub-a", 1),
+            entry(&a, "hub-a", 2),
+            tampered,
+            entry(&b, "hub-a", 4),
+            entry(&foreign, "hub-a", 5),
+            entry(&a, "hub-a", 6),
+            entry(&b, "hub-b", 1),
+        ];
+        let kept: Vec<(String, u64)> = verified(&me, entries)
+            .into_iter()
+            .map(|e| (e.entry.origin, e.entry.seq))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("hub-a".to_owned(), 1),
+                ("hub-a".to_owned(), 2),
+                ("hub-a".to_owned(), 6),
+                ("hub-b".to_owned(), 1)
+            ]
+        );
     }
 }

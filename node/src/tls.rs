@@ -380,6 +380,16 @@ impl Credentials {
         msg: &[u8],
         signature: &[u8],
     ) -> Result<Identity, TlsError> {
+        let signer = self.verify_signer(cert)?;
+        signer.verify(msg, signature)?;
+        Ok(signer.identity)
+    }
+
+    /// Checks that `cert` was issued by the mesh CA, once, so that many
+    /// messages signed with it can then be checked with
+    /// [`Signer::verify`] alone (a management log holds thousands of
+    /// entries per origin, each with the same certificate).
+    pub fn verify_signer(&self, cert: &[u8]) -> Result<Signer, TlsError> {
         let der = CertificateDer::from(cert.to_vec());
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
@@ -392,11 +402,29 @@ impl Credentials {
         use x509_parser::prelude::*;
         let (_, x509) =
             X509Certificate::from_der(cert).map_err(|e| TlsError::NotTrellis(e.to_string()))?;
-        let key = &x509.tbs_certificate.subject_pki.subject_public_key.data;
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
+        let key = x509
+            .tbs_certificate
+            .subject_pki
+            .subject_public_key
+            .data
+            .to_vec();
+        Ok(Signer { identity, key })
+    }
+}
+
+/// A certificate checked against the mesh CA, and the key it certifies.
+#[derive(Debug, Clone)]
+pub struct Signer {
+    pub identity: Identity,
+    key: Vec<u8>,
+}
+
+impl Signer {
+    /// Checks `signature` of `msg` by this certificate's key.
+    pub fn verify(&self, msg: &[u8], signature: &[u8]) -> Result<(), TlsError> {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &self.key)
             .verify(msg, signature)
-            .map_err(|_| TlsError::NotTrellis(format!("bad signature by {identity}")))?;
-        Ok(identity)
+            .map_err(|_| TlsError::NotTrellis(format!("bad signature by {}", self.identity)))
     }
 }
 
