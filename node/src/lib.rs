@@ -16,6 +16,8 @@
 //! - [`site`]: `SiteView`, `Health`: the seam between gossip and the rest.
 //! - [`gossip`]: chitchat's transport over QUIC and the site's gossip.
 //! - [`health`]: resource sampling, user checks, and their assessment.
+//! - [`managed`]: the files one node must hold (`ManagedState`), between
+//!   resolving the fleet's configuration and applying it.
 //! - [`config`]: TOML configuration with validation.
 //! - [`metrics`]: Prometheus counters and the `/metrics` server.
 //! - [`agent`]: the node agent driver.
@@ -31,6 +33,7 @@ pub mod endpoint;
 pub mod gossip;
 pub mod health;
 pub mod id;
+pub mod managed;
 pub mod metrics;
 pub mod site;
 pub mod tls;
