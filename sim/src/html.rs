@@ -1755,23 +1755,7 @@ mod tests {
     /// A run of 10 regions over an hour with a few overlapping faults.
     fn sample() -> (Report, Timeseries) {
         let regions = 10;
-        let mut columns = vec!["t_s".to_string()];
-        for r in 1..=regions {
-            columns.push(format!("alive:r{r}"));
-            columns.push(format!("seen_alive:r{r}"));
-        }
-        for c in [
-            "buffer_records",
-            "buffer_bytes",
-            "buffer_bytes_max",
-            "wan_bytes",
-            "hub_bytes",
-            "lan_bytes",
-            "relays_connected",
-            "sites_unreachable",
-        ] {
-            columns.push(c.to_string());
-        }
+        let columns = Timeseries::run_columns(regions);
         let mut series = Timeseries::new(columns);
         let outage = |t: f64| (600.0..1200.0).contains(&t);
         let crash = |t: f64| (2400.0..2700.0).contains(&t);

@@ -185,6 +185,30 @@ pub struct Timeseries {
 }
 
 impl Timeseries {
+    /// The columns a run records for `regions` regions (named `r1`, `r2`,
+    /// …): time, then alive and seen-alive nodes per region, then the
+    /// fleet-wide figures. `report.html` reads them by these names.
+    pub fn run_columns(regions: usize) -> Vec<String> {
+        let mut columns = vec!["t_s".to_owned()];
+        for r in 1..=regions {
+            columns.push(format!("alive:r{r}"));
+            columns.push(format!("seen_alive:r{r}"));
+        }
+        for c in [
+            "buffer_records",
+            "buffer_bytes",
+            "buffer_bytes_max",
+            "wan_bytes",
+            "hub_bytes",
+            "lan_bytes",
+            "relays_connected",
+            "sites_unreachable",
+        ] {
+            columns.push(c.to_owned());
+        }
+        columns
+    }
+
     pub fn new(columns: Vec<String>) -> Self {
         Timeseries {
             columns,

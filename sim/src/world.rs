@@ -484,23 +484,7 @@ impl World {
                     .collect()
             })
             .collect();
-        let mut columns = vec!["t_s".to_owned()];
-        for r in 1..=topo.regions {
-            columns.push(format!("alive:{}", region_name(r)));
-            columns.push(format!("seen_alive:{}", region_name(r)));
-        }
-        for c in [
-            "buffer_records",
-            "buffer_bytes",
-            "buffer_bytes_max",
-            "wan_bytes",
-            "hub_bytes",
-            "lan_bytes",
-            "relays_connected",
-            "sites_unreachable",
-        ] {
-            columns.push(c.to_owned());
-        }
+        let columns = Timeseries::run_columns(topo.regions);
         let end = (sc.duration + sc.drain).as_secs_f64();
         let mut w = World {
             seed,

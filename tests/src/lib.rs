@@ -22,6 +22,7 @@ use serde_json::Value;
 
 pub mod netns;
 pub mod proxy;
+pub mod report;
 
 /// Whole-mesh tests share two cores; running them one at a time keeps
 /// failure detection timings meaningful.

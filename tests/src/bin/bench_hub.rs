@@ -47,6 +47,7 @@ use trellis_relay::summary::{CheckCounts, Histogram, NodeBrief, SiteSummary, Sta
 use trellis_relay::uplink::{
     HubMsg, MAX_UPLINK_FRAME, Record, RecordBody, RelayMsg, UPLINK_VERSION,
 };
+use trellis_tests::report::{thousands, utc_now};
 use trellis_tests::{field, get_json, metric};
 
 const REGION: &str = "bench";
@@ -1509,36 +1510,4 @@ fn loadavg() -> String {
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn utc_now() -> String {
-    let secs = unix_ms() / 1000;
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60
-    )
 }
