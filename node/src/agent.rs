@@ -1,19 +1,25 @@
 //! The node agent: binds the endpoint, joins the site's gossip, and
-//! publishes its health on every tick until shut down.
+//! publishes its health on every tick until shut down; keeps the files
+//! Trellis manages on the node as they were applied.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::apply::{Applier, ApplyReport, DriftOutcome};
 use crate::authz::Protocol;
-use crate::config::{CheckConfig, GossipConfig, HealthConfig, MetricsConfig, NodeConfig};
+use crate::config::{
+    ApplyConfig, CheckConfig, GossipConfig, HealthConfig, MetricsConfig, NodeConfig,
+};
 use crate::endpoint::MeshEndpoint;
 use crate::gossip::Gossip;
 use crate::health::{self, Checks, ResourceSampler};
-use crate::metrics::{self, MeshMetrics, Registry};
+use crate::managed::{ManagedState, short_hex};
+use crate::metrics::{self, ConfigMetrics, MeshMetrics, Registry};
 use crate::tls::Credentials;
 
 /// Why a member could not start. Nothing is left running.
@@ -28,6 +34,9 @@ pub enum StartError {
     },
     #[error("cannot join gossip: {0}")]
     Gossip(anyhow::Error),
+    /// What the node applied before could not be read.
+    #[error(transparent)]
+    Apply(#[from] crate::apply::ApplyError),
     #[error("{0}")]
     Other(String),
 }
@@ -160,20 +169,143 @@ impl SiteMember {
     }
 }
 
+/// What the task owning the node's [`Applier`] is asked to do.
+enum ApplyInput {
+    Apply {
+        state: ManagedState,
+        reply: oneshot::Sender<ApplyReport>,
+    },
+}
+
+/// Hands states to apply to the task that owns the node's [`Applier`], so
+/// that applies and drift checks never run at the same time.
+#[derive(Clone)]
+pub struct ApplyHandle {
+    tx: mpsc::Sender<ApplyInput>,
+}
+
+impl ApplyHandle {
+    /// Makes the node hold `state` (after a drift check in progress ends);
+    /// `None` once the agent has stopped.
+    pub async fn apply(&self, state: ManagedState) -> Option<ApplyReport> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ApplyInput::Apply { state, reply })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Owns the node's [`Applier`]: applies what it is handed and, every
+/// `cfg.drift_interval` once something was applied, checks the managed files
+/// for drift. An apply or check in progress finishes before shutdown is
+/// seen: a file half-healed or a reload killed half-way is worse than a
+/// late stop.
+async fn config_loop(
+    mut applier: Applier,
+    cfg: ApplyConfig,
+    mut inputs: mpsc::Receiver<ApplyInput>,
+    metrics: ConfigMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut tick = crate::clock::ticker(cfg.drift_interval);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            input = inputs.recv(), if open => match input {
+                Some(ApplyInput::Apply { state, reply }) => {
+                    let report = applier.apply(&state, cfg.reload_timeout).await;
+                    log_apply(&report);
+                    let _ = reply.send(report);
+                }
+                None => open = false,
+            },
+            _ = tick.tick() => {
+                if applier.applied().is_none() {
+                    continue;
+                }
+                match applier.check_drift(cfg.drift, cfg.reload_timeout).await {
+                    Ok(outcomes) => outcomes.iter().for_each(|o| note_drift(o, &metrics)),
+                    Err(error) => warn!(%error, "cannot check the managed files for drift"),
+                }
+            }
+        }
+    }
+}
+
+fn log_apply(r: &ApplyReport) {
+    let hash = r.hash.get(..16).unwrap_or(&r.hash);
+    if r.ok {
+        info!(
+            version = r.version,
+            hash,
+            written = r.written.len(),
+            reloads = r.reloads.len(),
+            unmanaged = ?r.unmanaged,
+            "configuration applied"
+        );
+    } else {
+        warn!(
+            version = r.version,
+            hash,
+            written = r.written.len(),
+            error = r.error.as_deref().unwrap_or_default(),
+            "configuration not fully applied"
+        );
+    }
+}
+
+/// Logs a drifted file with what was expected and found, and counts it.
+fn note_drift(o: &DriftOutcome, metrics: &ConfigMetrics) {
+    metrics.drifted(o.healed);
+    let r = &o.report;
+    let mode = |m: u32| format!("{m:o}");
+    warn!(
+        path = %r.path,
+        expected_sha256 = %r.expected_sha256,
+        found_sha256 = r.found_sha256.as_deref().unwrap_or("missing"),
+        expected_size = r.expected_size,
+        found_size = ?r.found_size,
+        expected_mode = %mode(r.expected_mode),
+        found_mode = %r.found_mode.map_or("missing".to_owned(), mode),
+        action = if o.healed { "healed" } else { "reported" },
+        error = o.error.as_deref(),
+        "managed file drifted"
+    );
+    for reload in o.reloads.iter().filter(|x| !x.succeeded()) {
+        warn!(
+            path = %r.path,
+            command = %reload.command,
+            exit_code = ?reload.exit_code,
+            timed_out = reload.timed_out,
+            output = %reload.output,
+            "reload command after healing failed"
+        );
+    }
+}
+
 /// A running node agent.
 pub struct NodeAgent {
     member: SiteMember,
     metrics_addr: Option<SocketAddr>,
+    apply: ApplyHandle,
+    config_task: JoinHandle<()>,
 }
 
 impl NodeAgent {
-    /// Starts the agent: endpoint, gossip, checks, metrics. Returns once
-    /// everything is bound; runs until `shutdown` is cancelled.
+    /// Starts the agent: endpoint, gossip, checks, metrics, and the task
+    /// that keeps the managed files as applied (reading what was applied
+    /// before from `config.state_dir`). Returns once everything is bound;
+    /// runs until `shutdown` is cancelled.
     pub async fn start(
         creds: Credentials,
         cfg: NodeConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
+        let applier = Applier::open(&cfg.config.state_dir)?;
         let mut registry = Registry::default();
         let member = SiteMember::start(
             creds,
@@ -184,18 +316,36 @@ impl NodeAgent {
             &shutdown,
         )
         .await?;
+        let config_metrics = ConfigMetrics::register(&mut registry);
         let metrics_addr =
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
+        let applied = applier.applied().map(|s| (s.version, short_hex(&s.hash())));
+        let (tx, rx) = mpsc::channel(8);
+        let config_task = tokio::spawn(config_loop(
+            applier,
+            cfg.config.clone(),
+            rx,
+            config_metrics,
+            shutdown.child_token(),
+        ));
         info!(
             identity = %member.endpoint.identity(),
             gossip = %member.gossip.advertise_addr(),
             metrics = %metrics_addr.map_or("off".to_owned(), |a| a.to_string()),
+            applied = %applied.map_or("nothing".to_owned(), |(v, h)| format!("version {v} ({h})")),
             "node ready"
         );
         Ok(NodeAgent {
             member,
             metrics_addr,
+            apply: ApplyHandle { tx },
+            config_task,
         })
+    }
+
+    /// Where to hand the states this node must apply.
+    pub fn apply_handle(&self) -> ApplyHandle {
+        self.apply.clone()
     }
 
     /// The address the site reaches this node at.
@@ -213,6 +363,7 @@ impl NodeAgent {
 
     /// Waits for the agent to stop (after `shutdown` was cancelled).
     pub async fn stopped(self) {
+        let _ = self.config_task.await;
         self.member.stopped().await;
     }
 }

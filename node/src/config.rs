@@ -7,6 +7,7 @@
 //! values that parse but make no sense. Relative paths are taken relative to
 //! the directory of the configuration file.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::apply::DriftMode;
 use crate::gossip::GossipSettings;
 use crate::tls::{Credentials, TlsError};
 
@@ -502,14 +504,121 @@ pub fn validate_checks(checks: &[CheckConfig], p: &mut Problems<'_>) {
     }
 }
 
+/// Most labels a node may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// `[node]`: what the node says about itself beyond its certificate.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Labels describing this node (`role = "web"`, `rack = "r12"`), so
+    /// that it can be picked by more than its region, site and name.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Whether `s` may be a label key or value: 1 to 63 characters of
+/// `A-Z a-z 0-9 . _ -`, so labels read the same in TOML, URLs and metrics.
+pub fn valid_label_part(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Validate for NodeSection {
+    fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            self.labels.len() <= MAX_LABELS,
+            "node.labels",
+            format!(
+                "has {} labels; at most {MAX_LABELS} are allowed",
+                self.labels.len()
+            ),
+        );
+        for (key, value) in &self.labels {
+            p.check(
+                valid_label_part(key),
+                "node.labels",
+                format!("key {key:?} must be 1 to 63 characters of A-Z, a-z, 0-9, '.', '_', '-'"),
+            );
+            p.check(
+                valid_label_part(value),
+                &format!("node.labels.{key}"),
+                format!("{value:?} must be 1 to 63 characters of A-Z, a-z, 0-9, '.', '_', '-'"),
+            );
+        }
+    }
+}
+
+/// Where a node keeps what it applied when the configuration does not say;
+/// the node has no other data directory to put it under.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/trellis/config";
+
+/// `[config]`: the files Trellis manages on this node: where what was
+/// applied is remembered, and what is done about drift.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Directory for the last applied state (created on the first apply).
+    pub state_dir: PathBuf,
+    /// Time between two looks at the managed files.
+    #[serde(with = "humantime_serde")]
+    pub drift_interval: Duration,
+    /// `heal`: rewrite a drifted file and run its reload commands;
+    /// `report`: log and count it only.
+    pub drift: DriftMode,
+    /// Longest a reload command may run before it is killed.
+    #[serde(with = "humantime_serde")]
+    pub reload_timeout: Duration,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            drift_interval: Duration::from_secs(60),
+            drift: DriftMode::Heal,
+            reload_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Validate for ApplyConfig {
+    fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            !self.state_dir.as_os_str().is_empty(),
+            "config.state_dir",
+            format!("must name a directory (default {DEFAULT_STATE_DIR})"),
+        );
+        p.check(
+            self.drift_interval >= Duration::from_secs(1),
+            "config.drift_interval",
+            format!(
+                "is {:?}; use at least 1s (60s is a good default)",
+                self.drift_interval
+            ),
+        );
+        p.check(
+            self.reload_timeout >= Duration::from_secs(1)
+                && self.reload_timeout <= Duration::from_secs(600),
+            "config.reload_timeout",
+            format!(
+                "is {:?}; use between 1s and 10m (30s is a good default)",
+                self.reload_timeout
+            ),
+        );
+    }
+}
+
 /// The node agent's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     pub identity: IdentityConfig,
+    pub node: NodeSection,
     pub gossip: GossipConfig,
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
+    pub config: ApplyConfig,
     pub checks: Vec<CheckConfig>,
 }
 
@@ -522,9 +631,11 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             identity: IdentityConfig::for_name("node"),
+            node: NodeSection::default(),
             gossip: GossipConfig::with_listen(([127, 0, 0, 1], NODE_GOSSIP_PORT).into()),
             health: HealthConfig::default(),
             metrics: MetricsConfig::with_listen(([127, 0, 0, 1], NODE_METRICS_PORT).into()),
+            config: ApplyConfig::default(),
             checks: Vec::new(),
         }
     }
@@ -539,8 +650,10 @@ impl Validate for NodeConfig {
     }
 
     fn validate(&self, p: &mut Problems<'_>) {
+        self.node.validate(p);
         self.gossip.validate(p);
         self.health.validate(p);
+        self.config.validate(p);
         validate_checks(&self.checks, p);
     }
 }
@@ -548,6 +661,12 @@ impl Validate for NodeConfig {
 impl crate::cli::MemberConfig for NodeConfig {
     fn identity(&self) -> &IdentityConfig {
         &self.identity
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.config.state_dir.is_relative() {
+            self.config.state_dir = base.join(&self.config.state_dir);
+        }
     }
 }
 
@@ -667,6 +786,131 @@ mod tests {
             loaded.resolve(loaded.config.identity.cert_path()),
             dir.path().join("tls/node.crt")
         );
+    }
+
+    #[test]
+    fn the_config_and_node_sections_have_working_defaults() {
+        let c = parse_node("").unwrap();
+        assert_eq!(c.config.state_dir, PathBuf::from("/var/lib/trellis/config"));
+        assert_eq!(c.config.drift_interval, Duration::from_secs(60));
+        assert_eq!(c.config.drift, DriftMode::Heal);
+        assert_eq!(c.config.reload_timeout, Duration::from_secs(30));
+        assert!(c.node.labels.is_empty());
+    }
+
+    #[test]
+    fn the_config_and_node_sections_parse() {
+        let c = parse_node(
+            r#"
+            [node]
+            labels = { role = "web", "rack.id" = "r-12_a" }
+            [config]
+            state_dir = "state"
+            drift_interval = "5m"
+            drift = "report"
+            reload_timeout = "1m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.node.labels,
+            BTreeMap::from([
+                ("rack.id".to_owned(), "r-12_a".to_owned()),
+                ("role".to_owned(), "web".to_owned()),
+            ])
+        );
+        assert_eq!(c.config.state_dir, PathBuf::from("state"));
+        assert_eq!(c.config.drift_interval, Duration::from_secs(300));
+        assert_eq!(c.config.drift, DriftMode::Report);
+        assert_eq!(c.config.reload_timeout, Duration::from_secs(60));
+        let err = parse_node("[config]\ndrift = \"fix\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("heal") && err.contains("report"), "{err}");
+    }
+
+    #[test]
+    fn bad_labels_are_rejected_with_the_field_name() {
+        for (text, field) in [
+            ("[node]\nlabels = { \"\" = \"x\" }\n", "`node.labels`"),
+            ("[node]\nlabels = { \"a b\" = \"x\" }\n", "`node.labels`"),
+            ("[node]\nlabels = { role = \"\" }\n", "`node.labels.role`"),
+            (
+                "[node]\nlabels = { role = \"web/1\" }\n",
+                "`node.labels.role`",
+            ),
+        ] {
+            let err = parse_node(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} gave {err}");
+            assert!(err.contains("1 to 63 characters"), "{text:?} gave {err}");
+        }
+        let long = "x".repeat(64);
+        let err = parse_node(&format!("[node]\nlabels = {{ role = \"{long}\" }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`node.labels.role`"), "{err}");
+        let ok = "x".repeat(63);
+        assert!(parse_node(&format!("[node]\nlabels = {{ {ok} = \"{ok}\" }}\n")).is_ok());
+
+        let labels = |n: usize| {
+            let pairs: Vec<String> = (0..n).map(|i| format!("k{i} = \"v\"")).collect();
+            format!("[node]\nlabels = {{ {} }}\n", pairs.join(", "))
+        };
+        assert_eq!(parse_node(&labels(64)).unwrap().node.labels.len(), 64);
+        let err = parse_node(&labels(65)).unwrap_err().to_string();
+        assert!(err.contains("has 65 labels; at most 64"), "{err}");
+    }
+
+    #[test]
+    fn bad_drift_and_reload_durations_are_rejected_with_the_field_name() {
+        for (text, field) in [
+            (
+                "[config]\ndrift_interval = \"999ms\"\n",
+                "`config.drift_interval`",
+            ),
+            (
+                "[config]\nreload_timeout = \"500ms\"\n",
+                "`config.reload_timeout`",
+            ),
+            (
+                "[config]\nreload_timeout = \"11m\"\n",
+                "`config.reload_timeout`",
+            ),
+            ("[config]\nstate_dir = \"\"\n", "`config.state_dir`"),
+        ] {
+            let err = parse_node(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} gave {err}");
+        }
+        let c =
+            parse_node("[config]\ndrift_interval = \"1s\"\nreload_timeout = \"10m\"\n").unwrap();
+        assert_eq!(c.config.drift_interval, Duration::from_secs(1));
+        assert_eq!(c.config.reload_timeout, Duration::from_secs(600));
+        let err = parse_node("[config]\ndrift_interval = \"often\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drift_interval"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_state_dir_is_taken_from_the_config_directory_and_printed_so() {
+        use crate::cli::MemberConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "[node]\nlabels = { role = \"web\" }\n[config]\nstate_dir = \"state\"\ndrift = \"report\"\n",
+        )
+        .unwrap();
+        let mut loaded = load::<NodeConfig>(Some(&path)).unwrap();
+        let base = loaded.base_dir.clone();
+        loaded.config.resolve_paths(&base);
+        assert_eq!(loaded.config.config.state_dir, dir.path().join("state"));
+        // What --print-config prints reads back as the same configuration.
+        let printed = toml::to_string(&loaded.config).unwrap();
+        assert!(printed.contains("[config]"), "{printed}");
+        assert!(printed.contains("drift = \"report\""), "{printed}");
+        assert!(printed.contains("role = \"web\""), "{printed}");
+        assert_eq!(parse_node(&printed).unwrap(), loaded.config);
     }
 
     #[test]

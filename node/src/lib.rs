@@ -2,8 +2,9 @@
 //!
 //! Everything the other tiers build on lives here: identities and the mesh
 //! CA, the frame codec, the QUIC endpoint with mutual TLS and authorisation,
-//! chitchat gossip over QUIC, health probes, and the agent that ties them
-//! together on every managed machine. Relays and hubs are nodes with more
+//! chitchat gossip over QUIC, health probes, the engine that applies managed
+//! files and heals their drift, and the agent that ties them together on
+//! every managed machine. Relays and hubs are nodes with more
 //! duties and reuse all of it.
 //!
 //! # Layout
@@ -18,6 +19,8 @@
 //! - [`health`]: resource sampling, user checks, and their assessment.
 //! - [`managed`]: the files one node must hold (`ManagedState`), between
 //!   resolving the fleet's configuration and applying it.
+//! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
+//!   reload commands) and keeps it so (drift checks, healing).
 //! - [`config`]: TOML configuration with validation.
 //! - [`metrics`]: Prometheus counters and the `/metrics` server.
 //! - [`agent`]: the node agent driver.
@@ -25,6 +28,7 @@
 //! - [`clock`]: the wall clock, for drivers only.
 
 pub mod agent;
+pub mod apply;
 pub mod authz;
 pub mod cli;
 pub mod clock;

@@ -12,7 +12,8 @@ use trellis_node::id::Role;
 /// Probes this machine's health (CPU, memory, disk, load and the checks in
 /// the configuration) and gossips it with the other members of its site over
 /// QUIC with mutual TLS. Its region, site and name come from its certificate
-/// (`trellis ca issue --role node ...`).
+/// (`trellis ca issue --role node ...`). Keeps the files Trellis manages on
+/// this machine as they were applied, healing or reporting drift.
 ///
 /// Example configuration (every key is optional; these are the defaults
 /// unless noted):
@@ -22,6 +23,9 @@ use trellis_node::id::Role;
 ///   cert = "tls/node.crt"
 ///   key = "tls/node.key"
 ///
+///   [node]
+///   labels = { role = "web", rack = "r12" }  # none by default
+///
 ///   [gossip]
 ///   listen = "127.0.0.1:7900"
 ///   seeds = ["127.0.0.1:7901"] # the site's relay (default: none)
@@ -29,6 +33,12 @@ use trellis_node::id::Role;
 ///
 ///   [metrics]
 ///   listen = "127.0.0.1:7910"
+///
+///   [config]                   # the files Trellis manages here
+///   state_dir = "/var/lib/trellis/config"  # what was applied
+///   drift_interval = "60s"     # how often managed files are checked
+///   drift = "heal"             # or "report": log and count, leave the file
+///   reload_timeout = "30s"     # a reload command running longer is killed
 ///
 ///   [[checks]]                 # none by default
 ///   name = "sshd"

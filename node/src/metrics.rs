@@ -42,6 +42,41 @@ pub struct DropLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    /// `healed` (rewritten as applied) or `reported` (left as found:
+    /// drift is only reported, or healing it failed).
+    pub action: String,
+}
+
+/// Counters of the files Trellis manages on a node.
+#[derive(Clone, Default)]
+pub struct ConfigMetrics {
+    pub drift: Family<DriftLabels, Counter>,
+}
+
+impl ConfigMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ConfigMetrics::default();
+        registry.sub_registry_with_prefix("trellis").register(
+            "config_drift",
+            "Managed files found different from what was applied, by what was done about it",
+            m.drift.clone(),
+        );
+        m
+    }
+
+    /// Counts one drifted file; `healed` says whether it was rewritten.
+    pub fn drifted(&self, healed: bool) {
+        let action = if healed { "healed" } else { "reported" };
+        self.drift
+            .get_or_create(&DriftLabels {
+                action: action.to_owned(),
+            })
+            .inc();
+    }
+}
+
 /// Counters of the QUIC endpoint and the site gossip transport.
 #[derive(Clone, Default)]
 pub struct MeshMetrics {
