@@ -18,6 +18,8 @@
 //! - [`health`]: resource sampling, user checks, and their assessment.
 //! - [`managed`]: the files one node must hold (`ManagedState`), between
 //!   resolving the fleet's configuration and applying it.
+//! - [`desired`]: the fleet's configuration as a directory of TOML
+//!   manifests; selectors, precedence, templates, resolution per node, plans.
 //! - [`config`]: TOML configuration with validation.
 //! - [`metrics`]: Prometheus counters and the `/metrics` server.
 //! - [`agent`]: the node agent driver.
@@ -29,6 +31,7 @@ pub mod authz;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod desired;
 pub mod endpoint;
 pub mod gossip;
 pub mod health;
