@@ -20,6 +20,8 @@
 //!   resolving the fleet's configuration and applying it.
 //! - [`desired`]: the fleet's configuration as a directory of TOML
 //!   manifests; selectors, precedence, templates, resolution per node, plans.
+//! - [`bundle`]: a fleet version signed by an operator's Ed25519 key, and
+//!   its verification.
 //! - [`config`]: TOML configuration with validation.
 //! - [`metrics`]: Prometheus counters and the `/metrics` server.
 //! - [`agent`]: the node agent driver.
@@ -28,6 +30,7 @@
 
 pub mod agent;
 pub mod authz;
+pub mod bundle;
 pub mod cli;
 pub mod clock;
 pub mod config;
