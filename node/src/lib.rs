@@ -19,6 +19,10 @@
 //! - [`health`]: resource sampling, user checks, and their assessment.
 //! - [`managed`]: the files one node must hold (`ManagedState`), between
 //!   resolving the fleet's configuration and applying it.
+//! - [`desired`]: the fleet's configuration as a directory of TOML
+//!   manifests; selectors, precedence, templates, resolution per node, plans.
+//! - [`bundle`]: a fleet version signed by an operator's Ed25519 key, and
+//!   its verification.
 //! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
 //!   reload commands) and keeps it so (drift checks, healing).
 //! - [`config`]: TOML configuration with validation.
@@ -30,9 +34,11 @@
 pub mod agent;
 pub mod apply;
 pub mod authz;
+pub mod bundle;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod desired;
 pub mod endpoint;
 pub mod gossip;
 pub mod health;

@@ -8,6 +8,7 @@
 //! then do is decided from its identity by [`crate::authz`]. Peers are reached
 //! by address, not by name, which is why the DNS name is the same for all.
 
+use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
-use crate::id::{IdError, Identity};
+use crate::id::{IdError, Identity, Role};
 
 /// The DNS name in every member certificate and the server name every
 /// client asks for.
@@ -37,23 +38,38 @@ pub const CA_DAYS: u32 = 3650;
 /// Why credentials could not be created, loaded or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A file could not be read or written; nothing was changed beyond it.
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A certificate or key file is already there and was left alone.
     #[error("{path} already exists; refusing to overwrite it (remove it first)")]
     Exists { path: PathBuf },
+    /// The directory holds no mesh CA.
     #[error("{path}: no mesh CA here; create one with `trellis ca init --dir {dir}`")]
     NoCa { path: PathBuf, dir: PathBuf },
+    /// A file is not the PEM it should be.
     #[error("{path}: not a PEM certificate or key: {reason}")]
     BadPem { path: PathBuf, reason: String },
+    /// rcgen could not make a key or certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A certificate is not one the mesh CA issued to a member (or a
+    /// signature by it does not verify).
     #[error("certificate is not a trellis member certificate: {0}")]
     NotTrellis(String),
+    /// A certificate certifies a key Trellis cannot sign or verify with.
+    #[error(
+        "certificate key is {0}; Trellis signs with ECDSA P-256 (members) or Ed25519 \
+         (operators): issue a new certificate with `trellis ca issue`"
+    )]
+    UnsupportedKey(String),
+    /// The identity in a certificate is not a valid Trellis identity.
     #[error(transparent)]
     Identity(#[from] IdError),
+    /// rustls refused the configuration, or a key could not be used.
     #[error("TLS configuration: {0}")]
     Config(String),
 }
@@ -145,10 +161,12 @@ impl MeshCa {
         &self.cert_pem
     }
 
-    /// Issues a member certificate for `identity`, valid for `days`.
+    /// Issues a member certificate for `identity`, valid for `days`, with a
+    /// fresh key of the kind its role signs with ([`KeyAlgorithm::for_role`]).
+    /// The certificate itself is signed by the CA's P-256 key whatever the role.
     pub fn issue(&self, identity: &Identity, days: u32) -> Result<IssuedCert, TlsError> {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
-        let key = KeyPair::generate()?;
+        let key = KeyPair::generate_for(KeyAlgorithm::for_role(identity.role).rcgen())?;
         let mut params = CertificateParams::new(vec![MESH_SERVER_NAME.to_owned()])?;
         params
             .subject_alt_names
@@ -230,6 +248,8 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), TlsError> {
 #[derive(Clone, Debug)]
 pub struct Credentials {
     pub identity: Identity,
+    /// The kind of key the member certificate certifies (and `key` is).
+    algorithm: KeyAlgorithm,
     ca: CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
@@ -277,8 +297,10 @@ impl Credentials {
             reason: "no certificate in file".into(),
         })?;
         let identity = identity_of(leaf)?;
+        let algorithm = key_algorithm_of(leaf)?;
         Ok(Credentials {
             identity,
+            algorithm,
             ca,
             chain,
             key: Arc::new(key),
@@ -353,22 +375,40 @@ impl Credentials {
         &self.chain[0]
     }
 
-    /// Signs `msg` with this member's key (ECDSA P-256, SHA-256, ASN.1), so
-    /// that any member holding the mesh CA can tell who wrote it.
+    /// The kind of key this member signs with.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    /// Signs `msg` with this member's key (ECDSA P-256 with SHA-256, ASN.1,
+    /// or Ed25519 for operators), so that any member holding the mesh CA can
+    /// tell who wrote it.
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, TlsError> {
         let PrivateKeyDer::Pkcs8(pkcs8) = &*self.key else {
             return Err(TlsError::Config("signing needs a PKCS#8 key".into()));
         };
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-            pkcs8.secret_pkcs8_der(),
-            &rng,
-        )
-        .map_err(|e| TlsError::Config(format!("not an ECDSA P-256 key: {e}")))?;
-        key.sign(&rng, msg)
-            .map(|s| s.as_ref().to_vec())
-            .map_err(|e| TlsError::Config(format!("signing failed: {e}")))
+        let der = pkcs8.secret_pkcs8_der();
+        match self.algorithm {
+            KeyAlgorithm::EcdsaP256 => {
+                let rng = ring::rand::SystemRandom::new();
+                let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+                    &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+                    der,
+                    &rng,
+                )
+                .map_err(|e| TlsError::Config(format!("not an ECDSA P-256 key: {e}")))?;
+                key.sign(&rng, msg)
+                    .map(|s| s.as_ref().to_vec())
+                    .map_err(|e| TlsError::Config(format!("signing failed: {e}")))
+            }
+            KeyAlgorithm::Ed25519 => {
+                // `maybe_unchecked` also takes PKCS#8 v1 keys (no embedded
+                // public key), as other tools write them.
+                let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+                    .map_err(|e| TlsError::Config(format!("not an Ed25519 key: {e}")))?;
+                Ok(key.sign(msg).as_ref().to_vec())
+            }
+        }
     }
 
     /// Checks that `cert` was issued by the mesh CA (and is valid now) and
@@ -399,6 +439,7 @@ impl Credentials {
             .verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now())
             .map_err(|e| TlsError::NotTrellis(format!("certificate not from the mesh CA: {e}")))?;
         let identity = identity_of(&der)?;
+        let algorithm = key_algorithm_of(&der)?;
         use x509_parser::prelude::*;
         let (_, x509) =
             X509Certificate::from_der(cert).map_err(|e| TlsError::NotTrellis(e.to_string()))?;
@@ -408,21 +449,108 @@ impl Credentials {
             .subject_public_key
             .data
             .to_vec();
-        Ok(Signer { identity, key })
+        Ok(Signer {
+            identity,
+            algorithm,
+            key,
+        })
     }
+}
+
+/// The kinds of key a member certificate may certify, which decide how its
+/// signatures are made and checked.
+///
+/// Operators sign desired state that every node verifies before applying it;
+/// Ed25519 keeps those signatures small, deterministic (no per-signature
+/// randomness to get wrong) and fast to check on small machines. The other
+/// roles keep ECDSA P-256, which the management log's existing signatures use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyAlgorithm {
+    /// ECDSA on P-256 with SHA-256, signatures ASN.1 encoded.
+    EcdsaP256,
+    /// Ed25519 (RFC 8032), 64-byte signatures.
+    Ed25519,
+}
+
+impl KeyAlgorithm {
+    /// The kind of key `ca issue` creates for a role.
+    pub fn for_role(role: Role) -> Self {
+        match role {
+            Role::Operator => KeyAlgorithm::Ed25519,
+            Role::Node | Role::Relay | Role::Hub => KeyAlgorithm::EcdsaP256,
+        }
+    }
+
+    fn rcgen(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyAlgorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyAlgorithm::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+
+    fn verification(self) -> &'static dyn ring::signature::VerificationAlgorithm {
+        match self {
+            KeyAlgorithm::EcdsaP256 => &ring::signature::ECDSA_P256_SHA256_ASN1,
+            KeyAlgorithm::Ed25519 => &ring::signature::ED25519,
+        }
+    }
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyAlgorithm::EcdsaP256 => "ECDSA P-256",
+            KeyAlgorithm::Ed25519 => "Ed25519",
+        })
+    }
+}
+
+/// The kind of key a certificate certifies, from its SubjectPublicKeyInfo
+/// algorithm (and, for EC keys, the named curve).
+pub fn key_algorithm_of(cert: &[u8]) -> Result<KeyAlgorithm, TlsError> {
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
+    use x509_parser::prelude::*;
+    let (_, x509) =
+        X509Certificate::from_der(cert).map_err(|e| TlsError::NotTrellis(e.to_string()))?;
+    let alg = &x509.tbs_certificate.subject_pki.algorithm;
+    if alg.algorithm == OID_SIG_ED25519 {
+        return Ok(KeyAlgorithm::Ed25519);
+    }
+    if alg.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = alg.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        return match curve {
+            Some(c) if c == OID_EC_P256 => Ok(KeyAlgorithm::EcdsaP256),
+            Some(c) => Err(TlsError::UnsupportedKey(format!("an EC key on curve {c}"))),
+            None => Err(TlsError::UnsupportedKey(
+                "an EC key without a named curve".into(),
+            )),
+        };
+    }
+    Err(TlsError::UnsupportedKey(format!(
+        "of algorithm {}",
+        alg.algorithm
+    )))
 }
 
 /// A certificate checked against the mesh CA, and the key it certifies.
 #[derive(Debug, Clone)]
 pub struct Signer {
     pub identity: Identity,
+    algorithm: KeyAlgorithm,
     key: Vec<u8>,
 }
 
 impl Signer {
-    /// Checks `signature` of `msg` by this certificate's key.
+    /// The kind of key the certificate certifies; [`Signer::verify`] checks
+    /// signatures with this algorithm only.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    /// Checks `signature` of `msg` by this certificate's key, with the
+    /// algorithm of that key (a signature of another kind never verifies).
     pub fn verify(&self, msg: &[u8], signature: &[u8]) -> Result<(), TlsError> {
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &self.key)
+        ring::signature::UnparsedPublicKey::new(self.algorithm.verification(), &self.key)
             .verify(msg, signature)
             .map_err(|_| TlsError::NotTrellis(format!("bad signature by {}", self.identity)))
     }
@@ -491,7 +619,6 @@ pub fn transport_config(keep_alive: Option<Duration>) -> Arc<quinn::TransportCon
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::Role;
 
     #[test]
     fn issued_certificates_carry_their_identity() {
@@ -557,6 +684,95 @@ mod tests {
             .verify_signed(impostor.cert_der(), b"entry", &sig)
             .unwrap_err();
         assert!(err.to_string().contains("mesh CA"), "{err}");
+    }
+
+    #[test]
+    fn an_operator_gets_an_ed25519_key_that_signs_and_verifies() {
+        let ca = MeshCa::generate("test").unwrap();
+        let alice = Identity::new(Role::Operator, "", "", "alice").unwrap();
+        let issued = ca.issue(&alice, 30).unwrap();
+        // Loaded from files the way the CLI loads an operator's credentials.
+        let dir = tempfile::tempdir().unwrap();
+        ca.save(dir.path()).unwrap();
+        let (cert, key) = issued.save(dir.path(), false).unwrap();
+        let op = Credentials::load(&dir.path().join(CA_CERT_FILE), &cert, &key).unwrap();
+        assert_eq!(op.identity, alice);
+        assert_eq!(op.algorithm(), KeyAlgorithm::Ed25519);
+        let sig = op.sign(b"bundle").unwrap();
+        assert_eq!(sig.len(), 64, "an Ed25519 signature");
+        let hub =
+            Credentials::issue(&ca, &Identity::new(Role::Hub, "eu", "", "h1").unwrap()).unwrap();
+        let signer = hub.verify_signer(op.cert_der()).unwrap();
+        assert_eq!(signer.algorithm(), KeyAlgorithm::Ed25519);
+        assert_eq!(signer.identity, alice);
+        signer.verify(b"bundle", &sig).unwrap();
+        assert!(signer.verify(b"bundlf", &sig).is_err(), "altered message");
+        // The key still serves for mutual TLS.
+        let transport = transport_config(None);
+        op.client_config(b"test", transport.clone()).unwrap();
+        op.server_config(&[b"test"], transport).unwrap();
+    }
+
+    #[test]
+    fn members_other_than_operators_keep_p256_keys() {
+        let ca = MeshCa::generate("test").unwrap();
+        for id in [
+            Identity::new(Role::Node, "eu", "par", "n1").unwrap(),
+            Identity::new(Role::Relay, "eu", "par", "r1").unwrap(),
+            Identity::new(Role::Hub, "eu", "", "h1").unwrap(),
+        ] {
+            let creds = Credentials::issue(&ca, &id).unwrap();
+            assert_eq!(creds.algorithm(), KeyAlgorithm::EcdsaP256, "{id}");
+            let sig = creds.sign(b"entry").unwrap();
+            let signer = creds.verify_signer(creds.cert_der()).unwrap();
+            assert_eq!(signer.algorithm(), KeyAlgorithm::EcdsaP256);
+            signer.verify(b"entry", &sig).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_signature_of_one_algorithm_never_verifies_as_the_other() {
+        let ca = MeshCa::generate("test").unwrap();
+        let op = Credentials::issue(
+            &ca,
+            &Identity::new(Role::Operator, "", "", "alice").unwrap(),
+        )
+        .unwrap();
+        let hub =
+            Credentials::issue(&ca, &Identity::new(Role::Hub, "eu", "", "h1").unwrap()).unwrap();
+        let ed_sig = op.sign(b"msg").unwrap();
+        let ec_sig = hub.sign(b"msg").unwrap();
+        let op_signer = hub.verify_signer(op.cert_der()).unwrap();
+        let hub_signer = op.verify_signer(hub.cert_der()).unwrap();
+        op_signer.verify(b"msg", &ed_sig).unwrap();
+        hub_signer.verify(b"msg", &ec_sig).unwrap();
+        assert!(op_signer.verify(b"msg", &ec_sig).is_err());
+        assert!(hub_signer.verify(b"msg", &ed_sig).is_err());
+        assert!(hub.verify_signed(op.cert_der(), b"msg", &ec_sig).is_err());
+        assert!(op.verify_signed(hub.cert_der(), b"msg", &ed_sig).is_err());
+    }
+
+    #[test]
+    fn the_key_algorithm_is_read_from_the_certificate() {
+        let ca = MeshCa::generate("test").unwrap();
+        let issued = ca
+            .issue(&Identity::new(Role::Operator, "", "", "alice").unwrap(), 1)
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(key_algorithm_of(&der).unwrap(), KeyAlgorithm::Ed25519);
+        let ca_der = CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap();
+        assert_eq!(key_algorithm_of(&ca_der).unwrap(), KeyAlgorithm::EcdsaP256);
+        let p384_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let p384 = CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&p384_key)
+            .unwrap();
+        let err = key_algorithm_of(p384.der()).unwrap_err();
+        assert!(matches!(err, TlsError::UnsupportedKey(_)), "{err}");
+        assert!(matches!(
+            key_algorithm_of(b"garbage"),
+            Err(TlsError::NotTrellis(_))
+        ));
     }
 
     #[test]
