@@ -27,6 +27,7 @@ pub enum ClientError {
 }
 
 /// A client for one hub's API.
+#[derive(Clone)]
 pub struct ApiClient {
     base: String,
     http: reqwest::Client,

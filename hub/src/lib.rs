@@ -28,6 +28,7 @@ pub mod config;
 pub mod core;
 pub mod driver;
 pub mod federation;
+pub mod inventory;
 pub mod log;
 pub mod peering;
 pub mod render;

@@ -2,6 +2,7 @@
 //! publishes its health on every tick until shut down; keeps the files
 //! Trellis manages on the node as they were applied.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use crate::gossip::Gossip;
 use crate::health::{self, Checks, ResourceSampler};
 use crate::managed::{ManagedState, short_hex};
 use crate::metrics::{self, ConfigMetrics, MeshMetrics, Registry};
+use crate::site::descriptor_kv;
 use crate::tls::Credentials;
 
 /// Why a member could not start. Nothing is left running.
@@ -114,9 +116,12 @@ pub struct SiteMember {
 
 impl SiteMember {
     /// Binds the endpoint, starts the checks, joins gossip and starts
-    /// publishing health. Registers the mesh metrics into `registry`.
+    /// publishing health, with the member's `labels` and its machine's facts
+    /// ([`machine_facts`]). Registers the mesh metrics into `registry`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         creds: Credentials,
+        labels: &BTreeMap<String, String>,
         gossip: &GossipConfig,
         health_cfg: &HealthConfig,
         checks: &[CheckConfig],
@@ -142,6 +147,10 @@ impl SiteMember {
         )
         .await
         .map_err(StartError::Gossip)?;
+        // Set once: they do not change while the process runs.
+        site_gossip
+            .set(descriptor_kv(labels, &machine_facts()), "")
+            .await;
         let site_gossip = Arc::new(site_gossip);
         let health_task = tokio::spawn(publish_health_loop(
             site_gossip.clone(),
@@ -167,6 +176,18 @@ impl SiteMember {
         }
         self.endpoint.shutdown().await;
     }
+}
+
+/// Facts about this machine that configuration templates and selectors
+/// may use: `hostname`, `os` and `arch`.
+pub fn machine_facts() -> BTreeMap<String, String> {
+    let mut facts = BTreeMap::new();
+    if let Some(h) = sysinfo::System::host_name().ok().filter(|h| !h.is_empty()) {
+        facts.insert("hostname".to_owned(), h);
+    }
+    facts.insert("os".to_owned(), std::env::consts::OS.to_owned());
+    facts.insert("arch".to_owned(), std::env::consts::ARCH.to_owned());
+    facts
 }
 
 /// What the task owning the node's [`Applier`] is asked to do.
@@ -309,6 +330,7 @@ impl NodeAgent {
         let mut registry = Registry::default();
         let member = SiteMember::start(
             creds,
+            &cfg.node.labels,
             &cfg.gossip,
             &cfg.health,
             &cfg.checks,

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use crate::authz::Protocol;
 use crate::endpoint::{Accepted, MeshEndpoint, close};
-use crate::site::{Health, MemberView, SiteView, keys};
+use crate::site::{Health, MemberView, SiteView, descriptors_of, keys};
 use crate::wire::{self, WireError};
 
 /// Version byte of gossip frames.
@@ -376,12 +376,17 @@ pub fn site_view_of(c: &chitchat::Chitchat, region: &str, site: &str) -> SiteVie
     let members = c
         .node_states()
         .iter()
-        .map(|(id, state)| MemberView {
-            name: id.node_id.to_string(),
-            generation: id.generation_id,
-            gossip_addr: id.gossip_advertise_addr,
-            alive: live.contains(id),
-            health: Health::from_kv(state.key_values()),
+        .map(|(id, state)| {
+            let (labels, facts) = descriptors_of(state.key_values());
+            MemberView {
+                name: id.node_id.to_string(),
+                generation: id.generation_id,
+                gossip_addr: id.gossip_advertise_addr,
+                alive: live.contains(id),
+                health: Health::from_kv(state.key_values()),
+                labels,
+                facts,
+            }
         })
         .collect();
     SiteView {

@@ -24,6 +24,42 @@ pub mod keys {
     pub const DISK: &str = "disk";
     pub const LOAD: &str = "load";
     pub const CHECK_PREFIX: &str = "check:";
+    /// A label from the member's configuration (`[node] labels`).
+    pub const LABEL_PREFIX: &str = "label:";
+    /// A fact about the member's machine (hostname, OS, architecture).
+    pub const FACT_PREFIX: &str = "fact:";
+}
+
+/// The key-values that describe a member (its labels and facts), published
+/// once when it joins; they select which configuration applies to it.
+pub fn descriptor_kv(
+    labels: &BTreeMap<String, String>,
+    facts: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    labels
+        .iter()
+        .map(|(k, v)| (format!("{}{k}", keys::LABEL_PREFIX), v.clone()))
+        .chain(
+            facts
+                .iter()
+                .map(|(k, v)| (format!("{}{k}", keys::FACT_PREFIX), v.clone())),
+        )
+        .collect()
+}
+
+/// Reads labels and facts back from a member's key-values.
+pub fn descriptors_of<'a>(
+    kv: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let (mut labels, mut facts) = (BTreeMap::new(), BTreeMap::new());
+    for (k, v) in kv {
+        if let Some(name) = k.strip_prefix(keys::LABEL_PREFIX) {
+            labels.insert(name.to_owned(), v.to_owned());
+        } else if let Some(name) = k.strip_prefix(keys::FACT_PREFIX) {
+            facts.insert(name.to_owned(), v.to_owned());
+        }
+    }
+    (labels, facts)
 }
 
 /// Longest check detail published in gossip; the rest is cut.
@@ -210,6 +246,13 @@ pub struct MemberView {
     /// The failure detector's verdict (always true for the observer itself).
     pub alive: bool,
     pub health: Health,
+    /// The member's labels (`[node] labels` in its configuration). Always
+    /// serialised: this travels in postcard, which is not self-describing.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Facts about its machine: `hostname`, `os`, `arch`.
+    #[serde(default)]
+    pub facts: BTreeMap<String, String>,
 }
 
 impl MemberView {
@@ -292,6 +335,21 @@ mod tests {
     }
 
     #[test]
+    fn labels_and_facts_survive_gossip_key_values_apart_from_health() {
+        let labels: BTreeMap<String, String> = [("role".to_owned(), "web".to_owned())].into();
+        let facts: BTreeMap<String, String> = [("os".to_owned(), "linux".to_owned())].into();
+        let mut kv = sample().to_kv();
+        kv.extend(descriptor_kv(&labels, &facts));
+        let pairs = || kv.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        assert_eq!(descriptors_of(pairs()), (labels, facts));
+        assert_eq!(
+            Health::from_kv(pairs()),
+            sample(),
+            "health is not disturbed"
+        );
+    }
+
+    #[test]
     fn long_details_are_cut_on_a_character_boundary() {
         let r = CheckResult::new(Status::Warning, "é".repeat(100));
         assert!(r.detail.len() <= MAX_DETAIL_LEN);
@@ -307,6 +365,8 @@ mod tests {
             gossip_addr: addr,
             alive,
             health: Health::default(),
+            labels: BTreeMap::new(),
+            facts: BTreeMap::new(),
         };
         let view = SiteView {
             region: "r".into(),

@@ -492,6 +492,8 @@ mod tests {
                 checks,
                 ..Health::default()
             },
+            labels: BTreeMap::new(),
+            facts: BTreeMap::new(),
         }
     }
 

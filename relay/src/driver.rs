@@ -968,6 +968,7 @@ impl Relay {
         let mut registry = Registry::default();
         let member = SiteMember::start(
             creds,
+            &Default::default(),
             &cfg.gossip,
             &cfg.health,
             &cfg.checks,

@@ -128,6 +128,13 @@ pub struct NodeRow {
     pub generation: u64,
     pub gossip_addr: String,
     pub checks: Vec<CheckRow>,
+    /// The node's labels (`[node] labels`), which configuration selects on.
+    /// Always serialised: the report travels in postcard too.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Facts about its machine: `hostname`, `os`, `arch`.
+    #[serde(default)]
+    pub facts: BTreeMap<String, String>,
 }
 
 impl From<MemberView> for NodeRow {
@@ -153,6 +160,8 @@ impl From<MemberView> for NodeRow {
                     detail: r.detail,
                 })
                 .collect(),
+            labels: m.labels,
+            facts: m.facts,
         }
     }
 }

@@ -101,6 +101,8 @@ mod tests {
                 load1: Some(0.3),
                 checks,
             },
+            labels: BTreeMap::new(),
+            facts: BTreeMap::new(),
         }
     }
 

@@ -254,6 +254,8 @@ impl Site {
                         gossip_addr: ADDR,
                         alive: m.believed_alive(j),
                         health,
+                        labels: Default::default(),
+                        facts: Default::default(),
                     });
                 }
                 SiteView {

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use trellis_hub::client::{ApiClient, ClientError};
+use trellis_hub::inventory::inventory;
 use trellis_hub::render;
 use trellis_hub::up::{LocalMesh, UpOptions};
 use trellis_node::cli::{self, EXIT_FAILED, EXIT_USAGE};
+use trellis_node::desired::{Fleet, plan};
 use trellis_node::id::{Identity, Role};
 use trellis_node::tls::{CA_CERT_FILE, DEFAULT_CERT_DAYS, MeshCa, TlsError};
 
@@ -118,6 +120,10 @@ enum Command {
     /// Read and write the desired state (kept in the hubs' replicated log).
     #[command(subcommand)]
     Desired(DesiredCommand),
+    /// Configuration as code: the fleet's managed files, kept as a
+    /// directory of TOML manifests.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Start a real local mesh in this process (Ctrl-C stops it).
     ///
     /// Every member gets its own QUIC endpoint on 127.0.0.1 and its own
@@ -175,6 +181,39 @@ enum DesiredCommand {
         author: String,
         #[command(flatten)]
         hub: HubArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Show what a fleet directory would change, node by node.
+    ///
+    /// Reads every *.toml manifest under DIR (files, vars, selectors; see
+    /// docs/ARCHITECTURE.md, "Configuration as files"), asks the hub for
+    /// every site's nodes (live from the sites' relays, with their labels
+    /// and facts), and resolves the manifests for each node. Prints, per
+    /// site, which nodes get which files added, changed or no longer
+    /// managed, and per selector the paths that differ. Sites whose relays
+    /// do not answer are listed: their nodes are not in the plan.
+    ///
+    /// Nothing is stored at the hubs yet, so the plan compares with nothing
+    /// managed: every file a node would get counts as added.
+    ///
+    /// Exit codes: 0 the plan resolves for every node; 1 some node's
+    /// configuration does not resolve (a conflict between two manifests,
+    /// an unknown template name: the plan says which) or the hub could not
+    /// be asked; 2 the directory is not a valid fleet.
+    ///
+    /// Example: trellis config plan fleet/
+    #[command(verbatim_doc_comment)]
+    Plan {
+        /// The fleet directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -276,6 +315,9 @@ fn main() -> ExitCode {
         })),
         Command::Hubs { hub, json } => runtime().block_on(hubs(&hub.hub, json)),
         Command::Desired(cmd) => runtime().block_on(desired(cmd)),
+        Command::Config(ConfigCommand::Plan { dir, hub, json }) => {
+            runtime().block_on(config_plan(&dir, &hub.hub, json))
+        }
         Command::Up {
             sites,
             nodes,
@@ -425,6 +467,46 @@ async fn nodes(
             ExitCode::SUCCESS
         }
         Err(e) => client_error(e),
+    }
+}
+
+async fn config_plan(dir: &std::path::Path, hub: &str, json: bool) -> ExitCode {
+    let fleet = match Fleet::load(dir) {
+        Ok(f) => f,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    let inv = match inventory(&client).await {
+        Ok(i) => i,
+        Err(e) => return client_error(e),
+    };
+    let plan = plan(None, &fleet, &inv.nodes);
+    if json {
+        let out = serde_json::json!({ "plan": plan, "unlisted_sites": inv.unlisted });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("serialisable")
+        );
+    } else {
+        println!("compared with: nothing managed yet (no version is stored at the hubs)");
+        print!("{plan}");
+        if !inv.unlisted.is_empty() {
+            println!(
+                "{} site(s) did not answer; their nodes are not in this plan:",
+                inv.unlisted.len()
+            );
+            for u in &inv.unlisted {
+                println!("  {}/{}: {}", u.region, u.site, u.reason);
+            }
+        }
+    }
+    if plan.failing > 0 {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
