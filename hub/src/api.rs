@@ -10,6 +10,7 @@ use axum::routing::get;
 use serde::{Deserialize, Serialize};
 pub use trellis_relay::report::{ApiError, CheckRow, NodeRow, NodesReport};
 
+use crate::audit::{AuditEntry, AuditProblem};
 use crate::driver::{DrillError, Input, Shared};
 use crate::federation::{HubRow, HubsReport};
 use crate::log::{Op, VersionVector, Winner};
@@ -64,6 +65,8 @@ pub(crate) fn router(shared: Shared) -> Router {
             axum::routing::put(put_desired).delete(delete_desired),
         )
         .route("/api/v1/log", get(log))
+        .route("/api/v1/audit", get(audit))
+        .route("/api/v1/audit/verify", get(audit_verify))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see GET /") })
         .with_state(shared)
         .merge(metrics)
@@ -84,6 +87,8 @@ async fn index() -> &'static str {
         "PUT /api/v1/desired/{key}  {\"value\": V}     write; acknowledged once on write_quorum hubs\n",
         "DELETE /api/v1/desired/{key}                delete, likewise\n",
         "GET /api/v1/log[?limit=N]                   the replicated log, by (origin, seq)\n",
+        "GET /api/v1/audit[?since=MS&origin=O&limit=N]   the log as an audit trail, oldest first\n",
+        "GET /api/v1/audit/verify                    check this hub's stored log: signatures, chain\n",
         "GET /metrics                                Prometheus metrics\n",
     )
 }
@@ -329,7 +334,7 @@ async fn delete_desired(
 }
 
 async fn write_op(shared: &Shared, author: String, op: Op) -> Response {
-    if let Err(e) = trellis_node::id::validate_name("key", op.key()) {
+    if let Some(Err(e)) = op.key().map(|k| trellis_node::id::validate_name("key", k)) {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
     let Some(peering) = shared.peering.get() else {
@@ -412,7 +417,7 @@ async fn log(State(shared): State<Shared>, Query(q): Query<LogQuery>) -> Respons
                 entries: entries
                     .into_iter()
                     .map(|e| LogRow {
-                        signature: e.signature.iter().map(|b| format!("{b:02x}")).collect(),
+                        signature: crate::log::hex(&e.signature),
                         entry: e.entry,
                     })
                     .collect(),
@@ -420,6 +425,73 @@ async fn log(State(shared): State<Shared>, Query(q): Query<LogQuery>) -> Respons
             })
             .into_response()
         }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /api/v1/audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditReport {
+    /// Oldest first, by hybrid clock, then origin and seq.
+    pub entries: Vec<AuditEntry>,
+    /// Whether `limit` cut the list (ask again with a later `since`).
+    pub truncated: bool,
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    since: Option<u64>,
+    origin: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn audit(State(shared): State<Shared>, Query(q): Query<AuditQuery>) -> Response {
+    let limit = q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT);
+    let reader = shared.store.clone();
+    let found =
+        tokio::task::spawn_blocking(move || reader.audit(q.since, q.origin.as_deref(), limit + 1))
+            .await;
+    match found {
+        Ok(Ok(mut entries)) => {
+            let truncated = entries.len() > limit;
+            entries.truncate(limit);
+            axum::Json(AuditReport { entries, truncated }).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /api/v1/audit/verify`: the hub's check of its own store file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditVerifyReport {
+    /// The hub that checked its store.
+    pub hub: String,
+    /// No problem found.
+    pub ok: bool,
+    /// Entries checked, per origin hub.
+    pub checked: std::collections::BTreeMap<String, u64>,
+    pub problems: Vec<AuditProblem>,
+}
+
+async fn audit_verify(State(shared): State<Shared>) -> Response {
+    let Some(peering) = shared.peering.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting");
+    };
+    let (reader, creds, hub) = (
+        shared.store.clone(),
+        peering.creds.clone(),
+        peering.me.clone(),
+    );
+    match tokio::task::spawn_blocking(move || reader.verify_audit(&creds)).await {
+        Ok(Ok(v)) => axum::Json(AuditVerifyReport {
+            hub,
+            ok: v.ok(),
+            checked: v.checked,
+            problems: v.problems,
+        })
+        .into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

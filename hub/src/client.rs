@@ -171,6 +171,28 @@ impl ApiClient {
         self.decode(url, resp).await
     }
 
+    /// The management log as an audit trail (`GET /api/v1/audit`).
+    pub async fn audit(
+        &self,
+        since_ms: Option<u64>,
+        origin: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::api::AuditReport, ClientError> {
+        let mut path = format!("/api/v1/audit?limit={limit}");
+        if let Some(t) = since_ms {
+            path.push_str(&format!("&since={t}"));
+        }
+        if let Some(o) = origin {
+            path.push_str(&format!("&origin={}", urlencode(o)));
+        }
+        self.get(&path).await
+    }
+
+    /// The hub's check of its stored log (`GET /api/v1/audit/verify`).
+    pub async fn audit_verify(&self) -> Result<crate::api::AuditVerifyReport, ClientError> {
+        self.get("/api/v1/audit/verify").await
+    }
+
     pub async fn fleet(&self) -> Result<FleetReport, ClientError> {
         self.get("/api/v1/fleet").await
     }

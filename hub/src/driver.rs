@@ -38,7 +38,7 @@ use trellis_relay::uplink::{
 use crate::api;
 use crate::config::HubConfig;
 use crate::core::{Coverage, Fresh, HubCore, RecordError, Served};
-use crate::log::{LogCore, Op, SignedEntry, VersionVector, Winner};
+use crate::log::{LogCore, Op, SignedEntry, VersionVector, Winner, hex};
 use crate::peering::{Peering, PeeringSettings, federation_task, push_task, serve_replication};
 use crate::replication::ReplClient;
 use crate::store::{Batch, HubStore, StoreError, StoreReader, StoredRecord, stored};
@@ -462,13 +462,22 @@ impl CoreTask {
                 let result =
                     store_call(&self.store, |reply| StoreCmd::CommitLog { entries, reply }).await;
                 if result.is_ok() {
-                    self.log.apply(&signed.entry);
+                    self.log.apply(&signed.entry, signed.hash());
                 }
                 let _ = reply.send(result.map(|()| signed));
             }
             Input::LogEntries { entries, reply } => {
-                let fresh: Vec<SignedEntry> =
-                    self.log.fresh(&entries).into_iter().cloned().collect();
+                let received = self.log.receive(&entries);
+                for b in &received.broken {
+                    warn!(
+                        origin = %b.origin,
+                        seq = b.seq,
+                        prev = %hex(&b.found),
+                        expected = %hex(&b.expected),
+                        "log entry does not follow its origin's entry before it (prev is not that entry's hash); ignored"
+                    );
+                }
+                let fresh: Vec<SignedEntry> = received.fresh.into_iter().cloned().collect();
                 if fresh.is_empty() {
                     let _ = reply.send(Ok(0));
                     return;
@@ -481,7 +490,7 @@ impl CoreTask {
                 .await;
                 if result.is_ok() {
                     for e in &fresh {
-                        self.log.apply(&e.entry);
+                        self.log.apply(&e.entry, e.hash());
                     }
                 }
                 let _ = reply.send(result.map(|()| fresh.len()));
@@ -508,6 +517,30 @@ pub(crate) struct Shared {
     /// Filled in once the federation is joined.
     pub peering: Arc<std::sync::OnceLock<Peering>>,
 }
+
+/// Why a note was not recorded. Nothing was appended to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum NoteError {
+    /// The hub is stopping.
+    #[error("the hub is shutting down; the note was not recorded")]
+    ShuttingDown,
+    /// The note is larger than a log entry may be.
+    #[error(
+        "a note's kind, subject and detail take {0} bytes, more than {MAX_NOTE_BYTES}; \
+         shorten the detail (store large reports elsewhere and note a reference)"
+    )]
+    TooLarge(usize),
+    /// The note has no kind.
+    #[error("a note needs a kind (e.g. config.applied)")]
+    NoKind,
+    /// The entry could not be signed or stored.
+    #[error("the note was not recorded: {0}")]
+    NotRecorded(String),
+}
+
+/// The largest note (kind, subject and detail together): a pull of
+/// `PULL_CHUNK` entries must stay well within a replication frame.
+pub const MAX_NOTE_BYTES: usize = 4096;
 
 /// Why a drill-down request failed.
 #[derive(Debug, thiserror::Error)]
@@ -814,8 +847,8 @@ impl Hub {
                 .map_err(|e| StartError::Other(e.to_string()))?
         };
         let mut log = LogCore::new(name.clone());
-        for e in &log_entries {
-            log.apply(e);
+        for (e, hash) in &log_entries {
+            log.apply(e, *hash);
         }
         drop(log_entries);
         let store_tx = spawn_store_thread(store);
@@ -1002,6 +1035,31 @@ impl Hub {
         self.gossip.advertise_addr()
     }
 
+    /// Records something for the audit trail that does not change the
+    /// desired state (a configuration applied on a node, a drift found):
+    /// appended to the log as an entry of this hub, signed and replicated
+    /// like an operator's write, but without waiting for other hubs.
+    pub async fn note(
+        &self,
+        author: &str,
+        kind: &str,
+        subject: &str,
+        detail: &str,
+    ) -> Result<SignedEntry, NoteError> {
+        let peering = self.shared.peering.get().ok_or(NoteError::ShuttingDown)?;
+        crate::peering::note(
+            &self.shared,
+            peering,
+            author.to_owned(),
+            Op::Note {
+                kind: kind.to_owned(),
+                subject: subject.to_owned(),
+                detail: detail.to_owned(),
+            },
+        )
+        .await
+    }
+
     /// Waits for the hub's tasks to end after shutdown, then leaves the
     /// federation and closes the endpoint.
     pub async fn stopped(self) {
@@ -1019,5 +1077,116 @@ impl Hub {
 impl trellis_node::cli::Running for Hub {
     async fn stopped(self) {
         Hub::stopped(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use trellis_node::tls::MeshCa;
+
+    use super::*;
+    use crate::client::ApiClient;
+    use crate::config::{
+        ApiConfig, FederationConfig, HubUplinkConfig, ReplicationConfig, StoreConfig,
+    };
+
+    fn config(dir: &Path, name: &str, peers: Vec<SocketAddr>) -> HubConfig {
+        let local: SocketAddr = ([127, 0, 0, 1], 0).into();
+        HubConfig {
+            uplink: HubUplinkConfig {
+                listen: local,
+                ..Default::default()
+            },
+            api: ApiConfig {
+                listen: local,
+                ..Default::default()
+            },
+            store: StoreConfig {
+                path: dir.join(name).join("hub.db"),
+                ..Default::default()
+            },
+            federation: FederationConfig {
+                peers,
+                interval: Duration::from_millis(200),
+                ..Default::default()
+            },
+            replication: ReplicationConfig {
+                anti_entropy_every: Duration::from_millis(500),
+                ..Default::default()
+            },
+            ..HubConfig::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_note_replicates_to_another_hub_and_leaves_the_desired_state_alone() {
+        trellis_node::tls::install_crypto_provider();
+        let ca = MeshCa::generate("test").unwrap();
+        let creds = |name: &str| {
+            Credentials::issue(&ca, &Identity::new(Role::Hub, "eu", "", name).unwrap()).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let a = Hub::start(
+            creds("hub-a"),
+            config(dir.path(), "hub-a", vec![]),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let b = Hub::start(
+            creds("hub-b"),
+            config(dir.path(), "hub-b", vec![a.federation_addr()]),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+
+        let note = a
+            .note("hub-a", "config.applied", "web-01", "sha256 ab12")
+            .await
+            .unwrap();
+        assert_eq!((note.entry.origin.as_str(), note.entry.seq), ("hub-a", 1));
+        assert!(matches!(
+            a.note("hub-a", "", "web-01", "").await,
+            Err(NoteError::NoKind)
+        ));
+        let huge = "x".repeat(MAX_NOTE_BYTES);
+        assert!(matches!(
+            a.note("hub-a", "drift.found", "web-01", &huge).await,
+            Err(NoteError::TooLarge(_))
+        ));
+
+        // hub-b gets it, by push or by anti-entropy.
+        let at_b = ApiClient::new(&format!("http://{}", b.api_addr())).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let trail = loop {
+            let trail = at_b.audit(None, None, 10).await.unwrap();
+            if !trail.entries.is_empty() || Instant::now() > deadline {
+                break trail;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(trail.entries.len(), 1, "hub-b never got the note");
+        let e = &trail.entries[0];
+        assert_eq!((e.origin.as_str(), e.seq), ("hub-a", 1));
+        assert_eq!(e.op_text, "note config.applied web-01: sha256 ab12");
+        assert_eq!(e.hash, hex(&note.hash()));
+        let desired = at_b.desired().await.unwrap();
+        assert!(desired.keys.is_empty(), "{:?}", desired.keys);
+        assert_eq!(
+            desired.version_vector,
+            VersionVector::from([("hub-a".to_owned(), 1)])
+        );
+        let verdict = at_b.audit_verify().await.unwrap();
+        assert!(verdict.ok, "{:?}", verdict.problems);
+        assert_eq!(verdict.hub, "hub-b");
+        assert_eq!(verdict.checked.get("hub-a"), Some(&1));
+
+        shutdown.cancel();
+        a.stopped().await;
+        b.stopped().await;
     }
 }

@@ -8,8 +8,10 @@
 //!
 //! # Layout
 //! - [`core`]: the sans-IO hub core: at-most-once apply, the fleet view.
-//! - [`log`]: the replicated management log and the desired state it
-//!   folds into; pure.
+//! - [`log`]: the replicated management log, hash-chained per origin, and
+//!   the desired state it folds into; pure.
+//! - [`audit`]: checking the stored log: signatures, readable columns,
+//!   each origin's chain.
 //! - [`federation`]: what hubs tell each other in their gossip.
 //! - [`replication`]: the hub ↔ hub replication protocol and client.
 //! - [`peering`]: the federation task, replication server, pushes,
@@ -23,6 +25,7 @@
 //! - [`up`]: `trellis up`, a real local mesh in one process.
 
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod core;

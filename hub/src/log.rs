@@ -11,7 +11,15 @@
 //! logical clock first, then the origin hub's name, then its seq. So the
 //! same set of entries gives the same state on every hub, whatever order
 //! they arrived in. Every entry stays in the log: it is also the audit
-//! trail (who wrote what, when, through which hub).
+//! trail (who wrote what, when, through which hub), and notes that change
+//! nothing ([`Op::Note`]) record what else happened.
+//!
+//! Each origin's entries form a hash chain: an entry carries `prev`, the
+//! [`entry_hash`] of the origin's entry before it (all zeros for seq 1),
+//! under the origin's signature. Altering, removing or reordering an entry
+//! therefore breaks the chain at the entry after it, even where the
+//! altered entry itself is not checked; a hub refuses entries from another
+//! hub that do not follow the entry before them ([`LogCore::receive`]).
 //!
 //! Pure: time is passed in; signing and storing belong to the driver.
 
@@ -62,15 +70,116 @@ impl Clock {
 /// What an entry does to the desired state.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: String, value: String },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
+    /// A record for the audit trail only (a configuration applied on a
+    /// node, a drift found): the desired state ignores it.
+    Note {
+        /// What happened, dotted (`config.applied`).
+        kind: String,
+        /// What it happened to (a node's name).
+        subject: String,
+        detail: String,
+    },
 }
 
 impl Op {
-    pub fn key(&self) -> &str {
+    /// The desired-state key the operation changes; notes change none.
+    pub fn key(&self) -> Option<&str> {
         match self {
-            Op::Put { key, .. } | Op::Delete { key } => key,
+            Op::Put { key, .. } | Op::Delete { key } => Some(key),
+            Op::Note { .. } => None,
         }
+    }
+}
+
+/// The short human form stored next to each entry and shown by
+/// `trellis audit log`: `put key=value`, `delete key`,
+/// `note kind subject: detail`.
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Put { key, value } => write!(f, "put {key}={value}"),
+            Op::Delete { key } => write!(f, "delete {key}"),
+            Op::Note {
+                kind,
+                subject,
+                detail,
+            } if detail.is_empty() => write!(f, "note {kind} {subject}"),
+            Op::Note {
+                kind,
+                subject,
+                detail,
+            } => write!(f, "note {kind} {subject}: {detail}"),
+        }
+    }
+}
+
+/// The SHA-256 of a log entry: what the next entry of the same origin
+/// carries as `prev`.
+pub type EntryHash = [u8; 32];
+
+/// `prev` of an origin's first entry.
+pub const NO_PREV: EntryHash = [0; 32];
+
+/// SHA-256 over the entry's signed bytes ([`Entry::signing_bytes`])
+/// followed by the origin's signature of them. postcard is
+/// self-delimiting, so the two parts cannot be shifted into one another;
+/// the signature is included so that the chain commits to the entry
+/// exactly as the origin issued it.
+pub fn entry_hash(signing_bytes: &[u8], signature: &[u8]) -> EntryHash {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(signing_bytes);
+    ctx.update(signature);
+    let mut out = [0; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Lower-case hex of a hash (as shown to operators and in JSON).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hashes as hex strings in JSON and as 32 raw bytes in postcard.
+mod hash_serde {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::EntryHash;
+
+    pub fn serialize<S: Serializer>(h: &EntryHash, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&super::hex(h))
+        } else {
+            serde::Serialize::serialize(h, s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EntryHash, D::Error> {
+        if !d.is_human_readable() {
+            return <EntryHash>::deserialize(d);
+        }
+        let text = String::deserialize(d)?;
+        let bytes = text.as_bytes();
+        if bytes.len() != 64 {
+            return Err(D::Error::custom("a hash is 64 hex digits"));
+        }
+        let digit = |c: u8| {
+            (c as char)
+                .to_digit(16)
+                .ok_or_else(|| D::Error::custom("a hash is 64 hex digits"))
+        };
+        let mut out = [0; 32];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            out[i] = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+        }
+        Ok(out)
     }
 }
 
@@ -85,6 +194,9 @@ pub struct Entry {
     /// Who asked for it (an operator, or the hub itself).
     pub author: String,
     pub op: Op,
+    /// The hash of the origin's entry `seq - 1` ([`NO_PREV`] for seq 1).
+    #[serde(with = "hash_serde")]
+    pub prev: EntryHash,
 }
 
 impl Entry {
@@ -106,6 +218,35 @@ pub struct SignedEntry {
     /// The origin hub's certificate (DER), to verify against the mesh CA.
     pub cert: Vec<u8>,
     pub signature: Vec<u8>,
+}
+
+impl SignedEntry {
+    /// This entry's link in its origin's chain.
+    pub fn hash(&self) -> EntryHash {
+        entry_hash(&self.entry.signing_bytes(), &self.signature)
+    }
+}
+
+/// An entry from another hub whose `prev` is not the hash of the entry
+/// before it (held here, or earlier in the same batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    pub origin: String,
+    pub seq: u64,
+    /// The hash of the entry `seq - 1` this hub has.
+    pub expected: EntryHash,
+    /// The entry's `prev`.
+    pub found: EntryHash,
+}
+
+/// What [`LogCore::receive`] makes of a batch of entries from another hub.
+#[derive(Debug, Default)]
+pub struct Received<'a> {
+    /// Entries that extend the log without a hole and follow the chain,
+    /// in order: the ones to store.
+    pub fresh: Vec<&'a SignedEntry>,
+    /// Entries refused because they break their origin's chain.
+    pub broken: Vec<ChainBreak>,
 }
 
 /// Per origin, the highest seq held (all lower ones are held too).
@@ -130,18 +271,22 @@ pub struct DesiredState {
 
 impl DesiredState {
     /// Applies one entry (in any order relative to the others).
+    /// Notes change nothing.
     pub fn apply(&mut self, e: &Entry) {
+        let Some(key) = e.op.key() else {
+            return;
+        };
         let wins = self
             .keys
-            .get(e.op.key())
+            .get(key)
             .is_none_or(|w| e.rank() > (w.hlc, w.origin.as_str(), w.seq));
         if wins {
             self.keys.insert(
-                e.op.key().to_owned(),
+                key.to_owned(),
                 Winner {
                     value: match &e.op {
                         Op::Put { value, .. } => Some(value.clone()),
-                        Op::Delete { .. } => None,
+                        Op::Delete { .. } | Op::Note { .. } => None,
                     },
                     hlc: e.hlc,
                     origin: e.origin.clone(),
@@ -172,6 +317,9 @@ pub struct LogCore {
     me: String,
     clock: Clock,
     vv: VersionVector,
+    /// Per origin, the hash of the highest entry held: what its next
+    /// entry must carry as `prev`.
+    heads: BTreeMap<String, EntryHash>,
     state: DesiredState,
     entries: u64,
 }
@@ -182,6 +330,7 @@ impl LogCore {
             me: me.into(),
             clock: Clock::default(),
             vv: VersionVector::new(),
+            heads: BTreeMap::new(),
             state: DesiredState::default(),
             entries: 0,
         }
@@ -212,8 +361,8 @@ impl LogCore {
         h.finish()
     }
 
-    /// A new entry for a local write. Apply it with [`LogCore::apply`] once
-    /// stored.
+    /// A new entry for a local write, chained to this hub's previous one.
+    /// Apply it with [`LogCore::apply`] once stored.
     pub fn write(&mut self, now_ms: u64, author: &str, op: Op) -> Entry {
         Entry {
             origin: self.me.clone(),
@@ -221,36 +370,58 @@ impl LogCore {
             hlc: self.clock.tick(now_ms),
             author: author.to_owned(),
             op,
+            prev: self.heads.get(&self.me).copied().unwrap_or(NO_PREV),
         }
     }
 
-    /// Among entries received from another hub, those that extend what this
-    /// hub holds without leaving a hole, in order. (Entries beyond a hole
-    /// wait for the next exchange.)
-    pub fn fresh<'a>(&self, entries: &'a [SignedEntry]) -> Vec<&'a SignedEntry> {
+    /// Sorts out entries received from another hub (signatures already
+    /// checked): those that extend what this hub holds without leaving a
+    /// hole and whose `prev` is the hash of the entry before them, in
+    /// order, are fresh. An entry that breaks the chain is refused, and so
+    /// are its origin's later entries in the batch (they would follow a
+    /// hole). Entries beyond a hole wait for the next exchange.
+    pub fn receive<'a>(&self, entries: &'a [SignedEntry]) -> Received<'a> {
         let mut sorted: Vec<&SignedEntry> = entries.iter().collect();
         sorted.sort_by(|a, b| (&a.entry.origin, a.entry.seq).cmp(&(&b.entry.origin, b.entry.seq)));
-        let mut next: BTreeMap<&str, u64> = BTreeMap::new();
-        let mut out = Vec::new();
+        // Per origin: the seq wanted next and the hash it must follow.
+        let mut next: BTreeMap<&str, (u64, EntryHash)> = BTreeMap::new();
+        let mut out = Received::default();
         for e in sorted {
-            let want = next
-                .entry(&e.entry.origin)
-                .or_insert_with(|| self.vv.get(&e.entry.origin).copied().unwrap_or(0) + 1);
-            if e.entry.seq == *want {
-                *want += 1;
-                out.push(e);
+            let origin = e.entry.origin.as_str();
+            let (want, head) = next.entry(origin).or_insert_with(|| {
+                (
+                    self.vv.get(origin).copied().unwrap_or(0) + 1,
+                    self.heads.get(origin).copied().unwrap_or(NO_PREV),
+                )
+            });
+            if e.entry.seq != *want {
+                continue;
             }
+            if e.entry.prev != *head {
+                out.broken.push(ChainBreak {
+                    origin: origin.to_owned(),
+                    seq: e.entry.seq,
+                    expected: *head,
+                    found: e.entry.prev,
+                });
+                continue;
+            }
+            *want += 1;
+            *head = e.hash();
+            out.fresh.push(e);
         }
         out
     }
 
-    /// A stored entry: count it and fold it into the state.
-    pub fn apply(&mut self, e: &Entry) {
+    /// A stored entry, with its [`entry_hash`]: count it and fold it into
+    /// the state.
+    pub fn apply(&mut self, e: &Entry, hash: EntryHash) {
         let held = self.vv.entry(e.origin.clone()).or_insert(0);
         if e.seq != *held + 1 {
             return; // already held, or beyond a hole: not stored in order
         }
         *held = e.seq;
+        self.heads.insert(e.origin.clone(), hash);
         self.entries += 1;
         self.clock.observe(e.hlc);
         self.state.apply(e);
@@ -285,6 +456,7 @@ mod tests {
                 key: key.into(),
                 value: value.into(),
             },
+            prev: NO_PREV,
         }
     }
 
@@ -292,7 +464,29 @@ mod tests {
         SignedEntry {
             entry: e,
             cert: vec![],
-            signature: vec![],
+            // Stands for a signature: the chain hashes it whatever it is.
+            signature: vec![e_sig(0)],
+        }
+    }
+
+    fn e_sig(n: u8) -> u8 {
+        0xa0 + n
+    }
+
+    /// `n` entries of `origin`, each chained to the one before.
+    fn chain(origin: &str, n: u64) -> Vec<SignedEntry> {
+        let mut out: Vec<SignedEntry> = Vec::new();
+        for seq in 1..=n {
+            let mut e = put(origin, seq, seq * 10, "k", &format!("v{seq}"));
+            e.prev = out.last().map_or(NO_PREV, SignedEntry::hash);
+            out.push(signed(e));
+        }
+        out
+    }
+
+    fn apply_all(log: &mut LogCore, entries: &[SignedEntry]) {
+        for e in entries {
+            log.apply(&e.entry, e.hash());
         }
     }
 
@@ -343,29 +537,151 @@ mod tests {
 
     #[test]
     fn only_entries_that_extend_the_log_without_a_hole_are_taken() {
+        let a = chain("a", 3);
+        let b = chain("b", 2);
         let mut log = LogCore::new("me");
-        log.apply(&put("a", 1, 1, "k", "v"));
-        let got = vec![
-            signed(put("a", 3, 3, "k", "v")),
-            signed(put("a", 2, 2, "k", "v")),
-            signed(put("a", 1, 1, "k", "v")),
-            signed(put("b", 2, 2, "k", "v")),
-        ];
-        let fresh: Vec<(String, u64)> = log
-            .fresh(&got)
+        apply_all(&mut log, &a[..1]);
+        let got = vec![a[2].clone(), a[1].clone(), a[0].clone(), b[1].clone()];
+        let received = log.receive(&got);
+        let fresh: Vec<(String, u64)> = received
+            .fresh
             .iter()
             .map(|e| (e.entry.origin.clone(), e.entry.seq))
             .collect();
         assert_eq!(fresh, vec![("a".into(), 2), ("a".into(), 3)]);
+        assert!(received.broken.is_empty());
+    }
+
+    #[test]
+    fn an_entry_whose_prev_is_not_the_hash_of_the_entry_before_it_is_refused() {
+        let a = chain("a", 4);
+        let b = chain("b", 2);
+        let mut log = LogCore::new("me");
+        apply_all(&mut log, &a[..1]);
+        // a/3 claims to follow another a/2 than the one in the batch.
+        let mut forged = a[2].clone();
+        forged.entry.prev = [7; 32];
+        let got = vec![
+            a[1].clone(),
+            forged,
+            a[3].clone(),
+            b[0].clone(),
+            b[1].clone(),
+        ];
+        let received = log.receive(&got);
+        let fresh: Vec<(String, u64)> = received
+            .fresh
+            .iter()
+            .map(|e| (e.entry.origin.clone(), e.entry.seq))
+            .collect();
+        assert_eq!(
+            fresh,
+            vec![("a".into(), 2), ("b".into(), 1), ("b".into(), 2)],
+            "a/3 breaks the chain, so a/4 follows a hole; b is unaffected"
+        );
+        assert_eq!(
+            received.broken,
+            vec![ChainBreak {
+                origin: "a".into(),
+                seq: 3,
+                expected: a[1].hash(),
+                found: [7; 32],
+            }]
+        );
+        // The first entry received must follow what this hub holds.
+        let mut other = LogCore::new("me");
+        apply_all(&mut other, &chain("a", 1));
+        let mut rewritten = a[1].clone();
+        rewritten.entry.prev = NO_PREV;
+        let received = other.receive(std::slice::from_ref(&rewritten));
+        assert!(received.fresh.is_empty());
+        assert_eq!(received.broken[0].seq, 2);
+        assert_eq!(received.broken[0].expected, a[0].hash());
+    }
+
+    #[test]
+    fn a_chain_hash_covers_the_entry_and_its_signature() {
+        let a = chain("a", 2);
+        assert_eq!(a[0].entry.prev, NO_PREV);
+        assert_eq!(a[1].entry.prev, a[0].hash());
+        let h = a[0].hash();
+        let mut other_author = a[0].clone();
+        other_author.entry.author = "mallory".into();
+        assert_ne!(other_author.hash(), h);
+        let mut other_signature = a[0].clone();
+        other_signature.signature = vec![e_sig(1)];
+        assert_ne!(other_signature.hash(), h);
+        // The certificate is not part of the entry.
+        let mut other_cert = a[0].clone();
+        other_cert.cert = vec![1, 2, 3];
+        assert_eq!(other_cert.hash(), h);
+        // SHA-256 of the signed bytes followed by the signature.
+        let mut bytes = a[0].entry.signing_bytes();
+        bytes.extend_from_slice(&a[0].signature);
+        assert_eq!(
+            h.as_slice(),
+            ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()
+        );
+    }
+
+    #[test]
+    fn a_local_write_follows_the_hubs_own_last_entry() {
+        let mut log = LogCore::new("me");
+        let first = log.write(10, "alice", Op::Delete { key: "k".into() });
+        assert_eq!((first.seq, first.prev), (1, NO_PREV));
+        let stored = signed(first);
+        log.apply(&stored.entry, stored.hash());
+        let second = log.write(20, "alice", Op::Delete { key: "k".into() });
+        assert_eq!((second.seq, second.prev), (2, stored.hash()));
+    }
+
+    #[test]
+    fn notes_leave_the_desired_state_as_it_was() {
+        let mut log = LogCore::new("me");
+        apply_all(&mut log, &chain("a", 1));
+        let before = log.state().clone();
+        let note = log.write(
+            100,
+            "hub-a",
+            Op::Note {
+                kind: "config.applied".into(),
+                subject: "web-01".into(),
+                detail: "sha256 ab12".into(),
+            },
+        );
+        assert_eq!(
+            note.op.to_string(),
+            "note config.applied web-01: sha256 ab12"
+        );
+        let note = signed(note);
+        log.apply(&note.entry, note.hash());
+        assert_eq!(log.state(), &before);
+        assert_eq!(log.len(), 2, "the note is in the log");
+    }
+
+    #[test]
+    fn hashes_are_hex_in_json_and_raw_bytes_in_postcard() {
+        let e = chain("a", 2).pop().unwrap().entry;
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["prev"], hex(&e.prev));
+        assert_eq!(serde_json::from_value::<Entry>(json).unwrap(), e);
+        let bytes = e.signing_bytes();
+        assert!(bytes.windows(32).any(|w| w == e.prev), "32 raw bytes");
+        assert_eq!(postcard::from_bytes::<Entry>(&bytes).unwrap(), e);
+        assert!(
+            serde_json::from_value::<Entry>(serde_json::json!({
+                "origin": "a", "seq": 1, "hlc": {"ms": 1, "counter": 0}, "author": "x",
+                "op": {"Delete": {"key": "k"}}, "prev": "zz"
+            }))
+            .is_err()
+        );
     }
 
     #[test]
     fn what_another_hub_lacks_is_found_from_its_version_vector() {
         let mut log = LogCore::new("me");
-        for seq in 1..=5 {
-            log.apply(&put("a", seq, seq, "k", "v"));
-        }
-        log.apply(&put("b", 1, 1, "k", "v"));
+        apply_all(&mut log, &chain("a", 5));
+        apply_all(&mut log, &chain("b", 1));
         let have = VersionVector::from([("a".into(), 3), ("c".into(), 9)]);
         assert_eq!(
             log.missing_for(&have),
@@ -396,6 +712,7 @@ mod tests {
                                     value: format!("{o}/{}", next[o]),
                                 }
                             },
+                            prev: NO_PREV,
                         }
                     })
                     .collect()

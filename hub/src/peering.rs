@@ -1,7 +1,8 @@
 //! The hub's dealings with the other hubs: its place in the federation's
 //! gossip, answering their replication requests, pushing what it stores to
-//! them, pulling what it lacks (anti-entropy), and operator writes that are
-//! acknowledged only once enough hubs hold them.
+//! them, pulling what it lacks (anti-entropy), operator writes that are
+//! acknowledged only once enough hubs hold them, and notes for the audit
+//! trail, which are not waited for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use trellis_node::id::Role;
 use trellis_node::tls::{Credentials, Signer};
 use trellis_node::wire::{self, WireError};
 
-use crate::driver::{Input, Shared};
+use crate::driver::{Input, MAX_NOTE_BYTES, NoteError, Shared};
 use crate::federation::{self, PeerHub, Published};
 use crate::log::{Op, SignedEntry};
 use crate::replication::{
@@ -290,6 +291,45 @@ pub(crate) async fn write(
     })
 }
 
+/// A note for the audit trail: durable here, then pushed to the alive
+/// peers without waiting for them (anti-entropy repairs a lost push).
+pub(crate) async fn note(
+    shared: &Shared,
+    peering: &Peering,
+    author: String,
+    op: Op,
+) -> Result<SignedEntry, NoteError> {
+    if let Op::Note {
+        kind,
+        subject,
+        detail,
+    } = &op
+    {
+        if kind.is_empty() {
+            return Err(NoteError::NoKind);
+        }
+        let size = kind.len() + subject.len() + detail.len();
+        if size > MAX_NOTE_BYTES {
+            return Err(NoteError::TooLarge(size));
+        }
+    }
+    let entry = shared
+        .ask(|reply| Input::LogWrite { author, op, reply })
+        .await
+        .ok_or(NoteError::ShuttingDown)?
+        .map_err(NoteError::NotRecorded)?;
+    let req = Arc::new(ReplRequest::Entries(vec![entry.clone()]));
+    for p in peering.peers().into_iter().filter(|p| p.alive) {
+        let (repl, req) = (peering.repl.clone(), req.clone());
+        tokio::spawn(async move {
+            if let Err(error) = repl.ask(p.addr, &req).await {
+                debug!(peer = %p.name, %error, "push of a note failed; anti-entropy will repair");
+            }
+        });
+    }
+    Ok(entry)
+}
+
 /// What became of a write.
 pub struct WriteOutcome {
     pub entry: SignedEntry,
@@ -457,6 +497,7 @@ mod tests {
                 key: format!("k{seq}"),
                 value: "v".into(),
             },
+            prev: crate::log::NO_PREV,
         };
         let signature = creds.sign(&entry.signing_bytes()).unwrap();
         SignedEntry {

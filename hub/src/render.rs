@@ -317,6 +317,92 @@ pub fn records(report: &crate::api::RecordsReport, colour: bool) -> String {
     out
 }
 
+/// One line per log entry: when (the entry's clock), origin/seq, author,
+/// what, and the start of its hash.
+pub fn audit(report: &crate::api::AuditReport, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    let origin_width = report
+        .entries
+        .iter()
+        .map(|e| e.origin.len() + 1 + e.seq.to_string().len())
+        .max()
+        .unwrap_or(0);
+    let author_width = report
+        .entries
+        .iter()
+        .map(|e| e.author.len())
+        .max()
+        .unwrap_or(0);
+    for e in &report.entries {
+        let when = humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.hlc_ms),
+        );
+        let _ = writeln!(
+            out,
+            "{when}  {:<origin_width$}  {:<author_width$}  {}  {}",
+            format!("{}/{}", e.origin, e.seq),
+            e.author,
+            e.op_text,
+            p.dim(&format!("#{}", &e.hash[..e.hash.len().min(12)])),
+        );
+    }
+    if report.entries.is_empty() {
+        let _ = writeln!(out, "{}", p.dim("no log entries in that range"));
+    }
+    if report.truncated {
+        let _ = writeln!(
+            out,
+            "{}",
+            p.dim("… more; narrow the range or raise --limit")
+        );
+    }
+    out
+}
+
+/// The outcome of `trellis audit verify`: a line per problem, or that the
+/// log is intact, with what was checked.
+pub fn audit_verdict(report: &crate::api::AuditVerifyReport, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    let total: u64 = report.checked.values().sum();
+    let origins: Vec<String> = report
+        .checked
+        .iter()
+        .map(|(o, n)| format!("{o} {n}"))
+        .collect();
+    let checked = if origins.is_empty() {
+        "no entries".to_owned()
+    } else {
+        let entries = if total == 1 { "entry" } else { "entries" };
+        format!("{total} {entries} ({})", origins.join(", "))
+    };
+    if report.ok {
+        let _ = writeln!(
+            out,
+            "{}: the management log is intact: {checked}, every signature and chain link checked",
+            p.site(SiteStatus::Healthy, &report.hub)
+        );
+        return out;
+    }
+    for problem in &report.problems {
+        let _ = writeln!(
+            out,
+            "{}",
+            p.site(SiteStatus::Critical, &problem.to_string())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{}: {} in the stored management log ({checked} checked). The other hubs hold their own \
+         copies: compare with `trellis audit verify --hub OTHER`; to repair this hub, stop it, \
+         move its store aside and start it again to pull the log from the others.",
+        report.hub,
+        plural(report.problems.len() as u64, "problem")
+    );
+    out
+}
+
 fn pct(v: Option<u8>) -> String {
     v.map_or("-".into(), |v| format!("{v}%"))
 }
@@ -452,5 +538,95 @@ mod tests {
         assert!(text.contains("ntp ×2"), "{text}");
         assert!(!text.contains('\x1b'), "no colour codes when colour is off");
         assert!(fleet(&report, true).contains('\x1b'));
+    }
+
+    #[test]
+    fn the_audit_trail_shows_each_entry_with_its_time_hub_seq_author_and_what() {
+        use crate::audit::AuditEntry;
+        use crate::log::{Entry, Hlc, NO_PREV, Op};
+        let entry = |seq, author: &str, op| {
+            AuditEntry::new(
+                Entry {
+                    origin: "hub-a".into(),
+                    seq,
+                    hlc: Hlc {
+                        ms: 1_700_000_000_000 + seq,
+                        counter: 0,
+                    },
+                    author: author.into(),
+                    op,
+                    prev: NO_PREV,
+                },
+                b"sig",
+            )
+        };
+        let report = crate::api::AuditReport {
+            entries: vec![
+                entry(
+                    1,
+                    "alice",
+                    Op::Put {
+                        key: "motd".into(),
+                        value: "hello".into(),
+                    },
+                ),
+                entry(
+                    2,
+                    "hub-a",
+                    Op::Note {
+                        kind: "config.applied".into(),
+                        subject: "web-01".into(),
+                        detail: String::new(),
+                    },
+                ),
+            ],
+            truncated: true,
+        };
+        let text = audit(&report, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!(
+                "2023-11-14T22:13:20.001Z  hub-a/1  alice  put motd=hello  #{}",
+                &report.entries[0].hash[..12]
+            )
+        );
+        assert!(
+            lines[1].contains("hub-a/2  hub-a  note config.applied web-01  #"),
+            "{text}"
+        );
+        assert!(lines[2].contains("raise --limit"), "{text}");
+    }
+
+    #[test]
+    fn a_verdict_says_intact_or_names_each_problem_and_what_to_do() {
+        use crate::audit::{AuditFault, AuditProblem};
+        let mut report = crate::api::AuditVerifyReport {
+            hub: "hub-a".into(),
+            ok: true,
+            checked: BTreeMap::from([("hub-a".to_owned(), 17), ("hub-b".to_owned(), 1)]),
+            problems: vec![],
+        };
+        assert_eq!(
+            audit_verdict(&report, false),
+            "hub-a: the management log is intact: 18 entries (hub-a 17, hub-b 1), \
+             every signature and chain link checked\n"
+        );
+        report.ok = false;
+        report.problems = vec![AuditProblem {
+            origin: "hub-b".into(),
+            seq: 1,
+            what: AuditFault::Signature,
+        }];
+        let text = audit_verdict(&report, false);
+        assert!(
+            text.starts_with("hub-b seq 1: signature does not match — the entry was altered\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hub-a: 1 problem in the stored management log"),
+            "{text}"
+        );
+        assert!(text.contains("move its store aside"), "{text}");
     }
 }

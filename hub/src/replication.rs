@@ -29,7 +29,9 @@ use crate::core::Coverage;
 use crate::log::{SignedEntry, VersionVector};
 use crate::store::StoredRecord;
 
-pub const REPL_VERSION: u8 = 1;
+/// 2: log entries carry `prev` (the hash chain); a hub of version 1 and
+/// one of version 2 refuse each other's frames rather than misread them.
+pub const REPL_VERSION: u8 = 2;
 /// Largest replication frame; pulls are chunked well below it.
 pub const MAX_REPL_FRAME: usize = 16 << 20;
 /// Records or entries per pull response, at most.

@@ -6,6 +6,12 @@
 //! the primary key, so a record stored twice is stored once. The writer
 //! lives on a thread of its own; queries open their own read connections
 //! (WAL lets them read while the writer writes).
+//!
+//! The management log's table keeps, next to each signed entry, readable
+//! columns (`hlc_ms`, `author`, `op`, `prev`, `hash`) so that an operator
+//! can read it with `sqlite3`; [`HubStore::verify_audit`] checks them
+//! against the signed entries. The schema's version is SQLite's
+//! `user_version`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,21 +22,46 @@ use serde::{Deserialize, Serialize};
 use trellis_relay::summary::SiteSummary;
 use trellis_relay::uplink::{Record, RecordBody};
 
-use crate::log::{Entry, SignedEntry};
+use crate::audit::{self, AuditEntry, AuditRow, AuditVerdict};
+use crate::log::{Entry, EntryHash, SignedEntry, entry_hash};
+use trellis_node::tls::Credentials;
+
+/// The store's schema version (`PRAGMA user_version`). 0: before the
+/// management log was hash-chained (no version was set); 1: chained, with
+/// readable columns.
+pub const SCHEMA_VERSION: i64 = 1;
 
 /// Why the store failed. A failed commit stored nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// SQLite failed; a failed transaction changed nothing.
     #[error("hub store {path}: {source}")]
     Sqlite {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    /// The store's directory could not be created.
     #[error("hub store {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The store holds log entries written before entries were chained;
+    /// it was left as it is.
+    #[error(
+        "hub store {path} predates the audit chain: its management log holds {entries} \
+         entries without hashes, which this hub cannot verify or extend. Move the file aside \
+         (with its -wal and -shm files, e.g. to {path}.pre-audit) and start the hub again: \
+         it pulls the log and the relay records from the other hubs (a hub without peers \
+         starts with an empty desired state)"
+    )]
+    PredatesAuditChain { path: PathBuf, entries: u64 },
+    /// The store was written by a newer Trellis; it was left as it is.
+    #[error(
+        "hub store {path} has schema version {found}, newer than this hub's ({SCHEMA_VERSION}); \
+         run the newer trellis-hub, or point [store] path at another file"
+    )]
+    TooNew { path: PathBuf, found: i64 },
 }
 
 /// A record with where it came from, as stored.
@@ -112,8 +143,9 @@ impl HubStore {
             path: path.to_owned(),
             source,
         };
-        let conn = Connection::open(path).map_err(err)?;
+        let mut conn = Connection::open(path).map_err(err)?;
         configure(&conn).map_err(err)?;
+        upgrade(&mut conn, path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS streams (
                  relay TEXT NOT NULL,
@@ -139,9 +171,15 @@ impl HubStore {
              CREATE TABLE IF NOT EXISTS log (
                  origin TEXT NOT NULL,
                  seq INTEGER NOT NULL,
+                 hlc_ms INTEGER NOT NULL,
+                 author TEXT NOT NULL,
+                 op TEXT NOT NULL,
+                 prev BLOB NOT NULL,
+                 hash BLOB NOT NULL,
                  entry BLOB NOT NULL,
                  signature BLOB NOT NULL,
                  PRIMARY KEY (origin, seq));
+             CREATE INDEX IF NOT EXISTS log_by_time ON log (hlc_ms);
              CREATE TABLE IF NOT EXISTS certs (
                  origin TEXT PRIMARY KEY,
                  der BLOB NOT NULL);",
@@ -239,18 +277,26 @@ impl HubStore {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO log (origin, seq, entry, signature) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR IGNORE INTO log
+                     (origin, seq, hlc_ms, author, op, prev, hash, entry, signature)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(err)?;
             let mut cert = tx
                 .prepare_cached("INSERT OR REPLACE INTO certs (origin, der) VALUES (?1, ?2)")
                 .map_err(err)?;
             for e in entries {
+                let signed = e.entry.signing_bytes();
                 insert
                     .execute(params![
                         e.entry.origin,
                         e.entry.seq as i64,
-                        e.entry.signing_bytes(),
+                        e.entry.hlc.ms as i64,
+                        e.entry.author,
+                        e.entry.op.to_string(),
+                        e.entry.prev.as_slice(),
+                        entry_hash(&signed, &e.signature).as_slice(),
+                        signed,
                         e.signature
                     ])
                     .map_err(err)?;
@@ -262,23 +308,36 @@ impl HubStore {
         Ok(())
     }
 
-    /// Every log entry, in (origin, seq) order, without signatures (to
-    /// rebuild the log's state at start).
-    pub fn log_entries(&self) -> Result<Vec<Entry>, StoreError> {
+    /// Every log entry with its hash, in (origin, seq) order (to rebuild
+    /// the log's state at start). The hash is computed from the signed
+    /// entry and signature, not read from the `hash` column.
+    pub fn log_entries(&self) -> Result<Vec<(Entry, EntryHash)>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT entry FROM log ORDER BY origin, seq")
+            .prepare("SELECT entry, signature FROM log ORDER BY origin, seq")
             .map_err(self.err())?;
         let rows = stmt
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(self.err())?;
         let mut out = Vec::new();
         for row in rows {
-            if let Ok(e) = postcard::from_bytes::<Entry>(&row.map_err(self.err())?) {
-                out.push(e);
+            let (entry, signature) = row.map_err(self.err())?;
+            if let Ok(e) = postcard::from_bytes::<Entry>(&entry) {
+                let hash = entry_hash(&e.signing_bytes(), &signature);
+                out.push((e, hash));
             }
         }
         Ok(out)
+    }
+
+    /// Checks the management log as stored in the file — every row, read
+    /// afresh from the database in (origin, seq) order — against its
+    /// signatures, its readable columns and each origin's hash chain;
+    /// `trust` holds the mesh CA the origins' certificates must chain to.
+    pub fn verify_audit(&self, trust: &Credentials) -> AuditVerdict {
+        verify_audit_on(&self.conn, &self.path, trust)
     }
 
     /// Every stream, with the ranges applied beyond its watermark.
@@ -477,6 +536,58 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// Log entries oldest first (by their hybrid clock, then origin and
+    /// seq): from `since_ms` on, of `origin` only if given, at most
+    /// `limit`. Rows whose entry does not decode are left out
+    /// ([`StoreReader::verify_audit`] reports them).
+    pub fn audit(
+        &self,
+        since_ms: Option<u64>,
+        origin: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let conn = self.open().map_err(err)?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT entry, signature FROM log
+                 WHERE hlc_ms >= ?1 AND (?2 IS NULL OR origin = ?2)
+                 ORDER BY hlc_ms, origin, seq LIMIT ?3",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    since_ms.unwrap_or(0).min(i64::MAX as u64) as i64,
+                    origin,
+                    limit.min(i64::MAX as usize) as i64
+                ],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
+            )
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (entry, signature) = row.map_err(err)?;
+            if let Ok(entry) = postcard::from_bytes::<Entry>(&entry) {
+                out.push(AuditEntry::new(entry, &signature));
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`HubStore::verify_audit`] on a read connection of its own, so that
+    /// the writer goes on committing meanwhile.
+    pub fn verify_audit(&self, trust: &Credentials) -> Result<AuditVerdict, StoreError> {
+        let conn = self.open().map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(verify_audit_on(&conn, &self.path, trust))
+    }
+
     /// Records of one relay stream with seq after `after`, in order, at
     /// most `limit`.
     pub fn stream_after(
@@ -540,6 +651,123 @@ impl StoreReader {
     }
 }
 
+/// Brings a store of an older schema to [`SCHEMA_VERSION`], or refuses it.
+fn upgrade(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+        });
+    }
+    // Version 0: a new file, or one from before the chain. Its log table,
+    // if any, has no readable columns and its entries no `prev`: an empty
+    // one is replaced, one with entries cannot be carried over.
+    let tx = conn.transaction().map_err(err)?;
+    let old_log: bool = tx
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'log'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(err)?
+        > 0;
+    if old_log {
+        let entries: i64 = tx
+            .query_row("SELECT count(*) FROM log", [], |r| r.get(0))
+            .map_err(err)?;
+        if entries > 0 {
+            return Err(StoreError::PredatesAuditChain {
+                path: path.to_owned(),
+                entries: entries as u64,
+            });
+        }
+        tx.execute_batch("DROP TABLE log; DROP TABLE IF EXISTS certs;")
+            .map_err(err)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(err)?;
+    tx.commit().map_err(err)
+}
+
+/// Reads every `log` row, and the origins' certificates, in one read
+/// transaction, and checks them. A database error (the file unreadable,
+/// the table gone) is reported as a problem rather than failing: the
+/// verdict is then not ok.
+fn verify_audit_on(conn: &Connection, path: &Path, trust: &Credentials) -> AuditVerdict {
+    let read = || -> rusqlite::Result<AuditVerdict> {
+        conn.execute_batch("BEGIN")?;
+        let certs = {
+            let mut stmt = conn.prepare("SELECT origin, der FROM certs")?;
+            stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?
+            .collect::<rusqlite::Result<BTreeMap<_, _>>>()?
+        };
+        let mut stmt = conn.prepare(
+            "SELECT origin, seq, hlc_ms, author, op, prev, hash, entry, signature
+             FROM log ORDER BY origin, seq",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                use rusqlite::types::Value;
+                let v = |i| r.get::<_, Value>(i);
+                let text = |x: Value| match x {
+                    Value::Text(t) => Some(t),
+                    _ => None,
+                };
+                let blob = |x: Value| match x {
+                    Value::Blob(b) => Some(b),
+                    _ => None,
+                };
+                let int = |x: Value| match x {
+                    Value::Integer(i) => Some(i),
+                    _ => None,
+                };
+                Ok(AuditRow {
+                    origin: match v(0)? {
+                        Value::Text(t) => t,
+                        other => format!("{other:?}"),
+                    },
+                    seq: int(v(1)?).map_or(0, |s| s.max(0) as u64),
+                    hlc_ms: int(v(2)?),
+                    author: text(v(3)?),
+                    op: text(v(4)?),
+                    prev: blob(v(5)?),
+                    hash: blob(v(6)?),
+                    entry: blob(v(7)?),
+                    signature: blob(v(8)?),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(stmt);
+        conn.execute_batch("COMMIT")?;
+        Ok(audit::verify(rows, &certs, trust))
+    };
+    read().unwrap_or_else(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        AuditVerdict {
+            checked: BTreeMap::new(),
+            problems: vec![audit::AuditProblem {
+                origin: path.display().to_string(),
+                seq: 0,
+                what: audit::AuditFault::Unreadable {
+                    reason: e.to_string(),
+                },
+            }],
+        }
+    })
+}
+
 /// Reads a `records` row (in the column order the queries use); `None`
 /// for a body that does not decode.
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<StoredRecord>> {
@@ -586,9 +814,13 @@ pub fn stored(
 
 #[cfg(test)]
 mod tests {
+    use trellis_node::id::{Identity, Role};
+    use trellis_node::tls::MeshCa;
     use trellis_relay::uplink::{Event, Gap};
 
     use super::*;
+    use crate::audit::{AuditFault, AuditProblem};
+    use crate::log::{LogCore, NO_PREV, Op};
 
     fn rec(seq: u64, at_ms: u64, body: RecordBody) -> StoredRecord {
         stored(
@@ -721,5 +953,310 @@ mod tests {
         .unwrap();
         assert_eq!(s.prune(10_000).unwrap(), 4);
         assert_eq!(s.latest_summaries().unwrap()[0].generated_ms, 500);
+    }
+
+    fn hub(ca: &MeshCa, name: &str) -> Credentials {
+        Credentials::issue(ca, &Identity::new(Role::Hub, "eu", "", name).unwrap()).unwrap()
+    }
+
+    /// `n` writes of `creds`'s hub, made and signed the way the hub does.
+    fn writes(creds: &Credentials, n: u64, start_ms: u64) -> Vec<SignedEntry> {
+        let mut log = LogCore::new(creds.identity.name.clone());
+        (1..=n)
+            .map(|i| {
+                let entry = log.write(
+                    start_ms + i * 1000,
+                    "alice",
+                    Op::Put {
+                        key: format!("k{i}"),
+                        value: format!("v{i}"),
+                    },
+                );
+                let signature = creds.sign(&entry.signing_bytes()).unwrap();
+                let signed = SignedEntry {
+                    entry,
+                    cert: creds.cert_der().to_vec(),
+                    signature,
+                };
+                log.apply(&signed.entry, signed.hash());
+                signed
+            })
+            .collect()
+    }
+
+    /// A store holding 4 entries of hub-a and 2 of hub-b, and a hub of the
+    /// same mesh to check them with.
+    fn audited() -> (tempfile::TempDir, HubStore, Credentials, Vec<SignedEntry>) {
+        let ca = MeshCa::generate("test").unwrap();
+        let (a, b) = (hub(&ca, "hub-a"), hub(&ca, "hub-b"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = HubStore::open(&dir.path().join("hub.db")).unwrap();
+        let of_a = writes(&a, 4, 10_000);
+        s.commit_log(&of_a).unwrap();
+        s.commit_log(&writes(&b, 2, 20_000)).unwrap();
+        (dir, s, hub(&ca, "hub-c"), of_a)
+    }
+
+    /// What an operator with sqlite3 could do to the file.
+    fn tamper(s: &HubStore, sql: &str) {
+        let conn = Connection::open(s.path()).unwrap();
+        conn.execute_batch(sql).unwrap();
+    }
+
+    fn faults(problems: &[AuditProblem]) -> Vec<(&str, u64, &AuditFault)> {
+        problems
+            .iter()
+            .map(|p| (p.origin.as_str(), p.seq, &p.what))
+            .collect()
+    }
+
+    #[test]
+    fn an_intact_log_verifies_from_the_file_and_counts_each_origin() {
+        let (_dir, s, trust, of_a) = audited();
+        let v = s.verify_audit(&trust);
+        assert!(v.ok(), "{:?}", v.problems);
+        assert_eq!(
+            v.checked,
+            BTreeMap::from([("hub-a".to_owned(), 4), ("hub-b".to_owned(), 2)])
+        );
+        assert_eq!(StoreReader::new(s.path()).verify_audit(&trust).unwrap(), v);
+        // The readable columns say what the entries say.
+        let conn = Connection::open(s.path()).unwrap();
+        let (hlc_ms, author, op, prev, hash): (i64, String, String, Vec<u8>, Vec<u8>) = conn
+            .query_row(
+                "SELECT hlc_ms, author, op, prev, hash FROM log WHERE origin = 'hub-a' AND seq = 2",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .unwrap();
+        assert_eq!(hlc_ms, 12_000);
+        assert_eq!(author, "alice");
+        assert_eq!(op, "put k2=v2");
+        assert_eq!(prev, of_a[0].hash());
+        assert_eq!(hash, of_a[1].hash());
+        assert_eq!(of_a[0].entry.prev, NO_PREV);
+    }
+
+    #[test]
+    fn an_edited_readable_column_is_reported_at_its_row() {
+        let (_dir, s, trust, _) = audited();
+        tamper(
+            &s,
+            "UPDATE log SET op = 'put k2=evil' WHERE origin = 'hub-a' AND seq = 2",
+        );
+        let v = s.verify_audit(&trust);
+        assert_eq!(
+            faults(&v.problems),
+            vec![(
+                "hub-a",
+                2,
+                &AuditFault::Column {
+                    column: "op".into(),
+                    stored: "put k2=evil".into(),
+                    signed: "put k2=v2".into()
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn an_entry_altered_inside_its_blob_fails_its_signature_and_breaks_the_chain() {
+        let (_dir, s, trust, of_a) = audited();
+        // Rewrite the signed entry and every readable column to match, as
+        // a careful forger would; only the origin's key is out of reach.
+        let mut forged = of_a[1].entry.clone();
+        forged.author = "mallory".into();
+        let bytes = forged.signing_bytes();
+        let hash = entry_hash(&bytes, &of_a[1].signature);
+        let conn = Connection::open(s.path()).unwrap();
+        conn.execute(
+            "UPDATE log SET entry = ?1, author = 'mallory', hash = ?2 WHERE origin = 'hub-a' AND seq = 2",
+            params![bytes, hash.as_slice()],
+        )
+        .unwrap();
+        let v = s.verify_audit(&trust);
+        assert_eq!(
+            faults(&v.problems),
+            vec![
+                ("hub-a", 2, &AuditFault::Signature),
+                ("hub-a", 3, &AuditFault::Chain)
+            ]
+        );
+        assert_eq!(
+            v.problems[0].to_string(),
+            "hub-a seq 2: signature does not match — the entry was altered"
+        );
+    }
+
+    #[test]
+    fn a_deleted_row_is_reported_missing_where_it_was() {
+        let (_dir, s, trust, _) = audited();
+        tamper(&s, "DELETE FROM log WHERE origin = 'hub-a' AND seq = 3");
+        let v = s.verify_audit(&trust);
+        assert_eq!(
+            faults(&v.problems),
+            vec![("hub-a", 3, &AuditFault::Missing { from: 3, to: 3 })]
+        );
+        assert_eq!(
+            v.problems[0].to_string(),
+            "hub-a: seq 3 missing between 2 and 4 — removed"
+        );
+        assert_eq!(v.checked["hub-a"], 3);
+    }
+
+    #[test]
+    fn two_rows_whose_seqs_were_swapped_are_reported() {
+        let (_dir, s, trust, _) = audited();
+        tamper(
+            &s,
+            "UPDATE log SET seq = -1 WHERE origin = 'hub-a' AND seq = 2;
+             UPDATE log SET seq = 2 WHERE origin = 'hub-a' AND seq = 3;
+             UPDATE log SET seq = 3 WHERE origin = 'hub-a' AND seq = -1;",
+        );
+        let v = s.verify_audit(&trust);
+        assert_eq!(
+            faults(&v.problems),
+            vec![
+                (
+                    "hub-a",
+                    2,
+                    &AuditFault::Misplaced {
+                        signed_origin: "hub-a".into(),
+                        signed_seq: 3
+                    }
+                ),
+                (
+                    "hub-a",
+                    3,
+                    &AuditFault::Misplaced {
+                        signed_origin: "hub-a".into(),
+                        signed_seq: 2
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_row_that_does_not_decode_is_reported_and_the_next_is_not_blamed() {
+        let (_dir, s, trust, _) = audited();
+        tamper(
+            &s,
+            "UPDATE log SET entry = x'ff' WHERE origin = 'hub-b' AND seq = 1;
+             UPDATE log SET hlc_ms = 'yesterday' WHERE origin = 'hub-a' AND seq = 4;",
+        );
+        let v = s.verify_audit(&trust);
+        assert_eq!(
+            faults(&v.problems),
+            vec![
+                (
+                    "hub-a",
+                    4,
+                    &AuditFault::Column {
+                        column: "hlc_ms".into(),
+                        stored: "(not a number)".into(),
+                        signed: "14000".into()
+                    }
+                ),
+                ("hub-b", 1, &AuditFault::Undecodable),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_audit_trail_is_oldest_first_and_filters_by_time_and_origin() {
+        let (_dir, s, _, of_a) = audited();
+        let r = StoreReader::new(s.path());
+        let all = r.audit(None, None, 100).unwrap();
+        let order: Vec<(String, u64)> = all.iter().map(|e| (e.origin.clone(), e.seq)).collect();
+        assert_eq!(
+            order,
+            [
+                ("hub-a", 1),
+                ("hub-a", 2),
+                ("hub-a", 3),
+                ("hub-a", 4),
+                ("hub-b", 1),
+                ("hub-b", 2)
+            ]
+            .map(|(o, s)| (o.to_owned(), s))
+        );
+        assert_eq!(all[1].op_text, "put k2=v2");
+        assert_eq!(all[1].hash, crate::log::hex(&of_a[1].hash()));
+        assert_eq!(all[1].prev, all[0].hash);
+        let recent = r.audit(Some(13_000), None, 100).unwrap();
+        assert_eq!(recent.len(), 4, "hub-a 3 and 4, and hub-b's");
+        let b = r.audit(None, Some("hub-b"), 1).unwrap();
+        assert_eq!((b.len(), b[0].origin.as_str(), b[0].seq), (1, "hub-b", 1));
+    }
+
+    /// The store's tables as they were before the log was chained.
+    const SCHEMA_0: &str = "CREATE TABLE streams (relay TEXT NOT NULL, stream INTEGER NOT NULL,
+             region TEXT NOT NULL, site TEXT NOT NULL, applied_through INTEGER NOT NULL,
+             PRIMARY KEY (relay, stream));
+         CREATE TABLE log (origin TEXT NOT NULL, seq INTEGER NOT NULL, entry BLOB NOT NULL,
+             signature BLOB NOT NULL, PRIMARY KEY (origin, seq));
+         CREATE TABLE certs (origin TEXT PRIMARY KEY, der BLOB NOT NULL);
+         INSERT INTO streams VALUES ('par-relay', 7, 'eu', 'par', 12);";
+
+    #[test]
+    fn a_store_from_before_the_chain_with_entries_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA_0).unwrap();
+        old.execute_batch("INSERT INTO log VALUES ('hub-a', 1, x'00', x'00')")
+            .unwrap();
+        let err = HubStore::open(&path).err().expect("refused");
+        assert!(
+            matches!(err, StoreError::PredatesAuditChain { entries: 1, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("predates the audit chain"), "{text}");
+        assert!(text.contains("Move the file aside"), "{text}");
+        let version: i64 = old
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        let rows: i64 = old
+            .query_row("SELECT count(*) FROM log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((version, rows), (0, 1), "nothing changed");
+    }
+
+    #[test]
+    fn an_empty_store_from_before_the_chain_is_upgraded_keeping_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(SCHEMA_0)
+            .unwrap();
+        let mut s = HubStore::open(&path).unwrap();
+        assert_eq!(s.streams().unwrap()[0].applied_through, 12);
+        let version: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let ca = MeshCa::generate("test").unwrap();
+        let a = hub(&ca, "hub-a");
+        s.commit_log(&writes(&a, 2, 1_000)).unwrap();
+        drop(s);
+        let s = HubStore::open(&path).unwrap();
+        assert_eq!(s.log_entries().unwrap().len(), 2);
+        assert!(s.verify_audit(&a).ok());
+    }
+
+    #[test]
+    fn a_store_from_a_newer_trellis_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 9)
+            .unwrap();
+        let err = HubStore::open(&path).err().expect("refused");
+        assert!(matches!(err, StoreError::TooNew { found: 9, .. }), "{err}");
     }
 }

@@ -124,6 +124,17 @@ enum Command {
     /// directory of TOML manifests.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Read and check the audit trail: the hubs' management log.
+    ///
+    /// Every change to the desired state, and every note a hub records
+    /// (a configuration applied, a drift found), is an entry of the
+    /// management log that every hub holds: who, when, through which hub,
+    /// what. Each entry is signed by the hub that accepted it and carries
+    /// the hash of that hub's entry before it, so each hub's entries form a
+    /// chain: altering, removing or reordering one breaks the chain at the
+    /// next. Hubs refuse entries that break a chain when they replicate.
+    #[command(subcommand, verbatim_doc_comment)]
+    Audit(AuditCommand),
     /// Start a real local mesh in this process (Ctrl-C stops it).
     ///
     /// Every member gets its own QUIC endpoint on 127.0.0.1 and its own
@@ -212,6 +223,56 @@ enum ConfigCommand {
         #[command(flatten)]
         hub: HubArg,
         /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The hubs' management log as an audit trail: every operator write and
+/// every note, signed by the hub that accepted it and hash-chained per hub.
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Show the log's entries, oldest first: time, hub/seq, author, what,
+    /// and the start of the entry's hash.
+    Log {
+        /// Only entries this recent, e.g. 10m, 2h, 7d (default: all).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Only entries accepted by this hub.
+        #[arg(long)]
+        origin: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the API's JSON (with full hashes and structured operations).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Have a hub check the log in its own store file.
+    ///
+    /// The hub reads every row of its store's log table and checks, for
+    /// each entry: that its signature is its origin hub's (by the mesh CA),
+    /// so the entry was not altered; that it sits at the origin and seq it
+    /// was signed for, so rows were not renumbered or swapped; that the
+    /// readable columns (hlc_ms, author, op, prev, hash) say what the signed
+    /// entry says; that no seq is missing, so no entry was removed; and that
+    /// its prev is the hash of the entry before, so the chain is whole.
+    ///
+    /// It cannot notice the newest entries of a hub removed from the end
+    /// (compare `trellis hubs`: the others hold more), nor a hub that
+    /// rewrites and re-signs its own entries with its own key: the other
+    /// hubs still hold the originals, so check them too with --hub.
+    ///
+    /// Exit codes: 0 the log is intact; 1 a problem was found (each is
+    /// printed with the hub and seq it concerns), or the hub could not be
+    /// asked; 2 bad usage.
+    #[command(verbatim_doc_comment)]
+    Verify {
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the API's JSON.
         #[arg(long)]
         json: bool,
     },
@@ -318,6 +379,7 @@ fn main() -> ExitCode {
         Command::Config(ConfigCommand::Plan { dir, hub, json }) => {
             runtime().block_on(config_plan(&dir, &hub.hub, json))
         }
+        Command::Audit(cmd) => runtime().block_on(audit(cmd)),
         Command::Up {
             sites,
             nodes,
@@ -583,6 +645,59 @@ async fn desired(cmd: DesiredCommand) -> ExitCode {
         DesiredCommand::Delete { key, author, .. } => {
             report_write(client.write_desired(&key, None, &author).await)
         }
+    }
+}
+
+async fn audit(cmd: AuditCommand) -> ExitCode {
+    let hub = match &cmd {
+        AuditCommand::Log { hub, .. } | AuditCommand::Verify { hub, .. } => hub.hub.clone(),
+    };
+    let client = match ApiClient::new(&hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    match cmd {
+        AuditCommand::Log {
+            since,
+            origin,
+            limit,
+            json,
+            ..
+        } => match client
+            .audit(since.map(since_ms), origin.as_deref(), limit)
+            .await
+        {
+            Ok(r) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("serialisable")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                print!("{}", render::audit(&r, render::use_colour()));
+                ExitCode::SUCCESS
+            }
+            Err(e) => client_error(e),
+        },
+        AuditCommand::Verify { json, .. } => match client.audit_verify().await {
+            Ok(r) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r).expect("serialisable")
+                    );
+                } else {
+                    print!("{}", render::audit_verdict(&r, render::use_colour()));
+                }
+                if r.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+            Err(e) => client_error(e),
+        },
     }
 }
 

@@ -31,7 +31,7 @@ use clap::Parser;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use trellis_hub::log::{Entry, Hlc, Op, SignedEntry};
+use trellis_hub::log::{Entry, Hlc, NO_PREV, Op, SignedEntry};
 use trellis_hub::peering::verified;
 use trellis_hub::replication::PULL_CHUNK;
 use trellis_hub::store::{Batch, HubStore, stored};
@@ -1232,13 +1232,16 @@ fn log_value(i: u64) -> String {
     )
 }
 
-/// `n` entries of `origin`, signed with its credentials.
+/// `n` entries of `origin`, signed with its credentials, each chained to
+/// the one before (so signed one after the other: an entry's `prev` is the
+/// hash of the previous entry and its signature).
 fn signed_entries(creds: &Credentials, n: u64) -> anyhow::Result<Vec<SignedEntry>> {
     let origin = creds.identity.name.clone();
     let base_ms = unix_ms() - 3_600_000;
     let cert = creds.cert_der().to_vec();
-    par_map(n as usize, |i| {
-        let seq = i as u64 + 1;
+    let mut out: Vec<SignedEntry> = Vec::with_capacity(n as usize);
+    let mut prev = NO_PREV;
+    for seq in 1..=n {
         let entry = Entry {
             origin: origin.clone(),
             seq,
@@ -1251,14 +1254,18 @@ fn signed_entries(creds: &Credentials, n: u64) -> anyhow::Result<Vec<SignedEntry
                 key: format!("key-{}", seq % LOG_KEYS),
                 value: log_value(seq),
             },
+            prev,
         };
         let signature = creds.sign(&entry.signing_bytes())?;
-        Ok(SignedEntry {
+        let signed = SignedEntry {
             entry,
             cert: cert.clone(),
             signature,
-        })
-    })
+        };
+        prev = signed.hash();
+        out.push(signed);
+    }
+    Ok(out)
 }
 
 /// `commit_log` of every entry in chunks of `PULL_CHUNK` into a fresh
