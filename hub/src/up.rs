@@ -157,11 +157,18 @@ impl LocalMesh {
             relays.push(relay);
             for n in 0..opts.nodes {
                 let name = format!("{site}-n{:0width$}", n + 1);
-                let cfg = NodeConfig {
+                let mut cfg = NodeConfig {
                     gossip: gossip(vec![seed]),
                     metrics: MetricsConfig::off(),
                     ..NodeConfig::default()
                 };
+                // Each node keeps what it applied apart, as on its own
+                // machine.
+                cfg.config.state_dir = dir.join(&name).join("config");
+                // Something for configuration selectors to pick: odd nodes
+                // are web servers, even ones databases.
+                let role = if n % 2 == 0 { "web" } else { "db" };
+                cfg.node.labels.insert("role".to_owned(), role.to_owned());
                 nodes.push(
                     NodeAgent::start(issue(Role::Node, &site, &name)?, cfg, shutdown.clone())
                         .await?,
