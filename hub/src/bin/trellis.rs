@@ -484,20 +484,7 @@ async fn status(hub: &str, relay: Option<&str>, json: bool) -> ExitCode {
         Some(_) => client.relay_site().await,
         None => client.fleet().await,
     };
-    match report {
-        Ok(f) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&f).expect("serialisable")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(f) => {
-            print!("{}", render::fleet(&f, render::use_colour()));
-            ExitCode::SUCCESS
-        }
-        Err(e) => client_error(e),
-    }
+    answer(report, json, render::fleet)
 }
 
 async fn nodes(
@@ -516,20 +503,7 @@ async fn nodes(
         (None, Some(site)) => client.nodes(site, region).await,
         (None, None) => return cli::fail(EXIT_USAGE, &"name a SITE, or use --relay URL"),
     };
-    match report {
-        Ok(n) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&n).expect("serialisable")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(n) => {
-            print!("{}", render::nodes(&n, render::use_colour()));
-            ExitCode::SUCCESS
-        }
-        Err(e) => client_error(e),
-    }
+    answer(report, json, render::nodes)
 }
 
 async fn config_plan(dir: &std::path::Path, hub: &str, json: bool) -> ExitCode {
@@ -577,20 +551,7 @@ async fn hubs(hub: &str, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(e) => return client_error(e),
     };
-    match client.hubs().await {
-        Ok(r) if json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&r).expect("serialisable")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            print!("{}", render::hubs(&r, render::use_colour()));
-            ExitCode::SUCCESS
-        }
-        Err(e) => client_error(e),
-    }
+    answer(client.hubs().await, json, render::hubs)
 }
 
 async fn desired(cmd: DesiredCommand) -> ExitCode {
@@ -663,23 +624,13 @@ async fn audit(cmd: AuditCommand) -> ExitCode {
             limit,
             json,
             ..
-        } => match client
-            .audit(since.map(since_ms), origin.as_deref(), limit)
-            .await
-        {
-            Ok(r) if json => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r).expect("serialisable")
-                );
-                ExitCode::SUCCESS
-            }
-            Ok(r) => {
-                print!("{}", render::audit(&r, render::use_colour()));
-                ExitCode::SUCCESS
-            }
-            Err(e) => client_error(e),
-        },
+        } => answer(
+            client
+                .audit(since.map(since_ms), origin.as_deref(), limit)
+                .await,
+            json,
+            render::audit,
+        ),
         AuditCommand::Verify { json, .. } => match client.audit_verify().await {
             Ok(r) => {
                 if json {
@@ -730,7 +681,17 @@ where
         Ok(c) => c,
         Err(e) => return client_error(e),
     };
-    match fetch(client).await {
+    answer(fetch(client).await, json, render::records)
+}
+
+/// Prints an API answer: its JSON with `--json`, else rendered for a
+/// person (in colour on a terminal).
+fn answer<T: serde::Serialize>(
+    report: Result<T, ClientError>,
+    json: bool,
+    render: impl FnOnce(&T, bool) -> String,
+) -> ExitCode {
+    match report {
         Ok(r) if json => {
             println!(
                 "{}",
@@ -739,7 +700,7 @@ where
             ExitCode::SUCCESS
         }
         Ok(r) => {
-            print!("{}", render::records(&r, render::use_colour()));
+            print!("{}", render(&r, render::use_colour()));
             ExitCode::SUCCESS
         }
         Err(e) => client_error(e),
