@@ -194,16 +194,17 @@ fn records_at(fed: &Fed, h: usize, site: &str) -> Vec<(u64, u64)> {
     seqs
 }
 
-/// Every seq from 1 to `through` once.
+/// Every seq from 1 to at least `through` once, without a hole. The site
+/// keeps sending while the test reads, so a hub may hold a few newer
+/// records than `through` was measured at; those must follow on too.
 fn assert_complete(seqs: &[(u64, u64)], through: u64, what: &str) {
     let mut next = 1;
     for (seq, until) in seqs {
         assert_eq!(*seq, next, "{what}: hole or duplicate at {seq}");
         next = until + 1;
     }
-    assert_eq!(
-        next - 1,
-        through,
+    assert!(
+        next > through,
         "{what}: has up to {} of {through}",
         next - 1
     );
