@@ -91,17 +91,21 @@ pub struct GossipSettings {
     pub health_changes_per_node_hour: f64,
 }
 
+/// Defaults are the daemons' own: a scenario that sets nothing simulates
+/// a mesh as shipped.
 impl Default for GossipSettings {
     fn default() -> Self {
+        let node = trellis_node::config::GossipConfig::default();
         GossipSettings {
-            interval: Duration::from_secs(1),
-            phi_threshold: 8.0,
+            interval: node.interval,
+            phi_threshold: node.phi_threshold,
             health_changes_per_node_hour: 1.0,
         }
     }
 }
 
-/// The relays' settings (as in `trellis-relay`'s configuration).
+/// The relays' settings (as in `trellis-relay`'s configuration, whose
+/// defaults they take).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelaySettings {
@@ -128,16 +132,18 @@ pub struct RelaySettings {
 
 impl Default for RelaySettings {
     fn default() -> Self {
+        let uplink = trellis_relay::config::UplinkConfig::default();
+        let buffer = trellis_relay::config::BufferConfig::default();
         RelaySettings {
-            summary_interval: Duration::from_secs(5),
-            sample_interval: Duration::from_secs(1),
-            ack_timeout: Duration::from_secs(15),
-            failover_after: Duration::from_secs(15),
-            failback_every: Duration::from_secs(60),
-            max_backoff: Duration::from_secs(30),
-            replay_bytes_per_s: 256 * 1024,
-            buffer_max_bytes: 1 << 30,
-            keep_acked: Duration::from_secs(300),
+            summary_interval: uplink.summary_interval,
+            sample_interval: uplink.sample_interval,
+            ack_timeout: uplink.ack_timeout,
+            failover_after: uplink.failover_after,
+            failback_every: uplink.failback_every,
+            max_backoff: uplink.max_backoff,
+            replay_bytes_per_s: uplink.replay_bytes_per_s,
+            buffer_max_bytes: buffer.max_bytes,
+            keep_acked: buffer.keep_acked,
             fsync: Duration::from_millis(2),
         }
     }
@@ -159,10 +165,11 @@ pub struct HubSettings {
 
 impl Default for HubSettings {
     fn default() -> Self {
+        let hub = trellis_hub::config::HubConfig::default();
         HubSettings {
-            stale_after: Duration::from_secs(30),
-            silence_timeout: Duration::from_secs(20),
-            anti_entropy_every: Duration::from_secs(2),
+            stale_after: hub.fleet.stale_after,
+            silence_timeout: hub.uplink.silence_timeout,
+            anti_entropy_every: hub.replication.anti_entropy_every,
             fsync: Duration::from_millis(2),
         }
     }
