@@ -139,10 +139,7 @@ impl HubStore {
                 source,
             })?;
         }
-        let err = |source| StoreError::Sqlite {
-            path: path.to_owned(),
-            source,
-        };
+        let err = sqlite_err(path);
         let mut conn = Connection::open(path).map_err(err)?;
         configure(&conn).map_err(err)?;
         upgrade(&mut conn, path)?;
@@ -193,10 +190,7 @@ impl HubStore {
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        sqlite_err(&self.path)
     }
 
     pub fn path(&self) -> &Path {
@@ -210,11 +204,7 @@ impl HubStore {
 
     /// Writes a batch in one transaction (one fsync).
     pub fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         {
             let mut insert = tx
@@ -268,11 +258,7 @@ impl HubStore {
     /// Appends log entries (in one transaction). The origin's certificate
     /// is kept once per origin.
     pub fn commit_log(&mut self, entries: &[SignedEntry]) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         {
             let mut insert = tx
@@ -435,10 +421,7 @@ impl StoreReader {
     /// Records matching `q`, oldest first (by the relays' clocks, then
     /// relay, stream and seq).
     pub fn records(&self, q: &Query) -> Result<Vec<StoredRecord>, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let conn = self.open().map_err(err)?;
         let mut sql = String::from(
             "SELECT relay, stream, region, site, seq, until_seq, kind, at_ms, received_ms, body
@@ -500,10 +483,7 @@ impl StoreReader {
         after: u64,
         limit: usize,
     ) -> Result<Vec<SignedEntry>, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let conn = self.open().map_err(err)?;
         let cert: Vec<u8> = conn
             .query_row("SELECT der FROM certs WHERE origin = ?1", [origin], |r| {
@@ -546,10 +526,7 @@ impl StoreReader {
         origin: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let conn = self.open().map_err(err)?;
         let mut stmt = conn
             .prepare(
@@ -581,10 +558,7 @@ impl StoreReader {
     /// [`HubStore::verify_audit`] on a read connection of its own, so that
     /// the writer goes on committing meanwhile.
     pub fn verify_audit(&self, trust: &Credentials) -> Result<AuditVerdict, StoreError> {
-        let conn = self.open().map_err(|source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })?;
+        let conn = self.open().map_err(sqlite_err(&self.path))?;
         Ok(verify_audit_on(&conn, &self.path, trust))
     }
 
@@ -597,10 +571,7 @@ impl StoreReader {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let conn = self.open().map_err(err)?;
         let mut stmt = conn
             .prepare_cached(
@@ -634,10 +605,7 @@ impl StoreReader {
 
     /// The stored state of one relay stream, if any.
     pub fn applied_through(&self, relay: &str, stream: u64) -> Result<Option<u64>, StoreError> {
-        let err = |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let conn = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(err)?;
         conn.query_row(
@@ -651,12 +619,17 @@ impl StoreReader {
     }
 }
 
-/// Brings a store of an older schema to [`SCHEMA_VERSION`], or refuses it.
-fn upgrade(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let err = |source| StoreError::Sqlite {
+/// Turns SQLite's errors into [`StoreError::Sqlite`] naming the file.
+fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
+    |source| StoreError::Sqlite {
         path: path.to_owned(),
         source,
-    };
+    }
+}
+
+/// Brings a store of an older schema to [`SCHEMA_VERSION`], or refuses it.
+fn upgrade(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let err = sqlite_err(path);
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(err)?;
