@@ -364,18 +364,30 @@ impl CoreTask {
             records: Vec::new(),
             streams: Vec::new(),
         };
-        for (f, _) in &work {
-            let id = &f.relay;
-            let received = if f.received_ms > 0 {
+        let received = |f: &Fresh| {
+            if f.received_ms > 0 {
                 f.received_ms
             } else {
                 now_ms
-            };
+            }
+        };
+        // Only what came straight from relays is pushed: a hub that pushed
+        // what it was itself pushed would send every record around the
+        // federation again, once per hub (anti-entropy repairs a push
+        // that is lost).
+        let mut records: Vec<StoredRecord> = Vec::new();
+        for (f, reply) in &work {
+            let id = &f.relay;
+            let at = received(f);
+            let start = batch.records.len();
             batch.records.extend(
                 f.records
                     .iter()
-                    .map(|r| stored(&id.name, f.stream, &id.region, &id.site, r, received)),
+                    .map(|r| stored(&id.name, f.stream, &id.region, &id.site, r, at)),
             );
+            if reply.is_some() {
+                records.extend_from_slice(&batch.records[start..]);
+            }
             batch.streams.push((
                 id.name.clone(),
                 f.stream,
@@ -384,25 +396,6 @@ impl CoreTask {
                 self.core.applied(&id.name, f.stream),
             ));
         }
-        // Only what came straight from relays is pushed: a hub that pushed
-        // what it was itself pushed would send every record around the
-        // federation again, once per hub (anti-entropy repairs a push
-        // that is lost).
-        let records: Vec<StoredRecord> = work
-            .iter()
-            .filter(|(_, reply)| reply.is_some())
-            .flat_map(|(f, _)| {
-                let id = &f.relay;
-                let received = if f.received_ms > 0 {
-                    f.received_ms
-                } else {
-                    now_ms
-                };
-                f.records
-                    .iter()
-                    .map(move |r| stored(&id.name, f.stream, &id.region, &id.site, r, received))
-            })
-            .collect();
         let committed = if batch.records.is_empty() {
             Ok(())
         } else {
@@ -412,12 +405,7 @@ impl CoreTask {
             Ok(()) => {
                 self.metrics.commits.inc();
                 for (fresh, reply) in work {
-                    let received = if fresh.received_ms > 0 {
-                        fresh.received_ms
-                    } else {
-                        now_ms
-                    };
-                    self.core.handle_committed(received, &fresh);
+                    self.core.handle_committed(received(&fresh), &fresh);
                     if let Some(reply) = reply {
                         let _ = reply.send(Ok(self.core.applied(&fresh.relay.name, fresh.stream)));
                     }
