@@ -192,6 +192,17 @@ impl AuditEntry {
     }
 }
 
+/// The signer of `origin`'s log entries, if `cert` may be it: a hub
+/// certificate of the mesh CA (by `trust`) naming `origin`. The one rule for
+/// entries arriving from peers and for entries checked in the store.
+pub fn origin_signer(trust: &Credentials, cert: &[u8], origin: &str) -> Result<Signer, String> {
+    let signer = trust.verify_signer(cert).map_err(|e| e.to_string())?;
+    if signer.identity.role != Role::Hub || signer.identity.name != origin {
+        return Err(format!("the certificate is {}'s", signer.identity));
+    }
+    Ok(signer)
+}
+
 /// The certificate of each origin, checked once.
 fn signers(
     certs: &BTreeMap<String, Vec<u8>>,
@@ -201,11 +212,7 @@ fn signers(
     let der = certs
         .get(origin)
         .ok_or_else(|| "no certificate stored for it".to_owned())?;
-    let signer = trust.verify_signer(der).map_err(|e| e.to_string())?;
-    if signer.identity.role != Role::Hub || signer.identity.name != origin {
-        return Err(format!("the certificate is {}'s", signer.identity));
-    }
-    Ok(signer)
+    origin_signer(trust, der, origin)
 }
 
 /// Checks the rows of the `log` table, which must come in (origin, seq)

@@ -14,10 +14,10 @@ use tracing::{debug, info, warn};
 use trellis_node::clock::ticker;
 use trellis_node::endpoint::{Accepted, close};
 use trellis_node::gossip::Gossip;
-use trellis_node::id::Role;
 use trellis_node::tls::{Credentials, Signer};
 use trellis_node::wire::{self, WireError};
 
+use crate::audit::origin_signer;
 use crate::driver::{Input, MAX_NOTE_BYTES, NoteError, Shared};
 use crate::federation::{self, PeerHub, Published};
 use crate::log::{Op, SignedEntry};
@@ -197,34 +197,33 @@ async fn pull_entries(shared: &Shared, peering: &Peering, peer: &PeerHub) -> any
 /// The entries whose signature is their origin hub's, by the mesh CA; the
 /// others are logged and left out.
 pub fn verified(creds: &Credentials, entries: Vec<SignedEntry>) -> Vec<SignedEntry> {
-    // Entries from one origin carry the same certificate: its chain is
-    // checked once per batch, each entry's signature every time.
-    let mut signers: HashMap<Vec<u8>, Result<Signer, String>> = HashMap::new();
-    entries
-        .into_iter()
-        .filter(|e| {
+    // Entries from one origin carry the same certificate: it is checked
+    // once per batch (keyed by borrowed bytes, not copies), each entry's
+    // signature every time.
+    let mut signers: HashMap<(&[u8], &str), Result<Signer, String>> = HashMap::new();
+    let keep: Vec<bool> = entries
+        .iter()
+        .map(|e| {
+            let origin = e.entry.origin.as_str();
             let signer = signers
-                .entry(e.cert.clone())
-                .or_insert_with(|| creds.verify_signer(&e.cert).map_err(|e| e.to_string()));
+                .entry((&e.cert, origin))
+                .or_insert_with(|| origin_signer(creds, &e.cert, origin));
             let checked = match signer {
                 Ok(s) => s
                     .verify(&e.entry.signing_bytes(), &e.signature)
-                    .map(|()| &s.identity)
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
             };
-            match checked {
-                Ok(id) if id.role == Role::Hub && id.name == e.entry.origin => true,
-                Ok(id) => {
-                    warn!(origin = %e.entry.origin, signer = %id, "log entry signed by another than its origin hub; ignored");
-                    false
-                }
-                Err(error) => {
-                    warn!(origin = %e.entry.origin, %error, "log entry with a bad signature; ignored");
-                    false
-                }
+            if let Err(error) = &checked {
+                warn!(%origin, %error, "log entry not signed by its origin hub; ignored");
             }
+            checked.is_ok()
         })
+        .collect();
+    entries
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(e, keep)| keep.then_some(e))
         .collect()
 }
 
@@ -478,7 +477,7 @@ async fn answer(shared: &Shared, peering: &Peering, req: ReplRequest) -> ReplRes
 
 #[cfg(test)]
 mod tests {
-    use trellis_node::id::Identity;
+    use trellis_node::id::{Identity, Role};
     use trellis_node::tls::MeshCa;
 
     use super::*;
