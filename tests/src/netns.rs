@@ -38,6 +38,14 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl NetPair {
+    /// The pair for a test, or `None` after printing why the test is
+    /// skipped (this machine does not allow network namespaces).
+    pub fn for_test() -> Option<NetPair> {
+        NetPair::create()
+            .map_err(|reason| eprintln!("skipped: network namespaces unavailable here: {reason}"))
+            .ok()
+    }
+
     /// Creates the pair, or says why it cannot (not root, no iproute2).
     pub fn create() -> Result<NetPair, String> {
         static N: AtomicU32 = AtomicU32::new(0);
