@@ -14,31 +14,8 @@ use trellis_node::id::{Identity, Role};
 use trellis_node::managed::{ManagedFile, ManagedState};
 use trellis_node::tls::{Credentials, MeshCa};
 
-async fn metrics_text(agent: &NodeAgent) -> String {
-    let addr = agent.metrics_addr().unwrap();
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// Polls `cond` every 100 ms for at most `limit`.
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
+mod common;
+use common::{eventually, metrics_text};
 
 async fn start(dir: &std::path::Path, drift: DriftMode, shutdown: &CancellationToken) -> NodeAgent {
     let ca = MeshCa::generate("t").unwrap();

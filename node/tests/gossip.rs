@@ -9,6 +9,9 @@ use trellis_node::config::{GossipConfig, MetricsConfig, NodeConfig};
 use trellis_node::id::{Identity, Role};
 use trellis_node::tls::{Credentials, MeshCa};
 
+mod common;
+use common::{eventually, metrics_text};
+
 fn node_config(seeds: Vec<std::net::SocketAddr>) -> NodeConfig {
     let mut gossip = GossipConfig::with_listen("127.0.0.1:0".parse().unwrap());
     gossip.seeds = seeds;
@@ -31,32 +34,6 @@ async fn alive_names(agent: &NodeAgent) -> Vec<String> {
         .filter(|m| m.alive)
         .map(|m| m.name.clone())
         .collect()
-}
-
-/// Polls `cond` every 100 ms for at most `limit`.
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
-async fn metrics_text(agent: &NodeAgent) -> String {
-    let addr = agent.metrics_addr().unwrap();
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
