@@ -13,10 +13,10 @@
 use std::time::Instant;
 
 use trellis_node::config::GossipConfig;
-use trellis_node::site::{CheckResult, Health, Status};
 use trellis_sim::model::SiteModel;
 use trellis_sim::real::RealSite;
 use trellis_sim::rng::SimRng;
+use trellis_sim::site::health_of;
 
 const SEED: u64 = 1;
 
@@ -27,27 +27,10 @@ enum Event {
     Change(usize),
 }
 
+/// Health as the simulator's sites publish it (odd versions passing, even
+/// ones warning).
 fn health(version: u64) -> Vec<(String, String)> {
-    let status = if version.is_multiple_of(2) {
-        Status::Warning
-    } else {
-        Status::Passing
-    };
-    Health {
-        role: Some(trellis_node::id::Role::Node),
-        status,
-        cpu_pct: Some(37),
-        mem_pct: Some(52),
-        disk_pct: Some(61),
-        load1: None,
-        checks: [(
-            "app".to_owned(),
-            CheckResult::new(status, format!("v{version}")),
-        )]
-        .into_iter()
-        .collect(),
-    }
-    .to_kv()
+    health_of(version).to_kv()
 }
 
 fn main() -> anyhow::Result<()> {
