@@ -508,6 +508,10 @@ mod tests {
         }
     }
 
+    fn summarised(seq: u64, summary: SiteSummary) -> Record {
+        rec(seq, RecordBody::Summary(Box::new(summary)))
+    }
+
     fn died(seq: u64) -> Record {
         rec(
             seq,
@@ -608,13 +612,7 @@ mod tests {
         let r = relay("par");
         hub.handle_hello(t, &r, 1, 1);
         let err = hub
-            .take_fresh(
-                &r,
-                vec![rec(
-                    1,
-                    RecordBody::Summary(Box::new(summary("ber", 1, 1, 0))),
-                )],
-            )
+            .take_fresh(&r, vec![summarised(1, summary("ber", 1, 1, 0))])
             .unwrap_err();
         assert!(matches!(err, RecordError::WrongSite { .. }));
         assert!(hub.fleet(t, ms(t, t)).sites.is_empty());
@@ -649,10 +647,7 @@ mod tests {
                 &mut hub,
                 T0_MS,
                 &r,
-                vec![rec(
-                    1,
-                    RecordBody::Summary(Box::new(summary(site, 1, 9, i as u32))),
-                )],
+                vec![summarised(1, summary(site, 1, 9, i as u32))],
             );
         }
         let f = hub.fleet(
@@ -703,19 +698,13 @@ mod tests {
             &mut hub,
             T0_MS,
             &r,
-            vec![rec(
-                5,
-                RecordBody::Summary(Box::new(summary("par", 500, 4, 1))),
-            )],
+            vec![summarised(5, summary("par", 500, 4, 1))],
         );
         apply(
             &mut hub,
             T0_MS,
             &r,
-            vec![rec(
-                1,
-                RecordBody::Summary(Box::new(summary("par", 100, 5, 0))),
-            )],
+            vec![summarised(1, summary("par", 100, 5, 0))],
         );
         assert_eq!(hub.fleet(t, ms(t, t)).sites[0].nodes_dead, 1);
     }
@@ -780,10 +769,7 @@ mod tests {
             &mut hub,
             T0_MS,
             &r,
-            vec![rec(
-                1,
-                RecordBody::Summary(Box::new(summary("par", 5, 3, 0))),
-            )],
+            vec![summarised(1, summary("par", 5, 3, 0))],
         );
         let served = hub.served();
         assert_eq!(served.len(), 1);
