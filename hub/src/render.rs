@@ -304,17 +304,29 @@ pub fn records(report: &crate::api::RecordsReport, colour: bool) -> String {
         };
         let _ = writeln!(out, "{when}  {}/{}  {}", r.region, r.site, what);
     }
-    if report.records.is_empty() {
-        let _ = writeln!(out, "{}", p.dim("nothing recorded in that range"));
+    range_footer(
+        &mut out,
+        p,
+        report.records.is_empty(),
+        "nothing recorded in that range",
+        report.truncated,
+    );
+    out
+}
+
+/// The end of a listing over a range: what an empty one means, and that
+/// there is more than `--limit` showed.
+fn range_footer(out: &mut String, p: Paint, empty: bool, nothing: &str, truncated: bool) {
+    if empty {
+        let _ = writeln!(out, "{}", p.dim(nothing));
     }
-    if report.truncated {
+    if truncated {
         let _ = writeln!(
             out,
             "{}",
             p.dim("… more; narrow the range or raise --limit")
         );
     }
-    out
 }
 
 /// One line per log entry: when (the entry's clock), origin/seq, author,
@@ -347,16 +359,13 @@ pub fn audit(report: &crate::api::AuditReport, colour: bool) -> String {
             p.dim(&format!("#{}", &e.hash[..e.hash.len().min(12)])),
         );
     }
-    if report.entries.is_empty() {
-        let _ = writeln!(out, "{}", p.dim("no log entries in that range"));
-    }
-    if report.truncated {
-        let _ = writeln!(
-            out,
-            "{}",
-            p.dim("… more; narrow the range or raise --limit")
-        );
-    }
+    range_footer(
+        &mut out,
+        p,
+        report.entries.is_empty(),
+        "no log entries in that range",
+        report.truncated,
+    );
     out
 }
 
