@@ -110,12 +110,7 @@ pub(crate) async fn federation_task(shared: Shared, peering: Peering, shutdown: 
                 let (shared, peering, syncing, peer) =
                     (shared.clone(), peering.clone(), syncing.clone(), p.clone());
                 tokio::spawn(async move {
-                    let result = if what == "records" {
-                        pull_records(&shared, &peering, &peer).await
-                    } else {
-                        pull_entries(&shared, &peering, &peer).await
-                    };
-                    match result {
+                    match pull(&shared, &peering, &peer, what).await {
                         Ok(0) => {}
                         Ok(n) => info!(peer = %peer.name, what, n, "caught up from another hub"),
                         Err(error) => {
@@ -129,31 +124,34 @@ pub(crate) async fn federation_task(shared: Shared, peering: Peering, shutdown: 
     }
 }
 
-/// Pulls the relay records `peer` holds and this hub lacks; returns how
-/// many arrived.
-async fn pull_records(shared: &Shared, peering: &Peering, peer: &PeerHub) -> anyhow::Result<usize> {
+/// Asks the hub's core task, failing if it has shut down.
+async fn ask_core<T>(
+    shared: &Shared,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Input,
+) -> anyhow::Result<T> {
+    shared
+        .ask(make)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("shutting down"))
+}
+
+/// Pulls what `peer` holds of `what` ("records" or "log") and this hub
+/// lacks, a chunk at a time until the peer has no more (at most 1,000
+/// chunks); returns how many arrived.
+async fn pull(
+    shared: &Shared,
+    peering: &Peering,
+    peer: &PeerHub,
+    what: &str,
+) -> anyhow::Result<usize> {
     let mut total = 0;
     for _ in 0..1000 {
-        let have = shared
-            .ask(|reply| Input::Coverage { reply })
-            .await
-            .ok_or_else(|| anyhow::anyhow!("shutting down"))?;
-        let req = ReplRequest::PullRecords {
-            have: have.into_iter().collect(),
-            max: PULL_CHUNK,
+        let (n, more) = if what == "records" {
+            pull_records(shared, peering, peer).await?
+        } else {
+            pull_entries(shared, peering, peer).await?
         };
-        let ReplResponse::Records { records, more } = peering.repl.ask(peer.addr, &req).await?
-        else {
-            anyhow::bail!("unexpected answer to a pull");
-        };
-        total += records.len();
-        if !records.is_empty() {
-            shared
-                .ask(|reply| Input::Replicated { records, reply })
-                .await
-                .ok_or_else(|| anyhow::anyhow!("shutting down"))?
-                .map_err(anyhow::Error::msg)?;
-        }
+        total += n;
         if !more {
             break;
         }
@@ -161,37 +159,54 @@ async fn pull_records(shared: &Shared, peering: &Peering, peer: &PeerHub) -> any
     Ok(total)
 }
 
-/// Pulls the log entries `peer` holds and this hub lacks.
-async fn pull_entries(shared: &Shared, peering: &Peering, peer: &PeerHub) -> anyhow::Result<usize> {
-    let mut total = 0;
-    for _ in 0..1000 {
-        let have = shared
-            .ask(|reply| Input::LogState { reply })
-            .await
-            .ok_or_else(|| anyhow::anyhow!("shutting down"))?
-            .version_vector;
-        let req = ReplRequest::PullEntries {
-            have,
-            max: PULL_CHUNK,
-        };
-        let ReplResponse::Entries { entries, more } = peering.repl.ask(peer.addr, &req).await?
-        else {
-            anyhow::bail!("unexpected answer to a pull");
-        };
-        let entries = verified(&peering.creds, entries);
-        total += entries.len();
-        if !entries.is_empty() {
-            shared
-                .ask(|reply| Input::LogEntries { entries, reply })
-                .await
-                .ok_or_else(|| anyhow::anyhow!("shutting down"))?
-                .map_err(anyhow::Error::msg)?;
-        }
-        if !more {
-            break;
-        }
+/// One chunk of the relay records `peer` holds and this hub lacks: how many
+/// arrived, and whether the peer has more.
+async fn pull_records(
+    shared: &Shared,
+    peering: &Peering,
+    peer: &PeerHub,
+) -> anyhow::Result<(usize, bool)> {
+    let have = ask_core(shared, |reply| Input::Coverage { reply }).await?;
+    let req = ReplRequest::PullRecords {
+        have: have.into_iter().collect(),
+        max: PULL_CHUNK,
+    };
+    let ReplResponse::Records { records, more } = peering.repl.ask(peer.addr, &req).await? else {
+        anyhow::bail!("unexpected answer to a pull");
+    };
+    let n = records.len();
+    if n > 0 {
+        ask_core(shared, |reply| Input::Replicated { records, reply })
+            .await?
+            .map_err(anyhow::Error::msg)?;
     }
-    Ok(total)
+    Ok((n, more))
+}
+
+/// One chunk of the log entries `peer` holds and this hub lacks.
+async fn pull_entries(
+    shared: &Shared,
+    peering: &Peering,
+    peer: &PeerHub,
+) -> anyhow::Result<(usize, bool)> {
+    let have = ask_core(shared, |reply| Input::LogState { reply })
+        .await?
+        .version_vector;
+    let req = ReplRequest::PullEntries {
+        have,
+        max: PULL_CHUNK,
+    };
+    let ReplResponse::Entries { entries, more } = peering.repl.ask(peer.addr, &req).await? else {
+        anyhow::bail!("unexpected answer to a pull");
+    };
+    let entries = verified(&peering.creds, entries);
+    let n = entries.len();
+    if n > 0 {
+        ask_core(shared, |reply| Input::LogEntries { entries, reply })
+            .await?
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok((n, more))
 }
 
 /// The entries whose signature is their origin hub's, by the mesh CA; the
