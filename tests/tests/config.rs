@@ -68,6 +68,12 @@ fn the_plan_selects_exactly_the_labelled_nodes_and_names_a_conflict() {
 
     let root = mesh.path().join("managed");
     let fleet = mesh.path().join("fleet");
+    // `trellis config plan` of the fleet directory at this hub, with `extra`.
+    let config_plan = |extra: &[&str]| {
+        let mut args = vec!["config", "plan", fleet.to_str().unwrap(), "--hub", &api];
+        args.extend_from_slice(extra);
+        run("trellis", &args)
+    };
     std::fs::create_dir_all(&fleet).unwrap();
     std::fs::write(
         fleet.join("base.toml"),
@@ -88,17 +94,7 @@ fn the_plan_selects_exactly_the_labelled_nodes_and_names_a_conflict() {
     )
     .unwrap();
 
-    let out = run(
-        "trellis",
-        &[
-            "config",
-            "plan",
-            fleet.to_str().unwrap(),
-            "--hub",
-            &api,
-            "--json",
-        ],
-    );
+    let out = config_plan(&["--json"]);
     assert!(out.status.success(), "config plan: {out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["unlisted_sites"], Value::Array(vec![]), "{v}");
@@ -120,10 +116,7 @@ fn the_plan_selects_exactly_the_labelled_nodes_and_names_a_conflict() {
     assert_eq!(added_by_node(plan), expected, "{plan}");
 
     // The human form says the same, by site.
-    let out = run(
-        "trellis",
-        &["config", "plan", fleet.to_str().unwrap(), "--hub", &api],
-    );
+    let out = config_plan(&[]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("4 of 4 nodes change"), "{text}");
@@ -139,17 +132,7 @@ fn the_plan_selects_exactly_the_labelled_nodes_and_names_a_conflict() {
         ),
     )
     .unwrap();
-    let out = run(
-        "trellis",
-        &[
-            "config",
-            "plan",
-            fleet.to_str().unwrap(),
-            "--hub",
-            &api,
-            "--json",
-        ],
-    );
+    let out = config_plan(&["--json"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["plan"]["failing"], 2, "{v}");
@@ -161,10 +144,7 @@ fn the_plan_selects_exactly_the_labelled_nodes_and_names_a_conflict() {
 
     // A broken manifest is bad input: exit 2 with the file named.
     std::fs::write(fleet.join("broken.toml"), "[[file]]\npath = 3\n").unwrap();
-    let out = run(
-        "trellis",
-        &["config", "plan", fleet.to_str().unwrap(), "--hub", &api],
-    );
+    let out = config_plan(&[]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("broken.toml"),
