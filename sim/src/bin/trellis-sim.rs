@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use trellis_node::cli::{EXIT_FAILED, EXIT_USAGE};
 use trellis_sim::scenario::Scenario;
 use trellis_sim::world::Progress;
 
@@ -81,7 +82,7 @@ fn main() -> ExitCode {
 fn load(path: &Path) -> Result<(Scenario, String), ExitCode> {
     Scenario::load(path).map_err(|e| {
         eprintln!("trellis-sim: {e}");
-        ExitCode::from(2)
+        ExitCode::from(EXIT_USAGE)
     })
 }
 
@@ -163,7 +164,7 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
     });
     if let Err(e) = std::fs::create_dir_all(&out) {
         eprintln!("trellis-sim: cannot create {}: {e}", out.display());
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_USAGE);
     }
     let started = Instant::now();
     if !quiet {
@@ -179,7 +180,7 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
         Ok(w) => w,
         Err(e) => {
             eprintln!("trellis-sim: cannot build the world: {e:#}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let mut bar = Bar::new(quiet);
@@ -209,7 +210,7 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
             "trellis-sim: cannot write the outputs to {}: {e}",
             out.display()
         );
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_USAGE);
     }
     let wall = started.elapsed().as_secs_f64();
     let r = &report;
@@ -280,7 +281,7 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
             "replay: trellis-sim run {} --seed {seed}",
             out.join("schedule.toml").display()
         );
-        return ExitCode::from(1);
+        return ExitCode::from(EXIT_FAILED);
     }
     ExitCode::SUCCESS
 }
