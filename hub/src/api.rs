@@ -13,7 +13,7 @@ pub use trellis_relay::report::{ApiError, CheckRow, NodeRow, NodesReport};
 use crate::audit::{AuditEntry, AuditProblem};
 use crate::driver::{DrillError, Input, Shared};
 use crate::federation::{HubRow, HubsReport};
-use crate::log::{Op, VersionVector, Winner};
+use crate::log::{ConfigVersion, Op, VersionVector, Winner};
 use crate::store::{self, StoredRecord};
 
 /// Records returned by one history or events request, at most.
@@ -64,6 +64,14 @@ pub(crate) fn router(shared: Shared) -> Router {
             "/api/v1/desired/{key}",
             axum::routing::put(put_desired).delete(delete_desired),
         )
+        .route(
+            "/api/v1/config",
+            get(config_history)
+                .post(config_apply)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_CONFIG_BODY)),
+        )
+        .route("/api/v1/config/status", get(config_status))
+        .route("/api/v1/config/{version}", get(config_show))
         .route("/api/v1/log", get(log))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/audit/verify", get(audit_verify))
@@ -86,6 +94,10 @@ async fn index() -> &'static str {
         "GET /api/v1/desired                         the desired state (from the replicated log)\n",
         "PUT /api/v1/desired/{key}  {\"value\": V}     write; acknowledged once on write_quorum hubs\n",
         "DELETE /api/v1/desired/{key}                delete, likewise\n",
+        "POST /api/v1/config   (a signed bundle)     store a new configuration version\n",
+        "GET /api/v1/config                          every configuration version, newest first\n",
+        "GET /api/v1/config/{version}[?format=bundle]   one version: manifests, or the signed bundle\n",
+        "GET /api/v1/config/status                   per site: versions held, drift, failures\n",
         "GET /api/v1/log[?limit=N]                   the replicated log, by (origin, seq)\n",
         "GET /api/v1/audit[?since=MS&origin=O&limit=N]   the log as an audit trail, oldest first\n",
         "GET /api/v1/audit/verify                    check this hub's stored log: signatures, chain\n",
@@ -200,6 +212,7 @@ async fn history(
             .map(|k| k.split(',').map(|s| s.trim().to_owned()).collect())
             .unwrap_or_default(),
         no_summaries: false,
+        newest_first: false,
         limit: q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT),
     };
     run_query(&shared, query).await
@@ -221,6 +234,7 @@ async fn events(State(shared): State<Shared>, Query(q): Query<EventsQuery>) -> R
         to_ms: None,
         kinds: Vec::new(),
         no_summaries: true,
+        newest_first: false,
         limit: q.limit.unwrap_or(1000).clamp(1, MAX_LIMIT),
     };
     run_query(&shared, query).await
@@ -371,9 +385,302 @@ async fn write_op(shared: &Shared, author: String, op: Op) -> Response {
     }
 }
 
+/// Largest `POST /api/v1/config` body: a signed bundle.
+pub const MAX_CONFIG_BODY: usize = trellis_node::bundle::MAX_BUNDLE_BYTES + (64 << 10);
+
+/// `GET /api/v1/config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigHistory {
+    /// Newest first.
+    pub versions: Vec<ConfigVersion>,
+}
+
+/// `GET /api/v1/config/{version}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigShow {
+    #[serde(flatten)]
+    pub version: ConfigVersion,
+    /// When the operator signed it, ms since the Unix epoch.
+    pub created_ms: u64,
+    pub fleet: trellis_node::desired::Fleet,
+}
+
+/// The answer to `POST /api/v1/config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigApplied {
+    pub version: u64,
+    pub digest: String,
+    /// Who signed it.
+    pub operator: String,
+    #[serde(flatten)]
+    pub write: WriteReport,
+}
+
+/// One site in `GET /api/v1/config/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteConfigRow {
+    pub region: String,
+    pub site: String,
+    /// Whether the hubs hear from the site now; an unreachable site's
+    /// figures are as last heard.
+    pub reachable: bool,
+    pub nodes_alive: u32,
+    /// Alive nodes holding the newest version (or a newer one).
+    pub at_latest: u32,
+    pub config: trellis_relay::summary::ConfigTally,
+}
+
+/// `GET /api/v1/config/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    pub latest: Option<ConfigVersion>,
+    pub sites: Vec<SiteConfigRow>,
+    /// Over reachable sites: alive nodes, and those holding the newest
+    /// version.
+    pub nodes_alive: u32,
+    pub at_latest: u32,
+    pub sites_unreachable: u32,
+    /// Alive nodes with a file not as applied, and whose last attempt
+    /// failed or was refused (all sites).
+    pub drifted: u32,
+    pub failing: u32,
+    /// The latest configuration events (results and drift), newest last.
+    pub recent: Vec<StoredRecord>,
+}
+
+impl ConfigStatus {
+    /// Whether every alive node of every reachable site holds the newest
+    /// version.
+    pub fn converged(&self) -> bool {
+        self.at_latest >= self.nodes_alive
+    }
+}
+
+async fn config_snapshot(shared: &Shared) -> Result<crate::driver::LogSnapshot, Response> {
+    shared
+        .ask(|reply| Input::LogState { reply })
+        .await
+        .ok_or_else(|| DrillError::ShuttingDown.into_response())
+}
+
+async fn config_history(State(shared): State<Shared>) -> Response {
+    match config_snapshot(&shared).await {
+        Ok(s) => axum::Json(ConfigHistory {
+            versions: s.configs.into_iter().rev().collect(),
+        })
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct ShowQuery {
+    format: Option<String>,
+}
+
+async fn config_show(
+    State(shared): State<Shared>,
+    Path(version): Path<String>,
+    Query(q): Query<ShowQuery>,
+) -> Response {
+    let Ok(version) = version.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{version:?} is not a configuration version (a number, see GET /api/v1/config)"
+            ),
+        );
+    };
+    let snapshot = match config_snapshot(&shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(v) = snapshot.configs.into_iter().find(|c| c.version == version) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no configuration version {version} (see GET /api/v1/config)"),
+        );
+    };
+    let reader = shared.store.clone();
+    let (origin, seq) = (v.origin.clone(), v.seq);
+    let entry = tokio::task::spawn_blocking(move || reader.log_entry(&origin, seq)).await;
+    let bytes = match entry {
+        Ok(Ok(Some(crate::log::Entry {
+            op: Op::Config { bundle, .. },
+            ..
+        }))) => bundle,
+        Ok(Ok(_)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "the log entry {}/{} holding version {version} is unreadable; run `trellis audit verify`",
+                    v.origin, v.seq
+                ),
+            );
+        }
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    if q.format.as_deref() == Some("bundle") {
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response();
+    }
+    let decoded = postcard::from_bytes::<trellis_node::bundle::SignedBundle>(&bytes)
+        .ok()
+        .and_then(|sb| postcard::from_bytes::<trellis_node::bundle::Bundle>(&sb.bundle).ok());
+    match decoded {
+        Some(b) => axum::Json(ConfigShow {
+            version: v,
+            created_ms: b.created_ms,
+            fleet: b.fleet,
+        })
+        .into_response(),
+        None => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("version {version}'s bundle does not decode"),
+        ),
+    }
+}
+
+async fn config_apply(State(shared): State<Shared>, body: axum::body::Bytes) -> Response {
+    let Some(peering) = shared.peering.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting");
+    };
+    let signed = match postcard::from_bytes::<trellis_node::bundle::SignedBundle>(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body is not a signed configuration bundle ({e}); use `trellis config apply`"
+                ),
+            );
+        }
+    };
+    let (bundle, operator) = match trellis_node::bundle::verify(&peering.creds, &signed) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::FORBIDDEN, format!("bundle refused: {e}")),
+    };
+    let snapshot = match config_snapshot(&shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let latest = snapshot.configs.last().map_or(0, |c| c.version);
+    if bundle.version <= latest {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "version {} is not newer than the newest version, {latest}: sign the bundle as version {}                  (`trellis config apply` does this; to go back, `trellis config rollback VERSION`)",
+                bundle.version,
+                latest + 1
+            ),
+        );
+    }
+    let digest = trellis_node::distribute::hex32(&signed.digest());
+    let op = Op::Config {
+        version: bundle.version,
+        digest: digest.clone(),
+        comment: bundle.comment.clone(),
+        bundle: body.to_vec(),
+    };
+    let Some(peering) = shared.peering.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting");
+    };
+    match crate::peering::write(&shared, peering, operator.name.clone(), op).await {
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(w) => {
+            let report = ConfigApplied {
+                version: bundle.version,
+                digest,
+                operator: operator.name.clone(),
+                write: WriteReport {
+                    origin: w.entry.entry.origin.clone(),
+                    seq: w.entry.entry.seq,
+                    hlc: w.entry.entry.hlc,
+                    durable_on: w.durable_on.clone(),
+                    write_quorum: w.quorum,
+                },
+            };
+            // Stored here either way; not acknowledged unless on a quorum.
+            let status = if w.acknowledged() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (status, axum::Json(report)).into_response()
+        }
+    }
+}
+
+/// Configuration events kept in `ConfigStatus::recent`, at most.
+const RECENT_CONFIG_EVENTS: usize = 50;
+
+async fn config_status(State(shared): State<Shared>) -> Response {
+    let snapshot = match config_snapshot(&shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let fleet = match shared.fleet().await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let latest = snapshot.configs.last().cloned();
+    let newest = latest.as_ref().map_or(0, |c| c.version);
+    let mut status = ConfigStatus {
+        latest,
+        sites: Vec::new(),
+        nodes_alive: 0,
+        at_latest: 0,
+        sites_unreachable: 0,
+        drifted: 0,
+        failing: 0,
+        recent: Vec::new(),
+    };
+    for row in fleet.sites {
+        let reachable = row.status != trellis_relay::summary::SiteStatus::Unreachable;
+        let at_latest = row.config.at_least(newest);
+        if reachable {
+            status.nodes_alive += row.nodes_alive;
+            status.at_latest += at_latest;
+        } else {
+            status.sites_unreachable += 1;
+        }
+        status.drifted += row.config.drifted_count;
+        status.failing += row.config.failing_count;
+        status.sites.push(SiteConfigRow {
+            region: row.region,
+            site: row.site,
+            reachable,
+            nodes_alive: row.nodes_alive,
+            at_latest,
+            config: row.config,
+        });
+    }
+    let reader = shared.store.clone();
+    let recent = tokio::task::spawn_blocking(move || {
+        reader.records(&store::Query {
+            kinds: vec!["config_result".into(), "config_drift".into()],
+            newest_first: true,
+            limit: RECENT_CONFIG_EVENTS,
+            ..Default::default()
+        })
+    })
+    .await;
+    if let Ok(Ok(mut r)) = recent {
+        r.reverse();
+        status.recent = r;
+    }
+    axum::Json(status).into_response()
+}
+
 /// One entry in `GET /api/v1/log`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogRow {
+    /// The entry (a configuration's bundle bytes left out, so the
+    /// signature does not verify over it as shown).
     pub entry: crate::log::Entry,
     /// The origin's signature, hex.
     pub signature: String,
@@ -418,7 +725,10 @@ async fn log(State(shared): State<Shared>, Query(q): Query<LogQuery>) -> Respons
                     .into_iter()
                     .map(|e| LogRow {
                         signature: crate::log::hex(&e.signature),
-                        entry: e.entry,
+                        entry: crate::log::Entry {
+                            op: e.entry.op.without_bundle(),
+                            ..e.entry
+                        },
                     })
                     .collect(),
                 truncated,

@@ -168,6 +168,7 @@ pub struct AuditEntry {
     pub author: String,
     /// The short human form (`put key=value`).
     pub op_text: String,
+    /// The operation (a configuration's bundle bytes left out).
     pub op: Op,
     /// This entry's hash, hex.
     pub hash: String,
@@ -187,7 +188,7 @@ impl AuditEntry {
             seq: entry.seq,
             hlc_ms: entry.hlc.ms,
             author: entry.author,
-            op: entry.op,
+            op: entry.op.without_bundle(),
         }
     }
 }

@@ -171,6 +171,79 @@ impl ApiClient {
         self.decode(url, resp).await
     }
 
+    /// Stores a signed configuration bundle as a new version
+    /// (`POST /api/v1/config`).
+    pub async fn config_apply(
+        &self,
+        signed: &trellis_node::bundle::SignedBundle,
+    ) -> Result<crate::api::ConfigApplied, ClientError> {
+        let url = format!("{}/api/v1/config", self.base);
+        let body = postcard::to_stdvec(signed).expect("bundles serialise");
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        self.decode(url, resp).await
+    }
+
+    /// Every configuration version, newest first (`GET /api/v1/config`).
+    pub async fn config_history(&self) -> Result<crate::api::ConfigHistory, ClientError> {
+        self.get("/api/v1/config").await
+    }
+
+    /// One configuration version's manifests.
+    pub async fn config_show(&self, version: u64) -> Result<crate::api::ConfigShow, ClientError> {
+        self.get(&format!("/api/v1/config/{version}")).await
+    }
+
+    /// One configuration version's signed bundle, as stored.
+    pub async fn config_bundle(
+        &self,
+        version: u64,
+    ) -> Result<trellis_node::bundle::SignedBundle, ClientError> {
+        let url = format!("{}/api/v1/config/{version}?format=bundle", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        postcard::from_bytes(&body).map_err(|e| ClientError::Decode {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Where every site stands with the newest configuration
+    /// (`GET /api/v1/config/status`).
+    pub async fn config_status(&self) -> Result<crate::api::ConfigStatus, ClientError> {
+        self.get("/api/v1/config/status").await
+    }
+
     /// The management log as an audit trail (`GET /api/v1/audit`).
     pub async fn audit(
         &self,

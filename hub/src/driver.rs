@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use trellis_node::agent::StartError;
 use trellis_node::authz::Protocol;
+use trellis_node::bundle::SignedBundle;
 use trellis_node::clock::{ticker, unix_ms};
+use trellis_node::distribute::{Offer, Served as ConfigHead, hex32};
 use trellis_node::endpoint::{Accepted, MeshEndpoint, close};
 use trellis_node::gossip::{Cluster, Gossip};
 use trellis_node::id::{Identity, Role};
@@ -38,12 +40,20 @@ use trellis_relay::uplink::{
 use crate::api;
 use crate::config::HubConfig;
 use crate::core::{Coverage, Fresh, HubCore, RecordError, Served};
-use crate::log::{LogCore, Op, SignedEntry, VersionVector, Winner, hex};
+use crate::log::{Entry, LogCore, Op, SignedEntry, VersionVector, Winner, hex};
 use crate::peering::{Peering, PeeringSettings, federation_task, push_task, serve_replication};
 use crate::replication::ReplClient;
 use crate::store::{Batch, HubStore, StoreError, StoreReader, StoredRecord, stored};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a relay to take a pushed configuration bundle (a few
+/// MiB over a slow WAN, then an fsync).
+const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait between attempts to push a configuration to a relay.
+const MAX_PUSH_BACKOFF: Duration = Duration::from_secs(30);
+/// Audit notes waiting to be written, at most (past it, notes are dropped
+/// and logged: the events themselves stay in the store).
+const NOTES_QUEUE: usize = 4096;
 /// Records a connection hands to the core task at once, at most.
 const MAX_RECORDS_PER_INPUT: usize = 256;
 /// Inputs the core task gathers into one commit, at most.
@@ -179,6 +189,8 @@ pub(crate) struct LogSnapshot {
     pub version_vector: VersionVector,
     pub entries: u64,
     pub desired: Vec<(String, Winner)>,
+    /// Every configuration version, oldest first.
+    pub configs: Vec<crate::log::ConfigVersion>,
 }
 
 enum StoreCmd {
@@ -242,6 +254,10 @@ struct CoreTask {
     store: std::sync::mpsc::Sender<StoreCmd>,
     /// Records stored here, to push to the other hubs.
     pushes: mpsc::Sender<Vec<StoredRecord>>,
+    /// The newest configuration version, with its bundle.
+    config_head: watch::Sender<ConfigHead>,
+    /// Audit notes of configuration events relays sent to this hub.
+    notes: mpsc::Sender<(String, Op)>,
     metrics: HubMetrics,
 }
 
@@ -324,6 +340,7 @@ impl CoreTask {
                                 .values()
                                 .map(|(k, w)| (k.to_owned(), w.clone()))
                                 .collect(),
+                            configs: self.log.state().configs().cloned().collect(),
                         });
                     }
                     other @ (Input::LogWrite { .. } | Input::LogEntries { .. }) => {
@@ -404,6 +421,7 @@ impl CoreTask {
         match committed {
             Ok(()) => {
                 self.metrics.commits.inc();
+                self.note_config_events(&records);
                 for (fresh, reply) in work {
                     self.core.handle_committed(received(&fresh), &fresh);
                     if let Some(reply) = reply {
@@ -431,6 +449,51 @@ impl CoreTask {
         }
     }
 
+    /// Queues an audit note for each configuration event among `records`
+    /// (those that came straight from relays: the hub that received an
+    /// event notes it, once; replicas do not).
+    fn note_config_events(&self, records: &[StoredRecord]) {
+        use trellis_relay::uplink::{Event, RecordBody};
+        for r in records {
+            let RecordBody::Event(e) = &r.body else {
+                continue;
+            };
+            let kind = match e {
+                Event::ConfigResult { result, .. } => format!("config.{}", result.outcome),
+                Event::ConfigDrift { .. } => "config.drift".to_owned(),
+                _ => continue,
+            };
+            let node = match e {
+                Event::ConfigResult { node, .. } | Event::ConfigDrift { node, .. } => node,
+                _ => continue,
+            };
+            let op = Op::Note {
+                kind,
+                subject: format!("{}/{}/{node}", r.region, r.site),
+                detail: e.config_text().unwrap_or_default(),
+            };
+            if self.notes.try_send((self.log_me(), op)).is_err() {
+                warn!(relay = %r.relay, "audit notes queue full; a configuration event is in the store but not in the audit log");
+            }
+        }
+    }
+
+    fn log_me(&self) -> String {
+        self.creds.identity.name.clone()
+    }
+
+    /// After `e` was applied to the log: if it holds the newest
+    /// configuration version, that is now what relays are offered.
+    fn follow_config(&self, e: &Entry) {
+        let latest = self.log.state().latest_config();
+        if latest.is_some_and(|c| c.origin == e.origin && c.seq == e.seq)
+            && let Some(head) = config_head_of(e)
+        {
+            info!(version = head.0.version, digest = %&hex32(&head.0.digest)[..16], "newest configuration version; offering it to relays");
+            self.config_head.send_replace(Some(Arc::new(head)));
+        }
+    }
+
     async fn log_input(&mut self, input: Input) {
         match input {
             Input::LogWrite { author, op, reply } => {
@@ -451,6 +514,7 @@ impl CoreTask {
                     store_call(&self.store, |reply| StoreCmd::CommitLog { entries, reply }).await;
                 if result.is_ok() {
                     self.log.apply(&signed.entry, signed.hash());
+                    self.follow_config(&signed.entry);
                 }
                 let _ = reply.send(result.map(|()| signed));
             }
@@ -479,11 +543,146 @@ impl CoreTask {
                 if result.is_ok() {
                     for e in &fresh {
                         self.log.apply(&e.entry, e.hash());
+                        self.follow_config(&e.entry);
                     }
                 }
                 let _ = reply.send(result.map(|()| fresh.len()));
             }
             _ => {}
+        }
+    }
+}
+
+/// The configuration version an entry holds, with its bundle; `None` for
+/// other entries (or a bundle that does not decode, which the hub that
+/// accepted it would not have let in).
+fn config_head_of(e: &Entry) -> Option<(Offer, SignedBundle)> {
+    let Op::Config {
+        version, bundle, ..
+    } = &e.op
+    else {
+        return None;
+    };
+    let signed: SignedBundle = postcard::from_bytes(bundle).ok()?;
+    Some((Offer::of(*version, &signed), signed))
+}
+
+/// Offers the newest configuration to one relay, and pushes the bundle if
+/// it wants it; again whenever a newer one comes, until the connection
+/// ends. Failed pushes are retried with a growing delay.
+async fn push_config(
+    conn: quinn::Connection,
+    relay: Identity,
+    mut head: watch::Receiver<ConfigHead>,
+) {
+    loop {
+        let current = head.borrow_and_update().clone();
+        if let Some(c) = current {
+            let mut delay = Duration::from_secs(1);
+            loop {
+                match offer_config(&conn, &c).await {
+                    Ok(true) => {
+                        info!(relay = %relay, version = c.0.version, "configuration pushed to the relay");
+                        break;
+                    }
+                    Ok(false) => break,
+                    Err(error) => {
+                        if conn.close_reason().is_some() {
+                            return;
+                        }
+                        warn!(relay = %relay, version = c.0.version, %error, retry_in = ?delay, "cannot push configuration to the relay");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    changed = head.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+                delay = (delay * 2).min(MAX_PUSH_BACKOFF);
+            }
+            if head.has_changed().unwrap_or(false) {
+                continue;
+            }
+        }
+        if head.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One offer on its own stream: `Ok(true)` if the relay took the bundle,
+/// `Ok(false)` if it holds that version or a newer one.
+async fn offer_config(conn: &quinn::Connection, c: &(Offer, SignedBundle)) -> Result<bool, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let e = |e: WireError| e.to_string();
+    wire::write_msg(
+        &mut send,
+        UPLINK_VERSION,
+        &Request::ConfigOffer(c.0),
+        MAX_UPLINK_FRAME,
+    )
+    .await
+    .map_err(e)?;
+    let wanted = tokio::time::timeout(
+        IO_TIMEOUT,
+        wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME),
+    )
+    .await
+    .map_err(|_| format!("no answer to the offer within {IO_TIMEOUT:?}"))?
+    .map_err(e)?;
+    match wanted {
+        Some(Response::ConfigWanted(true)) => {}
+        Some(Response::ConfigWanted(false)) => {
+            let _ = send.finish();
+            return Ok(false);
+        }
+        other => return Err(format!("unexpected answer to the offer: {other:?}")),
+    }
+    wire::write_msg(
+        &mut send,
+        UPLINK_VERSION,
+        &Request::ConfigBundle(Box::new(c.1.clone())),
+        MAX_UPLINK_FRAME,
+    )
+    .await
+    .map_err(e)?;
+    let _ = send.finish();
+    let stored = tokio::time::timeout(
+        PUSH_TIMEOUT,
+        wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME),
+    )
+    .await
+    .map_err(|_| format!("the relay did not confirm the bundle within {PUSH_TIMEOUT:?}"))?
+    .map_err(e)?;
+    match stored {
+        Some(Response::ConfigStored(o)) if o == c.0 => Ok(true),
+        Some(Response::Error(reason)) => Err(format!("the relay refused the bundle: {reason}")),
+        other => Err(format!("unexpected answer to the bundle: {other:?}")),
+    }
+}
+
+/// Writes the audit notes the core task queued, one at a time (each is
+/// durable here, then pushed to the other hubs).
+async fn notes_task(
+    shared: Shared,
+    mut notes: mpsc::Receiver<(String, Op)>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (author, op) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            n = notes.recv() => match n { Some(n) => n, None => break },
+        };
+        let Some(peering) = shared.peering.get() else {
+            continue;
+        };
+        if let Err(error) = crate::peering::note(&shared, peering, author, op).await {
+            warn!(%error, "configuration event not noted in the audit log");
         }
     }
 }
@@ -504,6 +703,8 @@ pub(crate) struct Shared {
     pub store: StoreReader,
     /// Filled in once the federation is joined.
     pub peering: Arc<std::sync::OnceLock<Peering>>,
+    /// The newest configuration version, with its bundle.
+    pub config_head: watch::Receiver<ConfigHead>,
 }
 
 /// Why a note was not recorded. Nothing was appended to the log.
@@ -581,6 +782,10 @@ impl Shared {
             Ok(Err(reason)) => Err(DrillError::Relay { site, reason }),
             Ok(Ok(Some(Response::Nodes(nodes)))) => Ok((rc.relay, nodes)),
             Ok(Ok(Some(Response::Error(reason)))) => Err(DrillError::Relay { site, reason }),
+            Ok(Ok(Some(other))) => Err(DrillError::Relay {
+                site,
+                reason: format!("unexpected answer {other:?}"),
+            }),
             Ok(Ok(None)) => Err(DrillError::Relay {
                 site,
                 reason: "no answer".into(),
@@ -726,6 +931,11 @@ async fn serve_relay_inner(
         },
     );
     info!(relay = %peer, remote = %conn.remote_address(), stream, resume_after = acked, "relay connected");
+    let _push = AbortOnDrop(tokio::spawn(push_config(
+        conn.clone(),
+        peer.clone(),
+        shared.config_head.clone(),
+    )));
     loop {
         let first = tokio::select! {
             biased;
@@ -838,7 +1048,14 @@ impl Hub {
         for (e, hash) in &log_entries {
             log.apply(e, *hash);
         }
+        let head = log.state().latest_config().and_then(|c| {
+            log_entries
+                .iter()
+                .find(|(e, _)| e.origin == c.origin && e.seq == c.seq)
+                .and_then(|(e, _)| config_head_of(e))
+        });
         drop(log_entries);
+        let (config_head_tx, config_head_rx) = watch::channel(head.map(Arc::new));
         let store_tx = spawn_store_thread(store);
 
         let mut registry = Registry::default();
@@ -873,17 +1090,24 @@ impl Hub {
             registry: Arc::new(registry),
             store: reader,
             peering: Arc::new(std::sync::OnceLock::new()),
+            config_head: config_head_rx,
         };
         let (push_tx, push_rx) = mpsc::channel(1024);
+        let (notes_tx, notes_rx) = mpsc::channel(NOTES_QUEUE);
         let core_task = CoreTask {
             core,
             log,
             creds: creds.clone(),
             store: store_tx.clone(),
             pushes: push_tx,
+            config_head: config_head_tx,
+            notes: notes_tx,
             metrics: hub_metrics.clone(),
         };
-        let mut tasks = vec![tokio::spawn(core_task.run(core_rx, shutdown.child_token()))];
+        let mut tasks = vec![
+            tokio::spawn(core_task.run(core_rx, shutdown.child_token())),
+            tokio::spawn(notes_task(shared.clone(), notes_rx, shutdown.child_token())),
+        ];
         // The federation: gossip among hubs, replication.
         let gossip_settings = trellis_node::gossip::GossipSettings {
             interval: cfg.federation.interval,

@@ -22,6 +22,8 @@
 //! - [`config`]: the hub's TOML configuration.
 //! - [`client`]: the CLI's HTTP client for the API.
 //! - [`render`]: the CLI's human-readable output.
+//! - [`rollout`]: where the fleet stands with one configuration version,
+//!   for `trellis config apply`'s progress; pure.
 //! - [`up`]: `trellis up`, a real local mesh in one process.
 
 pub mod api;
@@ -36,5 +38,6 @@ pub mod log;
 pub mod peering;
 pub mod render;
 pub mod replication;
+pub mod rollout;
 pub mod store;
 pub mod up;

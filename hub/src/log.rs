@@ -86,21 +86,50 @@ pub enum Op {
         subject: String,
         detail: String,
     },
+    /// A configuration version, as the operator signed it.
+    Config {
+        version: u64,
+        /// SHA-256 of the signed bundle bytes, hex.
+        digest: String,
+        /// The operator's note about the change.
+        comment: String,
+        /// The postcard encoding of the `SignedBundle`.
+        bundle: Vec<u8>,
+    },
 }
 
 impl Op {
+    /// The operation as listings show it: a configuration's bundle bytes
+    /// left out (`GET /api/v1/config/{version}` serves them).
+    pub fn without_bundle(self) -> Op {
+        match self {
+            Op::Config {
+                version,
+                digest,
+                comment,
+                ..
+            } => Op::Config {
+                version,
+                digest,
+                comment,
+                bundle: Vec::new(),
+            },
+            other => other,
+        }
+    }
+
     /// The desired-state key the operation changes; notes change none.
     pub fn key(&self) -> Option<&str> {
         match self {
             Op::Put { key, .. } | Op::Delete { key } => Some(key),
-            Op::Note { .. } => None,
+            Op::Note { .. } | Op::Config { .. } => None,
         }
     }
 }
 
 /// The short human form stored next to each entry and shown by
 /// `trellis audit log`: `put key=value`, `delete key`,
-/// `note kind subject: detail`.
+/// `note kind subject: detail`, `config vN DIGEST16: comment`.
 impl std::fmt::Display for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -116,6 +145,19 @@ impl std::fmt::Display for Op {
                 subject,
                 detail,
             } => write!(f, "note {kind} {subject}: {detail}"),
+            Op::Config {
+                version,
+                digest,
+                comment,
+                ..
+            } => {
+                let short = digest.get(..16).unwrap_or(digest);
+                if comment.is_empty() {
+                    write!(f, "config v{version} {short}")
+                } else {
+                    write!(f, "config v{version} {short}: {comment}")
+                }
+            }
         }
     }
 }
@@ -205,6 +247,27 @@ impl Entry {
         postcard::to_stdvec(self).expect("entries serialise")
     }
 
+    /// Roughly the bytes it takes on the wire: what varies is the
+    /// operation's text and a configuration's bundle.
+    pub fn approx_size(&self) -> usize {
+        let op = match &self.op {
+            Op::Put { key, value } => key.len() + value.len(),
+            Op::Delete { key } => key.len(),
+            Op::Note {
+                kind,
+                subject,
+                detail,
+            } => kind.len() + subject.len() + detail.len(),
+            Op::Config {
+                digest,
+                comment,
+                bundle,
+                ..
+            } => digest.len() + comment.len() + bundle.len(),
+        };
+        128 + self.origin.len() + self.author.len() + op
+    }
+
     fn rank(&self) -> (Hlc, &str, u64) {
         (self.hlc, &self.origin, self.seq)
     }
@@ -263,16 +326,60 @@ pub struct Winner {
     pub author: String,
 }
 
+/// A configuration version and the entry that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigVersion {
+    pub version: u64,
+    pub digest: String,
+    pub comment: String,
+    /// The operator who signed it (the certificate's name).
+    pub author: String,
+    pub hlc: Hlc,
+    pub origin: String,
+    pub seq: u64,
+}
+
 /// The desired state derived from the log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     keys: BTreeMap<String, Winner>,
+    /// Configuration versions. Two hubs cut off from each other may each
+    /// accept a bundle with the same version number; like a key, the
+    /// entry with the greatest `(hlc, origin, seq)` wins everywhere.
+    configs: BTreeMap<u64, ConfigVersion>,
 }
 
 impl DesiredState {
     /// Applies one entry (in any order relative to the others).
     /// Notes change nothing.
     pub fn apply(&mut self, e: &Entry) {
+        if let Op::Config {
+            version,
+            digest,
+            comment,
+            ..
+        } = &e.op
+        {
+            let wins = self
+                .configs
+                .get(version)
+                .is_none_or(|c| e.rank() > (c.hlc, c.origin.as_str(), c.seq));
+            if wins {
+                self.configs.insert(
+                    *version,
+                    ConfigVersion {
+                        version: *version,
+                        digest: digest.clone(),
+                        comment: comment.clone(),
+                        author: e.author.clone(),
+                        hlc: e.hlc,
+                        origin: e.origin.clone(),
+                        seq: e.seq,
+                    },
+                );
+            }
+            return;
+        }
         let Some(key) = e.op.key() else {
             return;
         };
@@ -286,7 +393,7 @@ impl DesiredState {
                 Winner {
                     value: match &e.op {
                         Op::Put { value, .. } => Some(value.clone()),
-                        Op::Delete { .. } | Op::Note { .. } => None,
+                        Op::Delete { .. } | Op::Note { .. } | Op::Config { .. } => None,
                     },
                     hlc: e.hlc,
                     origin: e.origin.clone(),
@@ -307,6 +414,20 @@ impl DesiredState {
 
     pub fn get(&self, key: &str) -> Option<&Winner> {
         self.keys.get(key).filter(|w| w.value.is_some())
+    }
+
+    /// Every configuration version, oldest first.
+    pub fn configs(&self) -> impl DoubleEndedIterator<Item = &ConfigVersion> {
+        self.configs.values()
+    }
+
+    /// The newest configuration version.
+    pub fn latest_config(&self) -> Option<&ConfigVersion> {
+        self.configs.values().next_back()
+    }
+
+    pub fn config(&self, version: u64) -> Option<&ConfigVersion> {
+        self.configs.get(&version)
     }
 }
 

@@ -242,6 +242,10 @@ pub fn verified(creds: &Credentials, entries: Vec<SignedEntry>) -> Vec<SignedEnt
         .collect()
 }
 
+/// Bytes of log entries one pull answer carries, at most (one entry
+/// larger than this, up to a bundle's limit, still goes alone).
+const MAX_PULL_BYTES: usize = 8 << 20;
+
 /// Pushes records this hub stored to every alive peer.
 pub(crate) async fn push_task(
     peering: Peering,
@@ -471,11 +475,21 @@ async fn answer(shared: &Shared, peering: &Peering, req: ReplRequest) -> ReplRes
             let max = max.min(PULL_CHUNK) as usize;
             let found = tokio::task::spawn_blocking(move || {
                 let mut out = Vec::new();
+                let mut bytes = 0usize;
                 for (origin, after) in missing {
                     if out.len() >= max {
                         return Ok::<_, crate::store::StoreError>((out, true));
                     }
-                    out.extend(reader.log_after(&origin, after, max - out.len())?);
+                    for e in reader.log_after(&origin, after, max - out.len())? {
+                        // Entries holding configuration bundles are large:
+                        // a chunk stays well within a frame whatever it holds.
+                        let size = e.cert.len() + e.signature.len() + e.entry.approx_size();
+                        if !out.is_empty() && bytes + size > MAX_PULL_BYTES {
+                            return Ok((out, true));
+                        }
+                        bytes += size;
+                        out.push(e);
+                    }
                 }
                 let more = out.len() >= max;
                 Ok((out, more))

@@ -284,6 +284,16 @@ pub fn records(report: &crate::api::RecordsReport, colour: bool) -> String {
                 };
                 p.status(*to, &text)
             }
+            RecordBody::Event(e @ Event::ConfigResult { result, .. }) => {
+                let text = e.config_text().unwrap_or_default();
+                match result.outcome {
+                    trellis_node::distribute::Outcome::Ok => text,
+                    _ => p.site(SiteStatus::Critical, &text),
+                }
+            }
+            RecordBody::Event(e @ Event::ConfigDrift { .. }) => {
+                p.site(SiteStatus::Degraded, &e.config_text().unwrap_or_default())
+            }
             RecordBody::Gap(g) => p.site(
                 SiteStatus::Degraded,
                 &format!(
@@ -366,6 +376,188 @@ pub fn audit(report: &crate::api::AuditReport, colour: bool) -> String {
         "no log entries in that range",
         report.truncated,
     );
+    out
+}
+
+/// `trellis config history`: a line per version, newest first.
+pub fn config_history(report: &crate::api::ConfigHistory, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    if report.versions.is_empty() {
+        out.push_str(
+            "no configuration version stored yet: `trellis config apply DIR` stores the first\n",
+        );
+        return out;
+    }
+    let author_width = report
+        .versions
+        .iter()
+        .map(|v| v.author.len())
+        .max()
+        .unwrap_or(0);
+    for (i, v) in report.versions.iter().enumerate() {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(v.hlc.ms),
+        );
+        let _ = writeln!(
+            out,
+            "{}  {when}  {:<author_width$}  {}  {}{}",
+            p.bold(&format!("v{:<4}", v.version)),
+            v.author,
+            p.dim(&format!(
+                "{}/{} {}",
+                v.origin,
+                v.seq,
+                &v.digest[..v.digest.len().min(12)]
+            )),
+            v.comment,
+            if i == 0 {
+                p.dim("  (newest)")
+            } else {
+                String::new()
+            },
+        );
+    }
+    out
+}
+
+/// `trellis config show VERSION`: who signed it and what each manifest
+/// manages, for whom.
+pub fn config_show(report: &crate::api::ConfigShow, colour: bool) -> String {
+    let p = Paint(colour);
+    let v = &report.version;
+    let mut out = String::new();
+    let when = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(report.created_ms),
+    );
+    let _ = writeln!(out, "{}", p.bold(&format!("configuration v{}", v.version)));
+    let _ = writeln!(
+        out,
+        "  signed by {} at {when}, stored by {} as entry {}",
+        v.author, v.origin, v.seq
+    );
+    let _ = writeln!(out, "  digest    {}", v.digest);
+    if !v.comment.is_empty() {
+        let _ = writeln!(out, "  comment   {}", v.comment);
+    }
+    for m in report.fleet.manifests() {
+        let _ = writeln!(out, "{}", p.bold(&m.name));
+        for vs in &m.vars {
+            let names: Vec<&str> = vs.values.keys().map(String::as_str).collect();
+            let _ = writeln!(out, "  vars for {}: {}", vs.selector, names.join(", "));
+        }
+        for f in &m.files {
+            let reload = if f.reload.is_empty() {
+                String::new()
+            } else {
+                format!(", reload: {}", f.reload.join(" && "))
+            };
+            let _ = writeln!(
+                out,
+                "  {} {:o} {} bytes{}{}  {}",
+                f.path,
+                f.mode,
+                f.content.len(),
+                if f.template { ", template" } else { "" },
+                reload,
+                p.dim(&format!("for {}", f.selector)),
+            );
+        }
+    }
+    out
+}
+
+/// `trellis config status`: per site, how many nodes hold the newest
+/// version, which drifted, which failed; then the latest events.
+pub fn config_status(report: &crate::api::ConfigStatus, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    let Some(latest) = &report.latest else {
+        out.push_str(
+            "no configuration version stored yet: `trellis config apply DIR` stores the first\n",
+        );
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "newest: v{} by {}  ·  {}/{} nodes of reachable sites hold it  ·  {} drifted  ·  {} failing",
+        latest.version,
+        latest.author,
+        report.at_latest,
+        report.nodes_alive,
+        report.drifted,
+        report.failing
+    );
+    let width = report
+        .sites
+        .iter()
+        .map(|s| s.region.len() + s.site.len() + 1)
+        .max()
+        .unwrap_or(0);
+    for s in &report.sites {
+        let name = format!("{}/{}", s.region, s.site);
+        let offered = s
+            .config
+            .offered
+            .map_or("relay holds nothing".to_owned(), |v| {
+                format!("relay holds v{v}")
+            });
+        let mut line = format!(
+            "{:<width$}  {}/{} at v{}  {}",
+            name, s.at_latest, s.nodes_alive, latest.version, offered
+        );
+        if !s.reachable {
+            line = p.site(
+                SiteStatus::Unreachable,
+                &format!("{line}  UNREACHABLE (as last heard)"),
+            );
+        } else if s.at_latest < s.nodes_alive {
+            line = p.site(SiteStatus::Degraded, &line);
+        }
+        let _ = writeln!(out, "{line}");
+        if s.config.drifted_count > 0 {
+            let _ = writeln!(
+                out,
+                "{:width$}  {}",
+                "",
+                p.site(
+                    SiteStatus::Degraded,
+                    &format!(
+                        "drifted ({}): {}",
+                        s.config.drifted_count,
+                        s.config.drifted.join(", ")
+                    )
+                )
+            );
+        }
+        if s.config.failing_count > 0 {
+            let names: Vec<String> = s
+                .config
+                .failing
+                .iter()
+                .map(|(n, v)| format!("{n} (v{v})"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:width$}  {}",
+                "",
+                p.site(
+                    SiteStatus::Critical,
+                    &format!("failing ({}): {}", s.config.failing_count, names.join(", "))
+                )
+            );
+        }
+    }
+    if !report.recent.is_empty() {
+        let _ = writeln!(out, "{}", p.bold("recent configuration events"));
+        out.push_str(&records(
+            &crate::api::RecordsReport {
+                records: report.recent.clone(),
+                truncated: false,
+            },
+            colour,
+        ));
+    }
     out
 }
 
@@ -515,6 +707,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            config: Default::default(),
         }
     }
 

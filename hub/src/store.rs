@@ -113,6 +113,9 @@ pub struct Query {
     pub kinds: Vec<String>,
     /// Everything but summaries (events and gaps).
     pub no_summaries: bool,
+    /// The newest `limit` records (still returned newest first) instead
+    /// of the oldest.
+    pub newest_first: bool,
     pub limit: usize,
 }
 
@@ -459,10 +462,12 @@ impl StoreReader {
             sql.push_str(&format!(" AND kind IN ({})", marks.join(", ")));
         }
         args.push((q.limit.max(1) as i64).into());
-        sql.push_str(&format!(
-            " ORDER BY at_ms, relay, stream, seq LIMIT ?{}",
-            args.len()
-        ));
+        let order = if q.newest_first {
+            "at_ms DESC, relay DESC, stream DESC, seq DESC"
+        } else {
+            "at_ms, relay, stream, seq"
+        };
+        sql.push_str(&format!(" ORDER BY {order} LIMIT ?{}", args.len()));
         let mut stmt = conn.prepare(&sql).map_err(err)?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(args), row_to_record)
@@ -514,6 +519,21 @@ impl StoreReader {
             }
         }
         Ok(out)
+    }
+
+    /// One log entry, if held and readable.
+    pub fn log_entry(&self, origin: &str, seq: u64) -> Result<Option<Entry>, StoreError> {
+        let err = sqlite_err(&self.path);
+        let conn = self.open().map_err(err)?;
+        let blob: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT entry FROM log WHERE origin = ?1 AND seq = ?2",
+                params![origin, seq as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        Ok(blob.and_then(|b| postcard::from_bytes::<Entry>(&b).ok()))
     }
 
     /// Log entries oldest first (by their hybrid clock, then origin and

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -16,12 +17,14 @@ use crate::authz::Protocol;
 use crate::config::{
     ApplyConfig, CheckConfig, GossipConfig, HealthConfig, MetricsConfig, NodeConfig,
 };
+use crate::desired::NodeFacts;
+use crate::distribute::{self, ConfigResult, DriftAction, DriftNote, Offer, Outcome};
 use crate::endpoint::MeshEndpoint;
 use crate::gossip::Gossip;
 use crate::health::{self, Checks, ResourceSampler};
 use crate::managed::{ManagedState, short_hex};
 use crate::metrics::{self, ConfigMetrics, MeshMetrics, Registry};
-use crate::site::descriptor_kv;
+use crate::site::{SiteView, descriptor_kv};
 use crate::tls::Credentials;
 
 /// Why a member could not start. Nothing is left running.
@@ -111,16 +114,20 @@ pub async fn publish_health_loop(
 pub struct SiteMember {
     pub endpoint: MeshEndpoint,
     pub gossip: Arc<Gossip>,
+    /// Accepted connections of the protocols served besides gossip.
+    pub routes: crate::endpoint::Routes,
     health_task: JoinHandle<()>,
 }
 
 impl SiteMember {
-    /// Binds the endpoint, starts the checks, joins gossip and starts
-    /// publishing health, with the member's `labels` and its machine's facts
-    /// ([`machine_facts`]). Registers the mesh metrics into `registry`.
+    /// Binds the endpoint (serving gossip and the protocols in `serve`),
+    /// starts the checks, joins gossip and starts publishing health, with
+    /// the member's `labels` and its machine's facts ([`machine_facts`]).
+    /// Registers the mesh metrics into `registry`.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         creds: Credentials,
+        serve: &[Protocol],
         labels: &BTreeMap<String, String>,
         gossip: &GossipConfig,
         health_cfg: &HealthConfig,
@@ -130,10 +137,13 @@ impl SiteMember {
     ) -> Result<Self, StartError> {
         let role = creds.identity.role;
         let mesh_metrics = MeshMetrics::register(registry);
+        let protocols: Vec<Protocol> = std::iter::once(Protocol::Gossip)
+            .chain(serve.iter().copied())
+            .collect();
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds,
             gossip.listen_addr(),
-            &[Protocol::Gossip],
+            &protocols,
             mesh_metrics.clone(),
         )?;
         let checks = Checks::start(checks, shutdown.child_token());
@@ -163,6 +173,7 @@ impl SiteMember {
         Ok(SiteMember {
             endpoint,
             gossip: site_gossip,
+            routes,
             health_task,
         })
     }
@@ -222,16 +233,21 @@ impl ApplyHandle {
 /// `cfg.drift_interval` once something was applied, checks the managed files
 /// for drift. An apply or check in progress finishes before shutdown is
 /// seen: a file half-healed or a reload killed half-way is worse than a
-/// late stop.
+/// late stop. Publishes in gossip what the node holds
+/// ([`distribute::keys::APPLIED`]) and each drifted file
+/// ([`distribute::keys::DRIFT_PREFIX`]).
 async fn config_loop(
     mut applier: Applier,
     cfg: ApplyConfig,
     mut inputs: mpsc::Receiver<ApplyInput>,
+    gossip: Arc<Gossip>,
     metrics: ConfigMetrics,
     shutdown: CancellationToken,
 ) {
     let mut tick = crate::clock::ticker(cfg.drift_interval);
     let mut open = true;
+    let mut drift = DriftNotes::default();
+    publish_applied(&gossip, &applier).await;
     loop {
         tokio::select! {
             biased;
@@ -240,6 +256,7 @@ async fn config_loop(
                 Some(ApplyInput::Apply { state, reply }) => {
                     let report = applier.apply(&state, cfg.reload_timeout).await;
                     log_apply(&report);
+                    publish_applied(&gossip, &applier).await;
                     let _ = reply.send(report);
                 }
                 None => open = false,
@@ -249,11 +266,212 @@ async fn config_loop(
                     continue;
                 }
                 match applier.check_drift(cfg.drift, cfg.reload_timeout).await {
-                    Ok(outcomes) => outcomes.iter().for_each(|o| note_drift(o, &metrics)),
+                    Ok(outcomes) => {
+                        outcomes.iter().for_each(|o| note_drift(o, &metrics));
+                        if drift.update(&outcomes) {
+                            gossip.set(drift.kv(), distribute::keys::DRIFT_PREFIX).await;
+                        }
+                    }
                     Err(error) => warn!(%error, "cannot check the managed files for drift"),
                 }
             }
         }
+    }
+}
+
+async fn publish_applied(gossip: &Gossip, applier: &Applier) {
+    if let Some(s) = applier.applied() {
+        let value = format!("{} {}", s.version, crate::managed::short_hex(&s.hash()));
+        gossip
+            .set(vec![(distribute::keys::APPLIED.to_owned(), value)], "")
+            .await;
+    }
+}
+
+/// The last drift of each managed file, as published in gossip.
+#[derive(Default)]
+struct DriftNotes {
+    n: u64,
+    notes: BTreeMap<String, DriftNote>,
+}
+
+impl DriftNotes {
+    /// Folds one drift check in: a note per drifted file, and open notes of
+    /// files found as applied again removed. Returns whether anything
+    /// changed.
+    fn update(&mut self, outcomes: &[DriftOutcome]) -> bool {
+        let before = self.notes.clone();
+        self.notes
+            .retain(|path, d| !d.open() || outcomes.iter().any(|o| &o.report.path == path));
+        for o in outcomes {
+            self.n += 1;
+            let r = &o.report;
+            let action = match (o.healed, o.error.is_some()) {
+                (true, _) => DriftAction::Healed,
+                (false, true) => DriftAction::Unhealed,
+                (false, false) => DriftAction::Reported,
+            };
+            // A file that stays drifted in report mode is noted once, not
+            // renumbered on every check.
+            if let Some(d) = self.notes.get(&r.path)
+                && d.action == action
+                && action != DriftAction::Healed
+                && d.found == r.found_sha256
+            {
+                continue;
+            }
+            self.notes.insert(
+                r.path.clone(),
+                DriftNote {
+                    n: self.n,
+                    action,
+                    path: r.path.clone(),
+                    expected: r.expected_sha256.clone(),
+                    found: r.found_sha256.clone(),
+                    size: r.found_size,
+                },
+            );
+        }
+        self.notes != before
+    }
+
+    fn kv(&self) -> Vec<(String, String)> {
+        self.notes
+            .iter()
+            .map(|(p, d)| (format!("{}{p}", distribute::keys::DRIFT_PREFIX), d.encode()))
+            .collect()
+    }
+}
+
+/// How often a node looks for a newer configuration offer in gossip.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between fetches after failures.
+const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The offer a node should act on: the newest offered by an alive relay of
+/// its site, if newer than what the node applied and not the one it last
+/// tried (a version refused or failed is not tried again; a newer one is).
+pub fn wanted_offer(
+    view: &SiteView,
+    applied: Option<u64>,
+    tried: Option<&Offer>,
+) -> Option<(Offer, SocketAddr)> {
+    view.current_members()
+        .into_iter()
+        .filter(|m| m.alive && m.is_relay())
+        .filter_map(|m| m.config.offer.map(|o| (o, m.gossip_addr)))
+        .max_by_key(|(o, _)| *o)
+        .filter(|(o, _)| applied.is_none_or(|a| o.version > a) && tried != Some(o))
+}
+
+/// What the task that follows the relay's offers needs.
+struct Follower {
+    gossip: Arc<Gossip>,
+    endpoint: MeshEndpoint,
+    /// Holds the mesh CA that operators' certificates must chain to.
+    trust: Credentials,
+    me: NodeFacts,
+    /// `[config] root`.
+    root: Option<std::path::PathBuf>,
+    apply: ApplyHandle,
+    metrics: ConfigMetrics,
+}
+
+impl Follower {
+    /// Watches the site's gossip for a newer version, fetches it from the
+    /// relay that offers it, verifies and applies it, and publishes how it
+    /// went ([`distribute::keys::RESULT`]).
+    async fn run(self, mut applied: Option<u64>, shutdown: CancellationToken) {
+        let mut tried: Option<Offer> = None;
+        let mut wait = FOLLOW_INTERVAL;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = FOLLOW_INTERVAL;
+            let view = self.gossip.view().await;
+            let Some((offer, relay)) = wanted_offer(&view, applied, tried.as_ref()) else {
+                continue;
+            };
+            let signed = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                f = distribute::fetch(&self.endpoint, relay, offer) => f,
+            };
+            let signed = match signed {
+                Ok(s) => s,
+                Err(error) => {
+                    self.metrics.fetch_errors.inc();
+                    warn!(version = offer.version, %relay, %error, "cannot fetch the offered configuration; will retry");
+                    wait = (wait * 2)
+                        .max(Duration::from_secs(2))
+                        .min(MAX_FETCH_BACKOFF);
+                    continue;
+                }
+            };
+            tried = Some(offer);
+            let Some(result) = self.attempt(offer, &signed, &mut applied).await else {
+                break; // the config task stopped: shutting down
+            };
+            self.metrics.result(result.outcome);
+            self.gossip
+                .set(
+                    vec![(distribute::keys::RESULT.to_owned(), result.encode())],
+                    "",
+                )
+                .await;
+        }
+    }
+
+    /// Verifies, resolves and applies one bundle; `None` if the task that
+    /// applies has stopped.
+    async fn attempt(
+        &self,
+        offer: Offer,
+        signed: &crate::bundle::SignedBundle,
+        applied: &mut Option<u64>,
+    ) -> Option<ConfigResult> {
+        let refused = |detail: String| {
+            warn!(version = offer.version, reason = %detail, "configuration refused; nothing applied");
+            Some(ConfigResult {
+                version: offer.version,
+                outcome: Outcome::Refused,
+                detail,
+            })
+        };
+        let (bundle, signer) = match crate::bundle::verify(&self.trust, signed) {
+            Ok(b) => b,
+            Err(e) => return refused(e.to_string()),
+        };
+        if bundle.version != offer.version {
+            return refused(format!(
+                "the relay announced version {} but the bundle signed by {signer} is version {}",
+                offer.version, bundle.version
+            ));
+        }
+        let state = match bundle.fleet.resolve(&self.me, bundle.version) {
+            Ok(s) => match &self.root {
+                Some(root) => s.under(root),
+                None => s,
+            },
+            Err(e) => return refused(format!("cannot resolve this node's files: {e}")),
+        };
+        info!(version = bundle.version, %signer, comment = %bundle.comment, files = state.files.len(), "applying configuration");
+        let report = self.apply.apply(state).await?;
+        if report.ok || !report.written.is_empty() || !report.reloads.is_empty() {
+            *applied = Some(bundle.version);
+        }
+        Some(ConfigResult {
+            version: bundle.version,
+            outcome: if report.ok {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            },
+            detail: report.error.unwrap_or_default(),
+        })
     }
 }
 
@@ -314,6 +532,7 @@ pub struct NodeAgent {
     metrics_addr: Option<SocketAddr>,
     apply: ApplyHandle,
     config_task: JoinHandle<()>,
+    follow_task: JoinHandle<()>,
 }
 
 impl NodeAgent {
@@ -328,8 +547,17 @@ impl NodeAgent {
     ) -> Result<Self, StartError> {
         let applier = Applier::open(&cfg.config.state_dir)?;
         let mut registry = Registry::default();
+        let trust = creds.clone();
+        let me = NodeFacts {
+            name: creds.identity.name.clone(),
+            region: creds.identity.region.clone(),
+            site: creds.identity.site.clone(),
+            labels: cfg.node.labels.clone(),
+            facts: machine_facts(),
+        };
         let member = SiteMember::start(
             creds,
+            &[],
             &cfg.node.labels,
             &cfg.gossip,
             &cfg.health,
@@ -347,9 +575,23 @@ impl NodeAgent {
             applier,
             cfg.config.clone(),
             rx,
-            config_metrics,
+            member.gossip.clone(),
+            config_metrics.clone(),
             shutdown.child_token(),
         ));
+        let apply = ApplyHandle { tx };
+        let follow_task = tokio::spawn(
+            Follower {
+                gossip: member.gossip.clone(),
+                endpoint: member.endpoint.clone(),
+                trust,
+                me,
+                root: cfg.config.root.clone(),
+                apply: apply.clone(),
+                metrics: config_metrics,
+            }
+            .run(applied.as_ref().map(|(v, _)| *v), shutdown.child_token()),
+        );
         info!(
             identity = %member.endpoint.identity(),
             gossip = %member.gossip.advertise_addr(),
@@ -360,8 +602,9 @@ impl NodeAgent {
         Ok(NodeAgent {
             member,
             metrics_addr,
-            apply: ApplyHandle { tx },
+            apply,
             config_task,
+            follow_task,
         })
     }
 
@@ -385,6 +628,7 @@ impl NodeAgent {
 
     /// Waits for the agent to stop (after `shutdown` was cancelled).
     pub async fn stopped(self) {
+        let _ = self.follow_task.await;
         let _ = self.config_task.await;
         self.member.stopped().await;
     }

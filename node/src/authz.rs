@@ -21,14 +21,18 @@ pub enum Protocol {
     Federation,
     /// hub ↔ hub: relay records and the management log, pushed and pulled.
     Replication,
+    /// node → its site's relay: the signed configuration bundle the relay
+    /// announces in gossip.
+    Fetch,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 4] = [
+    pub const ALL: [Protocol; 5] = [
         Protocol::Gossip,
         Protocol::Uplink,
         Protocol::Federation,
         Protocol::Replication,
+        Protocol::Fetch,
     ];
 
     pub fn alpn(self) -> &'static [u8] {
@@ -37,6 +41,7 @@ impl Protocol {
             Protocol::Uplink => b"trellis-uplink/1",
             Protocol::Federation => b"trellis-federation/1",
             Protocol::Replication => b"trellis-replication/1",
+            Protocol::Fetch => b"trellis-fetch/1",
         }
     }
 
@@ -50,6 +55,7 @@ impl Protocol {
             Protocol::Uplink => "uplink",
             Protocol::Federation => "federation",
             Protocol::Replication => "replication",
+            Protocol::Fetch => "fetch",
         }
     }
 }
@@ -137,6 +143,23 @@ pub fn authorize(
         Protocol::Federation | Protocol::Replication => {
             role(local.role == Role::Hub && peer.role == Role::Hub)
         }
+        // A member fetches from its own site's relay only: the relay serves
+        // what its site needs, and nobody else's.
+        Protocol::Fetch => {
+            let members = [Role::Node, Role::Relay];
+            match side {
+                Side::Server => role(local.role == Role::Relay && members.contains(&peer.role))?,
+                Side::Client => role(members.contains(&local.role) && peer.role == Role::Relay)?,
+            }
+            if !local.same_site(peer) {
+                return Err(Refusal::WrongSite {
+                    protocol,
+                    local: Box::new(local.clone()),
+                    peer: Box::new(peer.clone()),
+                });
+            }
+            Ok(())
+        }
     }
 }
 
@@ -183,6 +206,24 @@ mod tests {
             let err = authorize(Protocol::Gossip, Side::Server, &a, &other).unwrap_err();
             assert_eq!(err.kind(), "wrong_role");
         }
+    }
+
+    #[test]
+    fn members_fetch_from_their_own_sites_relay_only() {
+        let relay = id(Role::Relay, "eu", "par", "r");
+        let node = id(Role::Node, "eu", "par", "n");
+        authorize(Protocol::Fetch, Side::Server, &relay, &node).unwrap();
+        authorize(Protocol::Fetch, Side::Client, &node, &relay).unwrap();
+        // Another site's relay, a node acting as a server, a hub: refused.
+        let elsewhere = id(Role::Relay, "eu", "ber", "r2");
+        let err = authorize(Protocol::Fetch, Side::Client, &node, &elsewhere).unwrap_err();
+        assert_eq!(err.kind(), "wrong_site");
+        let other = id(Role::Node, "eu", "par", "m");
+        let err = authorize(Protocol::Fetch, Side::Client, &node, &other).unwrap_err();
+        assert_eq!(err.kind(), "wrong_role");
+        let hub = id(Role::Hub, "eu", "", "h");
+        let err = authorize(Protocol::Fetch, Side::Server, &relay, &hub).unwrap_err();
+        assert_eq!(err.kind(), "wrong_role");
     }
 
     #[test]

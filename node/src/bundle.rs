@@ -15,8 +15,11 @@ use crate::id::{Identity, Role};
 use crate::tls::{Credentials, KeyAlgorithm, TlsError};
 
 /// Largest encoded bundle accepted, in bytes: the fleet's content limit
-/// (`desired::MAX_FLEET_BYTES`) with room for manifests and encoding.
-pub const MAX_BUNDLE_BYTES: usize = 80 << 20;
+/// (`desired::MAX_FLEET_BYTES`) with room for manifests and encoding. A
+/// bundle travels whole in one uplink frame (4 MiB) and one replication
+/// entry; configuration is text, and large artefacts are not shipped this
+/// way.
+pub const MAX_BUNDLE_BYTES: usize = 3 << 20;
 
 /// One version of the fleet's configuration and what describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

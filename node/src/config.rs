@@ -569,6 +569,12 @@ pub struct ApplyConfig {
     /// Longest a reload command may run before it is killed.
     #[serde(with = "humantime_serde")]
     pub reload_timeout: Duration,
+    /// Write managed files under this directory instead of `/` (a path
+    /// `/etc/motd` becomes `ROOT/etc/motd`): for several nodes on one
+    /// machine, or a node in a container with the host's files mounted
+    /// elsewhere. Unset: the paths as the manifests give them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
 }
 
 impl Default for ApplyConfig {
@@ -578,6 +584,7 @@ impl Default for ApplyConfig {
             drift_interval: Duration::from_secs(60),
             drift: DriftMode::Heal,
             reload_timeout: Duration::from_secs(30),
+            root: None,
         }
     }
 }
@@ -596,6 +603,11 @@ impl Validate for ApplyConfig {
                 "is {:?}; use at least 1s (60s is a good default)",
                 self.drift_interval
             ),
+        );
+        p.check(
+            self.root.as_ref().is_none_or(|r| !r.as_os_str().is_empty()),
+            "config.root",
+            "must name a directory, or be left out to write managed files where the manifests say",
         );
         p.check(
             self.reload_timeout >= Duration::from_secs(1)
@@ -666,6 +678,9 @@ impl crate::cli::MemberConfig for NodeConfig {
     fn resolve_paths(&mut self, base: &Path) {
         if self.config.state_dir.is_relative() {
             self.config.state_dir = base.join(&self.config.state_dir);
+        }
+        if let Some(root) = self.config.root.as_mut().filter(|r| r.is_relative()) {
+            *root = base.join(&*root);
         }
     }
 }

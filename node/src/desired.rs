@@ -55,10 +55,10 @@ use serde::{Deserialize, Serialize};
 use crate::managed::{ManagedFile, ManagedState};
 
 /// Largest content of one managed file, in bytes.
-pub const MAX_FILE_BYTES: u64 = 8 << 20;
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// Largest total content of all the files a fleet defines, in bytes.
-pub const MAX_FLEET_BYTES: u64 = 64 << 20;
+pub const MAX_FLEET_BYTES: u64 = 2 << 20;
 
 /// The mode of a file that does not give one.
 pub const DEFAULT_MODE: u32 = 0o644;

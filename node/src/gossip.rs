@@ -386,6 +386,7 @@ pub fn site_view_of(c: &chitchat::Chitchat, region: &str, site: &str) -> SiteVie
                 health: Health::from_kv(state.key_values()),
                 labels,
                 facts,
+                config: crate::distribute::MemberConfig::from_kv(state.key_values()),
             }
         })
         .collect();

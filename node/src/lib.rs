@@ -23,6 +23,8 @@
 //!   manifests; selectors, precedence, templates, resolution per node, plans.
 //! - [`bundle`]: a fleet version signed by an operator's Ed25519 key, and
 //!   its verification.
+//! - [`distribute`]: a version inside a site: the relay's offer in gossip,
+//!   the fetch protocol, and what nodes report back in gossip.
 //! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
 //!   reload commands) and keeps it so (drift checks, healing).
 //! - [`config`]: TOML configuration with validation.
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod desired;
+pub mod distribute;
 pub mod endpoint;
 pub mod gossip;
 pub mod health;

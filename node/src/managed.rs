@@ -35,6 +35,24 @@ pub struct ManagedState {
 }
 
 impl ManagedState {
+    /// The same state with every path moved under `root` (`/etc/motd` →
+    /// `ROOT/etc/motd`): `[config] root`.
+    pub fn under(self, root: &std::path::Path) -> ManagedState {
+        let files = self
+            .files
+            .into_values()
+            .map(|mut f| {
+                let moved = root.join(f.path.trim_start_matches('/'));
+                f.path = moved.to_string_lossy().into_owned();
+                (f.path.clone(), f)
+            })
+            .collect();
+        ManagedState {
+            version: self.version,
+            files,
+        }
+    }
+
     /// A hash of what this state manages (paths, contents, modes, reload
     /// commands, in path order; the version is left out, so two versions
     /// that manage the same things hash the same). Nodes publish it so that

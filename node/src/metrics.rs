@@ -49,10 +49,18 @@ pub struct DriftLabels {
     pub action: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok`, `failed` (applied in part) or `refused` (not applied).
+    pub outcome: String,
+}
+
 /// Counters of the files Trellis manages on a node.
 #[derive(Clone, Default)]
 pub struct ConfigMetrics {
     pub drift: Family<DriftLabels, Counter>,
+    pub results: Family<OutcomeLabels, Counter>,
+    pub fetch_errors: Counter,
 }
 
 impl ConfigMetrics {
@@ -63,7 +71,26 @@ impl ConfigMetrics {
             "Managed files found different from what was applied, by what was done about it",
             m.drift.clone(),
         );
+        registry.sub_registry_with_prefix("trellis").register(
+            "config_results",
+            "Configuration versions this node tried, by how the attempt ended",
+            m.results.clone(),
+        );
+        registry.sub_registry_with_prefix("trellis").register(
+            "config_fetch_errors",
+            "Fetches of an offered configuration bundle from the relay that failed",
+            m.fetch_errors.clone(),
+        );
         m
+    }
+
+    /// Counts one attempt at a version.
+    pub fn result(&self, outcome: crate::distribute::Outcome) {
+        self.results
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one drifted file; `healed` says whether it was rewritten.

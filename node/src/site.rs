@@ -253,6 +253,10 @@ pub struct MemberView {
     /// Facts about its machine: `hostname`, `os`, `arch`.
     #[serde(default)]
     pub facts: BTreeMap<String, String>,
+    /// What it says about configuration: a relay's offer, a node's applied
+    /// version, last result and last drift.
+    #[serde(default)]
+    pub config: crate::distribute::MemberConfig,
 }
 
 impl MemberView {
@@ -367,6 +371,7 @@ mod tests {
             health: Health::default(),
             labels: BTreeMap::new(),
             facts: BTreeMap::new(),
+            config: Default::default(),
         };
         let view = SiteView {
             region: "r".into(),

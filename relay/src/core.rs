@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
+use trellis_node::distribute::{ConfigResult, DriftNote};
 use trellis_node::site::{SiteView, Status};
 
 use crate::buffer::NewRecord;
@@ -73,6 +74,10 @@ pub enum Transmit {
 struct NodeState {
     alive: bool,
     checks: BTreeMap<String, Status>,
+    /// Its last configuration attempt.
+    result: Option<ConfigResult>,
+    /// Its last drift of each file, by path.
+    drift: BTreeMap<String, DriftNote>,
 }
 
 #[derive(Debug)]
@@ -198,6 +203,8 @@ impl RelayCore {
                     NodeState {
                         alive: m.alive,
                         checks,
+                        result: m.config.result.clone(),
+                        drift: m.config.drift.clone(),
                     },
                 )
             })
@@ -425,6 +432,24 @@ fn diff(
     let mut events = Vec::new();
     for (name, now) in cur {
         let node = name.clone();
+        // Configuration reports are states in gossip: a new one is one
+        // that differs from what was seen before (or that a node newly
+        // seen already carries).
+        let before = prev.get(name);
+        if now.result.is_some() && before.and_then(|b| b.result.as_ref()) != now.result.as_ref() {
+            events.push(Event::ConfigResult {
+                node: node.clone(),
+                result: now.result.clone().expect("checked"),
+            });
+        }
+        for (path, d) in &now.drift {
+            if before.and_then(|b| b.drift.get(path)) != Some(d) {
+                events.push(Event::ConfigDrift {
+                    node: node.clone(),
+                    drift: d.clone(),
+                });
+            }
+        }
         match prev.get(name) {
             None if now.alive => events.push(Event::NodeJoined { node }),
             // Past its join grace without ever being alive.
@@ -494,6 +519,7 @@ mod tests {
             },
             labels: BTreeMap::new(),
             facts: BTreeMap::new(),
+            config: Default::default(),
         }
     }
 

@@ -13,7 +13,9 @@
 //!   says hello and starts, per connection, a writer (live records first,
 //!   the backlog paced at `uplink.replay_bytes_per_s`), a reader (acks) and
 //!   a responder (the hub's requests);
-//! - the API task serves `/api/v1/site` and `/api/v1/site/nodes`.
+//! - the API task serves `/api/v1/site` and `/api/v1/site/nodes`;
+//! - the fetch task serves the cached configuration bundle to the site's
+//!   nodes (`trellis-fetch/1`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -27,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use trellis_node::agent::{SiteMember, StartError, serve_metrics};
 use trellis_node::authz::Protocol;
+use trellis_node::bundle::SignedBundle;
 use trellis_node::clock::{ticker, unix_ms};
+use trellis_node::distribute::{Offer, hex32};
 use trellis_node::endpoint::{MeshEndpoint, close};
 use trellis_node::gossip::Gossip;
 use trellis_node::id::Role;
@@ -38,6 +42,7 @@ use trellis_node::wire::{self, WireError};
 use crate::api::{ApiState, LocalState, api_router};
 use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
+use crate::configcache;
 use crate::core::{RelayCore, Transmit};
 use crate::failover::{HubChoice, full_jitter, next_attempt};
 use crate::pace::TokenBucket;
@@ -45,9 +50,13 @@ use crate::uplink::{
     Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
 
-/// Largest request a hub may send on a request stream.
+/// Largest request a hub may send on a request stream (a configuration
+/// bundle, which may be larger, comes as a second frame).
 const MAX_REQUEST: usize = 64 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a configuration bundle (at most a few MiB) to arrive
+/// over a slow WAN once the relay said it wants it.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the buffer is checked against its bounds.
 const COMPACT_EVERY: Duration = Duration::from_secs(1);
 /// Backlog is read from the buffer in chunks of at most this many records.
@@ -548,6 +557,7 @@ async fn uplink_task(
     settings: UplinkSettings,
     inputs: mpsc::Sender<Input>,
     gossip: Arc<Gossip>,
+    config: Arc<ConfigCache>,
     metrics: RelayMetrics,
     shutdown: CancellationToken,
 ) {
@@ -584,6 +594,7 @@ async fn uplink_task(
             failback_every: settings.failback_every,
             inputs: &inputs,
             gossip: &gossip,
+            config: &config,
             metrics: &metrics,
             shutdown: &shutdown,
         };
@@ -627,6 +638,7 @@ struct Session<'a> {
     failback_every: Duration,
     inputs: &'a mpsc::Sender<Input>,
     gossip: &'a Arc<Gossip>,
+    config: &'a Arc<ConfigCache>,
     metrics: &'a RelayMetrics,
     shutdown: &'a CancellationToken,
 }
@@ -721,6 +733,7 @@ impl Session<'_> {
         tokio::spawn(answer_requests(
             conn.clone(),
             self.gossip.clone(),
+            self.config.clone(),
             self.metrics.clone(),
             cancel.clone(),
         ));
@@ -877,9 +890,68 @@ async fn read_acks(
     cancel.cancel();
 }
 
+/// The relay's configuration bundle: on disk, served to the site, offered
+/// in gossip.
+struct ConfigCache {
+    path: std::path::PathBuf,
+    trust: Credentials,
+    served: watch::Sender<trellis_node::distribute::Served>,
+    /// One push stored at a time.
+    storing: tokio::sync::Mutex<()>,
+}
+
+impl ConfigCache {
+    fn current(&self) -> Option<Offer> {
+        self.served.borrow().as_ref().map(|c| c.0)
+    }
+
+    /// Checks, stores durably, serves and announces a bundle the hub
+    /// pushed as `offer`.
+    async fn take(
+        &self,
+        offer: Offer,
+        signed: SignedBundle,
+        gossip: &Gossip,
+    ) -> Result<(), String> {
+        let _one = self.storing.lock().await;
+        let checked = configcache::offer_of(&self.trust, &signed)
+            .map_err(|e| format!("refused the pushed bundle: {e}"))?;
+        if checked != offer {
+            return Err(format!(
+                "the pushed bundle is version {} ({}), not the version {} offered",
+                checked.version,
+                &hex32(&checked.digest)[..16],
+                offer.version
+            ));
+        }
+        if !configcache::takes(self.current().as_ref(), &offer) {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let to_store = signed.clone();
+        tokio::task::spawn_blocking(move || configcache::store(&path, &to_store))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.served.send_replace(Some(Arc::new((offer, signed))));
+        announce(gossip, Some(offer)).await;
+        info!(version = offer.version, digest = %&hex32(&offer.digest)[..16], "configuration cached; offering it to the site");
+        Ok(())
+    }
+}
+
+async fn announce(gossip: &Gossip, offer: Option<Offer>) {
+    let kv = offer
+        .map(|o| (trellis_node::distribute::keys::OFFER.to_owned(), o.encode()))
+        .into_iter()
+        .collect();
+    gossip.set(kv, trellis_node::distribute::keys::OFFER).await;
+}
+
 async fn answer_requests(
     conn: quinn::Connection,
     gossip: Arc<Gossip>,
+    config: Arc<ConfigCache>,
     metrics: RelayMetrics,
     cancel: CancellationToken,
 ) {
@@ -894,6 +966,7 @@ async fn answer_requests(
         };
         let gossip = gossip.clone();
         let metrics = metrics.clone();
+        let config = config.clone();
         tokio::spawn(async move {
             let request = tokio::time::timeout(
                 IO_TIMEOUT,
@@ -906,6 +979,47 @@ async fn answer_requests(
                     metrics.requests.inc();
                     let view = gossip.view().await;
                     Response::Nodes(view.current_members().into_iter().cloned().collect())
+                }
+                Ok(Some(Request::ConfigOffer(offer))) => {
+                    let wanted = configcache::takes(config.current().as_ref(), &offer);
+                    let said = wire::write_msg(
+                        &mut send,
+                        UPLINK_VERSION,
+                        &Response::ConfigWanted(wanted),
+                        MAX_UPLINK_FRAME,
+                    )
+                    .await;
+                    if !wanted || said.is_err() {
+                        let _ = send.finish();
+                        return;
+                    }
+                    let pushed = tokio::time::timeout(
+                        PUSH_TIMEOUT,
+                        wire::read_msg::<Request>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME),
+                    )
+                    .await
+                    .unwrap_or(Err(WireError::Stream("timed out".into())));
+                    match pushed {
+                        Ok(Some(Request::ConfigBundle(b))) => {
+                            match config.take(offer, *b, &gossip).await {
+                                Ok(()) => Response::ConfigStored(offer),
+                                Err(reason) => {
+                                    warn!(version = offer.version, %reason, "configuration push not taken");
+                                    Response::Error(reason)
+                                }
+                            }
+                        }
+                        Ok(other) => Response::Error(format!(
+                            "expected the configuration bundle, got {other:?}"
+                        )),
+                        Err(error) => {
+                            warn!(%error, "bad configuration push from the hub");
+                            Response::Error(format!("bad bundle frame: {error}"))
+                        }
+                    }
+                }
+                Ok(Some(Request::ConfigBundle(_))) => {
+                    Response::Error("a configuration bundle must follow an offer".into())
                 }
                 Ok(None) => return,
                 Err(error) => {
@@ -966,8 +1080,10 @@ impl Relay {
         }
         let identity = creds.identity.clone();
         let mut registry = Registry::default();
-        let member = SiteMember::start(
+        let trust = creds.clone();
+        let mut member = SiteMember::start(
             creds,
+            &[Protocol::Fetch],
             &Default::default(),
             &cfg.gossip,
             &cfg.health,
@@ -978,6 +1094,31 @@ impl Relay {
         .await?;
         let relay_metrics = RelayMetrics::register(&mut registry);
         let gossip = member.gossip.clone();
+        let cache_path = configcache::cache_path(&cfg.buffer.path);
+        let cached = {
+            let (path, trust) = (cache_path.clone(), trust.clone());
+            tokio::task::spawn_blocking(move || configcache::load(&path, &trust))
+                .await
+                .expect("cache load does not panic")
+        };
+        let cached = match cached {
+            Ok(c) => c,
+            Err(error) => {
+                error!(%error, "configuration cache not used");
+                None
+            }
+        };
+        if let Some((offer, _)) = &cached {
+            info!(version = offer.version, path = %cache_path.display(), "offering the cached configuration to the site");
+        }
+        announce(&gossip, cached.as_ref().map(|c| c.0)).await;
+        let (served_tx, served_rx) = watch::channel(cached.map(Arc::new));
+        let config = Arc::new(ConfigCache {
+            path: cache_path,
+            trust,
+            served: served_tx,
+            storing: tokio::sync::Mutex::new(()),
+        });
         let metrics_addr =
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
 
@@ -1039,7 +1180,14 @@ impl Relay {
                 },
                 input_tx,
                 gossip.clone(),
+                config,
                 relay_metrics.clone(),
+                shutdown.child_token(),
+            )),
+            tokio::spawn(trellis_node::distribute::serve(
+                member.routes.take(Protocol::Fetch),
+                served_rx,
+                member.endpoint.metrics().clone(),
                 shutdown.child_token(),
             )),
         ];

@@ -12,6 +12,8 @@
 //!   downsampling and gaps.
 //! - [`core`]: the sans-IO relay core (records, sequence numbers, acks).
 //! - [`config`]: the relay's TOML configuration.
+//! - [`configcache`]: the newest configuration bundle, kept on disk and
+//!   offered to the site.
 //! - [`report`]: the JSON shapes of the hub's and the relay's read APIs.
 //! - [`api`]: the relay's local read API.
 //! - [`failover`]: which hub to use, when to leave it and when to go back.
@@ -21,6 +23,7 @@
 pub mod api;
 pub mod buffer;
 pub mod config;
+pub mod configcache;
 pub mod core;
 pub mod driver;
 pub mod failover;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use trellis_node::id::Role;
 use trellis_node::site::{MemberView, Status};
 
-use crate::summary::{CheckCounts, SiteStatus, SiteSummary, StatusCounts};
+use crate::summary::{CheckCounts, ConfigTally, SiteStatus, SiteSummary, StatusCounts};
 
 /// One site in a fleet view.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +32,9 @@ pub struct SiteRow {
     pub by_status: StatusCounts,
     pub dead: Vec<String>,
     pub failing_checks: BTreeMap<String, CheckCounts>,
+    /// Where the site's nodes stand with the fleet's configuration.
+    #[serde(default)]
+    pub config: ConfigTally,
 }
 
 impl SiteRow {
@@ -50,6 +53,7 @@ impl SiteRow {
             by_status: s.by_status,
             dead: s.dead.clone(),
             failing_checks: s.failing_checks.clone(),
+            config: s.config.clone(),
         }
     }
 }

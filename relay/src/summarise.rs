@@ -3,8 +3,11 @@
 
 use trellis_node::site::{MemberView, SiteView, Status};
 
+use trellis_node::distribute::Outcome;
+
 use crate::summary::{
-    MAX_DEAD_LISTED, MAX_FAILING_CHECKS, MAX_FAILING_PER_NODE, MAX_WORST, NodeBrief, SiteSummary,
+    MAX_CONFIG_LISTED, MAX_DEAD_LISTED, MAX_FAILING_CHECKS, MAX_FAILING_PER_NODE, MAX_WORST,
+    NodeBrief, SiteSummary,
 };
 
 /// Whether a member counts as a node of the site (relays do not).
@@ -17,6 +20,9 @@ pub fn summarise(view: &SiteView, relay: &str, generated_ms: u64) -> SiteSummary
     let mut s = SiteSummary::empty(&view.region, &view.site, relay, generated_ms);
     let mut worst: Vec<NodeBrief> = Vec::new();
     for m in view.current_members() {
+        if m.name == relay {
+            s.config.offered = m.config.offer.map(|o| o.version);
+        }
         if !is_node(m, relay) {
             continue;
         }
@@ -37,6 +43,30 @@ pub fn summarise(view: &SiteView, relay: &str, generated_ms: u64) -> SiteSummary
                         .entry(name.to_owned())
                         .or_default()
                         .add(r.status);
+                }
+            }
+            let c = &mut s.config;
+            *c.versions
+                .entry(m.config.applied.as_ref().map_or(0, |a| a.0))
+                .or_default() += 1;
+            if m.config.drifted() {
+                c.drifted_count += 1;
+                c.drifted.push(m.name.clone());
+            }
+            if let Some(r) = m
+                .config
+                .result
+                .as_ref()
+                .filter(|r| r.outcome != Outcome::Ok)
+            {
+                // Only while nothing newer was applied since.
+                let held = m.config.applied.as_ref().map_or(0, |a| a.0);
+                if held <= r.version {
+                    c.failing_count += 1;
+                    c.failing.push((m.name.clone(), r.version));
+                }
+                if held < r.version {
+                    *c.stuck.entry(r.version).or_default() += 1;
                 }
             }
             s.cpu.add(m.health.cpu_pct);
@@ -65,6 +95,10 @@ pub fn summarise(view: &SiteView, relay: &str, generated_ms: u64) -> SiteSummary
     }
     s.dead.sort();
     s.dead.truncate(MAX_DEAD_LISTED);
+    s.config.drifted.sort();
+    s.config.drifted.truncate(MAX_CONFIG_LISTED);
+    s.config.failing.sort();
+    s.config.failing.truncate(MAX_CONFIG_LISTED);
     worst.sort_by(NodeBrief::worse_first);
     worst.truncate(MAX_WORST);
     s.worst = worst;
@@ -103,6 +137,7 @@ mod tests {
             },
             labels: BTreeMap::new(),
             facts: BTreeMap::new(),
+            config: Default::default(),
         }
     }
 

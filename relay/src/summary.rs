@@ -24,6 +24,8 @@ pub const MAX_WORST: usize = 10;
 pub const MAX_FAILING_PER_NODE: usize = 5;
 /// Most distinct failing check names in a summary.
 pub const MAX_FAILING_CHECKS: usize = 64;
+/// Most nodes listed by name in a summary's configuration lists.
+pub const MAX_CONFIG_LISTED: usize = 32;
 
 /// Nodes by status.
 #[derive(
@@ -155,6 +157,34 @@ impl NodeBrief {
     }
 }
 
+/// Where a site's nodes stand with the fleet's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ConfigTally {
+    /// The version the relay holds and offers to the site.
+    pub offered: Option<u64>,
+    /// Alive nodes by the version they hold (0: nothing applied yet).
+    pub versions: BTreeMap<u64, u32>,
+    /// Alive nodes with a managed file not as applied (drift left as
+    /// found, or healing failed), sorted; at most [`MAX_CONFIG_LISTED`].
+    pub drifted: Vec<String>,
+    pub drifted_count: u32,
+    /// Alive nodes whose last attempt failed or was refused, with the
+    /// version, sorted; at most [`MAX_CONFIG_LISTED`].
+    pub failing: Vec<(String, u64)>,
+    pub failing_count: u32,
+    /// Per version tried, alive nodes that tried it and do not hold it
+    /// (refused, or a file could not be written): they will not get there
+    /// without a new version.
+    pub stuck: BTreeMap<u64, u32>,
+}
+
+impl ConfigTally {
+    /// Alive nodes that hold `version` or a newer one.
+    pub fn at_least(&self, version: u64) -> u32 {
+        self.versions.range(version..).map(|(_, n)| n).sum()
+    }
+}
+
 /// A site's state as its relay summarised it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SiteSummary {
@@ -180,6 +210,7 @@ pub struct SiteSummary {
     pub disk: Histogram,
     /// The worst nodes, worst first (at most [`MAX_WORST`]).
     pub worst: Vec<NodeBrief>,
+    pub config: ConfigTally,
 }
 
 /// A site's health at a glance.
@@ -236,6 +267,7 @@ impl SiteSummary {
             mem: Histogram::default(),
             disk: Histogram::default(),
             worst: Vec::new(),
+            config: ConfigTally::default(),
         }
     }
 
@@ -270,6 +302,7 @@ impl SiteSummary {
             && self.dead == other.dead
             && self.failing_checks == other.failing_checks
             && brief(self) == brief(other)
+            && self.config == other.config
     }
 
     /// Whether `self` supersedes `other` (same site): later generation
@@ -436,6 +469,11 @@ pub(crate) mod tests {
                     mem: Histogram::default(),
                     disk: Histogram::default(),
                     worst: Vec::new(),
+                    config: ConfigTally {
+                        offered: Some(u64::from(raw[1] % 3)),
+                        versions: BTreeMap::from([(u64::from(raw[2] % 3), alive)]),
+                        ..ConfigTally::default()
+                    },
                 }
             })
     }

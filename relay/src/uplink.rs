@@ -19,11 +19,21 @@
 //!
 //! The hub may open bidirectional streams of its own on the same connection
 //! for requests ([`Request`] → [`Response`]), e.g. the node list of the site.
+//! A configuration version is pushed on one such stream:
+//!
+//! ```text
+//! hub → relay   Request::ConfigOffer(offer)
+//! relay → hub   Response::ConfigWanted(bool)    false: it holds that or newer
+//! hub → relay   Request::ConfigBundle(bundle)   only if wanted
+//! relay → hub   Response::ConfigStored(offer)   after the bundle is on disk
+//! ```
 //!
 //! Every message is one frame of [`trellis_node::wire`], version
 //! [`UPLINK_VERSION`], at most [`MAX_UPLINK_FRAME`] bytes.
 
 use serde::{Deserialize, Serialize};
+use trellis_node::bundle::SignedBundle;
+use trellis_node::distribute::{ConfigResult, DriftNote, Offer, Outcome};
 use trellis_node::site::{MemberView, Status};
 
 use crate::summary::SiteSummary;
@@ -158,15 +168,58 @@ pub enum Event {
         to: Status,
         detail: String,
     },
+    /// A node tried a configuration version: applied, failed in part, or
+    /// refused.
+    ConfigResult {
+        node: String,
+        result: ConfigResult,
+    },
+    /// A node found a managed file changed by hand.
+    ConfigDrift {
+        node: String,
+        drift: DriftNote,
+    },
 }
 
 impl Event {
+    /// One line about a configuration event (`None` for other events):
+    /// what the hub shows and notes in the audit trail.
+    pub fn config_text(&self) -> Option<String> {
+        let short = |h: &str| h.get(..12).unwrap_or(h).to_owned();
+        match self {
+            Event::ConfigResult { node, result } => Some(match result.outcome {
+                Outcome::Ok => format!("{node}: configuration v{} applied", result.version),
+                Outcome::Failed => format!(
+                    "{node}: configuration v{} failed: {}",
+                    result.version, result.detail
+                ),
+                Outcome::Refused => format!(
+                    "{node}: configuration v{} refused: {}",
+                    result.version, result.detail
+                ),
+            }),
+            Event::ConfigDrift { node, drift } => Some(format!(
+                "{node}: {} changed by hand ({}): sha256 {} → {}, {}",
+                drift.path,
+                drift.action.as_str(),
+                short(&drift.expected),
+                drift.found.as_deref().map_or("missing".to_owned(), short),
+                drift
+                    .size
+                    .map_or("no file".to_owned(), |s| format!("{s} bytes")),
+            )),
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Event::NodeJoined { .. } => "node_joined",
             Event::NodeDied { .. } => "node_died",
             Event::NodeRecovered { .. } => "node_recovered",
             Event::CheckChanged { .. } => "check_changed",
+            Event::ConfigResult { .. } => "config_result",
+            Event::ConfigDrift { .. } => "config_drift",
         }
     }
 }
@@ -176,12 +229,20 @@ impl Event {
 pub enum Request {
     /// Every current member of the site with its health.
     Nodes,
+    /// The hub's newest configuration version.
+    ConfigOffer(Offer),
+    /// The bundle offered, after the relay said it wants it.
+    ConfigBundle(Box<SignedBundle>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Nodes(Vec<MemberView>),
     Error(String),
+    /// Whether the relay wants the bundle offered.
+    ConfigWanted(bool),
+    /// The bundle is cached (durably) and offered to the site.
+    ConfigStored(Offer),
 }
 
 #[cfg(test)]

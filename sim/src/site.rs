@@ -256,6 +256,7 @@ impl Site {
                         health,
                         labels: Default::default(),
                         facts: Default::default(),
+                        config: Default::default(),
                     });
                 }
                 SiteView {

@@ -10,11 +10,12 @@ use clap::{Parser, Subcommand};
 use trellis_hub::client::{ApiClient, ClientError};
 use trellis_hub::inventory::inventory;
 use trellis_hub::render;
+use trellis_hub::rollout::Rollout;
 use trellis_hub::up::{LocalMesh, UpOptions};
 use trellis_node::cli::{self, EXIT_FAILED, EXIT_USAGE};
 use trellis_node::desired::{Fleet, plan};
 use trellis_node::id::{Identity, Role};
-use trellis_node::tls::{CA_CERT_FILE, DEFAULT_CERT_DAYS, MeshCa, TlsError};
+use trellis_node::tls::{CA_CERT_FILE, Credentials, DEFAULT_CERT_DAYS, MeshCa, TlsError};
 
 /// Trellis: an edge-aware management mesh for large fleets.
 ///
@@ -207,8 +208,8 @@ enum ConfigCommand {
     /// managed, and per selector the paths that differ. Sites whose relays
     /// do not answer are listed: their nodes are not in the plan.
     ///
-    /// Nothing is stored at the hubs yet, so the plan compares with nothing
-    /// managed: every file a node would get counts as added.
+    /// The plan compares with the newest version stored at the hubs (with
+    /// nothing managed if there is none yet).
     ///
     /// Exit codes: 0 the plan resolves for every node; 1 some node's
     /// configuration does not resolve (a conflict between two manifests,
@@ -226,6 +227,111 @@ enum ConfigCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Sign a fleet directory as the next version, store it, follow it out.
+    ///
+    /// Reads DIR like `plan`, signs it with the operator's Ed25519 key as
+    /// version N+1 (N: the newest stored), and stores it at the hub, which
+    /// replicates it to the other hubs and pushes it to every relay it
+    /// serves. Each relay keeps it on disk and offers it to its site; each
+    /// node fetches it, checks the signature against the mesh CA, applies
+    /// its own files and reports back. This command then shows a progress
+    /// bar until every alive node of every reachable site holds the new
+    /// version (or refused it), and exits.
+    ///
+    /// Sites cut off from the hubs are listed and not waited for: their
+    /// relays get the version when the link returns, and their nodes apply
+    /// it then, without anyone doing anything.
+    ///
+    /// Operator credentials come from `trellis ca issue --role operator`.
+    ///
+    /// Exit codes: 0 every reachable node holds the version (or, with
+    /// --no-wait, it is stored); 1 some node refused it or failed a reload
+    /// command, the wait timed out, or the hub refused the bundle; 2 bad
+    /// usage, an invalid fleet or unusable credentials.
+    ///
+    /// Example: trellis config apply fleet/ --cert alice.crt --key alice.key --ca ca/ca.crt -m "motd"
+    #[command(verbatim_doc_comment)]
+    Apply {
+        /// The fleet directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        operator: OperatorArg,
+        /// A note about the change, kept with the version.
+        #[arg(short = 'm', long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        follow: FollowArg,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// List the stored configuration versions, newest first.
+    History {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one version: who signed it, when, and what each manifest manages.
+    Show {
+        version: u64,
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the whole version as JSON, file contents included.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an earlier version's configuration current again.
+    ///
+    /// Fetches VERSION's bundle, checks its signature, and signs its fleet
+    /// again, with your key, as the next version N+1 ("rollback to
+    /// vVERSION"): history only moves forward, so every node, including
+    /// one that never saw the versions in between, ends up with exactly
+    /// VERSION's files. Then follows the rollout like `apply`.
+    ///
+    /// Example: trellis config rollback 3 --cert alice.crt --key alice.key --ca ca/ca.crt
+    #[command(verbatim_doc_comment)]
+    Rollback {
+        version: u64,
+        #[command(flatten)]
+        operator: OperatorArg,
+        #[command(flatten)]
+        follow: FollowArg,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Per site: how many nodes hold the newest version, which nodes have
+    /// drifted or failed, and the latest configuration events.
+    Status {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The operator's credentials, to sign configuration bundles.
+#[derive(clap::Args)]
+struct OperatorArg {
+    /// The operator's certificate (from `trellis ca issue --role operator`).
+    #[arg(long, env = "TRELLIS_CERT")]
+    cert: PathBuf,
+    /// The operator's private key.
+    #[arg(long, env = "TRELLIS_KEY")]
+    key: PathBuf,
+    /// The mesh CA's certificate.
+    #[arg(long, env = "TRELLIS_CA")]
+    ca: PathBuf,
+}
+
+/// How `apply` and `rollback` follow the rollout.
+#[derive(clap::Args)]
+struct FollowArg {
+    /// Return as soon as the version is stored.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting after this long (the rollout goes on).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 /// The hubs' management log as an audit trail: every operator write and
@@ -379,6 +485,44 @@ fn main() -> ExitCode {
         Command::Config(ConfigCommand::Plan { dir, hub, json }) => {
             runtime().block_on(config_plan(&dir, &hub.hub, json))
         }
+        Command::Config(ConfigCommand::Apply {
+            dir,
+            operator,
+            comment,
+            follow,
+            hub,
+        }) => runtime().block_on(config_apply(
+            Source::Dir(dir),
+            &operator,
+            comment,
+            &follow,
+            &hub.hub,
+        )),
+        Command::Config(ConfigCommand::Rollback {
+            version,
+            operator,
+            follow,
+            hub,
+        }) => runtime().block_on(config_apply(
+            Source::Version(version),
+            &operator,
+            String::new(),
+            &follow,
+            &hub.hub,
+        )),
+        Command::Config(ConfigCommand::History { hub, json }) => runtime()
+            .block_on(with_client(&hub.hub, |c| async move {
+                answer(c.config_history().await, json, render::config_history)
+            })),
+        Command::Config(ConfigCommand::Show { version, hub, json }) => {
+            runtime().block_on(with_client(&hub.hub, |c| async move {
+                answer(c.config_show(version).await, json, render::config_show)
+            }))
+        }
+        Command::Config(ConfigCommand::Status { hub, json }) => runtime()
+            .block_on(with_client(&hub.hub, |c| async move {
+                answer(c.config_status().await, json, render::config_status)
+            })),
         Command::Audit(cmd) => runtime().block_on(audit(cmd)),
         Command::Up {
             sites,
@@ -519,15 +663,37 @@ async fn config_plan(dir: &std::path::Path, hub: &str, json: bool) -> ExitCode {
         Ok(i) => i,
         Err(e) => return client_error(e),
     };
-    let plan = plan(None, &fleet, &inv.nodes);
+    let current = match client.config_history().await {
+        Ok(h) => match h.versions.first() {
+            Some(v) => match client.config_show(v.version).await {
+                Ok(show) => Some(show),
+                Err(e) => return client_error(e),
+            },
+            None => None,
+        },
+        Err(e) => return client_error(e),
+    };
+    let plan = plan(current.as_ref().map(|c| &c.fleet), &fleet, &inv.nodes);
     if json {
-        let out = serde_json::json!({ "plan": plan, "unlisted_sites": inv.unlisted });
+        let out = serde_json::json!({
+            "compared_with": current.as_ref().map(|c| c.version.version),
+            "plan": plan,
+            "unlisted_sites": inv.unlisted,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&out).expect("serialisable")
         );
     } else {
-        println!("compared with: nothing managed yet (no version is stored at the hubs)");
+        match &current {
+            Some(c) => println!(
+                "compared with: v{} (signed by {}), the newest stored version",
+                c.version.version, c.version.author
+            ),
+            None => {
+                println!("compared with: nothing managed yet (no version is stored at the hubs)")
+            }
+        }
         print!("{plan}");
         if !inv.unlisted.is_empty() {
             println!(
@@ -543,6 +709,182 @@ async fn config_plan(dir: &std::path::Path, hub: &str, json: bool) -> ExitCode {
         ExitCode::from(EXIT_FAILED)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+async fn with_client<F, Fut>(hub: &str, run: F) -> ExitCode
+where
+    F: FnOnce(ApiClient) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    match ApiClient::new(hub) {
+        Ok(c) => run(c).await,
+        Err(e) => client_error(e),
+    }
+}
+
+/// What `config apply` signs: a fleet directory, or (rollback) a stored
+/// version's fleet.
+enum Source {
+    Dir(PathBuf),
+    Version(u64),
+}
+
+async fn config_apply(
+    source: Source,
+    operator: &OperatorArg,
+    comment: String,
+    follow: &FollowArg,
+    hub: &str,
+) -> ExitCode {
+    let creds = match Credentials::load(&operator.ca, &operator.cert, &operator.key) {
+        Ok(c) => c,
+        Err(e) => {
+            return cli::fail(
+                EXIT_USAGE,
+                &format!("cannot use the operator credentials: {e}"),
+            );
+        }
+    };
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    let (fleet, comment) = match source {
+        Source::Dir(dir) => match Fleet::load(&dir) {
+            Ok(f) => (f, comment),
+            Err(e) => return cli::fail(EXIT_USAGE, &e),
+        },
+        Source::Version(v) => {
+            let signed = match client.config_bundle(v).await {
+                Ok(s) => s,
+                Err(e) => return client_error(e),
+            };
+            match trellis_node::bundle::verify(&creds, &signed) {
+                Ok((b, _)) if b.version == v => (b.fleet, format!("rollback to v{v}")),
+                Ok((b, _)) => {
+                    return cli::fail(
+                        EXIT_FAILED,
+                        &format!("the hub served version {} when asked for {v}", b.version),
+                    );
+                }
+                Err(e) => {
+                    return cli::fail(EXIT_FAILED, &format!("version {v} does not verify: {e}"));
+                }
+            }
+        }
+    };
+    let latest = match client.config_history().await {
+        Ok(h) => h.versions.first().map_or(0, |v| v.version),
+        Err(e) => return client_error(e),
+    };
+    let bundle = trellis_node::bundle::Bundle {
+        version: latest + 1,
+        created_ms: trellis_node::clock::unix_ms(),
+        comment,
+        fleet,
+    };
+    let signed = match trellis_node::bundle::sign(&creds, &bundle) {
+        Ok(s) => s,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let stored = match client.config_apply(&signed).await {
+        Ok(s) => s,
+        Err(e) => return client_error(e),
+    };
+    println!(
+        "stored v{} ({}) signed by {}: entry {}/{}, durable on {}",
+        stored.version,
+        &stored.digest[..16],
+        stored.operator,
+        stored.write.origin,
+        stored.write.seq,
+        stored.write.durable_on.join(", ")
+    );
+    if stored.write.durable_on.len() < stored.write.write_quorum {
+        eprintln!(
+            "warning: only {} of the {} hubs required hold it yet; it replicates to the others when they are reachable",
+            stored.write.durable_on.len(),
+            stored.write.write_quorum
+        );
+    }
+    if follow.no_wait {
+        println!("not waiting; follow it with `trellis config status`");
+        return ExitCode::SUCCESS;
+    }
+    follow_rollout(&client, stored.version, follow.timeout).await
+}
+
+/// Shows the rollout of `version` until it settles or `timeout` passes.
+async fn follow_rollout(client: &ApiClient, version: u64, timeout: Duration) -> ExitCode {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_line = String::new();
+    let mut last = None;
+    loop {
+        match client.config_status().await {
+            Ok(status) => {
+                let r = Rollout::of(&status, version);
+                let line = r.line(30);
+                if tty {
+                    eprint!("\r{line}\x1b[K");
+                } else if line != last_line {
+                    eprintln!("{line}");
+                }
+                last_line = line;
+                let settled = r.settled();
+                last = Some(r);
+                if settled {
+                    break;
+                }
+            }
+            Err(e) => eprintln!("{}cannot ask the hub: {e}", if tty { "\n" } else { "" }),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if tty {
+        eprintln!();
+    }
+    let Some(r) = last else {
+        return cli::fail(
+            EXIT_FAILED,
+            &"the hub did not answer while the rollout was followed",
+        );
+    };
+    for site in &r.unreachable {
+        println!(
+            "{site}: unreachable now; its relay gets v{version} when the link returns and its nodes apply it then"
+        );
+    }
+    for node in &r.failing {
+        println!(
+            "{node}: failed or refused v{version}; `trellis config status` and `trellis events` say why"
+        );
+    }
+    if let Some(newer) = r.superseded_by {
+        println!("v{newer} was stored since; v{version} is no longer rolled out");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    if r.succeeded() {
+        println!(
+            "v{version}: every alive node of every reachable site holds it ({})",
+            r.holding
+        );
+        ExitCode::SUCCESS
+    } else if r.settled() {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        println!(
+            "gave up waiting after {}: {}/{} nodes hold v{version}; the rollout goes on",
+            humantime::format_duration(timeout),
+            r.holding,
+            r.nodes_alive
+        );
+        ExitCode::from(EXIT_FAILED)
     }
 }
 

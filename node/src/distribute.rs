@@ -1,0 +1,575 @@
+//! How a configuration version moves inside a site, and how its members
+//! say what they did with it.
+//!
+//! The relay caches the newest signed bundle its hub pushed and announces
+//! it in the site's gossip ([`keys::OFFER`] = `VERSION DIGEST`). A node that
+//! sees an offer newer than what it applied fetches the bundle from the
+//! relay (ALPN `trellis-fetch/1`, [`fetch`]), checks the operator's
+//! signature, resolves its own files from the fleet and applies them. It
+//! then publishes, in gossip, what it holds ([`keys::APPLIED`]), how its
+//! last attempt ended ([`keys::RESULT`]) and the last drift of each file
+//! ([`keys::DRIFT_PREFIX`]); the relay turns changes of those into events for the
+//! hub. Gossip carries only the latest value of each key, so reports are
+//! states (numbered where two in a row could look alike), not a queue.
+//!
+//! Values are short text, parsed leniently: a value a member cannot read
+//! is taken as absent, never as a reason to fail.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::authz::Protocol;
+use crate::bundle::{MAX_BUNDLE_BYTES, SignedBundle};
+use crate::endpoint::{Accepted, MeshEndpoint, close};
+use crate::wire::{self, WireError};
+
+/// The gossip keys of configuration.
+pub mod keys {
+    /// A relay's cached bundle: `VERSION DIGEST` (digest: 64 hex digits).
+    pub const OFFER: &str = "config:offer";
+    /// What a node holds: `VERSION HASH` (hash of its managed state, hex).
+    pub const APPLIED: &str = "config:applied";
+    /// A node's last attempt: `VERSION OUTCOME DETAIL…` where OUTCOME is
+    /// `ok`, `failed` or `refused`.
+    pub const RESULT: &str = "config:result";
+    /// A node's last drift of one file, one key per file
+    /// (`config:drift:PATH`): `N ACTION EXPECTED FOUND SIZE PATH` where N
+    /// counts drifts since the node started, ACTION is `healed`,
+    /// `reported` or `unhealed`, FOUND and SIZE are `-` for a missing file.
+    /// A file found as applied again after a drift that stayed open has
+    /// its key removed.
+    pub const DRIFT_PREFIX: &str = "config:drift:";
+}
+
+/// Longest detail (a reload's output, a refusal's reason) carried in
+/// gossip; the full text is in the node's log.
+pub const MAX_RESULT_DETAIL: usize = 600;
+
+/// Hex of 32 bytes.
+pub fn hex32(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 32 bytes from 64 hex digits.
+pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A configuration version as a relay announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Offer {
+    pub version: u64,
+    /// [`SignedBundle::digest`].
+    pub digest: [u8; 32],
+}
+
+impl Offer {
+    pub fn of(version: u64, bundle: &SignedBundle) -> Self {
+        Offer {
+            version,
+            digest: bundle.digest(),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.version, hex32(&self.digest))
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let (v, d) = s.split_once(' ')?;
+        Some(Offer {
+            version: v.parse().ok()?,
+            digest: parse_hex32(d)?,
+        })
+    }
+}
+
+/// How a node's last attempt at a version ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Every file written, every reload command succeeded.
+    Ok,
+    /// Applied in part: a write or a reload command failed.
+    Failed,
+    /// Not applied at all: the bundle's signature, signer or content was
+    /// not acceptable, or the node's files could not be resolved from it.
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node's last attempt at a configuration version.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ConfigResult {
+    pub version: u64,
+    pub outcome: Outcome,
+    /// Empty when ok; otherwise what went wrong (at most
+    /// [`MAX_RESULT_DETAIL`] bytes).
+    pub detail: String,
+}
+
+impl ConfigResult {
+    pub fn encode(&self) -> String {
+        format!(
+            "{} {} {}",
+            self.version,
+            self.outcome,
+            cut(&self.detail, MAX_RESULT_DETAIL)
+        )
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.splitn(3, ' ');
+        let version = parts.next()?.parse().ok()?;
+        let outcome = match parts.next()? {
+            "ok" => Outcome::Ok,
+            "failed" => Outcome::Failed,
+            "refused" => Outcome::Refused,
+            _ => return None,
+        };
+        Some(ConfigResult {
+            version,
+            outcome,
+            detail: parts.next().unwrap_or("").to_owned(),
+        })
+    }
+}
+
+/// What was done about a drifted file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftAction {
+    /// Rewritten as applied.
+    Healed,
+    /// Left as found (`drift = "report"`).
+    Reported,
+    /// Healing was attempted and failed.
+    Unhealed,
+}
+
+impl DriftAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftAction::Healed => "healed",
+            DriftAction::Reported => "reported",
+            DriftAction::Unhealed => "unhealed",
+        }
+    }
+}
+
+/// The last drift a node found.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DriftNote {
+    /// Drifts found since the node started: tells two drifts of the same
+    /// file apart.
+    pub n: u64,
+    pub action: DriftAction,
+    pub path: String,
+    /// SHA-256 of the applied content (hex).
+    pub expected: String,
+    /// SHA-256 of what was found; `None`: the file was missing.
+    pub found: Option<String>,
+    /// Size of what was found.
+    pub size: Option<u64>,
+}
+
+impl DriftNote {
+    pub fn encode(&self) -> String {
+        format!(
+            "{} {} {} {} {} {}",
+            self.n,
+            self.action.as_str(),
+            self.expected,
+            self.found.as_deref().unwrap_or("-"),
+            self.size.map_or("-".to_owned(), |s| s.to_string()),
+            self.path
+        )
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.splitn(6, ' ');
+        let n = parts.next()?.parse().ok()?;
+        let action = match parts.next()? {
+            "healed" => DriftAction::Healed,
+            "reported" => DriftAction::Reported,
+            "unhealed" => DriftAction::Unhealed,
+            _ => return None,
+        };
+        let expected = parts.next()?.to_owned();
+        let found = Some(parts.next()?).filter(|f| *f != "-").map(str::to_owned);
+        let size = match parts.next()? {
+            "-" => None,
+            n => Some(n.parse().ok()?),
+        };
+        let path = parts.next().filter(|p| !p.is_empty())?.to_owned();
+        Some(DriftNote {
+            n,
+            action,
+            path,
+            expected,
+            found,
+            size,
+        })
+    }
+
+    /// Whether the file is still not as applied.
+    pub fn open(&self) -> bool {
+        self.action != DriftAction::Healed
+    }
+}
+
+/// What a member says about configuration in gossip.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberConfig {
+    /// A relay's cached version.
+    pub offer: Option<Offer>,
+    /// A node's applied version and the hash of its managed state (hex).
+    pub applied: Option<(u64, String)>,
+    pub result: Option<ConfigResult>,
+    /// A node's last drift of each file, by path.
+    pub drift: std::collections::BTreeMap<String, DriftNote>,
+}
+
+impl MemberConfig {
+    /// Whether some managed file is known not to be as applied.
+    pub fn drifted(&self) -> bool {
+        self.drift.values().any(DriftNote::open)
+    }
+
+    /// Reads a member's configuration keys; unreadable values are absent.
+    pub fn from_kv<'a>(kv: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut c = MemberConfig::default();
+        for (k, v) in kv {
+            match k {
+                keys::OFFER => c.offer = Offer::parse(v),
+                keys::APPLIED => {
+                    c.applied = v
+                        .split_once(' ')
+                        .and_then(|(ver, h)| Some((ver.parse().ok()?, h.to_owned())))
+                }
+                keys::RESULT => c.result = ConfigResult::parse(v),
+                _ => {
+                    if k.starts_with(keys::DRIFT_PREFIX)
+                        && let Some(d) = DriftNote::parse(v)
+                    {
+                        c.drift.insert(d.path.clone(), d);
+                    }
+                }
+            }
+        }
+        c
+    }
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Frame version of the fetch protocol.
+pub const FETCH_VERSION: u8 = 1;
+/// Largest fetch request.
+pub const MAX_FETCH_REQUEST: usize = 256;
+/// Largest fetch response: a bundle with its signature and certificate.
+pub const MAX_FETCH_FRAME: usize = MAX_BUNDLE_BYTES + (64 << 10);
+/// Time allowed for one fetch, connection included: a bundle is at most a
+/// few MiB over the site's LAN.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// node → relay: the version it saw offered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub want: Offer,
+}
+
+/// relay → node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchResponse {
+    Bundle(Box<SignedBundle>),
+    /// The relay holds another version now (it moved on since it
+    /// announced the one asked for); `None`: it holds nothing.
+    NotHere {
+        have: Option<Offer>,
+    },
+}
+
+/// Why a fetch failed. Nothing was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Connect(#[from] crate::endpoint::ConnectError),
+    #[error("fetch from {addr}: {source}")]
+    Wire { addr: SocketAddr, source: WireError },
+    #[error("fetch from {addr}: {reason}")]
+    Stream { addr: SocketAddr, reason: String },
+    #[error("no answer from {addr} within {FETCH_TIMEOUT:?}")]
+    Timeout { addr: SocketAddr },
+    #[error("{addr} no longer holds version {want}; it holds {have}")]
+    NotHere {
+        addr: SocketAddr,
+        want: u64,
+        have: String,
+    },
+    /// The relay answered with bytes whose digest is not the one it
+    /// announced: altered on the way, or a confused relay.
+    #[error("{addr} sent a bundle whose digest is not the one announced for version {want}")]
+    WrongDigest { addr: SocketAddr, want: u64 },
+}
+
+/// Fetches the bundle `want` from the relay at `addr`.
+pub async fn fetch(
+    endpoint: &MeshEndpoint,
+    addr: SocketAddr,
+    want: Offer,
+) -> Result<SignedBundle, FetchError> {
+    let run = async {
+        let (conn, _) = endpoint.connect(addr, Protocol::Fetch).await?;
+        let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
+            addr,
+            reason: e.to_string(),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
+        wire::write_msg(
+            &mut send,
+            FETCH_VERSION,
+            &FetchRequest { want },
+            MAX_FETCH_REQUEST,
+        )
+        .await
+        .map_err(|source| FetchError::Wire { addr, source })?;
+        send.finish().map_err(|e| stream_err(&e))?;
+        let answer = wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
+            .await
+            .map_err(|source| FetchError::Wire { addr, source })?;
+        conn.close(close::DONE, b"fetched");
+        match answer {
+            Some(FetchResponse::Bundle(b)) if b.digest() == want.digest => Ok(*b),
+            Some(FetchResponse::Bundle(_)) => Err(FetchError::WrongDigest {
+                addr,
+                want: want.version,
+            }),
+            Some(FetchResponse::NotHere { have }) => Err(FetchError::NotHere {
+                addr,
+                want: want.version,
+                have: have.map_or("nothing".to_owned(), |o| format!("version {}", o.version)),
+            }),
+            None => Err(stream_err(&"the relay closed the stream without answering")),
+        }
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, run)
+        .await
+        .map_err(|_| FetchError::Timeout { addr })?
+}
+
+/// What a relay serves: its cached bundle and the offer naming it.
+pub type Served = Option<Arc<(Offer, SignedBundle)>>;
+
+/// Serves fetches on the connections `accepted` until `shutdown`: each
+/// stream gets the bundle `served` holds if it is the one asked for. A peer
+/// that sends a bad request has its connection closed.
+pub async fn serve(
+    mut accepted: mpsc::Receiver<Accepted>,
+    served: watch::Receiver<Served>,
+    metrics: crate::metrics::MeshMetrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let a = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            a = accepted.recv() => match a { Some(a) => a, None => break },
+        };
+        let served = served.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut send, mut recv)) = a.conn.accept_bi().await else {
+                    return;
+                };
+                let request = tokio::time::timeout(
+                    FETCH_TIMEOUT,
+                    wire::read_msg::<FetchRequest>(&mut recv, FETCH_VERSION, MAX_FETCH_REQUEST),
+                )
+                .await
+                .unwrap_or(Err(WireError::Stream("timed out".into())));
+                let want = match request {
+                    Ok(Some(r)) => r.want,
+                    Ok(None) => continue,
+                    Err(WireError::Stream(e)) => {
+                        debug!(peer = %a.peer, error = %e, "fetch stream ended");
+                        return;
+                    }
+                    Err(error) => {
+                        metrics.peer_error(Protocol::Fetch.as_str(), error.kind());
+                        warn!(peer = %a.peer, %error, "closing fetch connection: bad request");
+                        a.conn
+                            .close(close::PROTOCOL_ERROR, error.to_string().as_bytes());
+                        return;
+                    }
+                };
+                let current = served.borrow().clone();
+                let response = match current {
+                    Some(c) if c.0 == want => FetchResponse::Bundle(Box::new(c.1.clone())),
+                    other => FetchResponse::NotHere {
+                        have: other.map(|c| c.0),
+                    },
+                };
+                if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
+                    let _ = wire::write_frame(&mut send, &frame).await;
+                    let _ = send.finish();
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn an_offer_reads_back_as_written_and_garbage_reads_as_nothing() {
+        let o = Offer {
+            version: 12,
+            digest: [0xab; 32],
+        };
+        assert_eq!(Offer::parse(&o.encode()), Some(o));
+        for bad in [
+            "",
+            "12",
+            "x abab",
+            "12 abab",
+            &format!("12 {}", "zz".repeat(32)),
+        ] {
+            assert_eq!(Offer::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_result_keeps_its_detail_with_spaces_and_cuts_it_at_the_limit() {
+        let r = ConfigResult {
+            version: 3,
+            outcome: Outcome::Failed,
+            detail: "reload `systemctl reload nginx` exited 1: bad config".into(),
+        };
+        assert_eq!(ConfigResult::parse(&r.encode()), Some(r));
+        let long = ConfigResult {
+            version: 4,
+            outcome: Outcome::Refused,
+            detail: "é".repeat(MAX_RESULT_DETAIL),
+        };
+        let back = ConfigResult::parse(&long.encode()).unwrap();
+        assert!(back.detail.len() <= MAX_RESULT_DETAIL);
+        assert!(back.detail.starts_with("éé"));
+        assert_eq!(ConfigResult::parse("5 ok ").unwrap().outcome, Outcome::Ok);
+        assert_eq!(ConfigResult::parse("5 maybe x"), None);
+    }
+
+    #[test]
+    fn a_drift_note_keeps_a_path_with_spaces_and_a_missing_file() {
+        let d = DriftNote {
+            n: 2,
+            action: DriftAction::Healed,
+            path: "/etc/my app/conf".into(),
+            expected: "aa".into(),
+            found: None,
+            size: None,
+        };
+        assert_eq!(DriftNote::parse(&d.encode()), Some(d.clone()));
+        assert!(!d.open());
+        let r = DriftNote {
+            action: DriftAction::Reported,
+            found: Some("bb".into()),
+            size: Some(10),
+            ..d
+        };
+        assert_eq!(DriftNote::parse(&r.encode()), Some(r.clone()));
+        assert!(r.open());
+    }
+
+    #[test]
+    fn a_members_configuration_keys_are_read_and_others_ignored() {
+        let offer = Offer {
+            version: 9,
+            digest: [1; 32],
+        }
+        .encode();
+        let c = MemberConfig::from_kv([
+            (keys::OFFER, offer.as_str()),
+            (keys::APPLIED, "8 cafe"),
+            (keys::RESULT, "9 refused bad signature"),
+            ("status", "passing"),
+        ]);
+        assert_eq!(c.offer.unwrap().version, 9);
+        assert_eq!(c.applied, Some((8, "cafe".into())));
+        assert_eq!(c.result.as_ref().unwrap().outcome, Outcome::Refused);
+        assert!(c.drift.is_empty());
+        assert!(!c.drifted());
+        let d = DriftNote {
+            n: 1,
+            action: DriftAction::Reported,
+            path: "/etc/a".into(),
+            expected: "aa".into(),
+            found: Some("bb".into()),
+            size: Some(3),
+        };
+        let key = format!("{}{}", keys::DRIFT_PREFIX, d.path);
+        let c = MemberConfig::from_kv([(key.as_str(), d.encode().as_str())]);
+        assert_eq!(c.drift.get("/etc/a"), Some(&d));
+        assert!(c.drifted());
+    }
+
+    proptest! {
+        #[test]
+        fn no_value_makes_the_parsers_panic(s in ".{0,200}") {
+            let _ = MemberConfig::from_kv([
+                (keys::OFFER, s.as_str()),
+                (keys::APPLIED, s.as_str()),
+                (keys::RESULT, s.as_str()),
+                ("config:drift:/x", s.as_str()),
+            ]);
+        }
+
+        #[test]
+        fn fetch_messages_survive_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = wire::decode_body::<FetchRequest>(&bytes, FETCH_VERSION);
+            let _ = wire::decode_body::<FetchResponse>(&bytes, FETCH_VERSION);
+        }
+    }
+}
