@@ -581,6 +581,41 @@ mod tests {
         }
     }
 
+    fn config(origin: &str, seq: u64, ms: u64, version: u64, digest: &str) -> Entry {
+        Entry {
+            op: Op::Config {
+                version,
+                digest: digest.into(),
+                comment: "c".into(),
+                bundle: vec![1, 2, 3],
+            },
+            ..put(origin, seq, ms, "unused", "")
+        }
+    }
+
+    #[test]
+    fn two_hubs_accepting_the_same_version_settle_on_one_in_any_order() {
+        let a = config("hub-a", 1, 100, 4, "aaaa");
+        let b = config("hub-b", 1, 200, 4, "bbbb");
+        let older = config("hub-a", 2, 300, 3, "cccc");
+        for order in [[&a, &b, &older], [&older, &b, &a], [&b, &older, &a]] {
+            let mut s = DesiredState::default();
+            for e in order {
+                s.apply(e);
+            }
+            let latest = s.latest_config().unwrap();
+            assert_eq!((latest.version, latest.digest.as_str()), (4, "bbbb"));
+            let versions: Vec<u64> = s.configs().map(|c| c.version).collect();
+            assert_eq!(versions, vec![3, 4]);
+            // Configurations are not keys of the desired state.
+            assert_eq!(s.values().count(), 0);
+        }
+        assert_eq!(a.op.to_string(), "config v4 aaaa: c");
+        let listed = a.op.clone().without_bundle();
+        assert!(matches!(listed, Op::Config { ref bundle, .. } if bundle.is_empty()));
+        assert!(a.approx_size() > 3);
+    }
+
     fn signed(e: Entry) -> SignedEntry {
         SignedEntry {
             entry: e,

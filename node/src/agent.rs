@@ -304,7 +304,6 @@ impl DriftNotes {
         self.notes
             .retain(|path, d| !d.open() || outcomes.iter().any(|o| &o.report.path == path));
         for o in outcomes {
-            self.n += 1;
             let r = &o.report;
             let action = match (o.healed, o.error.is_some()) {
                 (true, _) => DriftAction::Healed,
@@ -320,6 +319,7 @@ impl DriftNotes {
             {
                 continue;
             }
+            self.n += 1;
             self.notes.insert(
                 r.path.clone(),
                 DriftNote {
@@ -637,5 +637,102 @@ impl NodeAgent {
 impl crate::cli::Running for NodeAgent {
     async fn stopped(self) {
         NodeAgent::stopped(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::DriftReport;
+    use crate::id::Role;
+    use crate::site::{Health, MemberView};
+
+    fn member(name: &str, relay: bool, alive: bool, offer: Option<(u64, u8)>) -> MemberView {
+        let mut m = MemberView {
+            name: name.into(),
+            generation: 1,
+            gossip_addr: format!("127.0.0.{}:1", name.len()).parse().unwrap(),
+            alive,
+            health: Health {
+                role: Some(if relay { Role::Relay } else { Role::Node }),
+                ..Health::default()
+            },
+            labels: BTreeMap::new(),
+            facts: BTreeMap::new(),
+            config: Default::default(),
+        };
+        m.config.offer = offer.map(|(version, d)| Offer {
+            version,
+            digest: [d; 32],
+        });
+        m
+    }
+
+    fn view(members: Vec<MemberView>) -> SiteView {
+        SiteView {
+            region: "eu".into(),
+            site: "par".into(),
+            members,
+        }
+    }
+
+    #[test]
+    fn a_node_wants_the_newest_offer_of_an_alive_relay_once_and_only_if_newer() {
+        let v = view(vec![
+            member("r", true, true, Some((3, 1))),
+            member("dead-relay", true, false, Some((9, 1))),
+            member("nodey", false, true, Some((8, 1))),
+        ]);
+        let (offer, addr) = wanted_offer(&v, Some(2), None).unwrap();
+        assert_eq!(offer.version, 3);
+        assert_eq!(addr, "127.0.0.1:1".parse().unwrap());
+        assert!(
+            wanted_offer(&v, Some(3), None).is_none(),
+            "already holds it"
+        );
+        assert!(
+            wanted_offer(&v, Some(2), Some(&offer)).is_none(),
+            "tried it"
+        );
+        assert!(wanted_offer(&v, None, None).is_some(), "holds nothing yet");
+    }
+
+    fn drifted(path: &str, found: &str, healed: bool, error: Option<&str>) -> DriftOutcome {
+        DriftOutcome {
+            report: DriftReport {
+                path: path.into(),
+                expected_sha256: "aa".into(),
+                found_sha256: Some(found.into()),
+                expected_size: 3,
+                found_size: Some(4),
+                expected_mode: 0o644,
+                found_mode: Some(0o644),
+            },
+            healed,
+            reloads: Vec::new(),
+            error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn drift_notes_number_each_drift_keep_an_open_one_once_and_drop_it_when_fixed() {
+        let mut d = DriftNotes::default();
+        assert!(!d.update(&[]));
+        assert!(d.update(&[drifted("/a", "bb", true, None)]));
+        assert_eq!(d.notes["/a"].n, 1);
+        assert_eq!(d.notes["/a"].action, DriftAction::Healed);
+        // Reported and still the same on the next look: noted once.
+        assert!(d.update(&[drifted("/b", "cc", false, None)]));
+        assert!(!d.update(&[drifted("/b", "cc", false, None)]));
+        assert_eq!(d.notes["/b"].n, 2);
+        assert_eq!(d.notes["/b"].action, DriftAction::Reported);
+        // Fixed by hand: its note goes; the healed one stays as history.
+        assert!(d.update(&[]));
+        assert!(!d.notes.contains_key("/b"));
+        assert!(d.notes.contains_key("/a"));
+        // Healing that failed stays open.
+        d.update(&[drifted("/c", "dd", false, Some("read-only"))]);
+        assert_eq!(d.notes["/c"].action, DriftAction::Unhealed);
+        assert!(d.kv().iter().any(|(k, _)| k == "config:drift:/c"));
     }
 }

@@ -691,6 +691,66 @@ mod tests {
     }
 
     #[test]
+    fn a_nodes_configuration_result_and_each_new_drift_become_one_event_each() {
+        use trellis_node::distribute::{ConfigResult, DriftAction, DriftNote, Outcome};
+        let t0 = Instant::now();
+        let mut core = core();
+        let mut a = member("a", true, Status::Passing);
+        core.handle_view(t0, 1, &view(vec![a.clone()]));
+        let _ = core.poll_persist();
+        let result = ConfigResult {
+            version: 3,
+            outcome: Outcome::Refused,
+            detail: "bundle signed by an unknown key".into(),
+        };
+        a.config.result = Some(result.clone());
+        let drift = DriftNote {
+            n: 1,
+            action: DriftAction::Healed,
+            path: "/etc/motd".into(),
+            expected: "aa".into(),
+            found: Some("bb".into()),
+            size: Some(7),
+        };
+        a.config.drift.insert(drift.path.clone(), drift.clone());
+        core.handle_view(t0, 2, &view(vec![a.clone()]));
+        let events = |core: &mut RelayCore| -> Vec<RecordBody> {
+            core.poll_persist()
+                .into_iter()
+                .map(|r| r.body)
+                .filter(|b| matches!(b, RecordBody::Event(_)))
+                .collect()
+        };
+        assert_eq!(
+            events(&mut core),
+            vec![
+                RecordBody::Event(Event::ConfigResult {
+                    node: "a".into(),
+                    result
+                }),
+                RecordBody::Event(Event::ConfigDrift {
+                    node: "a".into(),
+                    drift: drift.clone()
+                }),
+            ]
+        );
+        // Seen again unchanged: nothing new.
+        core.handle_view(t0, 3, &view(vec![a.clone()]));
+        assert!(events(&mut core).is_empty());
+        // The same file drifting again is a new note (n counts up).
+        let again = DriftNote { n: 2, ..drift };
+        a.config.drift.insert(again.path.clone(), again.clone());
+        core.handle_view(t0, 4, &view(vec![a]));
+        assert_eq!(
+            events(&mut core),
+            vec![RecordBody::Event(Event::ConfigDrift {
+                node: "a".into(),
+                drift: again
+            })]
+        );
+    }
+
+    #[test]
     fn after_an_outage_the_newest_summary_goes_first_then_live_records_and_the_backlog_in_order() {
         let t0 = Instant::now();
         let mut core = core();

@@ -165,6 +165,61 @@ mod tests {
     }
 
     #[test]
+    fn the_summary_counts_versions_held_and_names_drifted_and_stuck_nodes() {
+        use trellis_node::distribute::{ConfigResult, DriftAction, DriftNote, Offer, Outcome};
+        let mut relay = member("r", true, Status::Passing, &[]);
+        relay.health.role = Some(Role::Relay);
+        relay.config.offer = Some(Offer {
+            version: 3,
+            digest: [0; 32],
+        });
+        let at = |name: &str, v: u64| {
+            let mut m = member(name, true, Status::Passing, &[]);
+            m.config.applied = Some((v, "h".into()));
+            m
+        };
+        let mut drifted = at("b", 3);
+        drifted.config.drift.insert(
+            "/etc/x".into(),
+            DriftNote {
+                n: 1,
+                action: DriftAction::Reported,
+                path: "/etc/x".into(),
+                expected: "aa".into(),
+                found: Some("bb".into()),
+                size: Some(1),
+            },
+        );
+        let mut refused = at("c", 2);
+        refused.config.result = Some(ConfigResult {
+            version: 3,
+            outcome: Outcome::Refused,
+            detail: "bad signature".into(),
+        });
+        let mut reload_failed = at("d", 3);
+        reload_failed.config.result = Some(ConfigResult {
+            version: 3,
+            outcome: Outcome::Failed,
+            detail: "exit 1".into(),
+        });
+        let fresh = member("e", true, Status::Passing, &[]);
+        let v = SiteView {
+            region: "eu".into(),
+            site: "par".into(),
+            members: vec![relay, at("a", 3), drifted, refused, reload_failed, fresh],
+        };
+        let c = summarise(&v, "r", 1).config;
+        assert_eq!(c.offered, Some(3));
+        assert_eq!(c.versions, BTreeMap::from([(0, 1), (2, 1), (3, 3)]));
+        assert_eq!(c.at_least(3), 3);
+        assert_eq!((c.drifted_count, c.drifted), (1, vec!["b".to_owned()]));
+        assert_eq!(c.failing_count, 2);
+        assert_eq!(c.failing, vec![("c".to_owned(), 3), ("d".to_owned(), 3)]);
+        // Only the node that does not hold v3 is stuck on it.
+        assert_eq!(c.stuck, BTreeMap::from([(3, 1)]));
+    }
+
+    #[test]
     fn relays_are_not_counted_as_nodes() {
         let mut r = member("other-relay", true, Status::Passing, &[]);
         r.health.role = Some(Role::Relay);

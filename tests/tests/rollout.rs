@@ -224,6 +224,44 @@ fn a_change_for_a_label_subset_reaches_exactly_those_nodes_and_a_hand_edit_is_he
     assert_eq!(status["at_latest"], 4, "{status}");
     assert_eq!(status["latest"]["author"], "alice", "{status}");
 
+    // The hub stores only what an operator of this mesh signed, and only
+    // as a newer version.
+    {
+        use trellis_hub::client::{ApiClient, ClientError};
+        use trellis_node::bundle::{Bundle, sign};
+        let p = site.mesh.path();
+        let alice = trellis_node::tls::Credentials::load(
+            &p.join("ca/ca.crt"),
+            &p.join("certs/alice.crt"),
+            &p.join("certs/alice.key"),
+        )
+        .unwrap();
+        let bundle = |version| Bundle {
+            version,
+            created_ms: 1,
+            comment: String::new(),
+            fleet: trellis_node::desired::Fleet::load(&site.fleet()).unwrap(),
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = ApiClient::new(&site.api).unwrap();
+        let mut altered = sign(&alice, &bundle(3)).unwrap();
+        let last = altered.bundle.len() - 1;
+        altered.bundle[last] ^= 1;
+        for (signed, status, says) in [
+            (altered, 403, "bad signature"),
+            (sign(&alice, &bundle(2)).unwrap(), 409, "not newer"),
+        ] {
+            match rt.block_on(client.config_apply(&signed)) {
+                Err(ClientError::Api { status: s, message }) => {
+                    assert_eq!(s, status, "{message}");
+                    assert!(message.contains(says), "{message}");
+                }
+                other => panic!("stored a bundle it should refuse: {other:?}"),
+            }
+        }
+        assert_eq!(site.status()["latest"]["version"], 2);
+    }
+
     // A hand edit is put back within the drift interval, and the hub hears
     // of it: which file, on which node.
     let motd = site.file(2, "/etc/motd");
@@ -311,4 +349,155 @@ fn a_site_whose_wan_is_cut_during_apply_converges_when_the_link_returns() {
     );
     let reported = eventually(Duration::from_secs(30), || site.status()["at_latest"] == 4);
     assert!(reported, "{}", site.status());
+}
+
+/// A relay with a valid certificate for the site that offers bundles it
+/// was never given by a hub (a compromised relay): built from the relay's
+/// own parts, speaking real gossip and the real fetch protocol.
+struct HostileRelay {
+    member: trellis_node::agent::SiteMember,
+    served: tokio::sync::watch::Sender<trellis_node::distribute::Served>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl HostileRelay {
+    async fn start(creds: trellis_node::tls::Credentials) -> HostileRelay {
+        use trellis_node::authz::Protocol;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let gossip = trellis_node::config::GossipConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            interval: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let mut member = trellis_node::agent::SiteMember::start(
+            creds,
+            &[Protocol::Fetch],
+            &Default::default(),
+            &gossip,
+            &Default::default(),
+            &[],
+            &mut Default::default(),
+            &shutdown,
+        )
+        .await
+        .expect("start the relay's gossip");
+        let (served, rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(trellis_node::distribute::serve(
+            member.routes.take(Protocol::Fetch),
+            rx,
+            member.endpoint.metrics().clone(),
+            shutdown.child_token(),
+        ));
+        HostileRelay {
+            member,
+            served,
+            shutdown,
+        }
+    }
+
+    async fn offer(&self, version: u64, signed: trellis_node::bundle::SignedBundle) {
+        use trellis_node::distribute::{Offer, keys};
+        let offer = Offer::of(version, &signed);
+        self.served
+            .send_replace(Some(std::sync::Arc::new((offer, signed))));
+        self.member
+            .gossip
+            .set(vec![(keys::OFFER.to_owned(), offer.encode())], keys::OFFER)
+            .await;
+    }
+
+    /// The node's last configuration result, as the site's gossip shows it.
+    async fn result_of(&self, node: &str) -> Option<trellis_node::distribute::ConfigResult> {
+        let view = self.member.gossip.view().await;
+        view.current_members()
+            .into_iter()
+            .find(|m| m.name == node)
+            .and_then(|m| m.config.result.clone())
+    }
+}
+
+#[test]
+fn bundles_signed_by_an_unknown_key_or_altered_after_signing_are_refused_and_nothing_is_written() {
+    use trellis_node::bundle::{Bundle, sign};
+    use trellis_node::desired::Fleet;
+    use trellis_node::distribute::Outcome;
+    use trellis_node::id::{Identity, Role};
+    use trellis_node::tls::{Credentials, MeshCa};
+
+    let _serial = serial();
+    let mesh = Mesh::new();
+    mesh.issue("relay", REGION, SITE, "par-relay");
+    mesh.issue("operator", "", "", "alice");
+    mesh.issue("node", REGION, SITE, "par-n0");
+    let p = mesh.path().to_owned();
+    let load = |name: &str| {
+        Credentials::load(
+            &p.join("ca/ca.crt"),
+            &p.join(format!("certs/{name}.crt")),
+            &p.join(format!("certs/{name}.key")),
+        )
+        .expect("credentials")
+    };
+    let fleet_dir = p.join("fleet");
+    std::fs::create_dir_all(&fleet_dir).unwrap();
+    std::fs::write(
+        fleet_dir.join("base.toml"),
+        "[[file]]\npath = \"/etc/motd\"\ncontent = \"hello from trellis\\n\"\n",
+    )
+    .unwrap();
+    let fleet = Fleet::load(&fleet_dir).unwrap();
+    let bundle = |version| Bundle {
+        version,
+        created_ms: 1,
+        comment: String::new(),
+        fleet: fleet.clone(),
+    };
+    // An operator of another mesh.
+    let other = MeshCa::generate("elsewhere").unwrap();
+    let mallory = Credentials::issue(
+        &other,
+        &Identity::new(Role::Operator, "", "", "mallory").unwrap(),
+    )
+    .unwrap();
+    let unknown = sign(&mallory, &bundle(1)).unwrap();
+    // The mesh's own operator, but the content changed after signing.
+    let mut altered = sign(&load("alice"), &bundle(2)).unwrap();
+    let at = altered
+        .bundle
+        .windows(5)
+        .position(|w| w == b"hello")
+        .expect("content in the bundle");
+    altered.bundle[at] = b'j';
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let relay = rt.block_on(HostileRelay::start(load("par-relay")));
+    let root = p.join("root/par-n0");
+    let state = p.join("par-n0/state");
+    let extra = format!("[config]\nstate_dir = {state:?}\nroot = {root:?}\n");
+    let seed = relay.member.gossip.advertise_addr().to_string();
+    let (_node, node_metrics) = mesh.start_node("par-n0", &seed, &extra);
+
+    for (version, signed, reason) in [(1, unknown, "unknown key"), (2, altered, "bad signature")] {
+        rt.block_on(relay.offer(version, signed));
+        let mut seen = None;
+        let refused = eventually(Duration::from_secs(30), || {
+            seen = rt.block_on(relay.result_of("par-n0"));
+            seen.as_ref().is_some_and(|r| r.version == version)
+        });
+        assert!(refused, "no result for v{version}: {seen:?}");
+        let r = seen.unwrap();
+        assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
+        assert!(r.detail.contains(reason), "v{version}: {r:?}");
+        assert!(!root.exists(), "something was written under {root:?}");
+        assert!(
+            !state.join("applied.json").exists(),
+            "a refused bundle was recorded as applied"
+        );
+    }
+    let refusals = trellis_tests::metric(
+        &node_metrics,
+        "trellis_config_results_total{outcome=\"refused\"}",
+    );
+    assert_eq!(refusals, Some(2.0));
+    relay.shutdown.cancel();
 }
