@@ -459,7 +459,10 @@ impl CoreTask {
                 continue;
             };
             let kind = match e {
-                Event::ConfigResult { result, .. } => format!("config.{}", result.outcome),
+                Event::ConfigResult { result, .. } => match result.outcome {
+                    trellis_node::distribute::Outcome::Ok => "config.applied".to_owned(),
+                    o => format!("config.{o}"),
+                },
                 Event::ConfigDrift { .. } => "config.drift".to_owned(),
                 _ => continue,
             };

@@ -61,6 +61,9 @@ pub struct LocalMesh {
     expected_nodes: u32,
 }
 
+/// The operator `trellis up` issues a certificate for (`DIR/operator.crt`).
+pub const OPERATOR: &str = "operator";
+
 pub fn site_name(i: usize) -> String {
     format!("site-{}", i + 1)
 }
@@ -89,6 +92,12 @@ impl LocalMesh {
             }
         };
         let ca = load_or_create_ca(&dir)?;
+        // An operator's certificate, to sign configuration versions with.
+        ca.issue(
+            &Identity::new(Role::Operator, "", "", OPERATOR)?,
+            trellis_node::tls::DEFAULT_CERT_DAYS,
+        )?
+        .save(&dir, true)?;
         let issue = |role, site: &str, name: &str| -> anyhow::Result<Credentials> {
             let region = if role == Role::Operator { "" } else { REGION };
             Ok(Credentials::issue(
@@ -165,6 +174,10 @@ impl LocalMesh {
                 // Each node keeps what it applied apart, as on its own
                 // machine.
                 cfg.config.state_dir = dir.join(&name).join("config");
+                // And writes its managed files under its own root, not
+                // over this machine's /etc.
+                cfg.config.root = Some(dir.join(&name).join("root"));
+                cfg.config.drift_interval = Duration::from_secs(10);
                 // Something for configuration selectors to pick: odd nodes
                 // are web servers, even ones databases.
                 let role = if n % 2 == 0 { "web" } else { "db" };

@@ -1118,6 +1118,13 @@ async fn up(opts: UpOptions) -> ExitCode {
     println!("  cargo run --release --bin trellis -- nodes site-1{hub_flag}");
     println!("  curl {api}/api/v1/fleet");
     println!("  curl {api}/metrics");
+    let d = mesh.dir().display();
+    println!("roll out configuration (each node writes under {d}/NODE/root):");
+    println!(
+        "  cargo run --release --bin trellis -- config apply examples/fleet --cert {d}/{op}.crt --key {d}/{op}.key --ca {d}/ca.crt{hub_flag}",
+        op = trellis_hub::up::OPERATOR
+    );
+    println!("  cargo run --release --bin trellis -- config status{hub_flag}");
     println!("Ctrl-C stops the mesh.");
     let _ = std::io::stdout().flush();
     shutdown.cancelled().await;
