@@ -247,7 +247,7 @@ async fn config_loop(
     let mut tick = crate::clock::ticker(cfg.drift_interval);
     let mut open = true;
     let mut drift = DriftNotes::default();
-    publish_applied(&gossip, &applier).await;
+    publish_applied(&gossip, &applier, None).await;
     loop {
         tokio::select! {
             biased;
@@ -256,7 +256,13 @@ async fn config_loop(
                 Some(ApplyInput::Apply { state, reply }) => {
                     let report = applier.apply(&state, cfg.reload_timeout).await;
                     log_apply(&report);
-                    publish_applied(&gossip, &applier).await;
+                    let result = ConfigResult {
+                        version: report.version,
+                        outcome: if report.ok { Outcome::Ok } else { Outcome::Failed },
+                        detail: result_detail(&report),
+                    };
+                    metrics.result(result.outcome);
+                    publish_applied(&gossip, &applier, Some(result)).await;
                     let _ = reply.send(report);
                 }
                 None => open = false,
@@ -279,12 +285,19 @@ async fn config_loop(
     }
 }
 
-async fn publish_applied(gossip: &Gossip, applier: &Applier) {
+/// Publishes what the node holds and, after an apply, how it went: in one
+/// change, so that nobody sees the new version held without its result.
+async fn publish_applied(gossip: &Gossip, applier: &Applier, result: Option<ConfigResult>) {
+    let mut kv = Vec::new();
     if let Some(s) = applier.applied() {
         let value = format!("{} {}", s.version, crate::managed::short_hex(&s.hash()));
-        gossip
-            .set(vec![(distribute::keys::APPLIED.to_owned(), value)], "")
-            .await;
+        kv.push((distribute::keys::APPLIED.to_owned(), value));
+    }
+    if let Some(r) = result {
+        kv.push((distribute::keys::RESULT.to_owned(), r.encode()));
+    }
+    if !kv.is_empty() {
+        gossip.set(kv, "").await;
     }
 }
 
@@ -415,13 +428,17 @@ impl Follower {
             let Some(result) = self.attempt(offer, &signed, &mut applied).await else {
                 break; // the config task stopped: shutting down
             };
-            self.metrics.result(result.outcome);
-            self.gossip
-                .set(
-                    vec![(distribute::keys::RESULT.to_owned(), result.encode())],
-                    "",
-                )
-                .await;
+            // An apply's result is published by the config task, with the
+            // version held; a refusal changes nothing held.
+            if result.outcome == Outcome::Refused {
+                self.metrics.result(result.outcome);
+                self.gossip
+                    .set(
+                        vec![(distribute::keys::RESULT.to_owned(), result.encode())],
+                        "",
+                    )
+                    .await;
+            }
         }
     }
 
@@ -470,9 +487,28 @@ impl Follower {
             } else {
                 Outcome::Failed
             },
-            detail: report.error.unwrap_or_default(),
+            detail: result_detail(&report),
         })
     }
+}
+
+/// What a node says about an apply that did not go well: the error, then
+/// the end of the first failed reload command's output (what an operator
+/// needs to see first), within [`distribute::MAX_RESULT_DETAIL`].
+fn result_detail(report: &ApplyReport) -> String {
+    let mut detail = report.error.clone().unwrap_or_default();
+    if let Some(failed) = report.reloads.iter().find(|r| !r.succeeded()) {
+        let output = failed.output.trim();
+        if !output.is_empty() {
+            let room = distribute::MAX_RESULT_DETAIL.saturating_sub(detail.len() + 10);
+            let mut start = output.len().saturating_sub(room.max(80));
+            while !output.is_char_boundary(start) {
+                start += 1;
+            }
+            detail = format!("output: {}; {detail}", &output[start..]);
+        }
+    }
+    detail
 }
 
 fn log_apply(r: &ApplyReport) {
@@ -674,6 +710,32 @@ mod tests {
             site: "par".into(),
             members,
         }
+    }
+
+    #[test]
+    fn a_failed_reload_reports_the_end_of_its_output_first() {
+        let report = ApplyReport {
+            version: 2,
+            hash: "h".into(),
+            written: vec!["/etc/a".into()],
+            unmanaged: Vec::new(),
+            reloads: vec![crate::apply::ReloadOutcome {
+                command: "nginx -t".into(),
+                exit_code: Some(1),
+                timed_out: false,
+                output: format!("{}nginx: unknown directive \"lisen\"\n", "x".repeat(2000)),
+                duration_ms: 5,
+            }],
+            ok: false,
+            error: Some("reload command `nginx -t` exited with status 1".into()),
+        };
+        let d = result_detail(&report);
+        assert!(d.starts_with("output: "), "{d}");
+        assert!(
+            d.contains("unknown directive \"lisen\"; reload command `nginx -t`"),
+            "{d}"
+        );
+        assert!(d.len() <= distribute::MAX_RESULT_DETAIL, "{}", d.len());
     }
 
     #[test]

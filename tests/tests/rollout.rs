@@ -349,6 +349,33 @@ fn a_site_whose_wan_is_cut_during_apply_converges_when_the_link_returns() {
     );
     let reported = eventually(Duration::from_secs(30), || site.status()["at_latest"] == 4);
     assert!(reported, "{}", site.status());
+
+    // A reload command that fails: the files stay, the apply says so, and
+    // the command's output reaches the hub.
+    site.write_manifest(
+        "base.toml",
+        "[[file]]\npath = \"/etc/motd\"\ncontent = \"v3\\n\"\n\
+         reload = [\"echo 'motd: bad directive' >&2; exit 3\"]\n",
+    );
+    let out = site.config("apply", &[fleet, "--timeout", "60s"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("failed or refused v3"),
+        "{out:?}"
+    );
+    assert_eq!(read(&site.file(0, "/etc/motd")).as_deref(), Some("v3\n"));
+    let events = site.status()["recent"].clone();
+    let failed = events.as_array().unwrap().iter().find(|e| {
+        let r = &e["body"]["Event"]["ConfigResult"]["result"];
+        r["version"] == 3 && r["outcome"] == "failed"
+    });
+    let detail = failed.expect("a failed result at the hub")["body"]["Event"]["ConfigResult"]
+        ["result"]["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(detail.contains("motd: bad directive"), "{detail}");
+    assert!(detail.contains("exited with status 3"), "{detail}");
 }
 
 /// A relay with a valid certificate for the site that offers bundles it
