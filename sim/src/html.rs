@@ -1907,6 +1907,7 @@ mod tests {
                 duplicates_absorbed: 1234,
                 still_buffered: 0,
             },
+            config_changes: Vec::new(),
             violations: Vec::new(),
         };
         (report, series)
