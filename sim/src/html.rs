@@ -9,7 +9,8 @@
 //!
 //! # Layout
 //! - [`render`]: the page: the verdict and key figures, charts over virtual
-//!   time with the fault windows shaded, latency distributions, tables.
+//!   time with the fault windows shaded, latency distributions, tables,
+//!   and how sites converged on each configuration change.
 //! - [`Chart`]: an SVG line chart of several [`Line`]s (solid or dashed),
 //!   shaded [`Band`]s and vertical [`Marker`]s, with axes in human [`Unit`]s.
 //! - [`downsample`]: at most [`MAX_POINTS`] points a line, so a long run at
@@ -19,7 +20,9 @@
 
 use std::fmt::Write as _;
 
-use crate::report::{FaultOutcome, Latency, Report, Timeseries};
+use crate::report::{
+    ConfigChangeOutcome, ConvergenceTimes, FaultOutcome, Latency, Report, Timeseries,
+};
 
 /// The most points one line is drawn with. A chart is about a thousand
 /// pixels wide, so more points add bytes but no detail.
@@ -43,6 +46,9 @@ const PALETTE: [&str; 10] = [
 fn palette(i: usize) -> &'static str {
     PALETTE[i % PALETTE.len()]
 }
+
+/// Sites listed per configuration change; the rest are in `report.json`.
+pub const MAX_SITE_ROWS: usize = 50;
 
 /// How many regions still fit one chart; past this, each region gets its
 /// own small chart, because ten pairs of overlapping lines cannot be told
@@ -780,13 +786,20 @@ pub fn render(report: &Report, series: &Timeseries) -> String {
     header(&mut page, report, &title);
     page.push_str(
         "<nav><a href=\"#time\">Over time</a> · <a href=\"#latency\">Latency</a> · \
-         <a href=\"#faults\">Faults</a> · <a href=\"#traffic\">Traffic</a> · \
+         <a href=\"#faults\">Faults</a> · ",
+    );
+    if !report.config_changes.is_empty() {
+        page.push_str("<a href=\"#config\">Config</a> · ");
+    }
+    page.push_str(
+        "<a href=\"#traffic\">Traffic</a> · \
          <a href=\"#buffers\">Buffers</a> · <a href=\"#detection\">Detection</a> · \
          <a href=\"#records\">Records</a></nav>\n",
     );
     time_charts(&mut page, report, series);
     latency_charts(&mut page, report);
     faults_table(&mut page, report);
+    config_section(&mut page, report);
     traffic_table(&mut page, report);
     buffers_tables(&mut page, report);
     detection_table(&mut page, report);
@@ -946,6 +959,23 @@ fn header(page: &mut String, r: &Report, title: &str) {
         "peak of any relay",
         Mood::Plain,
     );
+    if let Some(c) = r.config_changes.last() {
+        tile(
+            page,
+            "Sites on the last config",
+            &format!("{} / {}", count(c.converged), count(c.sites)),
+            &if c.all.count == 0 {
+                format!("version {}", c.version)
+            } else {
+                format!("version {}, p99 {}", c.version, duration(c.all.p99_s))
+            },
+            if c.converged == c.sites {
+                Mood::Plain
+            } else {
+                Mood::Warn
+            },
+        );
+    }
     page.push_str("</div>\n");
 
     page.push_str("<dl class=\"meta\">\n");
@@ -1194,6 +1224,33 @@ fn time_charts(page: &mut String, r: &Report, series: &Timeseries) {
     fault_key(page, &r.faults);
 
     alive_charts(page, &cols, &bands);
+
+    let mut config = cols.chart(
+        "Running nodes that have applied the newest configuration change",
+        Unit::Count,
+        &bands,
+    );
+    with_column(
+        &mut config,
+        &cols,
+        Timeseries::CONFIG_CURRENT,
+        "nodes on the newest version",
+        palette(2),
+    );
+    if !config.lines.is_empty() {
+        config.markers = r
+            .config_changes
+            .iter()
+            .map(|c| Marker {
+                x: c.at_s,
+                y: None,
+                label: format!("v{}", c.version),
+                colour: "#137333".to_string(),
+            })
+            .collect();
+        page.push_str("<h3>Configuration</h3>\n");
+        page.push_str(&config.to_html());
+    }
 
     let mut hub = cols.chart(
         "Relays connected and sites unreachable, as a hub reports them",
@@ -1532,6 +1589,222 @@ fn faults_table(page: &mut String, r: &Report) {
     page.push_str("</tbody></table>\n</section>\n");
 }
 
+/// A share-of-sites curve of a group's convergence: the y value is the
+/// share of *all* the group's sites, so that sites which never converged
+/// keep the curve below 100%.
+fn convergence_line(name: &str, colour: &str, t: &ConvergenceTimes, sites: u64) -> Option<Line> {
+    if t.cdf.is_empty() || sites == 0 {
+        return None;
+    }
+    let last = (t.cdf.len() - 1).max(1) as f64;
+    let share = t.count as f64 / sites as f64;
+    let pts = t
+        .cdf
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (x, i as f64 * 100.0 / last * share))
+        .collect();
+    Some(Line::new(
+        format!("{name} ({} of {})", count(t.count), count(sites)),
+        colour,
+        pts,
+    ))
+}
+
+fn convergence_chart(c: &ConfigChangeOutcome) -> Option<Chart> {
+    let connected = c.sites - c.sites_cut_off;
+    let lines: Vec<Line> = [
+        convergence_line(
+            "connected at the change",
+            palette(0),
+            &c.connected,
+            connected,
+        ),
+        convergence_line(
+            "cut off at the change",
+            palette(3),
+            &c.cut_off,
+            c.sites_cut_off,
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    let hi = c.all.max_s;
+    let mut chart = Chart::new(
+        format!(
+            "Version {}: share of sites converged within x of the change",
+            c.version
+        ),
+        Unit::Seconds,
+        Unit::Percent,
+    );
+    chart.lines = lines;
+    chart.x_label =
+        "seconds from the change to every running node of the site applying it".to_string();
+    chart.x_range = Some((0.0, if hi > 0.0 { hi } else { 1.0 }));
+    chart.x_nice = true;
+    chart.y_range = Some((0.0, 100.0));
+    chart.height = 280.0;
+    Some(chart)
+}
+
+fn convergence_cells(t: &ConvergenceTimes, sites: u64) -> String {
+    let mut s = format!(
+        "<td class=\"num\">{}</td><td class=\"num{}\">{}</td>",
+        count(sites),
+        if t.count < sites { " bad" } else { "" },
+        count(t.count)
+    );
+    if t.count == 0 {
+        s.push_str(
+            "<td class=\"num\">–</td><td class=\"num\">–</td><td class=\"num\">–</td>\
+             <td class=\"num\">–</td>",
+        );
+    } else {
+        out!(
+            s,
+            "<td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td>",
+            duration(t.p50_s),
+            duration(t.p90_s),
+            duration(t.p99_s),
+            duration(t.max_s)
+        );
+    }
+    s
+}
+
+fn after_cell(t: Option<f64>) -> String {
+    match t {
+        Some(t) => format!("<td class=\"num\">{}</td>", duration(t)),
+        None => "<td class=\"num bad\">not by the end</td>".to_string(),
+    }
+}
+
+fn config_section(page: &mut String, r: &Report) {
+    if r.config_changes.is_empty() {
+        return;
+    }
+    page.push_str(
+        "<section id=\"config\">\n<h2>Configuration changes</h2>\n<p class=\"note\">\
+         A site converged when every node running there had applied the change (or a \
+         later one). Cut off: its WAN link was down when the change was made. All nodes: \
+         including those that were down when the site converged and applied it after their \
+         restart. Superseded: a later change was made before this one converged there.</p>\n",
+    );
+    for c in &r.config_changes {
+        out!(
+            page,
+            "<h3>Version {}: applied at {} at {}</h3>\n<p>Bundle {}, applied in {} on each \
+             node. Held by ",
+            c.version,
+            escape(&c.hub),
+            clock(c.at_s),
+            bytes(c.bundle_bytes as f64),
+            duration(c.apply_time_s)
+        );
+        let hubs: Vec<String> = c
+            .hubs
+            .iter()
+            .map(|h| match h.after_s {
+                Some(t) => format!("{} after {}", escape(&h.hub), duration(t)),
+                None => format!("<strong>not {}</strong>", escape(&h.hub)),
+            })
+            .collect();
+        out!(page, "{}.</p>\n", hubs.join(", "));
+        thead(
+            page,
+            &[
+                "Sites",
+                "#Sites",
+                "#Converged",
+                "#p50",
+                "#p90",
+                "#p99",
+                "#Max",
+            ],
+        );
+        let connected = c.sites - c.sites_cut_off;
+        for (name, t, n) in [
+            ("all", &c.all, c.sites),
+            ("connected at the change", &c.connected, connected),
+            ("cut off at the change", &c.cut_off, c.sites_cut_off),
+        ] {
+            out!(
+                page,
+                "<tr><td>{name}</td>{}</tr>\n",
+                convergence_cells(t, n)
+            );
+        }
+        page.push_str("</tbody></table>\n");
+        if !c.not_converged.is_empty() {
+            let shown: Vec<String> = c
+                .not_converged
+                .iter()
+                .take(20)
+                .map(|n| format!("<span class=\"nw\">{}</span>", escape(n)))
+                .collect();
+            out!(
+                page,
+                "<p><strong>Not converged by the end:</strong> {}{}.</p>\n",
+                shown.join(", "),
+                if c.not_converged.len() > 20 {
+                    format!(" … and {} more", count(c.not_converged.len() as u64 - 20))
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if let Some(chart) = convergence_chart(c) {
+            page.push_str(&chart.to_html());
+        }
+        let listed = c.per_site.len().min(MAX_SITE_ROWS);
+        out!(
+            page,
+            "<p class=\"note\">Slowest sites first: {} of {} listed; every site is in \
+             report.json.</p>\n",
+            count(listed as u64),
+            count(c.per_site.len() as u64)
+        );
+        thead(
+            page,
+            &[
+                "Site",
+                "Cut off",
+                "#Relay had it",
+                "#Converged",
+                "#All nodes",
+                "Superseded",
+            ],
+        );
+        for p in c.per_site.iter().take(MAX_SITE_ROWS) {
+            out!(
+                page,
+                "<tr><td class=\"nw\">{}</td><td>{}</td>{}{}{}<td>{}</td></tr>\n",
+                escape(&p.site),
+                if p.cut_off { "yes" } else { "" },
+                after_cell(p.relay_s),
+                after_cell(p.converged_s),
+                after_cell(p.all_nodes_s),
+                if p.superseded { "yes" } else { "" },
+            );
+        }
+        out!(
+            page,
+            "<tr><th>Totals: {}</th><th>{} cut off</th><th></th><th class=\"num\">{} \
+             converged</th><th></th><th></th></tr>\n</tbody></table>\n",
+            plural(c.per_site.len(), "site", "sites"),
+            count(c.sites_cut_off),
+            count(c.converged)
+        );
+    }
+    page.push_str("</section>\n");
+}
+
 fn traffic_table(page: &mut String, r: &Report) {
     page.push_str("<section id=\"traffic\">\n<h2>Traffic per link class</h2>\n");
     let t = &r.traffic;
@@ -1579,8 +1852,12 @@ fn traffic_table(page: &mut String, r: &Report) {
     page.push_str(
         "</tbody></table>\n<p class=\"note\">LAN traffic of sites running the gossip model is \
          estimated from the digests and deltas exchanged; sites on real chitchat count what it \
-         sent.</p>\n</section>\n",
+         sent.",
     );
+    if !r.config_changes.is_empty() {
+        page.push_str(" Nodes fetching configuration bundles from their relay count too.");
+    }
+    page.push_str("</p>\n</section>\n");
 }
 
 fn latency_cells(l: &Latency) -> String {
@@ -1750,7 +2027,7 @@ fn records_table(page: &mut String, r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{BufferPeak, Drain, Traffic};
+    use crate::report::{BufferPeak, Drain, HubReach, SiteConvergence, Traffic};
 
     /// A run of 10 regions over an hour with a few overlapping faults.
     fn sample() -> (Report, Timeseries) {
@@ -1907,9 +2184,122 @@ mod tests {
                 duplicates_absorbed: 1234,
                 still_buffered: 0,
             },
+            config_changes: Vec::new(),
             violations: Vec::new(),
         };
         (report, series)
+    }
+
+    /// A configuration change over 120 sites, 12 of them cut off, 2 of
+    /// which never converged.
+    fn change() -> ConfigChangeOutcome {
+        let per_site: Vec<SiteConvergence> = (1..=120)
+            .map(|i| {
+                let cut_off = i > 108;
+                let converged = if i > 118 {
+                    None
+                } else if cut_off {
+                    Some(300.0 + i as f64)
+                } else {
+                    Some(1.0 + i as f64 / 100.0)
+                };
+                SiteConvergence {
+                    site: format!("r1-s{i}"),
+                    cut_off,
+                    relay_s: converged.map(|c| c - 0.5),
+                    converged_s: converged,
+                    all_nodes_s: converged,
+                    superseded: false,
+                }
+            })
+            .rev()
+            .collect();
+        let times = |cut: bool| -> Vec<f64> {
+            per_site
+                .iter()
+                .filter(|p| p.cut_off == cut)
+                .filter_map(|p| p.converged_s)
+                .collect()
+        };
+        let all: Vec<f64> = per_site.iter().filter_map(|p| p.converged_s).collect();
+        ConfigChangeOutcome {
+            version: 1,
+            at_s: 300.0,
+            hub: "hub-1".into(),
+            bundle_bytes: 16384,
+            apply_time_s: 0.2,
+            hubs: vec![
+                HubReach {
+                    hub: "hub-1".into(),
+                    after_s: Some(0.0),
+                },
+                HubReach {
+                    hub: "hub-<2>".into(),
+                    after_s: None,
+                },
+            ],
+            sites: 120,
+            sites_cut_off: 12,
+            converged: 118,
+            all: ConvergenceTimes::of(&all),
+            connected: ConvergenceTimes::of(&times(false)),
+            cut_off: ConvergenceTimes::of(&times(true)),
+            not_converged: vec!["r1-s119".into(), "r1-s120".into()],
+            per_site,
+        }
+    }
+
+    #[test]
+    fn configuration_changes_get_a_section_with_the_slowest_sites_first_and_capped() {
+        let (mut report, mut series) = sample();
+        report.config_changes = vec![change()];
+        series.columns.push(Timeseries::CONFIG_CURRENT.into());
+        for row in &mut series.rows {
+            let t = row[0];
+            row.push(if t < 300.0 { 0.0 } else { 99_000.0 });
+        }
+        let page = render(&report, &series);
+        assert!(page.contains("<a href=\"#config\">Config</a>"));
+        assert!(page.contains("<section id=\"config\">"));
+        assert!(page.contains("<h3>Version 1: applied at hub-1 at 0:05:00</h3>"));
+        assert!(
+            page.contains("<strong>not hub-&lt;2&gt;</strong>"),
+            "escaped"
+        );
+        assert!(page.contains("Not converged by the end:</strong> <span class=\"nw\">r1-s119"));
+        assert!(page.contains("50 of 120 listed"));
+        let section = page.split("<section id=\"config\">").nth(1).unwrap();
+        let section = section.split("</section>").next().unwrap();
+        // Rows: three summary rows, then the capped site rows and a total.
+        let rows = section.matches("<tr><td class=\"nw\">").count();
+        assert_eq!(rows, MAX_SITE_ROWS);
+        assert!(section.contains("Totals: 120 sites"));
+        let first = section.find("r1-s120").unwrap();
+        let later = section.find("r1-s110").unwrap();
+        assert!(first < later, "slowest first");
+        assert!(!section.contains(">r1-s1<"), "the fastest are left out");
+        // The chart draws both groups.
+        assert!(section.contains("connected at the change (108 of 108)"));
+        assert!(section.contains("cut off at the change (10 of 12)"));
+        assert_eq!(section.matches("<path").count(), 2);
+        // The time chart and the tile.
+        assert!(page.contains("Running nodes that have applied the newest configuration change"));
+        assert!(page.contains("Sites on the last config"));
+        assert!(page.contains("118 / 120"));
+    }
+
+    #[test]
+    fn a_run_without_configuration_changes_has_no_config_section() {
+        let (report, series) = sample();
+        let page = render(&report, &series);
+        for needle in [
+            "id=\"config\"",
+            "#config",
+            "configuration",
+            "Sites on the last config",
+        ] {
+            assert!(!page.contains(needle), "{needle}");
+        }
     }
 
     #[test]

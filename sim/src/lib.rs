@@ -11,6 +11,8 @@
 //!   a run is reproducible.
 //! - [`rng`]: one root seed, an independent stream per named consumer.
 //! - [`scenario`]: scenario files; [`schedule`]: the faults they expand to.
+//! - [`config`]: configuration changes: what each relay and node holds, and
+//!   the books that time each site's convergence.
 //! - [`model`]: the gossip model of a site; [`real`]: real chitchat on an
 //!   in-memory transport under paused tokio time; [`site`]: a site, its
 //!   gossip and its relay.
@@ -19,6 +21,7 @@
 //! - [`world`]: everything on one clock, and the books that check the
 //!   invariants; [`report`] and [`html`]: what a run writes.
 
+pub mod config;
 pub mod disk;
 pub mod html;
 pub mod model;

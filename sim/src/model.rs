@@ -222,6 +222,10 @@ pub struct SiteModel {
     probes: Vec<Probe>,
     /// Finished dissemination measurements (seconds).
     pub disseminations: Vec<f64>,
+    /// A member's version whose arrivals are recorded, and the arrivals
+    /// since they were last taken: (member, time).
+    watch: Option<(usize, u64)>,
+    arrivals: Vec<(usize, f64)>,
     peers: Vec<usize>,
     scratch: Vec<usize>,
     sent: Vec<u64>,
@@ -283,6 +287,8 @@ impl SiteModel {
             loss: 0.0,
             probes: Vec::new(),
             disseminations: Vec::new(),
+            watch: None,
+            arrivals: Vec::new(),
             peers: Vec::new(),
             scratch: Vec::new(),
             sent: Vec::new(),
@@ -374,6 +380,20 @@ impl SiteModel {
             reached,
             pending,
         });
+    }
+
+    /// From now on, records when each member comes to hold member `j`'s
+    /// `version` or a later one, as a node watching a key of the relay
+    /// would see it change. A member that restarts forgets it and is
+    /// recorded again when it learns it anew. Replaces the previous watch.
+    pub fn watch(&mut self, j: usize, version: u64) {
+        self.watch = Some((j, version));
+    }
+
+    /// Members that came to hold the watched version since the last call,
+    /// with the time (s) they did, in time order.
+    pub fn take_arrivals(&mut self) -> Vec<(usize, f64)> {
+        std::mem::take(&mut self.arrivals)
     }
 
     /// Member `j`'s process stops.
@@ -624,10 +644,16 @@ impl SiteModel {
         self.known[to] += learnt;
     }
 
-    /// `to` applies the versions `from` has.
-    fn take_delta(&mut self, from: usize, to: usize) {
+    /// `to` applies the versions `from` has, at `t`.
+    fn take_delta(&mut self, from: usize, to: usize, t: f64) {
         let n = self.n;
         let (src, dst) = rows(&mut self.known_ver, n, from, to);
+        if let Some((j, v)) = self.watch
+            && dst[j] < v
+            && src[j] >= v
+        {
+            self.arrivals.push((to, t));
+        }
         for (d, s) in dst.iter_mut().zip(src.iter()) {
             *d = (*d).max(*s);
         }
@@ -671,7 +697,7 @@ impl SiteModel {
             self.known_hb[i * n + i] = self.hb[i];
             self.take_digest(j, i, t);
             if nodes > 0 {
-                self.take_delta(j, i);
+                self.take_delta(j, i, t);
             }
             let (nodes, kvs) = stale(
                 &self.known_ver[i * n..i * n + n],
@@ -683,7 +709,7 @@ impl SiteModel {
                 self.hb[j] += 1;
                 self.known_hb[j * n + j] = self.hb[j];
                 if nodes > 0 {
-                    self.take_delta(i, j);
+                    self.take_delta(i, j, t);
                 }
             }
             if !self.probes.is_empty() {
@@ -820,6 +846,35 @@ mod tests {
         let d = m.disseminations[0];
         assert!(d > 0.0 && d < 10.0, "{d}");
         assert_eq!(m.relay_version(9), m.version(9));
+    }
+
+    #[test]
+    fn a_watched_version_is_recorded_once_per_member_and_again_after_a_restart() {
+        let mut m = site(20);
+        run(&mut m, 0, 20);
+        let v = m.bump(0);
+        m.watch(0, v);
+        run(&mut m, 20, 40);
+        let first = m.take_arrivals();
+        let mut members: Vec<usize> = first.iter().map(|a| a.0).collect();
+        members.sort_unstable();
+        assert_eq!(members, (1..20).collect::<Vec<_>>(), "each member once");
+        assert!(first.windows(2).all(|w| w[0].1 <= w[1].1), "in time order");
+        assert!(
+            first.iter().all(|a| (20.0..30.0).contains(&a.1)),
+            "{first:?}"
+        );
+
+        // A member that restarts learns it anew; no one else is recorded.
+        m.crash(5);
+        run(&mut m, 40, 50);
+        assert!(m.take_arrivals().is_empty());
+        m.restart(5, 50_000);
+        run(&mut m, 50, 70);
+        let again = m.take_arrivals();
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].0, 5);
+        assert!(again[0].1 >= 50.0);
     }
 
     #[test]

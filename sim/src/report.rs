@@ -172,8 +172,99 @@ pub struct Report {
     pub traffic: LinkTraffic,
     pub buffers: Buffers,
     pub records: Records,
+    /// Configuration changes, in version order (absent from runs without
+    /// any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_changes: Vec<ConfigChangeOutcome>,
     /// Invariant violations; empty on a good run.
     pub violations: Vec<String>,
+}
+
+/// How long a set of sites took to converge on a configuration change
+/// (seconds; sites that did not converge are not among them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConvergenceTimes {
+    pub count: u64,
+    pub p50_s: f64,
+    pub p90_s: f64,
+    pub p99_s: f64,
+    pub max_s: f64,
+    /// The value at each percentile 0, 1, …, 100 (empty when there are no
+    /// samples).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdf: Vec<f64>,
+}
+
+impl ConvergenceTimes {
+    /// Figures of `samples` (seconds), rounded to the millisecond, taken
+    /// as [`Latency::of`] takes them.
+    pub fn of(samples: &[f64]) -> ConvergenceTimes {
+        let l = Latency::of(samples, true);
+        let at = |p: usize| l.cdf.get(p).copied().unwrap_or(0.0);
+        ConvergenceTimes {
+            count: l.count,
+            p50_s: l.p50_s,
+            p90_s: at(90),
+            p99_s: l.p99_s,
+            max_s: l.max_s,
+            cdf: l.cdf,
+        }
+    }
+}
+
+/// When a hub came to hold a configuration change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HubReach {
+    pub hub: String,
+    /// Seconds after the change (`None`: not by the end).
+    pub after_s: Option<f64>,
+}
+
+/// One site's part in a configuration change (seconds after the change;
+/// `None`: not by the end).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteConvergence {
+    pub site: String,
+    /// Its WAN link was down when the change was made.
+    pub cut_off: bool,
+    /// Until its relay held the change (or a later one).
+    pub relay_s: Option<f64>,
+    /// Until every node running at the site had applied it (or a later
+    /// one): the site converged.
+    pub converged_s: Option<f64>,
+    /// Until every node of the site had, those that were down when it
+    /// converged included (they apply it after their restart).
+    pub all_nodes_s: Option<f64>,
+    /// A later change was made before this one converged here, so its
+    /// nodes may have gone straight to the later one.
+    pub superseded: bool,
+}
+
+/// A configuration change and how the fleet converged on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigChangeOutcome {
+    pub version: u64,
+    /// When the operator applied it, and at which hub.
+    pub at_s: f64,
+    pub hub: String,
+    pub bundle_bytes: u64,
+    pub apply_time_s: f64,
+    /// When each hub held it, in hub order.
+    pub hubs: Vec<HubReach>,
+    pub sites: u64,
+    /// Sites whose WAN link was down when it was made.
+    pub sites_cut_off: u64,
+    /// Sites that converged by the end.
+    pub converged: u64,
+    /// Convergence times of every site, of those connected when the change
+    /// was made, and of those cut off.
+    pub all: ConvergenceTimes,
+    pub connected: ConvergenceTimes,
+    pub cut_off: ConvergenceTimes,
+    /// Sites that had not converged by the end, by name.
+    pub not_converged: Vec<String>,
+    /// Every site, slowest first (those that did not converge first).
+    pub per_site: Vec<SiteConvergence>,
 }
 
 /// Samples taken every `sample_every` of virtual time.
@@ -208,6 +299,10 @@ impl Timeseries {
         }
         columns
     }
+
+    /// The column a run with configuration changes adds: running nodes
+    /// that have applied the newest change made so far.
+    pub const CONFIG_CURRENT: &str = "config_current";
 
     pub fn new(columns: Vec<String>) -> Self {
         Timeseries {
@@ -254,6 +349,27 @@ mod tests {
         assert_eq!(l.cdf.len(), 101);
         assert_eq!(l.cdf[0], 1.0);
         assert_eq!(Latency::of(&[], true), Latency::default());
+    }
+
+    #[test]
+    fn convergence_times_add_the_90th_percentile_to_the_latency_figures() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let c = ConvergenceTimes::of(&samples);
+        let l = Latency::of(&samples, true);
+        assert_eq!(
+            (c.count, c.p50_s, c.p99_s, c.max_s),
+            (l.count, l.p50_s, l.p99_s, l.max_s)
+        );
+        assert_eq!(c.p90_s, 90.0, "index round(99 × 0.9) = 89");
+        assert_eq!(ConvergenceTimes::of(&[]), ConvergenceTimes::default());
+    }
+
+    #[test]
+    fn a_report_without_configuration_changes_keeps_its_shape() {
+        let json = serde_json::to_string(&Report::default()).unwrap();
+        assert!(!json.contains("config_changes"), "{json}");
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Report::default());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Scenario files (TOML): the topology, the links, the production settings
-//! the cores run with, a fault timeline, and random fault rates.
+//! the cores run with, a fault timeline, an operator's timeline of actions
+//! (configuration changes), and random fault rates.
 //!
 //! Names are derived from the topology: regions `r1`, `r2`…, sites
 //! `r1-s1`…, nodes `r1-s1-n1`…, the site's relay `r1-s1-relay`, hubs
@@ -9,6 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// The largest signed bundle a node accepts (bytes).
+const MAX_BUNDLE_BYTES: u64 = trellis_node::bundle::MAX_BUNDLE_BYTES as u64;
 
 /// Why a scenario could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,9 @@ pub struct Scenario {
     pub links: Links,
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// What operators do during the run, in any order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<Action>,
     #[serde(default)]
     pub swarm: Swarm,
 }
@@ -330,6 +337,76 @@ impl Fault {
     }
 }
 
+/// What an operator action does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// A new configuration version is applied at `hub`; it spreads to the
+    /// other hubs, the relays and the nodes.
+    ConfigChange,
+}
+
+impl ActionKind {
+    /// The name scenario files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActionKind::ConfigChange => "config_change",
+        }
+    }
+}
+
+/// The size of a configuration bundle when the scenario does not say: a
+/// few dozen managed files.
+pub const DEFAULT_BUNDLE_BYTES: u64 = 16 * 1024;
+/// How long a node takes to apply a bundle (write its files, run its
+/// reload commands) when the scenario does not say.
+pub const DEFAULT_APPLY_TIME: Duration = Duration::from_millis(200);
+/// The longest apply a scenario may ask for: a reload that takes longer
+/// is a hung one, which the node kills at its reload timeout.
+pub const MAX_APPLY_TIME: Duration = Duration::from_secs(3600);
+
+/// One operator action of the timeline. Configuration changes are
+/// numbered 1, 2, … in the order they happen (file order for equal
+/// times); each supersedes the ones before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    pub kind: ActionKind,
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    /// The hub the operator applies the change at (default: the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    /// The signed bundle's size: what relays and nodes download.
+    #[serde(default = "default_bundle_bytes")]
+    pub bundle_bytes: u64,
+    /// How long a node takes from having the bundle to having applied it.
+    #[serde(default = "default_apply_time", with = "humantime_serde")]
+    pub apply_time: Duration,
+}
+
+fn default_bundle_bytes() -> u64 {
+    DEFAULT_BUNDLE_BYTES
+}
+
+fn default_apply_time() -> Duration {
+    DEFAULT_APPLY_TIME
+}
+
+impl Action {
+    /// A configuration change at `at`, applied at the first hub, with the
+    /// default bundle size and apply time.
+    pub fn config_change(at: Duration) -> Self {
+        Action {
+            kind: ActionKind::ConfigChange,
+            at,
+            hub: None,
+            bundle_bytes: DEFAULT_BUNDLE_BYTES,
+            apply_time: DEFAULT_APPLY_TIME,
+        }
+    }
+}
+
 /// Random faults, per site and virtual hour, drawn from the seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -526,6 +603,38 @@ impl Scenario {
                 &format!("{at}: starts after the scenario ends"),
             )?;
         }
+        for (i, a) in self.actions.iter().enumerate() {
+            let at = format!("actions[{i}] ({})", a.kind.name());
+            ok(
+                a.at <= self.duration,
+                &format!(
+                    "{at}: `at` = {} is after the scenario ends (duration {}); \
+                     make it at most the duration",
+                    humantime::format_duration(a.at),
+                    humantime::format_duration(self.duration)
+                ),
+            )?;
+            if let Some(h) = &a.hub {
+                ok(
+                    hubs.contains(h),
+                    &format!("{at}: `hub`: no hub {h:?}; use one of {}", hubs.join(", ")),
+                )?;
+            }
+            ok(
+                (1..=MAX_BUNDLE_BYTES).contains(&a.bundle_bytes),
+                &format!(
+                    "{at}: `bundle_bytes` must be between 1 and {MAX_BUNDLE_BYTES} \
+                     (the largest bundle a node accepts)"
+                ),
+            )?;
+            ok(
+                a.apply_time <= MAX_APPLY_TIME,
+                &format!(
+                    "{at}: `apply_time` must be at most {}",
+                    humantime::format_duration(MAX_APPLY_TIME)
+                ),
+            )?;
+        }
         Ok(())
     }
 
@@ -645,5 +754,87 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("x.toml"), "{err}");
+    }
+
+    const ACTIONS: &str = r#"
+        [[actions]]
+        kind = "config_change"
+        at = "1m"
+        [[actions]]
+        kind = "config_change"
+        at = "90s"
+        hub = "hub-2"
+        bundle_bytes = 1048576
+        apply_time = "2s"
+    "#;
+
+    #[test]
+    fn config_changes_parse_with_their_defaults_and_name_a_hub() {
+        let s = Scenario::parse(&format!("{SMALL}{ACTIONS}"), "x.toml").unwrap();
+        assert_eq!(
+            s.actions,
+            vec![
+                Action::config_change(Duration::from_secs(60)),
+                Action {
+                    kind: ActionKind::ConfigChange,
+                    at: Duration::from_secs(90),
+                    hub: Some("hub-2".into()),
+                    bundle_bytes: 1 << 20,
+                    apply_time: Duration::from_secs(2),
+                },
+            ]
+        );
+        // Written back (as schedule.toml is), they read the same.
+        let back = Scenario::parse(&toml::to_string(&s).unwrap(), "back.toml").unwrap();
+        assert_eq!(back.actions, s.actions);
+        // Without actions, nothing about them is written.
+        let plain = Scenario::parse(SMALL, "x.toml").unwrap();
+        assert!(!toml::to_string(&plain).unwrap().contains("actions"));
+    }
+
+    #[test]
+    fn bad_actions_are_refused_naming_the_action_and_the_field() {
+        let with = |a: &str| format!("{SMALL}{a}");
+        for (bad, needles) in [
+            (
+                with("[[actions]]\nkind = \"reboot\"\nat = \"1m\"\n"),
+                vec!["x.toml", "unknown variant `reboot`", "config_change"],
+            ),
+            (
+                with(&ACTIONS.replace("at = \"90s\"", "at = \"3m\"")),
+                vec![
+                    "actions[1] (config_change)",
+                    "`at` = 3m is after the scenario ends (duration 2m)",
+                ],
+            ),
+            (
+                with(&ACTIONS.replace("hub-2", "h1")),
+                vec![
+                    "actions[1] (config_change)",
+                    "no hub \"h1\"; use one of hub-1, hub-2",
+                ],
+            ),
+            (
+                with(&ACTIONS.replace("1048576", "0")),
+                vec!["actions[1] (config_change): `bundle_bytes` must be between 1"],
+            ),
+            (
+                with(&ACTIONS.replace("\"2s\"", "\"2h\"")),
+                vec!["actions[1] (config_change): `apply_time` must be at most 1h"],
+            ),
+            (
+                with(&ACTIONS.replace("hub = \"hub-2\"", "sites = [\"r1-s1\"]")),
+                vec!["unknown field `sites`"],
+            ),
+            (
+                with("[[actions]]\nkind = \"config_change\"\n"),
+                vec!["missing field `at`"],
+            ),
+        ] {
+            let err = Scenario::parse(&bad, "x.toml").unwrap_err().to_string();
+            for needle in needles {
+                assert!(err.contains(needle), "{needle:?} not in: {err}");
+            }
+        }
     }
 }

@@ -72,6 +72,8 @@ pub struct Connected {
     pub broken: bool,
     pub backlog: Option<Backlog>,
     pub bucket: TokenBucket,
+    /// The newest configuration version the hub sent on this connection.
+    pub config_sent: u64,
 }
 
 /// A chunk of the backlog being replayed at the paced rate.

@@ -14,6 +14,13 @@
 //! apply is a duplicate), that every acknowledgement covers only what the
 //! acknowledging hub holds, and at the end that every durable record is at
 //! some hub or still in its relay's buffer.
+//!
+//! Configuration changes an operator makes at a hub travel as the mesh
+//! carries them: pushed to the hubs the origin believes alive, pulled by
+//! anti-entropy by the others, pushed by each hub to the relays connected
+//! to it (and offered to a relay when its session opens), announced by the
+//! relay in its site's gossip, fetched by each node from its relay and
+//! applied; [`config`](crate::config) keeps the state and the books.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -32,6 +39,7 @@ use trellis_relay::pace::TokenBucket;
 use trellis_relay::summary::{SiteKey, SiteStatus, SiteSummary};
 use trellis_relay::uplink::{Record, RecordBody};
 
+use crate::config::{self, ANNOUNCE_KEY, Books, SiteConfig, announcement};
 use crate::disk::{VirtualBuffer, body_len};
 use crate::model::SiteModel;
 use crate::net::{Counter, HANDSHAKE_BYTES, Params, Pipe};
@@ -148,6 +156,49 @@ enum Ev {
         from: usize,
         served: Arc<Vec<(SiteKey, Served)>>,
         digest: u64,
+        config: u64,
+    },
+    /// The operator applies configuration change `version`.
+    ConfigChange(u64),
+    /// Hub `from`'s configuration, pushed or pulled, reaches hub `to`.
+    ConfigReplicated {
+        to: usize,
+        from: usize,
+        version: u64,
+    },
+    /// Hub `from` asks hub `to` for its configuration.
+    ConfigPull {
+        to: usize,
+        from: usize,
+    },
+    /// A hub's push of a configuration bundle reaches the relay.
+    ConfigToRelay {
+        site: usize,
+        conn: u64,
+        version: u64,
+    },
+    /// A node sees its relay announce `version` in gossip.
+    ConfigSeen {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        version: u64,
+    },
+    /// A node has fetched `version`'s bundle from its relay (if the relay
+    /// ran throughout).
+    ConfigFetched {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        relay_epoch: u64,
+        version: u64,
+    },
+    /// A node has written the files and run the reloads of `version`.
+    ConfigApplied {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        version: u64,
     },
     End,
 }
@@ -170,6 +221,8 @@ struct PeerState {
     last_heard: f64,
     served: Arc<Vec<(SiteKey, Served)>>,
     digest: u64,
+    /// The newest configuration version the peer holds.
+    config: u64,
 }
 
 /// Which seqs of a relay stream a hub made durable: the engine's own
@@ -232,6 +285,14 @@ struct Hub {
     /// Duplicates absorbed by earlier runs of this hub (before crashes).
     absorbed_before: u64,
     pipes: Vec<Pipe>,
+    /// The newest configuration version it holds (durable: survives a
+    /// crash).
+    config: u64,
+    /// When it last asked each peer for its configuration.
+    config_pulling: Vec<Option<f64>>,
+    /// Changes an operator applied while it was down: the operator retries
+    /// until it answers.
+    operator_waiting: Vec<u64>,
 }
 
 /// A fault whose heal is being watched.
@@ -301,6 +362,9 @@ pub struct World {
     violations: Vec<String>,
     duplicates_applied: u64,
     disk_caps: Vec<Vec<u64>>,
+    /// Each site's configuration: its relay's cache and its nodes.
+    configs: Vec<SiteConfig>,
+    books: Books,
     threads: usize,
     end: f64,
 }
@@ -470,6 +534,9 @@ impl World {
                 applied: vec![Applied::default(); nsites],
                 absorbed_before: 0,
                 pipes: vec![Pipe::default(); topo.hubs],
+                config: 0,
+                config_pulling: vec![None; topo.hubs],
+                operator_waiting: Vec::new(),
             })
             .collect();
         let names = sc.site_names();
@@ -484,7 +551,21 @@ impl World {
                     .collect()
             })
             .collect();
-        let columns = Timeseries::run_columns(topo.regions);
+        let changes = config::changes(sc);
+        let mut columns = Timeseries::run_columns(topo.regions);
+        if !changes.is_empty() {
+            columns.push(Timeseries::CONFIG_CURRENT.to_owned());
+            for s in &mut sites {
+                if let Gossip::Real { site, .. } = &mut s.gossip {
+                    site.watch_key(ANNOUNCE_KEY);
+                }
+            }
+        }
+        let configs = sites
+            .iter()
+            .map(|s| SiteConfig::new(s.members.len()))
+            .collect();
+        let books = Books::new(changes, nsites, topo.hubs);
         let end = (sc.duration + sc.drain).as_secs_f64();
         let mut w = World {
             seed,
@@ -520,6 +601,8 @@ impl World {
             violations: Vec::new(),
             duplicates_applied: 0,
             disk_caps: vec![Vec::new(); nsites],
+            configs,
+            books,
             threads: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(8),
@@ -553,6 +636,9 @@ impl World {
                 named: Vec::new(),
                 converged_after_s: None,
             });
+        }
+        for c in w.books.changes() {
+            w.q.schedule_at(secs(c.at), Ev::ConfigChange(c.version));
         }
         w.q.schedule_at(secs(end), Ev::End);
         Ok(w)
@@ -670,6 +756,7 @@ impl World {
         if let Gossip::Model(m) = &mut self.sites[i].gossip {
             self.disseminate.append(&mut m.disseminations);
         }
+        self.config_arrivals(i);
         let now = self.inst(self.now);
         let s = &mut self.sites[i];
         if s.out.sampled
@@ -892,6 +979,7 @@ impl World {
                     broken: false,
                     backlog: None,
                     bucket: TokenBucket::new(rate, at),
+                    config_sent: 0,
                 }));
                 r.core.handle_connected(acked);
                 if index > 0 {
@@ -899,6 +987,8 @@ impl World {
                     self.at(now + every, Ev::FailbackLook { site, conn });
                 }
                 self.flush(site);
+                // The hub offers its configuration as the session opens.
+                self.push_config(site);
             }
             Ev::RecordArrives {
                 hub,
@@ -1070,13 +1160,133 @@ impl World {
                 from,
                 served,
                 digest,
+                config,
             } => {
                 if self.hubs_linked(to, from) {
                     self.hubs[to].peers[from] = Some(PeerState {
                         last_heard: now,
                         served,
                         digest,
+                        config,
                     });
+                }
+            }
+            Ev::ConfigChange(version) => self.config_change(version),
+            Ev::ConfigReplicated { to, from, version } => {
+                if !self.hubs_linked(to, from) {
+                    return;
+                }
+                self.hubs[to].config_pulling[from] = None;
+                self.hub_gets_config(to, version, false);
+            }
+            Ev::ConfigPull { to, from } => {
+                if !self.hubs_linked(to, from) {
+                    return;
+                }
+                let version = self.hubs[to].config;
+                if version == 0 {
+                    return;
+                }
+                let bytes = self.bundle_bytes(version) + 64;
+                self.traffic[HUB].add(bytes);
+                let (links, storm) = (self.links[HUB], self.storm[HUB]);
+                let arrival =
+                    self.hubs[to].pipes[from].send(now, bytes, &links, storm, &mut self.net);
+                self.at(
+                    arrival,
+                    Ev::ConfigReplicated {
+                        to: from,
+                        from: to,
+                        version,
+                    },
+                );
+            }
+            Ev::ConfigToRelay {
+                site,
+                conn,
+                version,
+            } => {
+                let wan_down = self.sites[site].wan_down;
+                let Session::Connected(c) = &mut self.sites[site].relay.session else {
+                    return;
+                };
+                if c.conn != conn || c.broken {
+                    return;
+                }
+                if wan_down > 0 {
+                    c.broken = true;
+                    return;
+                }
+                self.relay_gets_config(site, version);
+            }
+            Ev::ConfigSeen {
+                site,
+                node,
+                epoch,
+                version,
+            } => {
+                if !self.sites[site].is_up(node) {
+                    return;
+                }
+                let n = &mut self.configs[site].nodes[node];
+                if n.epoch != epoch {
+                    return;
+                }
+                n.wanted = n.wanted.max(version);
+                if n.should_fetch() {
+                    self.start_fetch(site, node);
+                }
+            }
+            Ev::ConfigFetched {
+                site,
+                node,
+                epoch,
+                relay_epoch,
+                version,
+            } => {
+                if !self.sites[site].is_up(node) || self.configs[site].nodes[node].epoch != epoch {
+                    return;
+                }
+                let r = &self.sites[site].relay;
+                if !r.up || r.epoch != relay_epoch {
+                    // The relay went away during the fetch. If it is back,
+                    // its new announcement may have come while the node was
+                    // busy, so the node tries again; if not, it will see the
+                    // announcement when the relay restarts.
+                    let up = r.up;
+                    self.configs[site].nodes[node].busy = false;
+                    if up {
+                        self.start_fetch(site, node);
+                    }
+                    return;
+                }
+                let apply = self.apply_time(version);
+                self.at(
+                    now + apply,
+                    Ev::ConfigApplied {
+                        site,
+                        node,
+                        epoch,
+                        version,
+                    },
+                );
+            }
+            Ev::ConfigApplied {
+                site,
+                node,
+                epoch,
+                version,
+            } => {
+                if !self.sites[site].is_up(node) || self.configs[site].nodes[node].epoch != epoch {
+                    return;
+                }
+                let n = &mut self.configs[site].nodes[node];
+                n.applied = n.applied.max(version);
+                n.busy = false;
+                let again = n.should_fetch();
+                self.config_nodes_changed(site);
+                if again {
+                    self.start_fetch(site, node);
                 }
             }
         }
@@ -1395,6 +1605,7 @@ impl World {
                             from: h,
                             served: served.clone(),
                             digest,
+                            config: self.hubs[h].config,
                         },
                     );
                 }
@@ -1445,6 +1656,14 @@ impl World {
                         self.hubs[h].pulling[g].is_some_and(|since| now - since < PULL_TIMEOUT);
                     if differs && !busy {
                         self.pull(h, g);
+                    }
+                    let newer = self.hubs[h].peers[g]
+                        .as_ref()
+                        .is_some_and(|p| p.config > self.hubs[h].config);
+                    let asked = self.hubs[h].config_pulling[g]
+                        .is_some_and(|since| now - since < PULL_TIMEOUT);
+                    if newer && !asked {
+                        self.pull_config(h, g);
                     }
                 }
             }
@@ -1632,6 +1851,9 @@ impl World {
             Gossip::Model(m) => m.crash(j),
             Gossip::Real { site, .. } => site.crash(j),
         }
+        self.configs[s].nodes[j].crash();
+        // The nodes still running may now all have the newest version.
+        self.config_nodes_changed(s);
     }
 
     fn restart_node(&mut self, s: usize, j: usize) {
@@ -1717,13 +1939,24 @@ impl World {
         let token = self.next_conn;
         self.next_conn += 1;
         r.session = Session::Waiting { token };
+        // The relay announces the configuration it has cached, if any, as
+        // it starts.
+        let cached = self.configs[s].relay;
         match &mut site.gossip {
             Gossip::Model(m) => {
                 m.restart(0, now_ms);
                 m.reset_relay();
+                if cached > 0 {
+                    let v = m.version(0);
+                    m.watch(0, v);
+                }
             }
             Gossip::Real { site, .. } => {
-                let _ = site.restart(0, relay_health().to_kv());
+                let mut kv = relay_health().to_kv();
+                if cached > 0 {
+                    kv.push((ANNOUNCE_KEY.to_owned(), announcement(cached)));
+                }
+                let _ = site.restart(0, kv);
             }
         }
         self.at(now, Ev::Retry { site: s, token });
@@ -1743,6 +1976,7 @@ impl World {
             *p = None;
         }
         hub.pulling.iter_mut().for_each(|p| *p = None);
+        hub.config_pulling.iter_mut().for_each(|p| *p = None);
         hub.published.clear();
     }
 
@@ -1778,6 +2012,253 @@ impl World {
         hub.core.restore(streams, summaries);
         hub.up = true;
         hub.next_anti_entropy = self.now;
+        for version in std::mem::take(&mut hub.operator_waiting) {
+            self.hub_gets_config(h, version, true);
+        }
+    }
+
+    // ---- configuration -----------------------------------------------
+
+    fn bundle_bytes(&self, version: u64) -> u64 {
+        self.books.change(version).map_or(0, |c| c.bundle_bytes)
+    }
+
+    fn apply_time(&self, version: u64) -> f64 {
+        self.books.change(version).map_or(0.0, |c| c.apply_time)
+    }
+
+    /// The operator applies change `version` at its hub; if the hub is
+    /// down, the operator retries until it is back.
+    fn config_change(&mut self, version: u64) {
+        let now = self.now;
+        let cut_off = self.sites.iter().map(|s| s.wan_down > 0).collect();
+        self.books.made(version, now, cut_off);
+        let Some(h) = self.books.change(version).map(|c| c.hub) else {
+            return;
+        };
+        if self.hubs[h].up {
+            self.hub_gets_config(h, version, true);
+        } else {
+            self.hubs[h].operator_waiting.push(version);
+        }
+    }
+
+    /// Hub `h` holds `version` from now: as the origin of a change it
+    /// pushes it to the hubs it believes alive (the others pull it by
+    /// anti-entropy), and it pushes it to every relay connected to it.
+    fn hub_gets_config(&mut self, h: usize, version: u64, origin: bool) {
+        let now = self.now;
+        if !self.hubs[h].up || version <= self.hubs[h].config {
+            return;
+        }
+        self.hubs[h].config = version;
+        self.books.hub_holds(h, version, now);
+        if origin {
+            let bytes = self.bundle_bytes(version) + 64;
+            for g in 0..self.hubs.len() {
+                if g == h || !self.believes_alive(h, g) {
+                    continue;
+                }
+                self.traffic[HUB].add(bytes);
+                if !self.hubs_linked(h, g) {
+                    continue;
+                }
+                let (links, storm) = (self.links[HUB], self.storm[HUB]);
+                let arrival = self.hubs[h].pipes[g].send(now, bytes, &links, storm, &mut self.net);
+                self.at(
+                    arrival,
+                    Ev::ConfigReplicated {
+                        to: g,
+                        from: h,
+                        version,
+                    },
+                );
+            }
+        }
+        for s in 0..self.sites.len() {
+            if matches!(&self.sites[s].relay.session, Session::Connected(c) if c.hub == h) {
+                self.push_config(s);
+            }
+        }
+    }
+
+    /// Hub `from` asks hub `to` for its configuration (a peer's gossip
+    /// shows a newer one).
+    fn pull_config(&mut self, from: usize, to: usize) {
+        let now = self.now;
+        self.traffic[HUB].add(16);
+        self.hubs[from].config_pulling[to] = Some(now);
+        if !self.hubs_linked(from, to) {
+            return;
+        }
+        let (links, storm) = (self.links[HUB], self.storm[HUB]);
+        let arrival = self.hubs[from].pipes[to].send(now, 16, &links, storm, &mut self.net);
+        self.at(arrival, Ev::ConfigPull { to, from });
+    }
+
+    /// The relay's hub sends it its configuration, if newer than what the
+    /// relay holds and not already sent on this connection.
+    fn push_config(&mut self, s: usize) {
+        let now = self.now;
+        let Session::Connected(c) = &self.sites[s].relay.session else {
+            return;
+        };
+        let (hub, conn) = (c.hub, c.conn);
+        let version = self.hubs[hub].config;
+        if version <= self.configs[s].relay
+            || version <= c.config_sent
+            || !self.hubs[hub].conns.contains_key(&conn)
+        {
+            return;
+        }
+        let bytes = self.bundle_bytes(version) + 16;
+        self.traffic[WAN].add(bytes);
+        let up = self.path_up(s, hub);
+        let (wan, storm) = (self.links[WAN], self.storm[WAN]);
+        let Session::Connected(c) = &mut self.sites[s].relay.session else {
+            return;
+        };
+        c.config_sent = version;
+        if c.broken || !up {
+            c.broken = true;
+            return;
+        }
+        let arrival = c.down.send(now, bytes, &wan, storm, &mut self.net);
+        self.at(
+            arrival,
+            Ev::ConfigToRelay {
+                site: s,
+                conn,
+                version,
+            },
+        );
+    }
+
+    /// Site `s`'s relay has `version`: it caches it and, if newer than what
+    /// it had, announces it in the site's gossip.
+    fn relay_gets_config(&mut self, s: usize, version: u64) {
+        let now = self.now;
+        if version <= self.configs[s].relay || !self.sites[s].relay.up {
+            return;
+        }
+        self.configs[s].relay = version;
+        self.books.relay_holds(s, version, now);
+        let cfg = &mut self.configs[s];
+        cfg.announced = version;
+        match &mut self.sites[s].gossip {
+            Gossip::Model(m) => {
+                let v = m.bump(0);
+                m.watch(0, v);
+            }
+            Gossip::Real { site, .. } => {
+                cfg.arrivals_seen = 0;
+                site.set(0, vec![(ANNOUNCE_KEY.to_owned(), announcement(version))]);
+            }
+        }
+    }
+
+    /// The nodes of site `i` that came to see the relay's announcement in
+    /// the gossip step just run, each at the moment it did.
+    fn config_arrivals(&mut self, i: usize) {
+        let cfg = &mut self.configs[i];
+        if cfg.announced == 0 {
+            return;
+        }
+        let version = cfg.announced;
+        let arrivals: Vec<(usize, f64)> = match &mut self.sites[i].gossip {
+            Gossip::Model(m) => m.take_arrivals(),
+            Gossip::Real { site, offset, .. } => {
+                let all = site.arrivals(0, ANNOUNCE_KEY, &announcement(version));
+                let fresh = all
+                    .iter()
+                    .skip(cfg.arrivals_seen)
+                    .map(|&(j, t)| (j, t - *offset))
+                    .collect();
+                cfg.arrivals_seen = all.len();
+                fresh
+            }
+        };
+        for (node, t) in arrivals {
+            if node == 0 {
+                continue;
+            }
+            let epoch = cfg.nodes[node].epoch;
+            self.q.schedule_at(
+                secs(t),
+                Ev::ConfigSeen {
+                    site: i,
+                    node,
+                    epoch,
+                    version,
+                },
+            );
+        }
+    }
+
+    /// Node `j` of site `s` fetches the bundle from its relay: a request,
+    /// then the bundle over the relay's side of the LAN, which the site's
+    /// fetches share.
+    fn start_fetch(&mut self, s: usize, j: usize) {
+        let now = self.now;
+        let r = &self.sites[s].relay;
+        let version = self.configs[s].relay;
+        if !r.up || version == 0 {
+            // Nothing answers; the node fetches when it next sees the
+            // relay announce.
+            return;
+        }
+        let relay_epoch = r.epoch;
+        let bytes = self.bundle_bytes(version) + 64;
+        self.traffic[LAN].add(64);
+        self.traffic[LAN].add(bytes);
+        let (lan, storm) = (self.links[LAN], self.storm[LAN]);
+        let request = lan.one_way(&mut self.net);
+        let cfg = &mut self.configs[s];
+        let node = &mut cfg.nodes[j];
+        node.busy = true;
+        let epoch = node.epoch;
+        let done = cfg
+            .serve
+            .send(now + request, bytes, &lan, storm, &mut self.net);
+        self.at(
+            done,
+            Ev::ConfigFetched {
+                site: s,
+                node: j,
+                epoch,
+                relay_epoch,
+                version,
+            },
+        );
+    }
+
+    fn config_nodes_changed(&mut self, s: usize) {
+        if self.books.newest() == 0 {
+            return;
+        }
+        let site = &self.sites[s];
+        self.books
+            .nodes_changed(s, self.now, &self.configs[s].nodes, |j| site.is_up(j));
+    }
+
+    /// Running nodes that have applied the newest change made so far.
+    fn nodes_current(&self) -> u64 {
+        let newest = self.books.newest();
+        if newest == 0 {
+            return 0;
+        }
+        self.sites
+            .iter()
+            .zip(&self.configs)
+            .map(|(site, cfg)| {
+                cfg.nodes
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .filter(|(j, n)| site.is_up(*j) && n.applied >= newest)
+                    .count() as u64
+            })
+            .sum()
     }
 
     // ---- measurements ------------------------------------------------
@@ -1879,6 +2360,9 @@ impl World {
         row.push((totals[LAN] - self.last_bytes[LAN]) as f64);
         row.push(connected as f64);
         row.push(unreachable as f64);
+        if !self.books.changes().is_empty() {
+            row.push(self.nodes_current() as f64);
+        }
         self.last_bytes = totals;
         self.series.push(row);
         let every = self.sc.sample_every.as_secs_f64();
@@ -1887,6 +2371,7 @@ impl World {
         }
     }
 
+    /// Gossip inside the sites, and configuration fetches.
     fn lan_bytes(&self) -> u64 {
         self.sites
             .iter()
@@ -1894,7 +2379,8 @@ impl World {
                 Gossip::Model(m) => m.traffic().0,
                 Gossip::Real { site, .. } => site.traffic().0,
             })
-            .sum()
+            .sum::<u64>()
+            + self.traffic[LAN].bytes
     }
 
     fn lan_messages(&self) -> u64 {
@@ -1904,7 +2390,8 @@ impl World {
                 Gossip::Model(m) => m.traffic().1,
                 Gossip::Real { site, .. } => site.traffic().1,
             })
-            .sum()
+            .sum::<u64>()
+            + self.traffic[LAN].messages
     }
 
     fn finish(mut self) -> Outcome {
@@ -1985,6 +2472,10 @@ impl World {
                 drains,
             },
             records,
+            config_changes: self.books.outcomes(
+                &self.sc.site_names(),
+                &self.hubs.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
+            ),
             violations: self.violations.clone(),
         };
         let schedule = schedule::replayable(&self.sc, &self.faults);

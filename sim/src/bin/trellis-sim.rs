@@ -16,8 +16,9 @@ use trellis_sim::world::Progress;
 /// It runs the real cores of relays and hubs (the same state machines the
 /// daemons run) on a virtual network and virtual disks, with site gossip
 /// either modelled (fast enough for 100,000 nodes) or run as real chitchat
-/// for a sample of sites. A scenario file gives the topology, the links
-/// and a timeline of faults; the run writes a report and charts.
+/// for a sample of sites. A scenario file gives the topology, the links,
+/// a timeline of faults and one of operator actions (configuration
+/// changes); the run writes a report and charts.
 ///
 /// Try it:
 ///   trellis-sim run sim/scenarios/wan-outage.toml --seed 1
@@ -148,6 +149,24 @@ fn check(path: &Path, seed: u64) -> ExitCode {
             faults.len() - 20
         );
     }
+    let changes = trellis_sim::config::changes(&sc);
+    if !changes.is_empty() {
+        println!(
+            "  {} configuration change{}:",
+            changes.len(),
+            if changes.len() == 1 { "" } else { "s" }
+        );
+    }
+    for c in &changes {
+        println!(
+            "    {:>8} version {} at {}, {} bytes, {} to apply",
+            humantime::format_duration(std::time::Duration::from_secs_f64(c.at)).to_string(),
+            c.version,
+            trellis_sim::scenario::hub_name(c.hub + 1),
+            c.bundle_bytes,
+            humantime::format_duration(std::time::Duration::from_secs_f64(c.apply_time)),
+        );
+    }
     ExitCode::SUCCESS
 }
 
@@ -266,6 +285,40 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
         if r.faults.len() > 12 {
             println!("  … {} faults in all (report.json)", r.faults.len());
             break;
+        }
+    }
+    for c in &r.config_changes {
+        println!(
+            "  config version {} at {:.0} s ({}): {}/{} sites converged",
+            c.version, c.at_s, c.hub, c.converged, c.sites
+        );
+        for (name, t, n) in [
+            ("connected", &c.connected, c.sites - c.sites_cut_off),
+            ("cut off", &c.cut_off, c.sites_cut_off),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            if t.count == 0 {
+                println!("    {name} at the change: none of {n} converged");
+            } else {
+                println!(
+                    "    {name} at the change: {}/{n}, p50 {:.1} s, p90 {:.1} s, p99 {:.1} s, max {:.1} s",
+                    t.count, t.p50_s, t.p90_s, t.p99_s, t.max_s
+                );
+            }
+        }
+        if !c.not_converged.is_empty() {
+            let shown: Vec<&str> = c.not_converged.iter().take(5).map(String::as_str).collect();
+            println!(
+                "    not converged by the end: {}{}",
+                shown.join(", "),
+                if c.not_converged.len() > 5 {
+                    format!(" … and {} more (report.json)", c.not_converged.len() - 5)
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     println!("  wrote {}", out.join("report.html").display());
