@@ -21,7 +21,8 @@ struct Site {
     mesh: Mesh,
     api: String,
     proxy: UdpProxy,
-    _procs: Vec<Proc>,
+    relay_gossip: String,
+    procs: Vec<Proc>,
 }
 
 fn node_name(i: usize) -> String {
@@ -44,28 +45,36 @@ impl Site {
             &proxy.listen_addr().to_string(),
             "[uplink]\nack_timeout = \"3s\"\nmax_backoff = \"1s\"\n",
         );
-        let mut procs = vec![hub, relay];
-        for (i, role) in ROLES.iter().enumerate() {
-            let name = node_name(i);
-            mesh.issue("node", REGION, SITE, &name);
-            let state = mesh.path().join(format!("{name}/state"));
-            let root = mesh.path().join(format!("root/{name}"));
-            let extra = format!(
-                "[node]\nlabels = {{ role = \"{role}\" }}\n\
-                 [config]\nstate_dir = {state:?}\nroot = {root:?}\ndrift_interval = \"1s\"\n"
-            );
-            procs.push(mesh.start_node(&name, &relay_gossip, &extra).0);
-        }
-        let all_alive = eventually(Duration::from_secs(30), || {
-            fleet_site(&api, SITE).is_some_and(|(_, r)| r["nodes_alive"] == ROLES.len())
-        });
-        assert!(all_alive, "the site never showed every node alive");
-        Site {
+        let mut site = Site {
             mesh,
             api,
             proxy,
-            _procs: procs,
+            relay_gossip,
+            procs: vec![hub, relay],
+        };
+        for (i, role) in ROLES.iter().enumerate() {
+            site.start_node(i, role);
         }
+        let all_alive = eventually(Duration::from_secs(30), || {
+            fleet_site(&site.api, SITE).is_some_and(|(_, r)| r["nodes_alive"] == ROLES.len())
+        });
+        assert!(all_alive, "the site never showed every node alive");
+        site
+    }
+
+    /// Starts node `i` labelled `role`, writing under its own root and
+    /// checking for drift every second.
+    fn start_node(&mut self, i: usize, role: &str) {
+        let name = node_name(i);
+        self.mesh.issue("node", REGION, SITE, &name);
+        let state = self.mesh.path().join(format!("{name}/state"));
+        let root = self.mesh.path().join(format!("root/{name}"));
+        let extra = format!(
+            "[node]\nlabels = {{ role = \"{role}\" }}\n\
+             [config]\nstate_dir = {state:?}\nroot = {root:?}\ndrift_interval = \"1s\"\n"
+        );
+        let p = self.mesh.start_node(&name, &self.relay_gossip, &extra).0;
+        self.procs.push(p);
     }
 
     fn fleet(&self) -> PathBuf {
@@ -314,7 +323,7 @@ fn a_change_for_a_label_subset_reaches_exactly_those_nodes_and_a_hand_edit_is_he
 #[test]
 fn a_site_whose_wan_is_cut_during_apply_converges_when_the_link_returns() {
     let _serial = serial();
-    let site = Site::start();
+    let mut site = Site::start();
     let fleet = site.fleet();
     let fleet = fleet.to_str().unwrap();
     site.write_manifest(
@@ -331,7 +340,14 @@ fn a_site_whose_wan_is_cut_during_apply_converges_when_the_link_returns() {
     );
     let out = site.config("apply", &[fleet, "--no-wait"]);
     assert!(out.status.success(), "apply v2: {out:?}");
-    std::thread::sleep(Duration::from_secs(5));
+    // A node joining the cut-off site gets the version its relay has.
+    let newcomer = ROLES.len();
+    site.start_node(newcomer, "db");
+    let served = eventually(Duration::from_secs(30), || {
+        read(&site.file(newcomer, "/etc/motd")).as_deref() == Some("v1\n")
+    });
+    assert!(served, "a node joining during the outage did not get v1");
+    std::thread::sleep(Duration::from_secs(2));
     for i in 0..ROLES.len() {
         assert_eq!(
             read(&site.file(i, "/etc/motd")).as_deref(),
@@ -341,13 +357,13 @@ fn a_site_whose_wan_is_cut_during_apply_converges_when_the_link_returns() {
     }
     site.proxy.blackhole(false);
     let converged = eventually(Duration::from_secs(90), || {
-        (0..ROLES.len()).all(|i| read(&site.file(i, "/etc/motd")).as_deref() == Some("v2\n"))
+        (0..=newcomer).all(|i| read(&site.file(i, "/etc/motd")).as_deref() == Some("v2\n"))
     });
     assert!(
         converged,
         "the site did not converge after the link returned"
     );
-    let reported = eventually(Duration::from_secs(30), || site.status()["at_latest"] == 4);
+    let reported = eventually(Duration::from_secs(30), || site.status()["at_latest"] == 5);
     assert!(reported, "{}", site.status());
 
     // A reload command that fails: the files stay, the apply says so, and
