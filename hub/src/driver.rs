@@ -53,7 +53,7 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_PUSH_BACKOFF: Duration = Duration::from_secs(30);
 /// Audit notes waiting to be written, at most (past it, notes are dropped
 /// and logged: the events themselves stay in the store).
-const NOTES_QUEUE: usize = 4096;
+const NOTES_QUEUE: usize = 65_536;
 /// Records a connection hands to the core task at once, at most.
 const MAX_RECORDS_PER_INPUT: usize = 256;
 /// Inputs the core task gathers into one commit, at most.
@@ -153,11 +153,12 @@ pub(crate) enum Input {
     Coverage {
         reply: oneshot::Sender<BTreeMap<(String, u64), Coverage>>,
     },
-    /// An operator's write: answered with the entry once durable here.
+    /// Writes (an operator's, or notes): answered with the entries once
+    /// durable here, all stored in one commit.
     LogWrite {
         author: String,
-        op: Op,
-        reply: oneshot::Sender<Result<SignedEntry, String>>,
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Vec<SignedEntry>, String>>,
     },
     /// Entries from another hub (signatures verified): answered with how
     /// many were new, once durable.
@@ -499,27 +500,36 @@ impl CoreTask {
 
     async fn log_input(&mut self, input: Input) {
         match input {
-            Input::LogWrite { author, op, reply } => {
-                let entry = self.log.write(unix_ms(), &author, op);
-                let signed = match self.creds.sign(&entry.signing_bytes()) {
-                    Ok(signature) => SignedEntry {
-                        entry,
-                        cert: self.creds.cert_der().to_vec(),
-                        signature,
-                    },
-                    Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
-                        return;
+            Input::LogWrite { author, ops, reply } => {
+                let now_ms = unix_ms();
+                let mut entries: Vec<SignedEntry> = Vec::with_capacity(ops.len());
+                for op in ops {
+                    let entry = self.log.write_after(now_ms, &author, op, entries.last());
+                    match self.creds.sign(&entry.signing_bytes()) {
+                        Ok(signature) => entries.push(SignedEntry {
+                            entry,
+                            cert: self.creds.cert_der().to_vec(),
+                            signature,
+                        }),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.to_string()));
+                            return;
+                        }
                     }
-                };
-                let entries = vec![signed.clone()];
-                let result =
-                    store_call(&self.store, |reply| StoreCmd::CommitLog { entries, reply }).await;
-                if result.is_ok() {
-                    self.log.apply(&signed.entry, signed.hash());
-                    self.follow_config(&signed.entry);
                 }
-                let _ = reply.send(result.map(|()| signed));
+                let to_store = entries.clone();
+                let result = store_call(&self.store, |reply| StoreCmd::CommitLog {
+                    entries: to_store,
+                    reply,
+                })
+                .await;
+                if result.is_ok() {
+                    for e in &entries {
+                        self.log.apply(&e.entry, e.hash());
+                        self.follow_config(&e.entry);
+                    }
+                }
+                let _ = reply.send(result.map(|()| entries));
             }
             Input::LogEntries { entries, reply } => {
                 let received = self.log.receive(&entries);
@@ -670,6 +680,13 @@ async fn offer_config(conn: &quinn::Connection, c: &(Offer, SignedBundle)) -> Re
 
 /// Writes the audit notes the core task queued, one at a time (each is
 /// durable here, then pushed to the other hubs).
+/// Audit notes written in one commit at most.
+const NOTES_PER_COMMIT: usize = 512;
+
+/// Writes the audit notes the core task queued: whatever has gathered, up
+/// to [`NOTES_PER_COMMIT`], as consecutive entries in one commit (durable
+/// here, then pushed to the other hubs), so a rollout to thousands of
+/// nodes costs a few commits, not one per node.
 async fn notes_task(
     shared: Shared,
     mut notes: mpsc::Receiver<(String, Op)>,
@@ -681,11 +698,20 @@ async fn notes_task(
             _ = shutdown.cancelled() => break,
             n = notes.recv() => match n { Some(n) => n, None => break },
         };
+        let mut ops = vec![op];
+        while ops.len() < NOTES_PER_COMMIT {
+            match notes.try_recv() {
+                // Every queued note is the hub's own.
+                Ok((_, op)) => ops.push(op),
+                Err(_) => break,
+            }
+        }
         let Some(peering) = shared.peering.get() else {
             continue;
         };
-        if let Err(error) = crate::peering::note(&shared, peering, author, op).await {
-            warn!(%error, "configuration event not noted in the audit log");
+        let n = ops.len();
+        if let Err(error) = crate::peering::notes(&shared, peering, author, ops).await {
+            warn!(%error, notes = n, "configuration events not noted in the audit log");
         }
     }
 }
@@ -1262,17 +1288,18 @@ impl Hub {
         detail: &str,
     ) -> Result<SignedEntry, NoteError> {
         let peering = self.shared.peering.get().ok_or(NoteError::ShuttingDown)?;
-        crate::peering::note(
+        let mut entries = crate::peering::notes(
             &self.shared,
             peering,
             author.to_owned(),
-            Op::Note {
+            vec![Op::Note {
                 kind: kind.to_owned(),
                 subject: subject.to_owned(),
                 detail: detail.to_owned(),
-            },
+            }],
         )
-        .await
+        .await?;
+        Ok(entries.remove(0))
     }
 
     /// Waits for the hub's tasks to end after shutdown, then leaves the

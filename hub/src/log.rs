@@ -485,13 +485,33 @@ impl LogCore {
     /// A new entry for a local write, chained to this hub's previous one.
     /// Apply it with [`LogCore::apply`] once stored.
     pub fn write(&mut self, now_ms: u64, author: &str, op: Op) -> Entry {
+        self.write_after(now_ms, author, op, None)
+    }
+
+    /// A new entry chained to `after` (an entry of this hub written but not
+    /// applied yet: several writes stored in one commit), or to this hub's
+    /// last applied entry.
+    pub fn write_after(
+        &mut self,
+        now_ms: u64,
+        author: &str,
+        op: Op,
+        after: Option<&SignedEntry>,
+    ) -> Entry {
+        let (seq, prev) = match after {
+            Some(a) => (a.entry.seq + 1, a.hash()),
+            None => (
+                self.vv.get(&self.me).copied().unwrap_or(0) + 1,
+                self.heads.get(&self.me).copied().unwrap_or(NO_PREV),
+            ),
+        };
         Entry {
             origin: self.me.clone(),
-            seq: self.vv.get(&self.me).copied().unwrap_or(0) + 1,
+            seq,
             hlc: self.clock.tick(now_ms),
             author: author.to_owned(),
             op,
-            prev: self.heads.get(&self.me).copied().unwrap_or(NO_PREV),
+            prev,
         }
     }
 
@@ -706,6 +726,33 @@ mod tests {
             .collect();
         assert_eq!(fresh, vec![("a".into(), 2), ("a".into(), 3)]);
         assert!(received.broken.is_empty());
+    }
+
+    #[test]
+    fn writes_chained_in_one_batch_follow_each_other_and_another_hub_takes_them() {
+        let mut hub = LogCore::new("h");
+        let first = signed(hub.write(10, "h", Op::Delete { key: "x".into() }));
+        apply_all(&mut hub, std::slice::from_ref(&first));
+        let mut batch: Vec<SignedEntry> = Vec::new();
+        for i in 0..3 {
+            let op = Op::Note {
+                kind: "config.applied".into(),
+                subject: format!("n{i}"),
+                detail: String::new(),
+            };
+            let e = hub.write_after(20, "h", op, batch.last());
+            batch.push(signed(e));
+        }
+        let seqs: Vec<u64> = batch.iter().map(|e| e.entry.seq).collect();
+        assert_eq!(seqs, vec![2, 3, 4]);
+        // Another hub holding h/1 takes all three, in order.
+        let mut other = LogCore::new("o");
+        apply_all(&mut other, &[first]);
+        let received = other.receive(&batch);
+        assert!(received.broken.is_empty(), "{:?}", received.broken);
+        assert_eq!(received.fresh.len(), 3);
+        apply_all(&mut hub, &batch);
+        assert_eq!(hub.version_vector().get("h"), Some(&4));
     }
 
     #[test]

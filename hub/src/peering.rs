@@ -279,9 +279,14 @@ pub(crate) async fn write(
     op: Op,
 ) -> Result<WriteOutcome, String> {
     let entry = shared
-        .ask(|reply| Input::LogWrite { author, op, reply })
+        .ask(|reply| Input::LogWrite {
+            author,
+            ops: vec![op],
+            reply,
+        })
         .await
-        .ok_or("the hub is shutting down")??;
+        .ok_or("the hub is shutting down")??
+        .remove(0);
     let quorum = peering.write_quorum();
     let mut durable_on = vec![peering.me.clone()];
     let req = Arc::new(ReplRequest::Entries(vec![entry.clone()]));
@@ -309,43 +314,46 @@ pub(crate) async fn write(
     })
 }
 
-/// A note for the audit trail: durable here, then pushed to the alive
-/// peers without waiting for them (anti-entropy repairs a lost push).
-pub(crate) async fn note(
+/// Notes for the audit trail, as consecutive entries of one commit:
+/// durable here, then pushed to the alive peers without waiting for them
+/// (anti-entropy repairs a lost push).
+pub(crate) async fn notes(
     shared: &Shared,
     peering: &Peering,
     author: String,
-    op: Op,
-) -> Result<SignedEntry, NoteError> {
-    if let Op::Note {
-        kind,
-        subject,
-        detail,
-    } = &op
-    {
-        if kind.is_empty() {
-            return Err(NoteError::NoKind);
-        }
-        let size = kind.len() + subject.len() + detail.len();
-        if size > MAX_NOTE_BYTES {
-            return Err(NoteError::TooLarge(size));
+    ops: Vec<Op>,
+) -> Result<Vec<SignedEntry>, NoteError> {
+    for op in &ops {
+        if let Op::Note {
+            kind,
+            subject,
+            detail,
+        } = op
+        {
+            if kind.is_empty() {
+                return Err(NoteError::NoKind);
+            }
+            let size = kind.len() + subject.len() + detail.len();
+            if size > MAX_NOTE_BYTES {
+                return Err(NoteError::TooLarge(size));
+            }
         }
     }
-    let entry = shared
-        .ask(|reply| Input::LogWrite { author, op, reply })
+    let entries = shared
+        .ask(|reply| Input::LogWrite { author, ops, reply })
         .await
         .ok_or(NoteError::ShuttingDown)?
         .map_err(NoteError::NotRecorded)?;
-    let req = Arc::new(ReplRequest::Entries(vec![entry.clone()]));
+    let req = Arc::new(ReplRequest::Entries(entries.clone()));
     for p in peering.peers().into_iter().filter(|p| p.alive) {
         let (repl, req) = (peering.repl.clone(), req.clone());
         tokio::spawn(async move {
             if let Err(error) = repl.ask(p.addr, &req).await {
-                debug!(peer = %p.name, %error, "push of a note failed; anti-entropy will repair");
+                debug!(peer = %p.name, %error, "push of notes failed; anti-entropy will repair");
             }
         });
     }
-    Ok(entry)
+    Ok(entries)
 }
 
 /// What became of a write.
