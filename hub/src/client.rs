@@ -80,6 +80,15 @@ impl ApiClient {
         url: String,
         resp: reqwest::Response,
     ) -> Result<T, ClientError> {
+        let body = self.body(resp).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The body of a successful answer; the API's error otherwise.
+    async fn body(&self, resp: reqwest::Response) -> Result<bytes::Bytes, ClientError> {
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
             url: self.base.clone(),
@@ -94,10 +103,7 @@ impl ApiClient {
                 message,
             });
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
-            url,
-            reason: e.to_string(),
-        })
+        Ok(body)
     }
 
     /// Events and gaps (`GET /api/v1/events`).
@@ -218,20 +224,7 @@ impl ApiClient {
                 url: self.base.clone(),
                 reason: root_cause(&e),
             })?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason: root_cause(&e),
-        })?;
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
-        }
+        let body = self.body(resp).await?;
         postcard::from_bytes(&body).map_err(|e| ClientError::Decode {
             url,
             reason: e.to_string(),

@@ -120,18 +120,22 @@ pub fn authorize(
             })
         }
     };
+    let same_site = || {
+        if local.same_site(peer) {
+            Ok(())
+        } else {
+            Err(Refusal::WrongSite {
+                protocol,
+                local: Box::new(local.clone()),
+                peer: Box::new(peer.clone()),
+            })
+        }
+    };
+    let members = [Role::Node, Role::Relay];
     match protocol {
         Protocol::Gossip => {
-            let members = [Role::Node, Role::Relay];
             role(members.contains(&local.role) && members.contains(&peer.role))?;
-            if !local.same_site(peer) {
-                return Err(Refusal::WrongSite {
-                    protocol,
-                    local: Box::new(local.clone()),
-                    peer: Box::new(peer.clone()),
-                });
-            }
-            Ok(())
+            same_site()
         }
         // Any hub serves any relay (relays fail over across hubs); the hub
         // binds everything a relay sends to the site in its certificate.
@@ -146,19 +150,11 @@ pub fn authorize(
         // A member fetches from its own site's relay only: the relay serves
         // what its site needs, and nobody else's.
         Protocol::Fetch => {
-            let members = [Role::Node, Role::Relay];
             match side {
                 Side::Server => role(local.role == Role::Relay && members.contains(&peer.role))?,
                 Side::Client => role(members.contains(&local.role) && peer.role == Role::Relay)?,
             }
-            if !local.same_site(peer) {
-                return Err(Refusal::WrongSite {
-                    protocol,
-                    local: Box::new(local.clone()),
-                    peer: Box::new(peer.clone()),
-                });
-            }
-            Ok(())
+            same_site()
         }
     }
 }
