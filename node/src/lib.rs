@@ -23,6 +23,8 @@
 //!   manifests; selectors, precedence, templates, resolution per node, plans.
 //! - [`bundle`]: a fleet version signed by an operator's Ed25519 key, and
 //!   its verification.
+//! - [`signature`]: the operator-signature rules shared by everything
+//!   signed as desired state.
 //! - [`distribute`]: a version inside a site: the relay's offer in gossip,
 //!   the fetch protocol, and what nodes report back in gossip.
 //! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
@@ -48,6 +50,7 @@ pub mod health;
 pub mod id;
 pub mod managed;
 pub mod metrics;
+pub mod signature;
 pub mod site;
 pub mod tls;
 pub mod wire;
