@@ -25,6 +25,8 @@
 //!   its verification.
 //! - [`signature`]: the operator-signature rules shared by everything
 //!   signed as desired state.
+//! - [`patch`]: patches: the patch directory and its signed manifest,
+//!   the content-addressed chunk store, and the download state machine.
 //! - [`distribute`]: a version inside a site: the relay's offer in gossip,
 //!   the fetch protocol, and what nodes report back in gossip.
 //! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
@@ -50,6 +52,7 @@ pub mod health;
 pub mod id;
 pub mod managed;
 pub mod metrics;
+pub mod patch;
 pub mod signature;
 pub mod site;
 pub mod tls;
