@@ -3,7 +3,8 @@
 //! Everything the other tiers build on lives here: identities and the mesh
 //! CA, the frame codec, the QUIC endpoint with mutual TLS and authorisation,
 //! chitchat gossip over QUIC, health probes, the engine that applies managed
-//! files and heals their drift, and the agent that ties them together on
+//! files and heals their drift, the core of patches and their rollout
+//! waves, and the agent that ties them together on
 //! every managed machine. Relays and hubs are nodes with more
 //! duties and reuse all of it.
 //!
@@ -27,6 +28,8 @@
 //!   signed as desired state.
 //! - [`patch`]: patches: the patch directory and its signed manifest,
 //!   the content-addressed chunk store, and the download state machine.
+//! - [`waves`]: rollout waves (which nodes in which order) and the health
+//!   gate between them; pure.
 //! - [`distribute`]: a version inside a site: the relay's offer in gossip,
 //!   the fetch protocol, and what nodes report back in gossip.
 //! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
@@ -56,4 +59,5 @@ pub mod patch;
 pub mod signature;
 pub mod site;
 pub mod tls;
+pub mod waves;
 pub mod wire;
