@@ -430,13 +430,27 @@ static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 /// followed. A crash can leave the temporary file behind; see
 /// [`remove_leftover_temp_files`].
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_with(path, mode, |file| file.write_all(content))
+}
+
+/// [`write_atomic`] for content produced while it is written: `fill`
+/// writes into the temporary file, which replaces `path` only if `fill`
+/// succeeds. On any error the temporary file is removed and `path` is left
+/// as it was; `fill`'s own error is returned as is. For content too large to
+/// hold in memory at once, or that must be checked as it is written.
+pub fn write_atomic_with<E: From<io::Error>>(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut fs::File) -> Result<(), E>,
+) -> Result<(), E> {
     let (dir, name) = match (path.parent(), path.file_name()) {
         (Some(d), Some(n)) if !d.as_os_str().is_empty() => (d, n),
         _ => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a path to a file in a directory",
-            ));
+            )
+            .into());
         }
     };
     create_dirs(dir)?;
@@ -456,11 +470,15 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
             Ok(f) => break (tmp, f),
             // A leftover of an earlier process with the same pid.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
+    if let Err(e) = fill(&mut file) {
+        drop(file);
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     let written = (|| {
-        file.write_all(content)?;
         // fchmod: exact whatever the umask.
         file.set_permissions(fs::Permissions::from_mode(mode & PERMISSION_BITS))?;
         file.sync_all()?;
@@ -469,9 +487,9 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(e);
+        return Err(e.into());
     }
-    fs::File::open(dir)?.sync_all()
+    Ok(fs::File::open(dir)?.sync_all()?)
 }
 
 /// Creates `dir` and its missing ancestors with mode 0755 (exactly, not

@@ -11,7 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::desired::{Fleet, FleetError};
-use crate::id::{Identity, Role};
+use crate::id::Identity;
+use crate::signature::{SignatureError, check_operator_credentials, verify_operator_signature};
 use crate::tls::{Credentials, KeyAlgorithm, TlsError};
 
 /// Largest encoded bundle accepted, in bytes: the fleet's content limit
@@ -94,19 +95,26 @@ pub enum BundleError {
     Malformed { signer: Identity, reason: String },
 }
 
+/// The shared operator checks, worded for configuration bundles.
+fn from_signature(e: SignatureError) -> BundleError {
+    match e {
+        SignatureError::NotOperatorCredentials(id) => BundleError::NotOperatorCredentials(id),
+        SignatureError::NotEd25519 {
+            identity,
+            algorithm,
+        } => BundleError::NotEd25519 {
+            identity,
+            algorithm,
+        },
+        SignatureError::UnknownKey(e) => BundleError::UnknownKey(e),
+        SignatureError::NotOperator(id) => BundleError::NotOperator(id),
+        SignatureError::BadSignature(id) => BundleError::BadSignature(id),
+    }
+}
+
 /// Signs `bundle` with an operator's Ed25519 key.
 pub fn sign(operator: &Credentials, bundle: &Bundle) -> Result<SignedBundle, BundleError> {
-    if operator.identity.role != Role::Operator {
-        return Err(BundleError::NotOperatorCredentials(
-            operator.identity.clone(),
-        ));
-    }
-    if operator.algorithm() != KeyAlgorithm::Ed25519 {
-        return Err(BundleError::NotEd25519 {
-            identity: operator.identity.clone(),
-            algorithm: operator.algorithm(),
-        });
-    }
+    check_operator_credentials(operator).map_err(from_signature)?;
     let bytes = postcard::to_stdvec(bundle).map_err(|e| {
         // Encoding plain structs into a Vec cannot fail short of memory.
         BundleError::Sign(TlsError::Config(format!("encoding the bundle: {e}")))
@@ -133,22 +141,13 @@ pub fn verify(
     if signed.bundle.len() > MAX_BUNDLE_BYTES {
         return Err(BundleError::TooLarge(signed.bundle.len()));
     }
-    let signer = trust
-        .verify_signer(&signed.operator_cert)
-        .map_err(BundleError::UnknownKey)?;
-    let identity = signer.identity.clone();
-    if identity.role != Role::Operator {
-        return Err(BundleError::NotOperator(identity));
-    }
-    if signer.algorithm() != KeyAlgorithm::Ed25519 {
-        return Err(BundleError::NotEd25519 {
-            identity,
-            algorithm: signer.algorithm(),
-        });
-    }
-    if signer.verify(&signed.bundle, &signed.signature).is_err() {
-        return Err(BundleError::BadSignature(identity));
-    }
+    let identity = verify_operator_signature(
+        trust,
+        &signed.operator_cert,
+        &signed.bundle,
+        &signed.signature,
+    )
+    .map_err(from_signature)?;
     let malformed = |reason: String| BundleError::Malformed {
         signer: identity.clone(),
         reason,
@@ -169,6 +168,7 @@ pub fn verify(
 mod tests {
     use super::*;
     use crate::desired::{FileSpec, Manifest, Selector};
+    use crate::id::Role;
     use crate::tls::MeshCa;
     use proptest::prelude::*;
 

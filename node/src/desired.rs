@@ -137,7 +137,8 @@ impl Selector {
                 .all(|(k, v)| node.labels.get(k) == Some(v))
     }
 
-    fn check(&self) -> Result<(), Problem> {
+    /// Checks what [`Fleet::load`] requires of every selector.
+    pub(crate) fn check(&self) -> Result<(), Problem> {
         if self.site.is_some() && self.region.is_none() {
             return Err(Problem::SiteWithoutRegion);
         }
@@ -528,9 +529,10 @@ fn yes() -> bool {
     true
 }
 
-/// `"all"` or `{ region, site, labels }`.
+/// `"all"` or `{ region, site, labels }`, as written in any TOML file that
+/// selects nodes.
 #[derive(Default)]
-struct SelectorToml(Selector);
+pub(crate) struct SelectorToml(pub(crate) Selector);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -606,7 +608,7 @@ fn check_path(path: &str) -> Result<(), Problem> {
 
 /// A source's path relative to the fleet directory, `/`-separated, or
 /// `None` if it is absolute or climbs out with `..`.
-fn normalise_source(source: &str) -> Option<String> {
+pub(crate) fn normalise_source(source: &str) -> Option<String> {
     let mut parts = Vec::new();
     for c in Path::new(source).components() {
         match c {
@@ -627,7 +629,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FleetError + '_ {
 
 /// Reads at most `limit + 1` bytes, so that an oversized file is noticed
 /// without reading all of it.
-fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, std::io::Error> {
+pub(crate) fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, std::io::Error> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(limit + 1)
@@ -673,24 +675,31 @@ fn manifest_names(root: &Path) -> Result<Vec<String>, FleetError> {
 
 fn parse_manifest(text: &str, manifest: &Path) -> Result<ManifestToml, FleetError> {
     toml::from_str(text).map_err(|e| {
-        let offset = e.span().map_or(0, |s| s.start).min(text.len());
-        let before = &text.as_bytes()[..offset];
-        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-        let line_start = before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |p| p + 1);
-        let column = String::from_utf8_lossy(&before[line_start..])
-            .chars()
-            .count()
-            + 1;
+        let (line, column, message) = toml_error_at(text, &e);
         FleetError::Parse {
             manifest: manifest.to_owned(),
             line,
             column,
-            message: e.message().trim_end().to_owned(),
+            message,
         }
     })
+}
+
+/// Where in `text` a TOML error is (line and column from 1) and its
+/// message, for errors that point at the place to fix.
+pub(crate) fn toml_error_at(text: &str, e: &toml::de::Error) -> (usize, usize, String) {
+    let offset = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, column, e.message().trim_end().to_owned())
 }
 
 /// Checks one file definition on its own (shared by loading and

@@ -3,7 +3,8 @@
 //! Everything the other tiers build on lives here: identities and the mesh
 //! CA, the frame codec, the QUIC endpoint with mutual TLS and authorisation,
 //! chitchat gossip over QUIC, health probes, the engine that applies managed
-//! files and heals their drift, and the agent that ties them together on
+//! files and heals their drift, the core of patches and their rollout
+//! waves, and the agent that ties them together on
 //! every managed machine. Relays and hubs are nodes with more
 //! duties and reuse all of it.
 //!
@@ -23,6 +24,12 @@
 //!   manifests; selectors, precedence, templates, resolution per node, plans.
 //! - [`bundle`]: a fleet version signed by an operator's Ed25519 key, and
 //!   its verification.
+//! - [`signature`]: the operator-signature rules shared by everything
+//!   signed as desired state.
+//! - [`patch`]: patches: the patch directory and its signed manifest,
+//!   the content-addressed chunk store, and the download state machine.
+//! - [`waves`]: rollout waves (which nodes in which order) and the health
+//!   gate between them; pure.
 //! - [`distribute`]: a version inside a site: the relay's offer in gossip,
 //!   the fetch protocol, and what nodes report back in gossip.
 //! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
@@ -48,6 +55,9 @@ pub mod health;
 pub mod id;
 pub mod managed;
 pub mod metrics;
+pub mod patch;
+pub mod signature;
 pub mod site;
 pub mod tls;
+pub mod waves;
 pub mod wire;
