@@ -71,6 +71,23 @@ pub(crate) fn router(shared: Shared) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_CONFIG_BODY)),
         )
         .route("/api/v1/config/status", get(config_status))
+        .route(
+            "/api/v1/chunks/missing",
+            axum::routing::post(chunks_missing),
+        )
+        .route(
+            "/api/v1/chunks/{hash}",
+            get(chunk_get)
+                .put(chunk_put)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_CHUNK_BODY)),
+        )
+        .route(
+            "/api/v1/patches",
+            get(patch_list)
+                .post(patch_publish)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_PATCH_BODY)),
+        )
+        .route("/api/v1/patches/{name}", get(patch_show))
         .route("/api/v1/config/{version}", get(config_show))
         .route("/api/v1/log", get(log))
         .route("/api/v1/audit", get(audit))
@@ -98,6 +115,12 @@ async fn index() -> &'static str {
         "GET /api/v1/config                          every configuration version, newest first\n",
         "GET /api/v1/config/{version}[?format=bundle]   one version: manifests, or the signed bundle\n",
         "GET /api/v1/config/status                   per site: versions held, drift, failures\n",
+        "POST /api/v1/chunks/missing {\"chunks\": [H]}  which of these chunks this hub lacks\n",
+        "PUT /api/v1/chunks/{blake3}                 store a chunk (checked against its hash)\n",
+        "GET /api/v1/chunks/{blake3}                 a chunk's bytes\n",
+        "POST /api/v1/patches   (a signed manifest)  publish a patch whose chunks are all here\n",
+        "GET /api/v1/patches                         every published patch, newest first\n",
+        "GET /api/v1/patches/{name}                  a patch's versions: commands, checks, artifacts\n",
         "GET /api/v1/log[?limit=N]                   the replicated log, by (origin, seq)\n",
         "GET /api/v1/audit[?since=MS&origin=O&limit=N]   the log as an audit trail, oldest first\n",
         "GET /api/v1/audit/verify                    check this hub's stored log: signatures, chain\n",
@@ -612,6 +635,287 @@ async fn config_apply(State(shared): State<Shared>, body: axum::body::Bytes) -> 
             };
             (status, axum::Json(report)).into_response()
         }
+    }
+}
+
+/// Largest `PUT /api/v1/chunks/{hash}` body: one chunk.
+pub const MAX_CHUNK_BODY: usize = trellis_node::patch::CHUNK_SIZE as usize + 1024;
+/// Largest `POST /api/v1/patches` body: a signed manifest.
+pub const MAX_PATCH_BODY: usize = trellis_node::patch::MAX_MANIFEST_BYTES + (64 << 10);
+
+/// A chunk hash from its hex, or the error answer for it.
+fn parse_chunk_hash(hash: &str) -> Result<[u8; 32], Box<Response>> {
+    trellis_node::distribute::parse_hex32(hash).ok_or_else(|| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("{hash:?} is not a chunk hash (64 hex digits of BLAKE3)"),
+        ))
+    })
+}
+
+/// The body of `POST /api/v1/chunks/missing` and its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkList {
+    /// BLAKE3 hashes, hex.
+    pub chunks: Vec<String>,
+}
+
+async fn chunks_missing(
+    State(shared): State<Shared>,
+    axum::Json(body): axum::Json<ChunkList>,
+) -> Response {
+    let mut hashes = Vec::with_capacity(body.chunks.len());
+    for h in &body.chunks {
+        match parse_chunk_hash(h) {
+            Ok(x) => hashes.push(x),
+            Err(r) => return *r,
+        }
+    }
+    let store = shared.chunks.clone();
+    let missing = tokio::task::spawn_blocking(move || {
+        hashes
+            .iter()
+            .filter(|h| !matches!(store.get(h), Ok(Some(_))))
+            .map(trellis_node::distribute::hex32)
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match missing {
+        Ok(chunks) => axum::Json(ChunkList { chunks }).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn chunk_put(
+    State(shared): State<Shared>,
+    Path(hash): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let hash = match parse_chunk_hash(&hash) {
+        Ok(h) => h,
+        Err(r) => return *r,
+    };
+    let store = shared.chunks.clone();
+    match tokio::task::spawn_blocking(move || store.put(&hash, &body)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(
+            e @ (trellis_node::patch::PatchError::ChunkMismatch { .. }
+            | trellis_node::patch::PatchError::ChunkTooLarge(_)),
+        )) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn chunk_get(State(shared): State<Shared>, Path(hash): Path<String>) -> Response {
+    let hash = match parse_chunk_hash(&hash) {
+        Ok(h) => h,
+        Err(r) => return *r,
+    };
+    let store = shared.chunks.clone();
+    match tokio::task::spawn_blocking(move || store.get(&hash)).await {
+        Ok(Ok(Some(bytes))) => (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "this hub does not hold that chunk"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /api/v1/patches`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchList {
+    /// Newest first.
+    pub patches: Vec<crate::log::PatchRecord>,
+}
+
+/// One version of a patch in `GET /api/v1/patches/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchShow {
+    #[serde(flatten)]
+    pub record: crate::log::PatchRecord,
+    pub manifest: trellis_node::patch::PatchManifest,
+    /// Chunks of its artifacts this hub holds intact, of all.
+    pub chunks_here: u64,
+    pub chunks_total: u64,
+}
+
+/// `GET /api/v1/patches/{name}`: every version published under the name,
+/// newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchVersions {
+    pub versions: Vec<PatchShow>,
+}
+
+/// The answer to `POST /api/v1/patches`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchPublished {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub operator: String,
+    /// Already published before (same manifest): nothing was written.
+    pub already: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write: Option<WriteReport>,
+}
+
+async fn patch_list(State(shared): State<Shared>) -> Response {
+    match config_snapshot(&shared).await {
+        Ok(s) => axum::Json(PatchList {
+            patches: s.patches.into_iter().rev().collect(),
+        })
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn patch_publish(State(shared): State<Shared>, body: axum::body::Bytes) -> Response {
+    use trellis_node::patch::{SignedPatch, verify};
+    let Some(peering) = shared.peering.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting");
+    };
+    let signed = match postcard::from_bytes::<SignedPatch>(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not a signed patch ({e}); use `trellis patch publish`"),
+            );
+        }
+    };
+    let (manifest, operator) = match verify(&peering.creds, &signed) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::FORBIDDEN, format!("patch refused: {e}")),
+    };
+    let id = trellis_node::distribute::hex32(&signed.id());
+    let snapshot = match config_snapshot(&shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if snapshot.patches.iter().any(|p| p.id == id) {
+        return axum::Json(PatchPublished {
+            id,
+            name: manifest.name,
+            version: manifest.version,
+            operator: operator.name,
+            already: true,
+            write: None,
+        })
+        .into_response();
+    }
+    // Every chunk must be here first: a published patch can be served.
+    let store = shared.chunks.clone();
+    let artifacts = manifest.artifacts.clone();
+    let missing = tokio::task::spawn_blocking(move || {
+        artifacts
+            .iter()
+            .map(|a| store.missing(a).len())
+            .sum::<usize>()
+    })
+    .await
+    .unwrap_or(usize::MAX);
+    if missing > 0 {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{missing} chunks of the patch's artifacts are not at this hub; upload them first                  (`trellis patch publish` does, and resumes where it stopped)"
+            ),
+        );
+    }
+    let op = Op::Patch {
+        id: id.clone(),
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        manifest: body.to_vec(),
+    };
+    match crate::peering::write(&shared, peering, operator.name.clone(), op).await {
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(w) => {
+            let status = if w.acknowledged() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let report = PatchPublished {
+                id,
+                name: manifest.name,
+                version: manifest.version,
+                operator: operator.name,
+                already: false,
+                write: Some(WriteReport {
+                    origin: w.entry.entry.origin.clone(),
+                    seq: w.entry.entry.seq,
+                    hlc: w.entry.entry.hlc,
+                    durable_on: w.durable_on.clone(),
+                    write_quorum: w.quorum,
+                }),
+            };
+            (status, axum::Json(report)).into_response()
+        }
+    }
+}
+
+async fn patch_show(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
+    let snapshot = match config_snapshot(&shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let records: Vec<crate::log::PatchRecord> = snapshot
+        .patches
+        .into_iter()
+        .rev()
+        .filter(|p| p.name == name)
+        .collect();
+    if records.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no patch named {name:?} (see GET /api/v1/patches)"),
+        );
+    }
+    let reader = shared.store.clone();
+    let store = shared.chunks.clone();
+    let shown = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for r in records {
+            let Some(crate::log::Entry {
+                op: Op::Patch { manifest, .. },
+                ..
+            }) = reader.log_entry(&r.origin, r.seq)?
+            else {
+                continue;
+            };
+            let Some(m) = postcard::from_bytes::<trellis_node::patch::SignedPatch>(&manifest)
+                .ok()
+                .and_then(|sp| {
+                    postcard::from_bytes::<trellis_node::patch::PatchManifest>(&sp.manifest).ok()
+                })
+            else {
+                continue;
+            };
+            let total: u64 = m.artifacts.iter().map(|a| a.chunks.len() as u64).sum();
+            let missing: u64 = m
+                .artifacts
+                .iter()
+                .map(|a| store.missing(a).len() as u64)
+                .sum();
+            out.push(PatchShow {
+                record: r,
+                manifest: m,
+                chunks_here: total - missing,
+                chunks_total: total,
+            });
+        }
+        Ok::<_, crate::store::StoreError>(out)
+    })
+    .await;
+    match shown {
+        Ok(Ok(versions)) => axum::Json(PatchVersions { versions }).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

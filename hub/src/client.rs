@@ -237,6 +237,88 @@ impl ApiClient {
         self.get("/api/v1/config/status").await
     }
 
+    /// Which of `chunks` (BLAKE3 hex) the hub lacks.
+    pub async fn chunks_missing(&self, chunks: Vec<String>) -> Result<Vec<String>, ClientError> {
+        let url = format!("{}/api/v1/chunks/missing", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .json(&crate::api::ChunkList { chunks })
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        let list: crate::api::ChunkList = self.decode(url, resp).await?;
+        Ok(list.chunks)
+    }
+
+    /// Uploads one chunk (`PUT /api/v1/chunks/{hash}`).
+    pub async fn chunk_put(&self, hash: &str, bytes: Vec<u8>) -> Result<(), ClientError> {
+        let url = format!("{}/api/v1/chunks/{hash}", self.base);
+        let resp = self
+            .http
+            .put(&url)
+            .header("content-type", "application/octet-stream")
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        self.body(resp).await.map(|_| ())
+    }
+
+    /// One chunk's bytes (`GET /api/v1/chunks/{hash}`).
+    pub async fn chunk_get(&self, hash: &str) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}/api/v1/chunks/{hash}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        self.body(resp).await.map(|b| b.to_vec())
+    }
+
+    /// Publishes a signed patch whose chunks the hub holds
+    /// (`POST /api/v1/patches`).
+    pub async fn patch_publish(
+        &self,
+        signed: &trellis_node::patch::SignedPatch,
+    ) -> Result<crate::api::PatchPublished, ClientError> {
+        let url = format!("{}/api/v1/patches", self.base);
+        let body = postcard::to_stdvec(signed).expect("patches serialise");
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        self.decode(url, resp).await
+    }
+
+    /// Every published patch, newest first.
+    pub async fn patch_list(&self) -> Result<crate::api::PatchList, ClientError> {
+        self.get("/api/v1/patches").await
+    }
+
+    /// Every version of one patch.
+    pub async fn patch_show(&self, name: &str) -> Result<crate::api::PatchVersions, ClientError> {
+        self.get(&format!("/api/v1/patches/{}", urlencode(name)))
+            .await
+    }
+
     /// The management log as an audit trail (`GET /api/v1/audit`).
     pub async fn audit(
         &self,

@@ -192,6 +192,8 @@ pub(crate) struct LogSnapshot {
     pub desired: Vec<(String, Winner)>,
     /// Every configuration version, oldest first.
     pub configs: Vec<crate::log::ConfigVersion>,
+    /// Every published patch, oldest first.
+    pub patches: Vec<crate::log::PatchRecord>,
 }
 
 enum StoreCmd {
@@ -342,6 +344,7 @@ impl CoreTask {
                                 .map(|(k, w)| (k.to_owned(), w.clone()))
                                 .collect(),
                             configs: self.log.state().configs().cloned().collect(),
+                            patches: self.log.state().patches().into_iter().cloned().collect(),
                         });
                     }
                     other @ (Input::LogWrite { .. } | Input::LogEntries { .. }) => {
@@ -734,6 +737,8 @@ pub(crate) struct Shared {
     pub peering: Arc<std::sync::OnceLock<Peering>>,
     /// The newest configuration version, with its bundle.
     pub config_head: watch::Receiver<ConfigHead>,
+    /// Patch artifacts' chunks, by BLAKE3.
+    pub chunks: Arc<trellis_node::patch::ChunkStore>,
 }
 
 /// Why a note was not recorded. Nothing was appended to the log.
@@ -1063,6 +1068,13 @@ impl Hub {
         .expect("store open does not panic")
         .map_err(|e| StartError::Other(format!("{e}; check [store] path")))?;
         let reader = StoreReader::new(store.path());
+        let chunks_dir = cfg
+            .store
+            .path
+            .parent()
+            .map_or_else(|| std::path::PathBuf::from("chunks"), |d| d.join("chunks"));
+        let chunks = trellis_node::patch::ChunkStore::open(&chunks_dir)
+            .map_err(|e| StartError::Other(format!("{e}; check [store] path")))?;
         let restored_sites = summaries.len();
         let mut core = HubCore::new(name.clone(), cfg.fleet.stale_after);
         core.restore(streams, summaries);
@@ -1120,6 +1132,7 @@ impl Hub {
             store: reader,
             peering: Arc::new(std::sync::OnceLock::new()),
             config_head: config_head_rx,
+            chunks: Arc::new(chunks),
         };
         let (push_tx, push_rx) = mpsc::channel(1024);
         let (notes_tx, notes_rx) = mpsc::channel(NOTES_QUEUE);

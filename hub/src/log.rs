@@ -96,6 +96,16 @@ pub enum Op {
         /// The postcard encoding of the `SignedBundle`.
         bundle: Vec<u8>,
     },
+    /// A patch, as the operator signed its manifest (its artifacts are in
+    /// the hubs' chunk stores).
+    Patch {
+        /// BLAKE3 of the manifest bytes, hex.
+        id: String,
+        name: String,
+        version: String,
+        /// The postcard encoding of the `SignedPatch`.
+        manifest: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -114,6 +124,14 @@ impl Op {
                 comment,
                 bundle: Vec::new(),
             },
+            Op::Patch {
+                id, name, version, ..
+            } => Op::Patch {
+                id,
+                name,
+                version,
+                manifest: Vec::new(),
+            },
             other => other,
         }
     }
@@ -122,14 +140,15 @@ impl Op {
     pub fn key(&self) -> Option<&str> {
         match self {
             Op::Put { key, .. } | Op::Delete { key } => Some(key),
-            Op::Note { .. } | Op::Config { .. } => None,
+            Op::Note { .. } | Op::Config { .. } | Op::Patch { .. } => None,
         }
     }
 }
 
 /// The short human form stored next to each entry and shown by
 /// `trellis audit log`: `put key=value`, `delete key`,
-/// `note kind subject: detail`, `config vN DIGEST16: comment`.
+/// `note kind subject: detail`, `config vN DIGEST16: comment`,
+/// `patch NAME VERSION ID16`.
 impl std::fmt::Display for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -158,6 +177,9 @@ impl std::fmt::Display for Op {
                     write!(f, "config v{version} {short}: {comment}")
                 }
             }
+            Op::Patch {
+                id, name, version, ..
+            } => write!(f, "patch {name} {version} {}", id.get(..16).unwrap_or(id)),
         }
     }
 }
@@ -264,6 +286,12 @@ impl Entry {
                 bundle,
                 ..
             } => digest.len() + comment.len() + bundle.len(),
+            Op::Patch {
+                id,
+                name,
+                version,
+                manifest,
+            } => id.len() + name.len() + version.len() + manifest.len(),
         };
         128 + self.origin.len() + self.author.len() + op
     }
@@ -347,12 +375,51 @@ pub struct DesiredState {
     /// accept a bundle with the same version number; like a key, the
     /// entry with the greatest `(hlc, origin, seq)` wins everywhere.
     configs: BTreeMap<u64, ConfigVersion>,
+    /// Published patches by id (content-derived: the same manifest
+    /// published twice is one patch, the first entry keeps it).
+    patches: BTreeMap<String, PatchRecord>,
+}
+
+/// A published patch and the entry that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchRecord {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    /// The operator who signed it.
+    pub author: String,
+    pub hlc: Hlc,
+    pub origin: String,
+    pub seq: u64,
 }
 
 impl DesiredState {
     /// Applies one entry (in any order relative to the others).
     /// Notes change nothing.
     pub fn apply(&mut self, e: &Entry) {
+        if let Op::Patch {
+            id, name, version, ..
+        } = &e.op
+        {
+            let first = self.patches.get(id).is_none_or(|p| {
+                (e.hlc, e.origin.as_str(), e.seq) < (p.hlc, p.origin.as_str(), p.seq)
+            });
+            if first {
+                self.patches.insert(
+                    id.clone(),
+                    PatchRecord {
+                        id: id.clone(),
+                        name: name.clone(),
+                        version: version.clone(),
+                        author: e.author.clone(),
+                        hlc: e.hlc,
+                        origin: e.origin.clone(),
+                        seq: e.seq,
+                    },
+                );
+            }
+            return;
+        }
         if let Op::Config {
             version,
             digest,
@@ -393,7 +460,10 @@ impl DesiredState {
                 Winner {
                     value: match &e.op {
                         Op::Put { value, .. } => Some(value.clone()),
-                        Op::Delete { .. } | Op::Note { .. } | Op::Config { .. } => None,
+                        Op::Delete { .. }
+                        | Op::Note { .. }
+                        | Op::Config { .. }
+                        | Op::Patch { .. } => None,
                     },
                     hlc: e.hlc,
                     origin: e.origin.clone(),
@@ -428,6 +498,13 @@ impl DesiredState {
 
     pub fn config(&self, version: u64) -> Option<&ConfigVersion> {
         self.configs.get(&version)
+    }
+
+    /// Every published patch, oldest first.
+    pub fn patches(&self) -> Vec<&PatchRecord> {
+        let mut all: Vec<&PatchRecord> = self.patches.values().collect();
+        all.sort_by(|a, b| (a.hlc, &a.origin, a.seq).cmp(&(b.hlc, &b.origin, b.seq)));
+        all
     }
 }
 

@@ -561,6 +561,84 @@ pub fn config_status(report: &crate::api::ConfigStatus, colour: bool) -> String 
     out
 }
 
+/// `trellis patch list`.
+pub fn patch_list(report: &crate::api::PatchList, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    if report.patches.is_empty() {
+        out.push_str("no patch published yet: `trellis patch publish DIR` publishes one\n");
+        return out;
+    }
+    for r in &report.patches {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.hlc.ms),
+        );
+        let _ = writeln!(
+            out,
+            "{}  {}  {when}  {}  {}",
+            p.bold(&r.name),
+            r.version,
+            r.author,
+            p.dim(&format!(
+                "{}/{} {}",
+                r.origin,
+                r.seq,
+                &r.id[..r.id.len().min(16)]
+            )),
+        );
+    }
+    out
+}
+
+/// `trellis patch show NAME`.
+pub fn patch_show(report: &crate::api::PatchVersions, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    for v in &report.versions {
+        let m = &v.manifest;
+        let _ = writeln!(out, "{}", p.bold(&format!("{} {}", m.name, m.version)));
+        let _ = writeln!(out, "  id        {}", v.record.id);
+        let _ = writeln!(
+            out,
+            "  signed by {}, stored by {} as entry {}",
+            v.record.author, v.record.origin, v.record.seq
+        );
+        let _ = writeln!(out, "  for       {}", m.selector);
+        let _ = writeln!(out, "  install   {}", m.install.join(" && "));
+        let _ = writeln!(out, "  rollback  {}", m.rollback.join(" && "));
+        let checks = if m.checks.is_empty() {
+            "(none)".to_owned()
+        } else {
+            m.checks.join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "  checks    {checks}, for {} after install",
+            humantime::format_duration(m.bake)
+        );
+        for a in &m.artifacts {
+            let _ = writeln!(
+                out,
+                "  artifact  {} ({} bytes, {} chunks)",
+                a.name,
+                a.size,
+                a.chunks.len()
+            );
+        }
+        let held = format!("{}/{} chunks at this hub", v.chunks_here, v.chunks_total);
+        let _ = writeln!(
+            out,
+            "  {}",
+            if v.chunks_here == v.chunks_total {
+                held
+            } else {
+                p.site(SiteStatus::Degraded, &held)
+            }
+        );
+    }
+    out
+}
+
 /// The outcome of `trellis audit verify`: a line per problem, or that the
 /// log is intact, with what was checked.
 pub fn audit_verdict(report: &crate::api::AuditVerifyReport, colour: bool) -> String {

@@ -125,6 +125,9 @@ enum Command {
     /// directory of TOML manifests.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Patches: sign and store them at the hubs.
+    #[command(subcommand)]
+    Patch(PatchCommand),
     /// Read and check the audit trail: the hubs' management log.
     ///
     /// Every change to the desired state, and every note a hub records
@@ -384,6 +387,51 @@ enum AuditCommand {
     },
 }
 
+/// Patches: signed manifests whose artifacts are stored at the hubs as
+/// content-addressed chunks (BLAKE3). Rolling them out is not built yet.
+#[derive(Subcommand)]
+enum PatchCommand {
+    /// Sign a patch directory and store it at the hub.
+    ///
+    /// DIR holds patch.toml (name, version, selector, install and rollback
+    /// commands, the checks that must stay passing, a bake time, the
+    /// artifact files) and the artifacts. The artifacts are cut into 1 MiB
+    /// chunks named by their BLAKE3; the chunks the hub lacks are uploaded
+    /// (an interrupted publish resumes where it stopped: chunks already
+    /// there are not sent again), then the manifest, signed with the
+    /// operator's key, is stored in the hubs' replicated log.
+    ///
+    /// Exit codes: 0 published (or already published); 1 the hub refused or
+    /// could not be reached; 2 bad usage, an invalid patch directory or
+    /// unusable credentials.
+    ///
+    /// Example: trellis patch publish openssl-fix/ --cert alice.crt --key alice.key --ca ca/ca.crt
+    #[command(verbatim_doc_comment)]
+    Publish {
+        dir: PathBuf,
+        #[command(flatten)]
+        operator: OperatorArg,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// List published patches, newest first.
+    List {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a patch's versions: commands, checks, bake time, artifacts, and
+    /// how many of their chunks this hub holds.
+    Show {
+        name: String,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(clap::Args)]
 struct HubArg {
     /// The hub's API URL.
@@ -524,6 +572,17 @@ fn main() -> ExitCode {
                 answer(c.config_status().await, json, render::config_status)
             })),
         Command::Audit(cmd) => runtime().block_on(audit(cmd)),
+        Command::Patch(PatchCommand::Publish { dir, operator, hub }) => {
+            runtime().block_on(patch_publish(&dir, &operator, &hub.hub))
+        }
+        Command::Patch(PatchCommand::List { hub, json }) => runtime()
+            .block_on(with_client(&hub.hub, |c| async move {
+                answer(c.patch_list().await, json, render::patch_list)
+            })),
+        Command::Patch(PatchCommand::Show { name, hub, json }) => runtime()
+            .block_on(with_client(&hub.hub, |c| async move {
+                answer(c.patch_show(&name).await, json, render::patch_show)
+            })),
         Command::Up {
             sites,
             nodes,
@@ -885,6 +944,110 @@ async fn follow_rollout(client: &ApiClient, version: u64, timeout: Duration) -> 
             r.nodes_alive
         );
         ExitCode::from(EXIT_FAILED)
+    }
+}
+
+async fn patch_publish(dir: &std::path::Path, operator: &OperatorArg, hub: &str) -> ExitCode {
+    use std::io::{IsTerminal, Read, Seek, SeekFrom};
+    use trellis_node::distribute::hex32;
+    use trellis_node::patch::{CHUNK_SIZE, Patch, sign};
+    let creds = match Credentials::load(&operator.ca, &operator.cert, &operator.key) {
+        Ok(c) => c,
+        Err(e) => {
+            return cli::fail(
+                EXIT_USAGE,
+                &format!("cannot use the operator credentials: {e}"),
+            );
+        }
+    };
+    let patch = match Patch::load(dir) {
+        Ok(p) => p,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let signed = match sign(&creds, &patch.manifest) {
+        Ok(s) => s,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    // Where each chunk is: (artifact file, offset, length), once per hash.
+    let mut places: std::collections::BTreeMap<String, (PathBuf, u64, u64)> = Default::default();
+    for a in &patch.manifest.artifacts {
+        for (i, h) in (0u32..).zip(&a.chunks) {
+            let len = a.chunk_len(i).unwrap_or(0);
+            places.entry(hex32(h)).or_insert((
+                patch.artifact_path(a),
+                u64::from(i) * u64::from(CHUNK_SIZE),
+                len,
+            ));
+        }
+    }
+    let missing = match client
+        .chunks_missing(places.keys().cloned().collect())
+        .await
+    {
+        Ok(m) => m,
+        Err(e) => return client_error(e),
+    };
+    let tty = std::io::stderr().is_terminal();
+    let total = missing.len();
+    eprintln!(
+        "{} chunks in {} artifacts; the hub lacks {total}",
+        places.len(),
+        patch.manifest.artifacts.len()
+    );
+    for (done, hash) in missing.iter().enumerate() {
+        let Some((path, offset, len)) = places.get(hash) else {
+            continue;
+        };
+        let mut bytes = vec![0; *len as usize];
+        let read = std::fs::File::open(path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(*offset))?;
+            f.read_exact(&mut bytes)
+        });
+        if let Err(e) = read {
+            return cli::fail(EXIT_FAILED, &format!("cannot read {}: {e}", path.display()));
+        }
+        if let Err(e) = client.chunk_put(hash, bytes).await {
+            eprintln!();
+            eprintln!("uploaded {done} of {total} chunks; run the same command again to resume");
+            return client_error(e);
+        }
+        if tty {
+            eprint!("\ruploading: {}/{total} chunks\x1b[K", done + 1);
+        } else if (done + 1) % 64 == 0 || done + 1 == total {
+            eprintln!("uploading: {}/{total} chunks", done + 1);
+        }
+    }
+    if tty && total > 0 {
+        eprintln!();
+    }
+    match client.patch_publish(&signed).await {
+        Ok(p) if p.already => {
+            println!(
+                "{} {} ({}) was already published",
+                p.name,
+                p.version,
+                &p.id[..16]
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(p) => {
+            let w = p.write.as_ref();
+            println!(
+                "published {} {} ({}) signed by {}: entry {}, durable on {}",
+                p.name,
+                p.version,
+                &p.id[..16],
+                p.operator,
+                w.map_or(String::new(), |w| format!("{}/{}", w.origin, w.seq)),
+                w.map_or(String::new(), |w| w.durable_on.join(", "))
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_error(e),
     }
 }
 

@@ -1,0 +1,172 @@
+//! Publishing a patch at a real hub: `trellis patch publish` cuts the
+//! artifacts into BLAKE3-named chunks, uploads only those the hub lacks
+//! (so an interrupted publish resumes), and stores the signed manifest in
+//! the replicated log.
+
+use trellis_hub::client::{ApiClient, ClientError};
+use trellis_node::distribute::hex32;
+use trellis_node::patch::{CHUNK_SIZE, Patch, sign};
+use trellis_tests::{Mesh, run, serial};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn a_patch_is_published_in_chunks_an_interrupted_publish_resumes_and_bad_input_is_refused() {
+    let _serial = serial();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    mesh.issue("operator", "", "", "alice");
+    let (_hub, _uplink, api) = mesh.start_hub("hub-1", "");
+    let p = mesh.path().to_owned();
+
+    // A patch whose package spans three chunks (1 MiB, 1 MiB, 512 KiB).
+    let dir = p.join("openssl-fix");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("patch.toml"),
+        "name = \"openssl-fix\"\nversion = \"3.0.13-2\"\ninstall = [\"sh install.sh\"]\n\
+         rollback = [\"sh rollback.sh\"]\nchecks = [\"web\"]\nbake = \"2m\"\n\
+         artifacts = [\"install.sh\", \"rollback.sh\", \"pkg.bin\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("install.sh"), "echo 3.0.13-2 > version\n").unwrap();
+    std::fs::write(dir.join("rollback.sh"), "rm -f version\n").unwrap();
+    let pkg: Vec<u8> = (0..(5 * CHUNK_SIZE as usize / 2))
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    std::fs::write(dir.join("pkg.bin"), &pkg).unwrap();
+    let loaded = Patch::load(&dir).unwrap();
+    let all_chunks: usize = loaded
+        .manifest
+        .artifacts
+        .iter()
+        .map(|a| a.chunks.len())
+        .sum();
+    assert_eq!(all_chunks, 5, "two scripts and three package chunks");
+
+    let client = ApiClient::new(&api).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // A chunk that is not what its name says is refused.
+    let pkg_ref = loaded
+        .manifest
+        .artifacts
+        .iter()
+        .find(|a| a.name == "pkg.bin")
+        .unwrap();
+    let first = hex32(&pkg_ref.chunks[0]);
+    match rt.block_on(client.chunk_put(&first, vec![0; 100])) {
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert!(message.contains(&first), "{message}"),
+        other => panic!("a wrong chunk was stored: {other:?}"),
+    }
+    // A publish interrupted after the first chunk: that chunk is there.
+    rt.block_on(client.chunk_put(&first, pkg[..CHUNK_SIZE as usize].to_vec()))
+        .unwrap();
+
+    let operator = [
+        "--cert",
+        p.join("certs/alice.crt").to_str().unwrap(),
+        "--key",
+        p.join("certs/alice.key").to_str().unwrap(),
+        "--ca",
+        p.join("ca/ca.crt").to_str().unwrap(),
+        "--hub",
+        &api,
+    ]
+    .map(str::to_owned);
+    let publish = || {
+        let mut args = vec!["patch", "publish", dir.to_str().unwrap()];
+        args.extend(operator.iter().map(String::as_str));
+        run("trellis", &args)
+    };
+    let out = publish();
+    assert!(out.status.success(), "publish: {out:?}");
+    let err = text(&out.stderr);
+    // Only what the hub lacked was sent.
+    assert!(
+        err.contains("5 chunks in 3 artifacts; the hub lacks 4"),
+        "{err}"
+    );
+    assert!(
+        text(&out.stdout).contains("published openssl-fix 3.0.13-2"),
+        "{out:?}"
+    );
+
+    // Again: nothing to send, nothing new to write.
+    let out = publish();
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("the hub lacks 0"), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("was already published"),
+        "{out:?}"
+    );
+
+    let out = run("trellis", &["patch", "list", "--hub", &api]);
+    assert!(
+        text(&out.stdout).contains("openssl-fix  3.0.13-2"),
+        "{out:?}"
+    );
+    let out = run("trellis", &["patch", "show", "openssl-fix", "--hub", &api]);
+    let shown = text(&out.stdout);
+    assert!(shown.contains("5/5 chunks at this hub"), "{shown}");
+    assert!(
+        shown.contains("pkg.bin (2621440 bytes, 3 chunks)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("checks    web, for 2m after install"),
+        "{shown}"
+    );
+    let out = run("trellis", &["patch", "show", "nope", "--hub", &api]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // The hub serves the chunks back as uploaded.
+    let p_chunk = rt
+        .block_on(client.chunk_get(&hex32(&pkg_ref.chunks[2])))
+        .unwrap();
+    assert_eq!(p_chunk, pkg[2 * CHUNK_SIZE as usize..]);
+
+    // A manifest altered after signing is refused.
+    let alice = trellis_node::tls::Credentials::load(
+        &p.join("ca/ca.crt"),
+        &p.join("certs/alice.crt"),
+        &p.join("certs/alice.key"),
+    )
+    .unwrap();
+    let mut m = loaded.manifest.clone();
+    m.version = "3.0.13-3".into();
+    let mut altered = sign(&alice, &m).unwrap();
+    let n = altered.manifest.len();
+    altered.manifest[n - 1] ^= 1;
+    match rt.block_on(client.patch_publish(&altered)) {
+        Err(ClientError::Api {
+            status: 403,
+            message,
+        }) => {
+            assert!(message.contains("bad signature"), "{message}")
+        }
+        other => panic!("an altered manifest was published: {other:?}"),
+    }
+    // A signed one whose chunks are not all at the hub is refused too.
+    m.artifacts[2].chunks[1] = [9; 32];
+    let incomplete = sign(&alice, &m).unwrap();
+    match rt.block_on(client.patch_publish(&incomplete)) {
+        Err(ClientError::Api { status, message }) => {
+            assert!(status == 409 || status == 403, "{status}: {message}")
+        }
+        other => panic!("a patch without its chunks was published: {other:?}"),
+    }
+
+    // The publish is in the audit trail, with the operator as author.
+    let out = run("trellis", &["audit", "log", "--hub", &api]);
+    let log = text(&out.stdout);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("alice") && l.contains("patch openssl-fix 3.0.13-2")),
+        "{log}"
+    );
+}
