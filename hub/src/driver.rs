@@ -1189,6 +1189,11 @@ impl Hub {
             peering.clone(),
             shutdown.child_token(),
         )));
+        tasks.push(tokio::spawn(crate::peering::chunk_sync_task(
+            shared.clone(),
+            peering.clone(),
+            shutdown.child_token(),
+        )));
         tasks.push(tokio::spawn(push_task(
             peering.clone(),
             push_rx,

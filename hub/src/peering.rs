@@ -124,6 +124,107 @@ pub(crate) async fn federation_task(shared: Shared, peering: Peering, shutdown: 
     }
 }
 
+/// Copies the chunks of every published patch that this hub lacks from the
+/// other hubs, every `anti_entropy_every`: a patch published at one hub
+/// can be served by any. Each chunk is checked against its BLAKE3 before
+/// it is stored; patches found complete are not looked at again.
+pub(crate) async fn chunk_sync_task(shared: Shared, peering: Peering, shutdown: CancellationToken) {
+    let mut tick = ticker(peering.settings.anti_entropy_every);
+    let mut complete: BTreeSet<String> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(state) = shared.ask(|reply| Input::LogState { reply }).await else {
+            break;
+        };
+        for patch in state.patches {
+            if complete.contains(&patch.id) {
+                continue;
+            }
+            match sync_patch_chunks(&shared, &peering, &patch).await {
+                Ok(true) => {
+                    complete.insert(patch.id.clone());
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    debug!(patch = %patch.name, %error, "cannot copy the patch's chunks yet")
+                }
+            }
+        }
+    }
+}
+
+/// One pass over one patch: whether every chunk is here afterwards.
+async fn sync_patch_chunks(
+    shared: &Shared,
+    peering: &Peering,
+    patch: &crate::log::PatchRecord,
+) -> anyhow::Result<bool> {
+    let reader = shared.store.clone();
+    let store = shared.chunks.clone();
+    let (origin, seq) = (patch.origin.clone(), patch.seq);
+    let mut missing: Vec<[u8; 32]> = tokio::task::spawn_blocking(move || {
+        let Some(crate::log::Entry {
+            op: crate::log::Op::Patch { manifest, .. },
+            ..
+        }) = reader.log_entry(&origin, seq)?
+        else {
+            anyhow::bail!("the log entry holding the patch is unreadable");
+        };
+        let signed: trellis_node::patch::SignedPatch = postcard::from_bytes(&manifest)?;
+        let m: trellis_node::patch::PatchManifest = postcard::from_bytes(&signed.manifest)?;
+        let all: BTreeSet<[u8; 32]> = m.artifacts.iter().flat_map(|a| a.chunks.clone()).collect();
+        Ok(all.into_iter().filter(|h| !store.has(h)).collect())
+    })
+    .await??;
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    // The hub it was published at first, then the others.
+    let mut peers: Vec<PeerHub> = peering.peers().into_iter().filter(|p| p.alive).collect();
+    peers.sort_by_key(|p| p.name != patch.origin);
+    let mut copied = 0usize;
+    for peer in peers {
+        while !missing.is_empty() {
+            let ask: Vec<[u8; 32]> = missing
+                .iter()
+                .take(crate::replication::CHUNKS_PER_PULL)
+                .copied()
+                .collect();
+            let ReplResponse::Chunks(chunks) = peering
+                .repl
+                .ask(peer.addr, &ReplRequest::Chunks(ask.clone()))
+                .await?
+            else {
+                anyhow::bail!("unexpected answer to a chunk pull");
+            };
+            if chunks.is_empty() {
+                break; // this peer has none of them: try the next
+            }
+            let store = shared.chunks.clone();
+            let got: Vec<[u8; 32]> = tokio::task::spawn_blocking(move || {
+                chunks
+                    .into_iter()
+                    .filter_map(|(h, bytes)| store.put(&h, &bytes).ok().map(|()| h))
+                    .collect()
+            })
+            .await?;
+            copied += got.len();
+            missing.retain(|h| !got.contains(h));
+            if got.len() < ask.len() {
+                break;
+            }
+        }
+    }
+    if copied > 0 {
+        info!(patch = %patch.name, version = %patch.version, chunks = copied, left = missing.len(), "copied patch chunks from other hubs");
+    }
+    Ok(missing.is_empty())
+}
+
 /// Asks the hub's core task, failing if it has shut down.
 async fn ask_core<T>(
     shared: &Shared,
@@ -427,6 +528,21 @@ pub(crate) async fn serve_replication(
 async fn answer(shared: &Shared, peering: &Peering, req: ReplRequest) -> ReplResponse {
     let gone = || ReplResponse::Refused("the hub is shutting down".into());
     match req {
+        ReplRequest::Chunks(hashes) => {
+            let store = shared.chunks.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                hashes
+                    .iter()
+                    .take(crate::replication::CHUNKS_PER_PULL)
+                    .filter_map(|h| store.get(h).ok().flatten().map(|b| (*h, b)))
+                    .collect()
+            })
+            .await;
+            match found {
+                Ok(chunks) => ReplResponse::Chunks(chunks),
+                Err(e) => ReplResponse::Refused(e.to_string()),
+            }
+        }
         ReplRequest::Records(records) => {
             match shared
                 .ask(|reply| Input::Replicated { records, reply })

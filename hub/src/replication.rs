@@ -51,7 +51,12 @@ pub enum ReplRequest {
         have: VersionVector,
         max: u32,
     },
+    /// Patch artifact chunks by BLAKE3 (at most [`CHUNKS_PER_PULL`]).
+    Chunks(Vec<[u8; 32]>),
 }
+
+/// Chunks one answer carries, at most: 8 MiB, well within a frame.
+pub const CHUNKS_PER_PULL: usize = 8;
 
 /// The answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +72,8 @@ pub enum ReplResponse {
         more: bool,
     },
     Refused(String),
+    /// The chunks asked for that this hub holds intact, with their bytes.
+    Chunks(Vec<([u8; 32], Vec<u8>)>),
 }
 
 /// For a pull: the seq ranges of `mine` the asker lacks, per stream, as

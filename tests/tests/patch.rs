@@ -1,12 +1,14 @@
 //! Publishing a patch at a real hub: `trellis patch publish` cuts the
 //! artifacts into BLAKE3-named chunks, uploads only those the hub lacks
 //! (so an interrupted publish resumes), and stores the signed manifest in
-//! the replicated log.
+//! the replicated log; the other hubs copy the chunks.
+
+use std::time::Duration;
 
 use trellis_hub::client::{ApiClient, ClientError};
 use trellis_node::distribute::hex32;
 use trellis_node::patch::{CHUNK_SIZE, Patch, sign};
-use trellis_tests::{Mesh, run, serial};
+use trellis_tests::{Mesh, eventually, run, serial};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -17,8 +19,14 @@ fn a_patch_is_published_in_chunks_an_interrupted_publish_resumes_and_bad_input_i
     let _serial = serial();
     let mesh = Mesh::new();
     mesh.issue("hub", "eu", "", "hub-1");
+    mesh.issue("hub", "eu", "", "hub-2");
     mesh.issue("operator", "", "", "alice");
-    let (_hub, _uplink, api) = mesh.start_hub("hub-1", "");
+    let fast = "[replication]\nanti_entropy_every = \"1s\"\n";
+    let (_hub, uplink, api) = mesh.start_hub("hub-1", fast);
+    let (_hub2, _, api2) = mesh.start_hub(
+        "hub-2",
+        &format!("[federation]\npeers = [\"{uplink}\"]\n{fast}"),
+    );
     let p = mesh.path().to_owned();
 
     // A patch whose package spans three chunks (1 MiB, 1 MiB, 512 KiB).
@@ -160,6 +168,19 @@ fn a_patch_is_published_in_chunks_an_interrupted_publish_resumes_and_bad_input_i
         }
         other => panic!("a patch without its chunks was published: {other:?}"),
     }
+
+    // The other hub copies the chunks: either can serve the patch.
+    let copied = eventually(Duration::from_secs(30), || {
+        let out = run("trellis", &["patch", "show", "openssl-fix", "--hub", &api2]);
+        text(&out.stdout).contains("5/5 chunks at this hub")
+    });
+    assert!(copied, "hub-2 never held the patch's chunks");
+    let at_2 = ApiClient::new(&api2).unwrap();
+    assert_eq!(
+        rt.block_on(at_2.chunk_get(&hex32(&pkg_ref.chunks[1])))
+            .unwrap(),
+        pkg[CHUNK_SIZE as usize..2 * CHUNK_SIZE as usize]
+    );
 
     // The publish is in the audit trail, with the operator as author.
     let out = run("trellis", &["audit", "log", "--hub", &api]);
