@@ -136,6 +136,18 @@ fn site_line(p: &Paint, s: &SiteRow, name_width: usize, answering: &str) -> Stri
             checks.join(", ")
         );
     }
+    if s.config.drifted_count > 0 {
+        let more = s.config.drifted_count as usize - s.config.drifted.len();
+        let mut names = s.config.drifted.join(", ");
+        if more > 0 {
+            let _ = write!(names, " and {more} more");
+        }
+        let _ = write!(
+            line,
+            "\n      {} {names}",
+            p.site(SiteStatus::Degraded, "drifted:")
+        );
+    }
     line
 }
 
@@ -761,6 +773,18 @@ mod tests {
 
     use super::*;
     use trellis_relay::report::FleetTotals;
+
+    #[test]
+    fn a_site_with_drifted_nodes_names_them_under_it() {
+        let mut r = row("par", SiteStatus::Healthy, vec![], 1);
+        r.config.drifted = vec!["web-1".into(), "web-2".into()];
+        r.config.drifted_count = 5;
+        let line = site_line(&Paint(false), &r, 3, "h");
+        assert!(
+            line.ends_with("\n      drifted: web-1, web-2 and 3 more"),
+            "{line}"
+        );
+    }
 
     fn row(site: &str, status: SiteStatus, dead: Vec<String>, last: u64) -> SiteRow {
         SiteRow {
