@@ -88,6 +88,10 @@ pub(crate) fn router(shared: Shared) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_PATCH_BODY)),
         )
         .route("/api/v1/patches/{name}", get(patch_show))
+        .route(
+            "/api/v1/patches/{name}/stage",
+            axum::routing::post(patch_stage),
+        )
         .route("/api/v1/config/{version}", get(config_show))
         .route("/api/v1/log", get(log))
         .route("/api/v1/audit", get(audit))
@@ -121,6 +125,7 @@ async fn index() -> &'static str {
         "POST /api/v1/patches   (a signed manifest)  publish a patch whose chunks are all here\n",
         "GET /api/v1/patches                         every published patch, newest first\n",
         "GET /api/v1/patches/{name}                  a patch's versions: commands, checks, artifacts\n",
+        "POST /api/v1/patches/{name}/stage[?site=S]  relays fetch its newest version's artifacts now\n",
         "GET /api/v1/log[?limit=N]                   the replicated log, by (origin, seq)\n",
         "GET /api/v1/audit[?since=MS&origin=O&limit=N]   the log as an audit trail, oldest first\n",
         "GET /api/v1/audit/verify                    check this hub's stored log: signatures, chain\n",
@@ -917,6 +922,103 @@ async fn patch_show(State(shared): State<Shared>, Path(name): Path<String>) -> R
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// One site in the answer to `POST /api/v1/patches/{name}/stage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagedAt {
+    pub region: String,
+    pub site: String,
+    /// Chunks the relay is fetching (0: it holds them all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetching: Option<u64>,
+    /// Why the relay could not be asked or refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer to `POST /api/v1/patches/{name}/stage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    pub id: String,
+    pub version: String,
+    /// The sites whose relay is connected to this hub.
+    pub sites: Vec<StagedAt>,
+}
+
+#[derive(Deserialize)]
+struct StageQuery {
+    site: Option<String>,
+}
+
+/// Has the relays connected to this hub (of `?site=` only, if given)
+/// fetch the newest version of the patch's artifacts.
+async fn patch_stage(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<StageQuery>,
+) -> Response {
+    let snapshot = match config_snapshot(&shared).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(record) = snapshot.patches.into_iter().rev().find(|p| p.name == name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no patch named {name:?} (see GET /api/v1/patches)"),
+        );
+    };
+    let reader = shared.store.clone();
+    let (origin, seq) = (record.origin.clone(), record.seq);
+    let entry = tokio::task::spawn_blocking(move || reader.log_entry(&origin, seq)).await;
+    let signed = match entry {
+        Ok(Ok(Some(crate::log::Entry {
+            op: Op::Patch { manifest, .. },
+            ..
+        }))) => match postcard::from_bytes::<trellis_node::patch::SignedPatch>(&manifest) {
+            Ok(s) => s,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        _ => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the log entry holding the patch is unreadable; run `trellis audit verify`",
+            );
+        }
+    };
+    let relays: Vec<(crate::driver::RelayConn, String, String)> = shared
+        .relays
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|((_, site), _)| q.site.as_deref().is_none_or(|s| s == site))
+        .map(|((region, site), rc)| (rc.clone(), region.clone(), site.clone()))
+        .collect();
+    let mut sites = Vec::new();
+    for (rc, region, site) in relays {
+        let staged = crate::driver::stage_patch(&rc.conn, &signed).await;
+        sites.push(StagedAt {
+            region,
+            site,
+            fetching: staged.as_ref().ok().copied(),
+            error: staged.err(),
+        });
+    }
+    if sites.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            match q.site {
+                Some(s) => format!("the relay of site {s:?} is not connected to this hub"),
+                None => "no relay is connected to this hub".to_owned(),
+            },
+        );
+    }
+    axum::Json(StageReport {
+        id: record.id,
+        version: record.version,
+        sites,
+    })
+    .into_response()
 }
 
 /// Configuration events kept in `ConfigStatus::recent`, at most.

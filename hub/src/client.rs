@@ -308,6 +308,28 @@ impl ApiClient {
         self.decode(url, resp).await
     }
 
+    /// Has the relays (of `site` only, if given) fetch a patch's artifacts.
+    pub async fn patch_stage(
+        &self,
+        name: &str,
+        site: Option<&str>,
+    ) -> Result<crate::api::StageReport, ClientError> {
+        let mut url = format!("{}/api/v1/patches/{}/stage", self.base, urlencode(name));
+        if let Some(s) = site {
+            url.push_str(&format!("?site={}", urlencode(s)));
+        }
+        let resp = self
+            .http
+            .post(&url)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        self.decode(url, resp).await
+    }
+
     /// Every published patch, newest first.
     pub async fn patch_list(&self) -> Result<crate::api::PatchList, ClientError> {
         self.get("/api/v1/patches").await

@@ -681,6 +681,68 @@ async fn offer_config(conn: &quinn::Connection, c: &(Offer, SignedBundle)) -> Re
     }
 }
 
+/// Answers a relay's chunk requests (streams the relay opens on its
+/// uplink connection) until the connection ends.
+async fn serve_chunks(conn: quinn::Connection, store: Arc<trellis_node::patch::ChunkStore>) {
+    use trellis_relay::uplink::{RelayRequest, RelayResponse};
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let request = tokio::time::timeout(
+                IO_TIMEOUT,
+                wire::read_msg::<RelayRequest>(&mut recv, UPLINK_VERSION, 1024),
+            )
+            .await;
+            let response = match request {
+                Ok(Ok(Some(RelayRequest::Chunk(hash)))) => {
+                    match tokio::task::spawn_blocking(move || store.get(&hash)).await {
+                        Ok(Ok(Some(bytes))) => RelayResponse::Chunk(bytes),
+                        Ok(Ok(None)) => RelayResponse::NotHere,
+                        Ok(Err(e)) => RelayResponse::Error(e.to_string()),
+                        Err(e) => RelayResponse::Error(e.to_string()),
+                    }
+                }
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => RelayResponse::Error(format!("bad request: {e}")),
+                Err(_) => return,
+            };
+            if let Ok(frame) = wire::encode(UPLINK_VERSION, &response, MAX_UPLINK_FRAME) {
+                let _ = wire::write_frame(&mut send, &frame).await;
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+/// Stages a patch at the relay of a site: `Ok(chunks it is fetching)`.
+pub(crate) async fn stage_patch(
+    conn: &quinn::Connection,
+    signed: &trellis_node::patch::SignedPatch,
+) -> Result<u64, String> {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        wire::write_msg(
+            &mut send,
+            UPLINK_VERSION,
+            &Request::PatchStage(Box::new(signed.clone())),
+            MAX_UPLINK_FRAME,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(PUSH_TIMEOUT, ask).await {
+        Err(_) => Err(format!("no answer within {PUSH_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Some(Response::PatchStaged { fetching }))) => Ok(fetching),
+        Ok(Ok(Some(Response::Error(e)))) => Err(e),
+        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
 /// Writes the audit notes the core task queued, one at a time (each is
 /// durable here, then pushed to the other hubs).
 /// Audit notes written in one commit at most.
@@ -969,6 +1031,10 @@ async fn serve_relay_inner(
         conn.clone(),
         peer.clone(),
         shared.config_head.clone(),
+    )));
+    let _chunks = AbortOnDrop(tokio::spawn(serve_chunks(
+        conn.clone(),
+        shared.chunks.clone(),
     )));
     loop {
         let first = tokio::select! {

@@ -602,6 +602,28 @@ pub fn patch_list(report: &crate::api::PatchList, colour: bool) -> String {
     out
 }
 
+/// `trellis patch stage NAME`: what each relay does.
+pub fn patch_staged(report: &crate::api::StageReport, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "staging {} ({})",
+        report.version,
+        &report.id[..report.id.len().min(16)]
+    );
+    for s in &report.sites {
+        let what = match (&s.fetching, &s.error) {
+            (_, Some(e)) => p.site(SiteStatus::Critical, &format!("not staged: {e}")),
+            (Some(0), None) => "holds every chunk already".to_owned(),
+            (Some(n), None) => format!("fetching {n} chunks"),
+            (None, None) => String::new(),
+        };
+        let _ = writeln!(out, "  {}/{}: {what}", s.region, s.site);
+    }
+    out
+}
+
 /// `trellis patch show NAME`.
 pub fn patch_show(report: &crate::api::PatchVersions, colour: bool) -> String {
     let p = Paint(colour);

@@ -40,6 +40,7 @@ use trellis_node::tls::Credentials;
 use trellis_node::wire::{self, WireError};
 
 use crate::api::{ApiState, LocalState, api_router};
+use crate::artifacts::{ArtifactCache, ArtifactMetrics, patches_dir};
 use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
 use crate::configcache;
@@ -552,12 +553,15 @@ enum Ended {
 
 /// Keeps a connection to the preferred reachable hub, forever (until
 /// shutdown).
+#[allow(clippy::too_many_arguments)]
 async fn uplink_task(
     endpoint: MeshEndpoint,
     settings: UplinkSettings,
     inputs: mpsc::Sender<Input>,
     gossip: Arc<Gossip>,
     config: Arc<ConfigCache>,
+    artifacts: Arc<ArtifactCache>,
+    uplink_conn: watch::Sender<Option<quinn::Connection>>,
     metrics: RelayMetrics,
     shutdown: CancellationToken,
 ) {
@@ -595,6 +599,8 @@ async fn uplink_task(
             inputs: &inputs,
             gossip: &gossip,
             config: &config,
+            artifacts: &artifacts,
+            uplink_conn: &uplink_conn,
             metrics: &metrics,
             shutdown: &shutdown,
         };
@@ -639,6 +645,9 @@ struct Session<'a> {
     inputs: &'a mpsc::Sender<Input>,
     gossip: &'a Arc<Gossip>,
     config: &'a Arc<ConfigCache>,
+    artifacts: &'a Arc<ArtifactCache>,
+    /// The connection of the session, for the artifact fetches.
+    uplink_conn: &'a watch::Sender<Option<quinn::Connection>>,
     metrics: &'a RelayMetrics,
     shutdown: &'a CancellationToken,
 }
@@ -668,7 +677,9 @@ impl Session<'_> {
                 cancel.clone(),
             ));
         }
+        self.uplink_conn.send_replace(Some(conn.clone()));
         let result = self.speak(&conn, addr, &peer.name, &heard, &cancel).await;
+        self.uplink_conn.send_replace(None);
         cancel.cancel();
         conn.close(close::DONE, b"bye");
         let last_heard = *heard.lock().expect("not poisoned");
@@ -734,6 +745,7 @@ impl Session<'_> {
             conn.clone(),
             self.gossip.clone(),
             self.config.clone(),
+            self.artifacts.clone(),
             self.metrics.clone(),
             cancel.clone(),
         ));
@@ -952,6 +964,7 @@ async fn answer_requests(
     conn: quinn::Connection,
     gossip: Arc<Gossip>,
     config: Arc<ConfigCache>,
+    artifacts: Arc<ArtifactCache>,
     metrics: RelayMetrics,
     cancel: CancellationToken,
 ) {
@@ -967,6 +980,7 @@ async fn answer_requests(
         let gossip = gossip.clone();
         let metrics = metrics.clone();
         let config = config.clone();
+        let artifacts = artifacts.clone();
         tokio::spawn(async move {
             let request = tokio::time::timeout(
                 IO_TIMEOUT,
@@ -1018,6 +1032,13 @@ async fn answer_requests(
                         }
                     }
                 }
+                Ok(Some(Request::PatchStage(signed))) => match artifacts.stage(*signed).await {
+                    Ok(fetching) => Response::PatchStaged { fetching },
+                    Err(reason) => {
+                        warn!(%reason, "patch not staged");
+                        Response::Error(reason)
+                    }
+                },
                 Ok(Some(Request::ConfigBundle(_))) => {
                     Response::Error("a configuration bundle must follow an offer".into())
                 }
@@ -1093,6 +1114,7 @@ impl Relay {
         )
         .await?;
         let relay_metrics = RelayMetrics::register(&mut registry);
+        let artifact_metrics = ArtifactMetrics::register(&mut registry);
         let gossip = member.gossip.clone();
         let cache_path = configcache::cache_path(&cfg.buffer.path);
         let cached = {
@@ -1113,6 +1135,17 @@ impl Relay {
         }
         announce(&gossip, cached.as_ref().map(|c| c.0)).await;
         let (served_tx, served_rx) = watch::channel(cached.map(Arc::new));
+        let (uplink_conn_tx, uplink_conn_rx) = watch::channel(None);
+        let artifacts = Arc::new(
+            ArtifactCache::open(
+                &patches_dir(&cfg.buffer.path),
+                trust.clone(),
+                uplink_conn_rx,
+                artifact_metrics,
+                shutdown.child_token(),
+            )
+            .map_err(|e| StartError::Other(format!("{e}; check [buffer] path")))?,
+        );
         let config = Arc::new(ConfigCache {
             path: cache_path,
             trust,
@@ -1181,6 +1214,8 @@ impl Relay {
                 input_tx,
                 gossip.clone(),
                 config,
+                artifacts,
+                uplink_conn_tx,
                 relay_metrics.clone(),
                 shutdown.child_token(),
             )),

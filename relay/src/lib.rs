@@ -12,6 +12,8 @@
 //!   downsampling and gaps.
 //! - [`core`]: the sans-IO relay core (records, sequence numbers, acks).
 //! - [`config`]: the relay's TOML configuration.
+//! - [`artifacts`]: patch artifacts kept for the site, fetched from the
+//!   hub once, chunk by chunk, resumable.
 //! - [`configcache`]: the newest configuration bundle, kept on disk and
 //!   offered to the site.
 //! - [`report`]: the JSON shapes of the hub's and the relay's read APIs.
@@ -21,6 +23,7 @@
 //! - [`driver`]: the relay process: gossip, the core's task, the uplink.
 
 pub mod api;
+pub mod artifacts;
 pub mod buffer;
 pub mod config;
 pub mod configcache;

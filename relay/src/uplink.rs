@@ -233,6 +233,26 @@ pub enum Request {
     ConfigOffer(Offer),
     /// The bundle offered, after the relay said it wants it.
     ConfigBundle(Box<SignedBundle>),
+    /// A patch to keep for the site: the relay fetches the chunks of its
+    /// artifacts it lacks, from the hub (`RelayRequest::Chunk`).
+    PatchStage(Box<trellis_node::patch::SignedPatch>),
+}
+
+/// Relay → hub request on a relay-opened stream of the uplink connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RelayRequest {
+    /// One chunk of a patch artifact, by BLAKE3.
+    Chunk([u8; 32]),
+}
+
+/// Hub → relay answer to a [`RelayRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RelayResponse {
+    Chunk(Vec<u8>),
+    /// The hub does not hold that chunk (yet: hubs copy chunks from each
+    /// other).
+    NotHere,
+    Error(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +263,10 @@ pub enum Response {
     ConfigWanted(bool),
     /// The bundle is cached (durably) and offered to the site.
     ConfigStored(Offer),
+    /// The patch is kept; this many chunks are being fetched.
+    PatchStaged {
+        fetching: u64,
+    },
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! (so an interrupted publish resumes), and stores the signed manifest in
 //! the replicated log; the other hubs copy the chunks.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use trellis_hub::client::{ApiClient, ClientError};
@@ -12,6 +13,50 @@ use trellis_tests::{Mesh, eventually, run, serial};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// A patch directory under `root` whose package spans three chunks (1 MiB,
+/// 1 MiB, 512 KiB), with two small scripts; returns it and the package.
+fn write_patch(root: &Path) -> (PathBuf, Vec<u8>) {
+    let dir = root.join("openssl-fix");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("patch.toml"),
+        "name = \"openssl-fix\"\nversion = \"3.0.13-2\"\ninstall = [\"sh install.sh\"]\n\
+         rollback = [\"sh rollback.sh\"]\nchecks = [\"web\"]\nbake = \"2m\"\n\
+         artifacts = [\"install.sh\", \"rollback.sh\", \"pkg.bin\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("install.sh"), "echo 3.0.13-2 > version\n").unwrap();
+    std::fs::write(dir.join("rollback.sh"), "rm -f version\n").unwrap();
+    let pkg: Vec<u8> = (0..(5 * CHUNK_SIZE as usize / 2))
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    std::fs::write(dir.join("pkg.bin"), &pkg).unwrap();
+    (dir, pkg)
+}
+
+/// `trellis patch publish DIR` as alice, at `api`.
+fn publish(root: &Path, dir: &Path, api: &str) -> std::process::Output {
+    let cert = root.join("certs/alice.crt");
+    let key = root.join("certs/alice.key");
+    let ca = root.join("ca/ca.crt");
+    run(
+        "trellis",
+        &[
+            "patch",
+            "publish",
+            dir.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--hub",
+            api,
+        ],
+    )
 }
 
 #[test]
@@ -29,22 +74,7 @@ fn a_patch_is_published_in_chunks_an_interrupted_publish_resumes_and_bad_input_i
     );
     let p = mesh.path().to_owned();
 
-    // A patch whose package spans three chunks (1 MiB, 1 MiB, 512 KiB).
-    let dir = p.join("openssl-fix");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("patch.toml"),
-        "name = \"openssl-fix\"\nversion = \"3.0.13-2\"\ninstall = [\"sh install.sh\"]\n\
-         rollback = [\"sh rollback.sh\"]\nchecks = [\"web\"]\nbake = \"2m\"\n\
-         artifacts = [\"install.sh\", \"rollback.sh\", \"pkg.bin\"]\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("install.sh"), "echo 3.0.13-2 > version\n").unwrap();
-    std::fs::write(dir.join("rollback.sh"), "rm -f version\n").unwrap();
-    let pkg: Vec<u8> = (0..(5 * CHUNK_SIZE as usize / 2))
-        .map(|i| (i * 31 % 251) as u8)
-        .collect();
-    std::fs::write(dir.join("pkg.bin"), &pkg).unwrap();
+    let (dir, pkg) = write_patch(&p);
     let loaded = Patch::load(&dir).unwrap();
     let all_chunks: usize = loaded
         .manifest
@@ -75,22 +105,7 @@ fn a_patch_is_published_in_chunks_an_interrupted_publish_resumes_and_bad_input_i
     rt.block_on(client.chunk_put(&first, pkg[..CHUNK_SIZE as usize].to_vec()))
         .unwrap();
 
-    let operator = [
-        "--cert",
-        p.join("certs/alice.crt").to_str().unwrap(),
-        "--key",
-        p.join("certs/alice.key").to_str().unwrap(),
-        "--ca",
-        p.join("ca/ca.crt").to_str().unwrap(),
-        "--hub",
-        &api,
-    ]
-    .map(str::to_owned);
-    let publish = || {
-        let mut args = vec!["patch", "publish", dir.to_str().unwrap()];
-        args.extend(operator.iter().map(String::as_str));
-        run("trellis", &args)
-    };
+    let publish = || publish(&p, &dir, &api);
     let out = publish();
     assert!(out.status.success(), "publish: {out:?}");
     let err = text(&out.stderr);
@@ -189,5 +204,82 @@ fn a_patch_is_published_in_chunks_an_interrupted_publish_resumes_and_bad_input_i
         log.lines()
             .any(|l| l.contains("alice") && l.contains("patch openssl-fix 3.0.13-2")),
         "{log}"
+    );
+}
+
+#[test]
+fn a_relay_fetches_a_staged_patch_once_for_its_site_and_refetches_only_missing_or_damaged_chunks() {
+    let _serial = serial();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    mesh.issue("relay", "eu", "par", "par-relay");
+    mesh.issue("operator", "", "", "alice");
+    let (_hub, uplink, api) = mesh.start_hub("hub-1", "");
+    let (mut relay, _) = mesh.start_relay("par-relay", &uplink, "");
+    let metrics = relay.wait_field("relay ready", "metrics", Duration::from_secs(5));
+    let p = mesh.path().to_owned();
+    let (dir, pkg) = write_patch(&p);
+    let out = publish(&p, &dir, &api);
+    assert!(out.status.success(), "publish: {out:?}");
+    let manifest = Patch::load(&dir).unwrap().manifest;
+    let total_bytes: u64 = manifest.artifacts.iter().map(|a| a.size).sum();
+    let connected = eventually(Duration::from_secs(20), || {
+        trellis_tests::fleet_site(&api, "par").is_some_and(|(_, r)| r["connected"] == true)
+    });
+    assert!(connected, "the relay never connected");
+
+    let stage = || run("trellis", &["patch", "stage", "openssl-fix", "--hub", &api]);
+    let fetched = |n: f64, bytes: u64| {
+        eventually(Duration::from_secs(30), || {
+            trellis_tests::metric(&metrics, "trellis_relay_patch_chunks_fetched_total") == Some(n)
+                && trellis_tests::metric(&metrics, "trellis_relay_patch_bytes_fetched_total")
+                    == Some(bytes as f64)
+        })
+    };
+    let out = stage();
+    assert!(out.status.success(), "stage: {out:?}");
+    assert!(
+        text(&out.stdout).contains("eu/par: fetching 5 chunks"),
+        "{out:?}"
+    );
+    // Every byte of the artifacts crossed the uplink once, and no more.
+    assert!(
+        fetched(5.0, total_bytes),
+        "the relay did not fetch the artifacts once"
+    );
+    let store = p.join("par-relay/patches/chunks");
+    assert_eq!(std::fs::read_dir(&store).unwrap().count(), 5);
+
+    // Staged again: nothing to fetch.
+    let out = stage();
+    assert!(
+        text(&out.stdout).contains("eu/par: holds every chunk already"),
+        "{out:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(fetched(5.0, total_bytes));
+
+    // A fetch cut short (a chunk missing) and a chunk damaged on disk:
+    // staging again fetches exactly those two.
+    let pkg_ref = manifest
+        .artifacts
+        .iter()
+        .find(|a| a.name == "pkg.bin")
+        .unwrap();
+    std::fs::remove_file(store.join(hex32(&pkg_ref.chunks[0]))).unwrap();
+    std::fs::write(store.join(hex32(&pkg_ref.chunks[2])), b"bit rot").unwrap();
+    let out = stage();
+    assert!(
+        text(&out.stdout).contains("eu/par: fetching 2 chunks"),
+        "{out:?}"
+    );
+    let again = CHUNK_SIZE as u64 + (pkg.len() as u64 - 2 * CHUNK_SIZE as u64);
+    assert!(
+        fetched(7.0, total_bytes + again),
+        "not exactly the two missing chunks were fetched"
+    );
+    assert_eq!(
+        std::fs::read(store.join(hex32(&pkg_ref.chunks[2]))).unwrap(),
+        pkg[2 * CHUNK_SIZE as usize..]
     );
 }

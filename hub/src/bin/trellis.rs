@@ -414,6 +414,24 @@ enum PatchCommand {
         #[command(flatten)]
         hub: HubArg,
     },
+    /// Have relays fetch a patch's artifacts now, ahead of a rollout.
+    ///
+    /// Each relay connected to this hub (or only the relay of --site)
+    /// fetches the chunks of the newest version's artifacts it lacks, once
+    /// for its whole site, checking each against its BLAKE3; staging again
+    /// resumes a fetch that was cut short and replaces damaged chunks.
+    /// Follow it in the relays' /metrics (trellis_relay_patch_*).
+    #[command(verbatim_doc_comment)]
+    Stage {
+        name: String,
+        /// Only this site's relay.
+        #[arg(long)]
+        site: Option<String>,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// List published patches, newest first.
     List {
         #[command(flatten)]
@@ -575,6 +593,23 @@ fn main() -> ExitCode {
         Command::Patch(PatchCommand::Publish { dir, operator, hub }) => {
             runtime().block_on(patch_publish(&dir, &operator, &hub.hub))
         }
+        Command::Patch(PatchCommand::Stage {
+            name,
+            site,
+            hub,
+            json,
+        }) => runtime().block_on(with_client(&hub.hub, |c| async move {
+            let report = c.patch_stage(&name, site.as_deref()).await;
+            let failed = report
+                .as_ref()
+                .is_ok_and(|r| r.sites.iter().any(|s| s.error.is_some()));
+            let code = answer(report, json, render::patch_staged);
+            if failed {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                code
+            }
+        })),
         Command::Patch(PatchCommand::List { hub, json }) => runtime()
             .block_on(with_client(&hub.hub, |c| async move {
                 answer(c.patch_list().await, json, render::patch_list)
