@@ -310,10 +310,13 @@ pub const MAX_FETCH_FRAME: usize = MAX_BUNDLE_BYTES + (64 << 10);
 /// few MiB over the site's LAN.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// node → relay: the version it saw offered.
+/// node → relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FetchRequest {
-    pub want: Offer,
+pub enum FetchRequest {
+    /// The configuration version it saw offered.
+    Bundle { want: Offer },
+    /// One chunk of a patch artifact the relay keeps, by BLAKE3.
+    Chunk([u8; 32]),
 }
 
 /// relay → node.
@@ -325,6 +328,9 @@ pub enum FetchResponse {
     NotHere {
         have: Option<Offer>,
     },
+    Chunk(Vec<u8>),
+    /// The relay does not hold that chunk.
+    NoChunk,
 }
 
 /// Why a fetch failed. Nothing was applied.
@@ -366,7 +372,7 @@ pub async fn fetch(
         wire::write_msg(
             &mut send,
             FETCH_VERSION,
-            &FetchRequest { want },
+            &FetchRequest::Bundle { want },
             MAX_FETCH_REQUEST,
         )
         .await
@@ -387,6 +393,7 @@ pub async fn fetch(
                 want: want.version,
                 have: have.map_or("nothing".to_owned(), |o| format!("version {}", o.version)),
             }),
+            Some(other) => Err(stream_err(&format!("unexpected answer {other:?}"))),
             None => Err(stream_err(&"the relay closed the stream without answering")),
         }
     };
@@ -395,15 +402,109 @@ pub async fn fetch(
         .map_err(|_| FetchError::Timeout { addr })?
 }
 
+/// What fetching an artifact from a relay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArtifactFetch {
+    /// Chunks the store held already (not asked for).
+    pub held: u64,
+    pub stats: crate::patch::DownloadStats,
+}
+
+/// Fetches the chunks of `artifact` that `store` lacks from the relay at
+/// `addr` over one connection, one chunk per stream, each checked against
+/// its BLAKE3 before it is kept ([`crate::patch::Download`] paces, retries
+/// and gives up after `max_attempts` failures of one chunk), then writes
+/// the artifact to `dest`, checking the whole file.
+pub async fn fetch_artifact(
+    endpoint: &MeshEndpoint,
+    addr: SocketAddr,
+    artifact: &crate::patch::ArtifactRef,
+    store: &crate::patch::ChunkStore,
+    dest: &std::path::Path,
+    max_attempts: u32,
+) -> Result<ArtifactFetch, String> {
+    use crate::patch::{ChunkOutcome, Download};
+    let missing = store.missing(artifact);
+    let held: Vec<u32> = (0..artifact.chunks.len() as u32)
+        .filter(|i| !missing.contains(i))
+        .collect();
+    let mut d = Download::new(artifact, &held, max_attempts);
+    let mut conn: Option<quinn::Connection> = None;
+    while !d.done() {
+        if let Some(e) = d.error() {
+            return Err(e.to_string());
+        }
+        let now = std::time::Instant::now();
+        let Some(index) = d.next_requests(now, 1).first().copied() else {
+            let wait = d.poll_timeout().map_or(Duration::from_millis(100), |t| {
+                t.saturating_duration_since(now)
+            });
+            tokio::time::sleep(wait).await;
+            continue;
+        };
+        let hash = artifact.chunks[index as usize];
+        let got = async {
+            let c = match &conn {
+                Some(c) if c.close_reason().is_none() => c.clone(),
+                _ => {
+                    let (c, _) = endpoint
+                        .connect(addr, Protocol::Fetch)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    conn = Some(c.clone());
+                    c
+                }
+            };
+            let (mut send, mut recv) = c.open_bi().await.map_err(|e| e.to_string())?;
+            wire::write_msg(
+                &mut send,
+                FETCH_VERSION,
+                &FetchRequest::Chunk(hash),
+                MAX_FETCH_REQUEST,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            match wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(FetchResponse::Chunk(bytes)) => Ok(bytes),
+                Some(FetchResponse::NoChunk) => Err("the relay does not hold the chunk".to_owned()),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        };
+        match tokio::time::timeout(FETCH_TIMEOUT, got).await {
+            Ok(Ok(bytes)) => {
+                if d.on_chunk(std::time::Instant::now(), index, &bytes) == ChunkOutcome::Verified {
+                    store.put(&hash, &bytes).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(Err(reason)) => d.on_failure(std::time::Instant::now(), index, &reason),
+            Err(_) => d.on_failure(std::time::Instant::now(), index, "timed out"),
+        }
+    }
+    if let Some(c) = conn {
+        c.close(close::DONE, b"fetched");
+    }
+    store.assemble(artifact, dest).map_err(|e| e.to_string())?;
+    Ok(ArtifactFetch {
+        held: held.len() as u64,
+        stats: d.stats(),
+    })
+}
+
 /// What a relay serves: its cached bundle and the offer naming it.
 pub type Served = Option<Arc<(Offer, SignedBundle)>>;
 
 /// Serves fetches on the connections `accepted` until `shutdown`: each
-/// stream gets the bundle `served` holds if it is the one asked for. A peer
-/// that sends a bad request has its connection closed.
+/// stream gets the bundle `served` holds if it is the one asked for, or a
+/// chunk from `chunks`. A peer that sends a bad request has its connection
+/// closed.
 pub async fn serve(
     mut accepted: mpsc::Receiver<Accepted>,
     served: watch::Receiver<Served>,
+    chunks: Option<Arc<crate::patch::ChunkStore>>,
     metrics: crate::metrics::MeshMetrics,
     shutdown: CancellationToken,
 ) {
@@ -415,6 +516,7 @@ pub async fn serve(
         };
         let served = served.clone();
         let metrics = metrics.clone();
+        let chunks = chunks.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut send, mut recv)) = a.conn.accept_bi().await else {
@@ -427,7 +529,23 @@ pub async fn serve(
                 .await
                 .unwrap_or(Err(WireError::Stream("timed out".into())));
                 let want = match request {
-                    Ok(Some(r)) => r.want,
+                    Ok(Some(FetchRequest::Bundle { want })) => want,
+                    Ok(Some(FetchRequest::Chunk(hash))) => {
+                        let found = match chunks.clone() {
+                            Some(store) => tokio::task::spawn_blocking(move || store.get(&hash))
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                                .flatten(),
+                            None => None,
+                        };
+                        let response = found.map_or(FetchResponse::NoChunk, FetchResponse::Chunk);
+                        if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
+                            let _ = wire::write_frame(&mut send, &frame).await;
+                            let _ = send.finish();
+                        }
+                        continue;
+                    }
                     Ok(None) => continue,
                     Err(WireError::Stream(e)) => {
                         debug!(peer = %a.peer, error = %e, "fetch stream ended");

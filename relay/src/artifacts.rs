@@ -109,6 +109,11 @@ impl ArtifactCache {
         })
     }
 
+    /// The store of the artifacts' chunks (what the site's nodes fetch).
+    pub fn chunk_store(&self) -> ChunkStore {
+        self.chunks.clone()
+    }
+
     /// Keeps a patch a hub staged and starts fetching what of it is
     /// missing; returns how many chunks that is.
     pub async fn stage(self: &Arc<Self>, signed: SignedPatch) -> Result<u64, String> {

@@ -1136,6 +1136,7 @@ impl Relay {
         announce(&gossip, cached.as_ref().map(|c| c.0)).await;
         let (served_tx, served_rx) = watch::channel(cached.map(Arc::new));
         let (uplink_conn_tx, uplink_conn_rx) = watch::channel(None);
+
         let artifacts = Arc::new(
             ArtifactCache::open(
                 &patches_dir(&cfg.buffer.path),
@@ -1146,6 +1147,8 @@ impl Relay {
             )
             .map_err(|e| StartError::Other(format!("{e}; check [buffer] path")))?,
         );
+        // The site's nodes fetch the artifacts' chunks from the same store.
+        let fetch_chunks = Arc::new(artifacts.chunk_store());
         let config = Arc::new(ConfigCache {
             path: cache_path,
             trust,
@@ -1222,6 +1225,7 @@ impl Relay {
             tokio::spawn(trellis_node::distribute::serve(
                 member.routes.take(Protocol::Fetch),
                 served_rx,
+                Some(fetch_chunks),
                 member.endpoint.metrics().clone(),
                 shutdown.child_token(),
             )),

@@ -215,7 +215,8 @@ fn a_relay_fetches_a_staged_patch_once_for_its_site_and_refetches_only_missing_o
     mesh.issue("relay", "eu", "par", "par-relay");
     mesh.issue("operator", "", "", "alice");
     let (_hub, uplink, api) = mesh.start_hub("hub-1", "");
-    let (mut relay, _) = mesh.start_relay("par-relay", &uplink, "");
+    mesh.issue("node", "eu", "par", "par-n0");
+    let (mut relay, relay_addr) = mesh.start_relay("par-relay", &uplink, "");
     let metrics = relay.wait_field("relay ready", "metrics", Duration::from_secs(5));
     let p = mesh.path().to_owned();
     let (dir, pkg) = write_patch(&p);
@@ -282,4 +283,47 @@ fn a_relay_fetches_a_staged_patch_once_for_its_site_and_refetches_only_missing_o
         std::fs::read(store.join(hex32(&pkg_ref.chunks[2]))).unwrap(),
         pkg[2 * CHUNK_SIZE as usize..]
     );
+
+    // A node of the site fetches the package from its relay over QUIC.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let node = trellis_node::tls::Credentials::load(
+        &p.join("ca/ca.crt"),
+        &p.join("certs/par-n0.crt"),
+        &p.join("certs/par-n0.key"),
+    )
+    .unwrap();
+    let node_store = trellis_node::patch::ChunkStore::open(&p.join("par-n0/chunks")).unwrap();
+    let dest = p.join("par-n0/pkg.bin");
+    let relay_addr: std::net::SocketAddr = relay_addr.parse().unwrap();
+    let fetch = || {
+        rt.block_on(async {
+            let (endpoint, _) = trellis_node::endpoint::MeshEndpoint::bind(
+                node.clone(),
+                "127.0.0.1:0".parse().unwrap(),
+                &[],
+                Default::default(),
+            )
+            .unwrap();
+            let got = trellis_node::distribute::fetch_artifact(
+                &endpoint,
+                relay_addr,
+                pkg_ref,
+                &node_store,
+                &dest,
+                4,
+            )
+            .await;
+            endpoint.shutdown().await;
+            got
+        })
+    };
+    let first = fetch().expect("fetch from the relay");
+    assert_eq!((first.held, first.stats.fetched), (0, 3), "{first:?}");
+    assert_eq!(std::fs::read(&dest).unwrap(), pkg);
+    // Cut short: one chunk lost. Only it is fetched again.
+    std::fs::remove_file(node_store.path_of(&pkg_ref.chunks[1])).unwrap();
+    std::fs::remove_file(&dest).unwrap();
+    let again = fetch().expect("fetch again");
+    assert_eq!((again.held, again.stats.fetched), (2, 1), "{again:?}");
+    assert_eq!(std::fs::read(&dest).unwrap(), pkg);
 }

@@ -428,6 +428,7 @@ impl HostileRelay {
         tokio::spawn(trellis_node::distribute::serve(
             member.routes.take(Protocol::Fetch),
             rx,
+            None,
             member.endpoint.metrics().clone(),
             shutdown.child_token(),
         ));
