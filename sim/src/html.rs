@@ -791,6 +791,9 @@ pub fn render(report: &Report, series: &Timeseries) -> String {
     if !report.config_changes.is_empty() {
         page.push_str("<a href=\"#config\">Config</a> · ");
     }
+    if !report.rollouts.is_empty() {
+        page.push_str("<a href=\"#patches\">Patches</a> · ");
+    }
     page.push_str(
         "<a href=\"#traffic\">Traffic</a> · \
          <a href=\"#buffers\">Buffers</a> · <a href=\"#detection\">Detection</a> · \
@@ -800,6 +803,7 @@ pub fn render(report: &Report, series: &Timeseries) -> String {
     latency_charts(&mut page, report);
     faults_table(&mut page, report);
     config_section(&mut page, report);
+    rollouts_section(&mut page, report);
     traffic_table(&mut page, report);
     buffers_tables(&mut page, report);
     detection_table(&mut page, report);
@@ -1250,6 +1254,29 @@ fn time_charts(page: &mut String, r: &Report, series: &Timeseries) {
             .collect();
         page.push_str("<h3>Configuration</h3>\n");
         page.push_str(&config.to_html());
+    }
+
+    let mut patched = cols.chart("Nodes with a patch installed", Unit::Count, &bands);
+    with_column(
+        &mut patched,
+        &cols,
+        Timeseries::PATCH_INSTALLED,
+        "nodes patched",
+        palette(3),
+    );
+    if !patched.lines.is_empty() {
+        patched.markers = r
+            .rollouts
+            .iter()
+            .map(|ro| Marker {
+                x: ro.at_s,
+                y: None,
+                label: ro.patch.clone(),
+                colour: "#1a5fb4".to_string(),
+            })
+            .collect();
+        page.push_str("<h3>Patches</h3>\n");
+        page.push_str(&patched.to_html());
     }
 
     let mut hub = cols.chart(
@@ -1860,6 +1887,177 @@ fn traffic_table(page: &mut String, r: &Report) {
     page.push_str("</p>\n</section>\n");
 }
 
+fn ratio(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |v| fixed(v, 3))
+}
+
+fn at_cell(t: Option<f64>) -> String {
+    match t {
+        Some(t) => format!("<td class=\"num\">{}</td>", clock(t)),
+        None => "<td class=\"num\">–</td>".to_string(),
+    }
+}
+
+fn rollouts_section(page: &mut String, r: &Report) {
+    if r.rollouts.is_empty() {
+        return;
+    }
+    page.push_str(
+        "<section id=\"patches\">\n<h2>Patch rollouts</h2>\n<p class=\"note\">\
+         Each wave's counts are the hub's, from the relays' reports, when it judged the wave. \
+         Unreachable: pending nodes of sites the hub could not reach, left out of its gate. \
+         Touched: nodes that ran <code>install</code>. Rollback time: from the first node \
+         whose checks failed to the last node rolled back.</p>\n",
+    );
+    for ro in &r.rollouts {
+        let good = ro.state == "completed" || ro.nodes_failed == 0;
+        out!(
+            page,
+            "<h3>{}: {}</h3>\n<p>Published at {}; rollout at {} in waves <code>{}</code>, \
+             max failure {}{}. Artifact {}, failure probability {}.{}</p>\n",
+            escape(&ro.patch),
+            escape(&ro.state),
+            escape(&ro.hub),
+            clock(ro.at_s),
+            escape(&ro.waves_spec),
+            fixed(ro.max_failure, 3),
+            if ro.auto_rollback {
+                ""
+            } else {
+                ", no automatic rollback"
+            },
+            bytes(ro.artifact_bytes as f64),
+            ro.failure_probability,
+            ro.halted_by
+                .as_ref()
+                .map(|h| format!(" <strong>Halted: {}.</strong>", escape(h)))
+                .unwrap_or_default()
+        );
+        page.push_str("<div class=\"tiles\">");
+        tile(
+            page,
+            "Nodes touched",
+            &count(ro.nodes_touched),
+            &format!("{} failed their checks", count(ro.nodes_failed)),
+            if good { Mood::Plain } else { Mood::Warn },
+        );
+        tile(
+            page,
+            "Rolled back",
+            &count(ro.nodes_rolled_back),
+            &format!("{} left patched", count(ro.nodes_left_patched)),
+            Mood::Plain,
+        );
+        tile(
+            page,
+            "Rollback time",
+            &ro.rollback_s.map_or("–".to_string(), duration),
+            "first failure to last rollback",
+            Mood::Plain,
+        );
+        tile(
+            page,
+            "Artifact over the WAN",
+            &bytes(ro.wan_bytes as f64),
+            &format!("to {}", plural(ro.wan.len(), "site", "sites")),
+            Mood::Plain,
+        );
+        page.push_str("</div>\n");
+        thead(
+            page,
+            &[
+                "#Wave",
+                "Spec",
+                "#Nodes",
+                "#Sites",
+                "#Start",
+                "#End",
+                "#Healthy",
+                "#Failed",
+                "#Pending",
+                "#Unreachable",
+                "#Failure ratio",
+                "#Baseline",
+                "#Threshold",
+                "Verdict",
+            ],
+        );
+        for w in &ro.waves {
+            out!(
+                page,
+                "<tr><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td>{}{}<td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td{}>{}</td></tr>\n",
+                w.index,
+                escape(&w.spec),
+                count(w.nodes),
+                count(w.sites),
+                at_cell(w.started_s),
+                at_cell(w.ended_s),
+                count(u64::from(w.healthy)),
+                count(u64::from(w.failed)),
+                count(u64::from(w.pending)),
+                count(u64::from(w.unreachable)),
+                ratio(w.patched_failure_ratio),
+                ratio(w.baseline_failure_ratio),
+                ratio(w.threshold),
+                if w.verdict == "failed" || w.verdict == "halted" {
+                    " class=\"bad\""
+                } else {
+                    ""
+                },
+                escape(&w.verdict),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+        if !ro.local_rollbacks.is_empty() {
+            page.push_str(
+                "<p class=\"note\">Sites whose relay rolled them back on its own \
+                 (its local gate), and when the hub learnt it.</p>\n",
+            );
+            thead(
+                page,
+                &["Site", "Cut off", "#Tripped", "#Rolled back", "#Hub learnt"],
+            );
+            for l in ro.local_rollbacks.iter().take(MAX_SITE_ROWS) {
+                out!(
+                    page,
+                    "<tr><td class=\"nw\">{}</td><td>{}</td>{}{}{}</tr>\n",
+                    escape(&l.site),
+                    if l.cut_off { "yes" } else { "" },
+                    at_cell(Some(l.tripped_s)),
+                    at_cell(l.done_s),
+                    at_cell(l.hub_learnt_s),
+                );
+            }
+            page.push_str("</tbody></table>\n");
+        }
+        let listed = ro.wan.len().min(MAX_SITE_ROWS);
+        out!(
+            page,
+            "<p class=\"note\">Artifact bytes each site's WAN carried ({} of {} sites \
+             listed; one artifact is {}).</p>\n",
+            count(listed as u64),
+            count(ro.wan.len() as u64),
+            bytes(ro.artifact_bytes as f64),
+        );
+        thead(page, &["Site", "#WAN bytes", "#Nodes installed"]);
+        for t in ro.wan.iter().take(MAX_SITE_ROWS) {
+            out!(
+                page,
+                "<tr><td class=\"nw\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td></tr>\n",
+                escape(&t.site),
+                count(t.bytes),
+                count(t.installed_nodes),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+    }
+    page.push_str("</section>\n");
+}
+
 fn latency_cells(l: &Latency) -> String {
     if l.count == 0 {
         return "<td class=\"num\">0</td><td class=\"num\">–</td><td class=\"num\">–</td>\
@@ -2185,6 +2383,7 @@ mod tests {
                 still_buffered: 0,
             },
             config_changes: Vec::new(),
+            rollouts: Vec::new(),
             violations: Vec::new(),
         };
         (report, series)
