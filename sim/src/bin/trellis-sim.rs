@@ -18,7 +18,8 @@ use trellis_sim::world::Progress;
 /// either modelled (fast enough for 100,000 nodes) or run as real chitchat
 /// for a sample of sites. A scenario file gives the topology, the links,
 /// a timeline of faults and one of operator actions (configuration
-/// changes); the run writes a report and charts.
+/// changes, patches published and rolled out); the run writes a report
+/// and charts.
 ///
 /// Try it:
 ///   trellis-sim run sim/scenarios/wan-outage.toml --seed 1

@@ -260,7 +260,10 @@ impl World {
                 ro.last_rolled_back = Some(ro.last_rolled_back.map_or(now, |t| t.max(now)));
                 if sr.relay.tripped_at.is_some()
                     && sr.local_done.is_none()
-                    && !sr.nodes.iter().any(|n| n.installed)
+                    && !sr
+                        .nodes
+                        .iter()
+                        .any(|n| n.installed || n.stage == Stage::Installing)
                 {
                     sr.local_done = Some(now);
                 }
@@ -545,13 +548,15 @@ impl World {
         let verdict = gate(patched, baseline, max_failure);
         let tripped = ro.sites.iter().position(|s| s.hub.tripped);
         let judged = patched.healthy + patched.failed;
-        let outcome = if let Some(s) = tripped {
+        // The wave's own gate first; a relay's rollback halts it otherwise.
+        let failed = fails_early(patched, baseline, max_failure) || verdict.pass == Some(false);
+        let outcome = if failed {
+            Some((false, format!("wave {w} failed its gate")))
+        } else if let Some(s) = tripped {
             Some((
                 false,
                 format!("{}'s relay rolled its site back", self.sites[s].name),
             ))
-        } else if fails_early(patched, baseline, max_failure) || verdict.pass == Some(false) {
-            Some((false, format!("wave {w} failed its gate")))
         } else if verdict.pass == Some(true) && judged > 0 {
             Some((true, String::new()))
         } else {
@@ -576,11 +581,7 @@ impl World {
             }
             return;
         }
-        book.outcome = Some(if tripped.is_some() {
-            "halted".to_owned()
-        } else {
-            "failed".to_owned()
-        });
+        book.outcome = Some(if failed { "failed" } else { "halted" }.to_owned());
         ro.phase = Phase::Halted;
         ro.ended = Some(now);
         ro.halted_by = Some(why);
@@ -668,8 +669,6 @@ impl World {
         }
         sr.relay.requested += 1;
         let bytes = self.patches[p].chunk_bytes(chunk);
-        sr.wan_bytes += bytes;
-        self.traffic[WAN].add(bytes + 32);
         let (wan, storm) = (self.links[WAN], self.storm[WAN]);
         let hub = match &self.sites[s].relay.session {
             Session::Connected(c) => c.hub,
@@ -680,9 +679,12 @@ impl World {
             return;
         };
         if c.broken || !up {
+            // Nothing leaves a hub whose connection is gone.
             c.broken = true;
             return;
         }
+        self.rollouts[r].sites[s].wan_bytes += bytes;
+        self.traffic[WAN].add(bytes + 32);
         let conn = c.conn;
         let arrival = c.down.send(at, bytes + 32, &wan, storm, &mut self.net);
         self.at(
