@@ -2487,6 +2487,90 @@ mod tests {
         assert!(page.contains("118 / 120"));
     }
 
+    /// A rollout halted at its canary wave: one site rolled itself back
+    /// while cut off.
+    fn rollout() -> crate::report::RolloutOutcome {
+        use crate::report::{ArtifactTransfer, LocalRollback, RolloutOutcome, WaveOutcome};
+        let wave = |index: u64, spec: &str, verdict: &str, started: Option<f64>| WaveOutcome {
+            index,
+            spec: spec.into(),
+            nodes: if index == 0 { 1 } else { 99 },
+            sites: 1,
+            first_sites: vec!["r1-s<7>".into()],
+            started_s: started,
+            ended_s: started.map(|t| t + 200.0),
+            healthy: 0,
+            failed: u32::from(index == 0),
+            pending: 0,
+            unreachable: 0,
+            patched_failure_ratio: started.map(|_| 1.0),
+            baseline_failure_ratio: started.map(|_| 0.0),
+            threshold: started.map(|_| 0.05),
+            verdict: verdict.into(),
+        };
+        RolloutOutcome {
+            patch: "kernel-hotfix".into(),
+            hub: "hub-1".into(),
+            at_s: 120.0,
+            started_s: Some(120.0),
+            waves_spec: "canary,1site,10%,100%".into(),
+            max_failure: 0.05,
+            auto_rollback: true,
+            artifact_bytes: 52_428_800,
+            failure_probability: 0.5,
+            state: "halted".into(),
+            ended_s: Some(320.0),
+            halted_by: Some("wave 0 failed its gate".into()),
+            nodes_touched: 1,
+            nodes_failed: 1,
+            nodes_rolled_back: 1,
+            nodes_left_patched: 0,
+            first_failure_s: Some(250.0),
+            last_rolled_back_s: Some(272.5),
+            rollback_s: Some(22.5),
+            local_rollbacks: vec![LocalRollback {
+                site: "r1-s<7>".into(),
+                tripped_s: 252.0,
+                done_s: Some(272.5),
+                hub_learnt_s: Some(400.0),
+                cut_off: true,
+            }],
+            wan_bytes: 52_428_800,
+            wan: vec![ArtifactTransfer {
+                site: "r1-s<7>".into(),
+                bytes: 52_428_800,
+                installed_nodes: 1,
+            }],
+            waves: vec![
+                wave(0, "canary", "failed", Some(120.0)),
+                wave(1, "1site", "not started", None),
+            ],
+        }
+    }
+
+    #[test]
+    fn rollouts_get_a_section_with_their_waves_rollbacks_and_wan_bytes() {
+        let (mut report, series) = sample();
+        assert!(!render(&report, &series).contains("id=\"patches\""));
+        report.rollouts = vec![rollout()];
+        let page = render(&report, &series);
+        assert!(page.contains("<a href=\"#patches\">Patches</a>"));
+        let start = page.find("<section id=\"patches\">").expect("a section");
+        let section = &page[start..];
+        let section = &section[..section.find("</section>").unwrap()];
+        assert!(section.contains("<h3>kernel-hotfix: halted</h3>"));
+        assert!(section.contains("<strong>Halted: wave 0 failed its gate.</strong>"));
+        assert!(section.contains("<td class=\"bad\">failed</td>"));
+        assert!(section.contains("<td>not started</td>"));
+        assert!(section.contains("r1-s&lt;7&gt;"), "escaped");
+        assert!(!section.contains("r1-s<7>"));
+        assert!(section.contains("52,428,800"));
+        // Ratios of the judged wave, dashes for the one not started.
+        assert!(section.contains("<td class=\"num\">1.000</td>"));
+        assert!(section.contains("<td class=\"num\">–</td>"));
+        assert!(section.contains("Rollback time"));
+    }
+
     #[test]
     fn a_run_without_configuration_changes_has_no_config_section() {
         let (report, series) = sample();
