@@ -53,8 +53,8 @@ pub fn changes(sc: &Scenario) -> Vec<Change> {
                 .and_then(|h| h.strip_prefix("hub-"))
                 .and_then(|n| n.parse::<usize>().ok())
                 .map_or(0, |n| n.saturating_sub(1)),
-            bundle_bytes: a.bundle_bytes,
-            apply_time: a.apply_time.as_secs_f64(),
+            bundle_bytes: a.bundle_bytes(),
+            apply_time: a.apply_time().as_secs_f64(),
         })
         .collect()
 }
@@ -384,7 +384,7 @@ mod tests {
         );
         assert_eq!(
             c[0].bundle_bytes,
-            Action::config_change(Duration::ZERO).bundle_bytes
+            Action::config_change(Duration::ZERO).bundle_bytes()
         );
     }
 

@@ -791,6 +791,9 @@ pub fn render(report: &Report, series: &Timeseries) -> String {
     if !report.config_changes.is_empty() {
         page.push_str("<a href=\"#config\">Config</a> · ");
     }
+    if !report.rollouts.is_empty() {
+        page.push_str("<a href=\"#patches\">Patches</a> · ");
+    }
     page.push_str(
         "<a href=\"#traffic\">Traffic</a> · \
          <a href=\"#buffers\">Buffers</a> · <a href=\"#detection\">Detection</a> · \
@@ -800,6 +803,7 @@ pub fn render(report: &Report, series: &Timeseries) -> String {
     latency_charts(&mut page, report);
     faults_table(&mut page, report);
     config_section(&mut page, report);
+    rollouts_section(&mut page, report);
     traffic_table(&mut page, report);
     buffers_tables(&mut page, report);
     detection_table(&mut page, report);
@@ -1250,6 +1254,29 @@ fn time_charts(page: &mut String, r: &Report, series: &Timeseries) {
             .collect();
         page.push_str("<h3>Configuration</h3>\n");
         page.push_str(&config.to_html());
+    }
+
+    let mut patched = cols.chart("Nodes with a patch installed", Unit::Count, &bands);
+    with_column(
+        &mut patched,
+        &cols,
+        Timeseries::PATCH_INSTALLED,
+        "nodes patched",
+        palette(3),
+    );
+    if !patched.lines.is_empty() {
+        patched.markers = r
+            .rollouts
+            .iter()
+            .map(|ro| Marker {
+                x: ro.at_s,
+                y: None,
+                label: ro.patch.clone(),
+                colour: "#1a5fb4".to_string(),
+            })
+            .collect();
+        page.push_str("<h3>Patches</h3>\n");
+        page.push_str(&patched.to_html());
     }
 
     let mut hub = cols.chart(
@@ -1860,6 +1887,177 @@ fn traffic_table(page: &mut String, r: &Report) {
     page.push_str("</p>\n</section>\n");
 }
 
+fn ratio(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |v| fixed(v, 3))
+}
+
+fn at_cell(t: Option<f64>) -> String {
+    match t {
+        Some(t) => format!("<td class=\"num\">{}</td>", clock(t)),
+        None => "<td class=\"num\">–</td>".to_string(),
+    }
+}
+
+fn rollouts_section(page: &mut String, r: &Report) {
+    if r.rollouts.is_empty() {
+        return;
+    }
+    page.push_str(
+        "<section id=\"patches\">\n<h2>Patch rollouts</h2>\n<p class=\"note\">\
+         Each wave's counts are the hub's, from the relays' reports, when it judged the wave. \
+         Unreachable: pending nodes of sites the hub could not reach, left out of its gate. \
+         Touched: nodes that ran <code>install</code>. Rollback time: from the first node \
+         whose checks failed to the last node rolled back.</p>\n",
+    );
+    for ro in &r.rollouts {
+        let good = ro.state == "completed" || ro.nodes_failed == 0;
+        out!(
+            page,
+            "<h3>{}: {}</h3>\n<p>Published at {}; rollout at {} in waves <code>{}</code>, \
+             max failure {}{}. Artifact {}, failure probability {}.{}</p>\n",
+            escape(&ro.patch),
+            escape(&ro.state),
+            escape(&ro.hub),
+            clock(ro.at_s),
+            escape(&ro.waves_spec),
+            fixed(ro.max_failure, 3),
+            if ro.auto_rollback {
+                ""
+            } else {
+                ", no automatic rollback"
+            },
+            bytes(ro.artifact_bytes as f64),
+            ro.failure_probability,
+            ro.halted_by
+                .as_ref()
+                .map(|h| format!(" <strong>Halted: {}.</strong>", escape(h)))
+                .unwrap_or_default()
+        );
+        page.push_str("<div class=\"tiles\">");
+        tile(
+            page,
+            "Nodes touched",
+            &count(ro.nodes_touched),
+            &format!("{} failed their checks", count(ro.nodes_failed)),
+            if good { Mood::Plain } else { Mood::Warn },
+        );
+        tile(
+            page,
+            "Rolled back",
+            &count(ro.nodes_rolled_back),
+            &format!("{} left patched", count(ro.nodes_left_patched)),
+            Mood::Plain,
+        );
+        tile(
+            page,
+            "Rollback time",
+            &ro.rollback_s.map_or("–".to_string(), duration),
+            "first failure to last rollback",
+            Mood::Plain,
+        );
+        tile(
+            page,
+            "Artifact over the WAN",
+            &bytes(ro.wan_bytes as f64),
+            &format!("to {}", plural(ro.wan.len(), "site", "sites")),
+            Mood::Plain,
+        );
+        page.push_str("</div>\n");
+        thead(
+            page,
+            &[
+                "#Wave",
+                "Spec",
+                "#Nodes",
+                "#Sites",
+                "#Start",
+                "#End",
+                "#Healthy",
+                "#Failed",
+                "#Pending",
+                "#Unreachable",
+                "#Failure ratio",
+                "#Baseline",
+                "#Threshold",
+                "Verdict",
+            ],
+        );
+        for w in &ro.waves {
+            out!(
+                page,
+                "<tr><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td>{}{}<td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td{}>{}</td></tr>\n",
+                w.index,
+                escape(&w.spec),
+                count(w.nodes),
+                count(w.sites),
+                at_cell(w.started_s),
+                at_cell(w.ended_s),
+                count(u64::from(w.healthy)),
+                count(u64::from(w.failed)),
+                count(u64::from(w.pending)),
+                count(u64::from(w.unreachable)),
+                ratio(w.patched_failure_ratio),
+                ratio(w.baseline_failure_ratio),
+                ratio(w.threshold),
+                if w.verdict == "failed" || w.verdict == "halted" {
+                    " class=\"bad\""
+                } else {
+                    ""
+                },
+                escape(&w.verdict),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+        if !ro.local_rollbacks.is_empty() {
+            page.push_str(
+                "<p class=\"note\">Sites whose relay rolled them back on its own \
+                 (its local gate), and when the hub learnt it.</p>\n",
+            );
+            thead(
+                page,
+                &["Site", "Cut off", "#Tripped", "#Rolled back", "#Hub learnt"],
+            );
+            for l in ro.local_rollbacks.iter().take(MAX_SITE_ROWS) {
+                out!(
+                    page,
+                    "<tr><td class=\"nw\">{}</td><td>{}</td>{}{}{}</tr>\n",
+                    escape(&l.site),
+                    if l.cut_off { "yes" } else { "" },
+                    at_cell(Some(l.tripped_s)),
+                    at_cell(l.done_s),
+                    at_cell(l.hub_learnt_s),
+                );
+            }
+            page.push_str("</tbody></table>\n");
+        }
+        let listed = ro.wan.len().min(MAX_SITE_ROWS);
+        out!(
+            page,
+            "<p class=\"note\">Artifact bytes each site's WAN carried ({} of {} sites \
+             listed; one artifact is {}).</p>\n",
+            count(listed as u64),
+            count(ro.wan.len() as u64),
+            bytes(ro.artifact_bytes as f64),
+        );
+        thead(page, &["Site", "#WAN bytes", "#Nodes installed"]);
+        for t in ro.wan.iter().take(MAX_SITE_ROWS) {
+            out!(
+                page,
+                "<tr><td class=\"nw\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td></tr>\n",
+                escape(&t.site),
+                count(t.bytes),
+                count(t.installed_nodes),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+    }
+    page.push_str("</section>\n");
+}
+
 fn latency_cells(l: &Latency) -> String {
     if l.count == 0 {
         return "<td class=\"num\">0</td><td class=\"num\">–</td><td class=\"num\">–</td>\
@@ -2185,6 +2383,7 @@ mod tests {
                 still_buffered: 0,
             },
             config_changes: Vec::new(),
+            rollouts: Vec::new(),
             violations: Vec::new(),
         };
         (report, series)
@@ -2286,6 +2485,90 @@ mod tests {
         assert!(page.contains("Running nodes that have applied the newest configuration change"));
         assert!(page.contains("Sites on the last config"));
         assert!(page.contains("118 / 120"));
+    }
+
+    /// A rollout halted at its canary wave: one site rolled itself back
+    /// while cut off.
+    fn rollout() -> crate::report::RolloutOutcome {
+        use crate::report::{ArtifactTransfer, LocalRollback, RolloutOutcome, WaveOutcome};
+        let wave = |index: u64, spec: &str, verdict: &str, started: Option<f64>| WaveOutcome {
+            index,
+            spec: spec.into(),
+            nodes: if index == 0 { 1 } else { 99 },
+            sites: 1,
+            first_sites: vec!["r1-s<7>".into()],
+            started_s: started,
+            ended_s: started.map(|t| t + 200.0),
+            healthy: 0,
+            failed: u32::from(index == 0),
+            pending: 0,
+            unreachable: 0,
+            patched_failure_ratio: started.map(|_| 1.0),
+            baseline_failure_ratio: started.map(|_| 0.0),
+            threshold: started.map(|_| 0.05),
+            verdict: verdict.into(),
+        };
+        RolloutOutcome {
+            patch: "kernel-hotfix".into(),
+            hub: "hub-1".into(),
+            at_s: 120.0,
+            started_s: Some(120.0),
+            waves_spec: "canary,1site,10%,100%".into(),
+            max_failure: 0.05,
+            auto_rollback: true,
+            artifact_bytes: 52_428_800,
+            failure_probability: 0.5,
+            state: "halted".into(),
+            ended_s: Some(320.0),
+            halted_by: Some("wave 0 failed its gate".into()),
+            nodes_touched: 1,
+            nodes_failed: 1,
+            nodes_rolled_back: 1,
+            nodes_left_patched: 0,
+            first_failure_s: Some(250.0),
+            last_rolled_back_s: Some(272.5),
+            rollback_s: Some(22.5),
+            local_rollbacks: vec![LocalRollback {
+                site: "r1-s<7>".into(),
+                tripped_s: 252.0,
+                done_s: Some(272.5),
+                hub_learnt_s: Some(400.0),
+                cut_off: true,
+            }],
+            wan_bytes: 52_428_800,
+            wan: vec![ArtifactTransfer {
+                site: "r1-s<7>".into(),
+                bytes: 52_428_800,
+                installed_nodes: 1,
+            }],
+            waves: vec![
+                wave(0, "canary", "failed", Some(120.0)),
+                wave(1, "1site", "not started", None),
+            ],
+        }
+    }
+
+    #[test]
+    fn rollouts_get_a_section_with_their_waves_rollbacks_and_wan_bytes() {
+        let (mut report, series) = sample();
+        assert!(!render(&report, &series).contains("id=\"patches\""));
+        report.rollouts = vec![rollout()];
+        let page = render(&report, &series);
+        assert!(page.contains("<a href=\"#patches\">Patches</a>"));
+        let start = page.find("<section id=\"patches\">").expect("a section");
+        let section = &page[start..];
+        let section = &section[..section.find("</section>").unwrap()];
+        assert!(section.contains("<h3>kernel-hotfix: halted</h3>"));
+        assert!(section.contains("<strong>Halted: wave 0 failed its gate.</strong>"));
+        assert!(section.contains("<td class=\"bad\">failed</td>"));
+        assert!(section.contains("<td>not started</td>"));
+        assert!(section.contains("r1-s&lt;7&gt;"), "escaped");
+        assert!(!section.contains("r1-s<7>"));
+        assert!(section.contains("52,428,800"));
+        // Ratios of the judged wave, dashes for the one not started.
+        assert!(section.contains("<td class=\"num\">1.000</td>"));
+        assert!(section.contains("<td class=\"num\">–</td>"));
+        assert!(section.contains("Rollback time"));
     }
 
     #[test]

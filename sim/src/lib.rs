@@ -13,6 +13,8 @@
 //! - [`scenario`]: scenario files; [`schedule`]: the faults they expand to.
 //! - [`config`]: configuration changes: what each relay and node holds, and
 //!   the books that time each site's convergence.
+//! - [`patch`]: patch rollouts: the published patches, each rollout's
+//!   waves, what hubs, relays and nodes hold and do of them, and the books.
 //! - [`model`]: the gossip model of a site; [`real`]: real chitchat on an
 //!   in-memory transport under paused tokio time; [`site`]: a site, its
 //!   gossip and its relay.
@@ -26,6 +28,7 @@ pub mod disk;
 pub mod html;
 pub mod model;
 pub mod net;
+pub mod patch;
 pub mod real;
 pub mod report;
 pub mod rng;

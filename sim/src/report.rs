@@ -176,6 +176,10 @@ pub struct Report {
     /// any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_changes: Vec<ConfigChangeOutcome>,
+    /// Patch rollouts, in the order they were started (absent from runs
+    /// without any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutOutcome>,
     /// Invariant violations; empty on a good run.
     pub violations: Vec<String>,
 }
@@ -267,6 +271,88 @@ pub struct ConfigChangeOutcome {
     pub per_site: Vec<SiteConvergence>,
 }
 
+/// One wave in the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaveOutcome {
+    pub index: u64,
+    /// As written: `canary`, `1site`, `10%`…
+    pub spec: String,
+    pub nodes: u64,
+    pub sites: u64,
+    /// Up to 20 of its sites, in index order.
+    pub first_sites: Vec<String>,
+    pub started_s: Option<f64>,
+    pub ended_s: Option<f64>,
+    /// The hub's counts when it judged the wave (or at the end).
+    pub healthy: u32,
+    pub failed: u32,
+    pub pending: u32,
+    /// Pending in sites the hub could not reach, left out of the gate.
+    pub unreachable: u32,
+    pub patched_failure_ratio: Option<f64>,
+    pub baseline_failure_ratio: Option<f64>,
+    pub threshold: Option<f64>,
+    /// `passed`, `failed`, `halted` (another site's relay rolled back),
+    /// `unfinished` or `not started`.
+    pub verdict: String,
+}
+
+/// The artifact's bytes one site's WAN carried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactTransfer {
+    pub site: String,
+    pub bytes: u64,
+    /// Nodes of the site that installed it.
+    pub installed_nodes: u64,
+}
+
+/// A site whose relay rolled it back on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalRollback {
+    pub site: String,
+    pub tripped_s: f64,
+    /// When its last patched node finished rolling back.
+    pub done_s: Option<f64>,
+    /// When the hub got the relay's report of it.
+    pub hub_learnt_s: Option<f64>,
+    /// Its WAN link was down when it tripped.
+    pub cut_off: bool,
+}
+
+/// A rollout in the report (times in seconds of the run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutOutcome {
+    pub patch: String,
+    pub hub: String,
+    pub at_s: f64,
+    pub started_s: Option<f64>,
+    pub waves_spec: String,
+    pub max_failure: f64,
+    pub auto_rollback: bool,
+    pub artifact_bytes: u64,
+    pub failure_probability: f64,
+    /// `completed`, `halted`, `unfinished` or `not started`.
+    pub state: String,
+    pub ended_s: Option<f64>,
+    pub halted_by: Option<String>,
+    /// Nodes that ran `install`.
+    pub nodes_touched: u64,
+    /// Nodes whose checks failed after installing.
+    pub nodes_failed: u64,
+    pub nodes_rolled_back: u64,
+    /// Nodes with the patch installed at the end.
+    pub nodes_left_patched: u64,
+    pub first_failure_s: Option<f64>,
+    pub last_rolled_back_s: Option<f64>,
+    /// From the first failure to the last node rolled back.
+    pub rollback_s: Option<f64>,
+    pub local_rollbacks: Vec<LocalRollback>,
+    /// Artifact bytes over the WAN, all sites, then per site.
+    pub wan_bytes: u64,
+    pub wan: Vec<ArtifactTransfer>,
+    pub waves: Vec<WaveOutcome>,
+}
+
 /// Samples taken every `sample_every` of virtual time.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timeseries {
@@ -303,6 +389,10 @@ impl Timeseries {
     /// The column a run with configuration changes adds: running nodes
     /// that have applied the newest change made so far.
     pub const CONFIG_CURRENT: &str = "config_current";
+
+    /// The column a run with patch rollouts adds: nodes with a patch
+    /// installed (all rollouts together).
+    pub const PATCH_INSTALLED: &str = "patch_installed";
 
     pub fn new(columns: Vec<String>) -> Self {
         Timeseries {

@@ -344,6 +344,11 @@ pub enum ActionKind {
     /// A new configuration version is applied at `hub`; it spreads to the
     /// other hubs, the relays and the nodes.
     ConfigChange,
+    /// A signed patch `name` is published at `hub`, which replicates it to
+    /// the other hubs; nothing is installed until a rollout.
+    PublishPatch,
+    /// The hub the patch was published at rolls it out wave by wave.
+    Rollout,
 }
 
 impl ActionKind {
@@ -351,6 +356,8 @@ impl ActionKind {
     pub fn name(self) -> &'static str {
         match self {
             ActionKind::ConfigChange => "config_change",
+            ActionKind::PublishPatch => "publish_patch",
+            ActionKind::Rollout => "rollout",
         }
     }
 }
@@ -365,6 +372,28 @@ pub const DEFAULT_APPLY_TIME: Duration = Duration::from_millis(200);
 /// is a hung one, which the node kills at its reload timeout.
 pub const MAX_APPLY_TIME: Duration = Duration::from_secs(3600);
 
+/// A patch's artifacts together when the scenario does not say: a package
+/// and its scripts.
+pub const DEFAULT_ARTIFACT_BYTES: u64 = 50 * 1024 * 1024;
+/// The most a patch may carry, as `trellis_node::patch` allows.
+pub const MAX_ARTIFACT_BYTES: u64 = 1 << 30;
+/// How long a node runs a patch's `install` commands by default.
+pub const DEFAULT_INSTALL_TIME: Duration = Duration::from_secs(30);
+/// How long a patched node's checks must keep passing by default.
+pub const DEFAULT_BAKE: Duration = Duration::from_secs(300);
+/// How long a node runs a patch's `rollback` commands by default.
+pub const DEFAULT_ROLLBACK_TIME: Duration = Duration::from_secs(20);
+/// The longest bake a patch may declare (`trellis_node::patch`'s limit);
+/// install and rollback times are held to it too.
+pub const MAX_PATCH_TIME: Duration = Duration::from_secs(24 * 3600);
+/// The waves of a rollout that does not name them.
+pub const DEFAULT_WAVES: &str = "canary,1site,10%,100%";
+/// How much worse than the unpatched nodes a wave may fare by default.
+pub const DEFAULT_MAX_FAILURE: f64 = 0.05;
+/// At most this many patches per scenario: hubs gossip the set they hold
+/// as a 64-bit mask.
+pub const MAX_PATCHES: usize = 64;
+
 /// One operator action of the timeline. Configuration changes are
 /// numbered 1, 2, … in the order they happen (file order for equal
 /// times); each supersedes the ones before it.
@@ -374,36 +403,130 @@ pub struct Action {
     pub kind: ActionKind,
     #[serde(with = "humantime_serde")]
     pub at: Duration,
-    /// The hub the operator applies the change at (default: the first).
+    /// The hub the operator applies the change, or publishes the patch, at
+    /// (default: the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<String>,
-    /// The signed bundle's size: what relays and nodes download.
-    #[serde(default = "default_bundle_bytes")]
-    pub bundle_bytes: u64,
-    /// How long a node takes from having the bundle to having applied it.
-    #[serde(default = "default_apply_time", with = "humantime_serde")]
-    pub apply_time: Duration,
-}
-
-fn default_bundle_bytes() -> u64 {
-    DEFAULT_BUNDLE_BYTES
-}
-
-fn default_apply_time() -> Duration {
-    DEFAULT_APPLY_TIME
+    /// `config_change`: the signed bundle's size, what relays and nodes
+    /// download (default [`DEFAULT_BUNDLE_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_bytes: Option<u64>,
+    /// `config_change`: how long a node takes from having the bundle to
+    /// having applied it (default [`DEFAULT_APPLY_TIME`]).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub apply_time: Option<Duration>,
+    /// `publish_patch`: the patch's name, which rollouts refer to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `publish_patch`: its artifacts' bytes together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_bytes: Option<u64>,
+    /// `publish_patch`: the chance, drawn per node from the seed, that
+    /// installing makes the node's checks fail (0: a good patch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_probability: Option<f64>,
+    /// `publish_patch`: how long `install` runs on a node.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub install_time: Option<Duration>,
+    /// `publish_patch`: how long a patched node's checks must keep passing.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bake: Option<Duration>,
+    /// `publish_patch`: how long `rollback` runs on a node.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rollback_time: Option<Duration>,
+    /// `rollout`: the name of the patch to roll out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
+    /// `rollout`: the waves, as `trellis_node::waves::parse_waves` reads
+    /// them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<String>,
+    /// `rollout`: how much the patched nodes' failure ratio may exceed the
+    /// unpatched ones'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failure: Option<f64>,
+    /// `rollout`: whether a failed gate rolls the patched nodes back (else
+    /// it only halts the rollout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rollback: Option<bool>,
 }
 
 impl Action {
+    /// An action of `kind` at `at` with every optional field unset.
+    pub fn new(kind: ActionKind, at: Duration) -> Self {
+        Action {
+            kind,
+            at,
+            hub: None,
+            bundle_bytes: None,
+            apply_time: None,
+            name: None,
+            artifact_bytes: None,
+            failure_probability: None,
+            install_time: None,
+            bake: None,
+            rollback_time: None,
+            patch: None,
+            waves: None,
+            max_failure: None,
+            auto_rollback: None,
+        }
+    }
+
     /// A configuration change at `at`, applied at the first hub, with the
     /// default bundle size and apply time.
     pub fn config_change(at: Duration) -> Self {
-        Action {
-            kind: ActionKind::ConfigChange,
-            at,
-            hub: None,
-            bundle_bytes: DEFAULT_BUNDLE_BYTES,
-            apply_time: DEFAULT_APPLY_TIME,
-        }
+        Action::new(ActionKind::ConfigChange, at)
+    }
+
+    /// The bundle's size, the default if unset.
+    pub fn bundle_bytes(&self) -> u64 {
+        self.bundle_bytes.unwrap_or(DEFAULT_BUNDLE_BYTES)
+    }
+
+    /// The apply time, the default if unset.
+    pub fn apply_time(&self) -> Duration {
+        self.apply_time.unwrap_or(DEFAULT_APPLY_TIME)
+    }
+
+    /// Which fields each kind reads: any other one set is refused.
+    fn fields(&self) -> [(&'static str, bool, &'static [ActionKind]); 13] {
+        use ActionKind::{ConfigChange as C, PublishPatch as P, Rollout as R};
+        [
+            ("hub", self.hub.is_some(), &[C, P]),
+            ("bundle_bytes", self.bundle_bytes.is_some(), &[C]),
+            ("apply_time", self.apply_time.is_some(), &[C]),
+            ("name", self.name.is_some(), &[P]),
+            ("artifact_bytes", self.artifact_bytes.is_some(), &[P]),
+            (
+                "failure_probability",
+                self.failure_probability.is_some(),
+                &[P],
+            ),
+            ("install_time", self.install_time.is_some(), &[P]),
+            ("bake", self.bake.is_some(), &[P]),
+            ("rollback_time", self.rollback_time.is_some(), &[P]),
+            ("patch", self.patch.is_some(), &[R]),
+            ("waves", self.waves.is_some(), &[R]),
+            ("max_failure", self.max_failure.is_some(), &[R]),
+            ("auto_rollback", self.auto_rollback.is_some(), &[R]),
+        ]
     }
 }
 
@@ -620,21 +743,146 @@ impl Scenario {
                     &format!("{at}: `hub`: no hub {h:?}; use one of {}", hubs.join(", ")),
                 )?;
             }
+            // A field the kind does not read is a mistake, not a no-op.
+            for (field, set, kinds) in a.fields() {
+                ok(
+                    !set || kinds.contains(&a.kind),
+                    &format!(
+                        "{at}: `{field}` does not apply to {}; remove it",
+                        a.kind.name()
+                    ),
+                )?;
+            }
+            match a.kind {
+                ActionKind::ConfigChange => {
+                    ok(
+                        (1..=MAX_BUNDLE_BYTES).contains(&a.bundle_bytes()),
+                        &format!(
+                            "{at}: `bundle_bytes` must be between 1 and {MAX_BUNDLE_BYTES} \
+                             (the largest bundle a node accepts)"
+                        ),
+                    )?;
+                    ok(
+                        a.apply_time() <= MAX_APPLY_TIME,
+                        &format!(
+                            "{at}: `apply_time` must be at most {}",
+                            humantime::format_duration(MAX_APPLY_TIME)
+                        ),
+                    )?;
+                }
+                ActionKind::PublishPatch => self.validate_publish(&at, a)?,
+                ActionKind::Rollout => self.validate_rollout(&at, i, a)?,
+            }
+        }
+        let published = self
+            .actions
+            .iter()
+            .filter(|a| a.kind == ActionKind::PublishPatch)
+            .count();
+        ok(
+            published <= MAX_PATCHES,
+            &format!("at most {MAX_PATCHES} publish_patch actions; this scenario has {published}"),
+        )?;
+        Ok(())
+    }
+
+    fn validate_publish(&self, at: &str, a: &Action) -> Result<(), String> {
+        let ok = |c: bool, m: String| if c { Ok(()) } else { Err(m) };
+        let name = a
+            .name
+            .as_deref()
+            .ok_or_else(|| format!("{at}: needs `name`, the patch's name that rollouts use"))?;
+        trellis_node::id::validate_name("patch name", name)
+            .map_err(|e| format!("{at}: `name`: {e}"))?;
+        let again = self
+            .actions
+            .iter()
+            .filter(|b| b.kind == ActionKind::PublishPatch && b.name.as_deref() == Some(name))
+            .count();
+        ok(
+            again == 1,
+            format!(
+                "{at}: patch {name:?} is published {again} times; give each patch its own name"
+            ),
+        )?;
+        let bytes = a.artifact_bytes.unwrap_or(DEFAULT_ARTIFACT_BYTES);
+        ok(
+            (1..=MAX_ARTIFACT_BYTES).contains(&bytes),
+            format!(
+                "{at}: `artifact_bytes` must be between 1 and {MAX_ARTIFACT_BYTES} \
+                 (the most a patch may carry)"
+            ),
+        )?;
+        let p = a.failure_probability.unwrap_or(0.0);
+        ok(
+            (0.0..=1.0).contains(&p),
+            format!("{at}: `failure_probability` must be in [0, 1]; 0 is a good patch"),
+        )?;
+        for (field, d) in [
+            ("install_time", a.install_time),
+            ("bake", a.bake),
+            ("rollback_time", a.rollback_time),
+        ] {
             ok(
-                (1..=MAX_BUNDLE_BYTES).contains(&a.bundle_bytes),
-                &format!(
-                    "{at}: `bundle_bytes` must be between 1 and {MAX_BUNDLE_BYTES} \
-                     (the largest bundle a node accepts)"
-                ),
-            )?;
-            ok(
-                a.apply_time <= MAX_APPLY_TIME,
-                &format!(
-                    "{at}: `apply_time` must be at most {}",
-                    humantime::format_duration(MAX_APPLY_TIME)
+                d.is_none_or(|d| d <= MAX_PATCH_TIME),
+                format!(
+                    "{at}: `{field}` must be at most {}",
+                    humantime::format_duration(MAX_PATCH_TIME)
                 ),
             )?;
         }
+        Ok(())
+    }
+
+    fn validate_rollout(&self, at: &str, i: usize, a: &Action) -> Result<(), String> {
+        let ok = |c: bool, m: String| if c { Ok(()) } else { Err(m) };
+        let name = a
+            .patch
+            .as_deref()
+            .ok_or_else(|| format!("{at}: needs `patch`, the name of a published patch"))?;
+        let published = self
+            .actions
+            .iter()
+            .find(|b| b.kind == ActionKind::PublishPatch && b.name.as_deref() == Some(name));
+        let Some(p) = published else {
+            let names: Vec<&str> = self
+                .actions
+                .iter()
+                .filter(|b| b.kind == ActionKind::PublishPatch)
+                .filter_map(|b| b.name.as_deref())
+                .collect();
+            return Err(if names.is_empty() {
+                format!("{at}: `patch` {name:?} is never published; add a publish_patch action")
+            } else {
+                format!(
+                    "{at}: `patch` {name:?} is never published; published: {}",
+                    names.join(", ")
+                )
+            });
+        };
+        ok(
+            p.at <= a.at,
+            format!(
+                "{at}: patch {name:?} is published at {}, after this rollout at {}; \
+                 roll it out once it is published",
+                humantime::format_duration(p.at),
+                humantime::format_duration(a.at)
+            ),
+        )?;
+        let twice = self.actions[..i]
+            .iter()
+            .any(|b| b.kind == ActionKind::Rollout && b.patch.as_deref() == Some(name));
+        ok(
+            !twice,
+            format!("{at}: patch {name:?} is rolled out twice; a patch rolls out once"),
+        )?;
+        trellis_node::waves::parse_waves(a.waves.as_deref().unwrap_or(DEFAULT_WAVES))
+            .map_err(|e| format!("{at}: `waves`: {e}"))?;
+        let m = a.max_failure.unwrap_or(DEFAULT_MAX_FAILURE);
+        ok(
+            (0.0..=1.0).contains(&m),
+            format!("{at}: `max_failure` must be in [0, 1] (a failure ratio)"),
+        )?;
         Ok(())
     }
 
@@ -776,11 +1024,10 @@ mod tests {
             vec![
                 Action::config_change(Duration::from_secs(60)),
                 Action {
-                    kind: ActionKind::ConfigChange,
-                    at: Duration::from_secs(90),
                     hub: Some("hub-2".into()),
-                    bundle_bytes: 1 << 20,
-                    apply_time: Duration::from_secs(2),
+                    bundle_bytes: Some(1 << 20),
+                    apply_time: Some(Duration::from_secs(2)),
+                    ..Action::config_change(Duration::from_secs(90))
                 },
             ]
         );

@@ -21,6 +21,14 @@
 //! to it (and offered to a relay when its session opens), announced by the
 //! relay in its site's gossip, fetched by each node from its relay and
 //! applied; [`config`](crate::config) keeps the state and the books.
+//!
+//! Patch rollouts ([`rollout`], with the state and books in
+//! [`patch`](crate::patch)) go the same ways: the artifact hub to hub and,
+//! in chunks, hub to relay; wave orders from the rollout's hub to the
+//! relays and their reports back; announcements and node health through
+//! site gossip.
+
+mod rollout;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -43,6 +51,7 @@ use crate::config::{self, ANNOUNCE_KEY, Books, SiteConfig, announcement};
 use crate::disk::{VirtualBuffer, body_len};
 use crate::model::SiteModel;
 use crate::net::{Counter, HANDSHAKE_BYTES, Params, Pipe};
+use crate::patch::{PatchSpec, Rollout, Seen};
 use crate::real::RealSite;
 use crate::report::{
     BufferPeak, Buffers, Detection, Drain, FaultOutcome, Latency, LinkTraffic, Records, Report,
@@ -157,6 +166,7 @@ enum Ev {
         served: Arc<Vec<(SiteKey, Served)>>,
         digest: u64,
         config: u64,
+        patches: u64,
     },
     /// The operator applies configuration change `version`.
     ConfigChange(u64),
@@ -200,6 +210,94 @@ enum Ev {
         epoch: u64,
         version: u64,
     },
+    /// The operator publishes patch `p` at its hub.
+    PublishPatch(usize),
+    /// The operator starts rollout `r`.
+    RolloutStart(usize),
+    /// Hub `from`'s copy of patch `patch`, pushed or pulled, reaches hub
+    /// `to`.
+    PatchReplicated {
+        to: usize,
+        from: usize,
+        patch: usize,
+    },
+    /// Hub `from` asks hub `to` for patch `patch`.
+    PatchPull {
+        to: usize,
+        from: usize,
+        patch: usize,
+    },
+    /// A rollout's orders for a site (a snapshot: the nodes ordered so
+    /// far, and whether to roll back) reach its relay.
+    PatchOrders {
+        site: usize,
+        conn: u64,
+        rollout: usize,
+        seq: u64,
+        ordered: Arc<Vec<bool>>,
+        rollback: bool,
+    },
+    /// Chunk `chunk` of a rollout's artifact reaches a relay.
+    ArtifactChunk {
+        site: usize,
+        conn: u64,
+        rollout: usize,
+        chunk: u64,
+    },
+    /// A relay's report (what it saw of its nodes, whether it rolled the
+    /// site back) reaches the rollout's hub through hub `via`.
+    PatchReport {
+        site: usize,
+        via: usize,
+        rollout: usize,
+        seq: u64,
+        seen: Vec<Seen>,
+        tripped: bool,
+    },
+    /// A node sees its relay's patch announcement in gossip.
+    PatchSeen {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        rollout: usize,
+    },
+    /// A node has the artifact from its relay (if the relay ran
+    /// throughout).
+    PatchFetched {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        relay_epoch: u64,
+        rollout: usize,
+    },
+    /// A node's `install` is done; it starts to bake.
+    PatchInstalled {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        rollout: usize,
+    },
+    /// A node the patch broke: its checks fail.
+    PatchChecksFail {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        rollout: usize,
+    },
+    /// A node's bake is over with its checks passing.
+    PatchBaked {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        rollout: usize,
+    },
+    /// A node's `rollback` is done.
+    PatchRolledBack {
+        site: usize,
+        node: usize,
+        epoch: u64,
+        rollout: usize,
+    },
     End,
 }
 
@@ -223,6 +321,8 @@ struct PeerState {
     digest: u64,
     /// The newest configuration version the peer holds.
     config: u64,
+    /// The patches it holds, a bit each.
+    patches: u64,
 }
 
 /// Which seqs of a relay stream a hub made durable: the engine's own
@@ -293,6 +393,10 @@ struct Hub {
     /// Changes an operator applied while it was down: the operator retries
     /// until it answers.
     operator_waiting: Vec<u64>,
+    /// The patches it holds, a bit each (durable).
+    patches: u64,
+    /// When it last asked each peer for a patch.
+    patch_pulling: Vec<Option<f64>>,
 }
 
 /// A fault whose heal is being watched.
@@ -365,6 +469,10 @@ pub struct World {
     /// Each site's configuration: its relay's cache and its nodes.
     configs: Vec<SiteConfig>,
     books: Books,
+    patches: Vec<PatchSpec>,
+    /// When each patch was published (its hub was up to take it).
+    published: Vec<Option<f64>>,
+    rollouts: Vec<Rollout>,
     threads: usize,
     end: f64,
 }
@@ -537,6 +645,8 @@ impl World {
                 config: 0,
                 config_pulling: vec![None; topo.hubs],
                 operator_waiting: Vec::new(),
+                patches: 0,
+                patch_pulling: vec![None; topo.hubs],
             })
             .collect();
         let names = sc.site_names();
@@ -566,6 +676,24 @@ impl World {
             .map(|s| SiteConfig::new(s.members.len()))
             .collect();
         let books = Books::new(changes, nsites, topo.hubs);
+        let patches = crate::patch::patches(sc);
+        let rollouts: Vec<Rollout> = crate::patch::rollouts(sc, &patches)
+            .into_iter()
+            .map(|r| {
+                let p = &patches[r.patch];
+                Rollout::new(sc, r, p, n)
+            })
+            .collect();
+        if !rollouts.is_empty() {
+            columns.push(Timeseries::PATCH_INSTALLED.to_owned());
+            for s in &mut sites {
+                if let Gossip::Real { site, .. } = &mut s.gossip {
+                    for r in &rollouts {
+                        site.watch_key(&rollout::announce_key(&patches[r.spec.patch]));
+                    }
+                }
+            }
+        }
         let end = (sc.duration + sc.drain).as_secs_f64();
         let mut w = World {
             seed,
@@ -603,6 +731,9 @@ impl World {
             disk_caps: vec![Vec::new(); nsites],
             configs,
             books,
+            published: vec![None; patches.len()],
+            patches,
+            rollouts,
             threads: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(8),
@@ -639,6 +770,12 @@ impl World {
         }
         for c in w.books.changes() {
             w.q.schedule_at(secs(c.at), Ev::ConfigChange(c.version));
+        }
+        for (i, p) in w.patches.iter().enumerate() {
+            w.q.schedule_at(secs(p.at), Ev::PublishPatch(i));
+        }
+        for (i, r) in w.rollouts.iter().enumerate() {
+            w.q.schedule_at(secs(r.spec.at), Ev::RolloutStart(i));
         }
         w.q.schedule_at(secs(end), Ev::End);
         Ok(w)
@@ -756,7 +893,13 @@ impl World {
         if let Gossip::Model(m) = &mut self.sites[i].gossip {
             self.disseminate.append(&mut m.disseminations);
         }
-        self.config_arrivals(i);
+        let arrivals = match &mut self.sites[i].gossip {
+            Gossip::Model(m) => m.take_arrivals(),
+            Gossip::Real { .. } => Vec::new(),
+        };
+        self.config_arrivals(i, &arrivals);
+        self.patch_arrivals(i, &arrivals);
+        self.patch_detect(i);
         let now = self.inst(self.now);
         let s = &mut self.sites[i];
         if s.out.sampled
@@ -1161,6 +1304,7 @@ impl World {
                 served,
                 digest,
                 config,
+                patches,
             } => {
                 if self.hubs_linked(to, from) {
                     self.hubs[to].peers[from] = Some(PeerState {
@@ -1168,6 +1312,7 @@ impl World {
                         served,
                         digest,
                         config,
+                        patches,
                     });
                 }
             }
@@ -1271,6 +1416,19 @@ impl World {
                     },
                 );
             }
+            ev @ (Ev::PublishPatch(_)
+            | Ev::RolloutStart(_)
+            | Ev::PatchReplicated { .. }
+            | Ev::PatchPull { .. }
+            | Ev::PatchOrders { .. }
+            | Ev::ArtifactChunk { .. }
+            | Ev::PatchReport { .. }
+            | Ev::PatchSeen { .. }
+            | Ev::PatchFetched { .. }
+            | Ev::PatchInstalled { .. }
+            | Ev::PatchChecksFail { .. }
+            | Ev::PatchBaked { .. }
+            | Ev::PatchRolledBack { .. }) => self.handle_patch(ev),
             Ev::ConfigApplied {
                 site,
                 node,
@@ -1606,6 +1764,7 @@ impl World {
                             served: served.clone(),
                             digest,
                             config: self.hubs[h].config,
+                            patches: self.hubs[h].patches,
                         },
                     );
                 }
@@ -1665,9 +1824,11 @@ impl World {
                     if newer && !asked {
                         self.pull_config(h, g);
                     }
+                    self.pull_patches(h, g);
                 }
             }
         }
+        self.patch_tick();
         self.check_watches();
         let interval = self.sc.gossip.interval.as_secs_f64();
         if now + interval < self.end {
@@ -1854,6 +2015,7 @@ impl World {
         self.configs[s].nodes[j].crash();
         // The nodes still running may now all have the newest version.
         self.config_nodes_changed(s);
+        self.patch_node_crashed(s, j);
     }
 
     fn restart_node(&mut self, s: usize, j: usize) {
@@ -1877,6 +2039,7 @@ impl World {
                 let _ = site.restart(j, health_of(versions[j]).to_kv());
             }
         }
+        self.patch_node_restarted(s, j);
     }
 
     fn crash_relay(&mut self, s: usize) {
@@ -1910,6 +2073,8 @@ impl World {
         let now = self.now;
         let now_ms = self.wall_ms();
         let at = self.inst(now);
+        // The relay announces the patch orders it holds again as it starts.
+        let patch_kv = self.patch_announcements(s);
         let sc = &self.sc;
         let site = &mut self.sites[s];
         let r = &mut site.relay;
@@ -1946,7 +2111,7 @@ impl World {
             Gossip::Model(m) => {
                 m.restart(0, now_ms);
                 m.reset_relay();
-                if cached > 0 {
+                if cached > 0 || !patch_kv.is_empty() {
                     let v = m.version(0);
                     m.watch(0, v);
                 }
@@ -1956,6 +2121,7 @@ impl World {
                 if cached > 0 {
                     kv.push((ANNOUNCE_KEY.to_owned(), announcement(cached)));
                 }
+                kv.extend(patch_kv);
                 let _ = site.restart(0, kv);
             }
         }
@@ -1977,6 +2143,7 @@ impl World {
         }
         hub.pulling.iter_mut().for_each(|p| *p = None);
         hub.config_pulling.iter_mut().for_each(|p| *p = None);
+        hub.patch_pulling.iter_mut().for_each(|p| *p = None);
         hub.published.clear();
     }
 
@@ -2159,14 +2326,16 @@ impl World {
 
     /// The nodes of site `i` that came to see the relay's announcement in
     /// the gossip step just run, each at the moment it did.
-    fn config_arrivals(&mut self, i: usize) {
+    /// `model` are the arrivals of the relay's state a modelled site
+    /// recorded (one watch serves configuration and patches).
+    fn config_arrivals(&mut self, i: usize, model: &[(usize, f64)]) {
         let cfg = &mut self.configs[i];
         if cfg.announced == 0 {
             return;
         }
         let version = cfg.announced;
         let arrivals: Vec<(usize, f64)> = match &mut self.sites[i].gossip {
-            Gossip::Model(m) => m.take_arrivals(),
+            Gossip::Model(_) => model.to_vec(),
             Gossip::Real { site, offset, .. } => {
                 let all = site.arrivals(0, ANNOUNCE_KEY, &announcement(version));
                 let fresh = all
@@ -2363,6 +2532,10 @@ impl World {
         if !self.books.changes().is_empty() {
             row.push(self.nodes_current() as f64);
         }
+        if !self.rollouts.is_empty() {
+            let installed: u64 = self.rollouts.iter().map(Rollout::installed).sum();
+            row.push(installed as f64);
+        }
         self.last_bytes = totals;
         self.series.push(row);
         let every = self.sc.sample_every.as_secs_f64();
@@ -2476,6 +2649,7 @@ impl World {
                 &self.sc.site_names(),
                 &self.hubs.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
             ),
+            rollouts: self.rollout_outcomes(),
             violations: self.violations.clone(),
         };
         let schedule = schedule::replayable(&self.sc, &self.faults);

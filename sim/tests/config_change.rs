@@ -346,7 +346,7 @@ fn the_command_line_refuses_a_bad_action_with_a_clear_message() {
     for (action, needle) in [
         (
             "kind = \"reboot\"\nat = \"1m\"",
-            "unknown variant `reboot`, expected `config_change`",
+            "unknown variant `reboot`, expected one of `config_change`, `publish_patch`, `rollout`",
         ),
         (
             "kind = \"config_change\"\nat = \"10m\"",

@@ -18,7 +18,8 @@ use trellis_sim::world::Progress;
 /// either modelled (fast enough for 100,000 nodes) or run as real chitchat
 /// for a sample of sites. A scenario file gives the topology, the links,
 /// a timeline of faults and one of operator actions (configuration
-/// changes); the run writes a report and charts.
+/// changes, patches published and rolled out); the run writes a report
+/// and charts.
 ///
 /// Try it:
 ///   trellis-sim run sim/scenarios/wan-outage.toml --seed 1
@@ -165,6 +166,41 @@ fn check(path: &Path, seed: u64) -> ExitCode {
             trellis_sim::scenario::hub_name(c.hub + 1),
             c.bundle_bytes,
             humantime::format_duration(std::time::Duration::from_secs_f64(c.apply_time)),
+        );
+    }
+    let patches = trellis_sim::patch::patches(&sc);
+    let secs = |s: f64| humantime::format_duration(std::time::Duration::from_secs_f64(s));
+    for p in &patches {
+        println!(
+            "  {:>8} publish patch {} at {}: {} MiB, failure probability {}, install {}, bake {}, rollback {}",
+            secs(p.at).to_string(),
+            p.name,
+            trellis_sim::scenario::hub_name(p.hub + 1),
+            p.artifact_bytes as f64 / 1048576.0,
+            p.failure_probability,
+            secs(p.install_time),
+            secs(p.bake),
+            secs(p.rollback_time),
+        );
+    }
+    for r in trellis_sim::patch::rollouts(&sc, &patches) {
+        let plan = trellis_sim::patch::plan(&sc, &r.waves, &patches[r.patch].name);
+        let sizes: Vec<String> = plan
+            .iter()
+            .map(|w| format!("{} {}", w.spec, w.nodes.len()))
+            .collect();
+        println!(
+            "  {:>8} roll out {} in waves {} (nodes: {}), max failure {}{}",
+            secs(r.at).to_string(),
+            patches[r.patch].name,
+            r.waves_text,
+            sizes.join(", "),
+            r.max_failure,
+            if r.auto_rollback {
+                ""
+            } else {
+                ", no automatic rollback"
+            },
         );
     }
     ExitCode::SUCCESS
@@ -318,6 +354,67 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
                 } else {
                     String::new()
                 }
+            );
+        }
+    }
+    for ro in &r.rollouts {
+        println!(
+            "  rollout of {} ({}) at {:.0} s: {}{}",
+            ro.patch,
+            ro.waves_spec,
+            ro.at_s,
+            ro.state,
+            ro.halted_by
+                .as_ref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default()
+        );
+        for w in ro.waves.iter().filter(|w| w.started_s.is_some()) {
+            println!(
+                "    wave {} {}: {} nodes in {} sites, {} healthy, {} failed, {} pending, {} unreachable: {}{}",
+                w.index,
+                w.spec,
+                w.nodes,
+                w.sites,
+                w.healthy,
+                w.failed,
+                w.pending,
+                w.unreachable,
+                w.verdict,
+                match (
+                    w.patched_failure_ratio,
+                    w.baseline_failure_ratio,
+                    w.threshold
+                ) {
+                    (Some(p), Some(b), Some(t)) => format!(
+                        " (failure ratio {:.3}, baseline {:.3}, threshold {:.3})",
+                        p, b, t
+                    ),
+                    _ => String::new(),
+                }
+            );
+        }
+        println!(
+            "    nodes touched {}, failed {}, rolled back {}, left patched {}; artifact over the WAN: {} MiB to {} sites",
+            ro.nodes_touched,
+            ro.nodes_failed,
+            ro.nodes_rolled_back,
+            ro.nodes_left_patched,
+            ro.wan_bytes as f64 / 1048576.0,
+            ro.wan.len(),
+        );
+        if let Some(t) = ro.rollback_s {
+            println!("    rollback: {t:.1} s from the first failure to the last node rolled back");
+        }
+        for l in &ro.local_rollbacks {
+            println!(
+                "    {} rolled itself back at {:.0} s{}{}",
+                l.site,
+                l.tripped_s,
+                if l.cut_off { " while cut off" } else { "" },
+                l.hub_learnt_s
+                    .map(|t| format!("; the hub learnt it at {t:.0} s"))
+                    .unwrap_or_else(|| "; the hub never learnt it".to_owned()),
             );
         }
     }
