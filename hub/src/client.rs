@@ -63,16 +63,16 @@ impl ApiClient {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+        let resp = self.send(self.http.get(&url)).await?;
         self.decode(url, resp).await
+    }
+
+    /// Sends a request; the hub being unreachable is the error.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: root_cause(&e),
+        })
     }
 
     async fn decode<T: DeserializeOwned>(
@@ -170,10 +170,7 @@ impl ApiClient {
                 .http
                 .delete(format!("{url}?author={}", urlencode(author))),
         };
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason: root_cause(&e),
-        })?;
+        let resp = self.send(req).await?;
         self.decode(url, resp).await
     }
 
@@ -186,16 +183,13 @@ impl ApiClient {
         let url = format!("{}/api/v1/config", self.base);
         let body = postcard::to_stdvec(signed).expect("bundles serialise");
         let resp = self
-            .http
-            .post(&url)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+            .send(
+                self.http
+                    .post(&url)
+                    .header("content-type", "application/octet-stream")
+                    .body(body),
+            )
+            .await?;
         self.decode(url, resp).await
     }
 
@@ -215,15 +209,7 @@ impl ApiClient {
         version: u64,
     ) -> Result<trellis_node::bundle::SignedBundle, ClientError> {
         let url = format!("{}/api/v1/config/{version}?format=bundle", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+        let resp = self.send(self.http.get(&url)).await?;
         let body = self.body(resp).await?;
         postcard::from_bytes(&body).map_err(|e| ClientError::Decode {
             url,
@@ -241,15 +227,8 @@ impl ApiClient {
     pub async fn chunks_missing(&self, chunks: Vec<String>) -> Result<Vec<String>, ClientError> {
         let url = format!("{}/api/v1/chunks/missing", self.base);
         let resp = self
-            .http
-            .post(&url)
-            .json(&crate::api::ChunkList { chunks })
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+            .send(self.http.post(&url).json(&crate::api::ChunkList { chunks }))
+            .await?;
         let list: crate::api::ChunkList = self.decode(url, resp).await?;
         Ok(list.chunks)
     }
@@ -258,31 +237,20 @@ impl ApiClient {
     pub async fn chunk_put(&self, hash: &str, bytes: Vec<u8>) -> Result<(), ClientError> {
         let url = format!("{}/api/v1/chunks/{hash}", self.base);
         let resp = self
-            .http
-            .put(&url)
-            .header("content-type", "application/octet-stream")
-            .body(bytes)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+            .send(
+                self.http
+                    .put(&url)
+                    .header("content-type", "application/octet-stream")
+                    .body(bytes),
+            )
+            .await?;
         self.body(resp).await.map(|_| ())
     }
 
     /// One chunk's bytes (`GET /api/v1/chunks/{hash}`).
     pub async fn chunk_get(&self, hash: &str) -> Result<Vec<u8>, ClientError> {
         let url = format!("{}/api/v1/chunks/{hash}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+        let resp = self.send(self.http.get(&url)).await?;
         self.body(resp).await.map(|b| b.to_vec())
     }
 
@@ -295,16 +263,13 @@ impl ApiClient {
         let url = format!("{}/api/v1/patches", self.base);
         let body = postcard::to_stdvec(signed).expect("patches serialise");
         let resp = self
-            .http
-            .post(&url)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+            .send(
+                self.http
+                    .post(&url)
+                    .header("content-type", "application/octet-stream")
+                    .body(body),
+            )
+            .await?;
         self.decode(url, resp).await
     }
 
@@ -318,15 +283,7 @@ impl ApiClient {
         if let Some(s) = site {
             url.push_str(&format!("?site={}", urlencode(s)));
         }
-        let resp = self
-            .http
-            .post(&url)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                url: self.base.clone(),
-                reason: root_cause(&e),
-            })?;
+        let resp = self.send(self.http.post(&url)).await?;
         self.decode(url, resp).await
     }
 
