@@ -180,16 +180,25 @@ impl ApiClient {
         &self,
         signed: &trellis_node::bundle::SignedBundle,
     ) -> Result<crate::api::ConfigApplied, ClientError> {
-        let url = format!("{}/api/v1/config", self.base);
-        let body = postcard::to_stdvec(signed).expect("bundles serialise");
-        let resp = self
-            .send(
-                self.http
-                    .post(&url)
-                    .header("content-type", "application/octet-stream")
-                    .body(body),
-            )
-            .await?;
+        self.post_postcard("/api/v1/config", signed).await
+    }
+
+    /// POSTs `msg` postcard-encoded (a signed bundle or manifest: the exact
+    /// bytes the operator signed travel as they are) and decodes the JSON
+    /// answer.
+    async fn post_postcard<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        msg: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let body = postcard::to_stdvec(msg).expect("signed messages serialise");
+        let req = self
+            .http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .body(body);
+        let resp = self.send(req).await?;
         self.decode(url, resp).await
     }
 
@@ -260,17 +269,7 @@ impl ApiClient {
         &self,
         signed: &trellis_node::patch::SignedPatch,
     ) -> Result<crate::api::PatchPublished, ClientError> {
-        let url = format!("{}/api/v1/patches", self.base);
-        let body = postcard::to_stdvec(signed).expect("patches serialise");
-        let resp = self
-            .send(
-                self.http
-                    .post(&url)
-                    .header("content-type", "application/octet-stream")
-                    .body(body),
-            )
-            .await?;
-        self.decode(url, resp).await
+        self.post_postcard("/api/v1/patches", signed).await
     }
 
     /// Has the relays (of `site` only, if given) fetch a patch's artifacts.
