@@ -696,6 +696,7 @@ mod tests {
             labels: BTreeMap::new(),
             facts: BTreeMap::new(),
             config: Default::default(),
+            patch: Default::default(),
         };
         m.config.offer = offer.map(|(version, d)| Offer {
             version,

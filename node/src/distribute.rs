@@ -289,7 +289,8 @@ impl MemberConfig {
     }
 }
 
-fn cut(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -317,6 +318,9 @@ pub enum FetchRequest {
     Bundle { want: Offer },
     /// One chunk of a patch artifact the relay keeps, by BLAKE3.
     Chunk([u8; 32]),
+    /// A signed patch manifest the relay keeps, by
+    /// [`crate::patch::SignedPatch::id`].
+    Patch([u8; 32]),
 }
 
 /// relay → node.
@@ -331,6 +335,9 @@ pub enum FetchResponse {
     Chunk(Vec<u8>),
     /// The relay does not hold that chunk.
     NoChunk,
+    Patch(Box<crate::patch::SignedPatch>),
+    /// The relay does not hold that patch.
+    NoPatch,
 }
 
 /// Why a fetch failed. Nothing was applied.
@@ -499,12 +506,12 @@ pub type Served = Option<Arc<(Offer, SignedBundle)>>;
 
 /// Serves fetches on the connections `accepted` until `shutdown`: each
 /// stream gets the bundle `served` holds if it is the one asked for, or a
-/// chunk from `chunks`. A peer that sends a bad request has its connection
+/// patch manifest or chunk from `chunks`. A peer that sends a bad request has its connection
 /// closed.
 pub async fn serve(
     mut accepted: mpsc::Receiver<Accepted>,
     served: watch::Receiver<Served>,
-    chunks: Option<Arc<crate::patch::ChunkStore>>,
+    chunks: Option<Arc<crate::patch::PatchFiles>>,
     metrics: crate::metrics::MeshMetrics,
     shutdown: CancellationToken,
 ) {
@@ -532,7 +539,7 @@ pub async fn serve(
                     Ok(Some(FetchRequest::Bundle { want })) => want,
                     Ok(Some(FetchRequest::Chunk(hash))) => {
                         let found = match chunks.clone() {
-                            Some(store) => tokio::task::spawn_blocking(move || store.get(&hash))
+                            Some(files) => tokio::task::spawn_blocking(move || files.chunks.get(&hash))
                                 .await
                                 .ok()
                                 .and_then(Result::ok)
@@ -540,6 +547,23 @@ pub async fn serve(
                             None => None,
                         };
                         let response = found.map_or(FetchResponse::NoChunk, FetchResponse::Chunk);
+                        if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
+                            let _ = wire::write_frame(&mut send, &frame).await;
+                            let _ = send.finish();
+                        }
+                        continue;
+                    }
+                    Ok(Some(FetchRequest::Patch(id))) => {
+                        let found = match chunks.clone() {
+                            Some(files) => tokio::task::spawn_blocking(move || files.manifest(&id))
+                                .await
+                                .ok()
+                                .flatten(),
+                            None => None,
+                        };
+                        let response = found.map_or(FetchResponse::NoPatch, |p| {
+                            FetchResponse::Patch(Box::new(p))
+                        });
                         if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
                             let _ = wire::write_frame(&mut send, &frame).await;
                             let _ = send.finish();

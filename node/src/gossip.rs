@@ -387,6 +387,7 @@ pub fn site_view_of(c: &chitchat::Chitchat, region: &str, site: &str) -> SiteVie
                 labels,
                 facts,
                 config: crate::distribute::MemberConfig::from_kv(state.key_values()),
+                patch: crate::patchstate::MemberPatch::from_kv(state.key_values()),
             }
         })
         .collect();

@@ -56,6 +56,7 @@ pub mod id;
 pub mod managed;
 pub mod metrics;
 pub mod patch;
+pub mod patchstate;
 pub mod signature;
 pub mod site;
 pub mod tls;

@@ -878,6 +878,29 @@ impl ChunkStore {
     }
 }
 
+/// What a relay serves its site of patches: the signed manifests it was
+/// staged (`ID.patch` in `dir`, postcard) and their chunks.
+#[derive(Debug, Clone)]
+pub struct PatchFiles {
+    pub dir: PathBuf,
+    pub chunks: ChunkStore,
+}
+
+impl PatchFiles {
+    /// Where the manifest of patch `id` is kept.
+    pub fn manifest_path(dir: &Path, id: &[u8; 32]) -> PathBuf {
+        dir.join(format!("{}.patch", crate::distribute::hex32(id)))
+    }
+
+    /// The manifest of patch `id`, if kept and readable (and still naming
+    /// that id: a damaged file is not served).
+    pub fn manifest(&self, id: &[u8; 32]) -> Option<SignedPatch> {
+        let bytes = std::fs::read(Self::manifest_path(&self.dir, id)).ok()?;
+        let signed: SignedPatch = postcard::from_bytes(&bytes).ok()?;
+        (signed.id() == *id).then_some(signed)
+    }
+}
+
 /// Why assembling stopped: writing `dest`, or the chunks.
 enum Assemble {
     Io(io::Error),

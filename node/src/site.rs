@@ -257,6 +257,9 @@ pub struct MemberView {
     /// version, last result and last drift.
     #[serde(default)]
     pub config: crate::distribute::MemberConfig,
+    /// What it says about patches: a relay's order, a node's state.
+    #[serde(default)]
+    pub patch: crate::patchstate::MemberPatch,
 }
 
 impl MemberView {
@@ -372,6 +375,7 @@ mod tests {
             labels: BTreeMap::new(),
             facts: BTreeMap::new(),
             config: Default::default(),
+            patch: Default::default(),
         };
         let view = SiteView {
             region: "r".into(),

@@ -20,9 +20,10 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use trellis_node::distribute::hex32;
 use trellis_node::metrics::Registry;
-use trellis_node::patch::{ChunkStore, Download, PatchManifest, SignedPatch, verify};
+use trellis_node::patch::{
+    ChunkStore, Download, PatchFiles, PatchManifest, SignedPatch, verify,
+};
 use trellis_node::tls::Credentials;
 use trellis_node::wire;
 
@@ -109,9 +110,17 @@ impl ArtifactCache {
         })
     }
 
-    /// The store of the artifacts' chunks (what the site's nodes fetch).
-    pub fn chunk_store(&self) -> ChunkStore {
-        self.chunks.clone()
+    /// The manifests and chunks the site's nodes fetch.
+    pub fn files(&self) -> PatchFiles {
+        PatchFiles {
+            dir: self.dir.clone(),
+            chunks: self.chunks.clone(),
+        }
+    }
+
+    /// A staged patch's manifest, if kept.
+    pub fn manifest(&self, id: &[u8; 32]) -> Option<SignedPatch> {
+        self.files().manifest(id)
     }
 
     /// Keeps a patch a hub staged and starts fetching what of it is
@@ -123,7 +132,7 @@ impl ArtifactCache {
         let this = self.clone();
         let m = manifest.clone();
         let missing = tokio::task::spawn_blocking(move || {
-            let path = this.dir.join(format!("{}.patch", hex32(&id)));
+            let path = PatchFiles::manifest_path(&this.dir, &id);
             let bytes = postcard::to_stdvec(&signed).expect("patches serialise");
             trellis_node::apply::write_atomic(&path, &bytes, 0o600)
                 .map_err(|e| format!("cannot keep the patch in {}: {e}", path.display()))?;

@@ -520,6 +520,7 @@ mod tests {
             labels: BTreeMap::new(),
             facts: BTreeMap::new(),
             config: Default::default(),
+            patch: Default::default(),
         }
     }
 

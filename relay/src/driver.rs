@@ -1147,8 +1147,8 @@ impl Relay {
             )
             .map_err(|e| StartError::Other(format!("{e}; check [buffer] path")))?,
         );
-        // The site's nodes fetch the artifacts' chunks from the same store.
-        let fetch_chunks = Arc::new(artifacts.chunk_store());
+        // The site's nodes fetch the manifests and chunks from the same store.
+        let fetch_chunks = Arc::new(artifacts.files());
         let config = Arc::new(ConfigCache {
             path: cache_path,
             trust,

@@ -138,6 +138,7 @@ mod tests {
             labels: BTreeMap::new(),
             facts: BTreeMap::new(),
             config: Default::default(),
+            patch: Default::default(),
         }
     }
 

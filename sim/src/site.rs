@@ -259,6 +259,7 @@ impl Site {
                         labels: Default::default(),
                         facts: Default::default(),
                         config: Default::default(),
+                        patch: Default::default(),
                     });
                 }
                 SiteView {
