@@ -27,7 +27,7 @@ pub struct RecordsReport {
     pub truncated: bool,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
         axum::Json(ApiError {
@@ -92,6 +92,22 @@ pub(crate) fn router(shared: Shared) -> Router {
             "/api/v1/patches/{name}/stage",
             axum::routing::post(patch_stage),
         )
+        .route(
+            "/api/v1/rollouts",
+            get(crate::rolloutapi::rollout_list)
+                .post(crate::rolloutapi::rollout_start)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::rolloutapi::MAX_ROLLOUT_BODY,
+                )),
+        )
+        .route(
+            "/api/v1/rollouts/{run}",
+            get(crate::rolloutapi::rollout_show),
+        )
+        .route(
+            "/api/v1/rollouts/{run}/control",
+            axum::routing::post(crate::rolloutapi::rollout_control),
+        )
         .route("/api/v1/config/{version}", get(config_show))
         .route("/api/v1/log", get(log))
         .route("/api/v1/audit", get(audit))
@@ -126,6 +142,10 @@ async fn index() -> &'static str {
         "GET /api/v1/patches                         every published patch, newest first\n",
         "GET /api/v1/patches/{name}                  a patch's versions: commands, checks, artifacts\n",
         "POST /api/v1/patches/{name}/stage[?site=S]  relays fetch its newest version's artifacts now\n",
+        "POST /api/v1/rollouts   (signed)            start a patch rollout in waves\n",
+        "GET /api/v1/rollouts                        every rollout, newest first\n",
+        "GET /api/v1/rollouts/{run|latest}           one rollout: waves, sites, the gate's numbers\n",
+        "POST /api/v1/rollouts/{run}/control (signed)   pause, resume or abort (abort rolls back)\n",
         "GET /api/v1/log[?limit=N]                   the replicated log, by (origin, seq)\n",
         "GET /api/v1/audit[?since=MS&origin=O&limit=N]   the log as an audit trail, oldest first\n",
         "GET /api/v1/audit/verify                    check this hub's stored log: signatures, chain\n",
@@ -958,33 +978,15 @@ async fn patch_stage(
     Path(name): Path<String>,
     Query(q): Query<StageQuery>,
 ) -> Response {
-    let snapshot = match config_snapshot(&shared).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let Some(record) = snapshot.patches.into_iter().rev().find(|p| p.name == name) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no patch named {name:?} (see GET /api/v1/patches)"),
-        );
-    };
-    let reader = shared.store.clone();
-    let (origin, seq) = (record.origin.clone(), record.seq);
-    let entry = tokio::task::spawn_blocking(move || reader.log_entry(&origin, seq)).await;
-    let signed = match entry {
-        Ok(Ok(Some(crate::log::Entry {
-            op: Op::Patch { manifest, .. },
-            ..
-        }))) => match postcard::from_bytes::<trellis_node::patch::SignedPatch>(&manifest) {
-            Ok(s) => s,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-        _ => {
+    let (record, signed) = match crate::patchdriver::signed_patch(&shared, |p| p.name == name).await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
             return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the log entry holding the patch is unreadable; run `trellis audit verify`",
+                StatusCode::NOT_FOUND,
+                format!("no patch named {name:?} (see GET /api/v1/patches)"),
             );
         }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
     let relays: Vec<(crate::driver::RelayConn, String, String)> = shared
         .relays

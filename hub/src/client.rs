@@ -297,6 +297,35 @@ impl ApiClient {
             .await
     }
 
+    /// Starts a patch rollout (`POST /api/v1/rollouts`, signed).
+    pub async fn rollout_start(
+        &self,
+        signed: &crate::rolloutapi::SignedRequest,
+    ) -> Result<crate::rolloutapi::RolloutView, ClientError> {
+        self.post_postcard("/api/v1/rollouts", signed).await
+    }
+
+    /// Every rollout, newest first.
+    pub async fn rollouts(&self) -> Result<crate::rolloutapi::RolloutList, ClientError> {
+        self.get("/api/v1/rollouts").await
+    }
+
+    /// One rollout (`run` a number or `latest`) with its live progress.
+    pub async fn rollout(&self, run: &str) -> Result<crate::rolloutapi::RolloutView, ClientError> {
+        self.get(&format!("/api/v1/rollouts/{}", urlencode(run)))
+            .await
+    }
+
+    /// Pauses, resumes or aborts a rollout (signed).
+    pub async fn rollout_control(
+        &self,
+        run: &str,
+        signed: &crate::rolloutapi::SignedRequest,
+    ) -> Result<crate::rolloutapi::RolloutView, ClientError> {
+        self.post_postcard(&format!("/api/v1/rollouts/{}/control", urlencode(run)), signed)
+            .await
+    }
+
     /// The management log as an audit trail (`GET /api/v1/audit`).
     pub async fn audit(
         &self,

@@ -425,6 +425,18 @@ impl HubCore {
         &self.streams
     }
 
+    /// The latest summary of every site this hub knows: from its records,
+    /// or else from another hub's gossip.
+    pub fn summaries(&self) -> Vec<SiteSummary> {
+        let mut rollup = self.rollup.clone();
+        for s in self.gossiped.values() {
+            if rollup.get(&s.region, &s.site).is_none() {
+                rollup.insert(s.clone());
+            }
+        }
+        rollup.sites().cloned().collect()
+    }
+
     /// The fleet as this hub knows it, sites in (region, site) order. `now_ms`
     /// is the wall clock, to age what other hubs heard.
     pub fn fleet(&self, now: Instant, now_ms: u64) -> FleetReport {

@@ -32,7 +32,7 @@ use trellis_node::site::MemberView;
 use trellis_node::tls::Credentials;
 use trellis_node::wire::{self, WireError};
 use trellis_relay::report::FleetReport;
-use trellis_relay::summary::SiteKey;
+use trellis_relay::summary::{SiteKey, SiteSummary};
 use trellis_relay::uplink::{
     HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
@@ -45,10 +45,10 @@ use crate::peering::{Peering, PeeringSettings, federation_task, push_task, serve
 use crate::replication::ReplClient;
 use crate::store::{Batch, HubStore, StoreError, StoreReader, StoredRecord, stored};
 
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for a relay to take a pushed configuration bundle (a few
 /// MiB over a slow WAN, then an fsync).
-const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait between attempts to push a configuration to a relay.
 const MAX_PUSH_BACKOFF: Duration = Duration::from_secs(30);
 /// Audit notes waiting to be written, at most (past it, notes are dropped
@@ -172,6 +172,14 @@ pub(crate) enum Input {
     },
     LogState {
         reply: oneshot::Sender<LogSnapshot>,
+    },
+    /// The latest summary of every site known.
+    Summaries {
+        reply: oneshot::Sender<Vec<SiteSummary>>,
+    },
+    /// Every rollout's newest state.
+    Rollouts {
+        reply: oneshot::Sender<Vec<crate::log::RolloutEntry>>,
     },
 }
 
@@ -347,6 +355,12 @@ impl CoreTask {
                             patches: self.log.state().patches().into_iter().cloned().collect(),
                         });
                     }
+                    Input::Summaries { reply } => {
+                        let _ = reply.send(self.core.summaries());
+                    }
+                    Input::Rollouts { reply } => {
+                        let _ = reply.send(self.log.state().rollouts().cloned().collect());
+                    }
                     other @ (Input::LogWrite { .. } | Input::LogEntries { .. }) => {
                         log_work.push(other)
                     }
@@ -468,16 +482,21 @@ impl CoreTask {
                     o => format!("config.{o}"),
                 },
                 Event::ConfigDrift { .. } => "config.drift".to_owned(),
+                Event::PatchState { state, .. } => format!("patch.{}", state.state),
+                Event::PatchSiteRolledBack { .. } => "patch.site-rolled-back".to_owned(),
                 _ => continue,
             };
-            let node = match e {
-                Event::ConfigResult { node, .. } | Event::ConfigDrift { node, .. } => node,
+            let subject = match e {
+                Event::ConfigResult { node, .. }
+                | Event::ConfigDrift { node, .. }
+                | Event::PatchState { node, .. } => format!("{}/{}/{node}", r.region, r.site),
+                Event::PatchSiteRolledBack { .. } => format!("{}/{}", r.region, r.site),
                 _ => continue,
             };
             let op = Op::Note {
                 kind,
-                subject: format!("{}/{}/{node}", r.region, r.site),
-                detail: e.config_text().unwrap_or_default(),
+                subject,
+                detail: e.config_text().or_else(|| e.patch_text()).unwrap_or_default(),
             };
             if self.notes.try_send((self.log_me(), op)).is_err() {
                 warn!(relay = %r.relay, "audit notes queue full; a configuration event is in the store but not in the audit log");
@@ -801,6 +820,8 @@ pub(crate) struct Shared {
     pub config_head: watch::Receiver<ConfigHead>,
     /// Patch artifacts' chunks, by BLAKE3.
     pub chunks: Arc<trellis_node::patch::ChunkStore>,
+    /// The newest rollout, with its patch: what relays are told.
+    pub rollout_head: watch::Receiver<crate::patchdriver::RolloutHead>,
 }
 
 /// Why a note was not recorded. Nothing was appended to the log.
@@ -1032,6 +1053,11 @@ async fn serve_relay_inner(
         peer.clone(),
         shared.config_head.clone(),
     )));
+    let _rollout = AbortOnDrop(tokio::spawn(crate::patchdriver::push_rollout(
+        conn.clone(),
+        peer.clone(),
+        shared.rollout_head.clone(),
+    )));
     let _chunks = AbortOnDrop(tokio::spawn(serve_chunks(
         conn.clone(),
         shared.chunks.clone(),
@@ -1191,6 +1217,7 @@ impl Hub {
             .local_addr()
             .map_err(|e| StartError::Other(e.to_string()))?;
         let (core_tx, core_rx) = mpsc::channel(4096);
+        let (rollout_head_tx, rollout_head_rx) = watch::channel(None);
         let shared = Shared {
             core: core_tx,
             relays: Arc::new(Mutex::new(HashMap::new())),
@@ -1199,6 +1226,7 @@ impl Hub {
             peering: Arc::new(std::sync::OnceLock::new()),
             config_head: config_head_rx,
             chunks: Arc::new(chunks),
+            rollout_head: rollout_head_rx,
         };
         let (push_tx, push_rx) = mpsc::channel(1024);
         let (notes_tx, notes_rx) = mpsc::channel(NOTES_QUEUE);
@@ -1253,6 +1281,12 @@ impl Hub {
         tasks.push(tokio::spawn(federation_task(
             shared.clone(),
             peering.clone(),
+            shutdown.child_token(),
+        )));
+        tasks.push(tokio::spawn(crate::patchdriver::rollout_task(
+            shared.clone(),
+            peering.clone(),
+            rollout_head_tx,
             shutdown.child_token(),
         )));
         tasks.push(tokio::spawn(crate::peering::chunk_sync_task(

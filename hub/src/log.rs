@@ -106,6 +106,16 @@ pub enum Op {
         /// The postcard encoding of the `SignedPatch`.
         manifest: Vec<u8>,
     },
+    /// A patch rollout as it stands: written when it starts and at each
+    /// change (a wave started, a gate failed, paused by an operator). The
+    /// highest revision of a run wins; equal revisions written by two hubs
+    /// at once are ordered like keys.
+    Rollout {
+        run: u64,
+        revision: u64,
+        /// The rollout's state as JSON (`patchrollout::RolloutRecord`).
+        record: String,
+    },
 }
 
 impl Op {
@@ -140,7 +150,7 @@ impl Op {
     pub fn key(&self) -> Option<&str> {
         match self {
             Op::Put { key, .. } | Op::Delete { key } => Some(key),
-            Op::Note { .. } | Op::Config { .. } | Op::Patch { .. } => None,
+            Op::Note { .. } | Op::Config { .. } | Op::Patch { .. } | Op::Rollout { .. } => None,
         }
     }
 }
@@ -180,6 +190,17 @@ impl std::fmt::Display for Op {
             Op::Patch {
                 id, name, version, ..
             } => write!(f, "patch {name} {version} {}", id.get(..16).unwrap_or(id)),
+            Op::Rollout {
+                run,
+                revision,
+                record,
+            } => {
+                let state = serde_json::from_str::<serde_json::Value>(record)
+                    .ok()
+                    .and_then(|v| v.get("state").and_then(|s| s.as_str().map(str::to_owned)))
+                    .unwrap_or_default();
+                write!(f, "rollout {run} revision {revision} {state}")
+            }
         }
     }
 }
@@ -292,6 +313,7 @@ impl Entry {
                 version,
                 manifest,
             } => id.len() + name.len() + version.len() + manifest.len(),
+            Op::Rollout { record, .. } => 16 + record.len(),
         };
         128 + self.origin.len() + self.author.len() + op
     }
@@ -378,6 +400,22 @@ pub struct DesiredState {
     /// Published patches by id (content-derived: the same manifest
     /// published twice is one patch, the first entry keeps it).
     patches: BTreeMap<String, PatchRecord>,
+    /// Patch rollouts by run: the highest revision, then the greatest
+    /// `(hlc, origin, seq)`.
+    rollouts: BTreeMap<u64, RolloutEntry>,
+}
+
+/// A rollout's newest state and the entry that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutEntry {
+    pub run: u64,
+    pub revision: u64,
+    /// JSON (`patchrollout::RolloutRecord`).
+    pub record: String,
+    pub author: String,
+    pub hlc: Hlc,
+    pub origin: String,
+    pub seq: u64,
 }
 
 /// A published patch and the entry that holds it.
@@ -397,6 +435,32 @@ impl DesiredState {
     /// Applies one entry (in any order relative to the others).
     /// Notes change nothing.
     pub fn apply(&mut self, e: &Entry) {
+        if let Op::Rollout {
+            run,
+            revision,
+            record,
+        } = &e.op
+        {
+            let wins = self.rollouts.get(run).is_none_or(|r| {
+                (*revision, e.hlc, e.origin.as_str(), e.seq)
+                    > (r.revision, r.hlc, r.origin.as_str(), r.seq)
+            });
+            if wins {
+                self.rollouts.insert(
+                    *run,
+                    RolloutEntry {
+                        run: *run,
+                        revision: *revision,
+                        record: record.clone(),
+                        author: e.author.clone(),
+                        hlc: e.hlc,
+                        origin: e.origin.clone(),
+                        seq: e.seq,
+                    },
+                );
+            }
+            return;
+        }
         if let Op::Patch {
             id, name, version, ..
         } = &e.op
@@ -463,7 +527,8 @@ impl DesiredState {
                         Op::Delete { .. }
                         | Op::Note { .. }
                         | Op::Config { .. }
-                        | Op::Patch { .. } => None,
+                        | Op::Patch { .. }
+                        | Op::Rollout { .. } => None,
                     },
                     hlc: e.hlc,
                     origin: e.origin.clone(),
@@ -498,6 +563,11 @@ impl DesiredState {
 
     pub fn config(&self, version: u64) -> Option<&ConfigVersion> {
         self.configs.get(&version)
+    }
+
+    /// Every rollout's newest state, by run.
+    pub fn rollouts(&self) -> impl DoubleEndedIterator<Item = &RolloutEntry> {
+        self.rollouts.values()
     }
 
     /// Every published patch, oldest first.

@@ -29,7 +29,7 @@ pub mod keys {
 }
 
 /// What the relay tells its site's nodes to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderAction {
     /// The named nodes install the patch (a node that already did, or

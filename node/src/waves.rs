@@ -411,6 +411,22 @@ pub fn gate(patched: GateCounts, baseline: GateCounts, max_failure: f64) -> Gate
     }
 }
 
+/// Judges a wave as it stands, so that a bad patch is stopped on the
+/// first sign of harm rather than after the slowest node reports: like
+/// [`gate`], but while nodes are pending the wave already fails when its
+/// failures would exceed the threshold even if every pending node turned
+/// out healthy. (It passes only once nothing is pending, as with `gate`.)
+pub fn gate_now(patched: GateCounts, baseline: GateCounts, max_failure: f64) -> GateVerdict {
+    let mut v = gate(patched, baseline, max_failure);
+    if v.pass.is_none() {
+        let all = u64::from(patched.healthy) + u64::from(patched.failed) + u64::from(patched.pending);
+        if all > 0 && patched.failed as f64 / all as f64 > v.threshold + GATE_EPSILON {
+            v.pass = Some(false);
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +460,22 @@ mod tests {
 
     fn sizes(plan: &[Wave]) -> Vec<usize> {
         plan.iter().map(|w| w.nodes.len()).collect()
+    }
+
+    #[test]
+    fn a_wave_fails_at_once_when_pending_nodes_could_not_save_it() {
+        let c = |healthy, failed, pending| GateCounts {
+            healthy,
+            failed,
+            pending,
+        };
+        // One failure among two patched, one still baking: 1/2 > 0.05.
+        let v = gate_now(c(0, 1, 1), c(10, 0, 0), 0.05);
+        assert_eq!(v.pass, Some(false));
+        assert_eq!(gate(c(0, 1, 1), c(10, 0, 0), 0.05).pass, None);
+        // One failure among 100 with a 5 % margin: the rest may still pass.
+        assert_eq!(gate_now(c(0, 1, 99), c(10, 0, 0), 0.05).pass, None);
+        assert_eq!(gate_now(c(99, 1, 0), c(10, 0, 0), 0.05).pass, Some(true));
     }
 
     #[test]

@@ -123,6 +123,18 @@ impl ArtifactCache {
         self.files().manifest(id)
     }
 
+    /// Whether every chunk of the patch's artifacts is held (each read
+    /// and checked: run it once, not on every look).
+    pub fn holds_whole(&self, signed: &SignedPatch) -> bool {
+        let Ok(manifest) = postcard::from_bytes::<PatchManifest>(&signed.manifest) else {
+            return false;
+        };
+        manifest
+            .artifacts
+            .iter()
+            .all(|a| self.chunks.missing(a).is_empty())
+    }
+
     /// Keeps a patch a hub staged and starts fetching what of it is
     /// missing; returns how many chunks that is.
     pub async fn stage(self: &Arc<Self>, signed: SignedPatch) -> Result<u64, String> {

@@ -22,9 +22,11 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use trellis_node::distribute::{ConfigResult, DriftNote};
+use trellis_node::patchstate::NodePatch;
 use trellis_node::site::{SiteView, Status};
 
 use crate::buffer::NewRecord;
+use crate::rollout::{SiteOrder, SiteRollout};
 use crate::summarise::{is_node, summarise};
 use crate::summary::SiteSummary;
 use crate::uplink::{Event, Gap, Record, RecordBody};
@@ -78,6 +80,8 @@ struct NodeState {
     result: Option<ConfigResult>,
     /// Its last drift of each file, by path.
     drift: BTreeMap<String, DriftNote>,
+    /// Its last patch state.
+    patch: Option<NodePatch>,
 }
 
 #[derive(Debug)]
@@ -122,6 +126,10 @@ pub struct RelayCore {
     nodes: Option<BTreeMap<String, NodeState>>,
     seen_alive: BTreeSet<(String, u64)>,
     records_made: u64,
+    /// The patch rollout the site takes part in.
+    rollout: Option<SiteRollout>,
+    /// Whether `rollout` changed since the driver last took it.
+    rollout_changed: bool,
 }
 
 /// How long a new member may take to be seen alive before it counts as
@@ -152,6 +160,8 @@ impl RelayCore {
             nodes: None,
             seen_alive: BTreeSet::new(),
             records_made: 0,
+            rollout: None,
+            rollout_changed: false,
         }
     }
 
@@ -166,6 +176,41 @@ impl RelayCore {
                 .as_ref()
                 .map_or(0, |c| c.backlog_end - c.backlog_sent),
         }
+    }
+
+    /// Takes back the rollout the relay kept on disk.
+    pub fn restore_rollout(&mut self, rollout: Option<SiteRollout>) {
+        self.rollout = rollout;
+    }
+
+    /// Takes a hub's order for the site (see [`SiteRollout::take`]);
+    /// returns whether the rollout changed (then the driver keeps it and
+    /// tells the nodes).
+    pub fn handle_order(&mut self, order: SiteOrder) -> bool {
+        let changed = SiteRollout::take(&mut self.rollout, order);
+        self.rollout_changed |= changed;
+        changed
+    }
+
+    pub fn rollout(&self) -> Option<&SiteRollout> {
+        self.rollout.as_ref()
+    }
+
+    /// The rollout, if it changed since the last call (a hub's order, or
+    /// the site's gate rolling the site back): the driver keeps it on disk
+    /// and tells the nodes.
+    pub fn take_rollout_change(&mut self) -> Option<SiteRollout> {
+        if std::mem::take(&mut self.rollout_changed) {
+            self.rollout.clone()
+        } else {
+            None
+        }
+    }
+
+    /// The rollout taken by [`RelayCore::take_rollout_change`] could not
+    /// be kept: it is handed out again next time.
+    pub fn rollout_unsaved(&mut self) {
+        self.rollout_changed = true;
     }
 
     /// The latest summary made, if any.
@@ -204,6 +249,7 @@ impl RelayCore {
                         alive: m.alive,
                         checks,
                         result: m.config.result.clone(),
+                        patch: m.patch.state.clone(),
                         drift: m.config.drift.clone(),
                     },
                 )
@@ -218,7 +264,22 @@ impl RelayCore {
         }
         self.nodes = Some(current);
 
-        let summary = summarise(view, &self.relay, wall_ms);
+        let mut summary = summarise(view, &self.relay, wall_ms);
+        if let Some(r) = self.rollout.as_mut() {
+            let (mut tally, verdict) = r.judge(view, &self.relay);
+            let counts = crate::rollout::counts_of(&tally, &r.patched());
+            if let Some(reason) = r.enforce(&verdict, &counts) {
+                self.rollout_changed = true;
+                let (t, _) = r.judge(view, &self.relay);
+                tally = t;
+                let (run, patch) = (r.order.run, r.patch_id());
+                self.push(
+                    wall_ms,
+                    RecordBody::Event(Event::PatchSiteRolledBack { run, patch, reason }),
+                );
+            }
+            summary.patch = Some(tally);
+        }
         let due = match &self.last_summary {
             None => true,
             Some((at, last)) => {
@@ -440,6 +501,12 @@ fn diff(
             events.push(Event::ConfigResult {
                 node: node.clone(),
                 result: now.result.clone().expect("checked"),
+            });
+        }
+        if now.patch.is_some() && before.and_then(|b| b.patch.as_ref()) != now.patch.as_ref() {
+            events.push(Event::PatchState {
+                node: node.clone(),
+                state: now.patch.clone().expect("checked"),
             });
         }
         for (path, d) in &now.drift {

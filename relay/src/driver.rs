@@ -18,6 +18,7 @@
 //!   nodes (`trellis-fetch/1`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,7 @@ use trellis_node::gossip::Gossip;
 use trellis_node::id::Role;
 use trellis_node::metrics::Registry;
 use trellis_node::tls::Credentials;
+use trellis_node::patchstate::keys;
 use trellis_node::wire::{self, WireError};
 
 use crate::api::{ApiState, LocalState, api_router};
@@ -45,15 +47,17 @@ use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
 use crate::configcache;
 use crate::core::{RelayCore, Transmit};
+use crate::rollout::{SiteOrder, SiteRollout};
 use crate::failover::{HubChoice, full_jitter, next_attempt};
 use crate::pace::TokenBucket;
 use crate::uplink::{
     Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
 
-/// Largest request a hub may send on a request stream (a configuration
-/// bundle, which may be larger, comes as a second frame).
-const MAX_REQUEST: usize = 64 * 1024;
+/// Largest request a hub may send on a request stream: a rollout order
+/// carries a patch manifest (at most 256 KiB) and the site's node names.
+/// A configuration bundle, which may be larger, comes as a second frame.
+const MAX_REQUEST: usize = 1 << 20;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for a configuration bundle (at most a few MiB) to arrive
 /// over a slow WAN once the relay said it wants it.
@@ -234,6 +238,13 @@ enum Input {
     Disconnected {
         conn: u64,
     },
+    /// A hub's rollout order, with whether the relay holds every chunk of
+    /// the patch; answered once the order is kept on disk.
+    Order {
+        order: Box<SiteOrder>,
+        ready: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The core task's handle on a connection's writer.
@@ -274,6 +285,11 @@ struct CoreTask {
     /// Acknowledged seqs and when, to delete once `keep_acked` has passed.
     to_delete: std::collections::VecDeque<(Instant, u64)>,
     keep_acked: Duration,
+    /// Where the site's rollout is kept.
+    rollout_path: PathBuf,
+    /// The newest run whose patch the relay holds whole: its install
+    /// order may be told to the nodes.
+    ready_run: Option<u64>,
 }
 
 impl CoreTask {
@@ -296,6 +312,14 @@ impl CoreTask {
                     None => break,
                 },
                 i = inputs.recv() => match i {
+                    Some(Input::Order { order, ready, reply }) => {
+                        if ready {
+                            self.ready_run = self.ready_run.max(Some(order.run));
+                        }
+                        self.core.handle_order(*order);
+                        let kept = self.keep_rollout().await;
+                        let _ = reply.send(kept);
+                    }
                     Some(i) => self.on_input(i),
                     None => break,
                 },
@@ -304,6 +328,8 @@ impl CoreTask {
                     let now = Instant::now();
                     self.delete_old_acked(now);
                     self.core.handle_view(now, unix_ms(), &view);
+                    // A failure is logged, and tried again on the next look.
+                    let _ = self.keep_rollout().await;
                     if self.current.is_some() && self.core.ack_overdue(now) {
                         warn!("hub stopped acknowledging records; reconnecting");
                         self.drop_connection();
@@ -324,6 +350,40 @@ impl CoreTask {
             self.flush(retry_at.is_none());
         }
         self.drop_connection();
+    }
+
+    /// Keeps the rollout on disk if it changed, then tells the nodes: to
+    /// roll back at once; to install only once the relay holds the whole
+    /// patch (until then the nodes keep the order they had).
+    async fn keep_rollout(&mut self) -> Result<(), String> {
+        let Some(r) = self.core.take_rollout_change() else {
+            return Ok(());
+        };
+        if let Err(error) = crate::rollout::save(&self.rollout_path, &r) {
+            error!(%error, "cannot keep the site's rollout; the nodes are not told");
+            self.core.rollout_unsaved();
+            return Err(error);
+        }
+        self.publish_order(&r).await;
+        if let Some(reason) = &r.local {
+            warn!(run = r.order.run, %reason, "site rolled back by its relay");
+        }
+        Ok(())
+    }
+
+    async fn publish_order(&self, r: &SiteRollout) {
+        if !r.rolling_back() && self.ready_run < Some(r.order.run) {
+            info!(run = r.order.run, "rollout kept; nodes are told once the patch is here whole");
+            return;
+        }
+        let order = r.gossip_order();
+        info!(run = order.run, action = order.action.as_str(), nodes = order.nodes.len(), "telling the site's nodes");
+        self.gossip
+            .set(
+                vec![(keys::ORDER.to_owned(), order.encode())],
+                keys::ORDER,
+            )
+            .await;
     }
 
     /// Sends a command to the buffer thread; its reply comes back as a
@@ -746,6 +806,7 @@ impl Session<'_> {
             self.gossip.clone(),
             self.config.clone(),
             self.artifacts.clone(),
+            self.inputs.clone(),
             self.metrics.clone(),
             cancel.clone(),
         ));
@@ -960,11 +1021,36 @@ async fn announce(gossip: &Gossip, offer: Option<Offer>) {
     gossip.set(kv, trellis_node::distribute::keys::OFFER).await;
 }
 
+/// Stages a rollout's patch (fetching what is missing) and hands the
+/// order to the core task, which keeps it on disk before this answers.
+async fn take_order(
+    artifacts: &Arc<ArtifactCache>,
+    inputs: &mpsc::Sender<Input>,
+    order: SiteOrder,
+) -> Result<Response, String> {
+    let run = order.run;
+    let missing = artifacts.stage((*order.patch).clone()).await?;
+    let ready = missing == 0;
+    let (reply, rx) = oneshot::channel();
+    inputs
+        .send(Input::Order {
+            order: Box::new(order),
+            ready,
+            reply,
+        })
+        .await
+        .map_err(|_| "the relay is shutting down".to_owned())?;
+    rx.await
+        .map_err(|_| "the relay is shutting down".to_owned())??;
+    Ok(Response::RolloutTaken { run, ready })
+}
+
 async fn answer_requests(
     conn: quinn::Connection,
     gossip: Arc<Gossip>,
     config: Arc<ConfigCache>,
     artifacts: Arc<ArtifactCache>,
+    inputs: mpsc::Sender<Input>,
     metrics: RelayMetrics,
     cancel: CancellationToken,
 ) {
@@ -981,6 +1067,7 @@ async fn answer_requests(
         let metrics = metrics.clone();
         let config = config.clone();
         let artifacts = artifacts.clone();
+        let inputs = inputs.clone();
         tokio::spawn(async move {
             let request = tokio::time::timeout(
                 IO_TIMEOUT,
@@ -1039,6 +1126,15 @@ async fn answer_requests(
                         Response::Error(reason)
                     }
                 },
+                Ok(Some(Request::RolloutOrder(order))) => {
+                    match take_order(&artifacts, &inputs, *order).await {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            warn!(%reason, "rollout order not taken");
+                            Response::Error(reason)
+                        }
+                    }
+                }
                 Ok(Some(Request::ConfigBundle(_))) => {
                     Response::Error("a configuration bundle must follow an offer".into())
                 }
@@ -1166,13 +1262,23 @@ impl Relay {
             .first_seq()
             .map_err(|e| StartError::Other(e.to_string()))?
             .map_or(buffer.last_seq(), |f| f - 1);
-        let core = RelayCore::new(
+        let mut core = RelayCore::new(
             identity.name.clone(),
             cfg.uplink.core(),
             deleted,
             buffer.last_seq(),
             latest,
         );
+        let rollout_path = crate::rollout::rollout_path(&cfg.buffer.path);
+        let rollout = crate::rollout::load(&rollout_path).map_err(StartError::Other)?;
+        let ready_run = rollout
+            .as_ref()
+            .filter(|r| artifacts.holds_whole(&r.order.patch))
+            .map(|r| r.order.run);
+        if let Some(r) = &rollout {
+            info!(run = r.order.run, rolling_back = r.rolling_back(), ready = ready_run.is_some(), "site rollout taken back from disk");
+        }
+        core.restore_rollout(rollout.clone());
         let stats = Arc::new(Mutex::new(buffer.stats()));
         {
             let s = buffer.stats();
@@ -1196,7 +1302,12 @@ impl Relay {
             seen_made: 0,
             to_delete: std::collections::VecDeque::new(),
             keep_acked: cfg.buffer.keep_acked,
+            rollout_path,
+            ready_run,
         };
+        if let Some(r) = &rollout {
+            task.publish_order(r).await;
+        }
         let mut tasks = vec![
             tokio::spawn(task.run(
                 cfg.uplink.sample_interval,

@@ -185,6 +185,28 @@ impl ConfigTally {
     }
 }
 
+/// Where a site's nodes stand with the rollout its relay holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PatchTally {
+    /// The rollout's number.
+    pub run: u64,
+    /// The patch's id.
+    pub patch: [u8; 32],
+    /// What the site is doing: installing its started waves, or rolling
+    /// back.
+    pub action: trellis_node::patchstate::OrderAction,
+    /// Waves started at the site.
+    pub started: u32,
+    /// Each node that reported on this run: its state, and whether the
+    /// patch failed on it.
+    pub states: BTreeMap<String, (trellis_node::patchstate::PatchState, bool)>,
+    /// The site's alive nodes not patched: passing or warning, critical.
+    pub baseline_healthy: u32,
+    pub baseline_failed: u32,
+    /// Why the relay rolled the site back by itself, if it did.
+    pub local: Option<String>,
+}
+
 /// A site's state as its relay summarised it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SiteSummary {
@@ -211,6 +233,8 @@ pub struct SiteSummary {
     /// The worst nodes, worst first (at most [`MAX_WORST`]).
     pub worst: Vec<NodeBrief>,
     pub config: ConfigTally,
+    /// The patch rollout the site takes part in, if any.
+    pub patch: Option<PatchTally>,
 }
 
 /// A site's health at a glance.
@@ -268,6 +292,7 @@ impl SiteSummary {
             disk: Histogram::default(),
             worst: Vec::new(),
             config: ConfigTally::default(),
+            patch: None,
         }
     }
 
@@ -303,6 +328,7 @@ impl SiteSummary {
             && self.failing_checks == other.failing_checks
             && brief(self) == brief(other)
             && self.config == other.config
+            && self.patch == other.patch
     }
 
     /// Whether `self` supersedes `other` (same site): later generation
@@ -474,6 +500,7 @@ pub(crate) mod tests {
                         versions: BTreeMap::from([(u64::from(raw[2] % 3), alive)]),
                         ..ConfigTally::default()
                     },
+                    patch: None,
                 }
             })
     }

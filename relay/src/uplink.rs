@@ -179,9 +179,40 @@ pub enum Event {
         node: String,
         drift: DriftNote,
     },
+    /// A node's patch state changed (downloading, installing, baking,
+    /// healthy, failed, rolling back, rolled back).
+    PatchState {
+        node: String,
+        state: trellis_node::patchstate::NodePatch,
+    },
+    /// The relay rolled its site back by itself: the site's gate failed.
+    PatchSiteRolledBack {
+        run: u64,
+        patch: [u8; 32],
+        reason: String,
+    },
 }
 
 impl Event {
+    /// One line about a patch event (`None` for other events): what the
+    /// hub shows and notes in the audit trail.
+    pub fn patch_text(&self) -> Option<String> {
+        match self {
+            Event::PatchState { node, state } if state.detail.is_empty() => Some(format!(
+                "{node}: patch run {} {}",
+                state.run, state.state
+            )),
+            Event::PatchState { node, state } => Some(format!(
+                "{node}: patch run {} {}: {}",
+                state.run, state.state, state.detail
+            )),
+            Event::PatchSiteRolledBack { run, reason, .. } => {
+                Some(format!("site rolled back patch run {run} by itself: {reason}"))
+            }
+            _ => None,
+        }
+    }
+
     /// One line about a configuration event (`None` for other events):
     /// what the hub shows and notes in the audit trail.
     pub fn config_text(&self) -> Option<String> {
@@ -220,6 +251,8 @@ impl Event {
             Event::CheckChanged { .. } => "check_changed",
             Event::ConfigResult { .. } => "config_result",
             Event::ConfigDrift { .. } => "config_drift",
+            Event::PatchState { .. } => "patch_state",
+            Event::PatchSiteRolledBack { .. } => "patch_site_rolled_back",
         }
     }
 }
@@ -236,6 +269,10 @@ pub enum Request {
     /// A patch to keep for the site: the relay fetches the chunks of its
     /// artifacts it lacks, from the hub (`RelayRequest::Chunk`).
     PatchStage(Box<trellis_node::patch::SignedPatch>),
+    /// A rollout as far as the relay's site goes: the relay stages the
+    /// patch, keeps the order and tells its nodes once it holds every
+    /// chunk.
+    RolloutOrder(Box<crate::rollout::SiteOrder>),
 }
 
 /// Relay → hub request on a relay-opened stream of the uplink connection.
@@ -266,6 +303,13 @@ pub enum Response {
     /// The patch is kept; this many chunks are being fetched.
     PatchStaged {
         fetching: u64,
+    },
+    /// The relay keeps the order (durably). `ready`: it holds every chunk
+    /// and has told its nodes; otherwise it is still fetching and the hub
+    /// sends the order again later.
+    RolloutTaken {
+        run: u64,
+        ready: bool,
     },
 }
 

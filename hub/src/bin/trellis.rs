@@ -128,6 +128,9 @@ enum Command {
     /// Patches: sign and store them at the hubs.
     #[command(subcommand)]
     Patch(PatchCommand),
+    /// Patch rollouts: waves, health gates, automatic rollback.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Read and check the audit trail: the hubs' management log.
     ///
     /// Every change to the desired state, and every note a hub records
@@ -388,7 +391,7 @@ enum AuditCommand {
 }
 
 /// Patches: signed manifests whose artifacts are stored at the hubs as
-/// content-addressed chunks (BLAKE3). Rolling them out is not built yet.
+/// content-addressed chunks (BLAKE3). `trellis rollout` rolls them out.
 #[derive(Subcommand)]
 enum PatchCommand {
     /// Sign a patch directory and store it at the hub.
@@ -448,6 +451,117 @@ enum PatchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Patch rollouts in waves, each judged by a health gate before the next
+/// starts; a failed gate halts the rollout and rolls back every patched
+/// node.
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Start rolling a published patch out, wave by wave.
+    ///
+    /// The nodes the patch's selector picks (among the nodes the relays
+    /// list now) are put in waves. With the default `canary,1site,10%,100%`:
+    /// one node, then every other node of one whole site, then nodes spread
+    /// across sites until 10 % of them have the patch, then the rest. Who is
+    /// in which wave is deterministic: nodes are ordered by BLAKE3 of the
+    /// patch's id and their name, sites by their first node in that order.
+    ///
+    /// A wave's nodes install the patch and watch the checks it names for
+    /// its bake time. The wave passes its gate when every patched node is
+    /// healthy, or at least when the patched nodes' failure ratio is no more
+    /// than that of the unpatched nodes plus --max-failure, and the wave has
+    /// run for --bake; then the next wave starts. A gate fails at once when
+    /// the patched failures already exceed that, and the rollout halts and
+    /// (unless --no-auto-rollback) every patched node rolls back. Each
+    /// site's relay applies the same gate to its own nodes, so a site cut
+    /// off from the hubs rolls itself back too.
+    ///
+    /// Nodes of sites whose relays do not answer now are not in the plan;
+    /// the command says which sites those are.
+    ///
+    /// Example: trellis rollout start openssl-fix --waves canary,1site,100% --bake 10m --max-failure 5% --cert alice.crt --key alice.key --ca ca/ca.crt
+    #[command(verbatim_doc_comment)]
+    Start {
+        /// The patch's name (its newest version) or id.
+        patch: String,
+        /// Waves: `canary` (one node, first only), `Nsite` (the next N
+        /// whole sites), `P%` (cumulative share of the nodes); ends at 100%.
+        #[arg(long, default_value = "canary,1site,10%,100%")]
+        waves: String,
+        /// How long each wave runs before its gate may pass (default: the
+        /// patch's bake time).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        bake: Option<Duration>,
+        /// How much worse than the unpatched nodes the patched nodes' failure
+        /// ratio may be: `5%` or `0.05`.
+        #[arg(long, default_value = "0%", value_parser = parse_ratio)]
+        max_failure: f64,
+        /// On a failed gate only halt; leave the patched nodes as they are.
+        #[arg(long)]
+        no_auto_rollback: bool,
+        #[command(flatten)]
+        operator: OperatorArg,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a rollout: waves with progress bars, each site, the gate's
+    /// numbers and, if it stopped, why.
+    Status {
+        /// The rollout's number; the newest when absent.
+        run: Option<u64>,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List rollouts, newest first.
+    List {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the current wave finish but start no new one.
+    Pause {
+        run: Option<u64>,
+        #[command(flatten)]
+        operator: OperatorArg,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Carry on after a pause, or after a halt without automatic rollback.
+    Resume {
+        run: Option<u64>,
+        #[command(flatten)]
+        operator: OperatorArg,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Stop the rollout and roll back every patched node.
+    Abort {
+        run: Option<u64>,
+        #[command(flatten)]
+        operator: OperatorArg,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+}
+
+/// `5%` or `0.05` as a ratio from 0 to 1.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let v = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => s.trim().parse::<f64>(),
+    }
+    .map_err(|_| format!("{s:?} is not a ratio: write 5% or 0.05"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s:?} is not between 0% and 100%"))
+    }
 }
 
 #[derive(clap::Args)]
@@ -610,6 +724,7 @@ fn main() -> ExitCode {
                 code
             }
         })),
+        Command::Rollout(cmd) => runtime().block_on(rollout(cmd)),
         Command::Patch(PatchCommand::List { hub, json }) => runtime()
             .block_on(with_client(&hub.hub, |c| async move {
                 answer(c.patch_list().await, json, render::patch_list)
@@ -982,18 +1097,126 @@ async fn follow_rollout(client: &ApiClient, version: u64, timeout: Duration) -> 
     }
 }
 
+fn load_operator(operator: &OperatorArg) -> Result<Credentials, ExitCode> {
+    Credentials::load(&operator.ca, &operator.cert, &operator.key).map_err(|e| {
+        cli::fail(
+            EXIT_USAGE,
+            &format!("cannot use the operator credentials: {e}"),
+        )
+    })
+}
+
+async fn rollout(cmd: RolloutCommand) -> ExitCode {
+    use trellis_hub::patchrollout::Control;
+    use trellis_hub::rolloutapi::{SignedRequest, StartRollout};
+    match cmd {
+        RolloutCommand::Start {
+            patch,
+            waves,
+            bake,
+            max_failure,
+            no_auto_rollback,
+            operator,
+            hub,
+            json,
+        } => {
+            if let Err(e) = trellis_node::waves::parse_waves(&waves) {
+                return cli::fail(EXIT_USAGE, &format!("--waves {waves:?}: {e}"));
+            }
+            let creds = match load_operator(&operator) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            with_client(&hub.hub, |c| async move {
+                let inv = match inventory(&c).await {
+                    Ok(i) => i,
+                    Err(e) => return client_error(e),
+                };
+                for u in &inv.unlisted {
+                    eprintln!(
+                        "warning: site {}/{} did not list its nodes ({}); they are not in this rollout",
+                        u.region, u.site, u.reason
+                    );
+                }
+                let req = StartRollout {
+                    patch,
+                    waves,
+                    bake_ms: bake.map(|b| b.as_millis() as u64),
+                    max_failure,
+                    auto_rollback: !no_auto_rollback,
+                    nodes: inv.nodes,
+                    at_ms: trellis_node::clock::unix_ms(),
+                };
+                let signed = match SignedRequest::sign(&creds, &req) {
+                    Ok(s) => s,
+                    Err(e) => return cli::fail(EXIT_USAGE, &e),
+                };
+                answer(c.rollout_start(&signed).await, json, render::rollout_status)
+            })
+            .await
+        }
+        RolloutCommand::Status { run, hub, json } => {
+            let run = run.map_or("latest".to_owned(), |r| r.to_string());
+            with_client(&hub.hub, |c| async move {
+                answer(c.rollout(&run).await, json, render::rollout_status)
+            })
+            .await
+        }
+        RolloutCommand::List { hub, json } => {
+            with_client(&hub.hub, |c| async move {
+                answer(c.rollouts().await, json, render::rollout_list)
+            })
+            .await
+        }
+        RolloutCommand::Pause { run, operator, hub } => {
+            rollout_control(Control::Pause, run, &operator, &hub.hub).await
+        }
+        RolloutCommand::Resume { run, operator, hub } => {
+            rollout_control(Control::Resume, run, &operator, &hub.hub).await
+        }
+        RolloutCommand::Abort { run, operator, hub } => {
+            rollout_control(Control::Abort, run, &operator, &hub.hub).await
+        }
+    }
+}
+
+async fn rollout_control(
+    control: trellis_hub::patchrollout::Control,
+    run: Option<u64>,
+    operator: &OperatorArg,
+    hub: &str,
+) -> ExitCode {
+    use trellis_hub::rolloutapi::{ControlRollout, SignedRequest};
+    let creds = match load_operator(operator) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = ControlRollout {
+        control,
+        at_ms: trellis_node::clock::unix_ms(),
+    };
+    let signed = match SignedRequest::sign(&creds, &req) {
+        Ok(s) => s,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let run = run.map_or("latest".to_owned(), |r| r.to_string());
+    with_client(hub, |c| async move {
+        answer(
+            c.rollout_control(&run, &signed).await,
+            false,
+            render::rollout_status,
+        )
+    })
+    .await
+}
+
 async fn patch_publish(dir: &std::path::Path, operator: &OperatorArg, hub: &str) -> ExitCode {
     use std::io::{IsTerminal, Read, Seek, SeekFrom};
     use trellis_node::distribute::hex32;
     use trellis_node::patch::{CHUNK_SIZE, Patch, sign};
-    let creds = match Credentials::load(&operator.ca, &operator.cert, &operator.key) {
+    let creds = match load_operator(operator) {
         Ok(c) => c,
-        Err(e) => {
-            return cli::fail(
-                EXIT_USAGE,
-                &format!("cannot use the operator credentials: {e}"),
-            );
-        }
+        Err(code) => return code,
     };
     let patch = match Patch::load(dir) {
         Ok(p) => p,
