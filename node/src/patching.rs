@@ -805,3 +805,457 @@ impl PatchEngine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::Role;
+    use crate::patchstate::MemberPatch;
+    use crate::site::{Health, MemberView};
+
+    const P: [u8; 32] = [7; 32];
+    const Q: [u8; 32] = [8; 32];
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 7901))
+    }
+
+    fn relay(name: &str, i: u8, alive: bool, order: Option<PatchOrder>) -> MemberView {
+        MemberView {
+            name: name.into(),
+            generation: 1,
+            gossip_addr: addr(i),
+            alive,
+            health: Health {
+                role: Some(Role::Relay),
+                ..Health::default()
+            },
+            labels: BTreeMap::new(),
+            facts: BTreeMap::new(),
+            config: Default::default(),
+            patch: MemberPatch { order, state: None },
+        }
+    }
+
+    fn order(run: u64, action: OrderAction, nodes: &[&str]) -> PatchOrder {
+        PatchOrder {
+            run,
+            patch: P,
+            action,
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn install(run: u64, nodes: &[&str]) -> Option<(PatchOrder, SocketAddr)> {
+        Some((order(run, OrderAction::Install, nodes), addr(1)))
+    }
+
+    fn rollback(run: u64) -> Option<(PatchOrder, SocketAddr)> {
+        Some((order(run, OrderAction::Rollback, &[]), addr(1)))
+    }
+
+    fn record(run: u64, state: PatchState, installed: bool) -> PatchRecord {
+        PatchRecord {
+            state,
+            installed,
+            ..PatchRecord::start(run, P)
+        }
+    }
+
+    #[test]
+    fn the_order_followed_is_the_highest_run_of_an_alive_relay() {
+        let mut node = relay("n1", 9, true, Some(order(9, OrderAction::Install, &["n1"])));
+        node.health.role = Some(Role::Node);
+        let view = SiteView {
+            region: "eu".into(),
+            site: "par".into(),
+            members: vec![
+                relay("r1", 1, true, Some(order(3, OrderAction::Install, &["n1"]))),
+                relay("r2", 2, true, Some(order(4, OrderAction::Install, &["n1"]))),
+                relay(
+                    "r3",
+                    3,
+                    false,
+                    Some(order(8, OrderAction::Install, &["n1"])),
+                ),
+                relay("r4", 4, true, None),
+                node,
+            ],
+        };
+        let (o, a) = current_order(&view).unwrap();
+        assert_eq!((o.run, a), (4, addr(2)));
+        assert_eq!(current_order(&SiteView::default()), None);
+    }
+
+    #[test]
+    fn a_rollback_wins_over_an_install_of_the_same_run() {
+        let view = SiteView {
+            region: "eu".into(),
+            site: "par".into(),
+            members: vec![
+                relay("r1", 1, true, Some(order(4, OrderAction::Install, &["n1"]))),
+                relay("r2", 2, true, Some(order(4, OrderAction::Rollback, &[]))),
+            ],
+        };
+        let (o, a) = current_order(&view).unwrap();
+        assert_eq!((o.action, a), (OrderAction::Rollback, addr(2)));
+    }
+
+    #[test]
+    fn a_node_named_in_an_install_order_installs_once_per_run() {
+        let step = decide(install(3, &["n1", "n2"]).as_ref(), "n1", None);
+        assert_eq!(
+            step,
+            Step::Install {
+                run: 3,
+                patch: P,
+                relay: addr(1)
+            }
+        );
+        assert_eq!(
+            decide(install(3, &["n2"]).as_ref(), "n1", None),
+            Step::Nothing
+        );
+        for state in PatchState::ALL {
+            if state == PatchState::Downloading {
+                continue;
+            }
+            let r = record(3, state, true);
+            assert_eq!(
+                decide(install(3, &["n1"]).as_ref(), "n1", Some(&r)),
+                Step::Nothing,
+                "{state}"
+            );
+        }
+        assert_eq!(decide(None, "n1", None), Step::Nothing);
+    }
+
+    #[test]
+    fn a_rolled_back_patch_installs_again_in_a_later_run_and_another_patch_too() {
+        let r = record(3, PatchState::RolledBack, true);
+        assert!(matches!(
+            decide(install(4, &["n1"]).as_ref(), "n1", Some(&r)),
+            Step::Install { run: 4, .. }
+        ));
+        let other = Some((
+            PatchOrder {
+                patch: Q,
+                ..order(3, OrderAction::Install, &["n1"])
+            },
+            addr(1),
+        ));
+        assert!(matches!(
+            decide(other.as_ref(), "n1", Some(&r)),
+            Step::Install { patch: Q, .. }
+        ));
+    }
+
+    #[test]
+    fn a_download_cut_short_by_a_restart_starts_over() {
+        let r = record(3, PatchState::Downloading, false);
+        assert!(matches!(
+            decide(install(3, &["n1"]).as_ref(), "n1", Some(&r)),
+            Step::Install { run: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn a_rollback_order_rolls_back_what_was_installed_in_that_run() {
+        for state in [
+            PatchState::Installing,
+            PatchState::Baking,
+            PatchState::Healthy,
+            PatchState::Failed,
+        ] {
+            let r = record(3, state, true);
+            assert_eq!(
+                decide(rollback(3).as_ref(), "n1", Some(&r)),
+                Step::RollBack { run: 3, patch: P },
+                "{state}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rollback_order_does_nothing_when_already_rolled_back_or_for_another_run() {
+        for state in [
+            PatchState::RollingBack,
+            PatchState::RolledBack,
+            PatchState::RollbackFailed,
+        ] {
+            let r = record(3, state, true);
+            assert_eq!(
+                decide(rollback(3).as_ref(), "n1", Some(&r)),
+                Step::Nothing,
+                "{state}"
+            );
+        }
+        let r = record(3, PatchState::Healthy, true);
+        assert_eq!(decide(rollback(4).as_ref(), "n1", Some(&r)), Step::Nothing);
+        assert_eq!(decide(rollback(2).as_ref(), "n1", Some(&r)), Step::Nothing);
+        assert_eq!(
+            decide(rollback(3).as_ref(), "n1", None),
+            Step::Nothing,
+            "never installed"
+        );
+        let other = PatchRecord { patch: Q, ..r };
+        assert_eq!(
+            decide(rollback(3).as_ref(), "n1", Some(&other)),
+            Step::Nothing
+        );
+    }
+
+    #[test]
+    fn a_run_that_failed_before_installing_is_discarded_without_commands() {
+        let failed = PatchRecord {
+            failed: true,
+            detail: "bad signature".into(),
+            ..record(3, PatchState::Failed, false)
+        };
+        assert_eq!(
+            decide(rollback(3).as_ref(), "n1", Some(&failed)),
+            Step::Discard { run: 3, patch: P }
+        );
+        let downloading = record(3, PatchState::Downloading, false);
+        assert_eq!(
+            decide(rollback(3).as_ref(), "n1", Some(&downloading)),
+            Step::Discard { run: 3, patch: P }
+        );
+    }
+
+    #[test]
+    fn a_restart_turns_an_interrupted_install_into_a_failure_and_resumes_the_rest() {
+        let (r, resume) = recover(record(3, PatchState::Installing, true));
+        assert_eq!(resume, Resume::Publish);
+        assert_eq!(r.state, PatchState::Failed);
+        assert!(r.failed && r.installed);
+        assert!(
+            r.detail.contains("interrupted during install"),
+            "{}",
+            r.detail
+        );
+        let rolling = PatchRecord {
+            failed: true,
+            ..record(3, PatchState::RollingBack, true)
+        };
+        assert_eq!(recover(rolling.clone()), (rolling, Resume::RollBack));
+        let baking = record(3, PatchState::Baking, true);
+        assert_eq!(recover(baking.clone()), (baking, Resume::Bake));
+        for state in [
+            PatchState::Downloading,
+            PatchState::Healthy,
+            PatchState::Failed,
+            PatchState::RolledBack,
+            PatchState::RollbackFailed,
+        ] {
+            let r = record(3, state, true);
+            assert_eq!(recover(r.clone()), (r, Resume::Publish), "{state}");
+        }
+    }
+
+    #[test]
+    fn a_failure_stays_a_failure_through_the_rollback() {
+        let r = record(3, PatchState::Baking, true).to(PatchState::Failed, "check web is critical");
+        assert!(r.failed);
+        let back = r
+            .to(PatchState::RollingBack, "")
+            .to(PatchState::RolledBack, "");
+        assert!(back.failed);
+        assert_eq!(back.published().judged(), Some(false));
+        let innocent = record(3, PatchState::Healthy, true).to(PatchState::RolledBack, "");
+        assert!(!innocent.failed);
+        let published = innocent.published();
+        assert_eq!(
+            (published.run, published.patch, published.state),
+            (3, P, PatchState::RolledBack)
+        );
+    }
+
+    fn check(name: &str, interval: u64, timeout: u64) -> CheckConfig {
+        CheckConfig {
+            name: name.into(),
+            command: Some(vec!["true".into()]),
+            http: None,
+            tcp: None,
+            interval: Duration::from_secs(interval),
+            timeout: Duration::from_secs(timeout),
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_check_counts_after_its_interval_timeout_and_one_publication() {
+        let b = check_bounds(
+            &["web".into(), "disk".into()],
+            &[check("web", 10, 5), check("db", 30, 5)],
+            secs(2),
+        )
+        .unwrap();
+        assert_eq!(
+            b,
+            BTreeMap::from([("disk".into(), secs(2)), ("web".into(), secs(17))])
+        );
+        assert_eq!(bake_time(secs(5), &b), secs(17), "at least one evaluation");
+        assert_eq!(bake_time(secs(300), &b), secs(300));
+        assert_eq!(bake_time(secs(0), &BTreeMap::new()), secs(0));
+    }
+
+    #[test]
+    fn a_declared_check_the_node_lacks_is_named_in_the_failure() {
+        let err = check_bounds(&["web".into()], &[check("db", 10, 5)], secs(2)).unwrap_err();
+        assert!(
+            err.contains("\"web\"") && err.contains("no such check"),
+            "{err}"
+        );
+    }
+
+    fn published(pairs: &[(&str, Status, &str)]) -> BTreeMap<String, CheckResult> {
+        pairs
+            .iter()
+            .map(|(n, s, d)| (n.to_string(), CheckResult::new(*s, *d)))
+            .collect()
+    }
+
+    #[test]
+    fn a_bake_waits_then_is_healthy_when_every_declared_check_passes() {
+        let b = BTreeMap::from([("web".to_owned(), secs(17))]);
+        let ok = published(&[
+            ("web", Status::Passing, ""),
+            ("db", Status::Critical, "down"),
+        ]);
+        assert_eq!(judge_bake(&b, Some(&ok), secs(10), secs(60)), Bake::Wait);
+        assert_eq!(judge_bake(&b, Some(&ok), secs(60), secs(60)), Bake::Healthy);
+    }
+
+    #[test]
+    fn a_critical_check_fails_the_bake_at_once_but_only_once_its_result_is_fresh() {
+        let b = BTreeMap::from([("web".to_owned(), secs(17))]);
+        let bad = published(&[("web", Status::Critical, "HTTP 503")]);
+        assert_eq!(
+            judge_bake(&b, Some(&bad), secs(16), secs(300)),
+            Bake::Wait,
+            "may be from before the install"
+        );
+        assert_eq!(
+            judge_bake(&b, Some(&bad), secs(17), secs(300)),
+            Bake::Failed("check web is critical: HTTP 503".into())
+        );
+    }
+
+    #[test]
+    fn a_check_not_passing_at_the_end_of_the_bake_fails_it() {
+        let b = BTreeMap::from([("web".to_owned(), secs(2))]);
+        let warn = published(&[("web", Status::Warning, "slow")]);
+        assert_eq!(judge_bake(&b, Some(&warn), secs(30), secs(60)), Bake::Wait);
+        assert_eq!(
+            judge_bake(&b, Some(&warn), secs(60), secs(60)),
+            Bake::Failed("check web is warning at the end of the bake: slow".into())
+        );
+        assert_eq!(
+            judge_bake(&b, Some(&BTreeMap::new()), secs(60), secs(60)),
+            Bake::Failed("check web has no published result at the end of the bake".into())
+        );
+        assert_eq!(
+            judge_bake(&b, None, secs(60), secs(60)),
+            Bake::Failed("check web has no published result at the end of the bake".into())
+        );
+    }
+
+    #[test]
+    fn a_failed_command_is_reported_with_its_status_and_the_end_of_its_output() {
+        let o = ReloadOutcome {
+            command: "sh install.sh".into(),
+            exit_code: Some(3),
+            timed_out: false,
+            output: format!("{}dpkg: error: broken package\n", "x".repeat(3000)),
+            duration_ms: 5,
+        };
+        let d = command_failure(&o);
+        assert!(
+            d.starts_with("`sh install.sh` exited with status 3: "),
+            "{d}"
+        );
+        assert!(d.ends_with("dpkg: error: broken package"), "{d}");
+        assert!(d.len() <= MAX_RESULT_DETAIL, "{}", d.len());
+        let t = ReloadOutcome {
+            timed_out: true,
+            exit_code: None,
+            output: String::new(),
+            ..o
+        };
+        assert_eq!(
+            command_failure(&t),
+            "`sh install.sh` timed out and was killed"
+        );
+    }
+
+    #[test]
+    fn the_record_survives_the_state_file_and_a_damaged_one_is_moved_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("patches");
+        assert_eq!(load_record(&dir).unwrap(), None, "no directory yet");
+        let r = PatchRecord {
+            name: "openssl-fix".into(),
+            version: "3.0.13-2".into(),
+            failed: true,
+            detail: "`sh install.sh` exited with status 1".into(),
+            ..record(5, PatchState::Failed, true)
+        };
+        save_record(&dir, &r).unwrap();
+        assert_eq!(load_record(&dir).unwrap(), Some(r));
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(text.contains(&hex32(&P)), "{text}");
+        std::fs::write(dir.join(STATE_FILE), b"{\"run\": 5, \"pat").unwrap();
+        assert_eq!(load_record(&dir).unwrap(), None);
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].starts_with("state.corrupt-"), "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn commands_run_in_order_in_the_artifact_directory_and_stop_at_the_first_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("install.sh"), "echo installed > marker\n").unwrap();
+        let cmds = vec![
+            "sh install.sh".to_owned(),
+            "echo second >> marker".to_owned(),
+        ];
+        run_commands(&cmds, dir, secs(10)).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("marker")).unwrap(),
+            "installed\nsecond\n"
+        );
+        let failing = vec![
+            "rm marker".to_owned(),
+            "echo cannot stop service >&2; exit 4".to_owned(),
+            "touch never".to_owned(),
+        ];
+        let err = run_commands(&failing, dir, secs(10)).await.unwrap_err();
+        assert_eq!(
+            err,
+            "`echo cannot stop service >&2; exit 4` exited with status 4: cannot stop service"
+        );
+        assert!(!dir.join("marker").exists(), "the first command ran");
+        assert!(!dir.join("never").exists(), "nothing runs after a failure");
+    }
+
+    #[tokio::test]
+    async fn a_command_running_past_its_timeout_fails_the_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = run_commands(
+            &["sleep 5".to_owned()],
+            tmp.path(),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err, "`sleep 5` timed out and was killed");
+    }
+}
