@@ -171,9 +171,10 @@ impl LocalMesh {
                     metrics: MetricsConfig::off(),
                     ..NodeConfig::default()
                 };
-                // Each node keeps what it applied apart, as on its own
-                // machine.
+                // Each node keeps what it applied and its patches apart, as
+                // on its own machine.
                 cfg.config.state_dir = dir.join(&name).join("config");
+                cfg.patch.dir = dir.join(&name).join("patches");
                 // And writes its managed files under its own root, not
                 // over this machine's /etc.
                 cfg.config.root = Some(dir.join(&name).join("root"));

@@ -23,7 +23,8 @@ use crate::endpoint::MeshEndpoint;
 use crate::gossip::Gossip;
 use crate::health::{self, Checks, ResourceSampler};
 use crate::managed::{ManagedState, short_hex};
-use crate::metrics::{self, ConfigMetrics, MeshMetrics, Registry};
+use crate::metrics::{self, ConfigMetrics, MeshMetrics, PatchMetrics, Registry};
+use crate::patching::PatchEngine;
 use crate::site::{SiteView, descriptor_kv};
 use crate::tls::Credentials;
 
@@ -42,6 +43,9 @@ pub enum StartError {
     /// What the node applied before could not be read.
     #[error(transparent)]
     Apply(#[from] crate::apply::ApplyError),
+    /// The node's last patch run could not be read.
+    #[error(transparent)]
+    Patch(#[from] crate::patching::PatchingError),
     #[error("{0}")]
     Other(String),
 }
@@ -569,12 +573,14 @@ pub struct NodeAgent {
     apply: ApplyHandle,
     config_task: JoinHandle<()>,
     follow_task: JoinHandle<()>,
+    patch_task: JoinHandle<()>,
 }
 
 impl NodeAgent {
     /// Starts the agent: endpoint, gossip, checks, metrics, and the task
     /// that keeps the managed files as applied (reading what was applied
-    /// before from `config.state_dir`). Returns once everything is bound;
+    /// before from `config.state_dir`), and the patch engine (reading the
+    /// last patch run from `patch.dir`). Returns once everything is bound;
     /// runs until `shutdown` is cancelled.
     pub async fn start(
         creds: Credentials,
@@ -582,6 +588,7 @@ impl NodeAgent {
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
         let applier = Applier::open(&cfg.config.state_dir)?;
+        let patch_run = crate::patching::load_record(&cfg.patch.dir)?;
         let mut registry = Registry::default();
         let trust = creds.clone();
         let me = NodeFacts {
@@ -603,6 +610,14 @@ impl NodeAgent {
         )
         .await?;
         let config_metrics = ConfigMetrics::register(&mut registry);
+        let patches = PatchEngine::new(
+            member.gossip.clone(),
+            member.endpoint.clone(),
+            trust.clone(),
+            &cfg,
+            PatchMetrics::register(&mut registry),
+            patch_run,
+        );
         let metrics_addr =
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
         let applied = applier.applied().map(|s| (s.version, short_hex(&s.hash())));
@@ -628,6 +643,7 @@ impl NodeAgent {
             }
             .run(applied.as_ref().map(|(v, _)| *v), shutdown.child_token()),
         );
+        let patch_task = tokio::spawn(patches.run(shutdown.child_token()));
         info!(
             identity = %member.endpoint.identity(),
             gossip = %member.gossip.advertise_addr(),
@@ -641,6 +657,7 @@ impl NodeAgent {
             apply,
             config_task,
             follow_task,
+            patch_task,
         })
     }
 
@@ -665,6 +682,7 @@ impl NodeAgent {
     /// Waits for the agent to stop (after `shutdown` was cancelled).
     pub async fn stopped(self) {
         let _ = self.follow_task.await;
+        let _ = self.patch_task.await;
         let _ = self.config_task.await;
         self.member.stopped().await;
     }

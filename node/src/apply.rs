@@ -595,6 +595,12 @@ impl ReloadOutcome {
 /// own; after `timeout` the whole group is killed (SIGKILL), so that
 /// whatever the command started goes too.
 pub async fn run_reload(cmd: &str, timeout: Duration) -> ReloadOutcome {
+    run_command(cmd, None, timeout).await
+}
+
+/// [`run_reload`] in the working directory `dir` (the process's own when
+/// `None`): patch commands run next to their artifacts.
+pub async fn run_command(cmd: &str, dir: Option<&Path>, timeout: Duration) -> ReloadOutcome {
     let started = Instant::now();
     let mut outcome = ReloadOutcome {
         command: cmd.to_owned(),
@@ -612,10 +618,14 @@ pub async fn run_reload(cmd: &str, timeout: Duration) -> ReloadOutcome {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
-            outcome.output = format!("cannot start sh: {e}");
+            let place = dir.map_or(String::new(), |d| format!(" in {}", d.display()));
+            outcome.output = format!("cannot start sh{place}: {e}");
             outcome.duration_ms = started.elapsed().as_millis() as u64;
             return outcome;
         }

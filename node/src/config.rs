@@ -621,6 +621,47 @@ impl Validate for ApplyConfig {
     }
 }
 
+/// Where a node keeps patches when the configuration does not say.
+pub const DEFAULT_PATCH_DIR: &str = "/var/lib/trellis/patches";
+
+/// `[patch]`: how the node installs the patches its relay orders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PatchConfig {
+    /// Directory for the node's last patch run (`state`), the chunks it
+    /// fetched (`chunks/`) and each patch's artifacts (`ID/`, where its
+    /// commands run).
+    pub dir: PathBuf,
+    /// Longest an `install` or `rollback` command may run before it is
+    /// killed (and counts as failed).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+impl Default for PatchConfig {
+    fn default() -> Self {
+        PatchConfig {
+            dir: PathBuf::from(DEFAULT_PATCH_DIR),
+            command_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Validate for PatchConfig {
+    fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            !self.dir.as_os_str().is_empty(),
+            "patch.dir",
+            format!("must name a directory (default {DEFAULT_PATCH_DIR})"),
+        );
+        p.check(
+            !self.command_timeout.is_zero(),
+            "patch.command_timeout",
+            "must be longer than 0s; give install commands the time they need (10m is the default)",
+        );
+    }
+}
+
 /// The node agent's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -631,6 +672,7 @@ pub struct NodeConfig {
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
     pub config: ApplyConfig,
+    pub patch: PatchConfig,
     pub checks: Vec<CheckConfig>,
 }
 
@@ -648,6 +690,7 @@ impl Default for NodeConfig {
             health: HealthConfig::default(),
             metrics: MetricsConfig::with_listen(([127, 0, 0, 1], NODE_METRICS_PORT).into()),
             config: ApplyConfig::default(),
+            patch: PatchConfig::default(),
             checks: Vec::new(),
         }
     }
@@ -666,6 +709,7 @@ impl Validate for NodeConfig {
         self.gossip.validate(p);
         self.health.validate(p);
         self.config.validate(p);
+        self.patch.validate(p);
         validate_checks(&self.checks, p);
     }
 }
@@ -681,6 +725,9 @@ impl crate::cli::MemberConfig for NodeConfig {
         }
         if let Some(root) = self.config.root.as_mut().filter(|r| r.is_relative()) {
             *root = base.join(&*root);
+        }
+        if self.patch.dir.is_relative() {
+            self.patch.dir = base.join(&self.patch.dir);
         }
     }
 }
@@ -926,6 +973,45 @@ mod tests {
         assert!(printed.contains("drift = \"report\""), "{printed}");
         assert!(printed.contains("role = \"web\""), "{printed}");
         assert_eq!(parse_node(&printed).unwrap(), loaded.config);
+    }
+
+    #[test]
+    fn the_patch_section_has_working_defaults_and_parses() {
+        let c = parse_node("").unwrap();
+        assert_eq!(c.patch.dir, PathBuf::from("/var/lib/trellis/patches"));
+        assert_eq!(c.patch.command_timeout, Duration::from_secs(600));
+        let c = parse_node("[patch]\ndir = \"p\"\ncommand_timeout = \"90s\"\n").unwrap();
+        assert_eq!(c.patch.dir, PathBuf::from("p"));
+        assert_eq!(c.patch.command_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn an_empty_patch_dir_or_a_zero_command_timeout_is_rejected_with_the_field_name() {
+        for (text, field) in [
+            ("[patch]\ndir = \"\"\n", "`patch.dir`"),
+            (
+                "[patch]\ncommand_timeout = \"0s\"\n",
+                "`patch.command_timeout`",
+            ),
+        ] {
+            let err = parse_node(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn a_relative_patch_dir_is_taken_from_the_config_directory() {
+        use crate::cli::MemberConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "[patch]\ndir = \"n1/patches\"\n").unwrap();
+        let mut loaded = load::<NodeConfig>(Some(&path)).unwrap();
+        let base = loaded.base_dir.clone();
+        loaded.config.resolve_paths(&base);
+        assert_eq!(loaded.config.patch.dir, dir.path().join("n1/patches"));
+        let mut absolute = NodeConfig::default();
+        absolute.resolve_paths(dir.path());
+        assert_eq!(absolute.patch.dir, PathBuf::from(DEFAULT_PATCH_DIR));
     }
 
     #[test]

@@ -361,6 +361,55 @@ pub enum FetchError {
     /// announced: altered on the way, or a confused relay.
     #[error("{addr} sent a bundle whose digest is not the one announced for version {want}")]
     WrongDigest { addr: SocketAddr, want: u64 },
+    /// The relay does not hold the patch asked for (not staged there, or
+    /// removed since it ordered it).
+    #[error("{addr} does not hold patch {id}; stage it for the site (`trellis patch stage`)")]
+    NoPatch { addr: SocketAddr, id: String },
+    /// The relay answered with another manifest than the one asked for: a
+    /// confused relay, or one altered on the way.
+    #[error("{addr} sent another manifest than patch {id}")]
+    WrongPatch { addr: SocketAddr, id: String },
+}
+
+/// Sends one request to the relay at `addr` on a connection of its own
+/// and reads the answer (`None`: the relay closed the stream without
+/// one), all within [`FETCH_TIMEOUT`].
+async fn ask(
+    endpoint: &MeshEndpoint,
+    addr: SocketAddr,
+    request: &FetchRequest,
+) -> Result<Option<FetchResponse>, FetchError> {
+    let run = async {
+        let (conn, _) = endpoint.connect(addr, Protocol::Fetch).await?;
+        let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
+            addr,
+            reason: e.to_string(),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
+        wire::write_msg(&mut send, FETCH_VERSION, request, MAX_FETCH_REQUEST)
+            .await
+            .map_err(|source| FetchError::Wire { addr, source })?;
+        send.finish().map_err(|e| stream_err(&e))?;
+        let answer = wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
+            .await
+            .map_err(|source| FetchError::Wire { addr, source })?;
+        conn.close(close::DONE, b"fetched");
+        Ok(answer)
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, run)
+        .await
+        .map_err(|_| FetchError::Timeout { addr })?
+}
+
+/// An answer that is not one the request allows.
+fn unexpected(addr: SocketAddr, answer: Option<FetchResponse>) -> FetchError {
+    FetchError::Stream {
+        addr,
+        reason: match answer {
+            Some(other) => format!("unexpected answer {other:?}"),
+            None => "the relay closed the stream without answering".to_owned(),
+        },
+    }
 }
 
 /// Fetches the bundle `want` from the relay at `addr`.
@@ -369,44 +418,41 @@ pub async fn fetch(
     addr: SocketAddr,
     want: Offer,
 ) -> Result<SignedBundle, FetchError> {
-    let run = async {
-        let (conn, _) = endpoint.connect(addr, Protocol::Fetch).await?;
-        let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
+    match ask(endpoint, addr, &FetchRequest::Bundle { want }).await? {
+        Some(FetchResponse::Bundle(b)) if b.digest() == want.digest => Ok(*b),
+        Some(FetchResponse::Bundle(_)) => Err(FetchError::WrongDigest {
             addr,
-            reason: e.to_string(),
-        };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
-        wire::write_msg(
-            &mut send,
-            FETCH_VERSION,
-            &FetchRequest::Bundle { want },
-            MAX_FETCH_REQUEST,
-        )
-        .await
-        .map_err(|source| FetchError::Wire { addr, source })?;
-        send.finish().map_err(|e| stream_err(&e))?;
-        let answer = wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
-            .await
-            .map_err(|source| FetchError::Wire { addr, source })?;
-        conn.close(close::DONE, b"fetched");
-        match answer {
-            Some(FetchResponse::Bundle(b)) if b.digest() == want.digest => Ok(*b),
-            Some(FetchResponse::Bundle(_)) => Err(FetchError::WrongDigest {
-                addr,
-                want: want.version,
-            }),
-            Some(FetchResponse::NotHere { have }) => Err(FetchError::NotHere {
-                addr,
-                want: want.version,
-                have: have.map_or("nothing".to_owned(), |o| format!("version {}", o.version)),
-            }),
-            Some(other) => Err(stream_err(&format!("unexpected answer {other:?}"))),
-            None => Err(stream_err(&"the relay closed the stream without answering")),
-        }
-    };
-    tokio::time::timeout(FETCH_TIMEOUT, run)
-        .await
-        .map_err(|_| FetchError::Timeout { addr })?
+            want: want.version,
+        }),
+        Some(FetchResponse::NotHere { have }) => Err(FetchError::NotHere {
+            addr,
+            want: want.version,
+            have: have.map_or("nothing".to_owned(), |o| format!("version {}", o.version)),
+        }),
+        other => Err(unexpected(addr, other)),
+    }
+}
+
+/// Fetches the signed manifest of patch `id` from the relay at `addr`.
+/// The signature is not checked here ([`crate::patch::verify`] does);
+/// only that the manifest is the one asked for.
+pub async fn fetch_patch(
+    endpoint: &MeshEndpoint,
+    addr: SocketAddr,
+    id: [u8; 32],
+) -> Result<crate::patch::SignedPatch, FetchError> {
+    match ask(endpoint, addr, &FetchRequest::Patch(id)).await? {
+        Some(FetchResponse::Patch(p)) if p.id() == id => Ok(*p),
+        Some(FetchResponse::Patch(_)) => Err(FetchError::WrongPatch {
+            addr,
+            id: hex32(&id),
+        }),
+        Some(FetchResponse::NoPatch) => Err(FetchError::NoPatch {
+            addr,
+            id: hex32(&id),
+        }),
+        other => Err(unexpected(addr, other)),
+    }
 }
 
 /// What fetching an artifact from a relay did.
@@ -539,11 +585,13 @@ pub async fn serve(
                     Ok(Some(FetchRequest::Bundle { want })) => want,
                     Ok(Some(FetchRequest::Chunk(hash))) => {
                         let found = match chunks.clone() {
-                            Some(files) => tokio::task::spawn_blocking(move || files.chunks.get(&hash))
-                                .await
-                                .ok()
-                                .and_then(Result::ok)
-                                .flatten(),
+                            Some(files) => {
+                                tokio::task::spawn_blocking(move || files.chunks.get(&hash))
+                                    .await
+                                    .ok()
+                                    .and_then(Result::ok)
+                                    .flatten()
+                            }
                             None => None,
                         };
                         let response = found.map_or(FetchResponse::NoChunk, FetchResponse::Chunk);

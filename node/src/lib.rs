@@ -32,6 +32,10 @@
 //!   gate between them; pure.
 //! - [`distribute`]: a version inside a site: the relay's offer in gossip,
 //!   the fetch protocol, and what nodes report back in gossip.
+//! - [`patchstate`]: a patch rollout in a site's gossip: the relay's
+//!   order and each node's state.
+//! - [`patching`]: the node's patch engine: install, bake, roll back,
+//!   report.
 //! - [`apply`]: makes the machine hold a `ManagedState` (atomic writes,
 //!   reload commands) and keeps it so (drift checks, healing).
 //! - [`config`]: TOML configuration with validation.
@@ -56,6 +60,7 @@ pub mod id;
 pub mod managed;
 pub mod metrics;
 pub mod patch;
+pub mod patching;
 pub mod patchstate;
 pub mod signature;
 pub mod site;

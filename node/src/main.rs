@@ -40,6 +40,10 @@ use trellis_node::id::Role;
 ///   drift = "heal"             # or "report": log and count, leave the file
 ///   reload_timeout = "30s"     # a reload command running longer is killed
 ///
+///   [patch]                    # patches the site's relay orders
+///   dir = "/var/lib/trellis/patches"  # last run, artifacts; commands run here
+///   command_timeout = "10m"    # an install/rollback command running longer fails
+///
 ///   [[checks]]                 # none by default
 ///   name = "sshd"
 ///   command = ["systemctl", "is-active", "--quiet", "sshd"]

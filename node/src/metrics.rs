@@ -104,6 +104,41 @@ impl ConfigMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PatchStateLabels {
+    /// A [`crate::patchstate::PatchState`]: `downloading`, `installing`,
+    /// `baking`, `healthy`, `failed`, `rolling-back`, `rolled-back`,
+    /// `rollback-failed`.
+    pub state: String,
+}
+
+/// Counters of the patches a node installs and rolls back.
+#[derive(Clone, Default)]
+pub struct PatchMetrics {
+    pub states: Family<PatchStateLabels, Counter>,
+}
+
+impl PatchMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = PatchMetrics::default();
+        registry.sub_registry_with_prefix("trellis").register(
+            "node_patch_states",
+            "Patch states this node entered, by state",
+            m.states.clone(),
+        );
+        m
+    }
+
+    /// Counts one entry into `state`.
+    pub fn entered(&self, state: crate::patchstate::PatchState) {
+        self.states
+            .get_or_create(&PatchStateLabels {
+                state: state.as_str().to_owned(),
+            })
+            .inc();
+    }
+}
+
 /// Counters of the QUIC endpoint and the site gossip transport.
 #[derive(Clone, Default)]
 pub struct MeshMetrics {

@@ -337,9 +337,11 @@ impl Mesh {
     }
 
     /// Starts a node seeded with `seed`; returns it with its metrics address.
+    /// It keeps its patches in `<mesh dir>/<name>/patches` unless `extra`
+    /// sets `[patch] dir`.
     pub fn start_node(&self, name: &str, seed: &str, extra: &str) -> (Proc, String) {
         let cfg = format!(
-            "{}\n[gossip]\nlisten = \"127.0.0.1:0\"\nseeds = [\"{seed}\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+            "{}\n[gossip]\nlisten = \"127.0.0.1:0\"\nseeds = [\"{seed}\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n[patch]\ndir = \"{name}/patches\"\n",
             self.identity_toml(name)
         );
         let path = self.write_config(name, &cfg, extra);
