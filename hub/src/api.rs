@@ -978,7 +978,8 @@ async fn patch_stage(
     Path(name): Path<String>,
     Query(q): Query<StageQuery>,
 ) -> Response {
-    let (record, signed) = match crate::patchdriver::signed_patch(&shared, |p| p.name == name).await {
+    let (record, signed) = match crate::patchdriver::signed_patch(&shared, |p| p.name == name).await
+    {
         Ok(Some(found)) => found,
         Ok(None) => {
             return error(

@@ -322,8 +322,11 @@ impl ApiClient {
         run: &str,
         signed: &crate::rolloutapi::SignedRequest,
     ) -> Result<crate::rolloutapi::RolloutView, ClientError> {
-        self.post_postcard(&format!("/api/v1/rollouts/{}/control", urlencode(run)), signed)
-            .await
+        self.post_postcard(
+            &format!("/api/v1/rollouts/{}/control", urlencode(run)),
+            signed,
+        )
+        .await
     }
 
     /// The management log as an audit trail (`GET /api/v1/audit`).

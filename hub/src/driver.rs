@@ -496,7 +496,10 @@ impl CoreTask {
             let op = Op::Note {
                 kind,
                 subject,
-                detail: e.config_text().or_else(|| e.patch_text()).unwrap_or_default(),
+                detail: e
+                    .config_text()
+                    .or_else(|| e.patch_text())
+                    .unwrap_or_default(),
             };
             if self.notes.try_send((self.log_me(), op)).is_err() {
                 warn!(relay = %r.relay, "audit notes queue full; a configuration event is in the store but not in the audit log");

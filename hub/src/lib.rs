@@ -40,7 +40,7 @@ pub mod patchrollout;
 pub mod peering;
 pub mod render;
 pub mod replication;
-pub mod rolloutapi;
 pub mod rollout;
+pub mod rolloutapi;
 pub mod store;
 pub mod up;

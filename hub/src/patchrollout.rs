@@ -452,7 +452,10 @@ pub struct SiteProgress {
 }
 
 /// The waves' and sites' progress from the sites' summaries.
-pub fn progress(r: &RolloutRecord, sites: &[SiteSummary]) -> (Vec<WaveProgress>, Vec<SiteProgress>) {
+pub fn progress(
+    r: &RolloutRecord,
+    sites: &[SiteSummary],
+) -> (Vec<WaveProgress>, Vec<SiteProgress>) {
     let by_site: BTreeMap<SiteKey, &SiteSummary> = sites
         .iter()
         .map(|s| ((s.region.clone(), s.site.clone()), s))
@@ -617,7 +620,10 @@ mod tests {
         assert_eq!(next.action(), OrderAction::Rollback);
         let why = next.reason.clone().unwrap();
         assert!(why.contains("wave 0 (canary) failed its gate"), "{why}");
-        assert!(why.contains("1 of 1 patched nodes failed (100.0 %)"), "{why}");
+        assert!(
+            why.contains("1 of 1 patched nodes failed (100.0 %)"),
+            "{why}"
+        );
         let gate = next.failed_gate.unwrap();
         assert_eq!(gate.patched.failed, 1);
         assert_eq!(gate.verdict.pass, Some(false));
@@ -648,7 +654,11 @@ mod tests {
         s[1].patch.as_mut().unwrap().local = Some("site gate failed".into());
         let next = step(&r, &s, 10).unwrap();
         assert_eq!(next.state, RunState::RollingBack);
-        assert!(next.reason.unwrap().contains("site eu/s1 rolled itself back"));
+        assert!(
+            next.reason
+                .unwrap()
+                .contains("site eu/s1 rolled itself back")
+        );
     }
 
     #[test]
@@ -694,7 +704,11 @@ mod tests {
         assert!(waves.iter().all(|w| w.phase == "passed"));
         assert_eq!(waves.iter().map(|w| w.counts.healthy).sum::<u32>(), 6);
         assert_eq!(per_site.len(), 3);
-        assert!(per_site.iter().all(|p| p.patched == 2 && p.states["healthy"] == 2));
+        assert!(
+            per_site
+                .iter()
+                .all(|p| p.patched == 2 && p.states["healthy"] == 2)
+        );
         assert_eq!(site_waves(&r, "eu", "s9"), None);
         assert_eq!(
             site_waves(&r, "eu", "s0").unwrap().concat().len(),

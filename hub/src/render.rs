@@ -973,7 +973,12 @@ fn bar(done: u32, bad: u32, total: u32, width: usize) -> String {
     let total = total.max(1) as usize;
     let d = (done as usize * width / total).min(width);
     let b = (bad as usize * width / total).min(width - d);
-    format!("[{}{}{}]", "#".repeat(d), "x".repeat(b), "-".repeat(width - d - b))
+    format!(
+        "[{}{}{}]",
+        "#".repeat(d),
+        "x".repeat(b),
+        "-".repeat(width - d - b)
+    )
 }
 
 /// `trellis rollout status`: the rollout, each wave with a bar, each site,

@@ -39,8 +39,7 @@ pub struct SignedRequest {
 impl SignedRequest {
     /// Signs `body` (serialised as JSON) with an operator's key.
     pub fn sign(operator: &Credentials, body: &impl Serialize) -> Result<Self, String> {
-        trellis_node::signature::check_operator_credentials(operator)
-            .map_err(|e| e.to_string())?;
+        trellis_node::signature::check_operator_credentials(operator).map_err(|e| e.to_string())?;
         let body = serde_json::to_vec(body).expect("requests serialise");
         let signature = operator.sign(&body).map_err(|e| e.to_string())?;
         Ok(SignedRequest {
@@ -125,7 +124,10 @@ fn open<T: serde::de::DeserializeOwned>(
     at: impl Fn(&T) -> u64,
 ) -> Result<(Identity, T), Response> {
     let Some(peering) = shared.peering.get() else {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting"));
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the hub is starting",
+        ));
     };
     let req: SignedRequest = postcard::from_bytes(bytes).map_err(|e| {
         error(
@@ -190,7 +192,10 @@ async fn write(
     record: &RolloutRecord,
 ) -> Result<WriteReport, Response> {
     let Some(peering) = shared.peering.get() else {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting"));
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the hub is starting",
+        ));
     };
     let op = Op::Rollout {
         run: record.run,
@@ -209,14 +214,22 @@ async fn write(
     })
 }
 
-pub(crate) async fn rollout_start(State(shared): State<Shared>, body: axum::body::Bytes) -> Response {
+pub(crate) async fn rollout_start(
+    State(shared): State<Shared>,
+    body: axum::body::Bytes,
+) -> Response {
     let (who, req) = match open::<StartRollout>(&shared, &body, |r| r.at_ms) {
         Ok(x) => x,
         Err(r) => return r,
     };
     let spec = match parse_waves(&req.waves) {
         Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("--waves {:?}: {e}", req.waves)),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("--waves {:?}: {e}", req.waves),
+            );
+        }
     };
     if !(0.0..=1.0).contains(&req.max_failure) {
         return error(
@@ -227,7 +240,11 @@ pub(crate) async fn rollout_start(State(shared): State<Shared>, body: axum::body
     let by_id = trellis_node::distribute::parse_hex32(&req.patch).is_some();
     let wanted = req.patch.clone();
     let found = crate::patchdriver::signed_patch(&shared, |p| {
-        if by_id { p.id == wanted } else { p.name == wanted }
+        if by_id {
+            p.id == wanted
+        } else {
+            p.name == wanted
+        }
     })
     .await;
     let (patch, signed) = match found {
@@ -240,11 +257,11 @@ pub(crate) async fn rollout_start(State(shared): State<Shared>, body: axum::body
         }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let manifest = match postcard::from_bytes::<trellis_node::patch::PatchManifest>(&signed.manifest)
-    {
-        Ok(m) => m,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
+    let manifest =
+        match postcard::from_bytes::<trellis_node::patch::PatchManifest>(&signed.manifest) {
+            Ok(m) => m,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
     let all = match records(&shared).await {
         Ok(r) => r,
         Err(r) => return r,
@@ -283,7 +300,11 @@ pub(crate) async fn rollout_start(State(shared): State<Shared>, body: axum::body
     }
     let waves = plan_waves(&spec, &nodes, &signed.id());
     let run = all.iter().map(|r| r.run).max().unwrap_or(0) + 1;
-    let me = shared.peering.get().map(|p| p.me.clone()).unwrap_or_default();
+    let me = shared
+        .peering
+        .get()
+        .map(|p| p.me.clone())
+        .unwrap_or_default();
     let record = RolloutRecord::start(
         run,
         (&patch.id, &patch.name, &patch.version),
@@ -357,7 +378,10 @@ async fn find(shared: &Shared, run: &str) -> Result<RolloutRecord, Response> {
     })
 }
 
-pub(crate) async fn rollout_show(State(shared): State<Shared>, Path(run): Path<String>) -> Response {
+pub(crate) async fn rollout_show(
+    State(shared): State<Shared>,
+    Path(run): Path<String>,
+) -> Response {
     let record = match find(&shared, &run).await {
         Ok(r) => r,
         Err(r) => return r,

@@ -284,7 +284,12 @@ mod tests {
         assert!(r.encode().ends_with(" rollback -"));
         assert_eq!(PatchOrder::parse(&r.encode()), Some(r.clone()));
         assert!(!r.installs("web-1"));
-        for bad in ["", "3", "x 00 install a", &format!("3 {} burn a", "00".repeat(32))] {
+        for bad in [
+            "",
+            "3",
+            "x 00 install a",
+            &format!("3 {} burn a", "00".repeat(32)),
+        ] {
             assert_eq!(PatchOrder::parse(bad), None, "{bad:?}");
         }
     }

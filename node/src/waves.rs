@@ -419,7 +419,8 @@ pub fn gate(patched: GateCounts, baseline: GateCounts, max_failure: f64) -> Gate
 pub fn gate_now(patched: GateCounts, baseline: GateCounts, max_failure: f64) -> GateVerdict {
     let mut v = gate(patched, baseline, max_failure);
     if v.pass.is_none() {
-        let all = u64::from(patched.healthy) + u64::from(patched.failed) + u64::from(patched.pending);
+        let all =
+            u64::from(patched.healthy) + u64::from(patched.failed) + u64::from(patched.pending);
         if all > 0 && patched.failed as f64 / all as f64 > v.threshold + GATE_EPSILON {
             v.pass = Some(false);
         }

@@ -21,9 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use trellis_node::metrics::Registry;
-use trellis_node::patch::{
-    ChunkStore, Download, PatchFiles, PatchManifest, SignedPatch, verify,
-};
+use trellis_node::patch::{ChunkStore, Download, PatchFiles, PatchManifest, SignedPatch, verify};
 use trellis_node::tls::Credentials;
 use trellis_node::wire;
 

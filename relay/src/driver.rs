@@ -37,8 +37,8 @@ use trellis_node::endpoint::{MeshEndpoint, close};
 use trellis_node::gossip::Gossip;
 use trellis_node::id::Role;
 use trellis_node::metrics::Registry;
-use trellis_node::tls::Credentials;
 use trellis_node::patchstate::keys;
+use trellis_node::tls::Credentials;
 use trellis_node::wire::{self, WireError};
 
 use crate::api::{ApiState, LocalState, api_router};
@@ -47,9 +47,9 @@ use crate::buffer::{BufferError, BufferStats, NewRecord, OutageBuffer};
 use crate::config::RelayConfig;
 use crate::configcache;
 use crate::core::{RelayCore, Transmit};
-use crate::rollout::{SiteOrder, SiteRollout};
 use crate::failover::{HubChoice, full_jitter, next_attempt};
 use crate::pace::TokenBucket;
+use crate::rollout::{SiteOrder, SiteRollout};
 use crate::uplink::{
     Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
 };
@@ -373,16 +373,21 @@ impl CoreTask {
 
     async fn publish_order(&self, r: &SiteRollout) {
         if !r.rolling_back() && self.ready_run < Some(r.order.run) {
-            info!(run = r.order.run, "rollout kept; nodes are told once the patch is here whole");
+            info!(
+                run = r.order.run,
+                "rollout kept; nodes are told once the patch is here whole"
+            );
             return;
         }
         let order = r.gossip_order();
-        info!(run = order.run, action = order.action.as_str(), nodes = order.nodes.len(), "telling the site's nodes");
+        info!(
+            run = order.run,
+            action = order.action.as_str(),
+            nodes = order.nodes.len(),
+            "telling the site's nodes"
+        );
         self.gossip
-            .set(
-                vec![(keys::ORDER.to_owned(), order.encode())],
-                keys::ORDER,
-            )
+            .set(vec![(keys::ORDER.to_owned(), order.encode())], keys::ORDER)
             .await;
     }
 
@@ -1276,7 +1281,12 @@ impl Relay {
             .filter(|r| artifacts.holds_whole(&r.order.patch))
             .map(|r| r.order.run);
         if let Some(r) = &rollout {
-            info!(run = r.order.run, rolling_back = r.rolling_back(), ready = ready_run.is_some(), "site rollout taken back from disk");
+            info!(
+                run = r.order.run,
+                rolling_back = r.rolling_back(),
+                ready = ready_run.is_some(),
+                "site rollout taken back from disk"
+            );
         }
         core.restore_rollout(rollout.clone());
         let stats = Arc::new(Mutex::new(buffer.stats()));

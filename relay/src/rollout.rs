@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use trellis_node::patch::SignedPatch;
-use trellis_node::patchstate::{NodePatch, OrderAction, PatchOrder, PatchState};
+use trellis_node::patchstate::{NodePatch, OrderAction, PatchOrder};
 use trellis_node::site::{SiteView, Status};
 use trellis_node::waves::{GateCounts, GateVerdict, gate_now};
 
@@ -230,9 +230,12 @@ pub fn rollout_path(buffer: &Path) -> PathBuf {
 /// The rollout kept at `path`; `Ok(None)` when there is none.
 pub fn load(path: &Path) -> Result<Option<SiteRollout>, String> {
     match std::fs::read(path) {
-        Ok(bytes) => postcard::from_bytes(&bytes)
-            .map(Some)
-            .map_err(|e| format!("{} is not a rollout this relay can read: {e}; move it away to start without it", path.display())),
+        Ok(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| {
+            format!(
+                "{} is not a rollout this relay can read: {e}; move it away to start without it",
+                path.display()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
@@ -245,10 +248,147 @@ pub fn save(path: &Path, rollout: &SiteRollout) -> Result<(), String> {
         .map_err(|e| format!("cannot keep the rollout in {}: {e}", path.display()))
 }
 
-/// States that count as the patch being on the node now.
-pub fn installed(state: PatchState) -> bool {
-    matches!(
-        state,
-        PatchState::Installing | PatchState::Baking | PatchState::Healthy | PatchState::Failed
-    )
+#[cfg(test)]
+mod tests {
+    use trellis_node::patch::SignedPatch;
+    use trellis_node::patchstate::PatchState;
+
+    use super::*;
+    use crate::summarise::tests::member;
+
+    fn order(run: u64, started: usize, action: OrderAction) -> SiteOrder {
+        SiteOrder {
+            run,
+            patch: Box::new(SignedPatch {
+                manifest: vec![1, 2, 3],
+                signature: vec![],
+                operator_cert: vec![],
+            }),
+            waves: vec![vec!["n0".into()], vec!["n1".into(), "n2".into()], vec![]],
+            started,
+            action,
+            max_failure: 0.0,
+            auto_rollback: true,
+        }
+    }
+
+    fn view(r: &SiteRollout, states: &[(&str, PatchState, bool)]) -> SiteView {
+        let members = ["n0", "n1", "n2", "n3"]
+            .iter()
+            .map(|n| {
+                let mut m = member(n, true, Status::Passing, &[]);
+                if let Some((_, s, f)) = states.iter().find(|(name, _, _)| name == n) {
+                    m.patch.state = Some(NodePatch {
+                        run: r.order.run,
+                        patch: r.patch_id(),
+                        state: *s,
+                        failed: *f,
+                        detail: String::new(),
+                    });
+                }
+                m
+            })
+            .collect();
+        SiteView {
+            region: "eu".into(),
+            site: "par".into(),
+            members,
+        }
+    }
+
+    #[test]
+    fn only_the_started_waves_nodes_are_told_to_install() {
+        let mut held = None;
+        assert!(SiteRollout::take(
+            &mut held,
+            order(1, 1, OrderAction::Install)
+        ));
+        let r = held.as_ref().unwrap();
+        assert_eq!(r.gossip_order().nodes, ["n0"]);
+        assert!(SiteRollout::take(
+            &mut held,
+            order(1, 2, OrderAction::Install)
+        ));
+        assert_eq!(
+            held.as_ref().unwrap().gossip_order().nodes,
+            ["n0", "n1", "n2"]
+        );
+        // The same order again changes nothing; an older run is ignored.
+        assert!(!SiteRollout::take(
+            &mut held,
+            order(1, 2, OrderAction::Install)
+        ));
+        assert!(!SiteRollout::take(
+            &mut held,
+            order(0, 3, OrderAction::Install)
+        ));
+    }
+
+    #[test]
+    fn a_failed_site_gate_rolls_the_site_back_for_good_in_that_run() {
+        let mut held = None;
+        SiteRollout::take(&mut held, order(1, 2, OrderAction::Install));
+        let mut r = held.take().unwrap();
+        let v = view(
+            &r,
+            &[
+                ("n0", PatchState::Healthy, false),
+                ("n1", PatchState::Baking, false),
+            ],
+        );
+        let (tally, verdict) = r.judge(&v, "relay");
+        let counts = counts_of(&tally, &r.patched());
+        assert_eq!((counts.healthy, counts.failed, counts.pending), (1, 0, 2));
+        assert_eq!(tally.baseline_healthy, 1, "n3 is not patched");
+        assert_eq!(r.enforce(&verdict, &counts), None, "nothing failed yet");
+
+        let v = view(
+            &r,
+            &[
+                ("n0", PatchState::Healthy, false),
+                ("n1", PatchState::Failed, true),
+            ],
+        );
+        let (tally, verdict) = r.judge(&v, "relay");
+        let counts = counts_of(&tally, &r.patched());
+        let why = r.enforce(&verdict, &counts).expect("the gate failed");
+        assert!(why.contains("1 of 3 patched nodes failed"), "{why}");
+        assert_eq!(r.gossip_order().action, OrderAction::Rollback);
+        assert!(r.gossip_order().nodes.is_empty());
+        // A hub's later order of the same run cannot undo it.
+        let mut held = Some(r);
+        SiteRollout::take(&mut held, order(1, 3, OrderAction::Install));
+        assert!(held.as_ref().unwrap().rolling_back());
+        // A new run starts afresh.
+        SiteRollout::take(&mut held, order(2, 1, OrderAction::Install));
+        assert!(!held.as_ref().unwrap().rolling_back());
+    }
+
+    #[test]
+    fn without_automatic_rollback_the_site_only_reports() {
+        let mut held = None;
+        let mut o = order(1, 1, OrderAction::Install);
+        o.auto_rollback = false;
+        SiteRollout::take(&mut held, o);
+        let mut r = held.unwrap();
+        let v = view(&r, &[("n0", PatchState::Failed, true)]);
+        let (tally, verdict) = r.judge(&v, "relay");
+        assert_eq!(verdict.pass, Some(false));
+        let counts = counts_of(&tally, &r.patched());
+        assert_eq!(r.enforce(&verdict, &counts), None);
+        assert!(!r.rolling_back());
+    }
+
+    #[test]
+    fn a_rollout_survives_a_restart_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = rollout_path(&dir.path().join("buffer.db"));
+        assert_eq!(load(&path).unwrap(), None);
+        let mut held = None;
+        SiteRollout::take(&mut held, order(3, 1, OrderAction::Install));
+        save(&path, held.as_ref().unwrap()).unwrap();
+        assert_eq!(load(&path).unwrap(), held);
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(load(&path).unwrap_err().contains("move it away"));
+    }
 }

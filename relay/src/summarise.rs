@@ -106,7 +106,7 @@ pub fn summarise(view: &SiteView, relay: &str, generated_ms: u64) -> SiteSummary
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use trellis_node::id::Role;

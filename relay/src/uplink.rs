@@ -198,17 +198,16 @@ impl Event {
     /// hub shows and notes in the audit trail.
     pub fn patch_text(&self) -> Option<String> {
         match self {
-            Event::PatchState { node, state } if state.detail.is_empty() => Some(format!(
-                "{node}: patch run {} {}",
-                state.run, state.state
-            )),
+            Event::PatchState { node, state } if state.detail.is_empty() => {
+                Some(format!("{node}: patch run {} {}", state.run, state.state))
+            }
             Event::PatchState { node, state } => Some(format!(
                 "{node}: patch run {} {}: {}",
                 state.run, state.state, state.detail
             )),
-            Event::PatchSiteRolledBack { run, reason, .. } => {
-                Some(format!("site rolled back patch run {run} by itself: {reason}"))
-            }
+            Event::PatchSiteRolledBack { run, reason, .. } => Some(format!(
+                "site rolled back patch run {run} by itself: {reason}"
+            )),
             _ => None,
         }
     }
