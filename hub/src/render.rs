@@ -800,6 +800,158 @@ pub fn nodes(report: &NodesReport, colour: bool) -> String {
     out
 }
 
+/// A bar `width` wide: `done` of `total` as `#`, `bad` as `x`.
+fn bar(done: u32, bad: u32, total: u32, width: usize) -> String {
+    let total = total.max(1) as usize;
+    let d = (done as usize * width / total).min(width);
+    let b = (bad as usize * width / total).min(width - d);
+    format!(
+        "[{}{}{}]",
+        "#".repeat(d),
+        "x".repeat(b),
+        "-".repeat(width - d - b)
+    )
+}
+
+/// `trellis rollout status`: the rollout, each wave with a bar, each site,
+/// and the gate's numbers.
+pub fn rollout_status(v: &crate::rolloutapi::RolloutView, colour: bool) -> String {
+    use crate::patchrollout::RunState;
+    let p = Paint(colour);
+    let r = &v.record;
+    let mut out = String::new();
+    let state = match r.state {
+        RunState::Done => p.site(SiteStatus::Healthy, r.state.as_str()),
+        RunState::Running => p.bold(r.state.as_str()),
+        RunState::Paused => p.site(SiteStatus::Degraded, r.state.as_str()),
+        _ => p.site(SiteStatus::Critical, r.state.as_str()),
+    };
+    let _ = writeln!(
+        out,
+        "rollout {}: {} {}  {state}",
+        r.run,
+        p.bold(&r.name),
+        r.version
+    );
+    let _ = writeln!(
+        out,
+        "  started by {} through {}, waves {}, bake {}, max failure {:.1} %, {}",
+        r.started_by,
+        r.driver,
+        r.spec,
+        humantime::format_duration(std::time::Duration::from_millis(r.bake_ms)),
+        r.max_failure * 100.0,
+        if r.auto_rollback {
+            "automatic rollback"
+        } else {
+            "no automatic rollback"
+        }
+    );
+    if let Some(why) = &r.reason {
+        let _ = writeln!(out, "  {}: {why}", p.site(SiteStatus::Critical, "why"));
+    }
+    let _ = writeln!(out, "waves:");
+    for w in &v.waves {
+        let c = w.counts;
+        let mut line = format!(
+            "  {:>2} {:<7} {} {}/{} healthy",
+            w.index,
+            w.spec,
+            bar(c.healthy, c.failed, w.nodes, 20),
+            c.healthy,
+            w.nodes
+        );
+        if c.failed > 0 {
+            line.push_str(&format!(", {} failed", c.failed));
+        }
+        if w.rolled_back > 0 {
+            line.push_str(&format!(", {} rolled back", w.rolled_back));
+        }
+        line.push_str(&format!(
+            " · {} node{} in {} site{} · {}",
+            w.nodes,
+            if w.nodes == 1 { "" } else { "s" },
+            w.sites,
+            if w.sites == 1 { "" } else { "s" },
+            w.phase
+        ));
+        let line = if c.failed > 0 {
+            p.site(SiteStatus::Critical, &line)
+        } else {
+            line
+        };
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out, "sites:");
+    for s in &v.sites {
+        let states: Vec<String> = s.states.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let mut line = format!(
+            "  {}/{} {} {}/{} patched{}",
+            s.region,
+            s.site,
+            bar(s.patched, 0, s.planned, 10),
+            s.patched,
+            s.planned,
+            if states.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", states.join(", "))
+            }
+        );
+        if let Some(a) = s.action {
+            line.push_str(&format!(" · relay: {}", a.as_str()));
+        }
+        if let Some(l) = &s.local {
+            line.push_str(&format!(" · rolled back by its relay: {l}"));
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let gate = r.failed_gate.unwrap_or(v.gate);
+    let _ = writeln!(
+        out,
+        "gate (wave {}): {}{}",
+        gate.wave,
+        gate.describe(),
+        match gate.verdict.pass {
+            Some(true) => " · passes".to_owned(),
+            Some(false) => format!(" · {}", p.site(SiteStatus::Critical, "FAILED")),
+            None => " · waiting for pending nodes".to_owned(),
+        }
+    );
+    out
+}
+
+/// `trellis rollout list`.
+pub fn rollout_list(l: &crate::rolloutapi::RolloutList, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    if l.rollouts.is_empty() {
+        out.push_str("no rollout yet: `trellis rollout start PATCH` starts one\n");
+        return out;
+    }
+    for r in &l.rollouts {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.started_ms),
+        );
+        let _ = writeln!(
+            out,
+            "{:>3}  {} {}  {}  wave {}/{} ({})  {when}  {}{}",
+            r.run,
+            p.bold(&r.name),
+            r.version,
+            r.state,
+            r.started,
+            r.waves,
+            r.spec,
+            r.started_by,
+            r.reason
+                .as_ref()
+                .map_or(String::new(), |w| format!("\n     {w}"))
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use trellis_relay::summary::{CheckCounts, StatusCounts};
@@ -966,156 +1118,4 @@ mod tests {
         );
         assert!(text.contains("move its store aside"), "{text}");
     }
-}
-
-/// A bar `width` wide: `done` of `total` as `#`, `bad` as `x`.
-fn bar(done: u32, bad: u32, total: u32, width: usize) -> String {
-    let total = total.max(1) as usize;
-    let d = (done as usize * width / total).min(width);
-    let b = (bad as usize * width / total).min(width - d);
-    format!(
-        "[{}{}{}]",
-        "#".repeat(d),
-        "x".repeat(b),
-        "-".repeat(width - d - b)
-    )
-}
-
-/// `trellis rollout status`: the rollout, each wave with a bar, each site,
-/// and the gate's numbers.
-pub fn rollout_status(v: &crate::rolloutapi::RolloutView, colour: bool) -> String {
-    use crate::patchrollout::RunState;
-    let p = Paint(colour);
-    let r = &v.record;
-    let mut out = String::new();
-    let state = match r.state {
-        RunState::Done => p.site(SiteStatus::Healthy, r.state.as_str()),
-        RunState::Running => p.bold(r.state.as_str()),
-        RunState::Paused => p.site(SiteStatus::Degraded, r.state.as_str()),
-        _ => p.site(SiteStatus::Critical, r.state.as_str()),
-    };
-    let _ = writeln!(
-        out,
-        "rollout {}: {} {}  {state}",
-        r.run,
-        p.bold(&r.name),
-        r.version
-    );
-    let _ = writeln!(
-        out,
-        "  started by {} through {}, waves {}, bake {}, max failure {:.1} %, {}",
-        r.started_by,
-        r.driver,
-        r.spec,
-        humantime::format_duration(std::time::Duration::from_millis(r.bake_ms)),
-        r.max_failure * 100.0,
-        if r.auto_rollback {
-            "automatic rollback"
-        } else {
-            "no automatic rollback"
-        }
-    );
-    if let Some(why) = &r.reason {
-        let _ = writeln!(out, "  {}: {why}", p.site(SiteStatus::Critical, "why"));
-    }
-    let _ = writeln!(out, "waves:");
-    for w in &v.waves {
-        let c = w.counts;
-        let mut line = format!(
-            "  {:>2} {:<7} {} {}/{} healthy",
-            w.index,
-            w.spec,
-            bar(c.healthy, c.failed, w.nodes, 20),
-            c.healthy,
-            w.nodes
-        );
-        if c.failed > 0 {
-            line.push_str(&format!(", {} failed", c.failed));
-        }
-        if w.rolled_back > 0 {
-            line.push_str(&format!(", {} rolled back", w.rolled_back));
-        }
-        line.push_str(&format!(
-            " · {} node{} in {} site{} · {}",
-            w.nodes,
-            if w.nodes == 1 { "" } else { "s" },
-            w.sites,
-            if w.sites == 1 { "" } else { "s" },
-            w.phase
-        ));
-        let line = if c.failed > 0 {
-            p.site(SiteStatus::Critical, &line)
-        } else {
-            line
-        };
-        let _ = writeln!(out, "{line}");
-    }
-    let _ = writeln!(out, "sites:");
-    for s in &v.sites {
-        let states: Vec<String> = s.states.iter().map(|(k, n)| format!("{n} {k}")).collect();
-        let mut line = format!(
-            "  {}/{} {} {}/{} patched{}",
-            s.region,
-            s.site,
-            bar(s.patched, 0, s.planned, 10),
-            s.patched,
-            s.planned,
-            if states.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", states.join(", "))
-            }
-        );
-        if let Some(a) = s.action {
-            line.push_str(&format!(" · relay: {}", a.as_str()));
-        }
-        if let Some(l) = &s.local {
-            line.push_str(&format!(" · rolled back by its relay: {l}"));
-        }
-        let _ = writeln!(out, "{line}");
-    }
-    let gate = r.failed_gate.unwrap_or(v.gate);
-    let _ = writeln!(
-        out,
-        "gate (wave {}): {}{}",
-        gate.wave,
-        gate.describe(),
-        match gate.verdict.pass {
-            Some(true) => " · passes".to_owned(),
-            Some(false) => format!(" · {}", p.site(SiteStatus::Critical, "FAILED")),
-            None => " · waiting for pending nodes".to_owned(),
-        }
-    );
-    out
-}
-
-/// `trellis rollout list`.
-pub fn rollout_list(l: &crate::rolloutapi::RolloutList, colour: bool) -> String {
-    let p = Paint(colour);
-    let mut out = String::new();
-    if l.rollouts.is_empty() {
-        out.push_str("no rollout yet: `trellis rollout start PATCH` starts one\n");
-        return out;
-    }
-    for r in &l.rollouts {
-        let when = humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.started_ms),
-        );
-        let _ = writeln!(
-            out,
-            "{:>3}  {} {}  {}  wave {}/{} ({})  {when}  {}{}",
-            r.run,
-            p.bold(&r.name),
-            r.version,
-            r.state,
-            r.started,
-            r.waves,
-            r.spec,
-            r.started_by,
-            r.reason
-                .as_ref()
-                .map_or(String::new(), |w| format!("\n     {w}"))
-        );
-    }
-    out
 }

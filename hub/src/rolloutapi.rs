@@ -122,18 +122,18 @@ fn open<T: serde::de::DeserializeOwned>(
     shared: &Shared,
     bytes: &[u8],
     at: impl Fn(&T) -> u64,
-) -> Result<(Identity, T), Response> {
+) -> Result<(Identity, T), Box<Response>> {
     let Some(peering) = shared.peering.get() else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the hub is starting",
-        ));
+        )));
     };
     let req: SignedRequest = postcard::from_bytes(bytes).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("the body is not a signed request ({e}); use `trellis rollout`"),
-        )
+        ))
     })?;
     let who = trellis_node::signature::verify_operator_signature(
         &peering.creds,
@@ -141,19 +141,24 @@ fn open<T: serde::de::DeserializeOwned>(
         &req.body,
         &req.signature,
     )
-    .map_err(|e| error(StatusCode::FORBIDDEN, format!("request refused: {e}")))?;
+    .map_err(|e| {
+        Box::new(error(
+            StatusCode::FORBIDDEN,
+            format!("request refused: {e}"),
+        ))
+    })?;
     let body: T = serde_json::from_slice(&req.body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request: {e}")))?;
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("bad request: {e}"))))?;
     let skew = unix_ms().abs_diff(at(&body));
     if skew > MAX_REQUEST_SKEW.as_millis() as u64 {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::FORBIDDEN,
             format!(
                 "request refused: signed {} s away from this hub's clock (at most {} s); check the clocks",
                 skew / 1000,
                 MAX_REQUEST_SKEW.as_secs()
             ),
-        ));
+        )));
     }
     Ok((who, body))
 }
@@ -220,7 +225,7 @@ pub(crate) async fn rollout_start(
 ) -> Response {
     let (who, req) = match open::<StartRollout>(&shared, &body, |r| r.at_ms) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let spec = match parse_waves(&req.waves) {
         Ok(s) => s,
@@ -399,7 +404,7 @@ pub(crate) async fn rollout_control(
 ) -> Response {
     let (who, req) = match open::<ControlRollout>(&shared, &body, |r| r.at_ms) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let record = match find(&shared, &run).await {
         Ok(r) => r,

@@ -207,8 +207,9 @@ impl RelayCore {
         }
     }
 
-    /// The rollout taken by [`RelayCore::take_rollout_change`] could not
-    /// be kept: it is handed out again next time.
+    /// Hands the rollout out again at the next
+    /// [`RelayCore::take_rollout_change`]: it could not be kept, or the
+    /// nodes may be told now what they could not be before.
     pub fn rollout_unsaved(&mut self) {
         self.rollout_changed = true;
     }

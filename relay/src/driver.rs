@@ -313,10 +313,16 @@ impl CoreTask {
                 },
                 i = inputs.recv() => match i {
                     Some(Input::Order { order, ready, reply }) => {
-                        if ready {
-                            self.ready_run = self.ready_run.max(Some(order.run));
+                        let newly_ready = ready && self.ready_run < Some(order.run);
+                        if newly_ready {
+                            self.ready_run = Some(order.run);
                         }
                         self.core.handle_order(*order);
+                        if newly_ready {
+                            // The order may be the same as before; what
+                            // changed is that the nodes may now be told.
+                            self.core.rollout_unsaved();
+                        }
                         let kept = self.keep_rollout().await;
                         let _ = reply.send(kept);
                     }

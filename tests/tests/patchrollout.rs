@@ -171,10 +171,32 @@ impl Fleet {
         let status = self.status().unwrap_or(Value::Null);
         assert!(
             reached,
-            "rollout never reached {state}: {}",
-            serde_json::to_string_pretty(&status).unwrap()
+            "rollout never reached {state}: {}\n{}",
+            serde_json::to_string_pretty(&status).unwrap(),
+            self.logs()
         );
         status
+    }
+
+    /// The end of every process's log, to say why a wait failed.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.mesh.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {}\n", f.display()));
+            for l in &lines[lines.len().saturating_sub(25)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
@@ -191,7 +213,7 @@ fn a_good_patch_reaches_every_node_wave_by_wave_and_crosses_each_uplink_once_eve
     let total_chunks: usize = manifest.artifacts.iter().map(|a| a.chunks.len()).sum();
 
     // Slow par's WAN so its fetch can be cut halfway.
-    f.relays[0].2.set_delay(Duration::from_millis(40));
+    f.relays[0].2.set_delay(Duration::from_millis(100));
     let out = f.trellis(
         &[
             "rollout",
@@ -216,7 +238,12 @@ fn a_good_patch_reaches_every_node_wave_by_wave_and_crosses_each_uplink_once_eve
     });
     assert!(partway, "par's relay never started fetching");
     par_proxy.blackhole(true);
-    std::thread::sleep(Duration::from_secs(4));
+    let cut_at = metric(par_metrics, "trellis_relay_patch_chunks_fetched_total").unwrap_or(0.0);
+    // Until the relay gives the connection up (the fetch in flight with it).
+    let dropped = eventually(Duration::from_secs(30), || {
+        metric(par_metrics, "trellis_relay_uplink_connected") == Some(0.0)
+    });
+    assert!(dropped, "the relay never noticed its uplink was cut");
     par_proxy.blackhole(false);
     par_proxy.set_delay(Duration::ZERO);
 
@@ -242,6 +269,15 @@ fn a_good_patch_reaches_every_node_wave_by_wave_and_crosses_each_uplink_once_eve
             assert!(!home.join("rolled-back").exists());
         }
     }
+    // par's fetch was cut halfway: requests failed while it was.
+    assert!(
+        cut_at < total_chunks as f64,
+        "the fetch was over before the cut"
+    );
+    assert!(
+        metric(par_metrics, "trellis_relay_patch_fetch_failures_total").unwrap_or(0.0) >= 1.0,
+        "no request failed while the uplink was cut"
+    );
     // The artifacts crossed each relay's uplink once: every chunk fetched
     // exactly once, though par's fetch was cut.
     for (site, metrics, _) in &f.relays {
