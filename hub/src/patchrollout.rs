@@ -313,6 +313,12 @@ pub fn judge(r: &RolloutRecord, sites: &[SiteSummary]) -> GateNumbers {
             None => patched.pending += 1,
         }
     }
+    let mut patched_at: BTreeMap<SiteKey, u32> = BTreeMap::new();
+    for n in r.patched() {
+        *patched_at
+            .entry((n.region.clone(), n.site.clone()))
+            .or_default() += 1;
+    }
     let mut baseline = GateCounts::default();
     for s in sites {
         match tally_of(r, s) {
@@ -321,8 +327,16 @@ pub fn judge(r: &RolloutRecord, sites: &[SiteSummary]) -> GateNumbers {
                 baseline.failed += t.baseline_failed;
             }
             None => {
+                // The relay has not reported on this run yet: its alive
+                // nodes less those the plan patched, all counted healthy
+                // unless critical.
+                let key = (s.region.clone(), s.site.clone());
+                let patched = patched_at.get(&key).copied().unwrap_or(0);
                 baseline.failed += s.by_status.critical;
-                baseline.healthy += s.nodes_alive.saturating_sub(s.by_status.critical);
+                baseline.healthy += s
+                    .nodes_alive
+                    .saturating_sub(s.by_status.critical)
+                    .saturating_sub(patched);
             }
         }
     }
@@ -659,6 +673,22 @@ mod tests {
                 .unwrap()
                 .contains("site eu/s1 rolled itself back")
         );
+    }
+
+    #[test]
+    fn a_site_not_reporting_yet_counts_its_unpatched_alive_nodes_as_baseline() {
+        let r = record(true);
+        let canary_site = r.waves[0].nodes[0].site.clone();
+        let mut s = sites(&r, &[]);
+        for sum in &mut s {
+            sum.patch = None;
+            sum.by_status.critical = u32::from(sum.site != canary_site);
+        }
+        let g = judge(&r, &s);
+        // Six alive nodes, the canary patched, one critical in each other site.
+        assert_eq!(g.baseline.failed, 2);
+        assert_eq!(g.baseline.healthy, 3);
+        assert_eq!(g.patched.pending, 1);
     }
 
     #[test]
