@@ -736,21 +736,17 @@ async fn serve_chunks(conn: quinn::Connection, store: Arc<trellis_node::patch::C
     }
 }
 
-/// Stages a patch at the relay of a site: `Ok(chunks it is fetching)`.
-pub(crate) async fn stage_patch(
+/// One request to a relay on its own hub-opened stream, and its answer,
+/// within [`PUSH_TIMEOUT`]; `Err` says why there is none.
+pub(crate) async fn ask_relay(
     conn: &quinn::Connection,
-    signed: &trellis_node::patch::SignedPatch,
-) -> Result<u64, String> {
+    request: &Request,
+) -> Result<Response, String> {
     let ask = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        wire::write_msg(
-            &mut send,
-            UPLINK_VERSION,
-            &Request::PatchStage(Box::new(signed.clone())),
-            MAX_UPLINK_FRAME,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        wire::write_msg(&mut send, UPLINK_VERSION, request, MAX_UPLINK_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
         wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
             .await
@@ -759,9 +755,20 @@ pub(crate) async fn stage_patch(
     match tokio::time::timeout(PUSH_TIMEOUT, ask).await {
         Err(_) => Err(format!("no answer within {PUSH_TIMEOUT:?}")),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(Some(Response::PatchStaged { fetching }))) => Ok(fetching),
-        Ok(Ok(Some(Response::Error(e)))) => Err(e),
-        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+        Ok(Ok(None)) => Err("the relay closed the stream without answering".to_owned()),
+        Ok(Ok(Some(r))) => Ok(r),
+    }
+}
+
+/// Stages a patch at the relay of a site: `Ok(chunks it is fetching)`.
+pub(crate) async fn stage_patch(
+    conn: &quinn::Connection,
+    signed: &trellis_node::patch::SignedPatch,
+) -> Result<u64, String> {
+    match ask_relay(conn, &Request::PatchStage(Box::new(signed.clone()))).await? {
+        Response::PatchStaged { fetching } => Ok(fetching),
+        Response::Error(e) => Err(e),
+        other => Err(format!("unexpected answer {other:?}")),
     }
 }
 

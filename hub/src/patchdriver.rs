@@ -18,11 +18,10 @@ use tracing::{info, warn};
 use trellis_node::clock::{ticker, unix_ms};
 use trellis_node::id::Identity;
 use trellis_node::patch::SignedPatch;
-use trellis_node::wire;
 use trellis_relay::rollout::SiteOrder;
-use trellis_relay::uplink::{MAX_UPLINK_FRAME, Request, Response, UPLINK_VERSION};
+use trellis_relay::uplink::{Request, Response};
 
-use crate::driver::{Input, PUSH_TIMEOUT, Shared};
+use crate::driver::{Input, Shared, ask_relay};
 use crate::log::{Entry, Op, PatchRecord};
 use crate::patchrollout::{RolloutRecord, RunState, site_waves, step};
 use crate::peering::Peering;
@@ -242,26 +241,9 @@ pub(crate) async fn push_rollout(
 /// One order on its own stream: `Ok(true)` once the relay holds the whole
 /// patch and told its nodes, `Ok(false)` while it is still fetching.
 async fn send_order(conn: &quinn::Connection, order: &SiteOrder) -> Result<bool, String> {
-    let ask = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        wire::write_msg(
-            &mut send,
-            UPLINK_VERSION,
-            &Request::RolloutOrder(Box::new(order.clone())),
-            MAX_UPLINK_FRAME,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
-        wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
-            .await
-            .map_err(|e| e.to_string())
-    };
-    match tokio::time::timeout(PUSH_TIMEOUT, ask).await {
-        Err(_) => Err(format!("no answer within {PUSH_TIMEOUT:?}")),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(Some(Response::RolloutTaken { run, ready }))) if run == order.run => Ok(ready),
-        Ok(Ok(Some(Response::Error(e)))) => Err(format!("the relay refused: {e}")),
-        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+    match ask_relay(conn, &Request::RolloutOrder(Box::new(order.clone()))).await? {
+        Response::RolloutTaken { run, ready } if run == order.run => Ok(ready),
+        Response::Error(e) => Err(format!("the relay refused: {e}")),
+        other => Err(format!("unexpected answer {other:?}")),
     }
 }

@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use trellis_node::patchstate::{OrderAction, PatchState};
+use trellis_node::patchstate::{OrderAction, PatchState, judged};
 use trellis_node::waves::{GateCounts, GateVerdict, NodeRef, Wave, WaveSpec, gate_now};
 use trellis_relay::summary::{PatchTally, SiteKey, SiteSummary};
 
@@ -346,17 +346,6 @@ pub fn judge(r: &RolloutRecord, sites: &[SiteSummary]) -> GateNumbers {
         baseline,
         verdict: gate_now(patched, baseline, r.max_failure),
     }
-}
-
-fn judged(state: PatchState, failed: bool) -> Option<bool> {
-    trellis_node::patchstate::NodePatch {
-        run: 0,
-        patch: [0; 32],
-        state,
-        failed,
-        detail: String::new(),
-    }
-    .judged()
 }
 
 /// The driver's decision: the next revision of the rollout, or `None` when

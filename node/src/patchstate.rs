@@ -231,11 +231,17 @@ impl NodePatch {
     /// failed through its rollback; one rolled back only because others
     /// failed does not.
     pub fn judged(&self) -> Option<bool> {
-        if self.failed {
-            return Some(false);
-        }
-        self.state.judged()
+        judged(self.state, self.failed)
     }
+}
+
+/// How a gate counts a node in `state` whose patch `failed` (or not) in
+/// this run: see [`NodePatch::judged`].
+pub fn judged(state: PatchState, failed: bool) -> Option<bool> {
+    if failed {
+        return Some(false);
+    }
+    state.judged()
 }
 
 /// What a member says about patches: a relay's order, a node's state.

@@ -204,16 +204,11 @@ impl SiteRollout {
 pub fn counts_of(tally: &PatchTally, patched: &BTreeSet<&str>) -> GateCounts {
     let mut c = GateCounts::default();
     for name in patched {
-        match tally.states.get(*name).and_then(|&(state, failed)| {
-            NodePatch {
-                run: 0,
-                patch: [0; 32],
-                state,
-                failed,
-                detail: String::new(),
-            }
-            .judged()
-        }) {
+        match tally
+            .states
+            .get(*name)
+            .and_then(|&(state, failed)| trellis_node::patchstate::judged(state, failed))
+        {
             Some(true) => c.healthy += 1,
             Some(false) => c.failed += 1,
             None => c.pending += 1,
