@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use trellis_node::patch::CHUNK_SIZE;
-use trellis_node::waves::{GateCounts, GateVerdict, NodeRef, WaveSpec, gate, plan_waves};
+use trellis_node::waves::{GateCounts, GateVerdict, NodeRef, WaveSpec, plan_waves};
 
 use crate::report::{ArtifactTransfer, LocalRollback, RolloutOutcome, WaveOutcome, ms};
 use crate::rng::SimRng;
@@ -295,15 +295,10 @@ pub fn site_counts(
 
 /// Whether the gate fails already, before the pending nodes are judged:
 /// even if every one of them turned out healthy the failure ratio would
-/// be too high. Both the relay's local gate and the hub's use it to stop
-/// early.
+/// be too high. The mesh's hubs and relays stop early by the same rule
+/// ([`trellis_node::waves::gate_now`]).
 pub fn fails_early(patched: GateCounts, baseline: GateCounts, max_failure: f64) -> bool {
-    let best = GateCounts {
-        healthy: patched.healthy + patched.pending,
-        failed: patched.failed,
-        pending: 0,
-    };
-    patched.failed > 0 && gate(best, baseline, max_failure).pass == Some(false)
+    trellis_node::waves::gate_now(patched, baseline, max_failure).pass == Some(false)
 }
 
 /// The hub's side of one site in a rollout: the orders it gives the relay
