@@ -157,7 +157,7 @@ fn prometheus_scrapes_every_member_and_sees_the_fleet() {
     let mut checks = Vec::new();
     let mut lag = Vec::new();
     let mut oldest = Vec::new();
-    let seen = eventually(Duration::from_secs(60), || {
+    let seen = eventually(Duration::from_secs(90), || {
         passing = prom.query("trellis_hub_site_nodes{status=\"passing\"}");
         up = prom.query("up");
         checks = prom.query("trellis_node_check_duration_seconds_count{check=\"ok\"} > 0");
