@@ -118,7 +118,8 @@ fn prometheus_scrapes_every_member_and_sees_the_fleet() {
     let (mut relay, gossip) = mesh.start_relay("par-relay", &uplink, "");
     let relay_metrics = relay.wait_field("relay ready", "metrics", Duration::from_secs(5));
     // A check on each node, so that check durations have something to show.
-    let check = "[[checks]]\nname = \"ok\"\ncommand = [\"true\"]\ninterval = \"1s\"\ntimeout = \"500ms\"\n";
+    let check =
+        "[[checks]]\nname = \"ok\"\ncommand = [\"true\"]\ninterval = \"1s\"\ntimeout = \"500ms\"\n";
     let mut nodes = Vec::new();
     let mut node_metrics = Vec::new();
     for i in 0..2 {
