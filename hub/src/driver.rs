@@ -1204,6 +1204,7 @@ impl Hub {
         let mut registry = Registry::default();
         let mesh_metrics = MeshMetrics::register(&mut registry);
         let hub_metrics = HubMetrics::register(&mut registry);
+        let fleet_metrics = crate::fleetmetrics::FleetMetrics::register(&mut registry);
         let region = creds.identity.region.clone();
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds.clone(),
@@ -1253,6 +1254,11 @@ impl Hub {
         let mut tasks = vec![
             tokio::spawn(core_task.run(core_rx, shutdown.child_token())),
             tokio::spawn(notes_task(shared.clone(), notes_rx, shutdown.child_token())),
+            tokio::spawn(crate::fleetmetrics::fleet_metrics_task(
+                shared.clone(),
+                fleet_metrics,
+                shutdown.child_token(),
+            )),
         ];
         // The federation: gossip among hubs, replication.
         let gossip_settings = trellis_node::gossip::GossipSettings {

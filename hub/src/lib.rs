@@ -17,6 +17,8 @@
 //! - [`peering`]: the federation task, replication server, pushes,
 //!   pulls and quorum writes.
 //! - [`driver`]: the hub process: endpoint, per-relay tasks, the core task.
+//! - [`fleetmetrics`]: the fleet as Prometheus gauges (nodes and sites by
+//!   status, rollout progress, uplink lag).
 //! - [`api`]: HTTP routes and the JSON types they return.
 //! - [`store`]: the durable store (SQLite): records from relays, history.
 //! - [`config`]: the hub's TOML configuration.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod core;
 pub mod driver;
 pub mod federation;
+pub mod fleetmetrics;
 pub mod inventory;
 pub mod log;
 pub mod patchdriver;

@@ -23,7 +23,7 @@ use crate::endpoint::MeshEndpoint;
 use crate::gossip::Gossip;
 use crate::health::{self, Checks, ResourceSampler};
 use crate::managed::{ManagedState, short_hex};
-use crate::metrics::{self, ConfigMetrics, MeshMetrics, PatchMetrics, Registry};
+use crate::metrics::{self, CheckMetrics, ConfigMetrics, MeshMetrics, PatchMetrics, Registry};
 use crate::patching::PatchEngine;
 use crate::site::{SiteView, descriptor_kv};
 use crate::tls::Credentials;
@@ -150,7 +150,11 @@ impl SiteMember {
             &protocols,
             mesh_metrics.clone(),
         )?;
-        let checks = Checks::start(checks, shutdown.child_token());
+        let checks = Checks::start(
+            checks,
+            CheckMetrics::register(registry),
+            shutdown.child_token(),
+        );
         let first = health::assess(role, &Default::default(), &checks.results(), health_cfg);
         let site_gossip = Gossip::start(
             endpoint.clone(),

@@ -20,19 +20,36 @@ pub const EXIT_FAILED: u8 = 1;
 /// Exit code for bad usage or bad input (configuration, arguments).
 pub const EXIT_USAGE: u8 = 2;
 
-/// Logs to stderr; the level comes from `TRELLIS_LOG` (then `RUST_LOG`),
-/// `info` by default, with quinn at `warn` and chitchat at `error` (its
-/// warnings are about transport errors our transport never returns).
-pub fn init_logging() {
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, `key=value` fields; for people.
+    #[default]
+    Human,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `message`
+    /// and the event's fields at the top level); for log collectors, which
+    /// then need no parser for the human format.
+    Json,
+}
+
+/// Logs to stderr in `format`; the level comes from `TRELLIS_LOG` (then
+/// `RUST_LOG`), `info` by default, with quinn at `warn` and chitchat at
+/// `error` (its warnings are about transport errors our transport never
+/// returns).
+pub fn init_logging(format: LogFormat) {
     let filter = std::env::var("TRELLIS_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info,quinn=warn,quinn_proto=warn,chitchat=error".to_owned());
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM.
@@ -63,6 +80,18 @@ pub fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Like [`fail`], but with JSON logs the error is a log record, so that
+/// every line on stderr parses for the collector reading it.
+pub fn fail_logged(format: LogFormat, code: u8, error: &dyn std::fmt::Display) -> ExitCode {
+    match format {
+        LogFormat::Human => fail(code, error),
+        LogFormat::Json => {
+            tracing::error!(%error, exit_code = code, "stopped");
+            ExitCode::from(code)
+        }
+    }
+}
+
 /// The options every member binary (`trellis-node`, `-relay`, `-hub`) takes.
 #[derive(clap::Args, Debug)]
 pub struct MemberArgs {
@@ -75,6 +104,10 @@ pub struct MemberArgs {
     /// Print the effective configuration as TOML, then exit.
     #[arg(long)]
     pub print_config: bool,
+    /// How to write log lines to stderr: `human` or `json` (one object per
+    /// line).
+    #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
 }
 
 /// A member's configuration file.
@@ -106,10 +139,11 @@ where
     R: Running,
     Fut: Future<Output = Result<R, StartError>>,
 {
-    init_logging();
+    let log_format = args.log_format;
+    init_logging(log_format);
     let mut loaded = match config::load::<C>(args.config.as_deref()) {
         Ok(l) => l,
-        Err(e) => return fail(EXIT_USAGE, &e),
+        Err(e) => return fail_logged(log_format, EXIT_USAGE, &e),
     };
     let base = loaded.base_dir.clone();
     loaded.config.resolve_paths(&base);
@@ -122,10 +156,11 @@ where
     }
     let creds = match loaded.config.identity().load(&loaded) {
         Ok(c) => c,
-        Err(e) => return fail(EXIT_USAGE, &e),
+        Err(e) => return fail_logged(log_format, EXIT_USAGE, &e),
     };
     if creds.identity.role != role {
-        return fail(
+        return fail_logged(
+            log_format,
             EXIT_USAGE,
             &format!(
                 "{} is a {} certificate; trellis-{role} needs one issued with --role {role}",
@@ -151,7 +186,7 @@ where
             }
             Err(e) => {
                 shutdown.cancel();
-                fail(EXIT_FAILED, &e)
+                fail_logged(log_format, EXIT_FAILED, &e)
             }
         }
     })

@@ -16,6 +16,7 @@ use tracing::{debug, info};
 
 use crate::config::{CheckConfig, CheckKind, HealthConfig};
 use crate::id::Role;
+use crate::metrics::CheckMetrics;
 use crate::site::{CheckResult, Health, Status};
 
 /// One sample of the machine's resources. `None` when the OS did not say.
@@ -254,8 +255,12 @@ pub struct Checks {
 
 impl Checks {
     /// Starts one task per check. Results start as unknown until the first
-    /// run completes.
-    pub fn start(configs: &[CheckConfig], shutdown: CancellationToken) -> Self {
+    /// run completes; each run's duration goes to `metrics`.
+    pub fn start(
+        configs: &[CheckConfig],
+        metrics: CheckMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
         let checks = Checks::default();
         let http = http_client();
         for c in configs {
@@ -267,6 +272,7 @@ impl Checks {
             let results = checks.results.clone();
             let shutdown = shutdown.clone();
             let http = http.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 let mut tick = crate::clock::ticker(interval);
                 loop {
@@ -275,11 +281,13 @@ impl Checks {
                         _ = shutdown.cancelled() => break,
                         _ = tick.tick() => {}
                     }
+                    let started = tokio::time::Instant::now();
                     let result = tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => break,
                         r = run_check(&kind, timeout, &http) => r,
                     };
+                    metrics.observe(&name, started.elapsed());
                     debug!(check = %name, status = %result.status, detail = %result.detail, "check ran");
                     results
                         .lock()
@@ -385,6 +393,65 @@ mod tests {
         assert_eq!(r.status, Status::Critical);
         assert!(r.detail.contains("timed out"), "{}", r.detail);
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    /// The `value` of the first `series` line in `registry`'s text.
+    fn sample(registry: &crate::metrics::Registry, series: &str) -> Option<f64> {
+        crate::metrics::render(registry)
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn every_check_run_is_timed_under_its_name() {
+        let mut registry = crate::metrics::Registry::default();
+        let metrics = CheckMetrics::register(&mut registry);
+        let check = |name: &str, argv: &[&str], timeout_ms: u64| CheckConfig {
+            name: name.into(),
+            command: Some(argv.iter().map(|a| a.to_string()).collect()),
+            http: None,
+            tcp: None,
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_millis(timeout_ms),
+        };
+        let configs = [
+            check("quick", &["true"], 5000),
+            check("hangs", &["sleep", "30"], 200),
+        ];
+        let shutdown = CancellationToken::new();
+        let checks = Checks::start(&configs, metrics, shutdown.clone());
+        let count = |c: &str| {
+            sample(
+                &registry,
+                &format!("trellis_node_check_duration_seconds_count{{check=\"{c}\"}}"),
+            )
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while (count("quick").is_none() || count("hangs").is_none())
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
+        assert_eq!(count("quick"), Some(1.0));
+        assert_eq!(count("hangs"), Some(1.0));
+        assert_eq!(checks.results()["hangs"].status, Status::Critical);
+        // The hung check ran into its 200 ms timeout, never less.
+        let sum = sample(
+            &registry,
+            "trellis_node_check_duration_seconds_sum{check=\"hangs\"}",
+        )
+        .unwrap();
+        assert!((0.2..10.0).contains(&sum), "{sum}");
+        assert_eq!(
+            sample(
+                &registry,
+                "trellis_node_check_duration_seconds_bucket{le=\"0.1\",check=\"hangs\"}",
+            ),
+            Some(0.0)
+        );
     }
 
     #[tokio::test]

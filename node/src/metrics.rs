@@ -16,6 +16,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -136,6 +137,61 @@ impl PatchMetrics {
                 state: state.as_str().to_owned(),
             })
             .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// The check's `name` from `[[checks]]`.
+    pub check: String,
+}
+
+/// Bucket bounds of check durations, in seconds: from a local TCP connect
+/// (milliseconds) to a command that runs into a long timeout.
+const CHECK_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+fn check_histogram() -> Histogram {
+    Histogram::new(CHECK_BUCKETS)
+}
+
+/// How long the configured checks take: a check creeping towards its
+/// timeout shows here before it turns critical.
+#[derive(Clone)]
+pub struct CheckMetrics {
+    pub durations: Family<CheckLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for CheckMetrics {
+    fn default() -> Self {
+        CheckMetrics {
+            durations: Family::new_with_constructor(check_histogram),
+        }
+    }
+}
+
+impl CheckMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = CheckMetrics::default();
+        registry
+            .sub_registry_with_prefix("trellis_node")
+            .register_with_unit(
+                "check_duration",
+                "Time each configured check took to run, timeouts included",
+                prometheus_client::registry::Unit::Seconds,
+                m.durations.clone(),
+            );
+        m
+    }
+
+    /// Records one run of `check` that took `took`.
+    pub fn observe(&self, check: &str, took: std::time::Duration) {
+        self.durations
+            .get_or_create(&CheckLabels {
+                check: check.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 }
 

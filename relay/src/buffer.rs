@@ -467,6 +467,14 @@ impl OutageBuffer {
             .map(|row| row.map(|(seq, until, at, body)| decode_row(seq, until, at, &body)))
     }
 
+    /// When the oldest record a hub has not acknowledged (the first after
+    /// `acked`) was made, in ms since the Unix epoch; `None` when a hub
+    /// holds everything. It says how far behind the hubs' view of the site
+    /// is, which a count of records or bytes does not.
+    pub fn oldest_after(&self, acked: u64) -> Result<Option<u64>, BufferError> {
+        Ok(self.read_after(acked, 1, 0)?.first().map(|r| r.at_ms))
+    }
+
     /// Deletes every record a hub acknowledged (up to `through`).
     pub fn delete_through(&mut self, through: u64) -> Result<u64, BufferError> {
         // `seq <= ?1` lets SQLite walk the primary key instead of the table.
@@ -852,6 +860,22 @@ mod tests {
         assert_eq!(back.len(), 3);
         assert!(matches!(back[1].body, RecordBody::Event(_)));
         assert_eq!(b.latest_summary().unwrap().unwrap().seq, 3);
+    }
+
+    #[test]
+    fn the_oldest_unacknowledged_record_is_the_first_after_the_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path(), 1 << 30);
+        assert_eq!(b.oldest_after(0).unwrap(), None);
+        b.append(vec![summary(1_000), event(2_000), summary(3_000)])
+            .unwrap();
+        assert_eq!(b.oldest_after(0).unwrap(), Some(1_000));
+        assert_eq!(b.oldest_after(1).unwrap(), Some(2_000));
+        assert_eq!(b.oldest_after(2).unwrap(), Some(3_000));
+        assert_eq!(b.oldest_after(3).unwrap(), None);
+        // Acknowledged and deleted: the answer is the same.
+        b.delete_through(2).unwrap();
+        assert_eq!(b.oldest_after(2).unwrap(), Some(3_000));
     }
 
     #[test]

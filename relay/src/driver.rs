@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::AtomicU64;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +81,9 @@ struct RelayMetrics {
     buffer_errors: Counter,
     dropped: Counter,
     backlog_left: Gauge,
+    /// Backlog records written to a hub: its rate is the replay rate.
+    backlog_sent: Counter,
+    buffer_oldest_age: Gauge<f64, AtomicU64>,
     requests: Counter,
 }
 
@@ -138,6 +142,17 @@ impl RelayMetrics {
             m.backlog_left.clone(),
         );
         r.register(
+            "backlog_records_sent",
+            "Backlog records (kept through an outage) written to a hub; its rate is the replay rate",
+            m.backlog_sent.clone(),
+        );
+        r.register_with_unit(
+            "buffer_oldest_age",
+            "Age of the oldest record no hub has acknowledged (0 when none waits)",
+            prometheus_client::registry::Unit::Seconds,
+            m.buffer_oldest_age.clone(),
+        );
+        r.register(
             "hub_requests",
             "Requests answered for hubs",
             m.requests.clone(),
@@ -169,6 +184,11 @@ enum BufferCmd {
         now_ms: u64,
         movable: std::ops::RangeInclusive<u64>,
         reply: oneshot::Sender<Result<Option<Gap>, BufferError>>,
+    },
+    /// When the oldest record after `acked` was made.
+    Oldest {
+        acked: u64,
+        reply: oneshot::Sender<Result<Option<u64>, BufferError>>,
     },
 }
 
@@ -209,6 +229,9 @@ fn spawn_buffer_thread(
                         reply,
                     } => {
                         let _ = reply.send(buffer.compact(now_ms, movable));
+                    }
+                    BufferCmd::Oldest { acked, reply } => {
+                        let _ = reply.send(buffer.oldest_after(acked));
                     }
                 }
                 *stats.lock().expect("not poisoned") = buffer.stats();
@@ -269,6 +292,7 @@ enum Done {
         result: Result<Vec<Record>, BufferError>,
     },
     Compacted(Result<Option<Gap>, BufferError>),
+    Oldest(Result<Option<u64>, BufferError>),
 }
 
 struct CoreTask {
@@ -340,6 +364,9 @@ impl CoreTask {
                         warn!("hub stopped acknowledging records; reconnecting");
                         self.drop_connection();
                     }
+                    let (reply, rx) = oneshot::channel();
+                    let acked = self.core.stats().acked_through;
+                    self.to_buffer(BufferCmd::Oldest { acked, reply }, rx, Done::Oldest);
                 }
                 _ = compact.tick(), if !self.compacting => {
                     self.compacting = true;
@@ -445,6 +472,14 @@ impl CoreTask {
                 }
                 _ => {}
             },
+            Done::Oldest(Ok(at_ms)) => {
+                let age = at_ms.map_or(0.0, |at| age_s(unix_ms(), at));
+                self.metrics.buffer_oldest_age.set(age);
+            }
+            Done::Oldest(Err(error)) => {
+                self.metrics.buffer_errors.inc();
+                warn!(%error, "cannot read the oldest unacknowledged record; will look again");
+            }
             Done::Compacted(result) => {
                 self.compacting = false;
                 match result {
@@ -593,6 +628,12 @@ impl CoreTask {
             changed
         });
     }
+}
+
+/// Seconds from `at_ms` to `now_ms`; 0 for a time ahead of the clock (it
+/// moved back), so that a gauge never goes negative.
+fn age_s(now_ms: u64, at_ms: u64) -> f64 {
+    now_ms.saturating_sub(at_ms) as f64 / 1000.0
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -828,13 +869,16 @@ impl Session<'_> {
             self.replay_bytes_per_s,
             self.conn_id,
             self.inputs.clone(),
+            self.metrics.backlog_sent.clone(),
             cancel.clone(),
         )
         .await
     }
 }
 
-/// Writes live records at once and backlog chunks paced by a token bucket.
+/// Writes live records at once and backlog chunks paced by a token bucket,
+/// counting the backlog records written in `backlog_sent`.
+#[allow(clippy::too_many_arguments)]
 async fn write_records(
     mut send: quinn::SendStream,
     mut live: mpsc::UnboundedReceiver<Record>,
@@ -842,6 +886,7 @@ async fn write_records(
     bytes_per_s: u64,
     conn: u64,
     inputs: mpsc::Sender<Input>,
+    backlog_sent: Counter,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut bucket = TokenBucket::new(bytes_per_s, Instant::now());
@@ -876,6 +921,7 @@ async fn write_records(
                         _ = cancel.cancelled() => return Ok(()),
                         w = wire::write_frame(&mut send, &frame) => w?,
                     }
+                    backlog_sent.inc();
                 }
                 // An empty chunk means nothing is left up to `through`.
                 inputs.send(Input::BacklogSent { conn, through: last }).await?;
@@ -1463,6 +1509,14 @@ impl trellis_node::cli::Running for Relay {
 mod tests {
     use super::*;
     use crate::failover::backoff_bound;
+
+    #[test]
+    fn a_record_age_is_in_seconds_and_never_negative() {
+        assert_eq!(age_s(10_500, 1_000), 9.5);
+        assert_eq!(age_s(1_000, 1_000), 0.0);
+        // The wall clock went back: the record is not from the future.
+        assert_eq!(age_s(1_000, 5_000), 0.0);
+    }
 
     #[test]
     fn backoff_is_random_below_a_bound_that_doubles_up_to_the_maximum() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use trellis_hub::client::{ApiClient, ClientError};
 use trellis_hub::inventory::inventory;
 use trellis_hub::render;
@@ -33,6 +33,16 @@ use trellis_node::tls::{CA_CERT_FILE, Credentials, DEFAULT_CERT_DAYS, MeshCa, Tl
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
+    /// How to write log lines to stderr: `human` or `json` (one object per
+    /// line).
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: cli::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -167,6 +177,17 @@ enum Command {
         /// Time between gossip rounds.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         gossip_interval: Duration,
+    },
+    /// Print a completion script for a shell.
+    ///
+    /// Install it, for example:
+    ///   trellis completions bash > ~/.local/share/bash-completion/completions/trellis
+    ///   trellis completions zsh > ~/.zfunc/_trellis   (with ~/.zfunc in fpath)
+    ///   trellis completions fish > ~/.config/fish/completions/trellis.fish
+    #[command(verbatim_doc_comment)]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -620,8 +641,12 @@ fn parse_role(s: &str) -> Result<Role, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    cli::init_logging();
+    cli::init_logging(args.log_format);
     match args.command {
+        Command::Completions { shell } => {
+            print!("{}", completions(shell));
+            ExitCode::SUCCESS
+        }
         Command::Ca(c) => ca(c),
         Command::Status { hub, relay, json } => {
             runtime().block_on(status(&hub.hub, relay.as_deref(), json))
@@ -752,6 +777,13 @@ fn main() -> ExitCode {
             runtime().block_on(up(opts))
         }
     }
+}
+
+/// The completion script of `trellis` for `shell`.
+fn completions(shell: clap_complete::Shell) -> String {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Args::command(), "trellis", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -1553,4 +1585,35 @@ async fn up(opts: UpOptions) -> ExitCode {
     mesh.stopped().await;
     println!("stopped");
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_scripts_know_the_subcommands_for_each_shell() {
+        use clap_complete::Shell;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let script = completions(shell);
+            assert!(!script.is_empty(), "{shell}: empty script");
+            for word in ["rollout", "config", "completions"] {
+                assert!(script.contains(word), "{shell}: no {word:?} in\n{script}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_log_format_is_an_option_of_every_subcommand() {
+        let args = Args::try_parse_from(["trellis", "up", "--log-format", "json"]).unwrap();
+        assert_eq!(args.log_format, cli::LogFormat::Json);
+        let args = Args::try_parse_from(["trellis", "status"]).unwrap();
+        assert_eq!(args.log_format, cli::LogFormat::Human);
+        assert!(Args::try_parse_from(["trellis", "up", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
 }

@@ -96,7 +96,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.log {
-        trellis_node::cli::init_logging();
+        trellis_node::cli::init_logging(trellis_node::cli::LogFormat::Human);
     }
     let mut tmp = tempfile::Builder::new();
     tmp.prefix("trellis-bench-buffer-");
