@@ -18,6 +18,7 @@
 //!   pulls and quorum writes.
 //! - [`driver`]: the hub process: endpoint, per-relay tasks, the core task.
 //! - [`api`]: HTTP routes and the JSON types they return.
+//! - [`dashboard`]: the web dashboard served at `/`: static files.
 //! - [`store`]: the durable store (SQLite): records from relays, history.
 //! - [`config`]: the hub's TOML configuration.
 //! - [`client`]: the CLI's HTTP client for the API.
@@ -31,6 +32,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod dashboard;
 pub mod driver;
 pub mod federation;
 pub mod inventory;
