@@ -1,4 +1,6 @@
-//! The hub's HTTP API: JSON under `/api/v1`, Prometheus text at `/metrics`.
+//! The hub's HTTP API: JSON under `/api/v1`, Prometheus text at `/metrics`,
+//! a plain-text list of the routes at `/api`, and the web dashboard
+//! ([`crate::dashboard`]) at `/`.
 //! The response shapes live in [`trellis_relay::report`] (shared with the
 //! relay's local API) and [`crate::store::StoredRecord`].
 
@@ -53,7 +55,8 @@ impl IntoResponse for DrillError {
 pub(crate) fn router(shared: Shared) -> Router {
     let metrics = trellis_node::metrics::router(shared.registry.clone());
     Router::new()
-        .route("/", get(index))
+        .route("/api", get(index))
+        .route("/api/v1", get(index))
         .route("/api/v1/fleet", get(fleet))
         .route("/api/v1/sites/{site}/nodes", get(site_nodes))
         .route("/api/v1/sites/{site}/history", get(history))
@@ -112,7 +115,8 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/api/v1/log", get(log))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/audit/verify", get(audit_verify))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see GET /") })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see GET /api") })
+        .merge(crate::dashboard::routes())
         .with_state(shared)
         .merge(metrics)
 }
@@ -122,6 +126,7 @@ async fn index() -> &'static str {
         "Trellis hub ",
         env!("CARGO_PKG_VERSION"),
         "\n\n",
+        "GET /                                       the web dashboard\n",
         "GET /api/v1/fleet                           every site: counts, status, last heard\n",
         "GET /api/v1/sites/{site}/nodes[?region=R]   a site's nodes, live from its relay\n",
         "GET /api/v1/sites/{site}/history            a site's records (summaries, events, gaps)\n",

@@ -20,6 +20,7 @@
 //! - [`fleetmetrics`]: the fleet as Prometheus gauges (nodes and sites by
 //!   status, rollout progress, uplink lag).
 //! - [`api`]: HTTP routes and the JSON types they return.
+//! - [`dashboard`]: the web dashboard served at `/`: static files.
 //! - [`store`]: the durable store (SQLite): records from relays, history.
 //! - [`config`]: the hub's TOML configuration.
 //! - [`client`]: the CLI's HTTP client for the API.
@@ -33,6 +34,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod dashboard;
 pub mod driver;
 pub mod federation;
 pub mod fleetmetrics;

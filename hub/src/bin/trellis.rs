@@ -1529,6 +1529,7 @@ async fn up(opts: UpOptions) -> ExitCode {
         );
     }
     println!("  API:          {api}");
+    println!("  dashboard:    {api}/ (open it in a browser)");
     for r in &mesh.relays {
         if let Some(a) = r.api_addr() {
             println!("  relay API:    http://{a} (trellis status --relay http://{a})");
