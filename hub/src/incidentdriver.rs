@@ -130,22 +130,37 @@ pub(crate) async fn incidents_task(
         })
         .collect();
     let mut tick = ticker(LOOK_EVERY);
+    // The rollout (run, revision) the engine knows.
+    let mut rollout_seen = None;
     loop {
-        let changes = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            e = events.recv() => {
-                let Some(first) = e else { break };
+            e = events.recv() => match e { Some(e) => Some(e), None => break },
+            _ = tick.tick() => None,
+        };
+        // The newest rollout before anything else: a relay hears of a wave
+        // from this same head, so an event the wave causes never arrives
+        // before the engine knows of it.
+        {
+            let head = shared.rollout_head.borrow();
+            let now = head.as_ref().map(|h| (h.record.run, h.record.revision));
+            if now != rollout_seen {
+                rollout_seen = now;
+                engine.handle_rollout(head.as_ref().map(|h| h.record.clone()));
+            }
+        }
+        let changes = match first {
+            Some(first) => {
                 let now_ms = unix_ms();
-                let mut changes = engine.handle_event(now_ms, &first.region, &first.site, &first.event);
+                let mut changes =
+                    engine.handle_event(now_ms, &first.region, &first.site, &first.event);
                 while let Ok(e) = events.try_recv() {
                     changes.extend(engine.handle_event(now_ms, &e.region, &e.site, &e.event));
                 }
                 changes
             }
-            _ = tick.tick() => {
-                let rollout = shared.rollout_head.borrow().as_ref().map(|h| h.record.clone());
-                engine.handle_rollout(rollout);
+            None => {
                 let Some(fleet) = shared.ask(|reply| Input::Fleet { reply }).await else {
                     break;
                 };
@@ -205,6 +220,8 @@ async fn webhook_task(
     failed: Counter,
     shutdown: CancellationToken,
 ) {
+    // reqwest's TLS takes the process's default provider (for https URLs).
+    trellis_node::tls::install_crypto_provider();
     let client = match reqwest::Client::builder().timeout(WEBHOOK_TIMEOUT).build() {
         Ok(c) => c,
         Err(error) => {

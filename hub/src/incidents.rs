@@ -681,8 +681,10 @@ impl IncidentEngine {
 }
 
 /// The rollout as the likely cause of something starting at `site` at
-/// `now_ms`: it touches the site and a wave of it is baking, or it is
-/// rolling back.
+/// `now_ms`: it touches the site and one of its waves is baking, or it is
+/// rolling back. A wave bakes from its start for the bake time, and on
+/// until its gate passes: nodes install before their bake starts, so a
+/// wave not yet passed is still on trial however long it has run.
 pub fn rollout_cause(r: &RolloutRecord, site: &SiteKey, now_ms: u64) -> Option<RolloutCause> {
     if !r.sites().contains(site) {
         return None;
@@ -698,11 +700,23 @@ pub fn rollout_cause(r: &RolloutRecord, site: &SiteKey, now_ms: u64) -> Option<R
     if r.state == RunState::RollingBack {
         return Some(cause(r.started.saturating_sub(1), "rolling-back"));
     }
+    let on_trial = matches!(
+        r.state,
+        RunState::Running | RunState::Paused | RunState::Halted
+    );
     r.wave_started_ms
         .iter()
         .enumerate()
         .rev()
-        .find(|(_, start)| now_ms >= **start && now_ms <= start.saturating_add(r.bake_ms))
+        .find(|(wave, start)| {
+            let baked = start.saturating_add(r.bake_ms);
+            let until = match r.wave_passed_ms.get(*wave) {
+                Some(passed) => baked.max(*passed),
+                None if on_trial => u64::MAX,
+                None => baked,
+            };
+            now_ms >= **start && now_ms <= until
+        })
         .map(|(wave, _)| cause(wave, "bake"))
 }
 
@@ -1012,10 +1026,28 @@ mod tests {
                 phase: "bake".into(),
             })
         );
-        // Past the bake time, or at a site the rollout does not touch,
-        // nothing is blamed on it.
+        // A wave not passed yet is on trial past its bake time.
         e.handle_event(
             170_000,
+            "eu",
+            "par",
+            &Event::NodeDied {
+                node: "par-n4".into(),
+            },
+        );
+        assert_eq!(
+            e.open().next().unwrap().cause.as_ref().map(|c| c.wave),
+            Some(0)
+        );
+        // Past a passed wave's bake time, or at a site the rollout does not
+        // touch, nothing is blamed on it.
+        let mut passed = rollout(RunState::Done);
+        passed.started = 2;
+        passed.wave_started_ms = vec![100_000, 165_000];
+        passed.wave_passed_ms = vec![165_000, 230_000];
+        e.handle_rollout(Some(passed.clone()));
+        e.handle_event(
+            231_000,
             "eu",
             "par",
             &Event::NodeDied {
@@ -1030,7 +1062,15 @@ mod tests {
                 node: "ber-n0".into(),
             },
         );
-        assert!(e.open().filter(|i| i.id != 1).all(|i| i.cause.is_none()));
+        assert_eq!(
+            rollout_cause(&passed, &("eu".into(), "par".into()), 200_000).map(|c| c.wave),
+            Some(1)
+        );
+        assert!(
+            e.open()
+                .filter(|i| !matches!(i.id, 1 | 2))
+                .all(|i| i.cause.is_none())
+        );
         // Rolling back, whenever it is.
         e.handle_rollout(Some(rollout(RunState::RollingBack)));
         e.handle_event(900_000, "eu", "par", &check("par-n1", Status::Critical));
