@@ -372,7 +372,7 @@ impl IncidentEngine {
             .chain(self.resolved.iter())
             .cloned()
             .collect();
-        all.sort_by(|a, b| b.id.cmp(&a.id));
+        all.sort_by_key(|i| std::cmp::Reverse(i.id));
         all
     }
 
