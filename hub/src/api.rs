@@ -62,6 +62,10 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/api/v1/sites/{site}/history", get(history))
         .route("/api/v1/events", get(events))
         .route("/api/v1/hubs", get(hubs))
+        .route(
+            "/api/v1/incidents",
+            get(crate::incidentdriver::incidents_route),
+        )
         .route("/api/v1/desired", get(desired))
         .route(
             "/api/v1/desired/{key}",
@@ -133,6 +137,7 @@ async fn index() -> &'static str {
         "    [?region=R&from=MS&to=MS&kind=K&limit=N]    times in ms since the Unix epoch\n",
         "GET /api/v1/events[?site=S&region=R&since=MS&limit=N]   events and gaps, oldest first\n",
         "GET /api/v1/hubs                            the federation's hubs and their state\n",
+        "GET /api/v1/incidents[?state=open|all]      incidents (correlated faults), newest first\n",
         "GET /api/v1/desired                         the desired state (from the replicated log)\n",
         "PUT /api/v1/desired/{key}  {\"value\": V}     write; acknowledged once on write_quorum hubs\n",
         "DELETE /api/v1/desired/{key}                delete, likewise\n",

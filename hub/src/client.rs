@@ -351,6 +351,16 @@ impl ApiClient {
         self.get("/api/v1/audit/verify").await
     }
 
+    /// Incidents, newest first: the open ones, or with `all` the resolved
+    /// ones kept too (`GET /api/v1/incidents`).
+    pub async fn incidents(
+        &self,
+        all: bool,
+    ) -> Result<crate::incidentdriver::IncidentsReport, ClientError> {
+        let state = if all { "all" } else { "open" };
+        self.get(&format!("/api/v1/incidents?state={state}")).await
+    }
+
     pub async fn fleet(&self) -> Result<FleetReport, ClientError> {
         self.get("/api/v1/fleet").await
     }

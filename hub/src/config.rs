@@ -141,6 +141,68 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// `[incidents]`: how events are correlated into incidents, and who hears
+/// of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IncidentsConfig {
+    /// URLs (http or https) that get a JSON POST when an incident opens or
+    /// resolves: `{"event": "opened"|"resolved", "incident": {...}}`.
+    pub webhooks: Vec<String>,
+    /// Nodes of one site failing the same check that make one incident for
+    /// the site rather than one per node.
+    pub site_check_nodes: usize,
+    /// A node whose checks or liveness change more than this many times
+    /// within `flap_window` is flapping: one incident, not one per change.
+    pub flap_changes: usize,
+    #[serde(with = "humantime_serde")]
+    pub flap_window: Duration,
+    /// A flapping node's incident resolves after this long without change.
+    #[serde(with = "humantime_serde")]
+    pub flap_quiet: Duration,
+    /// Resolved incidents kept for `trellis incidents --all`.
+    pub keep_resolved: usize,
+}
+
+impl Default for IncidentsConfig {
+    fn default() -> Self {
+        IncidentsConfig {
+            webhooks: Vec::new(),
+            site_check_nodes: 2,
+            flap_changes: 4,
+            flap_window: Duration::from_secs(300),
+            flap_quiet: Duration::from_secs(300),
+            keep_resolved: 1000,
+        }
+    }
+}
+
+impl IncidentsConfig {
+    /// The engine's settings.
+    pub fn settings(&self) -> crate::incidents::IncidentSettings {
+        crate::incidents::IncidentSettings {
+            site_check_nodes: self.site_check_nodes,
+            flap_changes: self.flap_changes,
+            flap_window_ms: self.flap_window.as_millis() as u64,
+            flap_quiet_ms: self.flap_quiet.as_millis() as u64,
+            keep_resolved: self.keep_resolved,
+        }
+    }
+}
+
+/// Why a webhook URL is refused (`None`: it is fine).
+fn webhook_problem(url: &str) -> Option<String> {
+    match reqwest::Url::parse(url) {
+        Err(e) => Some(format!("{url:?} is not a URL ({e})")),
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => Some(format!(
+            "{url:?} is a {} URL; webhooks are POSTed over http or https",
+            u.scheme()
+        )),
+        Ok(u) if u.host_str().is_none_or(str::is_empty) => Some(format!("{url:?} names no host")),
+        Ok(_) => None,
+    }
+}
+
 /// The hub's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -152,6 +214,7 @@ pub struct HubConfig {
     pub store: StoreConfig,
     pub federation: FederationConfig,
     pub replication: ReplicationConfig,
+    pub incidents: IncidentsConfig,
 }
 
 impl Default for HubConfig {
@@ -164,6 +227,7 @@ impl Default for HubConfig {
             store: StoreConfig::default(),
             federation: FederationConfig::default(),
             replication: ReplicationConfig::default(),
+            incidents: IncidentsConfig::default(),
         }
     }
 }
@@ -222,6 +286,32 @@ impl Validate for HubConfig {
             "fleet.stale_after",
             "must be at least 2s (relays summarise every few seconds)",
         );
+        for url in &self.incidents.webhooks {
+            if let Some(problem) = webhook_problem(url) {
+                p.check(false, "incidents.webhooks", problem);
+            }
+        }
+        p.check(
+            self.incidents.site_check_nodes >= 2,
+            "incidents.site_check_nodes",
+            "must be at least 2 (one node failing a check is a node's incident)",
+        );
+        p.check(
+            self.incidents.flap_changes >= 2,
+            "incidents.flap_changes",
+            "must be at least 2",
+        );
+        p.check(
+            self.incidents.flap_window >= Duration::from_secs(1)
+                && self.incidents.flap_quiet >= Duration::from_secs(1),
+            "incidents.flap_window",
+            "flap_window and flap_quiet must be at least 1s",
+        );
+        p.check(
+            (1..=100_000).contains(&self.incidents.keep_resolved),
+            "incidents.keep_resolved",
+            "must be between 1 and 100000",
+        );
     }
 }
 
@@ -266,5 +356,20 @@ mod tests {
         let err = check("[api]\nlisten = \"0.0.0.0:7800\"\n").unwrap_err();
         assert!(err.contains("api.listen"), "{err}");
         check("[api]\nlisten = \"0.0.0.0:7800\"\nallow_remote_unauthenticated = true\n").unwrap();
+    }
+
+    #[test]
+    fn incident_webhooks_must_be_http_or_https_urls() {
+        let c = check(
+            "[incidents]\nwebhooks = [\"http://127.0.0.1:9000/hook\", \"https://pager.example/x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.incidents.webhooks.len(), 2);
+        for bad in ["ftp://pager.example/x", "pager.example/x", "http://"] {
+            let err = check(&format!("[incidents]\nwebhooks = [{bad:?}]\n")).unwrap_err();
+            assert!(err.contains("incidents.webhooks"), "{bad}: {err}");
+        }
+        let err = check("[incidents]\nsite_check_nodes = 1\n").unwrap_err();
+        assert!(err.contains("incidents.site_check_nodes"), "{err}");
     }
 }

@@ -269,6 +269,9 @@ struct CoreTask {
     config_head: watch::Sender<ConfigHead>,
     /// Audit notes of configuration events relays sent to this hub.
     notes: mpsc::Sender<(String, Op)>,
+    /// Events, for the incidents task to correlate.
+    incidents: mpsc::Sender<crate::incidentdriver::SiteEvent>,
+    incident_events_dropped: Counter,
     metrics: HubMetrics,
 }
 
@@ -440,6 +443,7 @@ impl CoreTask {
             Ok(()) => {
                 self.metrics.commits.inc();
                 self.note_config_events(&records);
+                self.forward_events(&work);
                 for (fresh, reply) in work {
                     self.core.handle_committed(received(&fresh), &fresh);
                     if let Some(reply) = reply {
@@ -503,6 +507,28 @@ impl CoreTask {
             };
             if self.notes.try_send((self.log_me(), op)).is_err() {
                 warn!(relay = %r.relay, "audit notes queue full; a configuration event is in the store but not in the audit log");
+            }
+        }
+    }
+
+    /// Hands every event among the stored records (from relays or other
+    /// hubs) to the incidents task, never waiting: past its queue's room,
+    /// an event is counted and left to the store.
+    fn forward_events(&self, work: &[RecordWork]) {
+        use trellis_relay::uplink::RecordBody;
+        for (f, _) in work {
+            for r in &f.records {
+                let RecordBody::Event(e) = &r.body else {
+                    continue;
+                };
+                let event = crate::incidentdriver::SiteEvent {
+                    region: f.relay.region.clone(),
+                    site: f.relay.site.clone(),
+                    event: e.clone(),
+                };
+                if self.incidents.try_send(event).is_err() {
+                    self.incident_events_dropped.inc();
+                }
             }
         }
     }
@@ -832,6 +858,8 @@ pub(crate) struct Shared {
     pub chunks: Arc<trellis_node::patch::ChunkStore>,
     /// The newest rollout, with its patch: what relays are told.
     pub rollout_head: watch::Receiver<crate::patchdriver::RolloutHead>,
+    /// Every incident kept, newest first.
+    pub incidents: watch::Receiver<crate::incidentdriver::IncidentList>,
 }
 
 /// Why a note was not recorded. Nothing was appended to the log.
@@ -1205,6 +1233,7 @@ impl Hub {
         let mesh_metrics = MeshMetrics::register(&mut registry);
         let hub_metrics = HubMetrics::register(&mut registry);
         let fleet_metrics = crate::fleetmetrics::FleetMetrics::register(&mut registry);
+        let incident_metrics = crate::incidentdriver::IncidentMetrics::register(&mut registry);
         let region = creds.identity.region.clone();
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds.clone(),
@@ -1229,6 +1258,9 @@ impl Hub {
             .map_err(|e| StartError::Other(e.to_string()))?;
         let (core_tx, core_rx) = mpsc::channel(4096);
         let (rollout_head_tx, rollout_head_rx) = watch::channel(None);
+        let (incidents_tx, incidents_rx) = watch::channel(Arc::new(Vec::new()));
+        let (incident_events_tx, incident_events_rx) =
+            mpsc::channel(crate::incidentdriver::EVENTS_QUEUE);
         let shared = Shared {
             core: core_tx,
             relays: Arc::new(Mutex::new(HashMap::new())),
@@ -1238,6 +1270,7 @@ impl Hub {
             config_head: config_head_rx,
             chunks: Arc::new(chunks),
             rollout_head: rollout_head_rx,
+            incidents: incidents_rx,
         };
         let (push_tx, push_rx) = mpsc::channel(1024);
         let (notes_tx, notes_rx) = mpsc::channel(NOTES_QUEUE);
@@ -1248,7 +1281,9 @@ impl Hub {
             store: store_tx.clone(),
             pushes: push_tx,
             config_head: config_head_tx,
-            notes: notes_tx,
+            notes: notes_tx.clone(),
+            incidents: incident_events_tx,
+            incident_events_dropped: incident_metrics.events_dropped.clone(),
             metrics: hub_metrics.clone(),
         };
         let mut tasks = vec![
@@ -1303,6 +1338,16 @@ impl Hub {
             shared.clone(),
             peering.clone(),
             rollout_head_tx,
+            shutdown.child_token(),
+        )));
+        tasks.push(tokio::spawn(crate::incidentdriver::incidents_task(
+            shared.clone(),
+            cfg.incidents.clone(),
+            name.clone(),
+            incident_events_rx,
+            notes_tx,
+            incidents_tx,
+            incident_metrics,
             shutdown.child_token(),
         )));
         tasks.push(tokio::spawn(crate::peering::chunk_sync_task(

@@ -13,6 +13,9 @@
 //! - [`audit`]: checking the stored log: signatures, readable columns,
 //!   each origin's chain.
 //! - [`federation`]: what hubs tell each other in their gossip.
+//! - [`incidents`]: correlating events and the fleet view into incidents;
+//!   pure.
+//! - [`incidentdriver`]: the task that owns the incidents, and webhooks.
 //! - [`replication`]: the hub ↔ hub replication protocol and client.
 //! - [`peering`]: the federation task, replication server, pushes,
 //!   pulls and quorum writes.
@@ -38,6 +41,8 @@ pub mod dashboard;
 pub mod driver;
 pub mod federation;
 pub mod fleetmetrics;
+pub mod incidentdriver;
+pub mod incidents;
 pub mod inventory;
 pub mod log;
 pub mod patchdriver;

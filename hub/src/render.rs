@@ -952,6 +952,80 @@ pub fn rollout_list(l: &crate::rolloutapi::RolloutList, colour: bool) -> String 
     out
 }
 
+/// `trellis incidents`: one line per incident, aligned, coloured by
+/// severity (resolved ones dimmed), with what it is about under it.
+pub fn incidents(r: &crate::incidentdriver::IncidentsReport, colour: bool) -> String {
+    use crate::incidents::Severity;
+    let p = Paint(colour);
+    let mut out = String::new();
+    if r.incidents.is_empty() {
+        out.push_str(if r.open == 0 {
+            "no incident open\n"
+        } else {
+            "no incident to show\n"
+        });
+        return out;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let id_w = r
+        .incidents
+        .iter()
+        .map(|i| i.id.to_string().len())
+        .max()
+        .unwrap_or(1);
+    let kind_w = r
+        .incidents
+        .iter()
+        .map(|i| i.kind.as_str().len())
+        .max()
+        .unwrap_or(0);
+    let scope_w = r
+        .incidents
+        .iter()
+        .map(|i| i.scope.to_string().chars().count())
+        .max()
+        .unwrap_or(0);
+    for i in &r.incidents {
+        let state = match i.resolved_ms {
+            None => format!("open {}", ago(now_ms.saturating_sub(i.opened_ms) / 1000)),
+            Some(at) => format!("resolved {}", ago(now_ms.saturating_sub(at) / 1000)),
+        };
+        let severity = format!("{:<8}", i.severity.as_str());
+        let severity = match (i.resolved_ms, i.severity) {
+            (Some(_), _) => p.dim(&severity),
+            (None, Severity::Critical) => p.code("31;1", &severity),
+            (None, Severity::Warning) => p.code("33", &severity),
+        };
+        let line = format!(
+            "#{:<id_w$}  {severity}  {:<kind_w$}  {:<scope_w$}  {}",
+            i.id,
+            i.kind.as_str(),
+            i.scope.to_string(),
+            i.title,
+        );
+        let _ = writeln!(out, "{line}  {}", p.dim(&state));
+        if !i.nodes.is_empty() && i.scope.node.is_none() {
+            let _ = writeln!(out, "      nodes: {}", i.nodes.join(", "));
+        }
+        if let Some(c) = &i.cause {
+            let _ = writeln!(
+                out,
+                "      likely cause: rollout {} of {} {} (wave {}, {})",
+                c.run,
+                p.bold(&c.name),
+                c.version,
+                c.wave,
+                c.phase
+            );
+        }
+        let _ = writeln!(out, "      {}", p.dim(&i.detail));
+    }
+    let _ = writeln!(out, "{} open", plural(r.open as u64, "incident"));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use trellis_relay::summary::{CheckCounts, StatusCounts};
@@ -1117,5 +1191,63 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("move its store aside"), "{text}");
+    }
+
+    #[test]
+    fn incidents_are_aligned_with_their_nodes_and_cause_under_them() {
+        use crate::incidentdriver::IncidentsReport;
+        use crate::incidents::{Incident, IncidentKind, RolloutCause, Scope, Severity};
+        let incident = |id: u64, node: Option<&str>, kind: IncidentKind| Incident {
+            id,
+            kind,
+            severity: Severity::Critical,
+            scope: Scope {
+                region: "eu".into(),
+                site: "par".into(),
+                node: node.map(str::to_owned),
+            },
+            check: None,
+            title: format!("title {id}"),
+            detail: "why".into(),
+            opened_ms: 0,
+            updated_ms: 0,
+            resolved_ms: (id == 9).then_some(1),
+            nodes: vec!["par-n0".into(), "par-n1".into()],
+            cause: (id == 10).then(|| RolloutCause {
+                run: 1,
+                patch: "ab".into(),
+                name: "web-fix".into(),
+                version: "2.0".into(),
+                wave: 0,
+                phase: "bake".into(),
+            }),
+        };
+        let r = IncidentsReport {
+            open: 1,
+            incidents: vec![
+                incident(10, None, IncidentKind::SiteCheckFailing),
+                incident(9, Some("par-n0"), IncidentKind::NodeDown),
+            ],
+        };
+        let text = incidents(&r, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0]
+                .starts_with("#10  critical  site-check-failing  eu/par         title 10  open "),
+            "{text}"
+        );
+        assert_eq!(lines[1], "      nodes: par-n0, par-n1");
+        assert_eq!(
+            lines[2],
+            "      likely cause: rollout 1 of web-fix 2.0 (wave 0, bake)"
+        );
+        assert!(
+            lines[4].starts_with(
+                "#9   critical  node-down           eu/par/par-n0  title 9  resolved "
+            ),
+            "{text}"
+        );
+        assert_eq!(*lines.last().unwrap(), "1 incident open");
+        assert!(!text.contains('\x1b'));
     }
 }

@@ -40,6 +40,14 @@ use trellis_node::id::Role;
 ///
 ///   [replication]
 ///   write_quorum = 0             # 0: 2 when there are two hubs or more
+///
+///   [incidents]                  # GET /api/v1/incidents, `trellis incidents`
+///   webhooks = []                # URLs POSTed {event, incident} on open/resolve
+///   site_check_nodes = 2         # nodes failing one check: one site incident
+///   flap_changes = 4             # more changes than this within flap_window:
+///   flap_window = "5m"           #   the node is flapping (one incident)
+///   flap_quiet = "5m"            # quiet this long: the flapping resolves
+///   keep_resolved = 1000
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {

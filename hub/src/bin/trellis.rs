@@ -128,6 +128,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show incidents: faults correlated from events and the fleet view
+    /// (a site unreachable is one incident, a check failing on several
+    /// nodes of a site is one, a flapping node is one), newest first, with
+    /// the rollout that likely caused each if one was baking there.
+    Incidents {
+        /// Show resolved incidents too (the hub keeps the newest ones).
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        hub: HubArg,
+        /// Print the API's JSON instead of the list.
+        #[arg(long)]
+        json: bool,
+    },
     /// Read and write the desired state (kept in the hubs' replicated log).
     #[command(subcommand)]
     Desired(DesiredCommand),
@@ -686,6 +700,7 @@ fn main() -> ExitCode {
                 .await
         })),
         Command::Hubs { hub, json } => runtime().block_on(hubs(&hub.hub, json)),
+        Command::Incidents { all, hub, json } => runtime().block_on(incidents(&hub.hub, all, json)),
         Command::Desired(cmd) => runtime().block_on(desired(cmd)),
         Command::Config(ConfigCommand::Plan { dir, hub, json }) => {
             runtime().block_on(config_plan(&dir, &hub.hub, json))
@@ -1347,6 +1362,14 @@ async fn hubs(hub: &str, json: bool) -> ExitCode {
         Err(e) => return client_error(e),
     };
     answer(client.hubs().await, json, render::hubs)
+}
+
+async fn incidents(hub: &str, all: bool, json: bool) -> ExitCode {
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    answer(client.incidents(all).await, json, render::incidents)
 }
 
 async fn desired(cmd: DesiredCommand) -> ExitCode {
