@@ -57,6 +57,9 @@ enum Command {
     /// Sites are coloured by status: healthy, degraded (a node dead or
     /// failing), critical (half or more dead or critical), unreachable (the
     /// hub cannot reach the site's relay; the last known state is shown).
+    #[command(
+        after_help = "Examples:\n  trellis status\n  trellis status --json | jq '.sites[] | select(.status != \"healthy\")'\n  trellis status --relay http://127.0.0.1:7801   # a relay's own view, hub or not"
+    )]
     Status {
         #[command(flatten)]
         hub: HubArg,
@@ -69,6 +72,9 @@ enum Command {
         json: bool,
     },
     /// Show one site's nodes with their health, live from the site's relay.
+    #[command(
+        after_help = "Examples:\n  trellis nodes par-1\n  trellis nodes par-1 --region eu --json"
+    )]
     Nodes {
         /// The site's name (as in `trellis status`); not needed with --relay.
         #[arg(required_unless_present = "relay")]
@@ -87,6 +93,9 @@ enum Command {
     },
     /// Show recent events (nodes joined, died, recovered; checks changed)
     /// and gaps (records a relay had to drop), oldest first.
+    #[command(
+        after_help = "Examples:\n  trellis events --since 10m\n  trellis events --site par-1 --since 1d --limit 50"
+    )]
     Events {
         /// Only this site.
         #[arg(long)]
@@ -104,6 +113,9 @@ enum Command {
         json: bool,
     },
     /// Show a site's recorded history: summaries, events and gaps.
+    #[command(
+        after_help = "Examples:\n  trellis history par-1 --since 2h\n  trellis history par-1 --region eu --json"
+    )]
     History {
         site: String,
         #[arg(long)]
@@ -122,6 +134,7 @@ enum Command {
     },
     /// Show the federation's hubs: which are alive, what they serve, and
     /// whether they hold the same records and log.
+    #[command(after_help = "Example:\n  trellis hubs --hub http://hub-2:7800")]
     Hubs {
         #[command(flatten)]
         hub: HubArg,
@@ -132,6 +145,9 @@ enum Command {
     /// (a site unreachable is one incident, a check failing on several
     /// nodes of a site is one, a flapping node is one), newest first, with
     /// the rollout that likely caused each if one was baking there.
+    #[command(
+        after_help = "Examples:\n  trellis incidents            # the open ones\n  trellis incidents --all --json"
+    )]
     Incidents {
         /// Show resolved incidents too (the hub keeps the newest ones).
         #[arg(long)]
@@ -171,6 +187,9 @@ enum Command {
     /// Every member gets its own QUIC endpoint on 127.0.0.1 and its own
     /// certificate from a fresh mesh CA (kept in a temporary directory, or in
     /// --dir). The hub's API serves on --api.
+    #[command(
+        after_help = "Examples:\n  trellis up                          # 1 hub, 3 sites × 10 nodes; Ctrl-C stops it\n  trellis up --hubs 3 --sites 5 --nodes 20 --dir /tmp/mesh"
+    )]
     Up {
         /// Number of sites (one relay each).
         #[arg(long, default_value_t = 3)]
@@ -208,6 +227,9 @@ enum Command {
 #[derive(Subcommand)]
 enum DesiredCommand {
     /// Show every key, or one.
+    #[command(
+        after_help = "Examples:\n  trellis desired get\n  trellis desired get web.replicas --json"
+    )]
     Get {
         key: Option<String>,
         #[command(flatten)]
@@ -218,6 +240,7 @@ enum DesiredCommand {
     /// Set a key. Acknowledged once the write is durable on the
     /// federation's write quorum of hubs (exit 1 otherwise: the write then
     /// stays in the hub's log and replicates when the others are back).
+    #[command(after_help = "Example:\n  trellis desired set web.replicas 3")]
     Set {
         key: String,
         value: String,
@@ -228,6 +251,7 @@ enum DesiredCommand {
         hub: HubArg,
     },
     /// Delete a key (acknowledged like `set`).
+    #[command(after_help = "Example:\n  trellis desired delete web.replicas")]
     Delete {
         key: String,
         #[arg(long = "as", env = "USER", default_value = "operator")]
@@ -306,6 +330,7 @@ enum ConfigCommand {
         hub: HubArg,
     },
     /// List the stored configuration versions, newest first.
+    #[command(after_help = "Example:\n  trellis config history --json")]
     History {
         #[command(flatten)]
         hub: HubArg,
@@ -313,6 +338,7 @@ enum ConfigCommand {
         json: bool,
     },
     /// Show one version: who signed it, when, and what each manifest manages.
+    #[command(after_help = "Examples:\n  trellis config show 3\n  trellis config show 3 --json")]
     Show {
         version: u64,
         #[command(flatten)]
@@ -342,6 +368,7 @@ enum ConfigCommand {
     },
     /// Per site: how many nodes hold the newest version, which nodes have
     /// drifted or failed, and the latest configuration events.
+    #[command(after_help = "Example:\n  trellis config status")]
     Status {
         #[command(flatten)]
         hub: HubArg,
@@ -381,6 +408,9 @@ struct FollowArg {
 enum AuditCommand {
     /// Show the log's entries, oldest first: time, hub/seq, author, what,
     /// and the start of the entry's hash.
+    #[command(
+        after_help = "Examples:\n  trellis audit log --since 1d\n  trellis audit log --json | jq '.entries[] | select(.op | startswith(\"note patch\"))'"
+    )]
     Log {
         /// Only entries this recent, e.g. 10m, 2h, 7d (default: all).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -416,6 +446,7 @@ enum AuditCommand {
     /// printed with the hub and seq it concerns), or the hub could not be
     /// asked; 2 bad usage.
     #[command(verbatim_doc_comment)]
+    #[command(after_help = "Example:\n  trellis audit verify")]
     Verify {
         #[command(flatten)]
         hub: HubArg,
@@ -451,6 +482,9 @@ enum PatchCommand {
         operator: OperatorArg,
         #[command(flatten)]
         hub: HubArg,
+        /// Print the hub's answer as JSON (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Have relays fetch a patch's artifacts now, ahead of a rollout.
     ///
@@ -460,6 +494,9 @@ enum PatchCommand {
     /// resumes a fetch that was cut short and replaces damaged chunks.
     /// Follow it in the relays' /metrics (trellis_relay_patch_*).
     #[command(verbatim_doc_comment)]
+    #[command(
+        after_help = "Examples:\n  trellis patch stage openssl-fix\n  trellis patch stage openssl-fix --site par-1"
+    )]
     Stage {
         name: String,
         /// Only this site's relay.
@@ -471,6 +508,7 @@ enum PatchCommand {
         json: bool,
     },
     /// List published patches, newest first.
+    #[command(after_help = "Example:\n  trellis patch list --json")]
     List {
         #[command(flatten)]
         hub: HubArg,
@@ -479,6 +517,7 @@ enum PatchCommand {
     },
     /// Show a patch's versions: commands, checks, bake time, artifacts, and
     /// how many of their chunks this hub holds.
+    #[command(after_help = "Example:\n  trellis patch show openssl-fix")]
     Show {
         name: String,
         #[command(flatten)]
@@ -544,6 +583,9 @@ enum RolloutCommand {
     },
     /// Show a rollout: waves with progress bars, each site, the gate's
     /// numbers and, if it stopped, why.
+    #[command(
+        after_help = "Examples:\n  trellis rollout status        # the newest rollout\n  trellis rollout status 3 --json"
+    )]
     Status {
         /// The rollout's number; the newest when absent.
         run: Option<u64>,
@@ -553,6 +595,7 @@ enum RolloutCommand {
         json: bool,
     },
     /// List rollouts, newest first.
+    #[command(after_help = "Example:\n  trellis rollout list")]
     List {
         #[command(flatten)]
         hub: HubArg,
@@ -560,28 +603,43 @@ enum RolloutCommand {
         json: bool,
     },
     /// Let the current wave finish but start no new one.
+    #[command(
+        after_help = "Example:\n  trellis rollout pause --cert alice.crt --key alice.key --ca ca/ca.crt"
+    )]
     Pause {
         run: Option<u64>,
         #[command(flatten)]
         operator: OperatorArg,
         #[command(flatten)]
         hub: HubArg,
+        #[arg(long)]
+        json: bool,
     },
     /// Carry on after a pause, or after a halt without automatic rollback.
+    #[command(
+        after_help = "Example:\n  trellis rollout resume 3 --cert alice.crt --key alice.key --ca ca/ca.crt"
+    )]
     Resume {
         run: Option<u64>,
         #[command(flatten)]
         operator: OperatorArg,
         #[command(flatten)]
         hub: HubArg,
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the rollout and roll back every patched node.
+    #[command(
+        after_help = "Example:\n  trellis rollout abort --cert alice.crt --key alice.key --ca ca/ca.crt   # rolls back"
+    )]
     Abort {
         run: Option<u64>,
         #[command(flatten)]
         operator: OperatorArg,
         #[command(flatten)]
         hub: HubArg,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -609,6 +667,7 @@ struct HubArg {
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a new mesh CA (ca.crt, and ca.key readable only by you).
+    #[command(after_help = "Example:\n  trellis ca init --dir ca")]
     Init {
         /// Directory to keep the CA in.
         #[arg(long)]
@@ -744,9 +803,12 @@ fn main() -> ExitCode {
                 answer(c.config_status().await, json, render::config_status)
             })),
         Command::Audit(cmd) => runtime().block_on(audit(cmd)),
-        Command::Patch(PatchCommand::Publish { dir, operator, hub }) => {
-            runtime().block_on(patch_publish(&dir, &operator, &hub.hub))
-        }
+        Command::Patch(PatchCommand::Publish {
+            dir,
+            operator,
+            hub,
+            json,
+        }) => runtime().block_on(patch_publish(&dir, &operator, &hub.hub, json)),
         Command::Patch(PatchCommand::Stage {
             name,
             site,
@@ -1215,15 +1277,24 @@ async fn rollout(cmd: RolloutCommand) -> ExitCode {
             })
             .await
         }
-        RolloutCommand::Pause { run, operator, hub } => {
-            rollout_control(Control::Pause, run, &operator, &hub.hub).await
-        }
-        RolloutCommand::Resume { run, operator, hub } => {
-            rollout_control(Control::Resume, run, &operator, &hub.hub).await
-        }
-        RolloutCommand::Abort { run, operator, hub } => {
-            rollout_control(Control::Abort, run, &operator, &hub.hub).await
-        }
+        RolloutCommand::Pause {
+            run,
+            operator,
+            hub,
+            json,
+        } => rollout_control(Control::Pause, run, &operator, &hub.hub, json).await,
+        RolloutCommand::Resume {
+            run,
+            operator,
+            hub,
+            json,
+        } => rollout_control(Control::Resume, run, &operator, &hub.hub, json).await,
+        RolloutCommand::Abort {
+            run,
+            operator,
+            hub,
+            json,
+        } => rollout_control(Control::Abort, run, &operator, &hub.hub, json).await,
     }
 }
 
@@ -1232,6 +1303,7 @@ async fn rollout_control(
     run: Option<u64>,
     operator: &OperatorArg,
     hub: &str,
+    json: bool,
 ) -> ExitCode {
     use trellis_hub::rolloutapi::{ControlRollout, SignedRequest};
     let creds = match load_operator(operator) {
@@ -1250,14 +1322,19 @@ async fn rollout_control(
     with_client(hub, |c| async move {
         answer(
             c.rollout_control(&run, &signed).await,
-            false,
+            json,
             render::rollout_status,
         )
     })
     .await
 }
 
-async fn patch_publish(dir: &std::path::Path, operator: &OperatorArg, hub: &str) -> ExitCode {
+async fn patch_publish(
+    dir: &std::path::Path,
+    operator: &OperatorArg,
+    hub: &str,
+    json: bool,
+) -> ExitCode {
     use std::io::{IsTerminal, Read, Seek, SeekFrom};
     use trellis_node::distribute::hex32;
     use trellis_node::patch::{CHUNK_SIZE, Patch, sign};
@@ -1330,6 +1407,13 @@ async fn patch_publish(dir: &std::path::Path, operator: &OperatorArg, hub: &str)
         eprintln!();
     }
     match client.patch_publish(&signed).await {
+        Ok(p) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&p).expect("serialisable")
+            );
+            ExitCode::SUCCESS
+        }
         Ok(p) if p.already => {
             println!(
                 "{} {} ({}) was already published",

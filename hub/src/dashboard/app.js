@@ -559,16 +559,28 @@
       root.innerHTML = '<h2>Incidents</h2><div data-testid="incidents"></div>';
     }
 
-    function cell(v) {
-      if (v === null || v === undefined) return '';
-      if (typeof v === 'object') return '<span class="mono">' + esc(JSON.stringify(v)) + '</span>';
-      return esc(v);
+    function row(i) {
+      const open = i.resolved_ms === null || i.resolved_ms === undefined;
+      const scope = i.scope.region + '/' + i.scope.site + (i.scope.node ? '/' + i.scope.node : '');
+      const since = ago(Math.max(0, (Date.now() - i.opened_ms) / 1000));
+      const cause = i.cause
+        ? 'rollout ' + i.cause.run + ' (' + i.cause.name + ' ' + i.cause.version + '), wave ' + i.cause.wave
+        : '';
+      const nodes = (i.nodes || []).length;
+      return '<tr class="' + (open ? 'sev-' + esc(i.severity) : 'muted') + '" data-testid="incident">' +
+        '<td>' + esc(i.id) + '</td>' +
+        '<td>' + esc(open ? i.severity : 'resolved') + '</td>' +
+        '<td>' + esc(i.title) + (i.detail ? '<br><span class="muted">' + esc(i.detail) + '</span>' : '') + '</td>' +
+        '<td class="mono">' + esc(scope) + '</td>' +
+        '<td>' + esc(nodes ? String(nodes) : '') + '</td>' +
+        '<td>' + esc(since) + '</td>' +
+        '<td>' + esc(cause) + '</td></tr>';
     }
 
     async function refresh(isCurrent) {
       let body;
       try {
-        body = await api('/api/v1/incidents');
+        body = await api('/api/v1/incidents?state=all');
       } catch (e) {
         if (e instanceof ApiError && e.status === 404) {
           if (!isCurrent()) return;
@@ -579,16 +591,12 @@
         throw e;
       }
       if (!isCurrent()) return;
-      const list = Array.isArray(body) ? body : Array.isArray(body.incidents) ? body.incidents : [];
-      const keys = [];
-      for (const i of list) {
-        for (const k of Object.keys(i || {})) if (keys.indexOf(k) < 0) keys.push(k);
-      }
+      const list = Array.isArray(body.incidents) ? body.incidents : [];
       root.querySelector('[data-testid=incidents]').innerHTML = list.length
-        ? '<table data-testid="incidents-table"><tr>' + keys.map(function (k) { return '<th>' + esc(k) + '</th>'; }).join('') + '</tr>' +
-          list.map(function (i) {
-            return '<tr>' + keys.map(function (k) { return '<td>' + cell(i[k]) + '</td>'; }).join('') + '</tr>';
-          }).join('') + '</table>'
+        ? '<p data-testid="incidents-open">' + esc(body.open) + ' open</p>' +
+          '<table data-testid="incidents-table"><tr><th>#</th><th>severity</th><th>what</th>' +
+          '<th>where</th><th>nodes</th><th>opened</th><th>likely cause</th></tr>' +
+          list.map(row).join('') + '</table>'
         : '<p class="muted">No incident.</p>';
       setUpdated(null);
     }
