@@ -202,8 +202,13 @@ fn a_change_for_a_label_subset_reaches_exactly_those_nodes_and_a_hand_edit_is_he
         "{plan}"
     );
 
-    let out = site.config("apply", &[fleet, "--timeout", "60s"]);
+    // In JSON this time: what was stored, and where the rollout ended.
+    let out = site.config("apply", &[fleet, "--timeout", "60s", "--json"]);
     assert!(out.status.success(), "apply v2: {out:?}");
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("apply --json prints JSON");
+    assert_eq!(answer["stored"]["version"], 2, "{answer}");
+    assert_eq!(answer["rollout"]["version"], 2, "{answer}");
+    assert_eq!(answer["rollout"]["holding"], ROLES.len(), "{answer}");
     let mut changed = BTreeSet::new();
     for i in 0..ROLES.len() {
         match read(&site.file(i, "/etc/web.conf")) {

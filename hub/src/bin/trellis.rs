@@ -249,6 +249,8 @@ enum DesiredCommand {
         author: String,
         #[command(flatten)]
         hub: HubArg,
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a key (acknowledged like `set`).
     #[command(after_help = "Example:\n  trellis desired delete web.replicas")]
@@ -258,6 +260,8 @@ enum DesiredCommand {
         author: String,
         #[command(flatten)]
         hub: HubArg,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -400,6 +404,10 @@ struct FollowArg {
     /// Give up waiting after this long (the rollout goes on).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Print what was stored and where the rollout ended as one JSON
+    /// object (`{"stored": …, "rollout": …}`); progress stays on stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The hubs' management log as an audit trail: every operator write and
@@ -1110,6 +1118,23 @@ async fn config_apply(
         Ok(s) => s,
         Err(e) => return client_error(e),
     };
+    if follow.json {
+        let rollout = if follow.no_wait {
+            None
+        } else {
+            Some(follow_rollout(&client, stored.version, follow.timeout, true).await)
+        };
+        let code = rollout.as_ref().map_or(ExitCode::SUCCESS, |(c, _)| *c);
+        let out = serde_json::json!({
+            "stored": stored,
+            "rollout": rollout.and_then(|(_, r)| r),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("serialisable")
+        );
+        return code;
+    }
     println!(
         "stored v{} ({}) signed by {}: entry {}/{}, durable on {}",
         stored.version,
@@ -1130,11 +1155,20 @@ async fn config_apply(
         println!("not waiting; follow it with `trellis config status`");
         return ExitCode::SUCCESS;
     }
-    follow_rollout(&client, stored.version, follow.timeout).await
+    follow_rollout(&client, stored.version, follow.timeout, false)
+        .await
+        .0
 }
 
-/// Shows the rollout of `version` until it settles or `timeout` passes.
-async fn follow_rollout(client: &ApiClient, version: u64, timeout: Duration) -> ExitCode {
+/// Shows the rollout of `version` until it settles or `timeout` passes;
+/// returns the exit code and where it ended. `quiet`: the progress line
+/// only, no verdict on stdout.
+async fn follow_rollout(
+    client: &ApiClient,
+    version: u64,
+    timeout: Duration,
+    quiet: bool,
+) -> (ExitCode, Option<Rollout>) {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let deadline = tokio::time::Instant::now() + timeout;
@@ -1168,40 +1202,57 @@ async fn follow_rollout(client: &ApiClient, version: u64, timeout: Duration) -> 
         eprintln!();
     }
     let Some(r) = last else {
-        return cli::fail(
-            EXIT_FAILED,
-            &"the hub did not answer while the rollout was followed",
+        return (
+            cli::fail(
+                EXIT_FAILED,
+                &"the hub did not answer while the rollout was followed",
+            ),
+            None,
         );
     };
+    let code = rollout_verdict(&r, version, timeout, quiet);
+    (code, Some(r))
+}
+
+/// What a followed rollout came to, said on stdout unless `quiet`, and the
+/// exit code it means.
+fn rollout_verdict(r: &Rollout, version: u64, timeout: Duration, quiet: bool) -> ExitCode {
+    let say = |line: String| {
+        if !quiet {
+            println!("{line}");
+        }
+    };
     for site in &r.unreachable {
-        println!(
+        say(format!(
             "{site}: unreachable now; its relay gets v{version} when the link returns and its nodes apply it then"
-        );
+        ));
     }
     for node in &r.failing {
-        println!(
+        say(format!(
             "{node}: failed or refused v{version}; `trellis config status` and `trellis events` say why"
-        );
+        ));
     }
     if let Some(newer) = r.superseded_by {
-        println!("v{newer} was stored since; v{version} is no longer rolled out");
+        say(format!(
+            "v{newer} was stored since; v{version} is no longer rolled out"
+        ));
         return ExitCode::from(EXIT_FAILED);
     }
     if r.succeeded() {
-        println!(
+        say(format!(
             "v{version}: every alive node of every reachable site holds it ({})",
             r.holding
-        );
+        ));
         ExitCode::SUCCESS
     } else if r.settled() {
         ExitCode::from(EXIT_FAILED)
     } else {
-        println!(
+        say(format!(
             "gave up waiting after {}: {}/{} nodes hold v{version}; the rollout goes on",
             humantime::format_duration(timeout),
             r.holding,
             r.nodes_alive
-        );
+        ));
         ExitCode::from(EXIT_FAILED)
     }
 }
@@ -1503,11 +1554,18 @@ async fn desired(cmd: DesiredCommand) -> ExitCode {
             Err(e) => client_error(e),
         },
         DesiredCommand::Set {
-            key, value, author, ..
-        } => report_write(client.write_desired(&key, Some(&value), &author).await),
-        DesiredCommand::Delete { key, author, .. } => {
-            report_write(client.write_desired(&key, None, &author).await)
-        }
+            key,
+            value,
+            author,
+            json,
+            ..
+        } => report_write(
+            client.write_desired(&key, Some(&value), &author).await,
+            json,
+        ),
+        DesiredCommand::Delete {
+            key, author, json, ..
+        } => report_write(client.write_desired(&key, None, &author).await, json),
     }
 }
 
@@ -1554,8 +1612,15 @@ async fn audit(cmd: AuditCommand) -> ExitCode {
     }
 }
 
-fn report_write(r: Result<trellis_hub::api::WriteReport, ClientError>) -> ExitCode {
+fn report_write(r: Result<trellis_hub::api::WriteReport, ClientError>, json: bool) -> ExitCode {
     match r {
+        Ok(w) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&w).expect("serialisable")
+            );
+            ExitCode::SUCCESS
+        }
         Ok(w) => {
             println!(
                 "written: entry {}/{}, durable on {} ({} required)",
