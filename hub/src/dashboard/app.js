@@ -498,7 +498,7 @@
       const b = g.baseline || {};
       const v = g.verdict || {};
       const verdict = v.pass === null || v.pass === undefined ? 'waiting (patched nodes still pending)' : v.pass ? 'passes' : 'FAILS';
-      return 'Wave ' + (num(g.wave) + 1) + ' gate ' + verdict + ': ' + num(p.failed) + ' of ' + (num(p.healthy) + num(p.failed) + num(p.pending)) +
+      return 'Wave ' + num(g.wave) + ' gate ' + verdict + ': ' + num(p.failed) + ' of ' + (num(p.healthy) + num(p.failed) + num(p.pending)) +
         ' patched nodes failed (' + ratio(v.patched_failure_ratio) + '), ' + num(p.pending) + ' pending; threshold ' + ratio(v.threshold) +
         ' (baseline ' + ratio(v.baseline_failure_ratio) + ' of ' + (num(b.healthy) + num(b.failed)) + ' unpatched nodes + margin)';
     }
@@ -521,7 +521,7 @@
         '<h3>Waves</h3><table><tr><th>wave</th><th>spec</th><th>phase</th><th>nodes</th><th>sites</th><th>progress</th><th>healthy / failed / pending</th><th>rolled back</th></tr>' +
         (v.waves || []).map(function (w) {
           const c = w.counts || {};
-          return '<tr><td class="num">' + (num(w.index) + 1) + '</td><td>' + esc(w.spec) + '</td><td>' + esc(w.phase) + '</td><td class="num">' +
+          return '<tr><td class="num">' + num(w.index) + '</td><td>' + esc(w.spec) + '</td><td>' + esc(w.phase) + '</td><td class="num">' +
             num(w.nodes) + '</td><td class="num">' + num(w.sites) + '</td><td>' +
             bar([['healthy', c.healthy], ['failed', c.failed], ['pending', c.pending]], w.nodes, 'wave-bar') + '</td><td>' +
             num(c.healthy) + ' / ' + num(c.failed) + ' / ' + num(c.pending) + '</td><td class="num">' + num(w.rolled_back) + '</td></tr>';
