@@ -107,26 +107,11 @@ fn read_answer(s: &mut TcpStream) -> std::io::Result<(String, String)> {
     }
     let body = String::from_utf8_lossy(&body).into_owned();
     let body = if head.contains("transfer-encoding: chunked") {
-        dechunk(&body)
+        trellis_tests::dechunk(&body)
     } else {
         body
     };
     Ok((head, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// chromedriver, killed when dropped.

@@ -86,23 +86,7 @@ fn incidents(api: &str, state: &str) -> Vec<Value> {
 
 /// The end of every process's log, to say why a wait failed.
 fn logs(dir: &Path) -> String {
-    let mut out = String::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    files.sort();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        out.push_str(&format!("--- {}\n", f.display()));
-        for l in &lines[lines.len().saturating_sub(15)..] {
-            out.push_str(l);
-            out.push('\n');
-        }
-    }
-    out
+    trellis_tests::log_tails(dir, 15)
 }
 
 #[test]
