@@ -1344,6 +1344,7 @@ impl Hub {
             shared.clone(),
             cfg.incidents.clone(),
             name.clone(),
+            cfg.fleet.stale_after,
             incident_events_rx,
             notes_tx,
             incidents_tx,

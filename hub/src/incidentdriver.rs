@@ -108,6 +108,7 @@ pub(crate) async fn incidents_task(
     shared: Shared,
     cfg: IncidentsConfig,
     hub: String,
+    stale_after: std::time::Duration,
     mut events: mpsc::Receiver<SiteEvent>,
     notes: mpsc::Sender<(String, Op)>,
     published: watch::Sender<IncidentList>,
@@ -130,6 +131,11 @@ pub(crate) async fn incidents_task(
         })
         .collect();
     let mut tick = ticker(LOOK_EVERY);
+    // A hub just started has not had time to hear from the sites it
+    // restored from its store: for `fleet.stale_after` it does not take
+    // the fleet view's "unreachable" for news (each restart would open an
+    // incident per site otherwise).
+    let started = std::time::Instant::now();
     // The rollout (run, revision) the engine knows.
     let mut rollout_seen = None;
     loop {
@@ -165,7 +171,11 @@ pub(crate) async fn incidents_task(
                     break;
                 };
                 let now_ms = unix_ms();
-                let mut changes = engine.handle_fleet(now_ms, &fleet.sites);
+                let mut changes = if started.elapsed() >= stale_after {
+                    engine.handle_fleet(now_ms, &fleet.sites)
+                } else {
+                    Vec::new()
+                };
                 changes.extend(engine.tick(now_ms));
                 changes
             }
