@@ -151,6 +151,19 @@ fn ca_commands_issue_usable_certificates_and_refuse_bad_input() {
         stderr(&no_ca)
     );
 
+    // In JSON: who was issued, and where the files are.
+    let issued = run(
+        "trellis",
+        &[
+            "ca", "issue", "--dir", ca, "--role", "node", "--region", "eu", "--site", "par",
+            "--name", "n0", "--json",
+        ],
+    );
+    assert!(issued.status.success(), "{issued:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&issued.stdout).expect("JSON");
+    assert_eq!(answer["identity"], "node n0 (site eu/par)", "{answer}");
+    assert!(std::path::Path::new(answer["cert"].as_str().unwrap()).exists());
+
     mesh.issue("node", "eu", "par", "n1");
     let key = mesh.path().join("certs/n1.key");
     let mode =

@@ -683,6 +683,9 @@ enum CaCommand {
         /// A name for the CA, shown in its certificate.
         #[arg(long, default_value = "trellis")]
         name: String,
+        /// Print the files written as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Issue a certificate and key for a member of the mesh.
     ///
@@ -712,6 +715,9 @@ enum CaCommand {
         /// Overwrite an existing certificate of that name.
         #[arg(long)]
         force: bool,
+        /// Print the identity and the files written as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -881,9 +887,17 @@ fn ca(cmd: CaCommand) -> ExitCode {
         _ => EXIT_FAILED,
     };
     match cmd {
-        CaCommand::Init { dir, name } => {
+        CaCommand::Init { dir, name, json } => {
             let result = MeshCa::generate(&name).and_then(|ca| ca.save(&dir));
             match result {
+                Ok(()) if json => {
+                    let out = serde_json::json!({
+                        "ca_cert": dir.join(CA_CERT_FILE),
+                        "ca_key": dir.join(trellis_node::tls::CA_KEY_FILE),
+                    });
+                    println!("{out:#}");
+                    ExitCode::SUCCESS
+                }
                 Ok(()) => {
                     println!("created mesh CA in {}", dir.display());
                     println!(
@@ -912,6 +926,7 @@ fn ca(cmd: CaCommand) -> ExitCode {
             days,
             out,
             force,
+            json,
         } => {
             if days == 0 || days > 3650 {
                 return cli::fail(EXIT_USAGE, &"--days must be between 1 and 3650");
@@ -924,6 +939,16 @@ fn ca(cmd: CaCommand) -> ExitCode {
                 Ok::<_, TlsError>((identity, paths))
             })();
             match result {
+                Ok((identity, (cert, key))) if json => {
+                    let out = serde_json::json!({
+                        "identity": identity.to_string(),
+                        "days": days,
+                        "cert": cert,
+                        "key": key,
+                    });
+                    println!("{out:#}");
+                    ExitCode::SUCCESS
+                }
                 Ok((identity, (cert, key))) => {
                     println!("issued {identity}, valid {days} days");
                     println!("  {}", cert.display());
@@ -1449,7 +1474,14 @@ async fn patch_publish(
             return client_error(e);
         }
         if tty {
-            eprint!("\ruploading: {}/{total} chunks\x1b[K", done + 1);
+            let width = 30;
+            let filled = (done + 1) * width / total.max(1);
+            eprint!(
+                "\r[{}{}] uploading: {}/{total} chunks\x1b[K",
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                done + 1
+            );
         } else if (done + 1) % 64 == 0 || done + 1 == total {
             eprintln!("uploading: {}/{total} chunks", done + 1);
         }
