@@ -336,23 +336,6 @@ impl Mesh {
         (p, gossip)
     }
 
-    /// The arguments that make `trellis` act as operator `name` (issued
-    /// with [`Mesh::issue`]) against the hub API at `api`.
-    pub fn operator_args(&self, name: &str, api: &str) -> Vec<String> {
-        let p = self.path();
-        let file = |f: String| p.join(f).to_string_lossy().into_owned();
-        vec![
-            "--cert".to_owned(),
-            file(format!("certs/{name}.crt")),
-            "--key".to_owned(),
-            file(format!("certs/{name}.key")),
-            "--ca".to_owned(),
-            file("ca/ca.crt".to_owned()),
-            "--hub".to_owned(),
-            api.to_owned(),
-        ]
-    }
-
     /// Starts a node seeded with `seed`; returns it with its metrics address.
     /// It keeps its patches in `<mesh dir>/<name>/patches` unless `extra`
     /// sets `[patch] dir`.

@@ -275,7 +275,19 @@ fn a_check_broken_by_a_rollouts_canary_is_an_incident_that_names_the_rollout() {
     );
 
     let p = mesh.path();
-    let operator: Vec<String> = mesh.operator_args("alice", &api);
+    let operator: Vec<String> = [
+        "--cert",
+        p.join("certs/alice.crt").to_str().unwrap(),
+        "--key",
+        p.join("certs/alice.key").to_str().unwrap(),
+        "--ca",
+        p.join("ca/ca.crt").to_str().unwrap(),
+        "--hub",
+        &api,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let trellis = |args: &[&str]| {
         let mut all: Vec<&str> = args.to_vec();
         all.extend(operator.iter().map(String::as_str));

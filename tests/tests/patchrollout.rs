@@ -123,7 +123,20 @@ impl Fleet {
     }
 
     fn operator(&self) -> Vec<String> {
-        self.mesh.operator_args("alice", &self.api)
+        let p = self.mesh.path();
+        [
+            "--cert",
+            p.join("certs/alice.crt").to_str().unwrap(),
+            "--key",
+            p.join("certs/alice.key").to_str().unwrap(),
+            "--ca",
+            p.join("ca/ca.crt").to_str().unwrap(),
+            "--hub",
+            &self.api,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
 
     fn trellis(&self, args: &[&str], signed: bool) -> std::process::Output {

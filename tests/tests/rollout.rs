@@ -95,7 +95,19 @@ impl Site {
     }
 
     fn operator_args(&self) -> Vec<String> {
-        self.mesh.operator_args("alice", &self.api)
+        let p = self.mesh.path();
+        [
+            "--cert",
+            p.join("certs/alice.crt").to_str().unwrap(),
+            "--key",
+            p.join("certs/alice.key").to_str().unwrap(),
+            "--ca",
+            p.join("ca/ca.crt").to_str().unwrap(),
+            "--hub",
+            &self.api,
+        ]
+        .map(str::to_owned)
+        .to_vec()
     }
 
     /// `trellis config SUB ARGS… --cert … --hub …`.
