@@ -762,26 +762,23 @@ async fn serve_chunks(conn: quinn::Connection, store: Arc<trellis_node::patch::C
     }
 }
 
-/// One request to a relay on its own hub-opened stream, and its answer
-/// (`None`: the relay closed the stream without one). No time limit: each
-/// caller sets its own.
-async fn exchange(conn: &quinn::Connection, request: &Request) -> Result<Option<Response>, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    wire::write_msg(&mut send, UPLINK_VERSION, request, MAX_UPLINK_FRAME)
-        .await
-        .map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// [`exchange`] within [`PUSH_TIMEOUT`]; `Err` says why there is no answer.
+/// One request to a relay on its own hub-opened stream, and its answer,
+/// within [`PUSH_TIMEOUT`]; `Err` says why there is none.
 pub(crate) async fn ask_relay(
     conn: &quinn::Connection,
     request: &Request,
 ) -> Result<Response, String> {
-    match tokio::time::timeout(PUSH_TIMEOUT, exchange(conn, request)).await {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        wire::write_msg(&mut send, UPLINK_VERSION, request, MAX_UPLINK_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(PUSH_TIMEOUT, ask).await {
         Err(_) => Err(format!("no answer within {PUSH_TIMEOUT:?}")),
         Ok(Err(e)) => Err(e),
         Ok(Ok(None)) => Err("the relay closed the stream without answering".to_owned()),
@@ -925,7 +922,17 @@ impl Shared {
             .get(key)
             .cloned()
             .ok_or_else(|| DrillError::NotConnected(site.clone()))?;
-        match tokio::time::timeout(IO_TIMEOUT, exchange(&rc.conn, &Request::Nodes)).await {
+        let ask = async {
+            let (mut send, mut recv) = rc.conn.open_bi().await.map_err(|e| e.to_string())?;
+            wire::write_msg(&mut send, UPLINK_VERSION, &Request::Nodes, MAX_UPLINK_FRAME)
+                .await
+                .map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(IO_TIMEOUT, ask).await {
             Err(_) => Err(DrillError::Timeout { site }),
             Ok(Err(reason)) => Err(DrillError::Relay { site, reason }),
             Ok(Ok(Some(Response::Nodes(nodes)))) => Ok((rc.relay, nodes)),
