@@ -86,6 +86,7 @@ pub async fn publish_health_loop(
 ) {
     let mut sampler = ResourceSampler::new();
     let mut tick = crate::clock::ticker(cfg.interval);
+    let mut published: Option<crate::site::Status> = None;
     loop {
         tokio::select! {
             biased;
@@ -102,6 +103,16 @@ pub async fn publish_health_loop(
         sampler = s;
         let health = health::assess(role, &resources, &checks.results(), &cfg);
         gossip.publish(&health).await;
+        if published != Some(health.status) {
+            let checks: Vec<&str> = health
+                .checks
+                .iter()
+                .filter(|(_, c)| c.status != crate::site::Status::Passing)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            info!(status = %health.status, ?checks, "published this member's health status");
+            published = Some(health.status);
+        }
         let view = gossip.view().await;
         let current = view.current_members();
         let alive = current.iter().filter(|m| m.alive).count();
