@@ -64,6 +64,8 @@ BINARIES = ("trellis", "trellis-hub", "trellis-relay", "trellis-node")
 CLONE_NEWNET = 0x40000000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERF_INTERVAL = 10  # seconds: serf's in-memory telemetry interval
+# Keys of run_trellis's and run_serf's results that hold live processes.
+PROCESS_KEYS = ("nodes", "relay_members", "agents")
 
 
 class BenchError(Exception):
@@ -128,6 +130,10 @@ class Processes:
                     f"last lines of {m.log}:\n{tail(m.log)}"
                 )
 
+    def forget(self, m: Member) -> None:
+        """Stops watching `m` (a member the caller killed on purpose)."""
+        self.members = [x for x in self.members if x is not m]
+
     def kill_all(self) -> None:
         for m in self.members:
             if m.proc.poll() is None:
@@ -173,6 +179,11 @@ def ready_fields(m: Member, needle: str, limit: float, procs: Processes) -> dict
         except OSError:
             return None
         for line in text.splitlines():
+            if needle in line and line.startswith("{"):  # --log-format json
+                try:
+                    return {k: str(v) for k, v in json.loads(line).items()}
+                except ValueError:
+                    continue
             if needle in line:
                 return dict(
                     tok.split("=", 1) for tok in line.split() if "=" in tok
@@ -411,12 +422,17 @@ def measure(
 # Trellis
 
 
-def run_trellis(args, work: Path, ns: NetNs, procs: Processes) -> dict:
+def run_trellis(args, work: Path, ns: NetNs, procs: Processes,
+                node_extra=None, env_extra=None) -> dict:
+    """Starts the mesh, measures the window and returns the figures, leaving
+    every process running (the caller kills them).  `node_extra(name)` is
+    appended to each node's config; `env_extra` is added to every process's
+    environment."""
     bindir = args.target_dir
     trellis = str(bindir / "trellis")
     ca, certs = work / "ca", work / "certs"
     sites = [f"site-{i}" for i in range(1, args.sites + 1)]
-    env = dict(os.environ, NO_COLOR="1", TRELLIS_LOG=args.trellis_log)
+    env = {**os.environ, "NO_COLOR": "1", "TRELLIS_LOG": args.trellis_log, **(env_extra or {})}
 
     log(f"trellis: issuing {2 + args.sites * (args.nodes_per_site + 1)} certificates")
     run([trellis, "ca", "init", "--dir", str(ca)])
@@ -476,7 +492,8 @@ def run_trellis(args, work: Path, ns: NetNs, procs: Processes) -> dict:
             nodes.append(start(
                 f"{s}-n{n:02d}", "node", "trellis-node",
                 f'[gossip]\nlisten = "127.0.0.1:0"\nseeds = ["{seeds[s]}"]\n'
-                '[metrics]\nlisten = "127.0.0.1:0"\n'))
+                '[metrics]\nlisten = "127.0.0.1:0"\n'
+                + (node_extra(f"{s}-n{n:02d}") if node_extra else "")))
     for m in nodes:
         if "metrics" not in ready_fields(m, "node ready", args.start_timeout, procs):
             raise BenchError(f"cannot parse metrics= from {m.name}'s ready line")
@@ -537,6 +554,8 @@ def run_trellis(args, work: Path, ns: NetNs, procs: Processes) -> dict:
                      for i in range(len(relays))]
     return {
         "window": w,
+        "nodes": nodes,
+        "relay_members": relays,
         "members": [m.pid for m in nodes],
         "relays": [m.pid for m in relays],
         "hub": hub.pid,
@@ -604,9 +623,12 @@ def serf_intervals(path: Path) -> dict[float, dict[str, float]]:
     return out
 
 
-def run_serf(args, work: Path, ns: NetNs, procs: Processes, count: int) -> dict:
+def run_serf(args, work: Path, ns: NetNs, procs: Processes, count: int,
+             extra_argv=(), env_extra=None) -> dict:
+    """Starts `count` agents, measures the window and returns the figures,
+    leaving the agents running (the caller kills them)."""
     serf = shutil.which("serf")
-    env = dict(os.environ, TZ="UTC")  # the telemetry dump prints local time
+    env = {**os.environ, "TZ": "UTC", **(env_extra or {})}  # the dump prints local time
     agents = []
     first = None
     ports = PortPicker()
@@ -614,7 +636,7 @@ def run_serf(args, work: Path, ns: NetNs, procs: Processes, count: int) -> dict:
     for i in range(count):
         bind, rpc = ports.take(), ports.take()
         argv = [serf, "agent", f"-node=s{i:02d}", f"-bind=127.0.0.1:{bind}",
-                f"-rpc-addr=127.0.0.1:{rpc}", "-log-level=info"]
+                f"-rpc-addr=127.0.0.1:{rpc}", "-log-level=info", *extra_argv]
         if first is not None:
             argv.append(f"-join=127.0.0.1:{first}")
         m = procs.spawn(f"serf-s{i:02d}", "serf", argv, work / f"serf-s{i:02d}.log", env)
@@ -676,7 +698,8 @@ def run_serf(args, work: Path, ns: NetNs, procs: Processes, count: int) -> dict:
         log(f"serf: telemetry intervals missing for {len(missing)} agents "
             f"({', '.join(missing[:5])}...); serf payload bytes reported as n/a")
         payload = []
-    return {"window": w, "members": pids, "payload": payload, "alive_end": alive_end}
+    return {"window": w, "agents": agents, "members": pids, "payload": payload,
+            "alive_end": alive_end}
 
 
 def serf_version() -> str:
@@ -923,9 +946,11 @@ def main(argv=None) -> int:
                     "cpu_pct": list(w.cpu_pct.values()), "tx_bytes": w.tx_bytes,
                     "tx_seconds": w.tx_seconds}
             raw = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                   "trellis": {k: (win(v) if k == "window" else v) for k, v in tr.items()},
+                   "trellis": {k: (win(v) if k == "window" else v) for k, v in tr.items()
+                               if k not in PROCESS_KEYS},
                    "serf": None if sf is None else
-                   {k: (win(v) if k == "window" else v) for k, v in sf.items()}}
+                   {k: (win(v) if k == "window" else v) for k, v in sf.items()
+                    if k not in PROCESS_KEYS}}
             args.json.write_text(json.dumps(raw, indent=2))
         ok = True
         return 0
