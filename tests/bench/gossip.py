@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,10 +167,22 @@ def spread(seen: dict[str, float | None], since: float) -> tuple[float | None, i
 
 
 def listen(port: int = 0) -> socket.socket:
+    """A listener that accepts and closes every connection (so its backlog
+    never fills) until it is closed."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", port))
     s.listen(64)
+
+    def accept_all():
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return  # closed
+            conn.close()
+
+    threading.Thread(target=accept_all, daemon=True).start()
     return s
 
 
@@ -218,6 +231,7 @@ def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) ->
             start = time.time()
             if status == "critical":
                 port = listeners[name].getsockname()[1]
+                listeners[name].shutdown(socket.SHUT_RDWR)  # wakes accept()
                 listeners[name].close()
             else:
                 listeners[name] = listen(port)
