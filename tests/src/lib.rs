@@ -11,6 +11,8 @@
 //! - [`Mesh`]: a CA directory plus helpers to write configs and start
 //!   hubs, relays and nodes.
 //! - [`eventually`]: bounded polling.
+//! - [`nats`]: a small NATS client, for the JetStream baseline of the
+//!   buffer benchmark.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod nats;
 pub mod netns;
 pub mod proxy;
 pub mod report;

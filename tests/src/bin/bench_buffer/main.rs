@@ -9,6 +9,13 @@
 //!    1,000-node site produces records;
 //! 3. the time to drain a one-hour outage of such a site.
 //!
+//! Beside (1), in the same rounds and on the same disk, NATS JetStream
+//! makes the same promise (a record is on disk before its append returns):
+//! a `nats-server` started here with file storage and `sync_interval:
+//! always`, publishes of the same size one at a time and with 16, 64 and
+//! 256 in flight, and reading the records back in order against the
+//! buffer's `read_after`.
+//!
 //! ```text
 //! cargo run --release -p trellis-tests --bin bench-buffer -- [--quick]
 //! ```
@@ -40,6 +47,10 @@ use trellis_relay::uplink::{
 };
 use trellis_tests::report::{thousands, utc_now};
 
+mod jetstream;
+
+use jetstream::JetStream;
+
 const REGION: &str = "bench";
 const SITE: &str = "site-1";
 const RELAY: &str = "site-1-relay";
@@ -51,6 +62,10 @@ const CHURN_PER_MIN: u64 = 10;
 const RECORD_BYTES: usize = 1024;
 /// Records per append when pre-filling a relay's buffer.
 const PREFILL_BATCH: usize = 256;
+/// Rows per read when reading the buffer back, as the relay's replay.
+const READ_ROWS: usize = 512;
+/// Bytes per read when reading the buffer back, as the relay's replay.
+const READ_BYTES: usize = 64 * 1024;
 /// How often drain progress is sampled.
 const POLL: Duration = Duration::from_millis(5);
 /// `uplink.replay_bytes_per_s` with the limit lifted.
@@ -72,9 +87,15 @@ struct Args {
     /// the one measured); the system's temp dir by default.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Run only the append benchmark (1) or only the replay ones (2, 3).
-    #[arg(long, value_parser = ["append", "replay"])]
+    /// Run only the append benchmark (1); only it with NATS JetStream
+    /// beside it and the read-back comparison; or only the replay ones
+    /// (2, 3). By default everything runs.
+    #[arg(long, value_parser = ["append", "jetstream", "replay"])]
     only: Option<String>,
+    /// The `nats-server` (2.10 or newer) for the JetStream rows; by default
+    /// the first recent enough one on PATH or where pip installs scripts.
+    #[arg(long, value_name = "PATH")]
+    nats_server: Option<PathBuf>,
     /// Backlogs, in hours of the modelled site's records, drained with the
     /// replay limit lifted (default 1,8,24, or 1,2 with --quick). The
     /// one-hour backlog is always drained, at the default rate and lifted.
@@ -118,9 +139,19 @@ fn main() -> anyhow::Result<()> {
             (1..=20).contains(&rounds),
             "--rounds must be between 1 and 20"
         );
-        append_bench(tmp.path(), args.quick, rounds)?;
+        let mut js = if matches!(args.only.as_deref(), None | Some("jetstream")) {
+            start_jetstream(args.nats_server.as_deref(), tmp.path())?
+        } else {
+            None
+        };
+        append_bench(tmp.path(), args.quick, rounds, js.as_mut())?;
+        if js.is_some() || args.only.as_deref() == Some("jetstream") {
+            read_bench(tmp.path(), args.quick, rounds, js.as_mut())?;
+        }
+        // Stops the server before its files are removed with the rest.
+        drop(js);
     }
-    if args.only.as_deref() != Some("append") {
+    if matches!(args.only.as_deref(), None | Some("replay")) {
         let mut ceiling = args.ceiling_hours.clone().unwrap_or(if args.quick {
             vec![1, 2]
         } else {
@@ -256,7 +287,46 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn append_bench(dir: &Path, quick: bool, rounds: usize) -> anyhow::Result<()> {
+/// Median, lowest and highest of a line's per-round rates.
+fn spread(rates: &[f64]) -> (f64, f64, f64) {
+    let mut v = rates.to_vec();
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    (median(&mut v), lo, hi)
+}
+
+fn min_max(lo: f64, hi: f64) -> String {
+    format!(
+        "{}-{}",
+        thousands(lo.round() as u64),
+        thousands(hi.round() as u64)
+    )
+}
+
+/// Starts the JetStream baseline, or says why it is left out.
+fn start_jetstream(explicit: Option<&Path>, dir: &Path) -> anyhow::Result<Option<JetStream>> {
+    let skip = |why: String| {
+        println!();
+        println!("NATS JetStream rows skipped: {why}");
+        Ok(None)
+    };
+    let bin = match jetstream::find_server(explicit) {
+        Ok(bin) => bin,
+        Err(why) => return skip(why),
+    };
+    let server = match jetstream::start_server(&bin, dir) {
+        Ok(s) => s,
+        Err(e) => return skip(format!("{e:#}")),
+    };
+    Ok(Some(JetStream::connect(server)?))
+}
+
+fn append_bench(
+    dir: &Path,
+    quick: bool,
+    rounds: usize,
+    mut js: Option<&mut JetStream>,
+) -> anyhow::Result<()> {
     let (n_single, n_batched) = if quick {
         (500, 10_000)
     } else {
@@ -265,41 +335,52 @@ fn append_bench(dir: &Path, quick: bool, rounds: usize) -> anyhow::Result<()> {
     println!();
     println!(
         "1. durable append throughput, {RECORD_BYTES} B records (postcard body): {} records one per \
-         commit, {} batched; {rounds} round(s), each round runs every line once, in table order",
+         commit, {} batched; {rounds} round(s), each round runs every line once, in table order{}",
         thousands(n_single),
-        thousands(n_batched)
+        thousands(n_batched),
+        if js.is_some() {
+            " (each buffer line followed by its JetStream line of 1b)"
+        } else {
+            ""
+        }
     );
     const BATCHES: [usize; 4] = [1, 16, 64, 256];
+    let n_of = |batch: usize| if batch == 1 { n_single } else { n_batched };
     // Per line: records/s and fsyncs/s of each round.
     let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 1 + BATCHES.len()];
+    // Per in-flight size: acks/s of each round.
+    let mut js_rates: Vec<Vec<f64>> = vec![Vec::new(); BATCHES.len()];
     for _ in 0..rounds {
         let raw = raw_baseline(dir, n_single)?;
         rates[0].push((raw.per_s(raw.records), raw.per_s(raw.fsyncs)));
         for (i, batch) in BATCHES.into_iter().enumerate() {
-            let n = if batch == 1 { n_single } else { n_batched };
+            let n = n_of(batch);
             let m = buffer_append(dir, n, batch)?;
             rates[i + 1].push((m.per_s(m.records), m.per_s(m.fsyncs)));
+            // Right after its Trellis line, so both see the disk alike.
+            if let Some(js) = js.as_deref_mut() {
+                let took = js.append(n, batch as u64, RECORD_BYTES)?;
+                js_rates[i].push(n as f64 / took.as_secs_f64());
+            }
         }
     }
     let labels: Vec<(String, u64)> = std::iter::once((
         "raw file: write 1 KiB + fdatasync (baseline)".to_owned(),
         n_single,
     ))
-    .chain(BATCHES.into_iter().map(|b| {
-        (
-            format!("OutageBuffer::append, {b} per append"),
-            if b == 1 { n_single } else { n_batched },
-        )
-    }))
+    .chain(
+        BATCHES
+            .into_iter()
+            .map(|b| (format!("OutageBuffer::append, {b} per append"), n_of(b))),
+    )
     .collect();
     let med: Vec<(f64, f64, f64, f64)> = rates
         .iter()
         .map(|r| {
-            let mut rec: Vec<f64> = r.iter().map(|x| x.0).collect();
+            let rec: Vec<f64> = r.iter().map(|x| x.0).collect();
             let mut fs: Vec<f64> = r.iter().map(|x| x.1).collect();
-            let lo = rec.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = rec.iter().copied().fold(0.0, f64::max);
-            (median(&mut rec), median(&mut fs), lo, hi)
+            let (m, lo, hi) = spread(&rec);
+            (m, median(&mut fs), lo, hi)
         })
         .collect();
     let raw_rate = med[0].0;
@@ -314,11 +395,7 @@ fn append_bench(dir: &Path, quick: bool, rounds: usize) -> anyhow::Result<()> {
             label,
             thousands(*n),
             thousands(rec.round() as u64),
-            format!(
-                "{}-{}",
-                thousands(lo.round() as u64),
-                thousands(hi.round() as u64)
-            ),
+            min_max(*lo, *hi),
             thousands(fs.round() as u64),
             format!("{:.2}x", rec / raw_rate),
         );
@@ -328,6 +405,160 @@ fn append_bench(dir: &Path, quick: bool, rounds: usize) -> anyhow::Result<()> {
         "records/s, fsyncs/s: median of the rounds. ratio: buffer records/s / raw records/s. fsyncs/s for \
          the buffer: its commits/s, each one fsync of the WAL by the buffer's own count (SQLite's \
          checkpoints add a few more)."
+    );
+    let Some(js) = js else {
+        return Ok(());
+    };
+    println!();
+    println!(
+        "1b. the same appends against NATS JetStream {} ({}): file storage on the same disk, \
+         sync_interval: always (its /varz says sync_always: true: each publish fsynced before its ack), \
+         one client connection on 127.0.0.1, {RECORD_BYTES} B payloads, each ack checked; measured in \
+         the rounds of 1",
+        js.server.version,
+        js.server.path.display()
+    );
+    println!();
+    println!(
+        "{:<44} {:>8} {:>17} {:>16} {:>19} {:>17}",
+        "Trellis records per append vs JetStream",
+        "records",
+        "Trellis records/s",
+        "JetStream acks/s",
+        "JetStream min-max",
+        "Trellis/JetStream"
+    );
+    for (i, batch) in BATCHES.into_iter().enumerate() {
+        let (rate, lo, hi) = spread(&js_rates[i]);
+        println!(
+            "{:<44} {:>8} {:>17} {:>16} {:>19} {:>17}",
+            format!(
+                "{batch} per append vs {batch} in flight{}",
+                if batch == 1 { " (ack awaited)" } else { "" }
+            ),
+            thousands(n_of(batch)),
+            thousands(med[i + 1].0.round() as u64),
+            thousands(rate.round() as u64),
+            min_max(lo, hi),
+            format!("{:.2}x", med[i + 1].0 / rate),
+        );
+    }
+    println!(
+        "{:<44} {:>8} {:>17}",
+        "raw file: write 1 KiB + fdatasync (baseline)",
+        thousands(n_single),
+        thousands(raw_rate.round() as u64),
+    );
+    println!();
+    println!(
+        "Trellis records/s: the median of 1's line. JetStream acks/s: records whose ack arrived / time \
+         from the first publish to the last ack, median of the rounds; N in flight: up to N publishes \
+         sent and not yet acked, one sent for each ack. Each JetStream line publishes to a new stream, \
+         deleted after it."
+    );
+    Ok(())
+}
+
+/// Reads a buffer back from the start the way the relay's replay does, and
+/// checks that every record comes, in order.
+fn buffer_read(dir: &Path, n: u64) -> anyhow::Result<Duration> {
+    let path = dir.join("read-back.db");
+    let (mut buffer, _) = OutageBuffer::open(&path, 1 << 30, default_downsample())?;
+    let body = kib_body();
+    let base_ms = unix_ms();
+    let mut appended = 0u64;
+    while appended < n {
+        let take = (n - appended).min(PREFILL_BATCH as u64);
+        let records = (appended..appended + take)
+            .map(|i| NewRecord {
+                at_ms: base_ms + i,
+                body: body.clone(),
+            })
+            .collect();
+        appended += buffer.append(records)?.len() as u64;
+    }
+    let start = Instant::now();
+    let mut after = 0u64;
+    while after < n {
+        let chunk = buffer.read_after(after, READ_ROWS, READ_BYTES)?;
+        anyhow::ensure!(!chunk.is_empty(), "the buffer ends at {after} of {n}");
+        for r in &chunk {
+            anyhow::ensure!(
+                r.seq == after + 1 && matches!(r.body, RecordBody::Event(_)),
+                "record {} read where {} was due",
+                r.seq,
+                after + 1
+            );
+            after = r.seq;
+        }
+    }
+    let elapsed = start.elapsed();
+    drop(buffer);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    Ok(elapsed)
+}
+
+fn read_bench(
+    dir: &Path,
+    quick: bool,
+    rounds: usize,
+    mut js: Option<&mut JetStream>,
+) -> anyhow::Result<()> {
+    let n: u64 = if quick { 10_000 } else { 50_000 };
+    let mut trellis = Vec::new();
+    let mut nats = Vec::new();
+    for _ in 0..rounds {
+        trellis.push(n as f64 / buffer_read(dir, n)?.as_secs_f64());
+        if let Some(js) = js.as_deref_mut() {
+            nats.push(n as f64 / js.read_back(n, RECORD_BYTES)?.as_secs_f64());
+        }
+    }
+    println!();
+    println!(
+        "1c. reading {} records of {RECORD_BYTES} B back in order, just after writing them \
+         ({} per append / 256 in flight); {rounds} round(s)",
+        thousands(n),
+        PREFILL_BATCH
+    );
+    println!();
+    println!(
+        "{:<10} {:>17} {:>19} {:>19} {:>19} {:>17}",
+        "records",
+        "Trellis records/s",
+        "Trellis min-max",
+        "JetStream records/s",
+        "JetStream min-max",
+        "Trellis/JetStream"
+    );
+    let (t, t_lo, t_hi) = spread(&trellis);
+    let [j_rate, j_spread, j_ratio] = if nats.is_empty() {
+        ["n/a".to_owned(), "n/a".to_owned(), "n/a".to_owned()]
+    } else {
+        let (j, lo, hi) = spread(&nats);
+        [
+            thousands(j.round() as u64),
+            min_max(lo, hi),
+            format!("{:.2}x", t / j),
+        ]
+    };
+    println!(
+        "{:<10} {:>17} {:>19} {:>19} {:>19} {:>17}",
+        thousands(n),
+        thousands(t.round() as u64),
+        min_max(t_lo, t_hi),
+        j_rate,
+        j_spread,
+        j_ratio,
+    );
+    println!();
+    println!(
+        "Trellis: OutageBuffer::read_after from seq 0 in chunks of {READ_ROWS} rows / {} KiB (as the \
+         relay's replay reads), bodies decoded. JetStream: an ephemeral pull consumer (deliver all, \
+         no acks), $JS.API.CONSUMER.MSG.NEXT with batch 1000 and no_wait until all are read. Both \
+         check that every record comes, in order; median of the rounds.",
+        READ_BYTES / 1024
     );
     Ok(())
 }
