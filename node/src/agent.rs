@@ -87,6 +87,7 @@ pub async fn publish_health_loop(
     let mut sampler = ResourceSampler::new();
     let mut tick = crate::clock::ticker(cfg.interval);
     let mut published: Option<crate::site::Status> = None;
+    let mut steady = health::Steady::default();
     loop {
         tokio::select! {
             biased;
@@ -101,6 +102,7 @@ pub async fn publish_health_loop(
         .await
         .expect("sampler does not panic");
         sampler = s;
+        let resources = steady.damp(&resources, std::time::Instant::now(), &cfg);
         let health = health::assess(role, &resources, &checks.results(), &cfg);
         gossip.publish(&health).await;
         if published != Some(health.status) {

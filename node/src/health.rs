@@ -28,6 +28,79 @@ pub struct Resources {
     pub load1: Option<f32>,
 }
 
+/// Published resource figures move in steps, so that a busy machine's
+/// jitter does not become gossip traffic: every changed key travels to
+/// every member of the site, and at a 2 s interval an exact CPU figure
+/// changes nearly every time. A figure is republished when it moves by its
+/// step, when it enters another threshold band (so a status never waits
+/// on a step), and all of them every [`STEADY_REFRESH`].
+#[derive(Debug, Default)]
+pub struct Steady {
+    last: Option<(Resources, std::time::Instant)>,
+}
+
+/// CPU percentage points a published figure must move by.
+pub const CPU_STEP: u8 = 10;
+/// Memory percentage points a published figure must move by.
+pub const MEM_STEP: u8 = 2;
+/// Disk percentage points a published figure must move by.
+pub const DISK_STEP: u8 = 1;
+/// Every figure is republished at least this often, however little it moved.
+pub const STEADY_REFRESH: Duration = Duration::from_secs(60);
+
+impl Steady {
+    /// The figures to publish at `now`, given the `fresh` sample.
+    pub fn damp(
+        &mut self,
+        fresh: &Resources,
+        now: std::time::Instant,
+        cfg: &HealthConfig,
+    ) -> Resources {
+        let Some((last, at)) = self.last.as_ref() else {
+            self.last = Some((fresh.clone(), now));
+            return fresh.clone();
+        };
+        if now.saturating_duration_since(*at) >= STEADY_REFRESH {
+            self.last = Some((fresh.clone(), now));
+            return fresh.clone();
+        }
+        let band = |v: u8, warn: u8, crit: u8| (v >= warn) as u8 + (v >= crit) as u8;
+        let pct = |old: Option<u8>, new: Option<u8>, step: u8, warn: u8, crit: u8| match (old, new)
+        {
+            (Some(o), Some(n))
+                if o.abs_diff(n) < step && band(o, warn, crit) == band(n, warn, crit) =>
+            {
+                Some(o)
+            }
+            _ => new,
+        };
+        let out = Resources {
+            cpu_pct: pct(last.cpu_pct, fresh.cpu_pct, CPU_STEP, u8::MAX, u8::MAX),
+            mem_pct: pct(
+                last.mem_pct,
+                fresh.mem_pct,
+                MEM_STEP,
+                cfg.memory_warning_pct,
+                cfg.memory_critical_pct,
+            ),
+            disk_pct: pct(
+                last.disk_pct,
+                fresh.disk_pct,
+                DISK_STEP,
+                cfg.disk_warning_pct,
+                cfg.disk_critical_pct,
+            ),
+            load1: match (last.load1, fresh.load1) {
+                (Some(o), Some(n)) if (n - o).abs() < (0.25 * o).max(0.5) => Some(o),
+                _ => fresh.load1,
+            },
+        };
+        let at = *at;
+        self.last = Some((out.clone(), at));
+        out
+    }
+}
+
 fn threshold_check(what: &str, value: Option<u8>, warn: u8, crit: u8) -> CheckResult {
     match value {
         None => CheckResult::new(Status::Unknown, format!("{what} use unknown")),
@@ -308,6 +381,67 @@ impl Checks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn figures(cpu: u8, mem: u8, disk: u8, load: f32) -> Resources {
+        Resources {
+            cpu_pct: Some(cpu),
+            mem_pct: Some(mem),
+            disk_pct: Some(disk),
+            load1: Some(load),
+        }
+    }
+
+    #[test]
+    fn published_figures_hold_until_they_move_by_a_step() {
+        let cfg = HealthConfig::default();
+        let t0 = std::time::Instant::now();
+        let mut steady = Steady::default();
+        assert_eq!(
+            steady.damp(&figures(40, 50, 30, 1.0), t0, &cfg),
+            figures(40, 50, 30, 1.0)
+        );
+        let t = t0 + Duration::from_secs(2);
+        assert_eq!(
+            steady.damp(&figures(47, 51, 30, 1.2), t, &cfg),
+            figures(40, 50, 30, 1.0)
+        );
+        // Drift is measured from what was published, not the last sample.
+        let t = t0 + Duration::from_secs(4);
+        assert_eq!(
+            steady.damp(&figures(50, 52, 31, 1.6), t, &cfg),
+            figures(50, 52, 31, 1.6)
+        );
+    }
+
+    #[test]
+    fn a_figure_entering_a_threshold_band_is_published_at_once() {
+        let cfg = HealthConfig::default();
+        let t0 = std::time::Instant::now();
+        let mut steady = Steady::default();
+        steady.damp(&figures(10, 94, 30, 0.1), t0, &cfg);
+        let got = steady.damp(&figures(10, 95, 30, 0.1), t0 + Duration::from_secs(2), &cfg);
+        assert_eq!(got.mem_pct, Some(95));
+        let h = assess(Role::Node, &got, &BTreeMap::new(), &cfg);
+        assert_eq!(h.status, Status::Warning);
+    }
+
+    #[test]
+    fn every_figure_is_republished_after_the_refresh_interval() {
+        let cfg = HealthConfig::default();
+        let t0 = std::time::Instant::now();
+        let mut steady = Steady::default();
+        steady.damp(&figures(40, 50, 30, 1.0), t0, &cfg);
+        let t = t0 + STEADY_REFRESH - Duration::from_secs(1);
+        assert_eq!(
+            steady.damp(&figures(41, 51, 30, 1.1), t, &cfg),
+            figures(40, 50, 30, 1.0)
+        );
+        let t = t0 + STEADY_REFRESH;
+        assert_eq!(
+            steady.damp(&figures(41, 51, 30, 1.1), t, &cfg),
+            figures(41, 51, 30, 1.1)
+        );
+    }
 
     fn res(disk: u8, mem: u8) -> Resources {
         Resources {
