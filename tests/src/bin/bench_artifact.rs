@@ -11,9 +11,10 @@
 //!   `distribute::serve` answers on the relay's `MeshEndpoint`;
 //! - each node has its own endpoint, certificate and chunk store, and does
 //!   what a node does on a patch order: `fetch_patch`, `patch::verify`,
-//!   then `fetch_artifact`, which checks every chunk against its BLAKE3,
-//!   stores it (one atomic, fsynced file per chunk) and assembles the
-//!   artifact (an atomic, fsynced file, its whole BLAKE3 checked).
+//!   then `fetch_artifact`, which keeps several chunk requests in flight
+//!   on one connection, checks every chunk against its BLAKE3, keeps it in
+//!   the store (a file per chunk) and assembles the artifact (an atomic,
+//!   fsynced file, its whole BLAKE3 checked).
 //!
 //! The baseline is a tokio TCP server on 127.0.0.1 that sends the same
 //! file to as many concurrent clients; each client hashes the stream
@@ -91,6 +92,9 @@ struct Args {
     /// the one written); the system's temp dir by default.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run only one of the transfers (to profile it); no ratio is printed.
+    #[arg(long, value_parser = ["trellis", "tcp"])]
+    only: Option<String>,
     /// Log Trellis's messages to stderr (level from TRELLIS_LOG, info by
     /// default).
     #[arg(long)]
@@ -137,7 +141,13 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(tmp.path(), size_mib << 20, args.nodes, rounds))
+    rt.block_on(run(
+        tmp.path(),
+        size_mib << 20,
+        args.nodes,
+        rounds,
+        args.only.as_deref(),
+    ))
 }
 
 /// A relay, its site's nodes and the operator who signs, all of one CA.
@@ -176,7 +186,13 @@ struct Run {
     cpu: Option<Duration>,
 }
 
-async fn run(dir: &Path, size: u64, nodes: usize, rounds: usize) -> anyhow::Result<()> {
+async fn run(
+    dir: &Path,
+    size: u64,
+    nodes: usize,
+    rounds: usize,
+    only: Option<&str>,
+) -> anyhow::Result<()> {
     let creds = credentials(nodes)?;
 
     // The patch, as an operator would write it.
@@ -237,42 +253,36 @@ async fn run(dir: &Path, size: u64, nodes: usize, rounds: usize) -> anyhow::Resu
     let mut trellis_runs = Vec::new();
     let mut tcp_runs = Vec::new();
     for round in 0..rounds {
-        let t = trellis_round(
-            &creds,
-            relay_addr,
-            id,
-            &artifact,
-            &dir.join(format!("trellis-{round}")),
-        )
-        .await
-        .with_context(|| format!("Trellis transfer, round {}", round + 1))?;
-        trellis_runs.push(t);
-        let c = tcp_round(
-            tcp.addr,
-            &artifact,
-            nodes,
-            &dir.join(format!("tcp-{round}")),
-        )
-        .await
-        .with_context(|| format!("TCP transfer, round {}", round + 1))?;
-        tcp_runs.push(c);
+        if only != Some("tcp") {
+            let t = trellis_round(
+                &creds,
+                relay_addr,
+                id,
+                &artifact,
+                &dir.join(format!("trellis-{round}")),
+            )
+            .await
+            .with_context(|| format!("Trellis transfer, round {}", round + 1))?;
+            trellis_runs.push(t);
+        }
+        if only != Some("trellis") {
+            let c = tcp_round(
+                tcp.addr,
+                &artifact,
+                nodes,
+                &dir.join(format!("tcp-{round}")),
+            )
+            .await
+            .with_context(|| format!("TCP transfer, round {}", round + 1))?;
+            tcp_runs.push(c);
+        }
     }
     shutdown.cancel();
     relay.shutdown().await;
     tcp.stop.cancel();
 
     let total = size * nodes as u64;
-    let t = median(&trellis_runs);
-    let c = median(&tcp_runs);
     let rate = |r: &Run| total as f64 / MIB / r.wall.as_secs_f64();
-    let cpu = |r: &Run| {
-        r.cpu.map_or(("n/a".to_owned(), "n/a".to_owned()), |c| {
-            (
-                format!("{:.2} s", c.as_secs_f64()),
-                format!("{:.2}", c.as_secs_f64() / r.wall.as_secs_f64()),
-            )
-        })
-    };
     println!();
     println!(
         "one {} B artifact ({} chunks of {} B) to {nodes} nodes at once, 127.0.0.1; median of {rounds} \
@@ -283,13 +293,22 @@ async fn run(dir: &Path, size: u64, nodes: usize, rounds: usize) -> anyhow::Resu
     );
     println!();
     println!(
-        "{:<26} {:>15} {:>6} {:>10} {:>14} {:>10} {:>10}",
+        "{:<24} {:>15} {:>6} {:>9} {:>12} {:>9} {:>10}",
         "transfer", "bytes", "nodes", "wall", "MiB/s (all)", "CPU", "CPU cores"
     );
-    for (name, r) in [("Trellis (QUIC, chunks)", t), ("TCP copy", c)] {
-        let (cpu_s, cores) = cpu(r);
+    for (name, runs) in [
+        ("Trellis (QUIC, chunks)", &trellis_runs),
+        ("TCP copy", &tcp_runs),
+    ] {
+        let Some(r) = median(runs) else { continue };
+        let (cpu_s, cores) = r.cpu.map_or(("n/a".to_owned(), "n/a".to_owned()), |c| {
+            (
+                format!("{:.2} s", c.as_secs_f64()),
+                format!("{:.2}", c.as_secs_f64() / r.wall.as_secs_f64()),
+            )
+        });
         println!(
-            "{:<26} {:>15} {:>6} {:>10} {:>14} {:>10} {:>10}",
+            "{:<24} {:>15} {:>6} {:>9} {:>12} {:>9} {:>10}",
             name,
             thousands(total),
             nodes,
@@ -300,7 +319,9 @@ async fn run(dir: &Path, size: u64, nodes: usize, rounds: usize) -> anyhow::Resu
         );
     }
     println!();
-    println!("Trellis / TCP rate: {:.2}", rate(t) / rate(c));
+    if let (Some(t), Some(c)) = (median(&trellis_runs), median(&tcp_runs)) {
+        println!("Trellis / TCP rate: {:.2}", rate(t) / rate(c));
+    }
     println!(
         "rounds, wall s (Trellis | TCP): {} | {}",
         walls(&trellis_runs),
@@ -311,11 +332,13 @@ async fn run(dir: &Path, size: u64, nodes: usize, rounds: usize) -> anyhow::Resu
         "bytes: artifact size x nodes. wall: from the first connection until every node holds the \
          whole artifact, checked. CPU: this process (relay, nodes, or TCP server and clients) over \
          that span. Trellis: each node fetches and verifies the signed manifest, fetches the \
-         chunks over one QUIC connection (each checked against its BLAKE3, kept as an atomic, \
-         fsynced file), then assembles the artifact (atomic, fsynced, whole BLAKE3 checked); the \
-         relay reads and checks each chunk it serves ({} B in its store). TCP: each client \
-         BLAKE3-hashes the stream, writes it to a temporary file, fsyncs it once and renames it. \
-         Every file was read back after the run and matched the source's BLAKE3.",
+         chunks over one QUIC connection ({} requests in flight, each chunk checked against its \
+         BLAKE3 and kept as a file of its own), then assembles the artifact (atomic, fsynced, \
+         whole BLAKE3 checked); the relay reads and checks each chunk it serves ({} B in its \
+         store). TCP: each client BLAKE3-hashes the stream, writes it to a temporary file, \
+         fsyncs it once and renames it. Every file was read back after the run and matched the \
+         source's BLAKE3.",
+        trellis_node::distribute::CHUNKS_IN_FLIGHT,
         thousands(relay_dir_bytes)
     );
     Ok(())
@@ -375,7 +398,9 @@ async fn trellis_round(
     let cpu0 = process_cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for (endpoint, trust, store, dest) in nodes.iter().cloned() {
+    for (endpoint, trust, store, dest) in &nodes {
+        let (endpoint, trust, store, dest) =
+            (endpoint.clone(), trust.clone(), store.clone(), dest.clone());
         let artifact = artifact.clone();
         tasks.push(tokio::spawn(async move {
             let signed = fetch_patch(&endpoint, relay, id).await?;
@@ -462,7 +487,8 @@ async fn tcp_round(
     let cpu0 = process_cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for d in dests.iter().cloned() {
+    for d in &dests {
+        let d = d.clone();
         let want = artifact.blake3;
         tasks.push(tokio::spawn(async move {
             let mut sock = tokio::net::TcpStream::connect(server).await?;
@@ -523,10 +549,10 @@ fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
 }
 
 /// The run with the median wall time.
-fn median(runs: &[Run]) -> &Run {
+fn median(runs: &[Run]) -> Option<&Run> {
     let mut sorted: Vec<&Run> = runs.iter().collect();
     sorted.sort_by_key(|r| r.wall);
-    sorted[sorted.len() / 2]
+    sorted.get(sorted.len() / 2).copied()
 }
 
 fn walls(runs: &[Run]) -> String {
