@@ -624,12 +624,18 @@ async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<Vec<u8>, 
 /// What a relay serves: its cached bundle and the offer naming it.
 pub type Served = Option<Arc<(Offer, SignedBundle)>>;
 
+/// Chunks a relay reads and hands to its connections at once, whatever
+/// the number of nodes fetching: bounds the relay's memory (a megabyte
+/// each) when a whole site fetches together.
+pub const CHUNKS_SERVING: usize = 64;
+
 /// Serves fetches on the connections `accepted` until `shutdown`: each
 /// stream gets the bundle `served` holds if it is the one asked for, or a
 /// patch manifest or chunk from `chunks`. The streams of one connection
 /// are answered concurrently, at most [`CHUNKS_IN_FLIGHT`] at a time (a
-/// peer that opens more waits). A peer that sends a bad request has its
-/// connection closed.
+/// peer that opens more waits), and at most [`CHUNKS_SERVING`] chunks are
+/// being read and written for all connections together. A peer that sends
+/// a bad request has its connection closed.
 pub async fn serve(
     mut accepted: mpsc::Receiver<Accepted>,
     served: watch::Receiver<Served>,
@@ -637,6 +643,7 @@ pub async fn serve(
     metrics: crate::metrics::MeshMetrics,
     shutdown: CancellationToken,
 ) {
+    let serving = Arc::new(Semaphore::new(CHUNKS_SERVING));
     loop {
         let a = tokio::select! {
             biased;
@@ -649,6 +656,7 @@ pub async fn serve(
             served: served.clone(),
             chunks: chunks.clone(),
             metrics: metrics.clone(),
+            serving: serving.clone(),
         });
         tokio::spawn(async move {
             let streams = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
@@ -676,6 +684,8 @@ struct FetchServer {
     served: watch::Receiver<Served>,
     chunks: Option<Arc<crate::patch::PatchFiles>>,
     metrics: crate::metrics::MeshMetrics,
+    /// Shared by every connection: [`CHUNKS_SERVING`] permits.
+    serving: Arc<Semaphore>,
 }
 
 impl FetchServer {
@@ -687,8 +697,11 @@ impl FetchServer {
         )
         .await
         .unwrap_or(Err(WireError::Stream("timed out".into())));
+        // Held from reading a chunk until quinn has taken it.
+        let mut permit = None;
         let response = match request {
             Ok(Some(FetchRequest::Chunk(hash))) => {
+                permit = self.serving.clone().acquire_owned().await.ok();
                 let found = match self.chunks.clone() {
                     Some(files) => tokio::task::spawn_blocking(move || files.chunks.get(&hash))
                         .await
@@ -735,9 +748,19 @@ impl FetchServer {
             }
         };
         if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
-            let _ = wire::write_frame(&mut send, &frame).await;
-            let _ = send.finish();
+            drop(response);
+            // A peer that stops reading gives the permit back after this
+            // long; it gets no answer.
+            match tokio::time::timeout(FETCH_TIMEOUT, wire::write_frame(&mut send, &frame)).await {
+                Ok(_) => {
+                    let _ = send.finish();
+                }
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                }
+            }
         }
+        drop(permit);
     }
 }
 
