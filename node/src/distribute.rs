@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -332,7 +333,7 @@ pub enum FetchResponse {
     NotHere {
         have: Option<Offer>,
     },
-    Chunk(Vec<u8>),
+    Chunk(#[serde(with = "wire::bytes")] Vec<u8>),
     /// The relay does not hold that chunk.
     NoChunk,
     Patch(Box<crate::patch::SignedPatch>),
@@ -463,11 +464,21 @@ pub struct ArtifactFetch {
     pub stats: crate::patch::DownloadStats,
 }
 
+/// Chunk requests one artifact download keeps outstanding on its
+/// connection, chunks being written counted in: one request at a time
+/// leaves the link idle while each answer is checked and stored, and the
+/// relay idle while it travels. Eight keep a LAN busy; a node then holds
+/// at most 8 MiB of chunks in memory, and a relay reads at most this many
+/// chunks at once for one node.
+pub const CHUNKS_IN_FLIGHT: usize = 8;
+
 /// Fetches the chunks of `artifact` that `store` lacks from the relay at
-/// `addr` over one connection, one chunk per stream, each checked against
-/// its BLAKE3 before it is kept ([`crate::patch::Download`] paces, retries
+/// `addr` over one connection, one chunk per stream with
+/// [`CHUNKS_IN_FLIGHT`] streams at a time, each chunk checked against its
+/// BLAKE3 before it is kept ([`crate::patch::Download`] paces, retries
 /// and gives up after `max_attempts` failures of one chunk), then writes
-/// the artifact to `dest`, checking the whole file.
+/// the artifact to `dest`, checking the whole file. Hashing and disk work
+/// run on tokio's blocking threads.
 pub async fn fetch_artifact(
     endpoint: &MeshEndpoint,
     addr: SocketAddr,
@@ -476,84 +487,155 @@ pub async fn fetch_artifact(
     dest: &std::path::Path,
     max_attempts: u32,
 ) -> Result<ArtifactFetch, String> {
-    use crate::patch::{ChunkOutcome, Download};
-    let missing = store.missing(artifact);
+    use crate::patch::{ChunkOutcome, Download, HashedChunk};
+    let blocking = |e: tokio::task::JoinError| format!("a chunk store task failed: {e}");
+    let missing = {
+        let (store, a) = (store.clone(), artifact.clone());
+        tokio::task::spawn_blocking(move || store.missing(&a))
+            .await
+            .map_err(blocking)?
+    };
     let held: Vec<u32> = (0..artifact.chunks.len() as u32)
         .filter(|i| !missing.contains(i))
         .collect();
     let mut d = Download::new(artifact, &held, max_attempts);
     let mut conn: Option<quinn::Connection> = None;
-    while !d.done() {
+    // Dropping these (an early return) cancels the requests.
+    let mut asking: JoinSet<(u32, Result<HashedChunk, String>)> = JoinSet::new();
+    let mut storing: JoinSet<Result<(), crate::patch::PatchError>> = JoinSet::new();
+    loop {
         if let Some(e) = d.error() {
+            // What was verified is kept: the next attempt resumes from it.
+            while storing.join_next().await.is_some() {}
             return Err(e.to_string());
         }
+        if d.done() && storing.is_empty() {
+            break;
+        }
         let now = std::time::Instant::now();
-        let Some(index) = d.next_requests(now, 1).first().copied() else {
-            let wait = d.poll_timeout().map_or(Duration::from_millis(100), |t| {
-                t.saturating_duration_since(now)
-            });
-            tokio::time::sleep(wait).await;
+        let budget = CHUNKS_IN_FLIGHT.saturating_sub(storing.len());
+        let requests = d.next_requests(now, budget);
+        if !requests.is_empty() {
+            match fetch_connection(endpoint, addr, &mut conn).await {
+                Ok(c) => {
+                    for index in requests {
+                        let (c, hash) = (c.clone(), artifact.chunks[index as usize]);
+                        asking.spawn(async move {
+                            let got = match ask_chunk(&c, hash).await {
+                                Ok(bytes) => {
+                                    tokio::task::spawn_blocking(move || HashedChunk::new(bytes))
+                                        .await
+                                        .map_err(|e| e.to_string())
+                                }
+                                Err(reason) => Err(reason),
+                            };
+                            (index, got)
+                        });
+                    }
+                }
+                Err(reason) => {
+                    for index in requests {
+                        d.on_failure(std::time::Instant::now(), index, &reason);
+                    }
+                }
+            }
             continue;
-        };
-        let hash = artifact.chunks[index as usize];
-        let got = async {
-            let c = match &conn {
-                Some(c) if c.close_reason().is_none() => c.clone(),
-                _ => {
-                    let (c, _) = endpoint
-                        .connect(addr, Protocol::Fetch)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    conn = Some(c.clone());
-                    c
-                }
-            };
-            let (mut send, mut recv) = c.open_bi().await.map_err(|e| e.to_string())?;
-            wire::write_msg(
-                &mut send,
-                FETCH_VERSION,
-                &FetchRequest::Chunk(hash),
-                MAX_FETCH_REQUEST,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            send.finish().map_err(|e| e.to_string())?;
-            match wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                Some(FetchResponse::Chunk(bytes)) => Ok(bytes),
-                Some(FetchResponse::NoChunk) => Err("the relay does not hold the chunk".to_owned()),
-                other => Err(format!("unexpected answer {other:?}")),
-            }
-        };
-        match tokio::time::timeout(FETCH_TIMEOUT, got).await {
-            Ok(Ok(bytes)) => {
-                if d.on_chunk(std::time::Instant::now(), index, &bytes) == ChunkOutcome::Verified {
-                    store.put(&hash, &bytes).map_err(|e| e.to_string())?;
+        }
+        let wake = d.poll_timeout().unwrap_or(now + Duration::from_millis(100));
+        tokio::select! {
+            Some(asked) = asking.join_next(), if !asking.is_empty() => {
+                let (index, got) = asked.map_err(|e| format!("a chunk request failed: {e}"))?;
+                match got {
+                    Ok(chunk) => {
+                        if d.on_hashed(std::time::Instant::now(), index, &chunk)
+                            == ChunkOutcome::Verified
+                        {
+                            let store = store.clone();
+                            storing.spawn_blocking(move || store.keep_fetched(&chunk));
+                        }
+                    }
+                    Err(reason) => d.on_failure(std::time::Instant::now(), index, &reason),
                 }
             }
-            Ok(Err(reason)) => d.on_failure(std::time::Instant::now(), index, &reason),
-            Err(_) => d.on_failure(std::time::Instant::now(), index, "timed out"),
+            Some(stored) = storing.join_next(), if !storing.is_empty() => {
+                stored.map_err(blocking)?.map_err(|e| e.to_string())?;
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
         }
     }
     if let Some(c) = conn {
         c.close(close::DONE, b"fetched");
     }
-    store.assemble(artifact, dest).map_err(|e| e.to_string())?;
+    let (store, a, dest) = (store.clone(), artifact.clone(), dest.to_owned());
+    tokio::task::spawn_blocking(move || store.assemble(&a, &dest))
+        .await
+        .map_err(blocking)?
+        .map_err(|e| e.to_string())?;
     Ok(ArtifactFetch {
         held: held.len() as u64,
         stats: d.stats(),
     })
 }
 
+/// The fetch connection to `addr`: the open one, or a new one.
+async fn fetch_connection(
+    endpoint: &MeshEndpoint,
+    addr: SocketAddr,
+    conn: &mut Option<quinn::Connection>,
+) -> Result<quinn::Connection, String> {
+    if let Some(c) = conn.as_ref().filter(|c| c.close_reason().is_none()) {
+        return Ok(c.clone());
+    }
+    let (c, _) = endpoint
+        .connect(addr, Protocol::Fetch)
+        .await
+        .map_err(|e| e.to_string())?;
+    *conn = Some(c.clone());
+    Ok(c)
+}
+
+/// One chunk, on a stream of its own, within [`FETCH_TIMEOUT`].
+async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<Vec<u8>, String> {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        wire::write_msg(
+            &mut send,
+            FETCH_VERSION,
+            &FetchRequest::Chunk(hash),
+            MAX_FETCH_REQUEST,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        match wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(FetchResponse::Chunk(bytes)) => Ok(bytes),
+            Some(FetchResponse::NoChunk) => Err("the relay does not hold the chunk".to_owned()),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("no chunk within {FETCH_TIMEOUT:?}")))
+}
+
 /// What a relay serves: its cached bundle and the offer naming it.
 pub type Served = Option<Arc<(Offer, SignedBundle)>>;
 
+/// Chunks a relay reads and hands to its connections at once, whatever
+/// the number of nodes fetching: bounds the relay's memory (a megabyte
+/// each) when a whole site fetches together.
+pub const CHUNKS_SERVING: usize = 64;
+
 /// Serves fetches on the connections `accepted` until `shutdown`: each
 /// stream gets the bundle `served` holds if it is the one asked for, or a
-/// patch manifest or chunk from `chunks`. A peer that sends a bad request has its connection
-/// closed.
+/// patch manifest or chunk from `chunks`. The streams of one connection
+/// are answered concurrently, at most [`CHUNKS_IN_FLIGHT`] at a time (a
+/// peer that opens more waits), and at most [`CHUNKS_SERVING`] chunks are
+/// being read and written for all connections together. A peer that sends
+/// a bad request has its connection closed.
 pub async fn serve(
     mut accepted: mpsc::Receiver<Accepted>,
     served: watch::Receiver<Served>,
@@ -561,89 +643,124 @@ pub async fn serve(
     metrics: crate::metrics::MeshMetrics,
     shutdown: CancellationToken,
 ) {
+    let serving = Arc::new(Semaphore::new(CHUNKS_SERVING));
     loop {
         let a = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             a = accepted.recv() => match a { Some(a) => a, None => break },
         };
-        let served = served.clone();
-        let metrics = metrics.clone();
-        let chunks = chunks.clone();
+        let server = Arc::new(FetchServer {
+            peer: a.peer,
+            conn: a.conn,
+            served: served.clone(),
+            chunks: chunks.clone(),
+            metrics: metrics.clone(),
+            serving: serving.clone(),
+        });
         tokio::spawn(async move {
+            let streams = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
             loop {
-                let Ok((mut send, mut recv)) = a.conn.accept_bi().await else {
+                let Ok(permit) = streams.clone().acquire_owned().await else {
                     return;
                 };
-                let request = tokio::time::timeout(
-                    FETCH_TIMEOUT,
-                    wire::read_msg::<FetchRequest>(&mut recv, FETCH_VERSION, MAX_FETCH_REQUEST),
-                )
-                .await
-                .unwrap_or(Err(WireError::Stream("timed out".into())));
-                let want = match request {
-                    Ok(Some(FetchRequest::Bundle { want })) => want,
-                    Ok(Some(FetchRequest::Chunk(hash))) => {
-                        let found = match chunks.clone() {
-                            Some(files) => {
-                                tokio::task::spawn_blocking(move || files.chunks.get(&hash))
-                                    .await
-                                    .ok()
-                                    .and_then(Result::ok)
-                                    .flatten()
-                            }
-                            None => None,
-                        };
-                        let response = found.map_or(FetchResponse::NoChunk, FetchResponse::Chunk);
-                        if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
-                            let _ = wire::write_frame(&mut send, &frame).await;
-                            let _ = send.finish();
-                        }
-                        continue;
-                    }
-                    Ok(Some(FetchRequest::Patch(id))) => {
-                        let found = match chunks.clone() {
-                            Some(files) => tokio::task::spawn_blocking(move || files.manifest(&id))
-                                .await
-                                .ok()
-                                .flatten(),
-                            None => None,
-                        };
-                        let response = found.map_or(FetchResponse::NoPatch, |p| {
-                            FetchResponse::Patch(Box::new(p))
-                        });
-                        if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
-                            let _ = wire::write_frame(&mut send, &frame).await;
-                            let _ = send.finish();
-                        }
-                        continue;
-                    }
-                    Ok(None) => continue,
-                    Err(WireError::Stream(e)) => {
-                        debug!(peer = %a.peer, error = %e, "fetch stream ended");
-                        return;
-                    }
-                    Err(error) => {
-                        metrics.peer_error(Protocol::Fetch.as_str(), error.kind());
-                        warn!(peer = %a.peer, %error, "closing fetch connection: bad request");
-                        a.conn
-                            .close(close::PROTOCOL_ERROR, error.to_string().as_bytes());
-                        return;
-                    }
+                let Ok((send, recv)) = server.conn.accept_bi().await else {
+                    return;
                 };
-                let current = served.borrow().clone();
-                let response = match current {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    server.answer(send, recv).await;
+                    drop(permit);
+                });
+            }
+        });
+    }
+}
+
+/// One peer's fetch connection and what it may be given.
+struct FetchServer {
+    peer: crate::id::Identity,
+    conn: quinn::Connection,
+    served: watch::Receiver<Served>,
+    chunks: Option<Arc<crate::patch::PatchFiles>>,
+    metrics: crate::metrics::MeshMetrics,
+    /// Shared by every connection: [`CHUNKS_SERVING`] permits.
+    serving: Arc<Semaphore>,
+}
+
+impl FetchServer {
+    /// Reads one request from the stream and answers it.
+    async fn answer(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let request = tokio::time::timeout(
+            FETCH_TIMEOUT,
+            wire::read_msg::<FetchRequest>(&mut recv, FETCH_VERSION, MAX_FETCH_REQUEST),
+        )
+        .await
+        .unwrap_or(Err(WireError::Stream("timed out".into())));
+        // Held from reading a chunk until quinn has taken it.
+        let mut permit = None;
+        let response = match request {
+            Ok(Some(FetchRequest::Chunk(hash))) => {
+                permit = self.serving.clone().acquire_owned().await.ok();
+                let found = match self.chunks.clone() {
+                    Some(files) => tokio::task::spawn_blocking(move || files.chunks.get(&hash))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten(),
+                    None => None,
+                };
+                found.map_or(FetchResponse::NoChunk, FetchResponse::Chunk)
+            }
+            Ok(Some(FetchRequest::Patch(id))) => {
+                let found = match self.chunks.clone() {
+                    Some(files) => tokio::task::spawn_blocking(move || files.manifest(&id))
+                        .await
+                        .ok()
+                        .flatten(),
+                    None => None,
+                };
+                found.map_or(FetchResponse::NoPatch, |p| {
+                    FetchResponse::Patch(Box::new(p))
+                })
+            }
+            Ok(Some(FetchRequest::Bundle { want })) => {
+                let current = self.served.borrow().clone();
+                match current {
                     Some(c) if c.0 == want => FetchResponse::Bundle(Box::new(c.1.clone())),
                     other => FetchResponse::NotHere {
                         have: other.map(|c| c.0),
                     },
-                };
-                if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
-                    let _ = wire::write_frame(&mut send, &frame).await;
-                    let _ = send.finish();
                 }
             }
-        });
+            Ok(None) => return,
+            Err(WireError::Stream(e)) => {
+                debug!(peer = %self.peer, error = %e, "fetch stream ended");
+                return;
+            }
+            Err(error) => {
+                self.metrics
+                    .peer_error(Protocol::Fetch.as_str(), error.kind());
+                warn!(peer = %self.peer, %error, "closing fetch connection: bad request");
+                self.conn
+                    .close(close::PROTOCOL_ERROR, error.to_string().as_bytes());
+                return;
+            }
+        };
+        if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
+            drop(response);
+            // A peer that stops reading gives the permit back after this
+            // long; it gets no answer.
+            match tokio::time::timeout(FETCH_TIMEOUT, wire::write_frame(&mut send, &frame)).await {
+                Ok(_) => {
+                    let _ = send.finish();
+                }
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                }
+            }
+        }
+        drop(permit);
     }
 }
 
@@ -761,5 +878,187 @@ mod tests {
             let _ = wire::decode_body::<FetchRequest>(&bytes, FETCH_VERSION);
             let _ = wire::decode_body::<FetchResponse>(&bytes, FETCH_VERSION);
         }
+    }
+
+    // -- artifacts over QUIC ---------------------------------------------------
+
+    use crate::id::{Identity, Role};
+    use crate::patch::{ArtifactRef, CHUNK_SIZE, ChunkStore, PatchFiles};
+    use crate::tls::{Credentials, MeshCa};
+
+    struct Site {
+        relay: Credentials,
+        node: Credentials,
+    }
+
+    fn site() -> Site {
+        crate::tls::install_crypto_provider();
+        let ca = MeshCa::generate("test").unwrap();
+        let issue = |role, name: &str| {
+            Credentials::issue(&ca, &Identity::new(role, "eu", "par", name).unwrap()).unwrap()
+        };
+        Site {
+            relay: issue(Role::Relay, "relay"),
+            node: issue(Role::Node, "n1"),
+        }
+    }
+
+    /// An artifact of `chunks` chunks (the last one short), no two alike.
+    fn artifact(chunks: usize) -> (Vec<u8>, ArtifactRef) {
+        let len = (chunks - 1) * CHUNK_SIZE as usize + 1000;
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+            .collect();
+        let a = ArtifactRef::read("pkg.bin", &bytes[..]).unwrap();
+        assert_eq!(a.chunks.len(), chunks);
+        (bytes, a)
+    }
+
+    fn chunk_of(bytes: &[u8], i: usize) -> &[u8] {
+        let size = CHUNK_SIZE as usize;
+        &bytes[i * size..((i + 1) * size).min(bytes.len())]
+    }
+
+    fn loopback() -> SocketAddr {
+        ([127, 0, 0, 1], 0).into()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_keeps_several_chunks_in_flight_and_refetches_a_damaged_one() {
+        let s = site();
+        let chunks = CHUNKS_IN_FLIGHT + 4;
+        let (bytes, a) = artifact(chunks);
+        let (relay, mut routes) =
+            MeshEndpoint::bind(s.relay, loopback(), &[Protocol::Fetch], Default::default())
+                .unwrap();
+        let mut accepted = routes.take(Protocol::Fetch);
+        // A relay that holds each answer until CHUNKS_IN_FLIGHT requests
+        // are open at once (or 5 s have passed: a client asking one at a
+        // time is slow, not stuck), and damages chunk 1 the first time it
+        // sends it.
+        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let relay_task = {
+            let (bytes, a, peak) = (bytes.clone(), a.clone(), peak.clone());
+            tokio::spawn(async move {
+                let conn = accepted.recv().await.unwrap().conn;
+                let open = Arc::new(tokio::sync::watch::channel(0usize).0);
+                let damaged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let (bytes, a, peak, open, damaged) = (
+                        bytes.clone(),
+                        a.clone(),
+                        peak.clone(),
+                        open.clone(),
+                        damaged.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let Ok(Some(FetchRequest::Chunk(hash))) = wire::read_msg::<FetchRequest>(
+                            &mut recv,
+                            FETCH_VERSION,
+                            MAX_FETCH_REQUEST,
+                        )
+                        .await
+                        else {
+                            panic!("not a chunk request");
+                        };
+                        let i = a.chunks.iter().position(|h| *h == hash).unwrap();
+                        open.send_modify(|n| *n += 1);
+                        peak.fetch_max(*open.borrow(), std::sync::atomic::Ordering::SeqCst);
+                        let mut rx = open.subscribe();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            rx.wait_for(|n| *n >= CHUNKS_IN_FLIGHT),
+                        )
+                        .await;
+                        let mut chunk = chunk_of(&bytes, i).to_vec();
+                        if i == 1 && !damaged.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            chunk[10] ^= 1;
+                        }
+                        open.send_modify(|n| *n -= 1);
+                        wire::write_msg(
+                            &mut send,
+                            FETCH_VERSION,
+                            &FetchResponse::Chunk(chunk),
+                            MAX_FETCH_FRAME,
+                        )
+                        .await
+                        .unwrap();
+                        send.finish().unwrap();
+                    });
+                }
+            })
+        };
+        let (node, _) = MeshEndpoint::bind(s.node, loopback(), &[], Default::default()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(&tmp.path().join("chunks")).unwrap();
+        let dest = tmp.path().join("out/pkg.bin");
+        let got = fetch_artifact(&node, relay.local_addr(), &a, &store, &dest, 3)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), bytes);
+        assert_eq!(got.held, 0);
+        assert_eq!(
+            (
+                got.stats.requested,
+                got.stats.fetched,
+                got.stats.refetched,
+                got.stats.failures
+            ),
+            (chunks as u64 + 1, chunks as u64, 1, 0)
+        );
+        assert_eq!(
+            peak.load(std::sync::atomic::Ordering::SeqCst),
+            CHUNKS_IN_FLIGHT,
+            "requests in flight at once"
+        );
+        assert!(store.missing(&a).is_empty());
+        node.shutdown().await;
+        relay.shutdown().await;
+        relay_task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_the_relay_lacks_ends_the_download_after_max_attempts_keeping_the_rest() {
+        let s = site();
+        let (bytes, a) = artifact(4);
+        let tmp = tempfile::tempdir().unwrap();
+        let files = PatchFiles {
+            dir: tmp.path().join("relay"),
+            chunks: ChunkStore::open(&tmp.path().join("relay/chunks")).unwrap(),
+        };
+        for (i, h) in a.chunks.iter().enumerate().filter(|(i, _)| *i != 2) {
+            files.chunks.put(h, chunk_of(&bytes, i)).unwrap();
+        }
+        let (relay, mut routes) =
+            MeshEndpoint::bind(s.relay, loopback(), &[Protocol::Fetch], Default::default())
+                .unwrap();
+        let shutdown = CancellationToken::new();
+        let (_tx, served) = watch::channel(None);
+        tokio::spawn(serve(
+            routes.take(Protocol::Fetch),
+            served,
+            Some(Arc::new(files)),
+            Default::default(),
+            shutdown.clone(),
+        ));
+        let (node, _) = MeshEndpoint::bind(s.node, loopback(), &[], Default::default()).unwrap();
+        let store = ChunkStore::open(&tmp.path().join("node/chunks")).unwrap();
+        let dest = tmp.path().join("node/pkg.bin");
+        let started = std::time::Instant::now();
+        let err = fetch_artifact(&node, relay.local_addr(), &a, &store, &dest, 2)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "artifact pkg.bin: chunk 2 failed 2 times (last: the relay does not hold the \
+             chunk); the download stopped: check the source, then start it again"
+        );
+        // One retry, after the first delay.
+        assert!(started.elapsed() >= crate::patch::RETRY_FIRST);
+        assert!(!dest.exists());
+        assert_eq!(store.missing(&a), [2]);
+        shutdown.cancel();
+        node.shutdown().await;
+        relay.shutdown().await;
     }
 }

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::{remove_leftover_temp_files, write_atomic, write_atomic_with};
+use crate::apply::{remove_leftover_temp_files, write_atomic, write_atomic_with, write_replacing};
 use crate::desired::{
     Problem, Selector, SelectorToml, normalise_source, read_limited, toml_error_at,
 };
@@ -800,6 +800,26 @@ impl ChunkStore {
                 actual: hex32(actual.as_bytes()),
             });
         }
+        self.write(hash, bytes)
+    }
+
+    /// Keeps a chunk fetched from a source that still holds it, under the
+    /// hash it was found to have (a download has just compared that hash
+    /// with the manifest's, so it is not hashed again). Readers see the
+    /// chunk whole or not at all, but it is not flushed to disk: every read
+    /// checks a chunk, so one a power loss damaged counts as missing and is
+    /// fetched again, and a download does not pay two disk syncs per chunk
+    /// for a copy it can have again. (What is assembled from the chunks is
+    /// flushed.)
+    pub fn keep_fetched(&self, chunk: &HashedChunk) -> Result<(), PatchError> {
+        if chunk.bytes.len() > CHUNK_SIZE as usize {
+            return Err(PatchError::ChunkTooLarge(chunk.bytes.len()));
+        }
+        let path = self.path_of(&chunk.hash);
+        write_replacing(&path, &chunk.bytes, 0o600).map_err(io_err(&path))
+    }
+
+    fn write(&self, hash: &[u8; 32], bytes: &[u8]) -> Result<(), PatchError> {
         let path = self.path_of(hash);
         write_atomic(&path, bytes, 0o600).map_err(io_err(&path))
     }
@@ -816,7 +836,7 @@ impl ChunkStore {
     /// [`PatchError::CorruptChunk`].
     pub fn get(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, PatchError> {
         let path = self.path_of(hash);
-        let bytes = match read_limited(&path, u64::from(CHUNK_SIZE)) {
+        let bytes = match read_chunk(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path)(e)),
@@ -824,12 +844,17 @@ impl ChunkStore {
         if bytes.len() <= CHUNK_SIZE as usize && blake3::hash(&bytes).as_bytes() == hash {
             return Ok(Some(bytes));
         }
-        match fs::remove_file(&path) {
+        self.discard(&path)
+    }
+
+    /// Removes a chunk file found damaged; reports it.
+    fn discard<T>(&self, path: &Path) -> Result<T, PatchError> {
+        match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&path)(e)),
+            Err(e) => return Err(io_err(path)(e)),
         }
-        Err(PatchError::CorruptChunk(path))
+        Err(PatchError::CorruptChunk(path.to_owned()))
     }
 
     /// The indexes of the artifact's chunks the store does not hold intact,
@@ -846,22 +871,35 @@ impl ChunkStore {
     /// Writes the artifact to `dest` from its chunks, atomically: `dest`
     /// is replaced only once every chunk was found intact and the whole
     /// file has the size and BLAKE3 of the manifest.
+    ///
+    /// The chunks are hashed as one file, not one by one: the signed whole
+    /// BLAKE3 covers every byte. Only when it does not match is each chunk
+    /// checked, so that a chunk damaged on disk is removed and reported
+    /// ([`PatchError::CorruptChunk`]) rather than blamed on the manifest.
     pub fn assemble(&self, artifact: &ArtifactRef, dest: &Path) -> Result<(), PatchError> {
         write_atomic_with(dest, 0o644, |file| {
             let mut whole = blake3::Hasher::new();
             let mut size = 0u64;
             for (i, hash) in (0u32..).zip(&artifact.chunks) {
-                let bytes = self.get(hash).map_err(Assemble::Patch)?.ok_or_else(|| {
-                    Assemble::Patch(PatchError::ChunkMissing {
-                        artifact: artifact.name.clone(),
-                        chunk: i,
-                    })
-                })?;
+                let path = self.path_of(hash);
+                let bytes = match read_chunk(&path) {
+                    Ok(bytes) => bytes,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(Assemble::Patch(PatchError::ChunkMissing {
+                            artifact: artifact.name.clone(),
+                            chunk: i,
+                        }));
+                    }
+                    Err(e) => return Err(Assemble::Patch(io_err(&path)(e))),
+                };
                 whole.update(&bytes);
                 size += bytes.len() as u64;
                 file.write_all(&bytes)?;
             }
             if size != artifact.size || whole.finalize().as_bytes() != &artifact.blake3 {
+                for hash in &artifact.chunks {
+                    self.get(hash).map_err(Assemble::Patch)?;
+                }
                 return Err(Assemble::Patch(PatchError::ArtifactMismatch {
                     artifact: artifact.name.clone(),
                 }));
@@ -875,6 +913,46 @@ impl ChunkStore {
             },
             Assemble::Patch(e) => e,
         })
+    }
+}
+
+/// A chunk file's bytes, at most one more than [`CHUNK_SIZE`] (so that a
+/// longer file is seen to be too long), read into one allocation.
+fn read_chunk(path: &Path) -> io::Result<Vec<u8>> {
+    let file = fs::File::open(path)?;
+    let len = file.metadata()?.len().min(u64::from(CHUNK_SIZE) + 1);
+    let mut bytes = Vec::with_capacity(len as usize + 1);
+    file.take(u64::from(CHUNK_SIZE) + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A chunk's bytes with the BLAKE3 they hash to. Made only by hashing
+/// them, so whoever holds one may compare its hash with the manifest's
+/// ([`Download::on_hashed`]) and keep it ([`ChunkStore::keep_fetched`])
+/// without hashing a megabyte twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashedChunk {
+    hash: [u8; 32],
+    bytes: Vec<u8>,
+}
+
+impl HashedChunk {
+    /// Hashes `bytes`.
+    pub fn new(bytes: Vec<u8>) -> HashedChunk {
+        HashedChunk {
+            hash: *blake3::hash(&bytes).as_bytes(),
+            bytes,
+        }
+    }
+
+    /// The BLAKE3 of [`HashedChunk::bytes`].
+    pub fn hash(&self) -> &[u8; 32] {
+        &self.hash
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -1056,8 +1134,24 @@ impl Download {
     /// A chunk arrived. Bytes that match the manifest are
     /// [`ChunkOutcome::Verified`] (also when they come after the request
     /// was given up as failed); others are [`ChunkOutcome::Corrupt`].
-    pub fn on_chunk(&mut self, _now: Instant, index: u32, bytes: &[u8]) -> ChunkOutcome {
-        self.stats.bytes += bytes.len() as u64;
+    pub fn on_chunk(&mut self, now: Instant, index: u32, bytes: &[u8]) -> ChunkOutcome {
+        self.on_digest(now, index, bytes.len(), blake3::hash(bytes).as_bytes())
+    }
+
+    /// [`Download::on_chunk`] for a chunk hashed already (off the task
+    /// that drives the download).
+    pub fn on_hashed(&mut self, now: Instant, index: u32, chunk: &HashedChunk) -> ChunkOutcome {
+        self.on_digest(now, index, chunk.bytes.len(), &chunk.hash)
+    }
+
+    fn on_digest(
+        &mut self,
+        _now: Instant,
+        index: u32,
+        len: usize,
+        digest: &[u8; 32],
+    ) -> ChunkOutcome {
+        self.stats.bytes += len as u64;
         if self.gave_up.is_some() {
             return ChunkOutcome::Ignored;
         }
@@ -1070,7 +1164,7 @@ impl Download {
         if c.slot == Slot::InFlight {
             self.in_flight -= 1;
         }
-        if blake3::hash(bytes).as_bytes() == &self.hashes[index as usize] {
+        if digest == &self.hashes[index as usize] {
             c.slot = Slot::Held;
             self.missing -= 1;
             self.stats.fetched += 1;
@@ -1078,7 +1172,7 @@ impl Download {
         }
         self.stats.refetched += 1;
         c.attempts += 1;
-        c.last_reason = format!("{} bytes that do not match the chunk's BLAKE3", bytes.len());
+        c.last_reason = format!("{len} bytes that do not match the chunk's BLAKE3");
         c.slot = Slot::Wanted(None);
         if c.attempts >= self.max_attempts {
             self.gave_up = Some(index);
@@ -1911,6 +2005,44 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
         assert_eq!(files_in(d.path()), ["chunks"]);
     }
 
+    #[test]
+    fn a_fetched_chunk_is_kept_under_the_hash_it_was_found_to_have() {
+        let (_d, store) = store();
+        let chunk = HashedChunk::new(b"fetched".to_vec());
+        assert_eq!(chunk.hash(), &hash(b"fetched"));
+        assert_eq!(chunk.bytes(), b"fetched");
+        store.keep_fetched(&chunk).unwrap();
+        assert_eq!(
+            store.get(&hash(b"fetched")).unwrap().as_deref(),
+            Some(&b"fetched"[..])
+        );
+        assert_eq!(files_in(&store.dir), [hex32(&hash(b"fetched"))]);
+        let big = HashedChunk::new(vec![1; CHUNK_SIZE as usize + 1]);
+        assert!(matches!(
+            store.keep_fetched(&big),
+            Err(PatchError::ChunkTooLarge(n)) if n == CHUNK_SIZE as usize + 1
+        ));
+        assert_eq!(files_in(&store.dir).len(), 1);
+    }
+
+    #[test]
+    fn a_chunk_damaged_on_disk_is_found_removed_and_reported_when_assembling() {
+        let (d, store) = store();
+        let (_, a) = stored(&store, 2 * MIB + 1, 13);
+        let path = store.path_of(&a.chunks[1]);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[7] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        let dest = d.path().join("pkg.deb");
+        let err = store.assemble(&a, &dest).unwrap_err();
+        assert!(
+            matches!(&err, PatchError::CorruptChunk(p) if *p == path),
+            "{err}"
+        );
+        assert!(!dest.exists());
+        assert_eq!(store.missing(&a), [1]);
+    }
+
     // -- download ------------------------------------------------------------
 
     /// An artifact of `n` small chunks (sizes do not matter to a download).
@@ -1987,6 +2119,29 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
             (2, 1, 1, 20)
         );
         assert!(dl.error().is_none());
+    }
+
+    #[test]
+    fn a_chunk_hashed_off_the_download_is_judged_by_its_hash_alone() {
+        let (a, data) = artifact(2);
+        let t0 = Instant::now();
+        let mut dl = Download::new(&a, &[], 3);
+        assert_eq!(dl.next_requests(t0, 2), [0, 1]);
+        let good = HashedChunk::new(data[0].clone());
+        assert_eq!(dl.on_hashed(t0, 0, &good), ChunkOutcome::Verified);
+        let bad = HashedChunk::new(b"not chunk 1".to_vec());
+        assert_eq!(dl.on_hashed(t0, 1, &bad), ChunkOutcome::Corrupt);
+        assert_eq!(dl.next_requests(t0, 2), [1]);
+        assert_eq!(
+            dl.on_hashed(t0, 1, &HashedChunk::new(data[1].clone())),
+            ChunkOutcome::Verified
+        );
+        assert!(dl.done());
+        let stats = dl.stats();
+        assert_eq!(
+            (stats.fetched, stats.refetched, stats.bytes),
+            (2, 1, 20 + 11)
+        );
     }
 
     #[test]

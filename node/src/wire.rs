@@ -184,6 +184,50 @@ pub async fn write_msg<T: Serialize>(
     write_frame(send, &encode(version, msg, limit)?).await
 }
 
+/// Serde for a `Vec<u8>` as one run of bytes, with
+/// `#[serde(with = "wire::bytes")]`: postcard encodes it exactly as a
+/// `Vec<u8>` (a length, then the bytes), but copies it at once instead of
+/// visiting it byte by byte, which matters for megabyte chunks.
+pub mod bytes {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        /// Formats that write bytes as a list of numbers.
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element()? {
+                v.push(b);
+            }
+            Ok(v)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -232,6 +276,34 @@ mod tests {
         fn garbage_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_body::<Msg>(&bytes, 1);
         }
+
+        #[test]
+        fn bytes_encode_as_a_vec_of_u8_does_and_read_back_from_either(
+            data in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let as_bytes = postcard::to_stdvec(&AsBytes(data.clone())).unwrap();
+            prop_assert_eq!(&as_bytes, &postcard::to_stdvec(&data).unwrap());
+            prop_assert_eq!(postcard::from_bytes::<AsBytes>(&as_bytes).unwrap().0, data.clone());
+            prop_assert_eq!(postcard::from_bytes::<Vec<u8>>(&as_bytes).unwrap(), data);
+        }
+
+        #[test]
+        fn garbage_never_panics_as_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = postcard::from_bytes::<AsBytes>(&bytes);
+        }
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct AsBytes(#[serde(with = "bytes")] Vec<u8>);
+
+    #[test]
+    fn bytes_in_a_self_describing_format_read_back_from_a_list_of_numbers() {
+        let json = serde_json::to_string(&AsBytes(vec![1, 2, 255])).unwrap();
+        assert_eq!(json, "[1,2,255]");
+        assert_eq!(
+            serde_json::from_str::<AsBytes>(&json).unwrap().0,
+            [1, 2, 255]
+        );
     }
 
     #[test]
