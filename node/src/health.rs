@@ -57,12 +57,12 @@ impl Steady {
         cfg: &HealthConfig,
     ) -> Resources {
         let Some((last, at)) = self.last.as_ref() else {
-            self.last = Some((fresh.clone(), now));
-            return fresh.clone();
+            self.last = Some((*fresh, now));
+            return *fresh;
         };
         if now.saturating_duration_since(*at) >= STEADY_REFRESH {
-            self.last = Some((fresh.clone(), now));
-            return fresh.clone();
+            self.last = Some((*fresh, now));
+            return *fresh;
         }
         let band = |v: u8, warn: u8, crit: u8| (v >= warn) as u8 + (v >= crit) as u8;
         let pct = |old: Option<u8>, new: Option<u8>, step: u8, warn: u8, crit: u8| match (old, new)
@@ -96,7 +96,7 @@ impl Steady {
             },
         };
         let at = *at;
-        self.last = Some((out.clone(), at));
+        self.last = Some((out, at));
         out
     }
 }
