@@ -457,6 +457,7 @@ def main(argv=None) -> int:
     procs = fp.Processes()
     namespaces: list[fp.NetNs] = []
     tables, ok = [], False
+    failures: dict[int, str] = {}
     try:
         for n in args.sizes:
             for system in ("trellis", "serf"):
@@ -471,11 +472,18 @@ def main(argv=None) -> int:
                     if system == "trellis":
                         t = figures(trellis_size(args, n, d, ns, procs), "trellis")
                     else:
-                        s = figures(serf_size(args, n, d, ns, procs), "serf")
+                        try:
+                            s = figures(serf_size(args, n, d, ns, procs), "serf")
+                        except fp.BenchError as e:
+                            # Report Trellis's figures even so, and why serf has none.
+                            fp.log(f"serf N={n}: {e}")
+                            s, failures[n] = None, str(e).splitlines()[0]
                 finally:
                     procs.kill_all()
                     ns.delete()
             tables.append(table(n, t, None if args.no_baseline else s, args))
+            if n in failures:
+                tables[-1] += f"\n  serf: no figures: {failures[n]}"
             print(tables[-1], flush=True)
         print()
         print(f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
