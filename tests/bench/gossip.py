@@ -197,6 +197,30 @@ def pct(values: list[float], q: float) -> float | None:
 # --------------------------------------------------------------------------
 
 
+def kill_each(args, obs: Observers, members: dict, killed: list[str],
+              procs: fp.Processes, label: str) -> tuple[list[float], int]:
+    """Kills each of `killed` in turn with SIGKILL and times until every
+    remaining member reported it failed: (times, reports missing)."""
+    detect, det_missed = [], 0
+    alive = dict(members)
+    for name in killed:
+        victim = alive.pop(name)
+        start = time.time()
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.proc.wait()
+        procs.forget(victim)
+        seen = wait_all(obs, list(alive), "failed", name, None, start, args.limit, procs)
+        t, missed = spread(seen, start)
+        det_missed += missed
+        if t is not None:
+            detect.append(t)
+        fp.log(f"{label}: killed {name}: "
+               + (f"every other member saw it failed after {t:.1f} s" if t is not None
+                  else f"{missed} members did not see it failed within {args.limit} s"))
+        time.sleep(args.pause)
+    return detect, det_missed
+
+
 def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) -> dict:
     rng = random.Random(n)
     names = [f"site-1-n{i:02d}" for i in range(1, n + 1)]
@@ -247,23 +271,7 @@ def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) ->
             fp.log(f"trellis N={n}: {name} -> {status}: "
                    + (f"every member saw it {t:.2f} s after it was published" if t is not None
                       else f"{missed} members never saw it"))
-    detect, det_missed = [], 0
-    alive = dict(members)
-    for name in killed:
-        victim = alive.pop(name)
-        start = time.time()
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.proc.wait()
-        procs.forget(victim)
-        seen = wait_all(obs, list(alive), "failed", name, None, start, args.limit, procs)
-        t, missed = spread(seen, start)
-        det_missed += missed
-        if t is not None:
-            detect.append(t)
-        fp.log(f"trellis N={n}: killed {name}: "
-               + (f"every member saw it failed after {t:.1f} s" if t is not None
-                  else f"{missed} members did not see it failed within {args.limit} s"))
-        time.sleep(args.pause)
+    detect, det_missed = kill_each(args, obs, members, killed, procs, f"trellis N={n}")
     tr.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed)
     return tr
 
@@ -313,23 +321,7 @@ def serf_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) -> di
                    + (f"every agent saw it after {t:.2f} s" if t is not None
                       else f"{missed} agents never saw it"))
             time.sleep(0.5)
-    detect, det_missed = [], 0
-    alive = dict(agents)
-    for name in killed:
-        victim = alive.pop(name)
-        start = time.time()
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.proc.wait()
-        procs.forget(victim)
-        seen = wait_all(obs, list(alive), "failed", name, None, start, args.limit, procs)
-        t, missed = spread(seen, start)
-        det_missed += missed
-        if t is not None:
-            detect.append(t)
-        fp.log(f"serf N={n}: killed {name}: "
-               + (f"every agent saw it failed after {t:.1f} s" if t is not None
-                  else f"{missed} agents did not see it failed within {args.limit} s"))
-        time.sleep(args.pause)
+    detect, det_missed = kill_each(args, obs, agents, killed, procs, f"serf N={n}")
     sf.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed)
     return sf
 
