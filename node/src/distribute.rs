@@ -372,9 +372,30 @@ pub enum FetchError {
     WrongPatch { addr: SocketAddr, id: String },
 }
 
+/// Sends one request on a stream of its own on `conn` (to the relay at
+/// `addr`) and reads the answer (`None`: the relay closed the stream
+/// without one). The caller bounds the time.
+async fn exchange(
+    conn: &quinn::Connection,
+    addr: SocketAddr,
+    request: &FetchRequest,
+) -> Result<Option<FetchResponse>, FetchError> {
+    let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
+        addr,
+        reason: e.to_string(),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
+    wire::write_msg(&mut send, FETCH_VERSION, request, MAX_FETCH_REQUEST)
+        .await
+        .map_err(|source| FetchError::Wire { addr, source })?;
+    send.finish().map_err(|e| stream_err(&e))?;
+    wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
+        .await
+        .map_err(|source| FetchError::Wire { addr, source })
+}
+
 /// Sends one request to the relay at `addr` on a connection of its own
-/// and reads the answer (`None`: the relay closed the stream without
-/// one), all within [`FETCH_TIMEOUT`].
+/// and reads the answer, all within [`FETCH_TIMEOUT`].
 async fn ask(
     endpoint: &MeshEndpoint,
     addr: SocketAddr,
@@ -382,18 +403,7 @@ async fn ask(
 ) -> Result<Option<FetchResponse>, FetchError> {
     let run = async {
         let (conn, _) = endpoint.connect(addr, Protocol::Fetch).await?;
-        let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
-            addr,
-            reason: e.to_string(),
-        };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
-        wire::write_msg(&mut send, FETCH_VERSION, request, MAX_FETCH_REQUEST)
-            .await
-            .map_err(|source| FetchError::Wire { addr, source })?;
-        send.finish().map_err(|e| stream_err(&e))?;
-        let answer = wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
-            .await
-            .map_err(|source| FetchError::Wire { addr, source })?;
+        let answer = exchange(&conn, addr, request).await?;
         conn.close(close::DONE, b"fetched");
         Ok(answer)
     };
@@ -597,17 +607,7 @@ async fn fetch_connection(
 /// One chunk, on a stream of its own, within [`FETCH_TIMEOUT`].
 async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<Vec<u8>, String> {
     let ask = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        wire::write_msg(
-            &mut send,
-            FETCH_VERSION,
-            &FetchRequest::Chunk(hash),
-            MAX_FETCH_REQUEST,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
-        match wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
+        match exchange(conn, conn.remote_address(), &FetchRequest::Chunk(hash))
             .await
             .map_err(|e| e.to_string())?
         {
