@@ -237,14 +237,13 @@ impl OutageBuffer {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(|e| e.to_string())?;
-        // next_seq is written in the same transaction as the rows, so a
-        // row beyond it means the file was tampered with or mixed up.
-        if max_seq.is_some_and(|m| m as u64 >= next_seq) {
-            return Err(format!(
-                "records up to seq {} but next seq {next_seq}",
-                max_seq.unwrap_or_default()
-            ));
-        }
+        // `meta.next_seq` is written only when rows are removed (an
+        // acknowledgement or a compaction), not by every append: that saves
+        // a page per commit. The next seq is whichever is higher, the last
+        // row's plus one or what was written when rows last went away, so
+        // a sequence number is never handed out twice, even once every
+        // record has been acknowledged and deleted.
+        let next_seq = next_seq.max(max_seq.map_or(0, |m| m as u64 + 1));
         Ok(Some(OutageBuffer {
             conn,
             path: path.to_owned(),
@@ -366,8 +365,10 @@ impl OutageBuffer {
                     "INSERT INTO records (seq, until_seq, kind, at_ms, body) VALUES (?1, ?1, ?2, ?3, ?4)",
                 )
                 .map_err(err)?;
-            let mut seq = self.next_seq;
-            for r in batch {
+            // No `meta` update here: the open derives the next seq from the
+            // last row (see `open_existing`), so a commit writes the records'
+            // pages and nothing else.
+            for (seq, r) in (self.next_seq..).zip(batch) {
                 let body = postcard::to_stdvec(&r.body).expect("records serialise");
                 insert
                     .execute(params![seq as i64, kind_of(&r.body), r.at_ms as i64, body])
@@ -378,13 +379,7 @@ impl OutageBuffer {
                     at_ms: r.at_ms,
                     body: r.body,
                 });
-                seq += 1;
             }
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'next_seq'",
-                [seq as i64],
-            )
-            .map_err(err)?;
         }
         tx.commit().map_err(err)?;
         self.fsyncs += 1;
@@ -490,12 +485,20 @@ impl OutageBuffer {
         if rows == 0 {
             return Ok(0);
         }
-        self.conn
-            .execute(
-                "DELETE FROM records WHERE seq <= ?1 AND until_seq <= ?1",
-                [through as i64],
-            )
-            .map_err(self.err())?;
+        let path = self.path.clone();
+        let err = |source| BufferError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        // The last rows may be the ones deleted: keep the next seq.
+        save_next_seq(&tx, self.next_seq).map_err(err)?;
+        tx.execute(
+            "DELETE FROM records WHERE seq <= ?1 AND until_seq <= ?1",
+            [through as i64],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
         self.fsyncs += 1;
         self.rows -= rows as u64;
         self.bytes -= bytes as u64 + rows as u64 * ROW_OVERHEAD;
@@ -539,6 +542,7 @@ impl OutageBuffer {
             source,
         };
         let tx = self.conn.transaction().map_err(err)?;
+        save_next_seq(&tx, self.next_seq).map_err(err)?;
         let mut freed = 0u64;
         let mut removed = 0u64;
         for run in &plan.runs {
@@ -607,6 +611,16 @@ impl OutageBuffer {
             },
         })
     }
+}
+
+/// Writes the next sequence number to `meta`, in a transaction that
+/// removes rows (appends leave it alone; see `open_existing`).
+fn save_next_seq(tx: &rusqlite::Transaction<'_>, next_seq: u64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'next_seq'",
+        [next_seq as i64],
+    )
+    .map(drop)
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -896,6 +910,25 @@ mod tests {
             .map(|r| r.seq)
             .collect();
         assert_eq!(left, vec![3, 4]);
+    }
+
+    #[test]
+    fn sequence_numbers_go_on_after_every_record_was_acknowledged_and_reopened() {
+        // Appends do not write the next seq; the open derives it from the
+        // last row, and a delete that takes the last row writes it first.
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path(), 1 << 30);
+        b.append(vec![summary(1), summary(2)]).unwrap();
+        b.append(vec![event(3)]).unwrap();
+        drop(b);
+        let mut b = open(dir.path(), 1 << 30);
+        assert_eq!(b.last_seq(), 3, "derived from the last row");
+        assert_eq!(b.delete_through(3).unwrap(), 3);
+        drop(b);
+        let mut b = open(dir.path(), 1 << 30);
+        assert_eq!(b.stats().rows, 0);
+        assert_eq!(b.last_seq(), 3, "kept although no row is left");
+        assert_eq!(b.append(vec![event(4)]).unwrap()[0].seq, 4);
     }
 
     #[test]
