@@ -25,6 +25,9 @@ same code for both:
      the kill to the moment the last other member reports it failed is
      taken (Serf: its `member-failed` event; Trellis: the member's log line
      "site member is unreachable").  Several kills, one after another.
+  4. false failures: then a share of every packet in the namespace (5 % by
+     default) is dropped with nftables for a window, and the failure reports
+     about members that are alive are counted.
 
 Every process it started is killed on exit, failure or Ctrl-C, and every
 namespace is deleted.  Needs root for the namespaces (see footprint.py).
@@ -221,6 +224,47 @@ def kill_each(args, obs: Observers, members: dict, killed: list[str],
     return detect, det_missed
 
 
+def lossy_window(args, obs: Observers, alive: list[str], ns: fp.NetNs,
+                 procs: fp.Processes, label: str) -> dict | None:
+    """Drops `--loss` percent of the packets in the namespace for
+    `--loss-seconds` and counts the failure reports about members that are
+    alive all along: (reports, distinct members reported).  None without a
+    namespace of our own (the host's packets are not ours to drop)."""
+    if not ns.inside or args.loss <= 0 or args.loss_seconds <= 0:
+        return None
+    table = f"gossipbench{os.getpid()}"
+    # Every packet on lo, TCP and UDP, both directions (a packet is received
+    # once): serf's UDP probes and TCP push-pull, Trellis's QUIC datagrams.
+    fp.run(["nft", "-f", "-"], input=(
+        f"table inet {table} {{\n"
+        "  chain input {\n"
+        "    type filter hook input priority 0; policy accept;\n"
+        f"    numgen random mod 100 < {args.loss} drop\n"
+        "  }\n"
+        "}\n"))
+    start = time.time()
+    try:
+        deadline = time.monotonic() + args.loss_seconds
+        while time.monotonic() < deadline:
+            procs.check_alive()
+            obs.poll()
+            time.sleep(0.5)
+    finally:
+        fp.run(["nft", "delete", "table", "inet", table])
+    end = time.time()
+    # Reports already on their way when the loss stopped are still its doing.
+    time.sleep(2)
+    obs.poll()
+    live = set(alive)
+    reports = [(who, m) for who, evs in obs.events.items() if who in live
+               for ts, k, m, _ in evs if k == "failed" and m in live and start <= ts <= end + 2]
+    out = {"reports": len(reports), "members": len({m for _, m in reports}),
+           "seconds": end - start}
+    fp.log(f"{label}: {args.loss}% loss for {out['seconds']:.0f} s: {out['reports']} failure "
+           f"reports about {out['members']} live members")
+    return out
+
+
 def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) -> dict:
     rng = random.Random(n)
     names = [f"site-1-n{i:02d}" for i in range(1, n + 1)]
@@ -272,7 +316,10 @@ def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) ->
                    + (f"every member saw it {t:.2f} s after it was published" if t is not None
                       else f"{missed} members never saw it"))
     detect, det_missed = kill_each(args, obs, members, killed, procs, f"trellis N={n}")
-    tr.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed)
+    alive = [m for m in members if m not in killed]
+    loss = lossy_window(args, obs, alive, ns, procs, f"trellis N={n}")
+    tr.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed,
+              loss=loss)
     return tr
 
 
@@ -322,7 +369,10 @@ def serf_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) -> di
                       else f"{missed} agents never saw it"))
             time.sleep(0.5)
     detect, det_missed = kill_each(args, obs, agents, killed, procs, f"serf N={n}")
-    sf.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed)
+    alive = [m for m in agents if m not in killed]
+    loss = lossy_window(args, obs, alive, ns, procs, f"serf N={n}")
+    sf.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed,
+              loss=loss)
     return sf
 
 
@@ -341,6 +391,8 @@ def figures(res: dict, what: str) -> dict:
         "det50": pct(res["detect"], 50), "det99": pct(res["detect"], 99),
         "prop_n": len(res["prop"]), "det_n": len(res["detect"]),
         "missed": res["prop_missed"] + res["det_missed"],
+        "false": res["loss"]["reports"] if res["loss"] else None,
+        "false_members": res["loss"]["members"] if res["loss"] else None,
     }
     if what == "trellis":
         out["msgs"] = statistics.fmean(res["msgs"])
@@ -357,6 +409,8 @@ def table(n: int, t: dict, s: dict | None, args) -> str:
         ("change seen by all (s), p99 (max)", "prop99", 2),
         (f"kill -9 seen failed by all (s), p50 of {t['det_n']}", "det50", 1),
         ("kill -9 seen failed by all (s), p99 (max)", "det99", 1),
+        (f"false failure reports, {args.loss}% loss, {args.loss_seconds} s", "false", 0),
+        ("  live members reported failed", "false_members", 0),
     ]
     w0, w1 = 46, 12
     head = f"N = {n} members"
@@ -396,6 +450,11 @@ def parse_args(argv=None):
                         "(default 60)")
     p.add_argument("--pause", type=float, default=3,
                    help="seconds between kills (default 3)")
+    p.add_argument("--loss", type=int, default=5,
+                   help="percent of packets dropped (nftables, inside the namespace) while "
+                        "false failure reports are counted; 0 skips it (default 5)")
+    p.add_argument("--loss-seconds", type=int, default=60,
+                   help="seconds of packet loss after the kills (default 60)")
     p.add_argument("--check-interval", default="1s",
                    help="interval of the TCP check flipped on the Trellis nodes whose value "
                         "changes (default 1s); only those nodes have a check")
@@ -439,6 +498,9 @@ def main(argv=None) -> int:
         print("warning: no root or no iproute2: running on the host loopback; "
               "wire bytes will be n/a", file=sys.stderr)
         use_netns = False
+    if use_netns and args.loss > 0 and shutil.which("nft") is None:
+        print("error: nft not found: apt-get install nftables (or --loss 0)", file=sys.stderr)
+        return 2
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, fp._on_signal)
 
@@ -494,6 +556,9 @@ def main(argv=None) -> int:
               "member-update event.")
         print("kill -9: from the kill to the last other member's failure report "
               "(Trellis log line 'site member is unreachable'; serf member-failed event).")
+        print(f"false failure reports: after the kills, {args.loss}% of all packets on the "
+              "namespace's loopback are dropped by nftables for the window; every failure "
+              "report about a member that stayed alive counts (one per reporting member).")
         ok = True
         return 0
     except fp.BenchError as e:
