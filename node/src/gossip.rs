@@ -1,11 +1,16 @@
 //! Site gossip: chitchat running over the member's QUIC endpoint.
 //!
 //! [`QuicTransport`] implements chitchat's `Transport`/`Socket` on quinn.
-//! Each chitchat message travels as one frame (see [`crate::wire`]) on its
-//! own unidirectional stream. Sending never waits on the network: `send`
-//! puts the message in the peer's small queue (dropping the oldest when full)
-//! and a per-peer task connects, reconnects with backoff and writes. A dead
-//! or slow peer therefore costs the gossip loop nothing.
+//! Each chitchat message travels as one frame (see [`crate::wire`]). A
+//! member sends all its messages to one peer on one unidirectional stream
+//! per connection, in order, so that each digest can be sent as its
+//! difference from the previous one on that stream
+//! ([`crate::gossip_codec`]); the receiver reads every stream a peer opens,
+//! each with its own decoder. Frames of the older forms (one message per
+//! stream, versions 1 and 2) are still read. Sending never waits on the
+//! network: `send` puts the message in the peer's small queue (dropping the
+//! oldest when full) and a per-peer task connects, reconnects with backoff
+//! and writes. A dead or slow peer therefore costs the gossip loop nothing.
 //!
 //! Connections are cached per peer address in both directions: a message
 //! that arrives on a connection the peer opened is answered on that same
@@ -36,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::authz::Protocol;
 use crate::endpoint::{Accepted, MeshEndpoint, close};
+use crate::gossip_codec::{StreamDecoder, StreamEncoder};
 use crate::site::{Health, MemberView, SiteView, descriptors_of, keys};
 use crate::wire::{self, WireError};
 
@@ -43,10 +49,18 @@ use crate::wire::{self, WireError};
 /// Sent when compressing would not make a message smaller; always read.
 pub const GOSSIP_VERSION_PLAIN: u8 = 1;
 /// Version byte of gossip frames whose body is chitchat's encoding
-/// compressed with zstd. chitchat sends every member's digest (name,
+/// compressed with zstd, one message per stream. Still read; no longer sent.
+pub const GOSSIP_VERSION_ZSTD: u8 = 2;
+/// Version byte of gossip frames on a stream that carries many: a flag byte
+/// (`FLAG_ZSTD` or 0), then the message coded by [`StreamEncoder`] against
+/// the previous one on the same stream, compressed with zstd unless that
+/// would not make it smaller. chitchat sends every member's digest (name,
 /// generation, address and three fixed-width counters, ~51 B a member) in
-/// every round; compressed it is about a quarter of that.
-pub const GOSSIP_VERSION: u8 = 2;
+/// every Syn and SynAck; coded against the previous digest an entry takes
+/// about 4 bytes.
+pub const GOSSIP_VERSION: u8 = 3;
+/// Flag of a version-3 frame whose coded message is compressed.
+const FLAG_ZSTD: u8 = 1;
 /// zstd level of gossip frames: the fastest, since a member sends about
 /// ten a second and the digest compresses well even so.
 const ZSTD_LEVEL: i32 = 1;
@@ -63,39 +77,76 @@ const PEER_IDLE: Duration = Duration::from_secs(120);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
-/// Decodes one gossip frame body (version byte + chitchat bytes, plain or
-/// compressed). A compressed body that would inflate past
-/// [`MAX_GOSSIP_FRAME`] is refused before it is expanded further.
-pub fn decode_message(body: &[u8]) -> Result<ChitchatMessage, WireError> {
-    let bad = || WireError::Malformed(postcard::Error::DeserializeBadEncoding);
+fn malformed() -> WireError {
+    WireError::Malformed(postcard::Error::DeserializeBadEncoding)
+}
+
+/// Decodes one gossip frame body (version byte, then the message) read from
+/// the stream `decoder` belongs to. Versions 1 and 2 (plain or compressed
+/// chitchat bytes, from members of older releases) leave the decoder as it
+/// is. A body that would inflate past [`MAX_GOSSIP_FRAME`] is refused
+/// before it is expanded further.
+pub fn decode_frame(
+    decoder: &mut StreamDecoder,
+    body: &[u8],
+) -> Result<ChitchatMessage, WireError> {
     let inflated;
-    let mut payload = match body.first() {
-        Some(&GOSSIP_VERSION) => {
-            inflated = zstd::bulk::decompress(&body[1..], MAX_GOSSIP_FRAME).map_err(|_| bad())?;
+    let mut payload = match body.split_first() {
+        Some((&GOSSIP_VERSION, rest)) => {
+            let (&flag, coded) = rest.split_first().ok_or_else(malformed)?;
+            let unpacked;
+            let coded = match flag {
+                FLAG_ZSTD => {
+                    unpacked =
+                        zstd::bulk::decompress(coded, MAX_GOSSIP_FRAME).map_err(|_| malformed())?;
+                    &unpacked[..]
+                }
+                0 => coded,
+                _ => return Err(malformed()),
+            };
+            inflated = decoder
+                .decode(coded, MAX_GOSSIP_FRAME)
+                .map_err(|_| malformed())?;
+            &inflated[..]
+        }
+        Some((&GOSSIP_VERSION_ZSTD, packed)) => {
+            inflated = zstd::bulk::decompress(packed, MAX_GOSSIP_FRAME).map_err(|_| malformed())?;
             &inflated[..]
         }
         _ => wire::payload(body, GOSSIP_VERSION_PLAIN)?,
     };
-    let msg = ChitchatMessage::deserialize(&mut payload)
-        .map_err(|_| WireError::Malformed(postcard::Error::DeserializeBadEncoding))?;
+    let msg = ChitchatMessage::deserialize(&mut payload).map_err(|_| malformed())?;
     if !payload.is_empty() {
-        return Err(WireError::Malformed(
-            postcard::Error::DeserializeBadEncoding,
-        ));
+        return Err(malformed());
     }
     Ok(msg)
 }
 
-/// Encodes one chitchat message as a gossip frame, compressed unless that
-/// would not make it smaller.
-pub fn encode_message(msg: &ChitchatMessage) -> Result<Vec<u8>, WireError> {
-    let plain = msg.serialize_to_vec();
-    match zstd::bulk::compress(&plain, ZSTD_LEVEL) {
-        Ok(packed) if packed.len() < plain.len() => {
-            wire::encode_raw(GOSSIP_VERSION, &packed, MAX_GOSSIP_FRAME)
+/// Encodes one chitchat message (chitchat's own bytes) as the next frame of
+/// the stream `encoder` belongs to. If this fails the stream must not be
+/// used again: the encoder has already taken the message as its base.
+pub fn encode_frame(encoder: &mut StreamEncoder, plain: &[u8]) -> Result<Vec<u8>, WireError> {
+    let coded = encoder.encode(plain);
+    let mut body = Vec::with_capacity(coded.len() + 1);
+    match zstd::bulk::compress(&coded, ZSTD_LEVEL) {
+        Ok(packed) if packed.len() < coded.len() => {
+            body.push(FLAG_ZSTD);
+            body.extend_from_slice(&packed);
         }
-        _ => wire::encode_raw(GOSSIP_VERSION_PLAIN, &plain, MAX_GOSSIP_FRAME),
+        _ => {
+            body.push(0);
+            body.extend_from_slice(&coded);
+        }
     }
+    wire::encode_raw(GOSSIP_VERSION, &body, MAX_GOSSIP_FRAME)
+}
+
+/// The stream a peer task writes its messages on, while its connection is
+/// the cached one.
+struct Outgoing {
+    conn: usize,
+    send: quinn::SendStream,
+    encoder: StreamEncoder,
 }
 
 struct PeerQueue {
@@ -215,6 +266,8 @@ impl Shared {
         tokio::spawn(async move { this.read_loop(conn).await });
     }
 
+    /// Reads every stream the peer opens on `conn`, each in a task of its
+    /// own (a stream carries many messages).
     async fn read_loop(self: Arc<Self>, conn: quinn::Connection) {
         let addr = conn.remote_address();
         loop {
@@ -223,19 +276,39 @@ impl Shared {
                 _ = self.shutdown.cancelled() => break,
                 s = conn.accept_uni() => s,
             };
-            let Ok(mut recv) = stream else { break };
-            let frame =
-                tokio::time::timeout(IO_TIMEOUT, wire::read_frame(&mut recv, MAX_GOSSIP_FRAME))
-                    .await
-                    .unwrap_or(Err(WireError::Stream("timed out reading a message".into())));
-            let msg = frame.and_then(|body| match body {
-                Some(body) => {
-                    self.metrics()
-                        .gossip_bytes_received
-                        .inc_by(body.len() as u64 + 4);
-                    decode_message(&body)
+            let Ok(recv) = stream else { break };
+            let this = self.clone();
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    biased;
+                    _ = this.shutdown.cancelled() => {}
+                    _ = this.read_stream(&conn, recv) => {}
                 }
-                None => Err(WireError::Empty),
+            });
+        }
+        self.forget(addr, &conn);
+    }
+
+    /// Reads the messages of one stream until it ends. A frame may be
+    /// awaited for as long as the connection lives, but once its length has
+    /// arrived the rest must follow within [`IO_TIMEOUT`].
+    async fn read_stream(&self, conn: &quinn::Connection, mut recv: quinn::RecvStream) {
+        let addr = conn.remote_address();
+        let mut decoder = StreamDecoder::default();
+        loop {
+            let frame = match wire::read_len(&mut recv, MAX_GOSSIP_FRAME).await {
+                Ok(Some(len)) => tokio::time::timeout(IO_TIMEOUT, wire::read_body(&mut recv, len))
+                    .await
+                    .unwrap_or(Err(WireError::Stream("timed out reading a message".into()))),
+                Ok(None) => return,
+                Err(e) => Err(e),
+            };
+            let msg = frame.and_then(|body| {
+                self.metrics()
+                    .gossip_bytes_received
+                    .inc_by(body.len() as u64 + 4);
+                decode_frame(&mut decoder, &body)
             });
             match msg {
                 Ok(msg) => {
@@ -246,17 +319,17 @@ impl Shared {
                 }
                 Err(WireError::Stream(error)) => {
                     debug!(peer = %addr, %error, "gossip stream failed");
+                    return;
                 }
                 Err(error) => {
                     self.metrics()
                         .peer_error(Protocol::Gossip.as_str(), error.kind());
                     warn!(peer = %addr, %error, "closing gossip connection: peer sent a bad message");
                     conn.close(close::PROTOCOL_ERROR, error.to_string().as_bytes());
-                    break;
+                    return;
                 }
             }
         }
-        self.forget(addr, &conn);
     }
 
     /// Drops `conn` from the cache if it is still the cached one.
@@ -268,13 +341,12 @@ impl Shared {
     }
 
     fn enqueue(self: &Arc<Self>, to: SocketAddr, msg: &ChitchatMessage) {
-        let frame = match encode_message(msg) {
-            Ok(f) => f,
-            Err(error) => {
-                warn!(peer = %to, %error, "not sending an oversized gossip message");
-                return;
-            }
-        };
+        // chitchat's own bytes; each peer task codes them for its stream.
+        let plain = msg.serialize_to_vec();
+        if plain.len() > MAX_GOSSIP_FRAME - wire::HEADER_LEN - 1 {
+            warn!(peer = %to, bytes = plain.len(), "not sending an oversized gossip message");
+            return;
+        }
         let mut peers = self.peers.lock().expect("not poisoned");
         let queue = peers.entry(to).or_insert_with(|| {
             let q = Arc::new(PeerQueue {
@@ -291,17 +363,19 @@ impl Shared {
             frames.pop_front();
             self.metrics().gossip_drop("queue_full");
         }
-        frames.push_back(frame);
+        frames.push_back(plain);
         drop(frames);
         queue.notify.notify_one();
     }
 
-    /// Sends `to`'s queued messages, one task per peer.
+    /// Sends `to`'s queued messages, one task per peer, on one stream per
+    /// connection.
     async fn peer_loop(self: Arc<Self>, to: SocketAddr, queue: Arc<PeerQueue>) {
         let mut backoff = Duration::ZERO;
+        let mut out: Option<Outgoing> = None;
         loop {
             let next = queue.frames.lock().expect("not poisoned").pop_front();
-            let Some(frame) = next else {
+            let Some(plain) = next else {
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => return,
@@ -310,6 +384,9 @@ impl Shared {
                         let mut peers = self.peers.lock().expect("not poisoned");
                         if queue.frames.lock().expect("not poisoned").is_empty() {
                             peers.remove(&to);
+                            if let Some(mut o) = out.take() {
+                                let _ = o.send.finish();
+                            }
                             return;
                         }
                         continue;
@@ -340,13 +417,33 @@ impl Shared {
                     }
                 }
             };
-            let len = frame.len() as u64;
-            match tokio::time::timeout(IO_TIMEOUT, send_frame(&conn, &frame)).await {
-                Ok(Ok(())) => {
+            let sent = tokio::time::timeout(IO_TIMEOUT, async {
+                if out.as_ref().map(|o| o.conn) != Some(conn.stable_id()) {
+                    // A new connection (or none yet): a new stream, coded
+                    // from nothing.
+                    out = Some(Outgoing {
+                        conn: conn.stable_id(),
+                        send: conn.open_uni().await?,
+                        encoder: StreamEncoder::default(),
+                    });
+                }
+                let o = out.as_mut().expect("just set");
+                let frame = encode_frame(&mut o.encoder, &plain)?;
+                o.send.write_all(&frame).await?;
+                anyhow::Ok(frame.len())
+            })
+            .await;
+            match sent {
+                Ok(Ok(len)) => {
                     self.metrics().gossip_messages_sent.inc();
-                    self.metrics().gossip_bytes_sent.inc_by(len);
+                    self.metrics().gossip_bytes_sent.inc_by(len as u64);
                 }
                 _ => {
+                    // Whatever the stream's decoder holds now is unknown:
+                    // end it, and start the next message on a new one.
+                    if let Some(mut o) = out.take() {
+                        let _ = o.send.reset(close::DONE);
+                    }
                     self.metrics().gossip_drop("unreachable");
                     self.forget(to, &conn);
                 }
@@ -366,13 +463,6 @@ impl Shared {
         self.adopt(conn.clone());
         Ok(conn)
     }
-}
-
-async fn send_frame(conn: &quinn::Connection, frame: &[u8]) -> anyhow::Result<()> {
-    let mut stream = conn.open_uni().await?;
-    stream.write_all(frame).await?;
-    stream.finish()?;
-    Ok(())
 }
 
 /// Gossip settings, from the member's configuration.
@@ -706,10 +796,17 @@ mod tests {
         fn garbage_gossip_frames_are_rejected_without_panicking(
             bytes in proptest::collection::vec(any::<u8>(), 0..2048)
         ) {
-            let _ = decode_message(&bytes);
-            let mut framed = vec![GOSSIP_VERSION];
-            framed.extend_from_slice(&bytes);
-            let _ = decode_message(&framed);
+            let mut decoder = StreamDecoder::default();
+            let _ = decode_frame(&mut decoder, &bytes);
+            for head in [
+                vec![GOSSIP_VERSION_ZSTD],
+                vec![GOSSIP_VERSION, 0],
+                vec![GOSSIP_VERSION, FLAG_ZSTD],
+            ] {
+                let mut framed = head;
+                framed.extend_from_slice(&bytes);
+                let _ = decode_frame(&mut decoder, &framed);
+            }
         }
     }
 
@@ -735,7 +832,7 @@ mod tests {
     }
 
     /// A Syn carrying a digest of `members` members, as chitchat encodes it.
-    fn syn_of(members: usize) -> ChitchatMessage {
+    fn syn_of(members: usize, round: u64) -> ChitchatMessage {
         let mut buf = ChitchatMessage::BadCluster.serialize_to_vec();
         buf.pop(); // the message type
         buf.push(0); // Syn
@@ -748,7 +845,7 @@ mod tests {
                 addr,
             )
             .serialize(&mut buf);
-            for counter in [1_000 + 7 * i as u64, 0, 40 + i as u64] {
+            for counter in [1_000 + 7 * i as u64 + round, 0, 40 + i as u64] {
                 counter.serialize(&mut buf);
             }
         }
@@ -757,43 +854,64 @@ mod tests {
     }
 
     #[test]
-    fn a_large_digest_travels_compressed_to_under_half_its_size() {
-        let msg = syn_of(100);
-        let plain = msg.serialize_to_vec().len();
-        let frame = encode_message(&msg).unwrap();
+    fn a_large_digest_travels_compressed_and_the_next_as_a_difference() {
+        let (mut enc, mut dec) = (StreamEncoder::default(), StreamDecoder::default());
+        let msg = syn_of(100, 0);
+        let plain = msg.serialize_to_vec();
+        let frame = encode_frame(&mut enc, &plain).unwrap();
         assert_eq!(frame[4], GOSSIP_VERSION);
-        assert!(frame.len() * 2 < plain, "{} of {plain} bytes", frame.len());
-        assert_eq!(decode_message(&frame[4..]).unwrap(), msg);
+        assert!(
+            frame.len() * 2 < plain.len(),
+            "{} of {} bytes",
+            frame.len(),
+            plain.len()
+        );
+        assert_eq!(decode_frame(&mut dec, &frame[4..]).unwrap(), msg);
+        // The next digest on the same stream: every heartbeat moved on.
+        let next = syn_of(100, 33);
+        let frame = encode_frame(&mut enc, &next.serialize_to_vec()).unwrap();
+        assert!(
+            frame.len() * 20 < plain.len(),
+            "{} of {} bytes",
+            frame.len(),
+            plain.len()
+        );
+        assert_eq!(decode_frame(&mut dec, &frame[4..]).unwrap(), next);
     }
 
     #[test]
-    fn an_uncompressed_frame_from_an_older_member_is_still_read() {
-        let msg = syn_of(3);
-        let frame = wire::encode_raw(
-            GOSSIP_VERSION_PLAIN,
-            &msg.serialize_to_vec(),
-            MAX_GOSSIP_FRAME,
-        )
-        .unwrap();
-        assert_eq!(decode_message(&frame[4..]).unwrap(), msg);
+    fn frames_of_older_members_one_message_a_stream_are_still_read() {
+        let mut dec = StreamDecoder::default();
+        let msg = syn_of(3, 0);
+        let plain = msg.serialize_to_vec();
+        let v1 = wire::encode_raw(GOSSIP_VERSION_PLAIN, &plain, MAX_GOSSIP_FRAME).unwrap();
+        assert_eq!(decode_frame(&mut dec, &v1[4..]).unwrap(), msg);
+        let packed = zstd::bulk::compress(&plain, 1).unwrap();
+        let v2 = wire::encode_raw(GOSSIP_VERSION_ZSTD, &packed, MAX_GOSSIP_FRAME).unwrap();
+        assert_eq!(decode_frame(&mut dec, &v2[4..]).unwrap(), msg);
     }
 
     #[test]
     fn a_compressed_frame_that_would_inflate_past_the_limit_is_refused() {
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_GOSSIP_FRAME + 1], 1).unwrap();
         assert!(bomb.len() < 1024);
-        let mut body = vec![GOSSIP_VERSION];
-        body.extend_from_slice(&bomb);
-        assert!(matches!(
-            decode_message(&body),
-            Err(WireError::Malformed(_))
-        ));
+        for head in [vec![GOSSIP_VERSION_ZSTD], vec![GOSSIP_VERSION, FLAG_ZSTD]] {
+            let mut body = head;
+            body.extend_from_slice(&bomb);
+            assert!(matches!(
+                decode_frame(&mut StreamDecoder::default(), &body),
+                Err(WireError::Malformed(_))
+            ));
+        }
     }
 
     #[test]
     fn a_chitchat_message_round_trips_through_a_frame() {
         let msg = ChitchatMessage::BadCluster;
-        let frame = encode_message(&msg).unwrap();
-        assert_eq!(decode_message(&frame[4..]).unwrap(), msg);
+        let frame = encode_frame(&mut StreamEncoder::default(), &msg.serialize_to_vec()).unwrap();
+        assert_eq!(
+            decode_frame(&mut StreamDecoder::default(), &frame[4..]).unwrap(),
+            msg
+        );
     }
 }

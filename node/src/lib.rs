@@ -55,6 +55,7 @@ pub mod desired;
 pub mod distribute;
 pub mod endpoint;
 pub mod gossip;
+pub mod gossip_codec;
 pub mod health;
 pub mod id;
 pub mod managed;

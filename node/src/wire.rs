@@ -139,6 +139,19 @@ pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     limit: usize,
 ) -> Result<Option<Vec<u8>>, WireError> {
+    match read_len(recv, limit).await? {
+        Some(len) => read_body(recv, len).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's length prefix: the length of the body that follows, or
+/// `Ok(None)` if the stream ended cleanly before it. A stream carrying many
+/// frames waits here between them.
+pub async fn read_len(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<Option<usize>, WireError> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -146,13 +159,17 @@ pub async fn read_frame(
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(WireError::Stream(e.to_string())),
     }
-    let len = frame_len(prefix, limit)?;
+    frame_len(prefix, limit).map(Some)
+}
+
+/// Reads a frame body of `len` bytes (from [`read_len`]).
+pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, WireError> {
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(_) => WireError::Truncated,
         quinn::ReadExactError::ReadError(e) => WireError::Stream(e.to_string()),
     })?;
-    Ok(Some(body))
+    Ok(body)
 }
 
 /// Reads and decodes one message; `Ok(None)` at a clean end of stream.
