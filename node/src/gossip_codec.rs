@@ -36,6 +36,7 @@
 //! varints of the wrapping difference, so any values round-trip.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
 /// chitchat's magic number and protocol version 0, as it writes them.
 const CHITCHAT_MAGIC: [u8; 2] = 45_139u16.to_le_bytes();
@@ -68,25 +69,66 @@ pub enum CodecError {
     TooLarge(usize),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
+/// A digest entry as parsed from chitchat's bytes.
+#[derive(Debug, Clone, Copy)]
+struct Entry<'a> {
     /// chitchat's bytes of the member's id (name, generation, address).
-    id: Vec<u8>,
+    id: &'a [u8],
     heartbeat: u64,
     gc: u64,
     max: u64,
 }
 
-/// The sending side of one stream.
-#[derive(Debug, Default)]
-pub struct StreamEncoder {
-    prev: Vec<Entry>,
+/// The counters every kept entry carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counters {
+    heartbeat: u64,
+    gc: u64,
+    max: u64,
 }
 
-/// The receiving side of one stream.
+impl Entry<'_> {
+    fn counters(&self) -> Counters {
+        Counters {
+            heartbeat: self.heartbeat,
+            gc: self.gc,
+            max: self.max,
+        }
+    }
+}
+
+/// The sending side of one stream. It keeps the previous digest as a
+/// 128-bit keyed hash of each id and its counters (40 bytes a member),
+/// not the ids: a member holds one of these per peer.
+#[derive(Debug, Default)]
+pub struct StreamEncoder {
+    keys: RandomState,
+    prev: Vec<([u64; 2], Counters)>,
+}
+
+/// The receiving side of one stream. It keeps the previous digest's ids
+/// back to back in one buffer, and each entry's place in it.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
-    prev: Vec<Entry>,
+    ids: Vec<u8>,
+    prev: Vec<(u32, u16, Counters)>,
+}
+
+impl StreamEncoder {
+    /// Two independent 64-bit keyed hashes: a collision between two ids of
+    /// one site would code one member as another, so 64 bits are not
+    /// taken on trust; the keys are this process's own, so ids cannot be
+    /// chosen to collide.
+    fn key(&self, id: &[u8]) -> [u64; 2] {
+        [self.keys.hash_one((0u8, id)), self.keys.hash_one((1u8, id))]
+    }
+}
+
+impl StreamDecoder {
+    fn id(&self, i: usize) -> &[u8] {
+        let (at, len, _) = self.prev[i];
+        &self.ids[at as usize..at as usize + len as usize]
+    }
 }
 
 impl StreamEncoder {
@@ -99,21 +141,21 @@ impl StreamEncoder {
             out.extend_from_slice(plain);
             return out;
         };
-        let index: HashMap<&[u8], usize> = self
+        let index: HashMap<[u64; 2], usize> = self
             .prev
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.id.as_slice(), i))
+            .map(|(i, (k, _))| (*k, i))
             .collect();
-        let matched: Vec<Option<usize>> = entries
-            .iter()
-            .map(|e| index.get(e.id.as_slice()).copied())
-            .collect();
+        let keys: Vec<[u64; 2]> = entries.iter().map(|e| self.key(e.id)).collect();
+        let matched: Vec<Option<usize>> = keys.iter().map(|k| index.get(k).copied()).collect();
         // The common heartbeat step: the median of the matched entries'.
         let mut steps: Vec<i64> = entries
             .iter()
             .zip(&matched)
-            .filter_map(|(e, m)| m.map(|i| e.heartbeat.wrapping_sub(self.prev[i].heartbeat) as i64))
+            .filter_map(|(e, m)| {
+                m.map(|i| e.heartbeat.wrapping_sub(self.prev[i].1.heartbeat) as i64)
+            })
             .collect();
         steps.sort_unstable();
         let step = steps.get(steps.len() / 2).copied().unwrap_or(0);
@@ -126,7 +168,7 @@ impl StreamEncoder {
         for (e, m) in entries.iter().zip(&matched) {
             match *m {
                 Some(i) if i >= cursor => {
-                    let p = &self.prev[i];
+                    let p = &self.prev[i].1;
                     let off = (e.heartbeat.wrapping_sub(p.heartbeat) as i64).wrapping_sub(step);
                     if i == cursor
                         && e.gc == p.gc
@@ -146,7 +188,7 @@ impl StreamEncoder {
                 _ => {
                     out.push(OP_NEW);
                     put_varint(&mut out, e.id.len() as u64);
-                    out.extend_from_slice(&e.id);
+                    out.extend_from_slice(e.id);
                     put_varint(&mut out, e.heartbeat);
                     put_varint(&mut out, e.gc);
                     put_varint(&mut out, e.max);
@@ -154,7 +196,11 @@ impl StreamEncoder {
             }
         }
         out.extend_from_slice(&plain[tail_at..]);
-        self.prev = entries;
+        self.prev = keys
+            .into_iter()
+            .zip(&entries)
+            .map(|(k, e)| (k, e.counters()))
+            .collect();
         out
     }
 }
@@ -191,23 +237,24 @@ impl StreamDecoder {
         out.extend_from_slice(head);
         out.extend_from_slice(&count.to_le_bytes());
         let step = r.zigzag()?;
-        let mut entries = Vec::with_capacity(count as usize);
+        let mut ids = Vec::with_capacity(self.ids.len());
+        let mut prev = Vec::with_capacity(count as usize);
         let mut cursor = 0usize;
         let past = || CodecError::Malformed("reference past the previous digest");
         for _ in 0..count {
-            let e = match r.byte()? {
+            let (id, c) = match r.byte()? {
                 OP_NEW => {
                     let len = r.varint()? as usize;
                     if len > MAX_ID_LEN {
                         return Err(CodecError::Malformed("member id too long"));
                     }
-                    let id = r.take(len)?.to_vec();
-                    Entry {
-                        id,
+                    let id = r.take(len)?;
+                    let c = Counters {
                         heartbeat: r.varint()?,
                         gc: r.varint()?,
                         max: r.varint()?,
-                    }
+                    };
+                    (id, c)
                 }
                 OP_CHANGED => {
                     let k = r.varint()?;
@@ -217,43 +264,46 @@ impl StreamDecoder {
                         .and_then(|k| cursor.checked_add(k - 1))
                         .filter(|&i| i < self.prev.len())
                         .ok_or_else(past)?;
-                    let p = &self.prev[i];
+                    let p = self.prev[i].2;
                     cursor = i + 1;
-                    Entry {
-                        id: p.id.clone(),
+                    let c = Counters {
                         heartbeat: r.diff(p.heartbeat)?,
                         gc: r.diff(p.gc)?,
                         max: r.diff(p.max)?,
-                    }
+                    };
+                    (self.id(i), c)
                 }
                 short if short < OP_NEW => {
-                    let p = self.prev.get(cursor).ok_or_else(past)?;
+                    let i = cursor;
+                    let p = self.prev.get(i).ok_or_else(past)?.2;
                     cursor += 1;
                     let off = step.wrapping_add(i64::from(short) - SHORT_BIAS);
-                    Entry {
-                        id: p.id.clone(),
+                    let c = Counters {
                         heartbeat: p.heartbeat.wrapping_add(off as u64),
-                        gc: p.gc,
-                        max: p.max,
-                    }
+                        ..p
+                    };
+                    (self.id(i), c)
                 }
                 _ => return Err(CodecError::Malformed("unknown entry op")),
             };
-            if out.len() + e.id.len() + 24 > limit {
+            if out.len() + id.len() + 24 > limit {
                 return Err(CodecError::TooLarge(limit));
             }
-            out.extend_from_slice(&e.id);
-            for v in [e.heartbeat, e.gc, e.max] {
+            out.extend_from_slice(id);
+            for v in [c.heartbeat, c.gc, c.max] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
-            entries.push(e);
+            // Both fit: the output is within `limit`, ids within MAX_ID_LEN.
+            prev.push((ids.len() as u32, id.len() as u16, c));
+            ids.extend_from_slice(id);
         }
         let tail = r.0;
         if out.len() + tail.len() > limit {
             return Err(CodecError::TooLarge(limit));
         }
         out.extend_from_slice(tail);
-        self.prev = entries;
+        self.ids = ids;
+        self.prev = prev;
         Ok(out)
     }
 }
@@ -261,7 +311,7 @@ impl StreamDecoder {
 /// The digest entries of a Syn or SynAck in chitchat's encoding, and where
 /// the rest of the message starts; `None` for any other message (or bytes
 /// that do not parse, which then travel as they are).
-fn parse_digest(plain: &[u8]) -> Option<(Vec<Entry>, usize)> {
+fn parse_digest(plain: &[u8]) -> Option<(Vec<Entry<'_>>, usize)> {
     let head = plain.get(..HEAD_LEN)?;
     if head[..2] != CHITCHAT_MAGIC || head[2] != CHITCHAT_V0 {
         return None;
@@ -290,7 +340,7 @@ fn parse_digest(plain: &[u8]) -> Option<(Vec<Entry>, usize)> {
         let mut counter = || Some(u64::from_le_bytes(r.take(8).ok()?.try_into().ok()?));
         let (heartbeat, gc, max) = (counter()?, counter()?, counter()?);
         entries.push(Entry {
-            id: start[..id_len].to_vec(),
+            id: &start[..id_len],
             heartbeat,
             gc,
             max,
@@ -440,6 +490,13 @@ mod tests {
         let b = enc.encode(&second).len();
         assert!(a > 100 * 30, "the first carries every id: {a} B");
         assert!(b <= 100 + 40, "{b} B for 100 members of {} B", second.len());
+    }
+
+    #[test]
+    fn the_state_kept_per_stream_is_small() {
+        // A member keeps one encoder and one decoder per peer.
+        assert_eq!(std::mem::size_of::<([u64; 2], Counters)>(), 40);
+        assert_eq!(std::mem::size_of::<(u32, u16, Counters)>(), 32);
     }
 
     #[test]
