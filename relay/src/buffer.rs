@@ -308,10 +308,7 @@ impl OutageBuffer {
     }
 
     fn err(&self) -> impl FnOnce(rusqlite::Error) -> BufferError + '_ {
-        |source| BufferError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        sqlite_err(&self.path)
     }
 
     /// The record stream this buffer holds.
@@ -351,11 +348,7 @@ impl OutageBuffer {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let path = self.path.clone();
-        let err = |source| BufferError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let mut out = Vec::with_capacity(batch.len());
         let mut added = 0u64;
         let tx = self.conn.transaction().map_err(err)?;
@@ -485,11 +478,7 @@ impl OutageBuffer {
         if rows == 0 {
             return Ok(0);
         }
-        let path = self.path.clone();
-        let err = |source| BufferError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         // The last rows may be the ones deleted: keep the next seq.
         save_next_seq(&tx, self.next_seq).map_err(err)?;
@@ -536,11 +525,7 @@ impl OutageBuffer {
         let (gaps, total) = gap_rows(&rows, &plan, |seq| {
             old_gaps.remove(&seq).unwrap_or_default()
         });
-        let path = self.path.clone();
-        let err = |source| BufferError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let err = sqlite_err(&self.path);
         let tx = self.conn.transaction().map_err(err)?;
         save_next_seq(&tx, self.next_seq).map_err(err)?;
         let mut freed = 0u64;
@@ -610,6 +595,16 @@ impl OutageBuffer {
                 ..Gap::default()
             },
         })
+    }
+}
+
+/// Names the buffer's file in an SQLite error. Borrowing only the path lets
+/// a method hold the error mapping while its transaction borrows the
+/// connection.
+fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> BufferError + Copy + '_ {
+    move |source| BufferError::Sqlite {
+        path: path.to_owned(),
+        source,
     }
 }
 
