@@ -831,26 +831,17 @@ mod tests {
         assert!(c.lost.is_empty());
     }
 
-    /// A Syn carrying a digest of `members` members, as chitchat encodes it.
+    /// A Syn carrying a digest of `members` members, their heartbeats
+    /// `round` further on.
     fn syn_of(members: usize, round: u64) -> ChitchatMessage {
-        let mut buf = ChitchatMessage::BadCluster.serialize_to_vec();
-        buf.pop(); // the message type
-        buf.push(0); // Syn
-        (members as u16).serialize(&mut buf);
-        for i in 0..members {
-            let addr = SocketAddr::from(([127, 0, 0, 1], 40_000 + i as u16));
-            ChitchatId::new(
-                format!("site-1-n{i:03}"),
-                1_763_800_000_000 + i as u64,
-                addr,
-            )
-            .serialize(&mut buf);
-            for counter in [1_000 + 7 * i as u64 + round, 0, 40 + i as u64] {
-                counter.serialize(&mut buf);
-            }
-        }
-        "bench/site-1".to_owned().serialize(&mut buf);
-        ChitchatMessage::deserialize(&mut &buf[..]).expect("a well-formed Syn")
+        let names: Vec<String> = (0..members).map(|i| format!("site-1-n{i:03}")).collect();
+        let entries: Vec<(&str, u64, u64, u64)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), 1_000 + 7 * i as u64 + round, 0, 40 + i as u64))
+            .collect();
+        let syn = crate::gossip_codec::tests::message(0, &entries);
+        ChitchatMessage::deserialize(&mut &syn[..]).expect("a well-formed Syn")
     }
 
     #[test]

@@ -74,27 +74,15 @@ pub enum CodecError {
 struct Entry<'a> {
     /// chitchat's bytes of the member's id (name, generation, address).
     id: &'a [u8],
-    heartbeat: u64,
-    gc: u64,
-    max: u64,
+    c: Counters,
 }
 
-/// The counters every kept entry carries.
+/// A digest entry's counters, which both ends keep per stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Counters {
     heartbeat: u64,
     gc: u64,
     max: u64,
-}
-
-impl Entry<'_> {
-    fn counters(&self) -> Counters {
-        Counters {
-            heartbeat: self.heartbeat,
-            gc: self.gc,
-            max: self.max,
-        }
-    }
 }
 
 /// The sending side of one stream. It keeps the previous digest as a
@@ -154,7 +142,7 @@ impl StreamEncoder {
             .iter()
             .zip(&matched)
             .filter_map(|(e, m)| {
-                m.map(|i| e.heartbeat.wrapping_sub(self.prev[i].1.heartbeat) as i64)
+                m.map(|i| e.c.heartbeat.wrapping_sub(self.prev[i].1.heartbeat) as i64)
             })
             .collect();
         steps.sort_unstable();
@@ -169,19 +157,19 @@ impl StreamEncoder {
             match *m {
                 Some(i) if i >= cursor => {
                     let p = &self.prev[i].1;
-                    let off = (e.heartbeat.wrapping_sub(p.heartbeat) as i64).wrapping_sub(step);
+                    let off = (e.c.heartbeat.wrapping_sub(p.heartbeat) as i64).wrapping_sub(step);
                     if i == cursor
-                        && e.gc == p.gc
-                        && e.max == p.max
+                        && e.c.gc == p.gc
+                        && e.c.max == p.max
                         && (-SHORT_BIAS..SHORT_BIAS).contains(&off)
                     {
                         out.push((off + SHORT_BIAS) as u8);
                     } else {
                         out.push(OP_CHANGED);
                         put_varint(&mut out, (i - cursor + 1) as u64);
-                        put_diff(&mut out, e.heartbeat, p.heartbeat);
-                        put_diff(&mut out, e.gc, p.gc);
-                        put_diff(&mut out, e.max, p.max);
+                        put_diff(&mut out, e.c.heartbeat, p.heartbeat);
+                        put_diff(&mut out, e.c.gc, p.gc);
+                        put_diff(&mut out, e.c.max, p.max);
                     }
                     cursor = i + 1;
                 }
@@ -189,9 +177,9 @@ impl StreamEncoder {
                     out.push(OP_NEW);
                     put_varint(&mut out, e.id.len() as u64);
                     out.extend_from_slice(e.id);
-                    put_varint(&mut out, e.heartbeat);
-                    put_varint(&mut out, e.gc);
-                    put_varint(&mut out, e.max);
+                    put_varint(&mut out, e.c.heartbeat);
+                    put_varint(&mut out, e.c.gc);
+                    put_varint(&mut out, e.c.max);
                 }
             }
         }
@@ -199,7 +187,7 @@ impl StreamEncoder {
         self.prev = keys
             .into_iter()
             .zip(&entries)
-            .map(|(k, e)| (k, e.counters()))
+            .map(|(k, e)| (k, e.c))
             .collect();
         out
     }
@@ -338,12 +326,14 @@ fn parse_digest(plain: &[u8]) -> Option<(Vec<Entry<'_>>, usize)> {
             return None;
         }
         let mut counter = || Some(u64::from_le_bytes(r.take(8).ok()?.try_into().ok()?));
-        let (heartbeat, gc, max) = (counter()?, counter()?, counter()?);
+        let c = Counters {
+            heartbeat: counter()?,
+            gc: counter()?,
+            max: counter()?,
+        };
         entries.push(Entry {
             id: &start[..id_len],
-            heartbeat,
-            gc,
-            max,
+            c,
         });
     }
     Some((entries, plain.len() - r.0.len()))
@@ -408,7 +398,7 @@ fn put_diff(out: &mut Vec<u8>, new: u64, old: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use chitchat::{ChitchatId, ChitchatMessage, Deserializable, Serializable};
     use proptest::prelude::*;
 
@@ -416,7 +406,7 @@ mod tests {
 
     /// chitchat's bytes of a Syn (type 0) or SynAck (type 1, with an empty
     /// delta) whose digest holds `members` as (name, heartbeat, gc, max).
-    fn message(kind: u8, members: &[(&str, u64, u64, u64)]) -> Vec<u8> {
+    pub(crate) fn message(kind: u8, members: &[(&str, u64, u64, u64)]) -> Vec<u8> {
         let mut buf = ChitchatMessage::BadCluster.serialize_to_vec();
         buf.pop();
         buf.push(kind);
