@@ -201,9 +201,10 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def kill_each(args, obs: Observers, members: dict, killed: list[str],
-              procs: fp.Processes, label: str) -> tuple[list[float], int]:
+              procs: fp.Processes, label: str) -> tuple[list[float], int, list[str]]:
     """Kills each of `killed` in turn with SIGKILL and times until every
-    remaining member reported it failed: (times, reports missing)."""
+    remaining member reported it failed: (times, reports missing, the
+    members left alive)."""
     detect, det_missed = [], 0
     alive = dict(members)
     for name in killed:
@@ -221,7 +222,7 @@ def kill_each(args, obs: Observers, members: dict, killed: list[str],
                + (f"every other member saw it failed after {t:.1f} s" if t is not None
                   else f"{missed} members did not see it failed within {args.limit} s"))
         time.sleep(args.pause)
-    return detect, det_missed
+    return detect, det_missed, list(alive)
 
 
 def lossy_window(args, obs: Observers, alive: list[str], ns: fp.NetNs,
@@ -315,8 +316,7 @@ def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) ->
             fp.log(f"trellis N={n}: {name} -> {status}: "
                    + (f"every member saw it {t:.2f} s after it was published" if t is not None
                       else f"{missed} members never saw it"))
-    detect, det_missed = kill_each(args, obs, members, killed, procs, f"trellis N={n}")
-    alive = [m for m in members if m not in killed]
+    detect, det_missed, alive = kill_each(args, obs, members, killed, procs, f"trellis N={n}")
     loss = lossy_window(args, obs, alive, ns, procs, f"trellis N={n}")
     tr.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed,
               loss=loss)
@@ -368,8 +368,7 @@ def serf_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) -> di
                    + (f"every agent saw it after {t:.2f} s" if t is not None
                       else f"{missed} agents never saw it"))
             time.sleep(0.5)
-    detect, det_missed = kill_each(args, obs, agents, killed, procs, f"serf N={n}")
-    alive = [m for m in agents if m not in killed]
+    detect, det_missed, alive = kill_each(args, obs, agents, killed, procs, f"serf N={n}")
     loss = lossy_window(args, obs, alive, ns, procs, f"serf N={n}")
     sf.update(prop=prop, prop_missed=prop_missed, detect=detect, det_missed=det_missed,
               loss=loss)
