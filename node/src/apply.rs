@@ -443,24 +443,6 @@ pub fn write_atomic_with<E: From<io::Error>>(
     mode: u32,
     fill: impl FnOnce(&mut fs::File) -> Result<(), E>,
 ) -> Result<(), E> {
-    write_via_temp(path, mode, true, fill)
-}
-
-/// [`write_atomic`] without flushing anything to disk: readers see the old
-/// content or the new, never a part, but a power loss can leave `path`
-/// empty or partly written. Only for files that are checked whenever they
-/// are read and can be had again (a fetched chunk, checked against its
-/// hash): a flush per file would cost two disk syncs for nothing.
-pub fn write_replacing(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-    write_via_temp(path, mode, false, |file| file.write_all(content))
-}
-
-fn write_via_temp<E: From<io::Error>>(
-    path: &Path,
-    mode: u32,
-    sync: bool,
-    fill: impl FnOnce(&mut fs::File) -> Result<(), E>,
-) -> Result<(), E> {
     let (dir, name) = match (path.parent(), path.file_name()) {
         (Some(d), Some(n)) if !d.as_os_str().is_empty() => (d, n),
         _ => {
@@ -499,9 +481,7 @@ fn write_via_temp<E: From<io::Error>>(
     let written = (|| {
         // fchmod: exact whatever the umask.
         file.set_permissions(fs::Permissions::from_mode(mode & PERMISSION_BITS))?;
-        if sync {
-            file.sync_all()?;
-        }
+        file.sync_all()?;
         drop(file);
         fs::rename(&tmp, path)
     })();
@@ -509,9 +489,7 @@ fn write_via_temp<E: From<io::Error>>(
         let _ = fs::remove_file(&tmp);
         return Err(e.into());
     }
-    if sync {
-        fs::File::open(dir)?.sync_all()?;
-    }
+    fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -1325,17 +1303,6 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"");
         assert_eq!(mode_of(&path), 0o604);
         assert_eq!(names_in(dir.path()), vec!["a.conf"]);
-    }
-
-    #[test]
-    fn write_replacing_writes_exact_content_and_mode_and_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/chunk");
-        write_replacing(&path, b"first, longer", 0o600).unwrap();
-        write_replacing(&path, b"second", 0o640).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"second");
-        assert_eq!(mode_of(&path), 0o640);
-        assert_eq!(names_in(&dir.path().join("sub")), vec!["chunk"]);
     }
 
     #[test]

@@ -469,7 +469,8 @@ pub async fn fetch_patch(
 /// What fetching an artifact from a relay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ArtifactFetch {
-    /// Chunks the store held already (not asked for).
+    /// Chunks the partial file of an earlier attempt held already (not
+    /// asked for).
     pub held: u64,
     pub stats: crate::patch::DownloadStats,
 }
@@ -482,32 +483,31 @@ pub struct ArtifactFetch {
 /// chunks at once for one node.
 pub const CHUNKS_IN_FLIGHT: usize = 8;
 
-/// Fetches the chunks of `artifact` that `store` lacks from the relay at
-/// `addr` over one connection, one chunk per stream with
+/// Fetches `artifact` from the relay at `addr` into `dest`: the chunks
+/// its partial file ([`crate::patch::PartialArtifact`], left by an earlier
+/// attempt) lacks, over one connection, one chunk per stream with
 /// [`CHUNKS_IN_FLIGHT`] streams at a time, each chunk checked against its
-/// BLAKE3 before it is kept ([`crate::patch::Download`] paces, retries
-/// and gives up after `max_attempts` failures of one chunk), then writes
-/// the artifact to `dest`, checking the whole file. Hashing and disk work
+/// BLAKE3 before it is written in place ([`crate::patch::Download`] paces,
+/// retries and gives up after `max_attempts` failures of one chunk); then
+/// the whole file is checked and renamed to `dest`. Hashing and disk work
 /// run on tokio's blocking threads.
 pub async fn fetch_artifact(
     endpoint: &MeshEndpoint,
     addr: SocketAddr,
     artifact: &crate::patch::ArtifactRef,
-    store: &crate::patch::ChunkStore,
     dest: &std::path::Path,
     max_attempts: u32,
 ) -> Result<ArtifactFetch, String> {
-    use crate::patch::{ChunkOutcome, Download, HashedChunk};
-    let blocking = |e: tokio::task::JoinError| format!("a chunk store task failed: {e}");
-    let missing = {
-        let (store, a) = (store.clone(), artifact.clone());
-        tokio::task::spawn_blocking(move || store.missing(&a))
+    use crate::patch::{ChunkOutcome, Download, HashedChunk, PartialArtifact};
+    let blocking = |e: tokio::task::JoinError| format!("a file task failed: {e}");
+    let (partial, held) = {
+        let (a, dest) = (artifact.clone(), dest.to_owned());
+        tokio::task::spawn_blocking(move || PartialArtifact::open(&a, &dest))
             .await
             .map_err(blocking)?
+            .map_err(|e| e.to_string())?
     };
-    let held: Vec<u32> = (0..artifact.chunks.len() as u32)
-        .filter(|i| !missing.contains(i))
-        .collect();
+    let partial = Arc::new(partial);
     let mut d = Download::new(artifact, &held, max_attempts);
     let mut conn: Option<quinn::Connection> = None;
     // Dropping these (an early return) cancels the requests.
@@ -560,8 +560,8 @@ pub async fn fetch_artifact(
                         if d.on_hashed(std::time::Instant::now(), index, &chunk)
                             == ChunkOutcome::Verified
                         {
-                            let store = store.clone();
-                            storing.spawn_blocking(move || store.keep_fetched(&chunk));
+                            let partial = partial.clone();
+                            storing.spawn_blocking(move || partial.write(index, &chunk));
                         }
                     }
                     Err(reason) => d.on_failure(std::time::Instant::now(), index, &reason),
@@ -576,8 +576,9 @@ pub async fn fetch_artifact(
     if let Some(c) = conn {
         c.close(close::DONE, b"fetched");
     }
-    let (store, a, dest) = (store.clone(), artifact.clone(), dest.to_owned());
-    tokio::task::spawn_blocking(move || store.assemble(&a, &dest))
+    // Every write has ended: this is the only reference.
+    let partial = Arc::try_unwrap(partial).map_err(|_| "a chunk write is still running")?;
+    tokio::task::spawn_blocking(move || partial.finish())
         .await
         .map_err(blocking)?
         .map_err(|e| e.to_string())?;
@@ -605,20 +606,57 @@ async fn fetch_connection(
 }
 
 /// One chunk, on a stream of its own, within [`FETCH_TIMEOUT`].
-async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<Vec<u8>, String> {
+async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<bytes::Bytes, String> {
     let ask = async {
-        match exchange(conn, conn.remote_address(), &FetchRequest::Chunk(hash))
+        let addr = conn.remote_address();
+        let stream_err = |e: &dyn std::fmt::Display| format!("fetch from {addr}: {e}");
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
+        let request = FetchRequest::Chunk(hash);
+        wire::write_msg(&mut send, FETCH_VERSION, &request, MAX_FETCH_REQUEST)
             .await
-            .map_err(|e| e.to_string())?
-        {
-            Some(FetchResponse::Chunk(bytes)) => Ok(bytes),
-            Some(FetchResponse::NoChunk) => Err("the relay does not hold the chunk".to_owned()),
-            other => Err(format!("unexpected answer {other:?}")),
+            .map_err(|e| stream_err(&e))?;
+        send.finish().map_err(|e| stream_err(&e))?;
+        let body = wire::read_frame(&mut recv, MAX_FETCH_FRAME)
+            .await
+            .map_err(|e| stream_err(&e))?
+            .ok_or_else(|| stream_err(&"the relay closed the stream without an answer"))?;
+        match chunk_answer(body).map_err(|e| stream_err(&e))? {
+            Ok(bytes) => Ok(bytes),
+            Err(FetchResponse::NoChunk) => Err("the relay does not hold the chunk".to_owned()),
+            Err(other) => Err(format!("unexpected answer {other:?}")),
         }
     };
     tokio::time::timeout(FETCH_TIMEOUT, ask)
         .await
         .unwrap_or_else(|_| Err(format!("no chunk within {FETCH_TIMEOUT:?}")))
+}
+
+/// postcard's variant index of [`FetchResponse::Chunk`].
+const CHUNK_TAG: u8 = 2;
+
+/// The chunk a chunk answer's frame body (version byte on) carries, as a
+/// view of the body, not a copy; any other answer decoded.
+fn chunk_answer(body: Vec<u8>) -> Result<Result<bytes::Bytes, FetchResponse>, WireError> {
+    if let Some(at) = chunk_offset(&body) {
+        return Ok(Ok(bytes::Bytes::from(body).slice(at..)));
+    }
+    wire::decode_body(&body, FETCH_VERSION).map(Err)
+}
+
+/// Where the bytes of a [`FetchResponse::Chunk`] start in `body`, if it
+/// is one: the version, the variant, the length (a LEB128 varint, as
+/// postcard writes it) and exactly that many bytes.
+fn chunk_offset(body: &[u8]) -> Option<usize> {
+    let rest = body.strip_prefix(&[FETCH_VERSION, CHUNK_TAG])?;
+    let mut len = 0usize;
+    for (i, &b) in rest.iter().take(4).enumerate() {
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let at = 2 + i + 1;
+            return (body.len() - at == len).then_some(at);
+        }
+    }
+    None
 }
 
 /// What a relay serves: its cached bundle and the offer naming it.
@@ -628,6 +666,99 @@ pub type Served = Option<Arc<(Offer, SignedBundle)>>;
 /// the number of nodes fetching: bounds the relay's memory (a megabyte
 /// each) when a whole site fetches together.
 pub const CHUNKS_SERVING: usize = 64;
+
+/// Chunk answers a relay keeps encoded in memory, the most recently asked
+/// for: the nodes of a site fetch the same artifact at about the same time
+/// and in the same order, so a chunk read from disk and checked once is
+/// sent to all of them from memory (32 MiB at most).
+pub const CHUNKS_CACHED: usize = 32;
+
+/// The relay's [`CHUNKS_CACHED`] most recently asked for chunks, as the
+/// frames that answer them. A chunk is read from the store and checked
+/// against its hash once, however many peers ask for it at once; what is
+/// in the cache was checked when it was read, so a later change of the
+/// file on disk does not reach a peer (a damaged file is found by the next
+/// read after the chunk left the cache).
+struct ChunkCache {
+    slots: std::sync::Mutex<Vec<CacheSlot>>,
+    /// Bumped on every lookup: the slot with the smallest `used` goes first.
+    clock: std::sync::atomic::AtomicU64,
+}
+
+struct CacheSlot {
+    hash: [u8; 32],
+    /// Filled by the first asker; the others wait for it.
+    frame: Arc<tokio::sync::OnceCell<bytes::Bytes>>,
+    used: u64,
+}
+
+impl ChunkCache {
+    fn new() -> Self {
+        ChunkCache {
+            slots: std::sync::Mutex::new(Vec::with_capacity(CHUNKS_CACHED)),
+            clock: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The frame answering a request for chunk `hash`: from the cache, or
+    /// read from `files` (`None`: the store does not hold it intact, which
+    /// is not remembered).
+    async fn frame(
+        &self,
+        files: &Arc<crate::patch::PatchFiles>,
+        hash: [u8; 32],
+    ) -> Option<bytes::Bytes> {
+        let cell = self.slot(hash);
+        let files = files.clone();
+        let got = cell
+            .get_or_try_init(|| async move {
+                let chunk = tokio::task::spawn_blocking(move || files.chunks.get(&hash))
+                    .await
+                    .map_err(|_| ())?
+                    .ok()
+                    .flatten()
+                    .ok_or(())?;
+                wire::encode(FETCH_VERSION, &FetchResponse::Chunk(chunk), MAX_FETCH_FRAME)
+                    .map(bytes::Bytes::from)
+                    .map_err(|_| ())
+            })
+            .await
+            .ok()
+            .cloned();
+        if got.is_none() {
+            self.slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|s| !Arc::ptr_eq(&s.frame, &cell));
+        }
+        got
+    }
+
+    /// The cell for `hash`, made (in place of the least recently used one
+    /// when the cache is full) if there is none.
+    fn slot(&self, hash: [u8; 32]) -> Arc<tokio::sync::OnceCell<bytes::Bytes>> {
+        let now = self
+            .clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.iter_mut().find(|s| s.hash == hash) {
+            s.used = now;
+            return s.frame.clone();
+        }
+        if slots.len() >= CHUNKS_CACHED
+            && let Some(oldest) = (0..slots.len()).min_by_key(|&i| slots[i].used)
+        {
+            slots.swap_remove(oldest);
+        }
+        let frame = Arc::new(tokio::sync::OnceCell::new());
+        slots.push(CacheSlot {
+            hash,
+            frame: frame.clone(),
+            used: now,
+        });
+        frame
+    }
+}
 
 /// Serves fetches on the connections `accepted` until `shutdown`: each
 /// stream gets the bundle `served` holds if it is the one asked for, or a
@@ -644,6 +775,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let serving = Arc::new(Semaphore::new(CHUNKS_SERVING));
+    let cache = Arc::new(ChunkCache::new());
     loop {
         let a = tokio::select! {
             biased;
@@ -657,6 +789,7 @@ pub async fn serve(
             chunks: chunks.clone(),
             metrics: metrics.clone(),
             serving: serving.clone(),
+            cache: cache.clone(),
         });
         tokio::spawn(async move {
             let streams = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
@@ -686,11 +819,13 @@ struct FetchServer {
     metrics: crate::metrics::MeshMetrics,
     /// Shared by every connection: [`CHUNKS_SERVING`] permits.
     serving: Arc<Semaphore>,
+    /// Shared by every connection.
+    cache: Arc<ChunkCache>,
 }
 
 impl FetchServer {
     /// Reads one request from the stream and answers it.
-    async fn answer(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn answer(&self, send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let request = tokio::time::timeout(
             FETCH_TIMEOUT,
             wire::read_msg::<FetchRequest>(&mut recv, FETCH_VERSION, MAX_FETCH_REQUEST),
@@ -702,15 +837,17 @@ impl FetchServer {
         let response = match request {
             Ok(Some(FetchRequest::Chunk(hash))) => {
                 permit = self.serving.clone().acquire_owned().await.ok();
-                let found = match self.chunks.clone() {
-                    Some(files) => tokio::task::spawn_blocking(move || files.chunks.get(&hash))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .flatten(),
+                let found = match &self.chunks {
+                    Some(files) => self.cache.frame(files, hash).await,
                     None => None,
                 };
-                found.map_or(FetchResponse::NoChunk, FetchResponse::Chunk)
+                match found {
+                    Some(frame) => {
+                        self.send(send, frame).await;
+                        return;
+                    }
+                    None => FetchResponse::NoChunk,
+                }
             }
             Ok(Some(FetchRequest::Patch(id))) => {
                 let found = match self.chunks.clone() {
@@ -749,18 +886,24 @@ impl FetchServer {
         };
         if let Ok(frame) = wire::encode(FETCH_VERSION, &response, MAX_FETCH_FRAME) {
             drop(response);
-            // A peer that stops reading gives the permit back after this
-            // long; it gets no answer.
-            match tokio::time::timeout(FETCH_TIMEOUT, wire::write_frame(&mut send, &frame)).await {
-                Ok(_) => {
-                    let _ = send.finish();
-                }
-                Err(_) => {
-                    let _ = send.reset(quinn::VarInt::from_u32(0));
-                }
-            }
+            self.send(send, frame.into()).await;
         }
         drop(permit);
+    }
+
+    /// Writes the answer `frame` (shared with other streams, not copied)
+    /// and finishes the stream. A peer that stops reading gets no answer
+    /// after [`FETCH_TIMEOUT`], and the caller's permit is given back.
+    async fn send(&self, mut send: quinn::SendStream, frame: bytes::Bytes) {
+        match tokio::time::timeout(FETCH_TIMEOUT, send.write_chunk(frame)).await {
+            Ok(Ok(())) => {
+                let _ = send.finish();
+            }
+            Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "fetch stream ended"),
+            Err(_) => {
+                let _ = send.reset(quinn::VarInt::from_u32(0));
+            }
+        }
     }
 }
 
@@ -880,10 +1023,44 @@ mod tests {
         }
     }
 
+    /// The body of the frame `wire::encode` makes of `r` (what follows
+    /// the length prefix).
+    fn body_of(r: &FetchResponse) -> Vec<u8> {
+        wire::encode(FETCH_VERSION, r, MAX_FETCH_FRAME).unwrap()[4..].to_vec()
+    }
+
+    #[test]
+    fn a_chunk_answer_is_taken_from_its_frame_as_postcard_wrote_it() {
+        // Lengths whose varint takes one, two and three bytes.
+        for len in [0, 1, 127, 128, 16_383, 16_384, CHUNK_SIZE as usize] {
+            let chunk: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let body = body_of(&FetchResponse::Chunk(chunk.clone()));
+            assert_eq!(body[1], CHUNK_TAG);
+            let got = chunk_answer(body).unwrap().unwrap();
+            assert_eq!(&got[..], &chunk[..], "{len}");
+        }
+        // Other answers are decoded as usual.
+        let got = chunk_answer(body_of(&FetchResponse::NoChunk)).unwrap();
+        assert_eq!(got, Err(FetchResponse::NoChunk));
+        // A chunk answer with a byte too many or too few is refused.
+        let mut long = body_of(&FetchResponse::Chunk(vec![7; 300]));
+        long.push(0);
+        assert!(chunk_answer(long).is_err());
+        let mut short = body_of(&FetchResponse::Chunk(vec![7; 300]));
+        short.pop();
+        assert!(chunk_answer(short).is_err());
+        let mut other_version = body_of(&FetchResponse::Chunk(vec![7; 3]));
+        other_version[0] ^= 1;
+        assert!(matches!(
+            chunk_answer(other_version),
+            Err(WireError::Version { .. })
+        ));
+    }
+
     // -- artifacts over QUIC ---------------------------------------------------
 
     use crate::id::{Identity, Role};
-    use crate::patch::{ArtifactRef, CHUNK_SIZE, ChunkStore, PatchFiles};
+    use crate::patch::{ArtifactRef, CHUNK_SIZE, ChunkStore, PartialArtifact, PatchFiles};
     use crate::tls::{Credentials, MeshCa};
 
     struct Site {
@@ -990,9 +1167,8 @@ mod tests {
         };
         let (node, _) = MeshEndpoint::bind(s.node, loopback(), &[], Default::default()).unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(&tmp.path().join("chunks")).unwrap();
         let dest = tmp.path().join("out/pkg.bin");
-        let got = fetch_artifact(&node, relay.local_addr(), &a, &store, &dest, 3)
+        let got = fetch_artifact(&node, relay.local_addr(), &a, &dest, 3)
             .await
             .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), bytes);
@@ -1011,7 +1187,7 @@ mod tests {
             CHUNKS_IN_FLIGHT,
             "requests in flight at once"
         );
-        assert!(store.missing(&a).is_empty());
+        assert!(!PartialArtifact::path_for(&dest).exists());
         node.shutdown().await;
         relay.shutdown().await;
         relay_task.await.unwrap();
@@ -1042,10 +1218,9 @@ mod tests {
             shutdown.clone(),
         ));
         let (node, _) = MeshEndpoint::bind(s.node, loopback(), &[], Default::default()).unwrap();
-        let store = ChunkStore::open(&tmp.path().join("node/chunks")).unwrap();
         let dest = tmp.path().join("node/pkg.bin");
         let started = std::time::Instant::now();
-        let err = fetch_artifact(&node, relay.local_addr(), &a, &store, &dest, 2)
+        let err = fetch_artifact(&node, relay.local_addr(), &a, &dest, 2)
             .await
             .unwrap_err();
         assert_eq!(
@@ -1056,7 +1231,74 @@ mod tests {
         // One retry, after the first delay.
         assert!(started.elapsed() >= crate::patch::RETRY_FIRST);
         assert!(!dest.exists());
-        assert_eq!(store.missing(&a), [2]);
+        // What arrived is kept for the next attempt.
+        let (_, held) = PartialArtifact::open(&a, &dest).unwrap();
+        assert_eq!(held, [0, 1, 3]);
+        shutdown.cancel();
+        node.shutdown().await;
+        relay.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relay_reads_a_chunk_once_for_every_node_that_asks_and_never_remembers_a_miss() {
+        let s = site();
+        let (bytes, a) = artifact(3);
+        let tmp = tempfile::tempdir().unwrap();
+        let files = PatchFiles {
+            dir: tmp.path().join("relay"),
+            chunks: ChunkStore::open(&tmp.path().join("relay/chunks")).unwrap(),
+        };
+        for (i, h) in a.chunks.iter().enumerate().filter(|(i, _)| *i != 2) {
+            files.chunks.put(h, chunk_of(&bytes, i)).unwrap();
+        }
+        let store = files.chunks.clone();
+        let (relay, mut routes) =
+            MeshEndpoint::bind(s.relay, loopback(), &[Protocol::Fetch], Default::default())
+                .unwrap();
+        let shutdown = CancellationToken::new();
+        let (_tx, served) = watch::channel(None);
+        tokio::spawn(serve(
+            routes.take(Protocol::Fetch),
+            served,
+            Some(Arc::new(files)),
+            Default::default(),
+            shutdown.clone(),
+        ));
+        let (node, _) = MeshEndpoint::bind(s.node, loopback(), &[], Default::default()).unwrap();
+        // An artifact made of the first two chunks: read into the cache.
+        let front = ArtifactRef::read("front.bin", &bytes[..2 * CHUNK_SIZE as usize]).unwrap();
+        assert_eq!(front.chunks, a.chunks[..2]);
+        fetch_artifact(
+            &node,
+            relay.local_addr(),
+            &front,
+            &tmp.path().join("n1/front.bin"),
+            1,
+        )
+        .await
+        .unwrap();
+        // Chunk 2 is missing.
+        fetch_artifact(
+            &node,
+            relay.local_addr(),
+            &a,
+            &tmp.path().join("n1/pkg.bin"),
+            1,
+        )
+        .await
+        .unwrap_err();
+        // The relay is given chunk 2 and loses the files of 0 and 1: what
+        // it read once it still serves; the miss was not remembered.
+        store.put(&a.chunks[2], chunk_of(&bytes, 2)).unwrap();
+        for h in &a.chunks[..2] {
+            std::fs::remove_file(store.path_of(h)).unwrap();
+        }
+        let second = tmp.path().join("n2/pkg.bin");
+        let got = fetch_artifact(&node, relay.local_addr(), &a, &second, 1)
+            .await
+            .unwrap();
+        assert_eq!(got.stats.fetched, 3);
+        assert_eq!(std::fs::read(&second).unwrap(), bytes);
         shutdown.cancel();
         node.shutdown().await;
         relay.shutdown().await;

@@ -43,13 +43,14 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::{remove_leftover_temp_files, write_atomic, write_atomic_with, write_replacing};
+use crate::apply::{remove_leftover_temp_files, write_atomic};
 use crate::desired::{
     Problem, Selector, SelectorToml, normalise_source, read_limited, toml_error_at,
 };
@@ -803,22 +804,6 @@ impl ChunkStore {
         self.write(hash, bytes)
     }
 
-    /// Keeps a chunk fetched from a source that still holds it, under the
-    /// hash it was found to have (a download has just compared that hash
-    /// with the manifest's, so it is not hashed again). Readers see the
-    /// chunk whole or not at all, but it is not flushed to disk: every read
-    /// checks a chunk, so one a power loss damaged counts as missing and is
-    /// fetched again, and a download does not pay two disk syncs per chunk
-    /// for a copy it can have again. (What is assembled from the chunks is
-    /// flushed.)
-    pub fn keep_fetched(&self, chunk: &HashedChunk) -> Result<(), PatchError> {
-        if chunk.bytes.len() > CHUNK_SIZE as usize {
-            return Err(PatchError::ChunkTooLarge(chunk.bytes.len()));
-        }
-        let path = self.path_of(&chunk.hash);
-        write_replacing(&path, &chunk.bytes, 0o600).map_err(io_err(&path))
-    }
-
     fn write(&self, hash: &[u8; 32], bytes: &[u8]) -> Result<(), PatchError> {
         let path = self.path_of(hash);
         write_atomic(&path, bytes, 0o600).map_err(io_err(&path))
@@ -867,53 +852,6 @@ impl ChunkStore {
             .map(|(i, _)| i)
             .collect()
     }
-
-    /// Writes the artifact to `dest` from its chunks, atomically: `dest`
-    /// is replaced only once every chunk was found intact and the whole
-    /// file has the size and BLAKE3 of the manifest.
-    ///
-    /// The chunks are hashed as one file, not one by one: the signed whole
-    /// BLAKE3 covers every byte. Only when it does not match is each chunk
-    /// checked, so that a chunk damaged on disk is removed and reported
-    /// ([`PatchError::CorruptChunk`]) rather than blamed on the manifest.
-    pub fn assemble(&self, artifact: &ArtifactRef, dest: &Path) -> Result<(), PatchError> {
-        write_atomic_with(dest, 0o644, |file| {
-            let mut whole = blake3::Hasher::new();
-            let mut size = 0u64;
-            for (i, hash) in (0u32..).zip(&artifact.chunks) {
-                let path = self.path_of(hash);
-                let bytes = match read_chunk(&path) {
-                    Ok(bytes) => bytes,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        return Err(Assemble::Patch(PatchError::ChunkMissing {
-                            artifact: artifact.name.clone(),
-                            chunk: i,
-                        }));
-                    }
-                    Err(e) => return Err(Assemble::Patch(io_err(&path)(e))),
-                };
-                whole.update(&bytes);
-                size += bytes.len() as u64;
-                file.write_all(&bytes)?;
-            }
-            if size != artifact.size || whole.finalize().as_bytes() != &artifact.blake3 {
-                for hash in &artifact.chunks {
-                    self.get(hash).map_err(Assemble::Patch)?;
-                }
-                return Err(Assemble::Patch(PatchError::ArtifactMismatch {
-                    artifact: artifact.name.clone(),
-                }));
-            }
-            Ok(())
-        })
-        .map_err(|e| match e {
-            Assemble::Io(source) => PatchError::Io {
-                path: dest.to_owned(),
-                source,
-            },
-            Assemble::Patch(e) => e,
-        })
-    }
 }
 
 /// A chunk file's bytes, at most one more than [`CHUNK_SIZE`] (so that a
@@ -929,17 +867,18 @@ fn read_chunk(path: &Path) -> io::Result<Vec<u8>> {
 
 /// A chunk's bytes with the BLAKE3 they hash to. Made only by hashing
 /// them, so whoever holds one may compare its hash with the manifest's
-/// ([`Download::on_hashed`]) and keep it ([`ChunkStore::keep_fetched`])
+/// ([`Download::on_hashed`]) and write it ([`PartialArtifact::write`])
 /// without hashing a megabyte twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HashedChunk {
     hash: [u8; 32],
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
 }
 
 impl HashedChunk {
     /// Hashes `bytes`.
-    pub fn new(bytes: Vec<u8>) -> HashedChunk {
+    pub fn new(bytes: impl Into<bytes::Bytes>) -> HashedChunk {
+        let bytes = bytes.into();
         HashedChunk {
             hash: *blake3::hash(&bytes).as_bytes(),
             bytes,
@@ -979,15 +918,219 @@ impl PatchFiles {
     }
 }
 
-/// Why assembling stopped: writing `dest`, or the chunks.
-enum Assemble {
-    Io(io::Error),
-    Patch(PatchError),
+// ---------------------------------------------------------------------------
+// Partial artifact
+
+/// An artifact being fetched: the file that becomes `dest`, written in
+/// place chunk by chunk at each chunk's offset, whatever order the chunks
+/// come in, and hashed as one file as it fills up from the front.
+///
+/// The file (`.NAME.partial` next to `dest`) is kept between attempts:
+/// [`PartialArtifact::open`] hashes what it holds, so a download that was
+/// cut short, or a process that crashed, resumes with the chunks it had,
+/// and a chunk damaged on disk in between is fetched again. Chunks are
+/// not flushed as they are written: what a power loss damages is found
+/// the same way. [`PartialArtifact::finish`] flushes the file once and
+/// renames it to `dest`, after checking the whole file's size and BLAKE3
+/// against the manifest.
+///
+/// A node writes what it fetches here rather than into a [`ChunkStore`]:
+/// it serves no one, so a file per chunk would cost it a file creation, a
+/// second write and a read of every byte, for nothing.
+#[derive(Debug)]
+pub struct PartialArtifact {
+    artifact: ArtifactRef,
+    path: PathBuf,
+    dest: PathBuf,
+    file: fs::File,
+    whole: std::sync::Mutex<WholeHash>,
 }
 
-impl From<io::Error> for Assemble {
-    fn from(e: io::Error) -> Self {
-        Assemble::Io(e)
+/// The BLAKE3 of the file's front: every chunk before `next` is hashed.
+#[derive(Debug)]
+struct WholeHash {
+    hasher: blake3::Hasher,
+    next: u32,
+    /// Chunks after `next` already in the file, with their bytes while
+    /// fewer than [`KEPT_AHEAD`] are kept (the others are read back when
+    /// their turn comes).
+    written: std::collections::BTreeMap<u32, Option<bytes::Bytes>>,
+    /// Buffer for chunks read back.
+    buf: Vec<u8>,
+}
+
+/// Chunks written ahead of the hashed front that a [`PartialArtifact`]
+/// keeps in memory (sharing the bytes the download received) rather than
+/// reading them back: enough for the chunks a download has in flight,
+/// bounded when one chunk is late.
+const KEPT_AHEAD: usize = 16;
+
+impl PartialArtifact {
+    /// Where the partial file of `dest` is kept.
+    pub fn path_for(dest: &Path) -> PathBuf {
+        let name = dest
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        dest.with_file_name(format!(".{name}.partial"))
+    }
+
+    /// Opens (creating it and its directory if needed) the partial file of
+    /// `dest` and returns the indexes of the chunks it already holds
+    /// intact, each hashed, lowest first.
+    pub fn open(
+        artifact: &ArtifactRef,
+        dest: &Path,
+    ) -> Result<(PartialArtifact, Vec<u32>), PatchError> {
+        let path = Self::path_for(dest);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let found = file.metadata().map_err(io_err(&path))?.len();
+        if found != artifact.size {
+            file.set_len(artifact.size).map_err(io_err(&path))?;
+        }
+        let partial = PartialArtifact {
+            artifact: artifact.clone(),
+            path,
+            dest: dest.to_owned(),
+            file,
+            whole: std::sync::Mutex::new(WholeHash {
+                hasher: blake3::Hasher::new(),
+                next: 0,
+                written: std::collections::BTreeMap::new(),
+                buf: Vec::new(),
+            }),
+        };
+        let mut held = Vec::new();
+        // A new file holds nothing: not worth reading.
+        if found > 0 {
+            let mut buf = Vec::new();
+            for (i, hash) in (0u32..).zip(&artifact.chunks) {
+                if partial.read_chunk(i, &mut buf)? && blake3::hash(&buf).as_bytes() == hash {
+                    held.push(i);
+                }
+            }
+        }
+        partial
+            .lock()
+            .written
+            .extend(held.iter().map(|&i| (i, None)));
+        partial.hash_front()?;
+        Ok((partial, held))
+    }
+
+    /// Writes chunk `index` in place. Its hash and length must be the
+    /// manifest's: the caller has checked them ([`Download::on_hashed`]);
+    /// this checks again, cheaply, because a wrong chunk here would only be
+    /// found when the whole file is checked.
+    pub fn write(&self, index: u32, chunk: &HashedChunk) -> Result<(), PatchError> {
+        let expected = self.artifact.chunks.get(index as usize);
+        if expected != Some(&chunk.hash)
+            || self.artifact.chunk_len(index) != Some(chunk.bytes.len() as u64)
+        {
+            return Err(PatchError::ChunkMismatch {
+                expected: expected.map_or_else(|| "no chunk".to_owned(), hex32),
+                actual: hex32(&chunk.hash),
+            });
+        }
+        let offset = u64::from(index) * u64::from(self.artifact.chunk_size);
+        self.file
+            .write_all_at(&chunk.bytes, offset)
+            .map_err(io_err(&self.path))?;
+        {
+            let mut whole = self.lock();
+            let keep = whole.written.len() < KEPT_AHEAD;
+            whole
+                .written
+                .insert(index, keep.then(|| chunk.bytes.clone()));
+        }
+        self.hash_front()
+    }
+
+    /// Flushes the file and renames it to `dest` if every chunk is in it
+    /// and the whole file has the manifest's size and BLAKE3; otherwise
+    /// leaves it for the next attempt (a chunk missing:
+    /// [`PatchError::ChunkMissing`]; each chunk right but the whole wrong:
+    /// [`PatchError::ArtifactMismatch`], the manifest contradicts itself).
+    pub fn finish(self) -> Result<(), PatchError> {
+        let whole = self.whole.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let Some(missing) =
+            (whole.next..self.artifact.chunks.len() as u32).find(|i| !whole.written.contains_key(i))
+        {
+            return Err(PatchError::ChunkMissing {
+                artifact: self.artifact.name.clone(),
+                chunk: missing,
+            });
+        }
+        let size = (0..whole.next)
+            .filter_map(|i| self.artifact.chunk_len(i))
+            .sum::<u64>();
+        if size != self.artifact.size || whole.hasher.finalize().as_bytes() != &self.artifact.blake3
+        {
+            return Err(PatchError::ArtifactMismatch {
+                artifact: self.artifact.name.clone(),
+            });
+        }
+        let path = &self.path;
+        (|| {
+            self.file
+                .set_permissions(fs::Permissions::from_mode(0o644))?;
+            self.file.sync_all()?;
+            fs::rename(path, &self.dest)?;
+            match self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) => fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        })()
+        .map_err(io_err(path))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WholeHash> {
+        self.whole.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hashes the chunks now contiguous from the front, from memory or
+    /// read back from the file.
+    fn hash_front(&self) -> Result<(), PatchError> {
+        let mut guard = self.lock();
+        let whole = &mut *guard;
+        while let Some(kept) = whole.written.remove(&whole.next) {
+            match kept {
+                Some(bytes) => {
+                    whole.hasher.update(&bytes);
+                }
+                None => {
+                    if !self.read_chunk(whole.next, &mut whole.buf)? {
+                        return Ok(());
+                    }
+                    whole.hasher.update(&whole.buf);
+                }
+            }
+            whole.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads chunk `index` from the file into `buf`; `false` if the
+    /// manifest has no such chunk.
+    fn read_chunk(&self, index: u32, buf: &mut Vec<u8>) -> Result<bool, PatchError> {
+        let Some(len) = self.artifact.chunk_len(index) else {
+            return Ok(false);
+        };
+        buf.resize(len as usize, 0);
+        let offset = u64::from(index) * u64::from(self.artifact.chunk_size);
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(io_err(&self.path))?;
+        Ok(true)
     }
 }
 
@@ -1964,83 +2107,110 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
         assert!(!store.has(&a.chunks[2]));
     }
 
-    #[test]
-    fn an_artifact_is_assembled_from_its_chunks_and_verified() {
-        let (d, store) = store();
-        let (bytes, a) = stored(&store, 2 * MIB + 1, 7);
-        let dest = d.path().join("out/pkg.deb");
-        store.assemble(&a, &dest).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), bytes);
-        // An empty artifact has no chunks and assembles to an empty file.
-        let empty = ArtifactRef::read("empty", &b""[..]).unwrap();
-        store.assemble(&empty, &d.path().join("out/empty")).unwrap();
-        assert_eq!(fs::read(d.path().join("out/empty")).unwrap(), b"");
+    // -- partial artifact ----------------------------------------------------
+
+    /// An artifact of `len` bytes, no two chunks alike, and its chunks.
+    fn chunked(len: usize, seed: u8) -> (Vec<u8>, ArtifactRef, Vec<HashedChunk>) {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ seed).collect();
+        let a = ArtifactRef::read("pkg.deb", &bytes[..]).unwrap();
+        let chunks = bytes
+            .chunks(CHUNK_SIZE as usize)
+            .map(|c| HashedChunk::new(c.to_vec()))
+            .collect();
+        (bytes, a, chunks)
     }
 
     #[test]
-    fn assembling_with_a_chunk_missing_leaves_the_destination_alone() {
-        let (d, store) = store();
-        let (_, a) = stored(&store, 2 * MIB + 1, 9);
-        fs::remove_file(store.path_of(&a.chunks[2])).unwrap();
-        let dest = d.path().join("pkg.deb");
+    fn chunks_written_in_any_order_become_the_artifact_once_all_are_in() {
+        let d = tempfile::tempdir().unwrap();
+        let (bytes, a, chunks) = chunked(3 * MIB + 5, 7);
+        let dest = d.path().join("out/pkg.deb");
+        fs::create_dir_all(d.path().join("out")).unwrap();
         fs::write(&dest, b"old").unwrap();
-        let err = store.assemble(&a, &dest).unwrap_err();
+        let (p, held) = PartialArtifact::open(&a, &dest).unwrap();
+        assert!(held.is_empty());
+        for i in [2, 0, 3] {
+            p.write(i, &chunks[i as usize]).unwrap();
+        }
+        assert_eq!(p.lock().next, 1, "hashed from the front only");
+        p.write(1, &chunks[1]).unwrap();
+        assert_eq!(p.lock().next, 4);
+        p.finish().unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), bytes);
+        assert_eq!(files_in(&d.path().join("out")), ["pkg.deb"]);
+        assert_eq!(
+            fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // An empty artifact has no chunks and becomes an empty file.
+        let empty = ArtifactRef::read("empty", &b""[..]).unwrap();
+        let dest = d.path().join("out/empty");
+        let (p, held) = PartialArtifact::open(&empty, &dest).unwrap();
+        assert!(held.is_empty());
+        p.finish().unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_partial_file_resumes_with_its_intact_chunks_and_refetches_damaged_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let (bytes, a, chunks) = chunked(3 * MIB + 5, 9);
+        let dest = d.path().join("pkg.deb");
+        let (p, _) = PartialArtifact::open(&a, &dest).unwrap();
+        for i in [0, 1, 3] {
+            p.write(i, &chunks[i as usize]).unwrap();
+        }
+        drop(p);
+        // Damage chunk 1 on disk, as a power loss might.
+        let path = PartialArtifact::path_for(&dest);
+        let mut on_disk = fs::read(&path).unwrap();
+        on_disk[MIB + 7] ^= 1;
+        fs::write(&path, &on_disk).unwrap();
+        let (p, held) = PartialArtifact::open(&a, &dest).unwrap();
+        assert_eq!(held, [0, 3]);
+        let err = PartialArtifact::open(&a, &dest)
+            .unwrap()
+            .0
+            .finish()
+            .unwrap_err();
         assert!(
-            matches!(&err, PatchError::ChunkMissing { artifact, chunk: 2 } if artifact == "pkg.deb"),
+            matches!(&err, PatchError::ChunkMissing { artifact, chunk: 1 } if artifact == "pkg.deb"),
             "{err}"
         );
-        assert_eq!(fs::read(&dest).unwrap(), b"old");
-        assert_eq!(files_in(d.path()), ["chunks", "pkg.deb"]);
+        assert!(!dest.exists());
+        p.write(1, &chunks[1]).unwrap();
+        p.write(2, &chunks[2]).unwrap();
+        p.finish().unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), bytes);
+        assert!(!path.exists());
     }
 
     #[test]
-    fn a_manifest_whose_whole_hash_contradicts_its_chunks_does_not_assemble() {
-        let (d, store) = store();
-        let (_, mut a) = stored(&store, 100, 11);
+    fn a_chunk_that_is_not_the_manifests_is_not_written() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, a, chunks) = chunked(2 * MIB + 1, 11);
+        let (p, _) = PartialArtifact::open(&a, &d.path().join("pkg.deb")).unwrap();
+        for (i, c) in [(0, &chunks[1]), (2, &chunks[0]), (5, &chunks[0])] {
+            let err = p.write(i, c).unwrap_err();
+            assert!(
+                matches!(err, PatchError::ChunkMismatch { .. }),
+                "{i}: {err}"
+            );
+        }
+        assert!(p.lock().written.is_empty());
+    }
+
+    #[test]
+    fn a_manifest_whose_whole_hash_contradicts_its_chunks_does_not_become_the_artifact() {
+        let d = tempfile::tempdir().unwrap();
+        let (_, mut a, chunks) = chunked(100, 11);
         a.blake3[0] ^= 1;
         let dest = d.path().join("pkg.deb");
-        let err = store.assemble(&a, &dest).unwrap_err();
+        let (p, _) = PartialArtifact::open(&a, &dest).unwrap();
+        p.write(0, &chunks[0]).unwrap();
+        let err = p.finish().unwrap_err();
         assert!(matches!(err, PatchError::ArtifactMismatch { .. }), "{err}");
         assert!(!dest.exists());
-        assert_eq!(files_in(d.path()), ["chunks"]);
-    }
-
-    #[test]
-    fn a_fetched_chunk_is_kept_under_the_hash_it_was_found_to_have() {
-        let (_d, store) = store();
-        let chunk = HashedChunk::new(b"fetched".to_vec());
-        assert_eq!(chunk.hash(), &hash(b"fetched"));
-        assert_eq!(chunk.bytes(), b"fetched");
-        store.keep_fetched(&chunk).unwrap();
-        assert_eq!(
-            store.get(&hash(b"fetched")).unwrap().as_deref(),
-            Some(&b"fetched"[..])
-        );
-        assert_eq!(files_in(&store.dir), [hex32(&hash(b"fetched"))]);
-        let big = HashedChunk::new(vec![1; CHUNK_SIZE as usize + 1]);
-        assert!(matches!(
-            store.keep_fetched(&big),
-            Err(PatchError::ChunkTooLarge(n)) if n == CHUNK_SIZE as usize + 1
-        ));
-        assert_eq!(files_in(&store.dir).len(), 1);
-    }
-
-    #[test]
-    fn a_chunk_damaged_on_disk_is_found_removed_and_reported_when_assembling() {
-        let (d, store) = store();
-        let (_, a) = stored(&store, 2 * MIB + 1, 13);
-        let path = store.path_of(&a.chunks[1]);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[7] ^= 0x01;
-        fs::write(&path, &bytes).unwrap();
-        let dest = d.path().join("pkg.deb");
-        let err = store.assemble(&a, &dest).unwrap_err();
-        assert!(
-            matches!(&err, PatchError::CorruptChunk(p) if *p == path),
-            "{err}"
-        );
-        assert!(!dest.exists());
-        assert_eq!(store.missing(&a), [1]);
     }
 
     // -- download ------------------------------------------------------------

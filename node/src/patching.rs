@@ -37,9 +37,10 @@
 //!
 //! # On disk
 //! In `[patch] dir`: `state` (the last run, JSON, written atomically
-//! before each state is published), `chunks/` (the chunk store), `ID.patch`
-//! (the signed manifest, for a rollback after a restart) and `ID/` (the
-//! artifacts; the commands run there). After a restart, a run left in
+//! before each state is published), `ID.patch` (the signed manifest, for a
+//! rollback after a restart) and `ID/` (the artifacts, each fetched into
+//! `.NAME.partial` first, kept between attempts so a download resumes;
+//! the commands run there). After a restart, a run left in
 //! `installing` is reported `failed` (an install command was
 //! interrupted), one left in `rolling-back` is rolled back again, one left
 //! in `baking` bakes again from the start, and one left in `downloading`
@@ -66,15 +67,16 @@ use crate::distribute::{MAX_RESULT_DETAIL, fetch_artifact, fetch_patch, hex32};
 use crate::endpoint::MeshEndpoint;
 use crate::gossip::Gossip;
 use crate::metrics::PatchMetrics;
-use crate::patch::{ChunkStore, PatchManifest, SignedPatch, retry_delay, verify};
+use crate::patch::{PatchManifest, SignedPatch, retry_delay, verify};
 use crate::patchstate::{NodePatch, OrderAction, PatchOrder, PatchState, keys};
 use crate::site::{CheckResult, SiteView, Status};
 use crate::tls::Credentials;
 
 /// The node's last run, in the patch directory.
 pub const STATE_FILE: &str = "state";
-/// The chunk store, in the patch directory.
-pub const CHUNKS_DIR: &str = "chunks";
+/// Where releases before partial artifact files kept a node's fetched
+/// chunks, in the patch directory; removed when a download starts.
+pub const OLD_CHUNKS_DIR: &str = "chunks";
 /// Failed attempts at one chunk of an artifact before the run fails.
 pub const ARTIFACT_ATTEMPTS: u32 = 8;
 /// Attempts at fetching the manifest before the run fails.
@@ -406,6 +408,20 @@ pub fn artifact_dir(dir: &Path, id: &[u8; 32]) -> PathBuf {
     dir.join(hex32(id))
 }
 
+/// Removes the chunk store an earlier release kept in the patch
+/// directory `dir` (its chunks are no longer read; the space is the
+/// node's). A failure is logged, not fatal.
+fn remove_old_chunk_store(dir: &Path) {
+    let old = dir.join(OLD_CHUNKS_DIR);
+    match std::fs::remove_dir_all(&old) {
+        Ok(()) => info!(dir = %old.display(), "removed the chunk store of an earlier release"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(dir = %old.display(), error = %e, "cannot remove the chunk store of an earlier release")
+        }
+    }
+}
+
 /// Where the signed manifest of patch `id` is kept.
 pub fn manifest_path(dir: &Path, id: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.patch", hex32(id)))
@@ -683,14 +699,13 @@ impl PatchEngine {
         let bytes = postcard::to_stdvec(&signed).map_err(|e| e.to_string())?;
         write_atomic(&kept, &bytes, 0o600)
             .map_err(|e| format!("cannot keep the manifest at {}: {e}", kept.display()))?;
-        let store = ChunkStore::open(&dir.join(CHUNKS_DIR)).map_err(|e| e.to_string())?;
+        remove_old_chunk_store(&dir);
         let into = artifact_dir(&dir, &id);
         for a in &manifest.artifacts {
             fetch_artifact(
                 &self.endpoint,
                 relay,
                 a,
-                &store,
                 &into.join(&a.name),
                 ARTIFACT_ATTEMPTS,
             )

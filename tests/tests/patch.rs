@@ -292,7 +292,6 @@ fn a_relay_fetches_a_staged_patch_once_for_its_site_and_refetches_only_missing_o
         &p.join("certs/par-n0.key"),
     )
     .unwrap();
-    let node_store = trellis_node::patch::ChunkStore::open(&p.join("par-n0/chunks")).unwrap();
     let dest = p.join("par-n0/pkg.bin");
     let relay_addr: std::net::SocketAddr = relay_addr.parse().unwrap();
     let fetch = || {
@@ -304,15 +303,9 @@ fn a_relay_fetches_a_staged_patch_once_for_its_site_and_refetches_only_missing_o
                 Default::default(),
             )
             .unwrap();
-            let got = trellis_node::distribute::fetch_artifact(
-                &endpoint,
-                relay_addr,
-                pkg_ref,
-                &node_store,
-                &dest,
-                4,
-            )
-            .await;
+            let got =
+                trellis_node::distribute::fetch_artifact(&endpoint, relay_addr, pkg_ref, &dest, 4)
+                    .await;
             endpoint.shutdown().await;
             got
         })
@@ -320,8 +313,12 @@ fn a_relay_fetches_a_staged_patch_once_for_its_site_and_refetches_only_missing_o
     let first = fetch().expect("fetch from the relay");
     assert_eq!((first.held, first.stats.fetched), (0, 3), "{first:?}");
     assert_eq!(std::fs::read(&dest).unwrap(), pkg);
-    // Cut short: one chunk lost. Only it is fetched again.
-    std::fs::remove_file(node_store.path_of(&pkg_ref.chunks[1])).unwrap();
+    // Cut short: a partial file with one chunk damaged. Only it is
+    // fetched again.
+    let partial = trellis_node::patch::PartialArtifact::path_for(&dest);
+    let mut bytes = std::fs::read(&dest).unwrap();
+    bytes[CHUNK_SIZE as usize + 3] ^= 0xff;
+    std::fs::write(&partial, &bytes).unwrap();
     std::fs::remove_file(&dest).unwrap();
     let again = fetch().expect("fetch again");
     assert_eq!((again.held, again.stats.fetched), (2, 1), "{again:?}");

@@ -9,12 +9,12 @@
 //!   (`Patch::load`), signed by an operator (`patch::sign`), its manifest
 //!   kept as `PatchFiles` holds it and every chunk put in a `ChunkStore`;
 //!   `distribute::serve` answers on the relay's `MeshEndpoint`;
-//! - each node has its own endpoint, certificate and chunk store, and does
+//! - each node has its own endpoint, certificate and directory, and does
 //!   what a node does on a patch order: `fetch_patch`, `patch::verify`,
 //!   then `fetch_artifact`, which keeps several chunk requests in flight
-//!   on one connection, checks every chunk against its BLAKE3, keeps it in
-//!   the store (a file per chunk) and assembles the artifact (an atomic,
-//!   fsynced file, its whole BLAKE3 checked).
+//!   on one connection, checks every chunk against its BLAKE3, writes it
+//!   in place in the artifact's partial file, hashes the whole file as it
+//!   fills, then flushes it and renames it into place.
 //!
 //! The baseline is a tokio TCP server on 127.0.0.1 that sends the same
 //! file to as many concurrent clients; each client hashes the stream
@@ -81,7 +81,7 @@ struct Args {
     #[arg(long)]
     size_mib: Option<u64>,
     /// Nodes fetching at once, each with its own endpoint, certificate and
-    /// chunk store (and as many TCP clients).
+    /// directory (and as many TCP clients).
     #[arg(long, default_value_t = 10)]
     nodes: usize,
     /// Rounds of each transfer, alternating (default 3, or 1 with
@@ -333,12 +333,14 @@ async fn run(
          whole artifact, checked. CPU: this process (relay, nodes, or TCP server and clients) over \
          that span. Trellis: each node fetches and verifies the signed manifest, fetches the \
          chunks over one QUIC connection ({} requests in flight, each chunk checked against its \
-         BLAKE3 and kept as a file of its own), then assembles the artifact (atomic, fsynced, \
-         whole BLAKE3 checked); the relay reads and checks each chunk it serves ({} B in its \
+         BLAKE3 and written in place in the artifact's partial file), which is hashed whole as \
+         it fills, then fsynced and renamed; the relay reads and checks a chunk once and serves \
+         it to every node from memory while it is among the {} last asked for ({} B in its \
          store). TCP: each client BLAKE3-hashes the stream, writes it to a temporary file, \
          fsyncs it once and renames it. Every file was read back after the run and matched the \
          source's BLAKE3.",
         trellis_node::distribute::CHUNKS_IN_FLIGHT,
+        trellis_node::distribute::CHUNKS_CACHED,
         thousands(relay_dir_bytes)
     );
     Ok(())
@@ -387,20 +389,13 @@ async fn trellis_round(
     for (i, c) in creds.nodes.iter().enumerate() {
         let (endpoint, _) = MeshEndpoint::bind(c.clone(), loopback(), &[], MeshMetrics::default())?;
         let home = dir.join(format!("node-{i:03}"));
-        let store = ChunkStore::open(&home.join("chunks"))?;
-        nodes.push((
-            endpoint,
-            c.clone(),
-            store,
-            home.join("artifacts").join(ARTIFACT),
-        ));
+        nodes.push((endpoint, c.clone(), home.join("artifacts").join(ARTIFACT)));
     }
     let cpu0 = process_cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for (endpoint, trust, store, dest) in &nodes {
-        let (endpoint, trust, store, dest) =
-            (endpoint.clone(), trust.clone(), store.clone(), dest.clone());
+    for (endpoint, trust, dest) in &nodes {
+        let (endpoint, trust, dest) = (endpoint.clone(), trust.clone(), dest.clone());
         let artifact = artifact.clone();
         tasks.push(tokio::spawn(async move {
             let signed = fetch_patch(&endpoint, relay, id).await?;
@@ -409,7 +404,7 @@ async fn trellis_round(
                 manifest.artifacts.first() == Some(&artifact),
                 "the relay's manifest names another artifact"
             );
-            fetch_artifact(&endpoint, relay, &artifact, &store, &dest, MAX_ATTEMPTS)
+            fetch_artifact(&endpoint, relay, &artifact, &dest, MAX_ATTEMPTS)
                 .await
                 .map_err(anyhow::Error::msg)?;
             anyhow::Ok(())
@@ -420,7 +415,7 @@ async fn trellis_round(
     }
     let wall = start.elapsed();
     let cpu = process_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
-    for (endpoint, _, _, dest) in &nodes {
+    for (endpoint, _, dest) in &nodes {
         check_file(dest, artifact)?;
         endpoint.shutdown().await;
     }
