@@ -97,8 +97,7 @@ pub fn decode_frame(
             let unpacked;
             let coded = match flag {
                 FLAG_ZSTD => {
-                    unpacked =
-                        zstd::bulk::decompress(coded, MAX_GOSSIP_FRAME).map_err(|_| malformed())?;
+                    unpacked = inflate(coded)?;
                     &unpacked[..]
                 }
                 0 => coded,
@@ -110,7 +109,7 @@ pub fn decode_frame(
             &inflated[..]
         }
         Some((&GOSSIP_VERSION_ZSTD, packed)) => {
-            inflated = zstd::bulk::decompress(packed, MAX_GOSSIP_FRAME).map_err(|_| malformed())?;
+            inflated = inflate(packed)?;
             &inflated[..]
         }
         _ => wire::payload(body, GOSSIP_VERSION_PLAIN)?,
@@ -122,13 +121,55 @@ pub fn decode_frame(
     Ok(msg)
 }
 
+/// zstd contexts, kept by each thread that codes gossip frames: making
+/// and freeing one for every message (about ten a second each way) cost
+/// more than compressing the message.
+#[derive(Default)]
+struct Zstd {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Zstd {
+    fn compressor(&mut self) -> std::io::Result<&mut zstd::bulk::Compressor<'static>> {
+        if self.compressor.is_none() {
+            self.compressor = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        }
+        Ok(self.compressor.as_mut().expect("just made"))
+    }
+
+    fn decompressor(&mut self) -> std::io::Result<&mut zstd::bulk::Decompressor<'static>> {
+        if self.decompressor.is_none() {
+            self.decompressor = Some(zstd::bulk::Decompressor::new()?);
+        }
+        Ok(self.decompressor.as_mut().expect("just made"))
+    }
+}
+
+thread_local! {
+    static ZSTD: std::cell::RefCell<Zstd> = std::cell::RefCell::new(Zstd::default());
+}
+
+/// Inflates a zstd frame of at most [`MAX_GOSSIP_FRAME`] bytes, into a
+/// buffer of the size its header declares (a frame declaring more is
+/// refused unread; one declaring less than it holds fails to inflate).
+fn inflate(packed: &[u8]) -> Result<Vec<u8>, WireError> {
+    let capacity = match zstd::zstd_safe::get_frame_content_size(packed) {
+        Ok(Some(n)) if n <= MAX_GOSSIP_FRAME as u64 => n as usize,
+        Ok(Some(_)) => return Err(malformed()),
+        _ => MAX_GOSSIP_FRAME,
+    };
+    ZSTD.with(|z| z.borrow_mut().decompressor()?.decompress(packed, capacity))
+        .map_err(|_| malformed())
+}
+
 /// Encodes one chitchat message (chitchat's own bytes) as the next frame of
 /// the stream `encoder` belongs to. If this fails the stream must not be
 /// used again: the encoder has already taken the message as its base.
 pub fn encode_frame(encoder: &mut StreamEncoder, plain: &[u8]) -> Result<Vec<u8>, WireError> {
     let coded = encoder.encode(plain);
     let mut body = Vec::with_capacity(coded.len() + 1);
-    match zstd::bulk::compress(&coded, ZSTD_LEVEL) {
+    match ZSTD.with(|z| z.borrow_mut().compressor()?.compress(&coded)) {
         Ok(packed) if packed.len() < coded.len() => {
             body.push(FLAG_ZSTD);
             body.extend_from_slice(&packed);
@@ -517,6 +558,24 @@ pub fn site_view_of(c: &chitchat::Chitchat, region: &str, site: &str) -> SiteVie
     }
 }
 
+/// What a [`SiteView`] is built from, in 64 bits: every member's identity,
+/// the version of its last key change (chitchat's `max_version`, which a
+/// heartbeat does not move) and whether it is live. Equal keys mean equal
+/// views.
+fn view_key(c: &chitchat::Chitchat) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let states = c.node_states();
+    states.len().hash(&mut h);
+    for (id, state) in states {
+        id.hash(&mut h);
+        state.max_version().hash(&mut h);
+        live.contains(id).hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Which gossip cluster to join: a site's, or the hubs' federation.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -562,7 +621,12 @@ pub struct Gossip {
     site: String,
     /// Keeps the status-change listener registered while gossip runs.
     _status_listener: chitchat::ListenerHandle,
+    last_view: Arc<Mutex<Option<LastView>>>,
 }
+
+/// The last view built, and the [`view_key`] of the state it was built
+/// from.
+type LastView = (u64, Arc<SiteView>);
 
 /// How the set of live members changed between two views of it.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -707,6 +771,7 @@ impl Gossip {
             region: id.region,
             site: id.site,
             _status_listener: status_listener,
+            last_view: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -769,11 +834,26 @@ impl Gossip {
         self.set(health.to_kv(), keys::CHECK_PREFIX).await;
     }
 
-    /// The site as this member sees it now.
-    pub async fn view(&self) -> SiteView {
+    /// The site as this member sees it now. Several tasks ask for it every
+    /// second; it is built again (every member's keys parsed) only when a
+    /// member's keys or liveness changed since the last one, which
+    /// heartbeats alone do not do.
+    pub async fn view(&self) -> Arc<SiteView> {
         let (region, site) = (self.region.clone(), self.site.clone());
+        let last = self.last_view.clone();
         self.handle
-            .with_chitchat(|c| site_view_of(c, &region, &site))
+            .with_chitchat(move |c| {
+                let key = view_key(c);
+                let mut last = last.lock().expect("not poisoned");
+                match last.as_ref() {
+                    Some((k, view)) if *k == key => view.clone(),
+                    _ => {
+                        let view = Arc::new(site_view_of(c, &region, &site));
+                        *last = Some((key, view.clone()));
+                        view
+                    }
+                }
+            })
             .await
     }
 

@@ -80,6 +80,42 @@ async fn members_of_a_site_see_each_other_alive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_site_view_is_reused_until_a_key_changes_and_never_stale() {
+    trellis_node::tls::install_crypto_provider();
+    let ca = MeshCa::generate("t").unwrap();
+    let shutdown = CancellationToken::new();
+    let agent = NodeAgent::start(
+        creds(&ca, "par", "n0"),
+        node_config(vec![]),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let gossip = agent.gossip();
+    // Two views with no key change in between are one (the member's own
+    // health may change a key at any moment, hence the retries).
+    let reused = eventually(Duration::from_secs(10), || async {
+        let (a, b) = (gossip.view().await, gossip.view().await);
+        std::sync::Arc::ptr_eq(&a, &b)
+    })
+    .await;
+    assert!(reused, "the view was built again with nothing changed");
+    // A key set is in the very next view.
+    for value in ["blue", "green"] {
+        let before = gossip.view().await;
+        gossip
+            .set(vec![("label:colour".into(), value.into())], "")
+            .await;
+        let after = gossip.view().await;
+        assert!(!std::sync::Arc::ptr_eq(&before, &after));
+        let me = after.members.iter().find(|m| m.name == "n0").unwrap();
+        assert_eq!(me.labels.get("colour").map(String::as_str), Some(value));
+    }
+    shutdown.cancel();
+    agent.stopped().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_sites_certificate_and_a_foreign_ca_are_refused() {
     trellis_node::tls::install_crypto_provider();
     let ca = MeshCa::generate("t").unwrap();
@@ -126,8 +162,8 @@ async fn another_sites_certificate_and_a_foreign_ca_are_refused() {
             .view()
             .await
             .members
-            .into_iter()
-            .map(|m| m.name)
+            .iter()
+            .map(|m| m.name.clone())
             .collect();
         assert!(
             !names.contains(&"n0".to_owned()),
