@@ -126,6 +126,20 @@ pub trait Running {
     fn stopped(self) -> impl Future<Output = ()>;
 }
 
+/// The runtime a member runs on. A node agent's work is a few messages
+/// and timers a second: one thread runs it all (disk and commands go to
+/// tokio's blocking threads as everywhere), which saves the wake-ups of a
+/// second worker stealing tasks, and that thread's memory. A relay or hub
+/// serves a whole site or many sites and gets a worker per core.
+fn runtime(role: Role) -> std::io::Result<tokio::runtime::Runtime> {
+    match role {
+        Role::Node => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    }
+}
+
 /// The whole life of a member binary: load and validate the configuration
 /// and credentials (exit 2 on any problem), then run `start` until Ctrl-C or
 /// SIGTERM (exit 1 if it cannot start).
@@ -175,7 +189,7 @@ where
         println!("configuration ok: {}", creds.identity);
         return ExitCode::SUCCESS;
     }
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let rt = runtime(role).expect("tokio runtime");
     rt.block_on(async move {
         let shutdown = shutdown_on_signal();
         match start(creds, loaded.config, shutdown.clone()).await {
