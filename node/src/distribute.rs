@@ -1193,21 +1193,25 @@ mod tests {
         relay_task.await.unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_chunk_the_relay_lacks_ends_the_download_after_max_attempts_keeping_the_rest() {
-        let s = site();
-        let (bytes, a) = artifact(4);
-        let tmp = tempfile::tempdir().unwrap();
+    /// A relay serving, from a chunk store under `dir`, every chunk of `a`
+    /// but chunk `lacking`; cancel the token to stop it.
+    fn serving_relay(
+        creds: Credentials,
+        dir: &std::path::Path,
+        bytes: &[u8],
+        a: &ArtifactRef,
+        lacking: usize,
+    ) -> (MeshEndpoint, ChunkStore, CancellationToken) {
         let files = PatchFiles {
-            dir: tmp.path().join("relay"),
-            chunks: ChunkStore::open(&tmp.path().join("relay/chunks")).unwrap(),
+            dir: dir.join("relay"),
+            chunks: ChunkStore::open(&dir.join("relay/chunks")).unwrap(),
         };
-        for (i, h) in a.chunks.iter().enumerate().filter(|(i, _)| *i != 2) {
-            files.chunks.put(h, chunk_of(&bytes, i)).unwrap();
+        for (i, h) in a.chunks.iter().enumerate().filter(|(i, _)| *i != lacking) {
+            files.chunks.put(h, chunk_of(bytes, i)).unwrap();
         }
+        let store = files.chunks.clone();
         let (relay, mut routes) =
-            MeshEndpoint::bind(s.relay, loopback(), &[Protocol::Fetch], Default::default())
-                .unwrap();
+            MeshEndpoint::bind(creds, loopback(), &[Protocol::Fetch], Default::default()).unwrap();
         let shutdown = CancellationToken::new();
         let (_tx, served) = watch::channel(None);
         tokio::spawn(serve(
@@ -1217,6 +1221,15 @@ mod tests {
             Default::default(),
             shutdown.clone(),
         ));
+        (relay, store, shutdown)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_the_relay_lacks_ends_the_download_after_max_attempts_keeping_the_rest() {
+        let s = site();
+        let (bytes, a) = artifact(4);
+        let tmp = tempfile::tempdir().unwrap();
+        let (relay, _store, shutdown) = serving_relay(s.relay, tmp.path(), &bytes, &a, 2);
         let (node, _) = MeshEndpoint::bind(s.node, loopback(), &[], Default::default()).unwrap();
         let dest = tmp.path().join("node/pkg.bin");
         let started = std::time::Instant::now();
@@ -1244,26 +1257,7 @@ mod tests {
         let s = site();
         let (bytes, a) = artifact(3);
         let tmp = tempfile::tempdir().unwrap();
-        let files = PatchFiles {
-            dir: tmp.path().join("relay"),
-            chunks: ChunkStore::open(&tmp.path().join("relay/chunks")).unwrap(),
-        };
-        for (i, h) in a.chunks.iter().enumerate().filter(|(i, _)| *i != 2) {
-            files.chunks.put(h, chunk_of(&bytes, i)).unwrap();
-        }
-        let store = files.chunks.clone();
-        let (relay, mut routes) =
-            MeshEndpoint::bind(s.relay, loopback(), &[Protocol::Fetch], Default::default())
-                .unwrap();
-        let shutdown = CancellationToken::new();
-        let (_tx, served) = watch::channel(None);
-        tokio::spawn(serve(
-            routes.take(Protocol::Fetch),
-            served,
-            Some(Arc::new(files)),
-            Default::default(),
-            shutdown.clone(),
-        ));
+        let (relay, store, shutdown) = serving_relay(s.relay, tmp.path(), &bytes, &a, 2);
         let (node, _) = MeshEndpoint::bind(s.node, loopback(), &[], Default::default()).unwrap();
         // An artifact made of the first two chunks: read into the cache.
         let front = ArtifactRef::read("front.bin", &bytes[..2 * CHUNK_SIZE as usize]).unwrap();
