@@ -380,6 +380,21 @@ async fn exchange(
     addr: SocketAddr,
     request: &FetchRequest,
 ) -> Result<Option<FetchResponse>, FetchError> {
+    match exchange_body(conn, addr, request).await? {
+        None => Ok(None),
+        Some(body) => wire::decode_body(&body, FETCH_VERSION)
+            .map(Some)
+            .map_err(|source| FetchError::Wire { addr, source }),
+    }
+}
+
+/// [`exchange`], up to the answer's frame body (version byte on), not
+/// decoded: a chunk answer is taken from it in place ([`chunk_answer`]).
+async fn exchange_body(
+    conn: &quinn::Connection,
+    addr: SocketAddr,
+    request: &FetchRequest,
+) -> Result<Option<Vec<u8>>, FetchError> {
     let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
         addr,
         reason: e.to_string(),
@@ -389,7 +404,7 @@ async fn exchange(
         .await
         .map_err(|source| FetchError::Wire { addr, source })?;
     send.finish().map_err(|e| stream_err(&e))?;
-    wire::read_msg::<FetchResponse>(&mut recv, FETCH_VERSION, MAX_FETCH_FRAME)
+    wire::read_frame(&mut recv, MAX_FETCH_FRAME)
         .await
         .map_err(|source| FetchError::Wire { addr, source })
 }
@@ -609,18 +624,13 @@ async fn fetch_connection(
 async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<bytes::Bytes, String> {
     let ask = async {
         let addr = conn.remote_address();
-        let stream_err = |e: &dyn std::fmt::Display| format!("fetch from {addr}: {e}");
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
-        let request = FetchRequest::Chunk(hash);
-        wire::write_msg(&mut send, FETCH_VERSION, &request, MAX_FETCH_REQUEST)
+        let body = exchange_body(conn, addr, &FetchRequest::Chunk(hash))
             .await
-            .map_err(|e| stream_err(&e))?;
-        send.finish().map_err(|e| stream_err(&e))?;
-        let body = wire::read_frame(&mut recv, MAX_FETCH_FRAME)
-            .await
-            .map_err(|e| stream_err(&e))?
-            .ok_or_else(|| stream_err(&"the relay closed the stream without an answer"))?;
-        match chunk_answer(body).map_err(|e| stream_err(&e))? {
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!("fetch from {addr}: the relay closed the stream without an answer")
+            })?;
+        match chunk_answer(body).map_err(|source| FetchError::Wire { addr, source }.to_string())? {
             Ok(bytes) => Ok(bytes),
             Err(FetchResponse::NoChunk) => Err("the relay does not hold the chunk".to_owned()),
             Err(other) => Err(format!("unexpected answer {other:?}")),
