@@ -621,7 +621,7 @@ pub struct Gossip {
     site: String,
     /// Keeps the status-change listener registered while gossip runs.
     _status_listener: chitchat::ListenerHandle,
-    last_view: Arc<Mutex<Option<LastView>>>,
+    last_view: Mutex<Option<LastView>>,
 }
 
 /// The last view built, and the [`view_key`] of the state it was built
@@ -771,7 +771,7 @@ impl Gossip {
             region: id.region,
             site: id.site,
             _status_listener: status_listener,
-            last_view: Arc::new(Mutex::new(None)),
+            last_view: Mutex::new(None),
         })
     }
 
@@ -839,16 +839,14 @@ impl Gossip {
     /// member's keys or liveness changed since the last one, which
     /// heartbeats alone do not do.
     pub async fn view(&self) -> Arc<SiteView> {
-        let (region, site) = (self.region.clone(), self.site.clone());
-        let last = self.last_view.clone();
         self.handle
-            .with_chitchat(move |c| {
+            .with_chitchat(|c| {
                 let key = view_key(c);
-                let mut last = last.lock().expect("not poisoned");
+                let mut last = self.last_view.lock().expect("not poisoned");
                 match last.as_ref() {
                     Some((k, view)) if *k == key => view.clone(),
                     _ => {
-                        let view = Arc::new(site_view_of(c, &region, &site));
+                        let view = Arc::new(site_view_of(c, &self.region, &self.site));
                         *last = Some((key, view.clone()));
                         view
                     }
