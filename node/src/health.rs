@@ -31,9 +31,12 @@ pub struct Resources {
 /// Published resource figures move in steps, so that a busy machine's
 /// jitter does not become gossip traffic: every changed key travels to
 /// every member of the site, and at a 2 s interval an exact CPU figure
-/// changes nearly every time. A figure is republished when it moves by its
-/// step, when it enters another threshold band (so a status never waits
-/// on a step), and all of them every [`STEADY_REFRESH`].
+/// changes nearly every time. A changed key also moves the member's
+/// version, which costs its entry in every digest several bytes instead of
+/// one (see `gossip_codec`) on each stream until that stream's next digest,
+/// some 16 s later at 100 members. A figure is republished when it moves by
+/// its step, when it enters another threshold band (so a status never
+/// waits on a step), and all of them every [`STEADY_REFRESH`].
 #[derive(Debug, Default)]
 pub struct Steady {
     last: Option<(Resources, std::time::Instant)>,
@@ -45,8 +48,37 @@ pub const CPU_STEP: u8 = 10;
 pub const MEM_STEP: u8 = 2;
 /// Disk percentage points a published figure must move by.
 pub const DISK_STEP: u8 = 1;
-/// Every figure is republished at least this often, however little it moved.
-pub const STEADY_REFRESH: Duration = Duration::from_secs(60);
+/// Every figure is republished at least this often, however little it
+/// moved. Between refreshes a figure is off by less than its step.
+pub const STEADY_REFRESH: Duration = Duration::from_secs(300);
+/// Time constant of the published CPU figure's average: a minute, as for
+/// `load1`. A 2 s sample of a shared machine swings by tens of points.
+pub const CPU_AVERAGE: Duration = Duration::from_secs(60);
+
+/// The CPU figure's exponentially weighted average over [`CPU_AVERAGE`],
+/// each sample weighted by the time since the previous one, so the average
+/// does not depend on the sampling interval.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuAverage {
+    last: Option<(f64, std::time::Instant)>,
+}
+
+impl CpuAverage {
+    /// Adds the percentage busy since the previous sample, measured at
+    /// `now`, and returns the average.
+    pub fn add(&mut self, pct: f64, now: std::time::Instant) -> f64 {
+        let avg = match self.last {
+            None => pct,
+            Some((avg, at)) => {
+                let dt = now.saturating_duration_since(at).as_secs_f64();
+                let weight = 1.0 - (-dt / CPU_AVERAGE.as_secs_f64()).exp();
+                avg + (pct - avg) * weight
+            }
+        };
+        self.last = Some((avg, now));
+        avg
+    }
+}
 
 impl Steady {
     /// The figures to publish at `now`, given the `fresh` sample.
@@ -163,11 +195,13 @@ fn pct(used: u64, total: u64) -> Option<u8> {
 }
 
 /// Reads the machine's resources. CPU usage is measured between two
-/// consecutive samples, so the first sample has none.
+/// consecutive samples, so the first sample has none, and published as its
+/// one-minute average ([`CpuAverage`]).
 pub struct ResourceSampler {
     system: Option<System>,
     disks: Option<Disks>,
     primed: bool,
+    cpu: CpuAverage,
 }
 
 impl Default for ResourceSampler {
@@ -190,6 +224,7 @@ impl ResourceSampler {
             system,
             disks,
             primed: false,
+            cpu: CpuAverage::default(),
         }
     }
 
@@ -199,7 +234,9 @@ impl ResourceSampler {
             sys.refresh_cpu_usage();
             sys.refresh_memory();
             if self.primed {
-                r.cpu_pct = Some(sys.global_cpu_usage().round().clamp(0.0, 100.0) as u8);
+                let busy = f64::from(sys.global_cpu_usage());
+                let avg = self.cpu.add(busy, std::time::Instant::now());
+                r.cpu_pct = Some(avg.round().clamp(0.0, 100.0) as u8);
             }
             self.primed = true;
             r.mem_pct = pct(
@@ -441,6 +478,53 @@ mod tests {
             steady.damp(&figures(41, 51, 30, 1.1), t, &cfg),
             figures(41, 51, 30, 1.1)
         );
+    }
+
+    #[test]
+    fn the_cpu_average_follows_a_minute_whatever_the_sampling_interval() {
+        let t0 = std::time::Instant::now();
+        for every in [1u64, 2, 10] {
+            let mut avg = CpuAverage::default();
+            assert_eq!(avg.add(0.0, t0), 0.0);
+            let mut last = 0.0;
+            for i in 1..=60 / every {
+                last = avg.add(100.0, t0 + Duration::from_secs(i * every));
+            }
+            // A step from idle to busy is 1 - 1/e of the way after a minute.
+            assert!((last - 63.2).abs() < 0.1, "every {every} s: {last}");
+        }
+    }
+
+    #[test]
+    fn a_jittery_cpu_does_not_move_the_published_figure() {
+        let cfg = HealthConfig::default();
+        let t0 = std::time::Instant::now();
+        let (mut avg, mut steady) = (CpuAverage::default(), Steady::default());
+        avg.add(40.0, t0);
+        steady.damp(&figures(40, 50, 30, 1.0), t0, &cfg);
+        let mut published = Vec::new();
+        // Two-second samples of a machine busy 40 % on average, each one
+        // 30 points off, for four minutes.
+        for i in 1..120u64 {
+            let busy = if i % 2 == 0 { 10.0 } else { 70.0 };
+            let now = t0 + Duration::from_secs(2 * i);
+            let cpu = avg.add(busy, now).round() as u8;
+            let out = steady.damp(&figures(cpu, 50, 30, 1.0), now, &cfg);
+            published.push(out.cpu_pct.unwrap());
+        }
+        published.dedup();
+        assert_eq!(published, [40]);
+        // A sustained change still shows, within about a minute.
+        let mut last = 0;
+        for i in 120..160u64 {
+            let now = t0 + Duration::from_secs(2 * i);
+            let cpu = avg.add(95.0, now).round() as u8;
+            last = steady
+                .damp(&figures(cpu, 50, 30, 1.0), now, &cfg)
+                .cpu_pct
+                .unwrap();
+        }
+        assert!(last >= 70, "published {last} after 80 s at 95 %");
     }
 
     fn res(disk: u8, mem: u8) -> Resources {

@@ -160,7 +160,7 @@ pub struct Health {
     pub role: Option<Role>,
     /// The worst of the checks and the resource thresholds.
     pub status: Status,
-    /// Percent of CPU time busy, all cores, since the last sample.
+    /// Percent of CPU time busy, all cores, averaged over about a minute.
     pub cpu_pct: Option<u8>,
     /// Percent of memory in use.
     pub mem_pct: Option<u8>,
