@@ -121,14 +121,21 @@ impl MeshEndpoint {
         let server = if serve.is_empty() {
             None
         } else {
-            Some(creds.server_config(&alpns, tls::transport_config(None))?)
+            Some(creds.server_config(
+                &alpns,
+                tls::transport_config(None, tls::GOSSIP_IDLE_TIMEOUT),
+            )?)
         };
         let mut clients = HashMap::new();
         for p in Protocol::ALL {
             let keep_alive = (p == Protocol::Uplink).then_some(Duration::from_secs(5));
+            let idle = match p {
+                Protocol::Gossip | Protocol::Federation => tls::GOSSIP_IDLE_TIMEOUT,
+                _ => tls::IDLE_TIMEOUT,
+            };
             clients.insert(
                 p,
-                creds.client_config(p.alpn(), tls::transport_config(keep_alive))?,
+                creds.client_config(p.alpn(), tls::transport_config(keep_alive, idle))?,
             );
         }
         let endpoint = match server {

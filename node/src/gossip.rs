@@ -71,8 +71,9 @@ pub const MAX_GOSSIP_FRAME: usize = 80 * 1024;
 const PEER_QUEUE: usize = 8;
 /// Messages received and not yet taken by the gossip loop.
 const INBOX: usize = 1024;
-/// A peer task with nothing to send for this long ends.
-const PEER_IDLE: Duration = Duration::from_secs(120);
+/// A peer task with nothing to send for this long ends (and its stream
+/// with it): as long as the connection may idle.
+const PEER_IDLE: Duration = crate::tls::GOSSIP_IDLE_TIMEOUT;
 /// Time allowed to write one message or read one stream.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(8);

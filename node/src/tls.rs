@@ -604,13 +604,25 @@ pub fn not_after(cert_pem: &str) -> Result<i64, TlsError> {
     Ok(x509.validity().not_after.timestamp())
 }
 
-/// Transport settings shared by all mesh connections: an idle timeout long
-/// enough to keep gossip connections between rounds, no keep-alive by
-/// default (protocols that need one set it on their client config).
-pub fn transport_config(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+/// Idle timeout of mesh connections.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle timeout of gossip connections. A member of a 100-member site
+/// exchanges with any one peer about every 16 s, at random; with 60 s,
+/// one connection in forty idled out between two exchanges and its next
+/// digest started again from full member ids (see `gossip_codec`).
+pub const GOSSIP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Transport settings of mesh connections: an idle timeout and, for
+/// protocols that need one, a keep-alive. A connection idles out after
+/// the shorter of its two ends' timeouts, so a server offers the longest
+/// ([`GOSSIP_IDLE_TIMEOUT`]) and each client config sets its protocol's.
+pub fn transport_config(
+    keep_alive: Option<Duration>,
+    idle: Duration,
+) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits"),
+        quinn::IdleTimeout::try_from(idle).expect("mesh idle timeouts fit"),
     ));
     t.keep_alive_interval(keep_alive);
     Arc::new(t)
@@ -708,7 +720,7 @@ mod tests {
         signer.verify(b"bundle", &sig).unwrap();
         assert!(signer.verify(b"bundlf", &sig).is_err(), "altered message");
         // The key still serves for mutual TLS.
-        let transport = transport_config(None);
+        let transport = transport_config(None, IDLE_TIMEOUT);
         op.client_config(b"test", transport.clone()).unwrap();
         op.server_config(&[b"test"], transport).unwrap();
     }

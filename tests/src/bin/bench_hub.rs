@@ -497,7 +497,7 @@ fn par_map<T: Send>(
 }
 
 fn issue_relays(ca: &MeshCa, n: usize) -> anyhow::Result<Vec<RelayId>> {
-    let transport = tls::transport_config(Some(Duration::from_secs(5)));
+    let transport = tls::transport_config(Some(Duration::from_secs(5)), tls::IDLE_TIMEOUT);
     par_map(n, |i| {
         let site = format!("site-{}", i + 1);
         let id = Identity::new(Role::Relay, REGION, site.clone(), format!("{site}-relay"))?;
