@@ -287,6 +287,7 @@ def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) ->
 
     a = argparse.Namespace(**vars(args))
     a.sites, a.nodes_per_site = 1, n
+    a.warmup = warmup(args, n)
     tr = fp.run_trellis(a, work, ns, procs, node_extra=check, env_extra={
         "TRELLIS_LOG_FORMAT": "json",
         "TRELLIS_LOG": f"{args.trellis_log},trellis_node::gossip=debug,trellis_node::agent=info",
@@ -323,6 +324,11 @@ def trellis_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) ->
     return tr
 
 
+def warmup(args, n: int) -> int:
+    """Seconds from convergence to the window at `n` members, both systems."""
+    return args.warmup if args.warmup is not None else 15 + round(0.75 * n)
+
+
 def serf_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) -> dict:
     events = work / "serf-events"
     events.mkdir()
@@ -335,7 +341,9 @@ def serf_size(args, n: int, work: Path, ns: fp.NetNs, procs: fp.Processes) -> di
     # busy start fed on themselves and the cluster never converged.
     conf = work / "serf-handlers.json"
     conf.write_text("{}")
-    sf = fp.run_serf(args, work, ns, procs, n, extra_argv=[f"-config-file={conf}"],
+    a = argparse.Namespace(**vars(args))
+    a.warmup = warmup(args, n)
+    sf = fp.run_serf(a, work, ns, procs, n, extra_argv=[f"-config-file={conf}"],
                      env_extra={"GOSSIP_BENCH_EVENTS": str(events)})
     conf.write_text(json.dumps({"event_handlers": [f"member-failed,member-update={handler}"]}))
     for m in sf["agents"]:
@@ -442,8 +450,11 @@ def parse_args(argv=None):
                    help="members whose value is changed, twice each, per size (default 3)")
     p.add_argument("--seconds", type=int, default=30,
                    help="footprint window in seconds, a multiple of 10 (default 30)")
-    p.add_argument("--warmup", type=int, default=15,
-                   help="seconds to wait after convergence before measuring (default 15)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="seconds to wait after convergence before measuring (default "
+                        "15 + 0.75 s per member: a Trellis member exchanges with any one "
+                        "peer about every N/6 s, and its first digest to each peer carries "
+                        "full member ids; by then 99%% of those first exchanges are over)")
     p.add_argument("--limit", type=float, default=60,
                    help="seconds to wait for every member to see a change or failure "
                         "(default 60)")
@@ -546,7 +557,8 @@ def main(argv=None) -> int:
               f"({'BINARIES OLDER THAN SOURCES' if stale else 'release build'}); "
               f"{'no baseline' if args.no_baseline else 'serf ' + fp.serf_version()}; "
               f"Trellis: 1 site of N nodes + its relay + 1 hub; serf: N agents; "
-              f"window {args.seconds} s after {args.warmup} s warm-up")
+              f"window {args.seconds} s after "
+              f"{', '.join(str(warmup(args, n)) for n in args.sizes)} s warm-up")
         print()
         print("\n\n".join(tables))
         print()
