@@ -148,20 +148,26 @@ pub fn verify(
         &signed.signature,
     )
     .map_err(from_signature)?;
-    let malformed = |reason: String| BundleError::Malformed {
+    let bundle = decode(&signed.bundle).map_err(|reason| BundleError::Malformed {
         signer: identity.clone(),
         reason,
-    };
-    let (bundle, rest) = postcard::take_from_bytes::<Bundle>(&signed.bundle)
-        .map_err(|e| malformed(format!("not a bundle: {e}")))?;
+    })?;
+    Ok((bundle, identity))
+}
+
+/// Decodes a bundle's signed bytes, as [`verify`] does once the signature
+/// holds: exactly one bundle, nothing after it, and a valid fleet.
+pub fn decode(bytes: &[u8]) -> Result<Bundle, String> {
+    let (bundle, rest) =
+        postcard::take_from_bytes::<Bundle>(bytes).map_err(|e| format!("not a bundle: {e}"))?;
     if !rest.is_empty() {
-        return Err(malformed(format!("{} bytes after the bundle", rest.len())));
+        return Err(format!("{} bytes after the bundle", rest.len()));
     }
     bundle
         .fleet
         .validate()
-        .map_err(|e: FleetError| malformed(e.to_string()))?;
-    Ok((bundle, identity))
+        .map_err(|e: FleetError| e.to_string())?;
+    Ok(bundle)
 }
 
 #[cfg(test)]

@@ -645,8 +645,9 @@ async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<bytes::By
 const CHUNK_TAG: u8 = 2;
 
 /// The chunk a chunk answer's frame body (version byte on) carries, as a
-/// view of the body, not a copy; any other answer decoded.
-fn chunk_answer(body: Vec<u8>) -> Result<Result<bytes::Bytes, FetchResponse>, WireError> {
+/// view of the body, not a copy; any other answer decoded. Public for the
+/// fetch protocol's fuzz target.
+pub fn chunk_answer(body: Vec<u8>) -> Result<Result<bytes::Bytes, FetchResponse>, WireError> {
     if let Some(at) = chunk_offset(&body) {
         return Ok(Ok(bytes::Bytes::from(body).slice(at..)));
     }

@@ -739,22 +739,25 @@ pub fn verify(
         &signed.signature,
     )
     .map_err(from_signature)?;
-    let malformed = |reason: String| PatchError::Malformed {
+    let manifest = decode_manifest(&signed.manifest).map_err(|reason| PatchError::Malformed {
         signer: identity.clone(),
         reason,
-    };
-    let (manifest, rest) = postcard::take_from_bytes::<PatchManifest>(&signed.manifest)
-        .map_err(|e| malformed(format!("not a patch manifest: {e}")))?;
+    })?;
+    Ok((manifest, identity))
+}
+
+/// Decodes a manifest's signed bytes, as [`verify`] does once the signature
+/// holds: exactly one manifest, nothing after it, and the manifest rules.
+pub fn decode_manifest(bytes: &[u8]) -> Result<PatchManifest, String> {
+    let (manifest, rest) = postcard::take_from_bytes::<PatchManifest>(bytes)
+        .map_err(|e| format!("not a patch manifest: {e}"))?;
     if !rest.is_empty() {
-        return Err(malformed(format!(
-            "{} bytes after the manifest",
-            rest.len()
-        )));
+        return Err(format!("{} bytes after the manifest", rest.len()));
     }
     manifest
         .check()
-        .map_err(|(field, problem)| malformed(format!("{field}: {problem}")))?;
-    Ok((manifest, identity))
+        .map_err(|(field, problem)| format!("{field}: {problem}"))?;
+    Ok(manifest)
 }
 
 // ---------------------------------------------------------------------------
