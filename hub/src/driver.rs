@@ -1238,11 +1238,7 @@ impl Hub {
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds.clone(),
             cfg.uplink.listen,
-            &[
-                Protocol::Uplink,
-                Protocol::Federation,
-                Protocol::Replication,
-            ],
+            trellis_node::authz::served_by(trellis_node::id::Role::Hub),
             mesh_metrics.clone(),
         )?;
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)

@@ -137,14 +137,13 @@ pub struct SiteMember {
 }
 
 impl SiteMember {
-    /// Binds the endpoint (serving gossip and the protocols in `serve`),
-    /// starts the checks, joins gossip and starts publishing health, with
+    /// Binds the endpoint (serving what [`authz::served_by`] says the
+    /// member's role serves), starts the checks, joins gossip and starts publishing health, with
     /// the member's `labels` and its machine's facts ([`machine_facts`]).
     /// Registers the mesh metrics into `registry`.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         creds: Credentials,
-        serve: &[Protocol],
         labels: &BTreeMap<String, String>,
         gossip: &GossipConfig,
         health_cfg: &HealthConfig,
@@ -154,13 +153,10 @@ impl SiteMember {
     ) -> Result<Self, StartError> {
         let role = creds.identity.role;
         let mesh_metrics = MeshMetrics::register(registry);
-        let protocols: Vec<Protocol> = std::iter::once(Protocol::Gossip)
-            .chain(serve.iter().copied())
-            .collect();
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds,
             gossip.listen_addr(),
-            &protocols,
+            crate::authz::served_by(role),
             mesh_metrics.clone(),
         )?;
         let checks = Checks::start(
@@ -617,7 +613,6 @@ impl NodeAgent {
         };
         let member = SiteMember::start(
             creds,
-            &[],
             &cfg.node.labels,
             &cfg.gossip,
             &cfg.health,

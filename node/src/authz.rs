@@ -102,6 +102,21 @@ impl Refusal {
     }
 }
 
+/// The protocols a member of `role` serves, that is accepts connections
+/// for. A connection asking for any other ALPN fails its TLS handshake.
+pub fn served_by(role: Role) -> &'static [Protocol] {
+    match role {
+        Role::Node => &[Protocol::Gossip],
+        Role::Relay => &[Protocol::Gossip, Protocol::Fetch],
+        Role::Hub => &[
+            Protocol::Uplink,
+            Protocol::Federation,
+            Protocol::Replication,
+        ],
+        Role::Operator => &[],
+    }
+}
+
 /// Decides whether `peer` may speak `protocol` with `local`.
 pub fn authorize(
     protocol: Protocol,
@@ -157,6 +172,150 @@ pub fn authorize(
             same_site()
         }
     }
+}
+
+/// How a client's region and site relate to the server's, in the
+/// authorisation matrix of docs/SECURITY.md (for a hub, which has no site,
+/// "same site" means the same region).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relation {
+    SameSite,
+    OtherSite,
+    OtherRegion,
+}
+
+/// The client columns of the matrix.
+pub const MATRIX_CLIENTS: [(Role, Relation); 9] = [
+    (Role::Node, Relation::SameSite),
+    (Role::Node, Relation::OtherSite),
+    (Role::Node, Relation::OtherRegion),
+    (Role::Relay, Relation::SameSite),
+    (Role::Relay, Relation::OtherSite),
+    (Role::Relay, Relation::OtherRegion),
+    (Role::Hub, Relation::SameSite),
+    (Role::Hub, Relation::OtherRegion),
+    (Role::Operator, Relation::OtherRegion),
+];
+
+/// The server roles of the matrix: every role that serves a protocol.
+pub const MATRIX_SERVERS: [Role; 3] = [Role::Node, Role::Relay, Role::Hub];
+
+/// What a server decides about one client, a cell of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cell {
+    /// The connection goes on.
+    Allowed,
+    /// Refused: this role may not speak this protocol with this server.
+    Role,
+    /// Refused: the protocol stays inside one site.
+    Site,
+    /// The server does not offer the ALPN; the TLS handshake fails.
+    NotServed,
+}
+
+impl Cell {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cell::Allowed => "allowed",
+            Cell::Role => "role",
+            Cell::Site => "site",
+            Cell::NotServed => "-",
+        }
+    }
+}
+
+/// One row of the matrix: a protocol served (or not) by a role, and the
+/// decision for each client of [`MATRIX_CLIENTS`].
+#[derive(Debug, Clone)]
+pub struct MatrixRow {
+    pub protocol: Protocol,
+    pub server: Role,
+    pub cells: Vec<Cell>,
+}
+
+/// The identity the matrix gives a member of `role` standing in
+/// `relation` to a server in region `eu`, site `par`.
+pub fn matrix_identity(role: Role, relation: Relation, name: &str) -> Identity {
+    let (region, site) = match relation {
+        Relation::SameSite => ("eu", "par"),
+        Relation::OtherSite => ("eu", "ber"),
+        Relation::OtherRegion => ("us", "nyc"),
+    };
+    let (region, site) = match role {
+        Role::Hub => (region, ""),
+        Role::Operator => ("", ""),
+        _ => (region, site),
+    };
+    Identity::new(role, region, site, name).expect("matrix identities are valid")
+}
+
+/// The whole matrix, from [`served_by`] and [`authorize`]: what every
+/// server decides about every kind of client, for every protocol.
+pub fn matrix() -> Vec<MatrixRow> {
+    let mut rows = Vec::new();
+    for protocol in [
+        Protocol::Gossip,
+        Protocol::Fetch,
+        Protocol::Uplink,
+        Protocol::Federation,
+        Protocol::Replication,
+    ] {
+        for server_role in MATRIX_SERVERS {
+            let server = matrix_identity(server_role, Relation::SameSite, "server");
+            let cells = MATRIX_CLIENTS
+                .iter()
+                .map(|&(role, relation)| {
+                    if !served_by(server_role).contains(&protocol) {
+                        return Cell::NotServed;
+                    }
+                    let client = matrix_identity(role, relation, "client");
+                    match authorize(protocol, Side::Server, &server, &client) {
+                        Ok(()) => Cell::Allowed,
+                        Err(Refusal::WrongRole { .. }) => Cell::Role,
+                        Err(Refusal::WrongSite { .. }) => Cell::Site,
+                    }
+                })
+                .collect();
+            rows.push(MatrixRow {
+                protocol,
+                server: server_role,
+                cells,
+            });
+        }
+    }
+    rows
+}
+
+/// The line before the matrix in docs/SECURITY.md.
+pub const MATRIX_BEGIN: &str = "<!-- authz-matrix: begin";
+
+/// The matrix as the Markdown table docs/SECURITY.md holds.
+pub fn matrix_markdown() -> String {
+    let relation = |r: Relation, role: Role| match (r, role) {
+        (Relation::SameSite, Role::Hub) => "same region",
+        (Relation::SameSite, _) => "same site",
+        (Relation::OtherSite, _) => "other site",
+        (Relation::OtherRegion, _) => "other region",
+    };
+    let mut out = String::from("| protocol | server |");
+    for &(role, r) in &MATRIX_CLIENTS {
+        if role == Role::Operator {
+            out.push_str(" operator |");
+        } else {
+            out.push_str(&format!(" {role}, {} |", relation(r, role)));
+        }
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"---|".repeat(MATRIX_CLIENTS.len()));
+    out.push('\n');
+    for row in matrix() {
+        out.push_str(&format!("| {} | {} |", row.protocol, row.server));
+        for cell in row.cells {
+            out.push_str(&format!(" {} |", cell.as_str()));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -251,6 +410,25 @@ mod tests {
                 assert!(authorize(p, side, &relay, &a).is_err());
             }
         }
+    }
+
+    #[test]
+    fn the_documented_matrix_is_the_one_enforced() {
+        let doc = include_str!("../../docs/SECURITY.md");
+        let begin = doc.find(MATRIX_BEGIN).expect("the matrix's start marker");
+        let table = &doc[begin..];
+        let table = &table[table.find('\n').expect("a line") + 1..];
+        let end = table
+            .find("<!-- authz-matrix: end")
+            .expect("the matrix's end marker");
+        assert_eq!(
+            &table[..end],
+            matrix_markdown(),
+            "docs/SECURITY.md's matrix is not what the code enforces; put this there:\n{}",
+            matrix_markdown()
+        );
+        // Every protocol against every role that serves something.
+        assert_eq!(matrix().len(), Protocol::ALL.len() * 3);
     }
 
     #[test]

@@ -97,7 +97,6 @@ async fn a_node_installs_bakes_and_rolls_back_the_patch_its_relay_orders() {
     let mut registry = Registry::default();
     let mut relay = SiteMember::start(
         issue(Role::Relay, "eu", "par", "relay"),
-        &[Protocol::Fetch],
         &BTreeMap::new(),
         &gossip_cfg(vec![]),
         &HealthConfig::default(),

@@ -1257,7 +1257,6 @@ impl Relay {
         let trust = creds.clone();
         let mut member = SiteMember::start(
             creds,
-            &[Protocol::Fetch],
             &Default::default(),
             &cfg.gossip,
             &cfg.health,

@@ -419,7 +419,6 @@ impl HostileRelay {
         };
         let mut member = trellis_node::agent::SiteMember::start(
             creds,
-            &[Protocol::Fetch],
             &Default::default(),
             &gossip,
             &Default::default(),
