@@ -961,6 +961,9 @@ enum ServeError {
     Gone(String),
     /// Nothing arrived for longer than the silence timeout.
     Silent,
+    /// The relay did not open its control stream, or send its hello,
+    /// within [`IO_TIMEOUT`]: a slow client holding a connection.
+    TooSlow(&'static str),
 }
 
 /// Serves one relay's uplink connection until it ends.
@@ -999,6 +1002,11 @@ async fn serve_relay(
         Err(ServeError::Store(error)) => {
             warn!(relay = %peer, %remote, %error, "closing uplink: records could not be stored");
             conn.close(close::DONE, b"hub cannot store records now");
+        }
+        Err(ServeError::TooSlow(what)) => {
+            mesh.peer_error(Protocol::Uplink.as_str(), "too_slow");
+            warn!(relay = %peer, %remote, missing = what, timeout = ?IO_TIMEOUT, "closing uplink: relay too slow to start");
+            conn.close(close::PROTOCOL_ERROR, what.as_bytes());
         }
         Err(ServeError::Gone(reason)) => debug!(relay = %peer, %reason, "uplink lost"),
     }
@@ -1048,14 +1056,14 @@ async fn serve_relay_inner(
     let gone = |e: &dyn std::fmt::Display| ServeError::Gone(e.to_string());
     let (mut send, recv) = tokio::time::timeout(IO_TIMEOUT, conn.accept_bi())
         .await
-        .map_err(|_| ServeError::Gone("no control stream".into()))?
+        .map_err(|_| ServeError::TooSlow("no control stream"))?
         .map_err(|e| gone(&e))?;
     let (tx, mut frames) = mpsc::channel(MAX_RECORDS_PER_INPUT);
     let reader = tokio::spawn(read_frames(recv, tx));
     let _stop_reader = AbortOnDrop(reader);
     let stream = match tokio::time::timeout(IO_TIMEOUT, frames.recv())
         .await
-        .map_err(|_| ServeError::Gone("no hello".into()))?
+        .map_err(|_| ServeError::TooSlow("no hello"))?
     {
         Some(Ok(RelayMsg::Hello { stream })) => stream,
         Some(Ok(RelayMsg::Record(_))) => return Err(ServeError::Unexpected("record before hello")),
@@ -1409,10 +1417,8 @@ impl Hub {
         let app = api::router(shared.clone());
         let sd = shutdown.child_token();
         tasks.push(tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(sd.cancelled_owned())
-                .await
-            {
+            let limits = trellis_node::http::Limits::api();
+            if let Err(error) = trellis_node::http::serve(listener, app, limits, "api", sd).await {
                 warn!(%error, "API server stopped");
             }
         }));

@@ -67,7 +67,7 @@ pub async fn serve_metrics(
         .local_addr()
         .map_err(|source| StartError::Metrics { addr: want, source })?;
     tokio::spawn(async move {
-        if let Err(error) = metrics::serve(listener, registry, shutdown.cancelled_owned()).await {
+        if let Err(error) = metrics::serve(listener, registry, shutdown).await {
             warn!(%error, "metrics server stopped");
         }
     });

@@ -57,6 +57,7 @@ pub mod endpoint;
 pub mod gossip;
 pub mod gossip_codec;
 pub mod health;
+pub mod http;
 pub mod id;
 pub mod managed;
 pub mod metrics;

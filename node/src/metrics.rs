@@ -5,7 +5,6 @@
 //! (this module's [`MeshMetrics`] first, then the role's own), freezes it in
 //! an `Arc` and serves it with [`serve`] or mounts [`router`] into its API.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
@@ -315,13 +314,20 @@ pub fn router<S: Clone + Send + Sync + 'static>(registry: Arc<Registry>) -> Rout
     )
 }
 
-/// Serves `/metrics` on an already bound listener until `shutdown` resolves.
+/// Serves `/metrics` on an already bound listener until `shutdown`, with
+/// the limits of [`crate::http`].
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router::<()>(registry))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = crate::http::Limits::metrics();
+    crate::http::serve(
+        listener,
+        router::<()>(registry),
+        limits,
+        "metrics",
+        shutdown,
+    )
+    .await
 }

@@ -1443,9 +1443,9 @@ impl Relay {
             });
             let sd = shutdown.child_token();
             tasks.push(tokio::spawn(async move {
-                if let Err(error) = axum::serve(listener, app)
-                    .with_graceful_shutdown(sd.cancelled_owned())
-                    .await
+                let limits = trellis_node::http::Limits::api();
+                if let Err(error) =
+                    trellis_node::http::serve(listener, app, limits, "api", sd).await
                 {
                     warn!(%error, "relay API stopped");
                 }

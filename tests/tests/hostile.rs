@@ -156,3 +156,132 @@ fn garbage_and_oversized_frames_close_the_connection_and_the_process_keeps_servi
         "{metrics}"
     );
 }
+
+/// Slow clients (slowloris): connections to the hub's API that send
+/// nothing, or a header line now and then, and a relay that opens its
+/// uplink and trickles its hello a byte at a time. The hub closes each of
+/// them once its time is up, logs why, and keeps serving the API and the
+/// real relay meanwhile.
+#[test]
+fn slow_clients_on_the_api_and_the_uplink_are_closed_and_the_hub_keeps_serving() {
+    use std::io::{Read, Write};
+    let _serial = serial();
+    trellis_node::tls::install_crypto_provider();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    mesh.issue("relay", "eu", "par", "par-relay");
+    mesh.issue("relay", "eu", "ber", "ber-relay-slow");
+    let (mut hub, uplink, api) = mesh.start_hub("hub-1", "");
+    let (relay, _gossip) = mesh.start_relay("par-relay", &uplink, "");
+    let connected =
+        || fleet_site(&api, "par").is_some_and(|(_, r)| r["last_seen_s"].as_u64() < Some(10));
+    assert!(
+        eventually(Duration::from_secs(30), connected),
+        "the relay never reported"
+    );
+
+    // 100 slow API clients: half send nothing, half a header line a second.
+    let api_addr: std::net::SocketAddr = api.trim_start_matches("http://").parse().unwrap();
+    let mut slow: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(api_addr).unwrap())
+        .collect();
+    for s in slow.iter_mut().skip(50) {
+        s.write_all(b"GET /api/v1/fleet HTTP/1.1\r\nhost: x\r\n")
+            .unwrap();
+    }
+    // The uplink: a relay's certificate, its control stream, the first
+    // bytes of a hello and then one byte a second.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let uplink_addr = uplink.parse().unwrap();
+    let trickle = rt.spawn({
+        let creds = creds(&mesh, "ber-relay-slow");
+        async move {
+            let (endpoint, _) = MeshEndpoint::bind(
+                creds,
+                "127.0.0.1:0".parse().unwrap(),
+                &[],
+                MeshMetrics::default(),
+            )
+            .unwrap();
+            let (conn, _) = endpoint
+                .connect(uplink_addr, Protocol::Uplink)
+                .await
+                .unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let started = std::time::Instant::now();
+            let mut sent = 0;
+            for byte in [
+                0u8, 0, 0, 40, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ] {
+                if conn.close_reason().is_some() || send.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
+            (closed, started.elapsed(), sent)
+        }
+    });
+
+    // Meanwhile the API answers, again and again.
+    for _ in 0..5 {
+        let answer = trellis_tests::http_get(&format!("{api}/api/v1/fleet"));
+        assert_eq!(
+            answer.map(|(code, _)| code),
+            Some(200),
+            "the API stopped answering"
+        );
+        for s in slow.iter_mut().skip(50) {
+            let _ = s.write_all(b"x-slow: 1\r\n");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // The uplink's slow starter is closed within the hub's 5 s, having
+    // sent only part of its hello.
+    let (closed, after, sent) = rt.block_on(trickle).unwrap();
+    let closed = closed.expect("the hub never closed the trickling uplink");
+    assert!(closed_for_protocol_error(&closed), "{closed}");
+    assert!(
+        sent < 20,
+        "the whole hello went through ({sent} bytes in {after:?})"
+    );
+    assert!(
+        hub.wait_line(
+            "closing uplink: relay too slow to start",
+            Duration::from_secs(5)
+        )
+        .is_some(),
+        "the hub did not say why it closed the uplink"
+    );
+
+    // Every slow API client is closed within the 10 s header timeout (and
+    // a few seconds of slack), the trickling ones still trickling.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for (i, s) in slow.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        if i >= 50 {
+            let _ = s.write_all(b"x-slow: 1\r\n");
+        }
+        let mut buf = [0u8; 512];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "slow API client {i} was still open after 20 s");
+    }
+    assert_eq!(
+        trellis_tests::http_get(&format!("{api}/api/v1/fleet")).map(|(code, _)| code),
+        Some(200)
+    );
+    assert!(connected(), "the real relay lost its uplink");
+    drop(relay);
+    assert!(hub.is_running());
+}
