@@ -81,7 +81,15 @@ struct Inner {
     creds: Credentials,
     clients: HashMap<Protocol, quinn::ClientConfig>,
     metrics: MeshMetrics,
+    /// Accepted connections still open, per peer and protocol.
+    open: std::sync::Mutex<HashMap<(Identity, Protocol), usize>>,
 }
+
+/// Connections one peer (one certificate) may hold open to a member for
+/// one protocol. A member keeps one per peer and protocol (two for a
+/// moment when both ends connect at once, or while a fetch and a chunk
+/// download overlap); past this, a new one is refused with `REFUSED`.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
 
 /// A member's QUIC endpoint. Cheap to clone.
 #[derive(Clone)]
@@ -156,6 +164,7 @@ impl MeshEndpoint {
                 creds,
                 clients,
                 metrics,
+                open: Default::default(),
             }),
         };
         if !serve.is_empty() {
@@ -286,6 +295,29 @@ impl MeshEndpoint {
             conn.close(close::REFUSED, refusal.to_string().as_bytes());
             return;
         }
+        let key = (peer.clone(), protocol);
+        {
+            let mut open = self.inner.open.lock().expect("not poisoned");
+            let n = open.entry(key.clone()).or_default();
+            if *n >= MAX_CONNECTIONS_PER_PEER {
+                metrics.refused(protocol.as_str(), "too_many");
+                warn!(%remote, %peer, %protocol, limit = MAX_CONNECTIONS_PER_PEER, "refused connection: the peer already holds as many as allowed");
+                conn.close(close::REFUSED, b"too many connections");
+                return;
+            }
+            *n += 1;
+        }
+        let (this, closing) = (self.clone(), conn.clone());
+        tokio::spawn(async move {
+            closing.closed().await;
+            let mut open = this.inner.open.lock().expect("not poisoned");
+            if let Some(n) = open.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&key);
+                }
+            }
+        });
         metrics.connections_accepted.inc();
         debug!(%remote, %peer, %protocol, "accepted connection");
         let Some(route) = routes.get(&protocol) else {
