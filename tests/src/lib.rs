@@ -258,6 +258,18 @@ impl Mesh {
         self.dir.path()
     }
 
+    /// The credentials of a member issued with [`Mesh::issue`], for a test
+    /// that speaks the mesh protocols itself.
+    pub fn creds(&self, name: &str) -> trellis_node::tls::Credentials {
+        let p = self.path();
+        trellis_node::tls::Credentials::load(
+            &p.join("ca/ca.crt"),
+            &p.join(format!("certs/{name}.crt")),
+            &p.join(format!("certs/{name}.key")),
+        )
+        .expect("credentials issued by Mesh::issue")
+    }
+
     /// Issues a certificate with `trellis ca issue` into `certs/`.
     pub fn issue(&self, role: &str, region: &str, site: &str, name: &str) {
         let ca = self.path().join("ca");

@@ -39,16 +39,6 @@ fn client_name(role: Role, relation: Relation) -> String {
     format!("client-{role}-{relation}")
 }
 
-fn creds(mesh: &Mesh, name: &str) -> Credentials {
-    let p = mesh.path();
-    Credentials::load(
-        &p.join("ca/ca.crt"),
-        &p.join(format!("certs/{name}.crt")),
-        &p.join(format!("certs/{name}.key")),
-    )
-    .unwrap()
-}
-
 /// Connects to `addr` for `protocol` as `creds`, trusting the mesh CA but
 /// not checking the server's role: the server alone decides.
 async fn attempt(
@@ -137,7 +127,7 @@ fn every_cell_of_the_documented_matrix_holds_against_running_processes() {
             .iter()
             .map(|&(protocol, server, role, relation, _)| {
                 let endpoint = endpoint.clone();
-                let creds = creds(&mesh, &client_name(role, relation));
+                let creds = mesh.creds(&client_name(role, relation));
                 let addr = server_addr(server);
                 tokio::spawn(async move { attempt(&endpoint, &creds, addr, protocol).await })
             })

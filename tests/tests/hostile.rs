@@ -8,18 +8,7 @@ use std::time::Duration;
 use trellis_node::authz::Protocol;
 use trellis_node::endpoint::{MeshEndpoint, close};
 use trellis_node::metrics::MeshMetrics;
-use trellis_node::tls::Credentials;
 use trellis_tests::{Mesh, eventually, fleet_site, get_json, serial};
-
-fn creds(mesh: &Mesh, name: &str) -> Credentials {
-    let p = mesh.path();
-    Credentials::load(
-        &p.join("ca/ca.crt"),
-        &p.join(format!("certs/{name}.crt")),
-        &p.join(format!("certs/{name}.key")),
-    )
-    .unwrap()
-}
 
 /// A frame whose length prefix claims 64 MiB.
 fn oversized() -> Vec<u8> {
@@ -97,15 +86,11 @@ fn garbage_and_oversized_frames_close_the_connection_and_the_process_keeps_servi
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let local = "127.0.0.1:0".parse().unwrap();
-        let (as_node, _) = MeshEndpoint::bind(
-            creds(&mesh, "par-prober"),
-            local,
-            &[],
-            MeshMetrics::default(),
-        )
-        .unwrap();
+        let (as_node, _) =
+            MeshEndpoint::bind(mesh.creds("par-prober"), local, &[], MeshMetrics::default())
+                .unwrap();
         let (as_relay, _) = MeshEndpoint::bind(
-            creds(&mesh, "par-relay-prober"),
+            mesh.creds("par-relay-prober"),
             local,
             &[],
             MeshMetrics::default(),
@@ -194,7 +179,7 @@ fn slow_clients_on_the_api_and_the_uplink_are_closed_and_the_hub_keeps_serving()
     let rt = tokio::runtime::Runtime::new().unwrap();
     let uplink_addr = uplink.parse().unwrap();
     let trickle = rt.spawn({
-        let creds = creds(&mesh, "ber-relay-slow");
+        let creds = mesh.creds("ber-relay-slow");
         async move {
             let (endpoint, _) = MeshEndpoint::bind(
                 creds,
