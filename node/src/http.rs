@@ -163,6 +163,22 @@ mod tests {
         out
     }
 
+    /// A connection that has had one request answered and stays open.
+    async fn answered_and_kept(addr: std::net::SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"ok") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before answering");
+            got.extend_from_slice(&buf[..n]);
+        }
+        s
+    }
+
     /// Waits until the server closes `s` (reads end), at most `limit`.
     async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
         let mut buf = [0u8; 1024];
@@ -217,10 +233,10 @@ mod tests {
             header_timeout: Duration::from_secs(2),
         };
         let (addr, stop) = start(limits).await;
-        let _a = TcpStream::connect(addr).await.unwrap();
-        let _b = TcpStream::connect(addr).await.unwrap();
-        // Let the server take both before the third knocks.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Two connections the server has certainly taken: each has been
+        // answered once and is kept alive.
+        let _a = answered_and_kept(addr).await;
+        let _b = answered_and_kept(addr).await;
         let mut third = TcpStream::connect(addr).await.unwrap();
         assert!(closed_within(&mut third, Duration::from_secs(1)).await);
         // Once the two idle ones time out, requests are served again.
