@@ -137,9 +137,10 @@ pub struct SiteMember {
 }
 
 impl SiteMember {
-    /// Binds the endpoint (serving what [`authz::served_by`] says the
-    /// member's role serves), starts the checks, joins gossip and starts publishing health, with
-    /// the member's `labels` and its machine's facts ([`machine_facts`]).
+    /// Binds the endpoint (serving what [`crate::authz::served_by`] says
+    /// the member's role serves), starts the checks, joins gossip and
+    /// starts publishing health, with the member's `labels` and its
+    /// machine's facts ([`machine_facts`]).
     /// Registers the mesh metrics into `registry`.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(

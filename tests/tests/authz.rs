@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use trellis_node::authz::{Cell, MATRIX_CLIENTS, Protocol, Relation, matrix, matrix_identity};
+use trellis_node::authz::{
+    Cell, MATRIX_CLIENTS, MATRIX_SERVERS, Protocol, Relation, matrix, matrix_identity,
+};
 use trellis_node::endpoint::close;
 use trellis_node::id::Role;
 use trellis_node::tls::{self, Credentials};
@@ -123,7 +125,10 @@ fn every_cell_of_the_documented_matrix_holds_against_running_processes() {
                 })
         })
         .collect();
-    assert_eq!(cells.len(), 15 * MATRIX_CLIENTS.len());
+    assert_eq!(
+        cells.len(),
+        Protocol::ALL.len() * MATRIX_SERVERS.len() * MATRIX_CLIENTS.len()
+    );
     let seen: Vec<Seen> = rt.block_on(async {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         // A few at a time: all 135 handshakes at once overflowed the
