@@ -154,6 +154,7 @@ impl SiteMember {
     ) -> Result<Self, StartError> {
         let role = creds.identity.role;
         let mesh_metrics = MeshMetrics::register(registry);
+        let trust = creds.clone();
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds,
             gossip.listen_addr(),
@@ -180,6 +181,14 @@ impl SiteMember {
             .set(descriptor_kv(labels, &machine_facts()), "")
             .await;
         let site_gossip = Arc::new(site_gossip);
+        if role == crate::id::Role::Node {
+            // A relay takes its list from the hubs; a node from its relay.
+            tokio::spawn(follow_revocations(
+                site_gossip.clone(),
+                trust,
+                shutdown.child_token(),
+            ));
+        }
         let health_task = tokio::spawn(publish_health_loop(
             site_gossip.clone(),
             role,
@@ -371,6 +380,45 @@ impl DriftNotes {
             .iter()
             .map(|(p, d)| (format!("{}{p}", distribute::keys::DRIFT_PREFIX), d.encode()))
             .collect()
+    }
+}
+
+/// How often a node reads the revocation list its relay publishes.
+pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
+
+/// Makes the revocations the site's relay publishes in gossip the set
+/// this node enforces, until shutdown. Every entry's CA signature is
+/// checked, so a member that publishes one cannot forge it.
+async fn follow_revocations(gossip: Arc<Gossip>, creds: Credentials, shutdown: CancellationToken) {
+    use crate::revocation::{self, RevocationSet};
+    let mut tick = tokio::time::interval(REVOCATION_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut values = gossip.values(revocation::GOSSIP_KEY).await;
+        values.sort();
+        if values == last {
+            continue;
+        }
+        let mut all = Vec::new();
+        for v in &values {
+            match revocation::from_gossip(v) {
+                Ok(list) => all.extend(list),
+                Err(error) => warn!(%error, "revocation list in gossip ignored"),
+            }
+        }
+        last = values;
+        let now = (crate::clock::unix_ms() / 1000) as i64;
+        let (set, errors) = RevocationSet::verified(creds.ca_der(), &all, now);
+        for error in errors {
+            warn!(%error, "revocation in gossip ignored");
+        }
+        creds.revocations().replace(set);
     }
 }
 

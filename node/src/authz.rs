@@ -90,6 +90,10 @@ pub enum Refusal {
         local: Box<Identity>,
         peer: Box<Identity>,
     },
+    /// The peer's certificate is on the revocation list
+    /// ([`crate::revocation`]).
+    #[error("the certificate of {0} is revoked")]
+    Revoked(Box<Identity>),
 }
 
 impl Refusal {
@@ -98,6 +102,7 @@ impl Refusal {
         match self {
             Refusal::WrongRole { .. } => "wrong_role",
             Refusal::WrongSite { .. } => "wrong_site",
+            Refusal::Revoked(_) => "revoked",
         }
     }
 }
@@ -273,6 +278,9 @@ pub fn matrix() -> Vec<MatrixRow> {
                         Ok(()) => Cell::Allowed,
                         Err(Refusal::WrongRole { .. }) => Cell::Role,
                         Err(Refusal::WrongSite { .. }) => Cell::Site,
+                        // `authorize` judges identities; revocation is
+                        // checked before it, by certificate.
+                        Err(Refusal::Revoked(_)) => unreachable!("authorize never revokes"),
                     }
                 })
                 .collect();

@@ -89,6 +89,10 @@ pub enum BundleError {
     /// signed by another key).
     #[error("bad signature on the bundle from {0}: it was altered or not signed by this operator")]
     BadSignature(Identity),
+    /// The signer's certificate is revoked, or (for new desired state at
+    /// a hub) its key was retired by a rotation.
+    #[error(transparent)]
+    SignerRevoked(SignatureError),
     /// Correctly signed, but the bytes are not a bundle, or its fleet breaks
     /// the rules `Fleet::load` enforces.
     #[error("bundle from {signer} is malformed: {reason}")]
@@ -109,6 +113,9 @@ fn from_signature(e: SignatureError) -> BundleError {
         SignatureError::UnknownKey(e) => BundleError::UnknownKey(e),
         SignatureError::NotOperator(id) => BundleError::NotOperator(id),
         SignatureError::BadSignature(id) => BundleError::BadSignature(id),
+        e @ (SignatureError::Revoked(_) | SignatureError::Retired(_)) => {
+            BundleError::SignerRevoked(e)
+        }
     }
 }
 

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::authz::{self, Protocol, Refusal, Side};
 use crate::id::Identity;
 use crate::metrics::MeshMetrics;
+use crate::revocation::{Revocation, RevocationSet};
 use crate::tls::{self, Credentials, MESH_SERVER_NAME, TlsError};
 
 /// Application close codes, shared by all protocols.
@@ -83,6 +84,16 @@ struct Inner {
     metrics: MeshMetrics,
     /// Accepted connections still open, per peer and protocol.
     open: std::sync::Mutex<HashMap<(Identity, Protocol), usize>>,
+    /// Every open connection, accepted or opened, by `stable_id`: what a
+    /// new revocation is checked against.
+    live: std::sync::Mutex<HashMap<usize, Live>>,
+}
+
+struct Live {
+    peer: Identity,
+    fingerprint: [u8; 32],
+    protocol: Protocol,
+    conn: quinn::Connection,
 }
 
 /// Connections one peer (one certificate) may hold open to a member for
@@ -165,8 +176,13 @@ impl MeshEndpoint {
                 clients,
                 metrics,
                 open: Default::default(),
+                live: Default::default(),
             }),
         };
+        tokio::spawn(watch_revocations(
+            Arc::downgrade(&this.inner),
+            this.inner.creds.revocations().subscribe(),
+        ));
         if !serve.is_empty() {
             tokio::spawn(this.clone().accept_loop(senders));
         }
@@ -210,11 +226,20 @@ impl MeshEndpoint {
                 }
                 ConnectError::Handshake { addr, source }
             })?;
-        let peer = tls::peer_identity(&conn).map_err(|source| {
+        let (peer, fingerprint) = tls::peer_certificate(&conn).map_err(|source| {
             self.inner.metrics.refused(protocol.as_str(), "identity");
             conn.close(close::REFUSED, b"no trellis identity");
             ConnectError::Identity { addr, source }
         })?;
+        if let Some(r) = self.revoked(&fingerprint) {
+            self.inner.metrics.refused(protocol.as_str(), "revoked");
+            warn!(%addr, %peer, %protocol, revoked_at = r.at, reason = %r.reason, "refused server: its certificate is revoked");
+            conn.close(close::REFUSED, b"certificate revoked");
+            return Err(ConnectError::Refused {
+                addr,
+                source: Refusal::Revoked(Box::new(peer)),
+            });
+        }
         if let Err(refusal) = authz::authorize(protocol, Side::Client, self.identity(), &peer) {
             self.inner
                 .metrics
@@ -226,7 +251,46 @@ impl MeshEndpoint {
                 source: refusal,
             });
         }
+        self.track(&conn, &peer, fingerprint, protocol);
         Ok((conn, peer))
+    }
+
+    /// The revocation that refuses a certificate, if it is revoked.
+    fn revoked(&self, fingerprint: &[u8; 32]) -> Option<Revocation> {
+        self.inner
+            .creds
+            .revocations()
+            .current()
+            .revoked(fingerprint)
+            .cloned()
+    }
+
+    /// Keeps an open connection where a new revocation finds it, until it
+    /// closes.
+    fn track(
+        &self,
+        conn: &quinn::Connection,
+        peer: &Identity,
+        fingerprint: [u8; 32],
+        protocol: Protocol,
+    ) {
+        let id = conn.stable_id();
+        self.inner.live.lock().expect("not poisoned").insert(
+            id,
+            Live {
+                peer: peer.clone(),
+                fingerprint,
+                protocol,
+                conn: conn.clone(),
+            },
+        );
+        let (inner, closing) = (Arc::downgrade(&self.inner), conn.clone());
+        tokio::spawn(async move {
+            closing.closed().await;
+            if let Some(inner) = inner.upgrade() {
+                inner.live.lock().expect("not poisoned").remove(&id);
+            }
+        });
     }
 
     /// Stops accepting, closes every connection and waits briefly for the
@@ -280,7 +344,7 @@ impl MeshEndpoint {
             conn.close(close::REFUSED, b"unsupported protocol");
             return;
         };
-        let peer = match tls::peer_identity(&conn) {
+        let (peer, fingerprint) = match tls::peer_certificate(&conn) {
             Ok(peer) => peer,
             Err(error) => {
                 metrics.refused(protocol.as_str(), "identity");
@@ -289,6 +353,12 @@ impl MeshEndpoint {
                 return;
             }
         };
+        if let Some(r) = self.revoked(&fingerprint) {
+            metrics.refused(protocol.as_str(), "revoked");
+            warn!(%remote, %peer, %protocol, revoked_at = r.at, reason = %r.reason, "refused connection: the peer's certificate is revoked");
+            conn.close(close::REFUSED, b"certificate revoked");
+            return;
+        }
         if let Err(refusal) = authz::authorize(protocol, Side::Server, self.identity(), &peer) {
             metrics.refused(protocol.as_str(), refusal.kind());
             warn!(%remote, %refusal, "refused connection");
@@ -307,6 +377,7 @@ impl MeshEndpoint {
             }
             *n += 1;
         }
+        self.track(&conn, &peer, fingerprint, protocol);
         let (this, closing) = (self.clone(), conn.clone());
         tokio::spawn(async move {
             closing.closed().await;
@@ -327,6 +398,39 @@ impl MeshEndpoint {
         if route.send(Accepted { conn, peer }).await.is_err() {
             info!(%remote, %protocol, "connection arrived while shutting down");
         }
+    }
+}
+
+/// Closes every open connection whose peer a new revocation set refuses,
+/// each time the member's set changes, for as long as the endpoint lives.
+async fn watch_revocations(
+    inner: std::sync::Weak<Inner>,
+    mut changes: tokio::sync::watch::Receiver<Arc<RevocationSet>>,
+) {
+    while changes.changed().await.is_ok() {
+        let set = changes.borrow_and_update().clone();
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let own = crate::revocation::fingerprint(inner.creds.cert_der());
+        if let Some(r) = set.revoked(&own) {
+            error!(revoked_at = r.at, reason = %r.reason, "this member's own certificate is revoked: peers refuse it; issue a new one");
+        }
+        let doomed: Vec<Live> = {
+            let mut live = inner.live.lock().expect("not poisoned");
+            let ids: Vec<usize> = live
+                .iter()
+                .filter(|(_, l)| set.revoked(&l.fingerprint).is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter().filter_map(|id| live.remove(&id)).collect()
+        };
+        for l in doomed {
+            inner.metrics.refused(l.protocol.as_str(), "revoked");
+            warn!(peer = %l.peer, protocol = %l.protocol, remote = %l.conn.remote_address(), "closing connection: the peer's certificate was revoked");
+            l.conn.close(close::REFUSED, b"certificate revoked");
+        }
+        info!(entries = set.len(), digest = %set.digest(), "revocation list in force");
     }
 }
 

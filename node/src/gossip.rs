@@ -825,6 +825,21 @@ impl Gossip {
             .await
     }
 
+    /// The values other members publish under `key` (every incarnation
+    /// known, in no particular order).
+    pub async fn values(&self, key: &str) -> Vec<String> {
+        self.handle
+            .with_chitchat(|c| {
+                let me = c.self_chitchat_id().clone();
+                c.node_states()
+                    .iter()
+                    .filter(|(id, _)| **id != me)
+                    .filter_map(|(_, state)| state.get(key).map(str::to_owned))
+                    .collect()
+            })
+            .await
+    }
+
     /// The address this member announces to the site.
     pub fn advertise_addr(&self) -> SocketAddr {
         self.advertise

@@ -64,6 +64,7 @@ pub mod metrics;
 pub mod patch;
 pub mod patching;
 pub mod patchstate;
+pub mod revocation;
 pub mod signature;
 pub mod site;
 pub mod tls;

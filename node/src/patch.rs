@@ -331,6 +331,10 @@ pub enum PatchError {
     /// used.
     #[error("bad signature on the patch from {0}: it was altered or not signed by this operator")]
     BadSignature(Identity),
+    /// The signer's certificate is revoked, or (for new desired state at
+    /// a hub) its key was retired by a rotation.
+    #[error(transparent)]
+    SignerRevoked(SignatureError),
     /// Correctly signed, but the bytes are not a manifest or break its
     /// rules. The patch is not used.
     #[error("patch from {signer} is malformed: {reason}")]
@@ -701,6 +705,9 @@ fn from_signature(e: SignatureError) -> PatchError {
         SignatureError::UnknownKey(e) => PatchError::UnknownKey(e),
         SignatureError::NotOperator(id) => PatchError::NotOperator(id),
         SignatureError::BadSignature(id) => PatchError::BadSignature(id),
+        e @ (SignatureError::Revoked(_) | SignatureError::Retired(_)) => {
+            PatchError::SignerRevoked(e)
+        }
     }
 }
 

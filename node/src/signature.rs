@@ -38,6 +38,16 @@ pub enum SignatureError {
     /// signed by another key).
     #[error("bad signature from {0}: the bytes were altered or not signed by this operator")]
     BadSignature(Identity),
+    /// The signer's certificate is revoked (`trellis ca revoke`).
+    #[error("signed by {0}, whose certificate is revoked")]
+    Revoked(Identity),
+    /// The signer's key was rotated out (`trellis ca rotate`): what it
+    /// signed before stays valid, nothing new is taken.
+    #[error(
+        "signed by {0} with a retired key: sign with the operator's current certificate \
+         (`trellis ca rotate` issued it)"
+    )]
+    Retired(Identity),
 }
 
 /// Checks that `operator` may sign desired state: an operator's
@@ -61,9 +71,43 @@ pub fn check_operator_credentials(operator: &Credentials) -> Result<(), Signatur
 /// certificate is from the mesh CA in `trust`, an operator's, with an
 /// Ed25519 key, and the signature matches. Returns who signed.
 ///
+/// A certificate on the member's revocation list as revoked is refused;
+/// one retired by a key rotation is accepted, since what it signed before
+/// the rotation stays valid ([`check_current_key`] is for desired
+/// state entering the mesh).
+///
 /// Callers check their size limit before this, so that an oversized
 /// message costs no certificate parsing, and decode `bytes` only after it.
 pub fn verify_operator_signature(
+    trust: &Credentials,
+    cert: &[u8],
+    bytes: &[u8],
+    signature: &[u8],
+) -> Result<Identity, SignatureError> {
+    let identity = verify_ignoring_revocation(trust, cert, bytes, signature)?;
+    let fp = crate::revocation::fingerprint(cert);
+    if trust.revocations().current().revoked(&fp).is_some() {
+        return Err(SignatureError::Revoked(identity));
+    }
+    Ok(identity)
+}
+
+/// For desired state a hub is asked to accept now, after
+/// [`verify_operator_signature`]: refuses a certificate whose key was
+/// retired by a rotation.
+pub fn check_current_key(
+    trust: &Credentials,
+    cert: &[u8],
+    signer: &Identity,
+) -> Result<(), SignatureError> {
+    let fp = crate::revocation::fingerprint(cert);
+    if trust.revocations().current().get(&fp).is_some() {
+        return Err(SignatureError::Retired(signer.clone()));
+    }
+    Ok(())
+}
+
+fn verify_ignoring_revocation(
     trust: &Credentials,
     cert: &[u8],
     bytes: &[u8],

@@ -194,6 +194,101 @@ impl MeshCa {
     }
 }
 
+/// The CA directory's record of the certificates it issued, one JSON
+/// object a line ([`IssuedRecord`]): what `trellis ca revoke NAME` finds
+/// certificates by.
+pub const ISSUED_FILE: &str = "issued.jsonl";
+
+/// One certificate the CA issued.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IssuedRecord {
+    /// `trellis://ROLE/REGION/SITE/NAME`.
+    pub identity: String,
+    /// SHA-256 of the certificate's DER, hex.
+    pub fingerprint: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    pub not_after: i64,
+}
+
+impl IssuedRecord {
+    /// The record of a certificate (PEM).
+    pub fn of(identity: &Identity, cert_pem: &str) -> Result<Self, TlsError> {
+        let der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| TlsError::BadPem {
+                path: "<memory>".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(IssuedRecord {
+            identity: identity.to_uri(),
+            fingerprint: crate::revocation::hex(&crate::revocation::fingerprint(&der)),
+            issued_at: OffsetDateTime::now_utc().unix_timestamp(),
+            not_after: not_after(cert_pem)?,
+        })
+    }
+
+    /// Appends this record to the CA directory's [`ISSUED_FILE`] (and
+    /// syncs it).
+    pub fn append(&self, dir: &Path) -> Result<(), TlsError> {
+        let path = dir.join(ISSUED_FILE);
+        let mut line = serde_json::to_string(self).expect("records serialise");
+        line.push('\n');
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.write_all(line.as_bytes()).map_err(io_err(&path))?;
+        f.sync_all().map_err(io_err(&path))
+    }
+
+    /// Every record in the CA directory's [`ISSUED_FILE`], oldest first
+    /// (none if the file does not exist: certificates issued before the
+    /// CA kept it).
+    pub fn load_all(dir: &Path) -> Result<Vec<Self>, TlsError> {
+        let path = dir.join(ISSUED_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| TlsError::BadPem {
+                    path: path.clone(),
+                    reason: format!("line {}: {e}", i + 1),
+                })
+            })
+            .collect()
+    }
+}
+
+impl MeshCa {
+    /// Signs a revocation with the CA key (ECDSA P-256, over
+    /// [`crate::revocation::SIGNING_CONTEXT`] and the entry's bytes).
+    pub fn sign_revocation(
+        &self,
+        r: &crate::revocation::Revocation,
+    ) -> Result<crate::revocation::SignedRevocation, TlsError> {
+        let entry = postcard::to_allocvec(r).map_err(|e| TlsError::Config(e.to_string()))?;
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &self.key.serialize_der(),
+            &rng,
+        )
+        .map_err(|e| TlsError::Config(format!("the CA key is not an ECDSA P-256 key: {e}")))?;
+        let signature = key
+            .sign(&rng, &crate::revocation::signing_bytes(&entry))
+            .map_err(|e| TlsError::Config(format!("signing failed: {e}")))?
+            .as_ref()
+            .to_vec();
+        Ok(crate::revocation::SignedRevocation { entry, signature })
+    }
+}
+
 /// A freshly issued member certificate and its private key.
 pub struct IssuedCert {
     pub identity: Identity,
@@ -253,6 +348,8 @@ pub struct Credentials {
     ca: CertificateDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// The revocations this member enforces, shared by every clone.
+    revocations: crate::revocation::Revocations,
 }
 
 impl Credentials {
@@ -304,6 +401,7 @@ impl Credentials {
             ca,
             chain,
             key: Arc::new(key),
+            revocations: Default::default(),
         })
     }
 
@@ -373,6 +471,18 @@ impl Credentials {
     /// This member's certificate (DER).
     pub fn cert_der(&self) -> &[u8] {
         &self.chain[0]
+    }
+
+    /// The mesh CA's certificate (DER).
+    pub fn ca_der(&self) -> &[u8] {
+        &self.ca
+    }
+
+    /// The revocations this member enforces: one set shared by every
+    /// clone of these credentials, so that replacing it reaches the
+    /// endpoint, the signature checks and every other holder at once.
+    pub fn revocations(&self) -> &crate::revocation::Revocations {
+        &self.revocations
     }
 
     /// The kind of key this member signs with.
@@ -577,8 +687,24 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     Ok(Identity::from_uri(uri)?)
 }
 
+/// The identity a certificate in PEM carries (not checked against the CA).
+pub fn identity_of_pem(cert_pem: &str) -> Result<Identity, TlsError> {
+    let der =
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| TlsError::BadPem {
+            path: "<memory>".into(),
+            reason: e.to_string(),
+        })?;
+    identity_of(&der)
+}
+
 /// The verified identity of the peer of an established connection.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
+    peer_certificate(conn).map(|(identity, _)| identity)
+}
+
+/// The verified identity of the peer of an established connection, and
+/// its certificate's fingerprint ([`crate::revocation::fingerprint`]).
+pub fn peer_certificate(conn: &quinn::Connection) -> Result<(Identity, [u8; 32]), TlsError> {
     let any = conn
         .peer_identity()
         .ok_or_else(|| TlsError::NotTrellis("peer presented no certificate".into()))?;
@@ -588,7 +714,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
     let leaf = chain
         .first()
         .ok_or_else(|| TlsError::NotTrellis("empty certificate chain".into()))?;
-    identity_of(leaf)
+    Ok((identity_of(leaf)?, crate::revocation::fingerprint(leaf)))
 }
 
 /// When a certificate stops being valid, in seconds since the Unix epoch.

@@ -50,6 +50,7 @@ use crate::configcache;
 use crate::core::{RelayCore, Transmit};
 use crate::failover::{HubChoice, full_jitter, next_attempt};
 use crate::pace::TokenBucket;
+use crate::revocations::RevocationStore;
 use crate::rollout::{SiteOrder, SiteRollout};
 use crate::uplink::{
     Gap, HubMsg, MAX_UPLINK_FRAME, Record, RelayMsg, Request, Response, UPLINK_VERSION,
@@ -673,6 +674,7 @@ async fn uplink_task(
     gossip: Arc<Gossip>,
     config: Arc<ConfigCache>,
     artifacts: Arc<ArtifactCache>,
+    revocations: Arc<RevocationStore>,
     uplink_conn: watch::Sender<Option<quinn::Connection>>,
     metrics: RelayMetrics,
     shutdown: CancellationToken,
@@ -712,6 +714,7 @@ async fn uplink_task(
             gossip: &gossip,
             config: &config,
             artifacts: &artifacts,
+            revocations: &revocations,
             uplink_conn: &uplink_conn,
             metrics: &metrics,
             shutdown: &shutdown,
@@ -758,6 +761,7 @@ struct Session<'a> {
     gossip: &'a Arc<Gossip>,
     config: &'a Arc<ConfigCache>,
     artifacts: &'a Arc<ArtifactCache>,
+    revocations: &'a Arc<RevocationStore>,
     /// The connection of the session, for the artifact fetches.
     uplink_conn: &'a watch::Sender<Option<quinn::Connection>>,
     metrics: &'a RelayMetrics,
@@ -858,6 +862,7 @@ impl Session<'_> {
             self.gossip.clone(),
             self.config.clone(),
             self.artifacts.clone(),
+            self.revocations.clone(),
             self.inputs.clone(),
             self.metrics.clone(),
             cancel.clone(),
@@ -1102,11 +1107,13 @@ async fn take_order(
     Ok(Response::RolloutTaken { run, ready })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn answer_requests(
     conn: quinn::Connection,
     gossip: Arc<Gossip>,
     config: Arc<ConfigCache>,
     artifacts: Arc<ArtifactCache>,
+    revocations: Arc<RevocationStore>,
     inputs: mpsc::Sender<Input>,
     metrics: RelayMetrics,
     cancel: CancellationToken,
@@ -1124,6 +1131,7 @@ async fn answer_requests(
         let metrics = metrics.clone();
         let config = config.clone();
         let artifacts = artifacts.clone();
+        let revocations = revocations.clone();
         let inputs = inputs.clone();
         tokio::spawn(async move {
             let request = tokio::time::timeout(
@@ -1195,6 +1203,13 @@ async fn answer_requests(
                 Ok(Some(Request::ConfigBundle(_))) => {
                     Response::Error("a configuration bundle must follow an offer".into())
                 }
+                Ok(Some(Request::Revocations(list))) => match revocations.take(list).await {
+                    Ok((entries, digest)) => Response::RevocationsTaken { entries, digest },
+                    Err(reason) => {
+                        error!(%reason, "revocation list not taken");
+                        Response::Error(reason)
+                    }
+                },
                 Ok(None) => return,
                 Err(error) => {
                     warn!(%error, "bad request from the hub");
@@ -1303,7 +1318,7 @@ impl Relay {
         let fetch_chunks = Arc::new(artifacts.files());
         let config = Arc::new(ConfigCache {
             path: cache_path,
-            trust,
+            trust: trust.clone(),
             served: served_tx,
             storing: tokio::sync::Mutex::new(()),
         });
@@ -1324,6 +1339,15 @@ impl Relay {
             deleted,
             buffer.last_seq(),
             latest,
+        );
+        let revocations = Arc::new(
+            RevocationStore::open(
+                crate::revocations::path(&cfg.buffer.path),
+                trust.clone(),
+                gossip.clone(),
+            )
+            .await
+            .map_err(StartError::Other)?,
         );
         let rollout_path = crate::rollout::rollout_path(&cfg.buffer.path);
         let rollout = crate::rollout::load(&rollout_path).map_err(StartError::Other)?;
@@ -1390,6 +1414,7 @@ impl Relay {
                 gossip.clone(),
                 config,
                 artifacts,
+                revocations,
                 uplink_conn_tx,
                 relay_metrics.clone(),
                 shutdown.child_token(),

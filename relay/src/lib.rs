@@ -32,6 +32,7 @@ pub mod driver;
 pub mod failover;
 pub mod pace;
 pub mod report;
+pub mod revocations;
 pub mod rollout;
 pub mod summarise;
 pub mod summary;

@@ -272,6 +272,10 @@ pub enum Request {
     /// patch, keeps the order and tells its nodes once it holds every
     /// chunk.
     RolloutOrder(Box<crate::rollout::SiteOrder>),
+    /// Every revocation in force, as the CA signed them: the relay keeps
+    /// them (durably), enforces them and publishes them to its site. Sent
+    /// when the relay connects and whenever the set changes.
+    Revocations(Vec<trellis_node::revocation::SignedRevocation>),
 }
 
 /// Relay → hub request on a relay-opened stream of the uplink connection.
@@ -309,6 +313,12 @@ pub enum Response {
     RolloutTaken {
         run: u64,
         ready: bool,
+    },
+    /// The relay holds and enforces this set (its
+    /// `RevocationSet::digest`).
+    RevocationsTaken {
+        entries: u64,
+        digest: String,
     },
 }
 

@@ -1,6 +1,8 @@
 //! The values members publish in gossip and every other member parses:
 //! health, labels and facts, configuration offers and results, drift
-//! notes, patch orders and states, and which hub serves which site. Input:
+//! notes, patch orders and states, which hub serves which site, and the
+//! revocation list a relay publishes (decoded, then each entry's body).
+//! Input:
 //! lines of `key=value`; each value also goes through every parser alone.
 #![no_main]
 
@@ -28,5 +30,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = PatchState::parse(value);
         let _ = NodePatch::parse(value);
         let _ = decode_served("hub-1", key, value);
+        if let Ok(list) = trellis_node::revocation::from_gossip(value) {
+            for r in list {
+                let _ = trellis_node::revocation::decode(&r.entry);
+            }
+        }
     }
 });
