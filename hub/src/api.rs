@@ -52,8 +52,9 @@ impl IntoResponse for DrillError {
     }
 }
 
-pub(crate) fn router(shared: Shared) -> Router {
+pub(crate) fn router(shared: Shared, auth: crate::apiauth::ApiAuth) -> Router {
     let metrics = trellis_node::metrics::router(shared.registry.clone());
+    let auth = std::sync::Arc::new(auth);
     Router::new()
         .route("/api", get(index))
         .route("/api/v1", get(index))
@@ -115,6 +116,14 @@ pub(crate) fn router(shared: Shared) -> Router {
             "/api/v1/rollouts/{run}/control",
             axum::routing::post(crate::rolloutapi::rollout_control),
         )
+        .route(
+            "/api/v1/revocations",
+            get(crate::revokeapi::list)
+                .post(crate::revokeapi::revoke)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::revokeapi::MAX_REVOCATION_BODY,
+                )),
+        )
         .route("/api/v1/config/{version}", get(config_show))
         .route("/api/v1/log", get(log))
         .route("/api/v1/audit", get(audit))
@@ -123,6 +132,10 @@ pub(crate) fn router(shared: Shared) -> Router {
         .merge(crate::dashboard::routes())
         .with_state(shared)
         .merge(metrics)
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::apiauth::layer,
+        ))
 }
 
 async fn index() -> &'static str {
@@ -376,10 +389,11 @@ pub struct WriteReport {
 
 async fn put_desired(
     State(shared): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::apiauth::Caller>,
     Path(key): Path<String>,
     axum::Json(body): axum::Json<PutBody>,
 ) -> Response {
-    let author = body.author.unwrap_or_else(|| "anonymous".into());
+    let author = caller.author(body.author);
     write_op(
         &shared,
         author,
@@ -398,10 +412,11 @@ struct DeleteQuery {
 
 async fn delete_desired(
     State(shared): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::apiauth::Caller>,
     Path(key): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> Response {
-    let author = q.author.unwrap_or_else(|| "anonymous".into());
+    let author = caller.author(q.author);
     write_op(&shared, author, Op::Delete { key }).await
 }
 
@@ -622,6 +637,11 @@ async fn config_apply(State(shared): State<Shared>, body: axum::body::Bytes) -> 
         Ok(b) => b,
         Err(e) => return error(StatusCode::FORBIDDEN, format!("bundle refused: {e}")),
     };
+    if let Err(e) =
+        trellis_node::signature::check_current_key(&peering.creds, &signed.operator_cert, &operator)
+    {
+        return error(StatusCode::FORBIDDEN, format!("bundle refused: {e}"));
+    }
     let snapshot = match config_snapshot(&shared).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -826,6 +846,11 @@ async fn patch_publish(State(shared): State<Shared>, body: axum::body::Bytes) ->
         Ok(m) => m,
         Err(e) => return error(StatusCode::FORBIDDEN, format!("patch refused: {e}")),
     };
+    if let Err(e) =
+        trellis_node::signature::check_current_key(&peering.creds, &signed.operator_cert, &operator)
+    {
+        return error(StatusCode::FORBIDDEN, format!("patch refused: {e}"));
+    }
     let id = trellis_node::distribute::hex32(&signed.id());
     let snapshot = match config_snapshot(&shared).await {
         Ok(s) => s,

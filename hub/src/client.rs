@@ -31,6 +31,17 @@ pub enum ClientError {
 pub struct ApiClient {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer …` when set.
+    token: Option<String>,
+}
+
+/// The token every client made afterwards sends (the CLI's `--token`).
+static DEFAULT_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the API token that clients made from now on send, unless the
+/// process set one already.
+pub fn set_default_token(token: String) {
+    let _ = DEFAULT_TOKEN.set(token);
 }
 
 impl ApiClient {
@@ -54,7 +65,18 @@ impl ApiClient {
             .user_agent(concat!("trellis/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::BadUrl(e.to_string()))?;
-        Ok(ApiClient { base, http })
+        let token = DEFAULT_TOKEN
+            .get()
+            .cloned()
+            .or_else(|| std::env::var("TRELLIS_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        Ok(ApiClient { base, http, token })
+    }
+
+    /// This client with `token` sent on every request.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -69,6 +91,10 @@ impl ApiClient {
 
     /// Sends a request; the hub being unreachable is the error.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
         req.send().await.map_err(|e| ClientError::Unreachable {
             url: self.base.clone(),
             reason: root_cause(&e),
@@ -200,6 +226,25 @@ impl ApiClient {
             .body(body);
         let resp = self.send(req).await?;
         self.decode(url, resp).await
+    }
+
+    /// Writes a revocation the CA signed into the desired state
+    /// (`POST /api/v1/revocations`).
+    pub async fn revoke(
+        &self,
+        signed: &trellis_node::revocation::SignedRevocation,
+        author: &str,
+    ) -> Result<crate::revokeapi::Revoked, ClientError> {
+        self.post_postcard(
+            &format!("/api/v1/revocations?author={}", urlencode(author)),
+            signed,
+        )
+        .await
+    }
+
+    /// The revocations the hub enforces (`GET /api/v1/revocations`).
+    pub async fn revocations(&self) -> Result<crate::revokeapi::RevocationList, ClientError> {
+        self.get("/api/v1/revocations").await
     }
 
     /// Every configuration version, newest first (`GET /api/v1/config`).

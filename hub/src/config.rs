@@ -37,9 +37,15 @@ impl Default for HubUplinkConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
-    /// The API has no authentication yet; serving it beyond loopback needs
-    /// this explicit opt-in.
+    /// Serve the API beyond loopback with no token required (the hub
+    /// refuses to otherwise): for a hub behind a proxy that authenticates.
     pub allow_remote_unauthenticated: bool,
+    /// Require a token even on loopback (beyond loopback one is always
+    /// required, unless `allow_remote_unauthenticated`).
+    pub require_token: bool,
+    /// Who may call the API, with which role (`trellis api token` makes
+    /// an entry).
+    pub tokens: Vec<crate::apiauth::ApiToken>,
 }
 
 impl Default for ApiConfig {
@@ -47,7 +53,17 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: DEFAULT_API.parse().expect("valid default"),
             allow_remote_unauthenticated: false,
+            require_token: false,
+            tokens: Vec::new(),
         }
+    }
+}
+
+impl ApiConfig {
+    /// Whether a request must carry a token.
+    pub fn token_required(&self) -> bool {
+        self.require_token
+            || (!self.listen.ip().is_loopback() && !self.allow_remote_unauthenticated)
     }
 }
 
@@ -239,15 +255,44 @@ impl Validate for HubConfig {
 
     fn validate(&self, p: &mut Problems<'_>) {
         p.check(
-            self.api.listen.ip().is_loopback() || self.api.allow_remote_unauthenticated,
-            "api.listen",
+            !self.api.token_required() || !self.api.tokens.is_empty(),
+            "api.tokens",
             format!(
-                "is {}, which is not a loopback address, and the API has no authentication yet; \
-                 bind it to 127.0.0.1 (and reach it through a tunnel or proxy), or set \
-                 api.allow_remote_unauthenticated = true if you accept that risk",
-                self.api.listen
+                "is empty, and the API on {} requires a token{}: add [[api.tokens]] entries \
+                 (`trellis api token --name NAME --role admin` makes one), bind the API to \
+                 127.0.0.1, or set api.allow_remote_unauthenticated = true if a proxy in front \
+                 authenticates",
+                self.api.listen,
+                if self.api.require_token {
+                    " (api.require_token)"
+                } else {
+                    ", not being on loopback"
+                }
             ),
         );
+        for (i, t) in self.api.tokens.iter().enumerate() {
+            p.check(
+                t.sha256.len() == 64 && t.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+                "api.tokens",
+                format!("entry {} ({}): sha256 must be 64 hex digits", i + 1, t.name),
+            );
+            p.check(
+                !t.name.is_empty() && t.name.len() <= 64,
+                "api.tokens",
+                format!("entry {}: name must be 1 to 64 bytes", i + 1),
+            );
+            p.check(
+                !self.api.tokens[..i]
+                    .iter()
+                    .any(|o| o.sha256.eq_ignore_ascii_case(&t.sha256)),
+                "api.tokens",
+                format!(
+                    "entry {} ({}): the same token is listed twice",
+                    i + 1,
+                    t.name
+                ),
+            );
+        }
         p.check(
             self.uplink.silence_timeout >= Duration::from_secs(1),
             "uplink.silence_timeout",
@@ -352,10 +397,33 @@ mod tests {
     }
 
     #[test]
-    fn an_unauthenticated_api_beyond_loopback_needs_an_explicit_opt_in() {
+    fn an_api_beyond_loopback_needs_tokens_or_an_explicit_opt_in() {
         let err = check("[api]\nlisten = \"0.0.0.0:7800\"\n").unwrap_err();
-        assert!(err.contains("api.listen"), "{err}");
-        check("[api]\nlisten = \"0.0.0.0:7800\"\nallow_remote_unauthenticated = true\n").unwrap();
+        assert!(err.contains("api.tokens"), "{err}");
+        let c = check("[api]\nlisten = \"0.0.0.0:7800\"\nallow_remote_unauthenticated = true\n")
+            .unwrap();
+        assert!(!c.api.token_required());
+        let sha = "ab".repeat(32);
+        let c = check(&format!(
+            "[api]\nlisten = \"0.0.0.0:7800\"\n[[api.tokens]]\nname = \"ada\"\nrole = \"admin\"\nsha256 = \"{sha}\"\n"
+        ))
+        .unwrap();
+        assert!(c.api.token_required());
+        assert!(
+            !check("").unwrap().api.token_required(),
+            "loopback: optional"
+        );
+        let err = check("[api]\nrequire_token = true\n").unwrap_err();
+        assert!(err.contains("api.require_token"), "{err}");
+        let err = check(&format!(
+            "[api]\n[[api.tokens]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{sha}\"\n\
+             [[api.tokens]]\nname = \"b\"\nrole = \"viewer\"\nsha256 = \"{sha}\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("listed twice"), "{err}");
+        let err = check("[api]\n[[api.tokens]]\nname = \"a\"\nrole = \"root\"\nsha256 = \"00\"\n")
+            .unwrap_err();
+        assert!(err.contains("root"), "{err}");
     }
 
     #[test]

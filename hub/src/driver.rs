@@ -549,6 +549,17 @@ impl CoreTask {
         }
     }
 
+    /// After entries were applied to the log: if any was a revocation,
+    /// the hub enforces the new set (and its relays are sent it).
+    fn follow_revocations<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        if entries
+            .into_iter()
+            .any(|e| matches!(e.op, Op::Revoke { .. }))
+        {
+            enforce_revocations(&self.creds, self.log.state());
+        }
+    }
+
     async fn log_input(&mut self, input: Input) {
         match input {
             Input::LogWrite { author, ops, reply } => {
@@ -579,6 +590,7 @@ impl CoreTask {
                         self.log.apply(&e.entry, e.hash());
                         self.follow_config(&e.entry);
                     }
+                    self.follow_revocations(entries.iter().map(|e| &e.entry));
                 }
                 let _ = reply.send(result.map(|()| entries));
             }
@@ -609,11 +621,107 @@ impl CoreTask {
                         self.log.apply(&e.entry, e.hash());
                         self.follow_config(&e.entry);
                     }
+                    self.follow_revocations(fresh.iter().map(|e| &e.entry));
                 }
                 let _ = reply.send(result.map(|()| fresh.len()));
             }
             _ => {}
         }
+    }
+}
+
+/// Makes the revocations in the desired state the set `creds` enforce:
+/// each entry's CA signature is checked (one that fails is logged and left
+/// out), and entries for expired certificates are dropped.
+fn enforce_revocations(creds: &Credentials, state: &crate::log::DesiredState) {
+    let signed = state.revocations();
+    let (set, errors) = trellis_node::revocation::RevocationSet::verified(
+        creds.ca_der(),
+        &signed,
+        (unix_ms() / 1000) as i64,
+    );
+    for error in errors {
+        error!(%error, "revocation in the desired state ignored");
+    }
+    let (entries, digest) = (set.len(), set.digest());
+    if creds.revocations().replace(set) {
+        info!(entries, %digest, "revocation list changed; enforcing it and sending it to relays");
+    }
+}
+
+/// Sends the revocation list to one relay when it connects and at every
+/// change, until the connection ends; a failed send is retried with a
+/// growing delay.
+async fn push_revocations(
+    conn: quinn::Connection,
+    relay: Identity,
+    mut changes: watch::Receiver<Arc<trellis_node::revocation::RevocationSet>>,
+) {
+    loop {
+        let set = changes.borrow_and_update().clone();
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match send_revocations(&conn, &set).await {
+                Ok(()) => {
+                    debug!(relay = %relay, entries = set.len(), digest = %set.digest(), "revocation list sent to the relay");
+                    break;
+                }
+                Err(error) => {
+                    if conn.close_reason().is_some() {
+                        return;
+                    }
+                    warn!(relay = %relay, %error, retry_in = ?delay, "cannot send the revocation list to the relay");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            if changes.has_changed().unwrap_or(false) {
+                break;
+            }
+            delay = (delay * 2).min(MAX_PUSH_BACKOFF);
+        }
+        if !changes.has_changed().unwrap_or(false) && changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One revocation list on its own stream; `Ok` once the relay holds it.
+async fn send_revocations(
+    conn: &quinn::Connection,
+    set: &trellis_node::revocation::RevocationSet,
+) -> Result<(), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    wire::write_msg(
+        &mut send,
+        UPLINK_VERSION,
+        &Request::Revocations(set.signed()),
+        MAX_UPLINK_FRAME,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let answer = tokio::time::timeout(
+        PUSH_TIMEOUT,
+        wire::read_msg::<Response>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME),
+    )
+    .await
+    .map_err(|_| format!("no answer within {PUSH_TIMEOUT:?}"))?
+    .map_err(|e| e.to_string())?;
+    match answer {
+        Some(Response::RevocationsTaken { digest, .. }) if digest == set.digest() => Ok(()),
+        Some(Response::RevocationsTaken { digest, .. }) => Err(format!(
+            "the relay holds revocation list {digest}, not {}",
+            set.digest()
+        )),
+        Some(Response::Error(reason)) => Err(format!("the relay refused the list: {reason}")),
+        other => Err(format!("unexpected answer: {other:?}")),
     }
 }
 
@@ -860,6 +968,8 @@ pub(crate) struct Shared {
     pub rollout_head: watch::Receiver<crate::patchdriver::RolloutHead>,
     /// Every incident kept, newest first.
     pub incidents: watch::Receiver<crate::incidentdriver::IncidentList>,
+    /// The revocations this hub enforces (its credentials' set).
+    pub revocations: trellis_node::revocation::Revocations,
 }
 
 /// Why a note was not recorded. Nothing was appended to the log.
@@ -1099,6 +1209,11 @@ async fn serve_relay_inner(
         peer.clone(),
         shared.config_head.clone(),
     )));
+    let _revocations = AbortOnDrop(tokio::spawn(push_revocations(
+        conn.clone(),
+        peer.clone(),
+        shared.revocations.subscribe(),
+    )));
     let _rollout = AbortOnDrop(tokio::spawn(crate::patchdriver::push_rollout(
         conn.clone(),
         peer.clone(),
@@ -1234,6 +1349,7 @@ impl Hub {
                 .and_then(|(e, _)| config_head_of(e))
         });
         drop(log_entries);
+        enforce_revocations(&creds, log.state());
         let (config_head_tx, config_head_rx) = watch::channel(head.map(Arc::new));
         let store_tx = spawn_store_thread(store);
 
@@ -1275,6 +1391,7 @@ impl Hub {
             chunks: Arc::new(chunks),
             rollout_head: rollout_head_rx,
             incidents: incidents_rx,
+            revocations: creds.revocations().clone(),
         };
         let (push_tx, push_rx) = mpsc::channel(1024);
         let (notes_tx, notes_rx) = mpsc::channel(NOTES_QUEUE);
@@ -1414,7 +1531,10 @@ impl Hub {
                 });
             }
         }));
-        let app = api::router(shared.clone());
+        let app = api::router(
+            shared.clone(),
+            crate::apiauth::ApiAuth::new(cfg.api.token_required(), &cfg.api.tokens),
+        );
         let sd = shutdown.child_token();
         tasks.push(tokio::spawn(async move {
             let limits = trellis_node::http::Limits::api();

@@ -33,6 +33,7 @@
 //! - [`up`]: `trellis up`, a real local mesh in one process.
 
 pub mod api;
+pub mod apiauth;
 pub mod audit;
 pub mod client;
 pub mod config;
@@ -50,6 +51,7 @@ pub mod patchrollout;
 pub mod peering;
 pub mod render;
 pub mod replication;
+pub mod revokeapi;
 pub mod rollout;
 pub mod rolloutapi;
 pub mod store;

@@ -23,10 +23,11 @@
 //!
 //! Pure: time is passed in; signing and storing belong to the driver.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
+use trellis_node::revocation::SignedRevocation;
 
 /// A hybrid logical clock reading: wall-clock milliseconds, and a counter
 /// that orders events within a millisecond or when a clock lags another.
@@ -116,6 +117,13 @@ pub enum Op {
         /// The rollout's state as JSON (`patchrollout::RolloutRecord`).
         record: String,
     },
+    /// A certificate revoked, or an operator key retired, as the mesh CA
+    /// signed it (`trellis ca revoke`, `trellis ca rotate`).
+    Revoke {
+        /// The postcard encoding of the
+        /// `trellis_node::revocation::SignedRevocation`.
+        revocation: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -150,7 +158,11 @@ impl Op {
     pub fn key(&self) -> Option<&str> {
         match self {
             Op::Put { key, .. } | Op::Delete { key } => Some(key),
-            Op::Note { .. } | Op::Config { .. } | Op::Patch { .. } | Op::Rollout { .. } => None,
+            Op::Note { .. }
+            | Op::Config { .. }
+            | Op::Patch { .. }
+            | Op::Rollout { .. }
+            | Op::Revoke { .. } => None,
         }
     }
 }
@@ -200,6 +212,22 @@ impl std::fmt::Display for Op {
                     .and_then(|v| v.get("state").and_then(|s| s.as_str().map(str::to_owned)))
                     .unwrap_or_default();
                 write!(f, "rollout {run} revision {revision} {state}")
+            }
+            Op::Revoke { revocation } => {
+                let decoded = postcard::from_bytes::<SignedRevocation>(revocation)
+                    .ok()
+                    .and_then(|s| trellis_node::revocation::decode(&s.entry).ok());
+                match decoded {
+                    Some(r) => write!(
+                        f,
+                        "{} {} {}: {}",
+                        r.kind.as_str(),
+                        r.identity,
+                        &trellis_node::revocation::hex(&r.fingerprint)[..16],
+                        r.reason
+                    ),
+                    None => write!(f, "revoke (unreadable entry)"),
+                }
             }
         }
     }
@@ -314,6 +342,7 @@ impl Entry {
                 manifest,
             } => id.len() + name.len() + version.len() + manifest.len(),
             Op::Rollout { record, .. } => 16 + record.len(),
+            Op::Revoke { revocation } => revocation.len(),
         };
         128 + self.origin.len() + self.author.len() + op
     }
@@ -403,6 +432,10 @@ pub struct DesiredState {
     /// Patch rollouts by run: the highest revision, then the greatest
     /// `(hlc, origin, seq)`.
     rollouts: BTreeMap<u64, RolloutEntry>,
+    /// Revocations as the CA signed them, each once (a set: every hub
+    /// ends with the union, whatever the order entries came in). Members
+    /// check each signature before believing it.
+    revocations: BTreeSet<Vec<u8>>,
 }
 
 /// A rollout's newest state and the entry that holds it.
@@ -435,6 +468,10 @@ impl DesiredState {
     /// Applies one entry (in any order relative to the others).
     /// Notes change nothing.
     pub fn apply(&mut self, e: &Entry) {
+        if let Op::Revoke { revocation } = &e.op {
+            self.revocations.insert(revocation.clone());
+            return;
+        }
         if let Op::Rollout {
             run,
             revision,
@@ -528,7 +565,8 @@ impl DesiredState {
                         | Op::Note { .. }
                         | Op::Config { .. }
                         | Op::Patch { .. }
-                        | Op::Rollout { .. } => None,
+                        | Op::Rollout { .. }
+                        | Op::Revoke { .. } => None,
                     },
                     hlc: e.hlc,
                     origin: e.origin.clone(),
@@ -537,6 +575,15 @@ impl DesiredState {
                 },
             );
         }
+    }
+
+    /// Every revocation written, as signed (entries that do not decode
+    /// left out: the hub that wrote them checked them).
+    pub fn revocations(&self) -> Vec<SignedRevocation> {
+        self.revocations
+            .iter()
+            .filter_map(|b| postcard::from_bytes(b).ok())
+            .collect()
     }
 
     /// Keys with a value (deleted keys left out).

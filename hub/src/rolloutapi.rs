@@ -141,6 +141,9 @@ fn open<T: serde::de::DeserializeOwned>(
         &req.body,
         &req.signature,
     )
+    .and_then(|who| {
+        trellis_node::signature::check_current_key(&peering.creds, &req.cert, &who).map(|()| who)
+    })
     .map_err(|e| {
         Box::new(error(
             StatusCode::FORBIDDEN,

@@ -391,6 +391,17 @@ pub fn get_json(url: &str) -> Option<Value> {
 
 /// A minimal blocking HTTP/1.1 GET over a TCP socket (status, body).
 pub fn http_get(url: &str) -> Option<(u16, String)> {
+    http_request("GET", url, &[], "")
+}
+
+/// A minimal blocking HTTP/1.1 request over a TCP socket, with extra
+/// headers and a body (status, body).
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
     use std::io::Read;
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest
@@ -398,11 +409,14 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
         .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
     let mut s = std::net::TcpStream::connect(host).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method != "GET" {
+        head.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    write!(s, "{head}\r\n{body}").ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw);

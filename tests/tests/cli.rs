@@ -229,7 +229,7 @@ fn configuration_errors_name_the_file_and_the_key_and_exit_2() {
         (
             "trellis-hub",
             "[api]\nlisten = \"0.0.0.0:7800\"\n",
-            "api.listen",
+            "api.tokens",
         ),
         ("trellis-hub", "not toml at all", "TOML parse error"),
     ] {

@@ -15,7 +15,9 @@ use trellis_hub::up::{LocalMesh, UpOptions};
 use trellis_node::cli::{self, EXIT_FAILED, EXIT_USAGE};
 use trellis_node::desired::{Fleet, plan};
 use trellis_node::id::{Identity, Role};
-use trellis_node::tls::{CA_CERT_FILE, Credentials, DEFAULT_CERT_DAYS, MeshCa, TlsError};
+use trellis_node::tls::{
+    CA_CERT_FILE, Credentials, DEFAULT_CERT_DAYS, IssuedRecord, MeshCa, TlsError,
+};
 
 /// Trellis: an edge-aware management mesh for large fleets.
 ///
@@ -43,6 +45,10 @@ struct Args {
         default_value_t
     )]
     log_format: cli::LogFormat,
+    /// API token for a hub that requires one (`trellis api token` makes
+    /// them).
+    #[arg(long, global = true, env = "TRELLIS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +58,9 @@ enum Command {
     /// Manage the mesh certificate authority and member certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Manage who may call the hubs' API.
+    #[command(subcommand)]
+    Api(ApiCommand),
     /// Show the fleet: regions, sites, node counts, status.
     ///
     /// Sites are coloured by status: healthy, degraded (a node dead or
@@ -673,6 +682,33 @@ struct HubArg {
 }
 
 #[derive(Subcommand)]
+enum ApiCommand {
+    /// Make an API token for one caller, with a role: `viewer` reads,
+    /// `operator` also changes desired state (keys, configuration, patches,
+    /// rollouts), `admin` also revokes certificates.
+    ///
+    /// Prints the token, for its holder only (pass it with --token or
+    /// TRELLIS_TOKEN), and the [[api.tokens]] entry to add to every hub's
+    /// configuration, which holds only the token's SHA-256. Changes made
+    /// with the token are recorded under NAME in the management log. A hub
+    /// bound beyond loopback requires a token on every request.
+    #[command(
+        after_help = "Example:\n  trellis api token --name ci-deploy --role operator >> hub.toml   # then give the token printed on stderr"
+    )]
+    Token {
+        /// Who holds it (recorded as the author of what it changes).
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: trellis_hub::apiauth::ApiRole,
+        /// Print the token and the entry as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CaCommand {
     /// Create a new mesh CA (ca.crt, and ca.key readable only by you).
     #[command(after_help = "Example:\n  trellis ca init --dir ca")]
@@ -719,6 +755,92 @@ enum CaCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a member's certificates: every member refuses them within a
+    /// minute, and closes connections already open with them.
+    ///
+    /// Finds the certificates issued to NAME in the CA directory's
+    /// issued.jsonl (narrow with --role, --region, --site when the name is
+    /// used twice), or takes one certificate file with --cert. Each is signed
+    /// by the CA key and written into the replicated desired state through
+    /// the hub; hubs send the list to their relays, relays to their nodes.
+    /// A certificate issued to the same name afterwards works.
+    ///
+    /// --retire, for operators, only retires the key: hubs refuse new
+    /// desired state signed with it, and what it signed stays valid
+    /// (`trellis ca rotate` does this for you).
+    #[command(
+        after_help = "Examples:\n  trellis ca revoke --dir ca web-01 --reason 'disk sold'\n  trellis ca revoke --dir ca --cert old/web-01.crt"
+    )]
+    Revoke {
+        /// Directory of the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The member's name (see issued.jsonl in the CA directory).
+        #[arg(required_unless_present = "cert")]
+        name: Option<String>,
+        #[arg(long, value_parser = parse_role)]
+        role: Option<Role>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+        /// A certificate file to revoke, instead of looking NAME up.
+        #[arg(long, conflicts_with = "name")]
+        cert: Option<PathBuf>,
+        /// Why, recorded with the revocation (at most 200 characters).
+        #[arg(long, default_value = "revoked by an operator")]
+        reason: String,
+        /// Retire an operator's signing key instead of revoking it.
+        #[arg(long)]
+        retire: bool,
+        /// Who revokes (recorded in the log).
+        #[arg(long = "as", env = "USER", default_value = "operator")]
+        author: String,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate an operator's signing key: issue a new certificate and key,
+    /// and retire the old ones.
+    ///
+    /// Hubs refuse new configurations, patches and rollouts signed with a
+    /// retired key; everything it signed before stays valid, so nothing is
+    /// signed again. The retirements are written first: if the hub cannot
+    /// be reached, nothing changes. (If the old key may be compromised,
+    /// `trellis ca revoke` it instead.)
+    #[command(after_help = "Example:\n  trellis ca rotate --dir ca --out ~/.trellis alice")]
+    Rotate(RotateArgs),
+    /// List the revocations a hub enforces (and sends to its relays).
+    #[command(after_help = "Example:\n  trellis ca revocations")]
+    Revocations {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RotateArgs {
+    /// Directory of the CA.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The operator's name.
+    name: String,
+    /// Days the new certificate is valid.
+    #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+    days: u32,
+    /// Where the operator's certificate and key are (default: the CA
+    /// directory); the new ones replace them.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long = "as", env = "USER", default_value = "operator")]
+    author: String,
+    #[command(flatten)]
+    hub: HubArg,
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -729,12 +851,32 @@ fn parse_role(s: &str) -> Result<Role, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_logging(args.log_format);
+    if let Some(token) = args.token {
+        trellis_hub::client::set_default_token(token);
+    }
     match args.command {
         Command::Completions { shell } => {
             print!("{}", completions(shell));
             ExitCode::SUCCESS
         }
         Command::Ca(c) => ca(c),
+        Command::Api(ApiCommand::Token { name, role, json }) => {
+            if name.is_empty() || name.len() > 64 {
+                return cli::fail(EXIT_USAGE, &"--name: 1 to 64 bytes");
+            }
+            let (token, entry) = trellis_hub::apiauth::new_token(&name, role);
+            if json {
+                let out = serde_json::json!({ "token": token, "entry": entry });
+                println!("{out:#}");
+            } else {
+                eprintln!("token for {name} ({}), shown once: {token}", role.as_str());
+                println!("[[api.tokens]]");
+                println!("name = {:?}", entry.name);
+                println!("role = {:?}", entry.role.as_str());
+                println!("sha256 = {:?}", entry.sha256);
+            }
+            ExitCode::SUCCESS
+        }
         Command::Status { hub, relay, json } => {
             runtime().block_on(status(&hub.hub, relay.as_deref(), json))
         }
@@ -936,6 +1078,7 @@ fn ca(cmd: CaCommand) -> ExitCode {
                 let ca = MeshCa::load(&dir)?;
                 let issued = ca.issue(&identity, days)?;
                 let paths = issued.save(out.as_deref().unwrap_or(&dir), force)?;
+                IssuedRecord::of(&identity, &issued.cert_pem)?.append(&dir)?;
                 Ok::<_, TlsError>((identity, paths))
             })();
             match result {
@@ -957,6 +1100,310 @@ fn ca(cmd: CaCommand) -> ExitCode {
                 }
                 Err(e) => cli::fail(code(&e), &e),
             }
+        }
+        CaCommand::Revoke {
+            dir,
+            name,
+            role,
+            region,
+            site,
+            cert,
+            reason,
+            retire,
+            author,
+            hub,
+            json,
+        } => {
+            let filter = CertFilter {
+                name,
+                role,
+                region,
+                site,
+            };
+            let kind = if retire {
+                trellis_node::revocation::Kind::Retired
+            } else {
+                trellis_node::revocation::Kind::Revoked
+            };
+            let targets = match cert {
+                Some(path) => cert_file_target(&path),
+                None => filter.find(&dir),
+            };
+            let targets = match targets {
+                Ok(t) => t,
+                Err(e) => return cli::fail(EXIT_USAGE, &e),
+            };
+            if retire
+                && targets
+                    .iter()
+                    .any(|t| !t.identity.starts_with("trellis://operator/"))
+            {
+                return cli::fail(
+                    EXIT_USAGE,
+                    &"--retire is for operator keys; revoke other members",
+                );
+            }
+            runtime().block_on(post_revocations(
+                &dir, &hub.hub, &author, targets, kind, &reason, json,
+            ))
+        }
+        CaCommand::Revocations { hub, json } => {
+            let client = match ApiClient::new(&hub.hub) {
+                Ok(c) => c,
+                Err(e) => return client_error(e),
+            };
+            answer(runtime().block_on(client.revocations()), json, |l, _| {
+                let mut out = format!(
+                    "{} revocation(s) in force, digest {}\n",
+                    l.entries.len(),
+                    l.digest
+                );
+                for r in &l.entries {
+                    out.push_str(&format!(
+                        "  {:<8} {}  {}  {}\n",
+                        r.kind.as_str(),
+                        &r.fingerprint[..16],
+                        r.identity,
+                        r.reason
+                    ));
+                }
+                out
+            })
+        }
+        CaCommand::Rotate(RotateArgs {
+            dir,
+            name,
+            days,
+            out,
+            author,
+            hub,
+            json,
+        }) => {
+            if days == 0 || days > 3650 {
+                return cli::fail(EXIT_USAGE, &"--days must be between 1 and 3650");
+            }
+            runtime().block_on(rotate(&dir, &name, days, out, &author, &hub.hub, json))
+        }
+    }
+}
+
+/// Which recorded certificates `trellis ca revoke NAME` means.
+struct CertFilter {
+    name: Option<String>,
+    role: Option<Role>,
+    region: Option<String>,
+    site: Option<String>,
+}
+
+impl CertFilter {
+    /// The certificates issued to one identity that have not expired;
+    /// an error if none, or if the name fits several identities.
+    fn find(&self, dir: &std::path::Path) -> Result<Vec<IssuedRecord>, String> {
+        let name = self.name.as_deref().unwrap_or_default();
+        let records = IssuedRecord::load_all(dir).map_err(|e| e.to_string())?;
+        let now = unix_now();
+        let fits: Vec<IssuedRecord> = records
+            .into_iter()
+            .filter(|r| {
+                let Ok(id) = Identity::from_uri(&r.identity) else {
+                    return false;
+                };
+                id.name == name
+                    && self.role.is_none_or(|role| id.role == role)
+                    && self.region.as_ref().is_none_or(|g| &id.region == g)
+                    && self.site.as_ref().is_none_or(|s| &id.site == s)
+                    && r.not_after > now
+            })
+            .collect();
+        let mut identities: Vec<&str> = fits.iter().map(|r| r.identity.as_str()).collect();
+        identities.sort();
+        identities.dedup();
+        match identities.len() {
+            0 => Err(format!(
+                "no unexpired certificate issued to {name:?} is recorded in {} (certificates issued \
+                 before the CA kept that file: pass --cert FILE)",
+                dir.join(trellis_node::tls::ISSUED_FILE).display()
+            )),
+            1 => Ok(fits),
+            _ => Err(format!(
+                "{name:?} names several members: {}; narrow with --role, --region or --site",
+                identities.join(", ")
+            )),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The record of one certificate file.
+fn cert_file_target(path: &std::path::Path) -> Result<Vec<IssuedRecord>, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let identity =
+        trellis_node::tls::identity_of_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+    IssuedRecord::of(&identity, &pem)
+        .map_err(|e| format!("{}: {e}", path.display()))
+        .map(|r| vec![r])
+}
+
+/// Signs one revocation per target with the CA key and writes each
+/// through the hub.
+async fn post_revocations(
+    dir: &std::path::Path,
+    hub: &str,
+    author: &str,
+    targets: Vec<IssuedRecord>,
+    kind: trellis_node::revocation::Kind,
+    reason: &str,
+    json: bool,
+) -> ExitCode {
+    let signed = match sign_revocations(dir, &targets, kind, reason) {
+        Ok(s) => s,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    let mut answers = Vec::new();
+    for s in &signed {
+        match client.revoke(s, author).await {
+            Ok(a) => answers.push(a),
+            Err(e) => return client_error(e),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answers).expect("serialisable")
+        );
+    } else {
+        for a in &answers {
+            let r = &a.revocation;
+            let note = if a.already { " (already)" } else { "" };
+            println!(
+                "{} {} certificate {}{note}",
+                r.kind.as_str(),
+                r.identity,
+                &r.fingerprint[..16]
+            );
+        }
+        println!(
+            "members refuse it within a minute; `trellis ca revocations` lists what is in force"
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn sign_revocations(
+    dir: &std::path::Path,
+    targets: &[IssuedRecord],
+    kind: trellis_node::revocation::Kind,
+    reason: &str,
+) -> Result<Vec<trellis_node::revocation::SignedRevocation>, String> {
+    use trellis_node::revocation::{MAX_REASON_CHARS, Revocation};
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(format!("--reason: at most {MAX_REASON_CHARS} characters"));
+    }
+    let ca = MeshCa::load(dir).map_err(|e| e.to_string())?;
+    targets
+        .iter()
+        .map(|t| {
+            let fingerprint = trellis_node::distribute::parse_hex32(&t.fingerprint)
+                .ok_or_else(|| format!("bad fingerprint {:?} in issued.jsonl", t.fingerprint))?;
+            ca.sign_revocation(&Revocation {
+                fingerprint,
+                identity: t.identity.clone(),
+                not_after: t.not_after,
+                at: unix_now(),
+                kind,
+                reason: reason.to_owned(),
+            })
+            .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+async fn rotate(
+    dir: &std::path::Path,
+    name: &str,
+    days: u32,
+    out: Option<PathBuf>,
+    author: &str,
+    hub: &str,
+    json: bool,
+) -> ExitCode {
+    let filter = CertFilter {
+        name: Some(name.to_owned()),
+        role: Some(Role::Operator),
+        region: None,
+        site: None,
+    };
+    let old = match filter.find(dir) {
+        Ok(old) => old,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let issued = match Identity::new(Role::Operator, "", "", name)
+        .map_err(TlsError::from)
+        .and_then(|id| MeshCa::load(dir)?.issue(&id, days))
+    {
+        Ok(i) => i,
+        Err(e) => return cli::fail(EXIT_FAILED, &e),
+    };
+    let signed = match sign_revocations(
+        dir,
+        &old,
+        trellis_node::revocation::Kind::Retired,
+        "key rotated",
+    ) {
+        Ok(s) => s,
+        Err(e) => return cli::fail(EXIT_USAGE, &e),
+    };
+    let client = match ApiClient::new(hub) {
+        Ok(c) => c,
+        Err(e) => return client_error(e),
+    };
+    for s in &signed {
+        if let Err(e) = client.revoke(s, author).await {
+            eprintln!("the old key is still current; nothing was written");
+            return client_error(e);
+        }
+    }
+    let out = out.unwrap_or_else(|| dir.to_owned());
+    let written = issued.save(&out, true).and_then(|paths| {
+        IssuedRecord::of(&issued.identity, &issued.cert_pem)?.append(dir)?;
+        Ok(paths)
+    });
+    match written {
+        Ok((cert, key)) if json => {
+            let out = serde_json::json!({
+                "identity": issued.identity.to_string(),
+                "retired": old.iter().map(|r| r.fingerprint.clone()).collect::<Vec<_>>(),
+                "cert": cert,
+                "key": key,
+            });
+            println!("{out:#}");
+            ExitCode::SUCCESS
+        }
+        Ok((cert, key)) => {
+            println!(
+                "rotated {}: {} old key(s) retired, new certificate valid {days} days",
+                issued.identity,
+                old.len()
+            );
+            println!("  {}", cert.display());
+            println!("  {}", key.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "the old key is retired but the new one could not be written; issue one with \
+                 `trellis ca issue --role operator --name {name} --force`"
+            );
+            cli::fail(EXIT_FAILED, &e)
         }
     }
 }
