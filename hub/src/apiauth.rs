@@ -127,21 +127,72 @@ impl Caller {
 }
 
 /// The hub's API access rules.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ApiAuth {
     /// Whether a request without a token is refused.
     pub required: bool,
     by_hash: HashMap<String, (String, ApiRole)>,
+    rate: RateLimit,
+}
+
+/// Requests per second each caller may make (a token by its name, a
+/// caller without one by its address), after a burst of twice that.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_s: f64,
+    buckets: std::sync::Mutex<HashMap<String, (f64, std::time::Instant)>>,
+}
+
+/// Callers remembered at most; past this, those idle for a minute are
+/// forgotten (they start again with a full burst).
+const MAX_BUCKETS: usize = 10_000;
+
+impl RateLimit {
+    /// `per_s` = 0 means no limit.
+    pub fn new(per_s: u32) -> Self {
+        RateLimit {
+            per_s: f64::from(per_s),
+            buckets: Default::default(),
+        }
+    }
+
+    /// Takes one request for `key` at `now`: `Err(wait)` if it is over
+    /// its rate, with how long until it may ask again.
+    pub fn take(&self, key: &str, now: std::time::Instant) -> Result<(), std::time::Duration> {
+        if self.per_s <= 0.0 {
+            return Ok(());
+        }
+        let burst = 2.0 * self.per_s;
+        let mut buckets = self.buckets.lock().expect("not poisoned");
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
+            buckets.retain(|_, (_, at)| now.saturating_duration_since(*at).as_secs() < 60);
+        }
+        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((burst, now));
+        *tokens =
+            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_s).min(burst);
+        *at = (*at).max(now);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64(
+                (1.0 - *tokens) / self.per_s,
+            ))
+        }
+    }
 }
 
 impl ApiAuth {
-    pub fn new(required: bool, tokens: &[ApiToken]) -> Self {
+    /// Access rules from the hub's `[api]` settings: whether a token is
+    /// required, the tokens, and each caller's request rate (0: none).
+    pub fn new(required: bool, tokens: &[ApiToken], requests_per_s: u32) -> Self {
         ApiAuth {
             required,
             by_hash: tokens
                 .iter()
                 .map(|t| (t.sha256.to_ascii_lowercase(), (t.name.clone(), t.role)))
                 .collect(),
+            rate: RateLimit::new(requests_per_s),
         }
     }
 
@@ -255,10 +306,36 @@ fn bearer(req: &Request) -> Option<&str> {
 /// The auth layer: establishes the caller, refuses what its role does not
 /// allow, logs every change with its caller.
 pub async fn layer(State(auth): State<Arc<ApiAuth>>, mut req: Request, next: Next) -> Response {
+    let remote = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
     let caller = match auth.caller(bearer(&req)) {
         Ok(c) => c,
         Err((status, message)) => return error(status, message),
     };
+    let key = if caller.by_token {
+        format!("token {}", caller.name)
+    } else {
+        format!("address {remote}")
+    };
+    if let Err(wait) = auth.rate.take(&key, std::time::Instant::now()) {
+        let secs = wait.as_secs() + 1;
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many requests from {key}: at most {} a second; retry in {secs} s",
+                auth.rate.per_s
+            ),
+        );
+        if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v);
+        }
+        return response;
+    }
     let needed = required_role(req.method(), req.uri().path());
     if caller.role < needed {
         return error(
@@ -288,6 +365,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_caller_gets_its_rate_after_a_burst_of_twice_that() {
+        let limit = RateLimit::new(10);
+        let t0 = std::time::Instant::now();
+        for _ in 0..20 {
+            limit.take("a", t0).unwrap();
+        }
+        let wait = limit.take("a", t0).unwrap_err();
+        assert!(wait <= std::time::Duration::from_millis(100), "{wait:?}");
+        limit.take("b", t0).unwrap();
+        let later = t0 + std::time::Duration::from_millis(250);
+        for _ in 0..2 {
+            limit.take("a", later).unwrap();
+        }
+        assert!(limit.take("a", later).is_err(), "2.5 tokens came back");
+        let none = RateLimit::new(0);
+        for _ in 0..1000 {
+            none.take("a", t0).unwrap();
+        }
+    }
+
+    #[test]
     fn the_documented_api_table_is_the_one_enforced() {
         let doc =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/SECURITY.md"))
@@ -308,7 +406,7 @@ mod tests {
     fn roles_allow_what_the_ones_before_them_do() {
         let (viewer, v) = new_token("vera", ApiRole::Viewer);
         let (operator, o) = new_token("olga", ApiRole::Operator);
-        let auth = ApiAuth::new(true, &[v, o]);
+        let auth = ApiAuth::new(true, &[v, o], 0);
         assert_eq!(auth.caller(Some(&viewer)).unwrap().role, ApiRole::Viewer);
         assert_eq!(auth.caller(Some(&operator)).unwrap().name, "olga");
         assert_eq!(
@@ -316,7 +414,7 @@ mod tests {
             StatusCode::UNAUTHORIZED
         );
         assert_eq!(auth.caller(None).unwrap_err().0, StatusCode::UNAUTHORIZED);
-        let open = ApiAuth::new(false, &[]);
+        let open = ApiAuth::new(false, &[], 0);
         let local = open.caller(None).unwrap();
         assert_eq!((local.role, local.by_token), (ApiRole::Admin, false));
         assert_eq!(local.author(Some("alice".into())), "alice");

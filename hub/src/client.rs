@@ -35,6 +35,9 @@ pub struct ApiClient {
     token: Option<String>,
 }
 
+/// How often a request the hub answered `429` is sent again.
+const MAX_BUSY_RETRIES: u32 = 5;
+
 /// The token every client made afterwards sends (the CLI's `--token`).
 static DEFAULT_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -89,16 +92,38 @@ impl ApiClient {
         self.decode(url, resp).await
     }
 
-    /// Sends a request; the hub being unreachable is the error.
+    /// Sends a request; the hub being unreachable is the error. A `429`
+    /// (the hub's per-caller rate) is retried after the `Retry-After` the
+    /// hub gives, a few times.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            reason: root_cause(&e),
-        })
+        let mut retries = 0;
+        let mut next = Some(req);
+        loop {
+            let current = next.take().expect("a request to send");
+            // None for a streamed body, which is then not sent again.
+            next = current.try_clone();
+            let resp = current.send().await.map_err(|e| ClientError::Unreachable {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+            let busy = resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS;
+            if !busy || retries >= MAX_BUSY_RETRIES || next.is_none() {
+                return Ok(resp);
+            }
+            let wait = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1)
+                .clamp(1, 10);
+            retries += 1;
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
     }
 
     async fn decode<T: DeserializeOwned>(

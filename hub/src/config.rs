@@ -46,6 +46,10 @@ pub struct ApiConfig {
     /// Who may call the API, with which role (`trellis api token` makes
     /// an entry).
     pub tokens: Vec<crate::apiauth::ApiToken>,
+    /// Requests a second each caller may make (a token, or an address
+    /// without one), after a burst of twice that; past it, `429` with
+    /// `Retry-After`. 0: no limit.
+    pub requests_per_s: u32,
 }
 
 impl Default for ApiConfig {
@@ -55,9 +59,14 @@ impl Default for ApiConfig {
             allow_remote_unauthenticated: false,
             require_token: false,
             tokens: Vec::new(),
+            requests_per_s: DEFAULT_API_REQUESTS_PER_S,
         }
     }
 }
+
+/// Default of `api.requests_per_s`: far above what the CLI, the dashboard
+/// (a request a second or two per open page) and Prometheus ask for.
+pub const DEFAULT_API_REQUESTS_PER_S: u32 = 200;
 
 impl ApiConfig {
     /// Whether a request must carry a token.

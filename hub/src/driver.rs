@@ -1533,7 +1533,11 @@ impl Hub {
         }));
         let app = api::router(
             shared.clone(),
-            crate::apiauth::ApiAuth::new(cfg.api.token_required(), &cfg.api.tokens),
+            crate::apiauth::ApiAuth::new(
+                cfg.api.token_required(),
+                &cfg.api.tokens,
+                cfg.api.requests_per_s,
+            ),
         );
         let sd = shutdown.child_token();
         tasks.push(tokio::spawn(async move {

@@ -157,3 +157,39 @@ fn each_role_reaches_what_it_may_and_changes_are_attributed_to_the_token() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_caller_over_its_request_rate_is_told_to_wait_and_others_are_not() {
+    let _serial = serial();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    let (greedy, g_entry) = token("greedy", "viewer");
+    let (calm, c_entry) = token("calm", "viewer");
+    let extra = format!("[api]\nrequire_token = true\nrequests_per_s = 5\n{g_entry}{c_entry}");
+    let (_hub, _uplink, api) = mesh.start_hub("hub-1", &extra);
+    let url = format!("{api}/api/v1/fleet");
+    // A burst of twice the rate passes; the next requests, sent at once,
+    // are refused with a Retry-After.
+    let statuses: Vec<u16> = (0..30)
+        .map(|_| call("GET", &url, Some(&greedy), "").0)
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let busy = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(ok + busy, 30, "{statuses:?}");
+    assert!(
+        (10..=15).contains(&ok),
+        "burst of 10 (and what refilled): {statuses:?}"
+    );
+    let (status, body) = call("GET", &url, Some(&greedy), "");
+    assert_eq!(status, 429);
+    assert!(
+        body.contains("too many requests from token greedy"),
+        "{body}"
+    );
+    assert!(body.contains("retry in"), "{body}");
+    // Another caller has its own budget.
+    assert_eq!(call("GET", &url, Some(&calm), "").0, 200);
+    // The CLI waits as told and gets its answer.
+    let out = run("trellis", &["status", "--hub", &api, "--token", &greedy]);
+    assert!(out.status.success(), "{out:?}");
+}
