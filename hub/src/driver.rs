@@ -649,14 +649,20 @@ fn enforce_revocations(creds: &Credentials, state: &crate::log::DesiredState) {
     }
 }
 
-/// Sends the revocation list to one relay when it connects and at every
-/// change, until the connection ends; a failed send is retried with a
-/// growing delay.
+/// Sends the revocation list to one relay when it connects (unless it is
+/// empty) and at every change, until the connection ends; a failed send
+/// is retried with a growing delay.
 async fn push_revocations(
     conn: quinn::Connection,
     relay: Identity,
     mut changes: watch::Receiver<Arc<trellis_node::revocation::RevocationSet>>,
 ) {
+    // Nothing revoked, nothing to send (a relay's list only ever held
+    // entries the hubs had): most meshes never pay for a stream per
+    // relay at connect.
+    if changes.borrow_and_update().is_empty() && changes.changed().await.is_err() {
+        return;
+    }
     loop {
         let set = changes.borrow_and_update().clone();
         let mut delay = Duration::from_secs(1);

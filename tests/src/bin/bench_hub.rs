@@ -12,9 +12,16 @@
 //!    same entries into a fresh store with `HubStore::commit_log` in
 //!    pull-sized chunks, measured in the same run.
 //!
+//! 3. soak (`--only soak`, not part of the default run): one hub, N
+//!    emulated relays sending a summary every `uplink.summary_interval`
+//!    as relays do, and API clients reading (and writing a desired key)
+//!    at a steady pace, for `--soak-secs`; the hub's RSS sampled every
+//!    30 s, every API request's latency and every error kept.
+//!
 //! ```text
 //! cargo build --release -p trellis-hub -p trellis-tests --bins
 //! target/release/bench-hub [--quick]
+//! target/release/bench-hub --only soak --relays 1000 --soak-secs 600
 //! ```
 
 use std::collections::BTreeMap;
@@ -82,9 +89,16 @@ struct Args {
     /// one measured); the system's temp dir by default.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Run only the ingest benchmark (1) or only the log catch-up (2).
-    #[arg(long, value_parser = ["ingest", "catchup"])]
+    /// Run only the ingest benchmark (1), only the log catch-up (2), or
+    /// the soak (3, only when asked for).
+    #[arg(long, value_parser = ["ingest", "catchup", "soak"])]
     only: Option<String>,
+    /// Seconds the soak runs (after every relay connected).
+    #[arg(long, default_value_t = 600)]
+    soak_secs: u64,
+    /// API clients during the soak, each making 20 requests a second.
+    #[arg(long, default_value_t = 8)]
+    api_clients: usize,
     /// Relays to emulate, one ingest run for each count (default
     /// 1000,10000, or 100,1000 with --quick).
     #[arg(long, value_delimiter = ',')]
@@ -156,6 +170,28 @@ fn main() -> anyhow::Result<()> {
         ca,
         echo: args.log,
     };
+    if args.only.as_deref() == Some("soak") {
+        let n = args
+            .relays
+            .as_ref()
+            .and_then(|r| r.first().copied())
+            .unwrap_or(1000);
+        anyhow::ensure!((1..=20_000).contains(&n), "--relays: between 1 and 20000");
+        anyhow::ensure!(
+            (60..=86_400).contains(&args.soak_secs) && (1..=64).contains(&args.api_clients),
+            "--soak-secs: 60 to 86400; --api-clients: 1 to 64"
+        );
+        soak(
+            &env,
+            n,
+            Duration::from_secs(args.soak_secs),
+            args.api_clients,
+            args.endpoints,
+        )?;
+        println!();
+        println!("done: {} UTC; load average {}", utc_now(), loadavg());
+        return Ok(());
+    }
     if args.only.as_deref() != Some("catchup") {
         let relays = args.relays.clone().unwrap_or(if args.quick {
             vec![100, 1000]
@@ -1140,6 +1176,284 @@ fn ingest_run(
         errors,
         ceiling: None,
     })
+}
+
+// ---------------------------------------------------------------------------
+// 3. Soak
+
+/// Requests each API client makes per second.
+const SOAK_REQUESTS_PER_S: u64 = 20;
+/// The routes API clients read, in turn.
+const SOAK_READS: &[&str] = &[
+    "/api/v1/fleet",
+    "/api/v1/events?limit=50",
+    "/api/v1/desired",
+    "/api/v1/log?limit=50",
+    "/api/v1/hubs",
+    "/api/v1/incidents",
+    "/api/v1/config/status",
+    "/metrics",
+];
+
+/// What the API clients saw.
+#[derive(Default)]
+struct ApiLoad {
+    latencies: Vec<Duration>,
+    errors: u64,
+    first_errors: Vec<String>,
+}
+
+fn soak(
+    env: &Env,
+    n: usize,
+    length: Duration,
+    clients: usize,
+    endpoints_n: usize,
+) -> anyhow::Result<()> {
+    let idle_every = RelayConfig::default().uplink.summary_interval;
+    println!();
+    println!(
+        "3. soak: {n} emulated relays (a summary every {} s each), {clients} API clients at \
+         {SOAK_REQUESTS_PER_S} requests/s each (reads of {} routes in turn, and a desired-state write \
+         every 2 s from client 0), for {} s",
+        idle_every.as_secs(),
+        SOAK_READS.len(),
+        length.as_secs()
+    );
+    let relays: Vec<Arc<RelayId>> = issue_relays(&env.ca, n)?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let dir = env.dir.join("soak");
+    let (cert, _) = issue_hub(&env.ca, "hub-1")?;
+    let mut hub = HubProc::start(env, &dir, &cert, &[])?;
+    let load = Arc::new(Load {
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        acked: AtomicU64::new(0),
+        per_relay: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        start: CancellationToken::new(),
+        stop: CancellationToken::new(),
+        errors: Mutex::new(Vec::new()),
+    });
+    let endpoints: Vec<quinn::Endpoint> = {
+        let _rt = rt.enter();
+        (0..endpoints_n)
+            .map(|_| quinn::Endpoint::client(([127, 0, 0, 1], 0).into()))
+            .collect::<Result<_, _>>()?
+    };
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_AT_ONCE));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            rt.spawn(relay_task(
+                i,
+                r.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                hub.uplink,
+                load.clone(),
+                handshakes.clone(),
+                1,
+                idle_every,
+            ))
+        })
+        .collect();
+    let limit = Duration::from_secs(60) + Duration::from_millis(50) * n as u32;
+    while load.connected.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed) < n {
+        anyhow::ensure!(
+            t0.elapsed() < limit,
+            "only {} of {n} relays connected",
+            load.connected.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "{} relays connected in {:.1} s ({} failed)",
+        load.connected.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+        load.failed.load(Ordering::Relaxed)
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let api_load = Arc::new(Mutex::new(ApiLoad::default()));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (stop, api_load, base) = (
+                stop.clone(),
+                api_load.clone(),
+                format!("http://{}", hub.api),
+            );
+            std::thread::spawn(move || {
+                let every = Duration::from_millis(1000 / SOAK_REQUESTS_PER_S);
+                let mut next = Instant::now();
+                let mut k = c;
+                let mut mine = ApiLoad::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let write = c == 0 && k % (2 * SOAK_REQUESTS_PER_S as usize) == 0;
+                    let started = Instant::now();
+                    let answer = if write {
+                        trellis_tests::http_request(
+                            "PUT",
+                            &format!("{base}/api/v1/desired/soak.counter"),
+                            &[("content-type", "application/json")],
+                            &format!("{{\"value\": \"{k}\", \"author\": \"soak\"}}"),
+                        )
+                    } else {
+                        trellis_tests::http_get(&format!(
+                            "{base}{}",
+                            SOAK_READS[k % SOAK_READS.len()]
+                        ))
+                    };
+                    mine.latencies.push(started.elapsed());
+                    match answer {
+                        Some((status, _)) if (200..300).contains(&status) => {}
+                        other => {
+                            mine.errors += 1;
+                            if mine.first_errors.len() < 3 {
+                                mine.first_errors.push(format!(
+                                    "{}: {:?}",
+                                    if write {
+                                        "PUT desired"
+                                    } else {
+                                        SOAK_READS[k % SOAK_READS.len()]
+                                    },
+                                    other
+                                        .map(|(s, b)| (s, b.chars().take(200).collect::<String>()))
+                                ));
+                            }
+                        }
+                    }
+                    k += 1;
+                    next += every;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    } else {
+                        next = Instant::now();
+                    }
+                }
+                let mut all = api_load.lock().expect("api load");
+                all.latencies.extend(mine.latencies);
+                all.errors += mine.errors;
+                all.first_errors.extend(mine.first_errors);
+            })
+        })
+        .collect();
+    println!();
+    println!(
+        "{:>6} {:>12} {:>12} {:>16} {:>15}",
+        "t s", "hub RSS MiB", "hub CPU", "summaries acked", "relays failed"
+    );
+    let started = Instant::now();
+    let mut samples: Vec<(u64, f64)> = Vec::new();
+    let mut cpu_before = proc_cpu(hub.pid()).unwrap_or_default();
+    let mut at_before = Instant::now();
+    let acked0 = load.acked.load(Ordering::Relaxed);
+    while started.elapsed() < length {
+        std::thread::sleep(Duration::from_secs(30).min(length.saturating_sub(started.elapsed())));
+        let rss = proc_mem(hub.pid()).map_or(f64::NAN, |m| m.0);
+        let cpu = proc_cpu(hub.pid()).unwrap_or_default();
+        let cores =
+            cpu.saturating_sub(cpu_before).as_secs_f64() / at_before.elapsed().as_secs_f64();
+        (cpu_before, at_before) = (cpu, Instant::now());
+        let t = started.elapsed().as_secs();
+        samples.push((t, rss));
+        println!(
+            "{:>6} {:>12.1} {:>12} {:>16} {:>15}",
+            t,
+            rss,
+            format!("{:.2} cores", cores),
+            thousands(load.acked.load(Ordering::Relaxed) - acked0),
+            load.failed.load(Ordering::Relaxed)
+        );
+        anyhow::ensure!(
+            hub.child.try_wait()?.is_none(),
+            "the hub exited during the soak"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let acked = load.acked.load(Ordering::Relaxed) - acked0;
+    load.stop.cancel();
+    rt.block_on(async {
+        for t in tasks {
+            let _ = tokio::time::timeout(ANSWER_LIMIT, t).await;
+        }
+        for e in &endpoints {
+            e.close(close::DONE, b"soak over");
+        }
+    });
+    drop(endpoints);
+    let complaints = hub.complaints();
+    hub.stop()?;
+    rt.shutdown_timeout(Duration::from_secs(5));
+
+    let api = api_load.lock().expect("api load");
+    let mut lat = api.latencies.clone();
+    lat.sort();
+    let q = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    // Memory: the first sample after the first minute against the last.
+    let early = samples
+        .iter()
+        .find(|(t, _)| *t >= 60)
+        .or(samples.first())
+        .map_or(f64::NAN, |s| s.1);
+    let last = samples.last().map_or(f64::NAN, |s| s.1);
+    println!();
+    println!(
+        "{:>7} {:>14} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>22} {:>12}",
+        "relays",
+        "summaries/s",
+        "API req",
+        "API req/s",
+        "p50",
+        "p99",
+        "max",
+        "errors",
+        "RSS at 1 min -> end",
+        "end/1 min"
+    );
+    println!(
+        "{:>7} {:>14} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>22} {:>12}",
+        thousands(n as u64),
+        format!("{:.0}", acked as f64 / secs),
+        thousands(lat.len() as u64),
+        format!("{:.0}", lat.len() as f64 / secs),
+        ms(q(0.5)),
+        ms(q(0.99)),
+        ms(lat.last().copied().unwrap_or_default()),
+        api.errors + load.failed.load(Ordering::Relaxed) as u64,
+        format!("{early:.1} -> {last:.1} MiB"),
+        format!("{:.2}x", last / early),
+    );
+    println!(
+        "needed: {:.0} summaries/s ({n} relays / {} s); the hub's warnings: {}",
+        n as f64 / idle_every.as_secs_f64(),
+        idle_every.as_secs(),
+        complaints.0
+    );
+    for e in api
+        .first_errors
+        .iter()
+        .chain(load.errors.lock().expect("errors").iter())
+    {
+        println!("  error: {e}");
+    }
+    for c in complaints.1.iter().take(5) {
+        println!("  hub: {c}");
+    }
+    Ok(())
 }
 
 /// `HubStore::commit` of `count` summaries in batches of `batch`, after
