@@ -168,6 +168,11 @@ impl HubStore {
                  PRIMARY KEY (relay, stream, seq));
              CREATE INDEX IF NOT EXISTS records_by_site ON records (region, site, at_ms);
              CREATE INDEX IF NOT EXISTS records_by_time ON records (at_ms);
+             -- Events without summaries (GET /api/v1/events, the
+             -- dashboard): without it, finding the oldest events walks
+             -- every summary before them, which grows with the history.
+             CREATE INDEX IF NOT EXISTS records_events
+                 ON records (at_ms, relay, stream, seq) WHERE kind != 'summary';
              CREATE TABLE IF NOT EXISTS log (
                  origin TEXT NOT NULL,
                  seq INTEGER NOT NULL,
@@ -426,48 +431,7 @@ impl StoreReader {
     pub fn records(&self, q: &Query) -> Result<Vec<StoredRecord>, StoreError> {
         let err = sqlite_err(&self.path);
         let conn = self.open().map_err(err)?;
-        let mut sql = String::from(
-            "SELECT relay, stream, region, site, seq, until_seq, kind, at_ms, received_ms, body
-             FROM records WHERE 1 = 1",
-        );
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
-            args.push(v);
-            sql.push_str(&format!(" AND {clause} ?{}", args.len()));
-        };
-        if let Some(r) = &q.region {
-            arg(&mut sql, "region =", r.clone().into());
-        }
-        if let Some(s) = &q.site {
-            arg(&mut sql, "site =", s.clone().into());
-        }
-        if let Some(f) = q.from_ms {
-            arg(&mut sql, "at_ms >=", (f as i64).into());
-        }
-        if let Some(t) = q.to_ms {
-            arg(&mut sql, "at_ms <=", (t as i64).into());
-        }
-        if q.no_summaries {
-            sql.push_str(" AND kind != 'summary'");
-        }
-        if !q.kinds.is_empty() {
-            let marks: Vec<String> = q
-                .kinds
-                .iter()
-                .map(|k| {
-                    args.push(k.clone().into());
-                    format!("?{}", args.len())
-                })
-                .collect();
-            sql.push_str(&format!(" AND kind IN ({})", marks.join(", ")));
-        }
-        args.push((q.limit.max(1) as i64).into());
-        let order = if q.newest_first {
-            "at_ms DESC, relay DESC, stream DESC, seq DESC"
-        } else {
-            "at_ms, relay, stream, seq"
-        };
-        sql.push_str(&format!(" ORDER BY {order} LIMIT ?{}", args.len()));
+        let (sql, args) = records_sql(q);
         let mut stmt = conn.prepare(&sql).map_err(err)?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(args), row_to_record)
@@ -803,6 +767,53 @@ pub fn stored(
         received_ms,
         body: record.body.clone(),
     }
+}
+
+/// The SQL of a records query, and its arguments.
+fn records_sql(q: &Query) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = String::from(
+        "SELECT relay, stream, region, site, seq, until_seq, kind, at_ms, received_ms, body
+         FROM records WHERE 1 = 1",
+    );
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+        args.push(v);
+        sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+    };
+    if let Some(r) = &q.region {
+        arg(&mut sql, "region =", r.clone().into());
+    }
+    if let Some(s) = &q.site {
+        arg(&mut sql, "site =", s.clone().into());
+    }
+    if let Some(f) = q.from_ms {
+        arg(&mut sql, "at_ms >=", (f as i64).into());
+    }
+    if let Some(t) = q.to_ms {
+        arg(&mut sql, "at_ms <=", (t as i64).into());
+    }
+    if q.no_summaries {
+        sql.push_str(" AND kind != 'summary'");
+    }
+    if !q.kinds.is_empty() {
+        let marks: Vec<String> = q
+            .kinds
+            .iter()
+            .map(|k| {
+                args.push(k.clone().into());
+                format!("?{}", args.len())
+            })
+            .collect();
+        sql.push_str(&format!(" AND kind IN ({})", marks.join(", ")));
+    }
+    args.push((q.limit.max(1) as i64).into());
+    let order = if q.newest_first {
+        "at_ms DESC, relay DESC, stream DESC, seq DESC"
+    } else {
+        "at_ms, relay, stream, seq"
+    };
+    sql.push_str(&format!(" ORDER BY {order} LIMIT ?{}", args.len()));
+    (sql, args)
 }
 
 #[cfg(test)]
@@ -1251,5 +1262,35 @@ mod tests {
             .unwrap();
         let err = HubStore::open(&path).err().expect("refused");
         assert!(matches!(err, StoreError::TooNew { found: 9, .. }), "{err}");
+    }
+
+    #[test]
+    fn finding_events_does_not_walk_the_summaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        drop(HubStore::open(&path).unwrap());
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let q = Query {
+            region: None,
+            site: None,
+            from_ms: None,
+            to_ms: None,
+            kinds: Vec::new(),
+            no_summaries: true,
+            newest_first: false,
+            limit: 50,
+        };
+        let (sql, args) = records_sql(&q);
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|p| p.contains("records_events")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|p| p.contains("TEMP B-TREE")), "{plan:?}");
     }
 }

@@ -98,11 +98,17 @@ impl LocalMesh {
             trellis_node::tls::DEFAULT_CERT_DAYS,
         )?
         .save(&dir, true)?;
+        // Every member's certificate is recorded in the CA directory, so
+        // that `trellis ca revoke --dir DIR NAME` works on the local mesh.
         let issue = |role, site: &str, name: &str| -> anyhow::Result<Credentials> {
             let region = if role == Role::Operator { "" } else { REGION };
-            Ok(Credentials::issue(
-                &ca,
-                &Identity::new(role, region, site, name)?,
+            let identity = Identity::new(role, region, site, name)?;
+            let issued = ca.issue(&identity, trellis_node::tls::DEFAULT_CERT_DAYS)?;
+            trellis_node::tls::IssuedRecord::of(&identity, &issued.cert_pem)?.append(&dir)?;
+            Ok(Credentials::from_pem(
+                ca.cert_pem(),
+                &issued.cert_pem,
+                &issued.key_pem,
             )?)
         };
 

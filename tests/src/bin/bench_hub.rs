@@ -1199,6 +1199,8 @@ const SOAK_READS: &[&str] = &[
 #[derive(Default)]
 struct ApiLoad {
     latencies: Vec<Duration>,
+    /// Per route: (seconds into the soak, latency).
+    per_route: BTreeMap<&'static str, Vec<(u64, Duration)>>,
     errors: u64,
     first_errors: Vec<String>,
 }
@@ -1280,6 +1282,7 @@ fn soak(
     );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let api_load = Arc::new(Mutex::new(ApiLoad::default()));
+    let soak_start = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
             let (stop, api_load, base) = (
@@ -1309,6 +1312,15 @@ fn soak(
                         ))
                     };
                     mine.latencies.push(started.elapsed());
+                    let route = if write {
+                        "PUT /api/v1/desired/{key}"
+                    } else {
+                        SOAK_READS[k % SOAK_READS.len()]
+                    };
+                    mine.per_route
+                        .entry(route)
+                        .or_default()
+                        .push((soak_start.elapsed().as_secs(), started.elapsed()));
                     match answer {
                         Some((status, _)) if (200..300).contains(&status) => {}
                         other => {
@@ -1337,6 +1349,9 @@ fn soak(
                 }
                 let mut all = api_load.lock().expect("api load");
                 all.latencies.extend(mine.latencies);
+                for (route, l) in mine.per_route {
+                    all.per_route.entry(route).or_default().extend(l);
+                }
                 all.errors += mine.errors;
                 all.first_errors.extend(mine.first_errors);
             })
