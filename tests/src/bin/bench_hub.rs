@@ -1458,6 +1458,31 @@ fn soak(
         idle_every.as_secs(),
         complaints.0
     );
+    println!();
+    println!(
+        "{:<28} {:>8} {:>16} {:>16}",
+        "route", "requests", "p99 first minute", "p99 last minute"
+    );
+    let end = secs as u64;
+    for (route, l) in &api.per_route {
+        let p99 = |from: u64, to: u64| {
+            let mut v: Vec<Duration> = l
+                .iter()
+                .filter(|(t, _)| (from..to).contains(t))
+                .map(|(_, d)| *d)
+                .collect();
+            v.sort();
+            v.get(((v.len() as f64 - 1.0) * 0.99).round() as usize)
+                .map_or("-".to_owned(), |d| ms(*d))
+        };
+        println!(
+            "{:<28} {:>8} {:>16} {:>16}",
+            route,
+            thousands(l.len() as u64),
+            p99(0, 60),
+            p99(end.saturating_sub(60), end + 1)
+        );
+    }
     for e in api
         .first_errors
         .iter()
