@@ -387,6 +387,19 @@ pub struct WriteReport {
     pub write_quorum: usize,
 }
 
+impl WriteReport {
+    /// The report of a write as the federation took it.
+    pub fn of(w: &crate::peering::WriteOutcome) -> Self {
+        WriteReport {
+            origin: w.entry.entry.origin.clone(),
+            seq: w.entry.entry.seq,
+            hlc: w.entry.entry.hlc,
+            durable_on: w.durable_on.clone(),
+            write_quorum: w.quorum,
+        }
+    }
+}
+
 async fn put_desired(
     State(shared): State<Shared>,
     axum::Extension(caller): axum::Extension<crate::apiauth::Caller>,
@@ -430,13 +443,7 @@ async fn write_op(shared: &Shared, author: String, op: Op) -> Response {
     match crate::peering::write(shared, peering, author, op).await {
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Ok(w) => {
-            let report = WriteReport {
-                origin: w.entry.entry.origin.clone(),
-                seq: w.entry.entry.seq,
-                hlc: w.entry.entry.hlc,
-                durable_on: w.durable_on.clone(),
-                write_quorum: w.quorum,
-            };
+            let report = WriteReport::of(&w);
             if w.acknowledged() {
                 axum::Json(report).into_response()
             } else {
@@ -674,13 +681,7 @@ async fn config_apply(State(shared): State<Shared>, body: axum::body::Bytes) -> 
                 version: bundle.version,
                 digest,
                 operator: operator.name.clone(),
-                write: WriteReport {
-                    origin: w.entry.entry.origin.clone(),
-                    seq: w.entry.entry.seq,
-                    hlc: w.entry.entry.hlc,
-                    durable_on: w.durable_on.clone(),
-                    write_quorum: w.quorum,
-                },
+                write: WriteReport::of(&w),
             };
             // Stored here either way; not acknowledged unless on a quorum.
             let status = if w.acknowledged() {
@@ -906,13 +907,7 @@ async fn patch_publish(State(shared): State<Shared>, body: axum::body::Bytes) ->
                 version: manifest.version,
                 operator: operator.name,
                 already: false,
-                write: Some(WriteReport {
-                    origin: w.entry.entry.origin.clone(),
-                    seq: w.entry.entry.seq,
-                    hlc: w.entry.entry.hlc,
-                    durable_on: w.durable_on.clone(),
-                    write_quorum: w.quorum,
-                }),
+                write: Some(WriteReport::of(&w)),
             };
             (status, axum::Json(report)).into_response()
         }

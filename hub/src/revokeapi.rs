@@ -137,13 +137,7 @@ pub(crate) async fn revoke(
             let report = Revoked {
                 revocation: view,
                 already: false,
-                write: Some(WriteReport {
-                    origin: w.entry.entry.origin.clone(),
-                    seq: w.entry.entry.seq,
-                    hlc: w.entry.entry.hlc,
-                    durable_on: w.durable_on.clone(),
-                    write_quorum: w.quorum,
-                }),
+                write: Some(WriteReport::of(&w)),
             };
             (status, axum::Json(report)).into_response()
         }

@@ -213,13 +213,7 @@ async fn write(
     let w = crate::peering::write(shared, peering, author, op)
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    Ok(WriteReport {
-        origin: w.entry.entry.origin.clone(),
-        seq: w.entry.entry.seq,
-        hlc: w.entry.entry.hlc,
-        durable_on: w.durable_on.clone(),
-        write_quorum: w.quorum,
-    })
+    Ok(WriteReport::of(&w))
 }
 
 pub(crate) async fn rollout_start(

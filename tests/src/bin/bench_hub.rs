@@ -1047,6 +1047,58 @@ fn ingest_bench(env: &Env, counts: &[usize], opts: &IngestOpts) -> anyhow::Resul
     Ok(())
 }
 
+/// Emulated relays at work: their counters, client endpoints and tasks.
+type Relays = (
+    Arc<Load>,
+    Vec<quinn::Endpoint>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+/// Starts one task per emulated relay, spread over `endpoints_n` client
+/// endpoints, connecting to the hub's uplink at `hub`.
+fn spawn_relays(
+    rt: &tokio::runtime::Runtime,
+    relays: &[Arc<RelayId>],
+    hub: SocketAddr,
+    endpoints_n: usize,
+    in_flight: u64,
+    idle_every: Duration,
+) -> anyhow::Result<Relays> {
+    let load = Arc::new(Load {
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        acked: AtomicU64::new(0),
+        per_relay: (0..relays.len()).map(|_| AtomicU64::new(0)).collect(),
+        start: CancellationToken::new(),
+        stop: CancellationToken::new(),
+        errors: Mutex::new(Vec::new()),
+    });
+    let endpoints: Vec<quinn::Endpoint> = {
+        let _rt = rt.enter();
+        (0..endpoints_n)
+            .map(|_| quinn::Endpoint::client(([127, 0, 0, 1], 0).into()))
+            .collect::<Result<_, _>>()?
+    };
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_AT_ONCE));
+    let tasks = relays
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            rt.spawn(relay_task(
+                i,
+                r.clone(),
+                endpoints[i % endpoints.len()].clone(),
+                hub,
+                load.clone(),
+                handshakes.clone(),
+                in_flight,
+                idle_every,
+            ))
+        })
+        .collect();
+    Ok((load, endpoints, tasks))
+}
+
 fn ingest_run(
     env: &Env,
     rt: &tokio::runtime::Runtime,
@@ -1058,43 +1110,19 @@ fn ingest_run(
     let n = relays.len();
     let (cert, _) = issue_hub(&env.ca, "hub-1")?;
     let mut hub = HubProc::start(env, dir, &cert, &[])?;
-    let load = Arc::new(Load {
-        connected: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        acked: AtomicU64::new(0),
-        per_relay: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        start: CancellationToken::new(),
-        stop: CancellationToken::new(),
-        errors: Mutex::new(Vec::new()),
-    });
-    let endpoints: Vec<quinn::Endpoint> = {
-        let _rt = rt.enter();
-        (0..opts.endpoints)
-            .map(|_| quinn::Endpoint::client(([127, 0, 0, 1], 0).into()))
-            .collect::<Result<_, _>>()?
-    };
+    let cpu0 = proc_cpu(hub.pid()).unwrap_or_default();
+    let t0 = Instant::now();
+    let (load, endpoints, tasks) = spawn_relays(
+        rt,
+        relays,
+        hub.uplink,
+        opts.endpoints,
+        opts.in_flight,
+        idle_every,
+    )?;
     let own_ports: Vec<u16> = endpoints
         .iter()
         .map(|e| e.local_addr().map_or(0, |a| a.port()))
-        .collect();
-    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_AT_ONCE));
-    let cpu0 = proc_cpu(hub.pid()).unwrap_or_default();
-    let t0 = Instant::now();
-    let tasks: Vec<_> = relays
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            rt.spawn(relay_task(
-                i,
-                r.clone(),
-                endpoints[i % endpoints.len()].clone(),
-                hub.uplink,
-                load.clone(),
-                handshakes.clone(),
-                opts.in_flight,
-                idle_every,
-            ))
-        })
         .collect();
     let result = (|| {
         let limit = Duration::from_secs(60) + Duration::from_millis(50) * n as u32;
@@ -1232,39 +1260,9 @@ fn soak(
     let dir = env.dir.join("soak");
     let (cert, _) = issue_hub(&env.ca, "hub-1")?;
     let mut hub = HubProc::start(env, &dir, &cert, &[])?;
-    let load = Arc::new(Load {
-        connected: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        acked: AtomicU64::new(0),
-        per_relay: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        start: CancellationToken::new(),
-        stop: CancellationToken::new(),
-        errors: Mutex::new(Vec::new()),
-    });
-    let endpoints: Vec<quinn::Endpoint> = {
-        let _rt = rt.enter();
-        (0..endpoints_n)
-            .map(|_| quinn::Endpoint::client(([127, 0, 0, 1], 0).into()))
-            .collect::<Result<_, _>>()?
-    };
-    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_AT_ONCE));
     let t0 = Instant::now();
-    let tasks: Vec<_> = relays
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            rt.spawn(relay_task(
-                i,
-                r.clone(),
-                endpoints[i % endpoints.len()].clone(),
-                hub.uplink,
-                load.clone(),
-                handshakes.clone(),
-                1,
-                idle_every,
-            ))
-        })
-        .collect();
+    let (load, endpoints, tasks) =
+        spawn_relays(&rt, &relays, hub.uplink, endpoints_n, 1, idle_every)?;
     let limit = Duration::from_secs(60) + Duration::from_millis(50) * n as u32;
     while load.connected.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed) < n {
         anyhow::ensure!(
