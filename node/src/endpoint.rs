@@ -251,7 +251,7 @@ impl MeshEndpoint {
                 source: refusal,
             });
         }
-        self.track(&conn, &peer, fingerprint, protocol);
+        self.track(&conn, &peer, fingerprint, protocol, false);
         Ok((conn, peer))
     }
 
@@ -266,13 +266,15 @@ impl MeshEndpoint {
     }
 
     /// Keeps an open connection where a new revocation finds it, until it
-    /// closes.
+    /// closes; an accepted one (`counted`) also gives its place in the
+    /// peer's connection limit back then.
     fn track(
         &self,
         conn: &quinn::Connection,
         peer: &Identity,
         fingerprint: [u8; 32],
         protocol: Protocol,
+        counted: bool,
     ) {
         let id = conn.stable_id();
         self.inner.live.lock().expect("not poisoned").insert(
@@ -285,10 +287,21 @@ impl MeshEndpoint {
             },
         );
         let (inner, closing) = (Arc::downgrade(&self.inner), conn.clone());
+        let key = (peer.clone(), protocol);
         tokio::spawn(async move {
             closing.closed().await;
-            if let Some(inner) = inner.upgrade() {
-                inner.live.lock().expect("not poisoned").remove(&id);
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            inner.live.lock().expect("not poisoned").remove(&id);
+            if counted {
+                let mut open = inner.open.lock().expect("not poisoned");
+                if let Some(n) = open.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        open.remove(&key);
+                    }
+                }
             }
         });
     }
@@ -377,18 +390,7 @@ impl MeshEndpoint {
             }
             *n += 1;
         }
-        self.track(&conn, &peer, fingerprint, protocol);
-        let (this, closing) = (self.clone(), conn.clone());
-        tokio::spawn(async move {
-            closing.closed().await;
-            let mut open = this.inner.open.lock().expect("not poisoned");
-            if let Some(n) = open.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    open.remove(&key);
-                }
-            }
-        });
+        self.track(&conn, &peer, fingerprint, protocol, true);
         metrics.connections_accepted.inc();
         debug!(%remote, %peer, %protocol, "accepted connection");
         let Some(route) = routes.get(&protocol) else {
