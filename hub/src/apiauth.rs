@@ -79,11 +79,7 @@ pub struct ApiToken {
 
 /// SHA-256 of a token, hex: what the configuration holds.
 pub fn token_hash(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    trellis_node::apply::hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 /// A new random token (32 bytes, hex) and its entry for the configuration.
@@ -93,8 +89,7 @@ pub fn new_token(name: &str, role: ApiRole) -> (String, ApiToken) {
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .expect("the system's random source works");
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let token = format!("trellis_{hex}");
+    let token = format!("trellis_{}", trellis_node::apply::hex(&bytes));
     let entry = ApiToken {
         name: name.to_owned(),
         role,

@@ -76,12 +76,6 @@ impl ApiClient {
         Ok(ApiClient { base, http, token })
     }
 
-    /// This client with `token` sent on every request.
-    pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
     pub fn base(&self) -> &str {
         &self.base
     }

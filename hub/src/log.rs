@@ -223,7 +223,7 @@ impl std::fmt::Display for Op {
                         "{} {} {}: {}",
                         r.kind.as_str(),
                         r.identity,
-                        &trellis_node::revocation::hex(&r.fingerprint)[..16],
+                        &hex(&r.fingerprint)[..16],
                         r.reason
                     ),
                     None => write!(f, "revoke (unreadable entry)"),

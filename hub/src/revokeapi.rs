@@ -35,7 +35,7 @@ pub struct RevocationView {
 impl From<&revocation::Revocation> for RevocationView {
     fn from(r: &revocation::Revocation) -> Self {
         RevocationView {
-            fingerprint: revocation::hex(&r.fingerprint),
+            fingerprint: trellis_node::apply::hex(&r.fingerprint),
             identity: r.identity.clone(),
             kind: r.kind,
             at: r.at,

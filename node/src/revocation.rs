@@ -130,7 +130,7 @@ pub fn gossip_value(list: &[SignedRevocation]) -> (String, usize) {
     }
     let left_out = list.len() - kept.len();
     let bytes = postcard::to_allocvec(&kept).expect("revocations serialise");
-    (bytes.iter().map(|b| format!("{b:02x}")).collect(), left_out)
+    (crate::apply::hex(&bytes), left_out)
 }
 
 /// The list in a gossip value, signatures not yet checked.
@@ -163,11 +163,6 @@ pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(digest.as_ref());
     out
-}
-
-/// Lower-case hex of a fingerprint.
-pub fn hex(fp: &[u8; 32]) -> String {
-    fp.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The bytes the CA signs for `entry`.
@@ -298,10 +293,7 @@ impl RevocationSet {
             ctx.update(fp);
             ctx.update(&[kind as u8]);
         }
-        ctx.finish().as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::apply::hex(&ctx.finish().as_ref()[..8])
     }
 }
 

@@ -221,7 +221,7 @@ impl IssuedRecord {
             })?;
         Ok(IssuedRecord {
             identity: identity.to_uri(),
-            fingerprint: crate::revocation::hex(&crate::revocation::fingerprint(&der)),
+            fingerprint: crate::apply::hex(&crate::revocation::fingerprint(&der)),
             issued_at: OffsetDateTime::now_utc().unix_timestamp(),
             not_after: not_after(cert_pem)?,
         })
