@@ -41,6 +41,13 @@ fn trellis_up_then_trellis_status_shows_three_sites_of_ten_nodes_alive() {
         up.log()
     );
 
+    // `trellis up` keeps the default disk thresholds, so on a machine whose
+    // fullest disk is past 90 % its sites are rightly degraded (or critical)
+    // by the disk check alone; anything else failing is a fault.
+    let host_disk = trellis_node::health::ResourceSampler::new()
+        .sample()
+        .disk_pct;
+    let disk_full = host_disk.is_some_and(|pct| pct >= 85);
     let mut report = serde_json::Value::Null;
     let converged = eventually(Duration::from_secs(30), || {
         let o = run("trellis", &["status", "--hub", &api, "--json"]);
@@ -51,10 +58,16 @@ fn trellis_up_then_trellis_status_shows_three_sites_of_ten_nodes_alive() {
         let sites = report["sites"].as_array().unwrap();
         sites.len() == 3
             && sites.iter().all(|s| {
-                s["nodes_alive"] == 10 && s["nodes_total"] == 10 && s["status"] == "healthy"
+                let only_disk = s["failing_checks"]
+                    .as_object()
+                    .is_some_and(|c| c.keys().all(|k| k == "disk"));
+                s["nodes_alive"] == 10
+                    && s["nodes_total"] == 10
+                    && (s["status"] == "healthy"
+                        || (disk_full && only_disk))
             })
     });
-    assert!(converged, "{report:#}");
+    assert!(converged, "host disk {host_disk:?} %: {report:#}");
     assert_eq!(report["totals"]["nodes_alive"], 30);
 
     let o = run("trellis", &["status", "--hub", &api]);
