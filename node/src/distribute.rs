@@ -1120,10 +1120,12 @@ mod tests {
             MeshEndpoint::bind(s.relay, loopback(), &[Protocol::Fetch], Default::default())
                 .unwrap();
         let mut accepted = routes.take(Protocol::Fetch);
-        // A relay that holds each answer until CHUNKS_IN_FLIGHT requests
-        // are open at once (or 5 s have passed: a client asking one at a
-        // time is slow, not stuck), and damages chunk 1 the first time it
-        // sends it.
+        // A relay that holds its first CHUNKS_IN_FLIGHT answers until that
+        // many requests are open at once (a client asking one at a time
+        // would wait 30 s there and fail the peak below), answers the rest
+        // at once, and damages chunk 1 the first time it sends it. Only
+        // the count is waited for, never a short timer, so a slow machine
+        // cannot release the first requests early.
         let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let relay_task = {
             let (bytes, a, peak) = (bytes.clone(), a.clone(), peak.clone());
@@ -1131,13 +1133,20 @@ mod tests {
                 let conn = accepted.recv().await.unwrap().conn;
                 let open = Arc::new(tokio::sync::watch::channel(0usize).0);
                 let damaged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                // Set once CHUNKS_IN_FLIGHT are open, and never unset: a
+                // request released early must not hold the others back by
+                // bringing the count down before they look.
+                let release = Arc::new(tokio::sync::watch::channel(false).0);
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let (bytes, a, peak, open, damaged) = (
+                    let (bytes, a, peak, open, damaged, arrived, release) = (
                         bytes.clone(),
                         a.clone(),
                         peak.clone(),
                         open.clone(),
                         damaged.clone(),
+                        arrived.clone(),
+                        release.clone(),
                     );
                     tokio::spawn(async move {
                         let Ok(Some(FetchRequest::Chunk(hash))) = wire::read_msg::<FetchRequest>(
@@ -1152,12 +1161,17 @@ mod tests {
                         let i = a.chunks.iter().position(|h| *h == hash).unwrap();
                         open.send_modify(|n| *n += 1);
                         peak.fetch_max(*open.borrow(), std::sync::atomic::Ordering::SeqCst);
-                        let mut rx = open.subscribe();
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(5),
-                            rx.wait_for(|n| *n >= CHUNKS_IN_FLIGHT),
-                        )
-                        .await;
+                        let first_wave = arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                            < CHUNKS_IN_FLIGHT;
+                        if *open.borrow() >= CHUNKS_IN_FLIGHT {
+                            release.send_replace(true);
+                        }
+                        if first_wave {
+                            let mut rx = release.subscribe();
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| *r))
+                                    .await;
+                        }
                         let mut chunk = chunk_of(&bytes, i).to_vec();
                         if i == 1 && !damaged.swap(true, std::sync::atomic::Ordering::SeqCst) {
                             chunk[10] ^= 1;
