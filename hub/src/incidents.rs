@@ -280,6 +280,21 @@ impl IncidentEngine {
                     self.changed(now_ms, key(node));
                 }
             }
+            // Gone from the fleet on purpose, or dead past retention: what
+            // it was reported for is no longer anyone's problem.
+            Event::NodeLeft { node } | Event::NodeReaped { node, .. } => {
+                self.dead.remove(&key(node));
+                self.patch_failed.remove(&key(node));
+                self.flapping.remove(&key(node));
+                self.changes.remove(&key(node));
+                let here = (region.to_owned(), site.to_owned());
+                self.failing.retain(|(s, _), nodes| {
+                    if *s == here {
+                        nodes.remove(node);
+                    }
+                    !nodes.is_empty()
+                });
+            }
             Event::CheckChanged {
                 node,
                 check,
@@ -844,6 +859,29 @@ mod tests {
         let all = e.all();
         assert_eq!(all.iter().map(|i| i.id).collect::<Vec<_>>(), vec![2, 1]);
         assert!(all.iter().all(|i| i.resolved_ms.is_some()));
+    }
+
+    #[test]
+    fn a_node_that_left_or_was_reaped_takes_its_incidents_with_it() {
+        let mut e = engine();
+        let died = Event::NodeDied {
+            node: "par-n0".into(),
+        };
+        let c = e.handle_event(1_000, "eu", "par", &died);
+        assert!(matches!(&c[..], [Change::Opened(i)] if i.kind == IncidentKind::NodeDown));
+        e.handle_event(1_000, "eu", "par", &check("par-n1", Status::Critical));
+        assert_eq!(e.open_count(), 2);
+        let left = Event::NodeLeft {
+            node: "par-n0".into(),
+        };
+        let c = e.handle_event(2_000, "eu", "par", &left);
+        assert!(matches!(&c[..], [Change::Resolved(i)] if i.kind == IncidentKind::NodeDown));
+        let reaped = Event::NodeReaped {
+            node: "par-n1".into(),
+            dead_for_s: 600,
+        };
+        e.handle_event(3_000, "eu", "par", &reaped);
+        assert_eq!(e.open_count(), 0);
     }
 
     #[test]

@@ -282,6 +282,11 @@ pub fn records(report: &crate::api::RecordsReport, colour: bool) -> String {
             RecordBody::Event(Event::NodeRecovered { node }) => {
                 p.site(SiteStatus::Healthy, &format!("{node} recovered"))
             }
+            RecordBody::Event(Event::NodeLeft { node }) => format!("{node} decommissioned, left"),
+            RecordBody::Event(Event::NodeReaped { node, dead_for_s }) => format!(
+                "{node} reaped: dead for {}",
+                humantime::format_duration(std::time::Duration::from_secs(*dead_for_s))
+            ),
             RecordBody::Event(Event::CheckChanged {
                 node,
                 check,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::apply::{Applier, ApplyReport, DriftOutcome};
 use crate::authz::Protocol;
@@ -183,10 +183,11 @@ impl SiteMember {
         let site_gossip = Arc::new(site_gossip);
         if role == crate::id::Role::Node {
             // A relay takes its list from the hubs; a node from its relay.
+            // With the member's own token: a decommissioned node stops.
             tokio::spawn(follow_revocations(
                 site_gossip.clone(),
                 trust,
-                shutdown.child_token(),
+                shutdown.clone(),
             ));
         }
         let health_task = tokio::spawn(publish_health_loop(
@@ -388,7 +389,8 @@ pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
 
 /// Makes the revocations the site's relay publishes in gossip the set
 /// this node enforces, until shutdown. Every entry's CA signature is
-/// checked, so a member that publishes one cannot forge it.
+/// checked, so a member that publishes one cannot forge it. A node that
+/// finds itself decommissioned stops (cancels `shutdown`).
 async fn follow_revocations(gossip: Arc<Gossip>, creds: Credentials, shutdown: CancellationToken) {
     use crate::revocation::{self, RevocationSet};
     let mut tick = tokio::time::interval(REVOCATION_POLL);
@@ -417,6 +419,19 @@ async fn follow_revocations(gossip: Arc<Gossip>, creds: Credentials, shutdown: C
         let (set, errors) = RevocationSet::verified(creds.ca_der(), &all, now);
         for error in errors {
             warn!(%error, "revocation in gossip ignored");
+        }
+        let own = revocation::fingerprint(creds.cert_der());
+        if let Some(r) = set
+            .get(&own)
+            .filter(|r| r.kind == revocation::Kind::Decommissioned)
+        {
+            error!(
+                reason = %r.reason,
+                "this node was decommissioned: leaving the site and stopping (its certificate is refused from now on)"
+            );
+            creds.revocations().replace(set);
+            shutdown.cancel();
+            return;
         }
         creds.revocations().replace(set);
     }

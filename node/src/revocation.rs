@@ -13,9 +13,13 @@
 //! a certificate issued again to the same name after a revocation is a
 //! different certificate and works.
 //!
-//! Two kinds:
+//! Three kinds:
 //! - [`Kind::Revoked`]: the certificate is refused everywhere, for every
 //!   connection (open ones are closed) and every signature.
+//! - [`Kind::Decommissioned`]: refused like a revoked one, and the member
+//!   has left the fleet on purpose (`trellis node decommission`): its relay
+//!   drops it from the site's views instead of reporting it dead, and the
+//!   member itself stops when it sees the entry.
 //! - [`Kind::Retired`]: an operator signing key rotated out. Hubs refuse
 //!   new desired state signed with it; what it signed before stays valid, so
 //!   rotating a key does not mean signing history again.
@@ -38,6 +42,9 @@ pub enum Kind {
     Retired,
     /// The certificate is refused for every connection and signature.
     Revoked,
+    /// Refused like [`Kind::Revoked`]; the member left the fleet on
+    /// purpose and is no longer counted in it, alive or dead.
+    Decommissioned,
 }
 
 impl Kind {
@@ -45,7 +52,14 @@ impl Kind {
         match self {
             Kind::Retired => "retired",
             Kind::Revoked => "revoked",
+            Kind::Decommissioned => "decommissioned",
         }
+    }
+
+    /// Whether a certificate with an entry of this kind is refused for
+    /// every connection and signature.
+    pub fn refuses(self) -> bool {
+        self != Kind::Retired
     }
 }
 
@@ -212,7 +226,8 @@ pub struct RevocationSet {
 impl RevocationSet {
     /// The set of the entries in `signed` that the CA signed and that
     /// name a certificate still valid at `now` (Unix seconds); for one
-    /// certificate, [`Kind::Revoked`] outranks [`Kind::Retired`]. Entries
+    /// certificate, [`Kind::Decommissioned`] outranks [`Kind::Revoked`], which
+    /// outranks [`Kind::Retired`]. Entries
     /// that fail their check are returned with the reason, and left out.
     pub fn verified<'a>(
         ca_der: &[u8],
@@ -250,9 +265,18 @@ impl RevocationSet {
         self.entries.get(fingerprint).map(|(r, _)| r)
     }
 
-    /// The revocation that refuses this certificate everywhere, if any.
+    /// The revocation that refuses this certificate everywhere, if any
+    /// (revoked or decommissioned).
     pub fn revoked(&self, fingerprint: &[u8; 32]) -> Option<&Revocation> {
-        self.get(fingerprint).filter(|r| r.kind == Kind::Revoked)
+        self.get(fingerprint).filter(|r| r.kind.refuses())
+    }
+
+    /// The identities (`trellis://…`) of the decommissioned members.
+    pub fn decommissioned(&self) -> impl Iterator<Item = &str> {
+        self.entries
+            .values()
+            .filter(|(r, _)| r.kind == Kind::Decommissioned)
+            .map(|(r, _)| r.identity.as_str())
     }
 
     pub fn len(&self) -> usize {
@@ -415,6 +439,24 @@ mod tests {
         let (again, _) = RevocationSet::verified(&ca_der(&ca), &set.signed(), 500);
         assert_eq!(again.digest(), set.digest());
         assert_ne!(RevocationSet::default().digest(), set.digest());
+    }
+
+    #[test]
+    fn a_decommissioned_certificate_is_refused_and_its_member_named() {
+        let ca = MeshCa::generate("a").unwrap();
+        let signed = [
+            entry(&ca, 1, Kind::Decommissioned, 1_000),
+            entry(&ca, 1, Kind::Revoked, 1_000),
+            entry(&ca, 2, Kind::Revoked, 1_000),
+        ];
+        let (set, _) = RevocationSet::verified(&ca_der(&ca), &signed, 500);
+        assert_eq!(set.get(&[1; 32]).unwrap().kind, Kind::Decommissioned);
+        assert!(set.revoked(&[1; 32]).is_some(), "refused like revoked");
+        assert_eq!(
+            set.decommissioned().collect::<Vec<_>>(),
+            ["trellis://node/eu/s1/n1"],
+            "only the decommissioned entry names a member that left"
+        );
     }
 
     #[test]

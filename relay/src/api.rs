@@ -23,6 +23,8 @@ pub(crate) struct LocalState {
     pub hub: Option<String>,
     pub persisted_through: u64,
     pub acked_through: u64,
+    /// Members left out of the site's views (decommissioned, reaped).
+    pub hidden: std::collections::BTreeSet<String>,
 }
 
 /// What the local API handlers share.
@@ -73,6 +75,7 @@ async fn api_site(State(s): State<ApiState>) -> Response {
 
 async fn api_nodes(State(s): State<ApiState>) -> Response {
     let view = s.gossip.view().await;
+    let hidden = s.local.borrow().hidden.clone();
     axum::Json(NodesReport {
         region: s.region,
         site: s.site,
@@ -80,6 +83,7 @@ async fn api_nodes(State(s): State<ApiState>) -> Response {
         nodes: view
             .current_members()
             .into_iter()
+            .filter(|m| !hidden.contains(&m.name))
             .cloned()
             .map(NodeRow::from)
             .collect(),

@@ -73,10 +73,30 @@ impl Default for UplinkConfig {
 }
 
 impl UplinkConfig {
-    pub fn core(&self) -> CoreConfig {
+    pub fn core(&self, retention: &RetentionConfig) -> CoreConfig {
         CoreConfig {
             summary_interval: self.summary_interval,
             ack_timeout: self.ack_timeout,
+            reap_dead_after: retention.dead_node,
+        }
+    }
+}
+
+/// `[retention]`: how long the relay keeps counting what is gone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// A node dead this long is reaped: reported once (a `node_reaped`
+    /// event) and no longer counted in the site, alive or dead. Its
+    /// history stays at the hub; it comes back if it returns.
+    #[serde(with = "humantime_serde")]
+    pub dead_node: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            dead_node: CoreConfig::default().reap_dead_after,
         }
     }
 }
@@ -139,6 +159,7 @@ pub struct RelayConfig {
     pub api: RelayApiConfig,
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
     /// The relay's own checks; none by default.
     pub checks: Vec<CheckConfig>,
 }
@@ -153,6 +174,7 @@ impl Default for RelayConfig {
             api: RelayApiConfig::default(),
             health: HealthConfig::default(),
             metrics: MetricsConfig::with_listen(([127, 0, 0, 1], RELAY_METRICS_PORT).into()),
+            retention: RetentionConfig::default(),
             checks: Vec::new(),
         }
     }
@@ -218,6 +240,11 @@ impl Validate for RelayConfig {
             u.replay_bytes_per_s >= 1024,
             "uplink.replay_bytes_per_s",
             "must be at least 1024",
+        );
+        p.check(
+            self.retention.dead_node >= Duration::from_secs(10),
+            "retention.dead_node",
+            "must be at least 10s",
         );
         let b = &self.buffer;
         p.check(

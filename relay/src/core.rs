@@ -39,6 +39,9 @@ pub struct CoreConfig {
     /// A hub that sends no acknowledgement this long while records are
     /// outstanding is presumed gone; the driver reconnects.
     pub ack_timeout: Duration,
+    /// A node dead this long is reaped: reported once
+    /// ([`Event::NodeReaped`]) and no longer counted (`retention.dead_node`).
+    pub reap_dead_after: Duration,
 }
 
 impl Default for CoreConfig {
@@ -46,6 +49,7 @@ impl Default for CoreConfig {
         CoreConfig {
             summary_interval: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(15),
+            reap_dead_after: Duration::from_secs(3 * 86400),
         }
     }
 }
@@ -130,6 +134,16 @@ pub struct RelayCore {
     rollout: Option<SiteRollout>,
     /// Whether `rollout` changed since the driver last took it.
     rollout_changed: bool,
+    /// Decommissioned members ([`RelayCore::set_departed`]): left out of
+    /// every view.
+    departed: BTreeSet<String>,
+    /// Since when (wall ms) each dead node, by name and generation, has
+    /// been seen dead.
+    dead_since: BTreeMap<(String, u64), u64>,
+    /// Reaped nodes and the generation that was reaped.
+    reaped: BTreeMap<String, u64>,
+    reaped_changed: bool,
+    hidden: BTreeSet<String>,
 }
 
 /// How long a new member may take to be seen alive before it counts as
@@ -162,7 +176,103 @@ impl RelayCore {
             records_made: 0,
             rollout: None,
             rollout_changed: false,
+            departed: BTreeSet::new(),
+            dead_since: BTreeMap::new(),
+            reaped: BTreeMap::new(),
+            reaped_changed: false,
+            hidden: BTreeSet::new(),
         }
+    }
+
+    /// The members decommissioned (by name): from the next look on they
+    /// are left out of the site's views, with one [`Event::NodeLeft`] each
+    /// for a node that was counted.
+    pub fn set_departed(&mut self, names: BTreeSet<String>) {
+        self.departed = names;
+    }
+
+    /// Takes back the reaped nodes the relay kept on disk (name →
+    /// generation), so that a restart neither counts them again nor
+    /// reports them twice.
+    pub fn restore_reaped(&mut self, reaped: BTreeMap<String, u64>) {
+        self.reaped = reaped;
+    }
+
+    /// The reaped nodes, if they changed since the last call: the driver
+    /// keeps them on disk.
+    pub fn take_reaped_change(&mut self) -> Option<BTreeMap<String, u64>> {
+        std::mem::take(&mut self.reaped_changed).then(|| self.reaped.clone())
+    }
+
+    /// The reaped nodes could not be kept: hand them out again at the
+    /// next [`RelayCore::take_reaped_change`].
+    pub fn restore_reaped_unsaved(&mut self) {
+        self.reaped_changed = true;
+    }
+
+    /// The members left out of the last view: decommissioned, or reaped
+    /// and not back since. The relay's own API leaves them out too.
+    pub fn hidden(&self) -> &BTreeSet<String> {
+        &self.hidden
+    }
+
+    /// The view without decommissioned and reaped members. Reaps nodes
+    /// dead for [`CoreConfig::reap_dead_after`] (one event each), and
+    /// forgets a reaped node that came back.
+    fn without_gone(&mut self, wall_ms: u64, view: &SiteView) -> SiteView {
+        let reap_after = self.cfg.reap_dead_after.as_millis() as u64;
+        let mut hidden = BTreeSet::new();
+        let mut dead = BTreeSet::new();
+        for m in view.current_members() {
+            if !is_node(m, &self.relay) {
+                continue;
+            }
+            if self.departed.contains(&m.name) {
+                hidden.insert(m.name.clone());
+                continue;
+            }
+            if m.alive {
+                if self.reaped.remove(&m.name).is_some() {
+                    self.reaped_changed = true;
+                }
+                continue;
+            }
+            if self.reaped.get(&m.name).is_some_and(|g| *g >= m.generation) {
+                hidden.insert(m.name.clone());
+                continue;
+            }
+            let key = (m.name.clone(), m.generation);
+            let since = *self.dead_since.entry(key.clone()).or_insert(wall_ms);
+            dead.insert(key);
+            let dead_for = wall_ms.saturating_sub(since);
+            if dead_for >= reap_after {
+                self.reaped.insert(m.name.clone(), m.generation);
+                self.reaped_changed = true;
+                hidden.insert(m.name.clone());
+                self.push(
+                    wall_ms,
+                    RecordBody::Event(Event::NodeReaped {
+                        node: m.name.clone(),
+                        dead_for_s: dead_for / 1000,
+                    }),
+                );
+            }
+        }
+        self.dead_since.retain(|k, _| dead.contains(k));
+        let out = SiteView {
+            region: view.region.clone(),
+            site: view.site.clone(),
+            // Every generation of a hidden member goes: an older one must
+            // not stand in for it.
+            members: view
+                .members
+                .iter()
+                .filter(|m| !hidden.contains(&m.name))
+                .cloned()
+                .collect(),
+        };
+        self.hidden = hidden;
+        out
     }
 
     pub fn stats(&self) -> CoreStats {
@@ -233,6 +343,7 @@ impl RelayCore {
     /// a summary if the site's state changed or one is due.
     pub fn handle_view(&mut self, now: Instant, wall_ms: u64, view: &SiteView) {
         let view = &self.without_joining(wall_ms, view);
+        let view = &self.without_gone(wall_ms, view);
         let current: BTreeMap<String, NodeState> = view
             .current_members()
             .into_iter()
@@ -259,7 +370,7 @@ impl RelayCore {
         // The first look only sets the baseline: a relay (re)starting does
         // not report the whole site as news.
         if let Some(prev) = self.nodes.take() {
-            for event in diff(&prev, &current, view) {
+            for event in diff(&prev, &current, view, &self.departed, &self.reaped) {
                 self.push(wall_ms, RecordBody::Event(event));
             }
         }
@@ -490,6 +601,8 @@ fn diff(
     prev: &BTreeMap<String, NodeState>,
     cur: &BTreeMap<String, NodeState>,
     view: &SiteView,
+    departed: &BTreeSet<String>,
+    reaped: &BTreeMap<String, u64>,
 ) -> Vec<Event> {
     let mut events = Vec::new();
     for (name, now) in cur {
@@ -546,7 +659,13 @@ fn diff(
         }
     }
     for (name, before) in prev {
-        if before.alive && !cur.contains_key(name) {
+        if cur.contains_key(name) || reaped.contains_key(name) {
+            // A reaped node was reported as it was reaped.
+            continue;
+        }
+        if departed.contains(name) {
+            events.push(Event::NodeLeft { node: name.clone() });
+        } else if before.alive {
             events.push(Event::NodeDied { node: name.clone() });
         }
     }
@@ -695,6 +814,109 @@ mod tests {
         let made: Vec<RecordBody> = core.poll_persist().into_iter().map(|r| r.body).collect();
         assert!(made.contains(&RecordBody::Event(Event::NodeDied { node: "c".into() })));
         assert_eq!(core.last_summary().unwrap().nodes_dead, 1);
+    }
+
+    fn events(core: &mut RelayCore) -> Vec<Event> {
+        core.poll_persist()
+            .into_iter()
+            .filter_map(|r| match r.body {
+                RecordBody::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_decommissioned_node_leaves_the_views_without_dying() {
+        let t0 = Instant::now();
+        let mut core = core();
+        let (a, b) = (
+            member("a", true, Status::Passing),
+            member("b", true, Status::Critical),
+        );
+        core.handle_view(t0, 1, &view(vec![a.clone(), b.clone()]));
+        let _ = core.poll_persist();
+        core.set_departed(BTreeSet::from(["b".to_owned()]));
+        core.handle_view(t0, 2, &view(vec![a.clone(), b.clone()]));
+        assert_eq!(
+            events(&mut core),
+            vec![Event::NodeLeft { node: "b".into() }]
+        );
+        let s = core.last_summary().unwrap();
+        assert_eq!((s.nodes_total, s.nodes_alive, s.nodes_dead), (1, 1, 0));
+        assert!(s.worst.iter().all(|n| n.name != "b"), "{:?}", s.worst);
+        assert_eq!(core.hidden(), &BTreeSet::from(["b".to_owned()]));
+        // Its gossip state going dead afterwards is nobody's news.
+        let gone = member("b", false, Status::Passing);
+        core.handle_view(t0, 3, &view(vec![a, gone]));
+        assert!(events(&mut core).is_empty());
+        assert_eq!(core.last_summary().unwrap().nodes_dead, 0);
+    }
+
+    #[test]
+    fn a_node_dead_past_retention_is_reaped_once_and_comes_back_if_it_returns() {
+        let t0 = Instant::now();
+        let mut core = RelayCore::new(
+            "relay",
+            CoreConfig {
+                reap_dead_after: Duration::from_secs(60),
+                ..CoreConfig::default()
+            },
+            0,
+            0,
+            None,
+        );
+        let a = member("a", true, Status::Passing);
+        let b = member("b", true, Status::Passing);
+        core.handle_view(t0, 1_000, &view(vec![a.clone(), b.clone()]));
+        let _ = core.poll_persist();
+        let dead = member("b", false, Status::Passing);
+        core.handle_view(t0, 2_000, &view(vec![a.clone(), dead.clone()]));
+        assert_eq!(
+            events(&mut core),
+            vec![Event::NodeDied { node: "b".into() }]
+        );
+        core.handle_view(t0, 61_999, &view(vec![a.clone(), dead.clone()]));
+        assert!(events(&mut core).is_empty(), "not yet");
+        assert_eq!(core.last_summary().unwrap().nodes_dead, 1);
+        core.handle_view(t0, 62_000, &view(vec![a.clone(), dead.clone()]));
+        assert_eq!(
+            events(&mut core),
+            vec![Event::NodeReaped {
+                node: "b".into(),
+                dead_for_s: 60
+            }]
+        );
+        let s = core.last_summary().unwrap();
+        assert_eq!((s.nodes_total, s.nodes_dead), (1, 0));
+        let kept = core.take_reaped_change().expect("to keep on disk");
+        assert_eq!(kept, BTreeMap::from([("b".to_owned(), 1)]));
+
+        // After a restart with what was kept: not counted, not reported.
+        let mut again = core_restored(kept);
+        again.handle_view(t0, 100_000, &view(vec![a.clone(), dead.clone()]));
+        assert!(events(&mut again).is_empty());
+        again.handle_view(t0, 500_000, &view(vec![a.clone(), dead]));
+        assert!(events(&mut again).is_empty(), "reported once only");
+        assert_eq!(again.last_summary().unwrap().nodes_total, 1);
+
+        // Back alive (a new generation): counted again, and forgotten as
+        // reaped.
+        let mut back = member("b", true, Status::Passing);
+        back.generation = 2;
+        again.handle_view(t0, 600_000, &view(vec![a, back]));
+        assert_eq!(
+            events(&mut again),
+            vec![Event::NodeJoined { node: "b".into() }]
+        );
+        assert_eq!(again.last_summary().unwrap().nodes_alive, 2);
+        assert_eq!(again.take_reaped_change(), Some(BTreeMap::new()));
+    }
+
+    fn core_restored(reaped: BTreeMap<String, u64>) -> RelayCore {
+        let mut c = core();
+        c.restore_reaped(reaped);
+        c
     }
 
     #[test]

@@ -315,6 +315,14 @@ struct CoreTask {
     /// The newest run whose patch the relay holds whole: its install
     /// order may be told to the nodes.
     ready_run: Option<u64>,
+    /// The revocation list in force, for the site's decommissioned members.
+    revocations: trellis_node::revocation::Revocations,
+    /// The digest of the list the departed members were last taken from.
+    departed_from: Option<String>,
+    region: String,
+    site: String,
+    /// Where the reaped nodes are kept.
+    reaped_path: PathBuf,
 }
 
 impl CoreTask {
@@ -358,7 +366,9 @@ impl CoreTask {
                     let view = self.gossip.view().await;
                     let now = Instant::now();
                     self.delete_old_acked(now);
+                    self.follow_departures();
                     self.core.handle_view(now, unix_ms(), &view);
+                    self.keep_reaped();
                     // A failure is logged, and tried again on the next look.
                     let _ = self.keep_rollout().await;
                     if self.current.is_some() && self.core.ack_overdue(now) {
@@ -389,6 +399,33 @@ impl CoreTask {
     /// Keeps the rollout on disk if it changed, then tells the nodes: to
     /// roll back at once; to install only once the relay holds the whole
     /// patch (until then the nodes keep the order they had).
+    /// Takes the site's decommissioned members from the revocation list
+    /// when it changed.
+    fn follow_departures(&mut self) {
+        let set = self.revocations.current();
+        let digest = set.digest();
+        if self.departed_from.as_ref() == Some(&digest) {
+            return;
+        }
+        let departed = crate::departures::decommissioned_in(&set, &self.region, &self.site);
+        if !departed.is_empty() {
+            info!(members = ?departed, "decommissioned members left out of the site's views");
+        }
+        self.core.set_departed(departed);
+        self.departed_from = Some(digest);
+    }
+
+    /// Keeps the reaped nodes on disk when they changed; a failure is
+    /// logged and tried again on the next look.
+    fn keep_reaped(&mut self) {
+        if let Some(reaped) = self.core.take_reaped_change()
+            && let Err(error) = crate::departures::save_reaped(&self.reaped_path, &reaped)
+        {
+            error!(%error, "cannot keep the reaped nodes; trying again");
+            self.core.restore_reaped_unsaved();
+        }
+    }
+
     async fn keep_rollout(&mut self) -> Result<(), String> {
         let Some(r) = self.core.take_rollout_change() else {
             return Ok(());
@@ -620,8 +657,10 @@ impl CoreTask {
                 hub: hub.clone(),
                 persisted_through: s.persisted_through,
                 acked_through: s.acked_through,
+                hidden: self.core.hidden().clone(),
             };
             let changed = l.hub != next.hub
+                || l.hidden != next.hidden
                 || l.persisted_through != next.persisted_through
                 || l.acked_through != next.acked_through
                 || l.summary.as_ref().map(|(_, t)| *t) != next.summary.as_ref().map(|(_, t)| *t);
@@ -653,6 +692,9 @@ struct UplinkSettings {
     replay_bytes_per_s: u64,
     failover_after: Duration,
     failback_every: Duration,
+    /// What the core task says; the members it leaves out of the views
+    /// are left out of what the hub is told too.
+    local: watch::Receiver<LocalState>,
 }
 
 /// How a session ended.
@@ -715,6 +757,7 @@ async fn uplink_task(
             config: &config,
             artifacts: &artifacts,
             revocations: &revocations,
+            local: &settings.local,
             uplink_conn: &uplink_conn,
             metrics: &metrics,
             shutdown: &shutdown,
@@ -762,6 +805,7 @@ struct Session<'a> {
     config: &'a Arc<ConfigCache>,
     artifacts: &'a Arc<ArtifactCache>,
     revocations: &'a Arc<RevocationStore>,
+    local: &'a watch::Receiver<LocalState>,
     /// The connection of the session, for the artifact fetches.
     uplink_conn: &'a watch::Sender<Option<quinn::Connection>>,
     metrics: &'a RelayMetrics,
@@ -863,6 +907,7 @@ impl Session<'_> {
             self.config.clone(),
             self.artifacts.clone(),
             self.revocations.clone(),
+            self.local.clone(),
             self.inputs.clone(),
             self.metrics.clone(),
             cancel.clone(),
@@ -1114,6 +1159,7 @@ async fn answer_requests(
     config: Arc<ConfigCache>,
     artifacts: Arc<ArtifactCache>,
     revocations: Arc<RevocationStore>,
+    local: watch::Receiver<LocalState>,
     inputs: mpsc::Sender<Input>,
     metrics: RelayMetrics,
     cancel: CancellationToken,
@@ -1132,6 +1178,7 @@ async fn answer_requests(
         let config = config.clone();
         let artifacts = artifacts.clone();
         let revocations = revocations.clone();
+        let hidden = local.borrow().hidden.clone();
         let inputs = inputs.clone();
         tokio::spawn(async move {
             let request = tokio::time::timeout(
@@ -1144,7 +1191,13 @@ async fn answer_requests(
                 Ok(Some(Request::Nodes)) => {
                     metrics.requests.inc();
                     let view = gossip.view().await;
-                    Response::Nodes(view.current_members().into_iter().cloned().collect())
+                    Response::Nodes(
+                        view.current_members()
+                            .into_iter()
+                            .filter(|m| !hidden.contains(&m.name))
+                            .cloned()
+                            .collect(),
+                    )
                 }
                 Ok(Some(Request::ConfigOffer(offer))) => {
                     let wanted = configcache::takes(config.current().as_ref(), &offer);
@@ -1335,7 +1388,7 @@ impl Relay {
             .map_or(buffer.last_seq(), |f| f - 1);
         let mut core = RelayCore::new(
             identity.name.clone(),
-            cfg.uplink.core(),
+            cfg.uplink.core(&cfg.retention),
             deleted,
             buffer.last_seq(),
             latest,
@@ -1364,6 +1417,10 @@ impl Relay {
             );
         }
         core.restore_rollout(rollout.clone());
+        let reaped_path = crate::departures::reaped_path(&cfg.buffer.path);
+        core.restore_reaped(
+            crate::departures::load_reaped(&reaped_path).map_err(StartError::Other)?,
+        );
         let stats = Arc::new(Mutex::new(buffer.stats()));
         {
             let s = buffer.stats();
@@ -1389,6 +1446,11 @@ impl Relay {
             keep_acked: cfg.buffer.keep_acked,
             rollout_path,
             ready_run,
+            revocations: trust.revocations().clone(),
+            departed_from: None,
+            region: identity.region.clone(),
+            site: identity.site.clone(),
+            reaped_path,
         };
         if let Some(r) = &rollout {
             task.publish_order(r).await;
@@ -1409,6 +1471,7 @@ impl Relay {
                     replay_bytes_per_s: cfg.uplink.replay_bytes_per_s,
                     failover_after: cfg.uplink.failover_after,
                     failback_every: cfg.uplink.failback_every,
+                    local: local_rx.clone(),
                 },
                 input_tx,
                 gossip.clone(),

@@ -28,6 +28,7 @@ pub mod buffer;
 pub mod config;
 pub mod configcache;
 pub mod core;
+pub mod departures;
 pub mod driver;
 pub mod failover;
 pub mod pace;

@@ -191,6 +191,17 @@ pub enum Event {
         patch: [u8; 32],
         reason: String,
     },
+    /// The node was decommissioned (`trellis node decommission`): it left
+    /// the site's views on purpose and is not dead.
+    NodeLeft {
+        node: String,
+    },
+    /// The node was dead longer than the relay's `retention.dead_node` and
+    /// is no longer counted; reported once. It comes back if it returns.
+    NodeReaped {
+        node: String,
+        dead_for_s: u64,
+    },
 }
 
 impl Event {
@@ -252,6 +263,8 @@ impl Event {
             Event::ConfigDrift { .. } => "config_drift",
             Event::PatchState { .. } => "patch_state",
             Event::PatchSiteRolledBack { .. } => "patch_site_rolled_back",
+            Event::NodeLeft { .. } => "node_left",
+            Event::NodeReaped { .. } => "node_reaped",
         }
     }
 }

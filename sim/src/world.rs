@@ -566,6 +566,7 @@ impl World {
                 let cfg = CoreConfig {
                     summary_interval: sc.relay.summary_interval,
                     ack_timeout: sc.relay.ack_timeout,
+                    ..CoreConfig::default()
                 };
                 let relay = Relay {
                     id,
@@ -2084,6 +2085,7 @@ impl World {
             CoreConfig {
                 summary_interval: sc.relay.summary_interval,
                 ack_timeout: sc.relay.ack_timeout,
+                ..CoreConfig::default()
             },
             deleted,
             r.disk.last_seq(),

@@ -63,8 +63,7 @@ fn trellis_up_then_trellis_status_shows_three_sites_of_ten_nodes_alive() {
                     .is_some_and(|c| c.keys().all(|k| k == "disk"));
                 s["nodes_alive"] == 10
                     && s["nodes_total"] == 10
-                    && (s["status"] == "healthy"
-                        || (disk_full && only_disk))
+                    && (s["status"] == "healthy" || (disk_full && only_disk))
             })
     });
     assert!(converged, "host disk {host_disk:?} %: {report:#}");

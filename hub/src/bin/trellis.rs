@@ -61,6 +61,9 @@ enum Command {
     /// Manage who may call the hubs' API.
     #[command(subcommand)]
     Api(ApiCommand),
+    /// Manage one node's place in the fleet.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Show the fleet: regions, sites, node counts, status.
     ///
     /// Sites are coloured by status: healthy, degraded (a node dead or
@@ -682,6 +685,45 @@ struct HubArg {
 }
 
 #[derive(Subcommand)]
+enum NodeCommand {
+    /// Take a node out of the fleet for good: it leaves its site, its
+    /// certificates are refused everywhere, and it disappears from the
+    /// views without being reported dead; its history stays queryable.
+    ///
+    /// Signs a `decommissioned` revocation of every unexpired certificate
+    /// issued to NAME (see issued.jsonl in the CA directory) and writes it
+    /// through the hub, like `trellis ca revoke` (an admin action, in the
+    /// management log). The site's relay then leaves the node out of the
+    /// site's counts and lists with one `node_left` event, closes its
+    /// connections, and the node, on hearing it, stops. To bring the
+    /// machine back, issue it a new certificate.
+    #[command(after_help = "Examples:
+  trellis node decommission --dir ca par-n07 --reason 'hardware retired'
+  trellis node decommission --dir ca n1 --region eu --site par")]
+    Decommission {
+        /// Directory of the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's name.
+        name: String,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+        /// Why, recorded with the entry (at most 200 characters).
+        #[arg(long, default_value = "decommissioned")]
+        reason: String,
+        /// Who decommissions (recorded in the log).
+        #[arg(long = "as", env = "USER", default_value = "operator")]
+        author: String,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ApiCommand {
     /// Make an API token for one caller, with a role: `viewer` reads,
     /// `operator` also changes desired state (keys, configuration, patches,
@@ -860,6 +902,36 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Ca(c) => ca(c),
+        Command::Node(NodeCommand::Decommission {
+            dir,
+            name,
+            region,
+            site,
+            reason,
+            author,
+            hub,
+            json,
+        }) => {
+            let filter = CertFilter {
+                name: Some(name),
+                role: Some(Role::Node),
+                region,
+                site,
+            };
+            let targets = match filter.find(&dir) {
+                Ok(t) => t,
+                Err(e) => return cli::fail(EXIT_USAGE, &e),
+            };
+            runtime().block_on(post_revocations(
+                &dir,
+                &hub.hub,
+                &author,
+                targets,
+                trellis_node::revocation::Kind::Decommissioned,
+                &reason,
+                json,
+            ))
+        }
         Command::Api(ApiCommand::Token { name, role, json }) => {
             if name.is_empty() || name.len() > 64 {
                 return cli::fail(EXIT_USAGE, &"--name: 1 to 64 bytes");
