@@ -4,6 +4,8 @@
 //! The response shapes live in [`trellis_relay::report`] (shared with the
 //! relay's local API) and [`crate::store::StoredRecord`].
 
+use std::collections::BTreeMap;
+
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -63,6 +65,7 @@ pub(crate) fn router(shared: Shared, auth: crate::apiauth::ApiAuth) -> Router {
         .route("/api/v1/sites/{site}/history", get(history))
         .route("/api/v1/events", get(events))
         .route("/api/v1/hubs", get(hubs))
+        .route("/api/v1/versions", get(versions))
         .route(
             "/api/v1/incidents",
             get(crate::incidentdriver::incidents_route),
@@ -150,6 +153,7 @@ async fn index() -> &'static str {
         "    [?region=R&from=MS&to=MS&kind=K&limit=N]    times in ms since the Unix epoch\n",
         "GET /api/v1/events[?site=S&region=R&since=MS&limit=N]   events and gaps, oldest first\n",
         "GET /api/v1/hubs                            the federation's hubs and their state\n",
+        "GET /api/v1/versions                        Trellis versions per site, live from the relays\n",
         "GET /api/v1/incidents[?state=open|all]      incidents (correlated faults), newest first\n",
         "GET /api/v1/desired                         the desired state (from the replicated log)\n",
         "PUT /api/v1/desired/{key}  {\"value\": V}     write; acknowledged once on write_quorum hubs\n",
@@ -180,6 +184,106 @@ async fn fleet(State(shared): State<Shared>) -> Response {
     match shared.fleet().await {
         Ok(f) => axum::Json(f).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /api/v1/versions`: which Trellis versions run where.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VersionsReport {
+    /// The hub that answered, and its version.
+    pub hub: String,
+    pub hub_version: String,
+    pub sites: Vec<SiteVersions>,
+}
+
+/// One site's members by role and Trellis version (`unknown` for a member
+/// that does not say), live from its relay.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SiteVersions {
+    pub region: String,
+    pub site: String,
+    /// Whether the site's relay answered; if not, `error` says why and
+    /// `versions` is empty.
+    pub reachable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub versions: BTreeMap<String, BTreeMap<String, u32>>,
+}
+
+/// Relays asked at once for [`versions`].
+const VERSION_ASKS_AT_ONCE: usize = 16;
+
+async fn versions(State(shared): State<Shared>) -> Response {
+    let fleet = match shared.fleet().await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let mut keys = fleet
+        .sites
+        .iter()
+        .map(|s| (s.region.clone(), s.site.clone()));
+    let mut asking = tokio::task::JoinSet::new();
+    let mut sites = Vec::new();
+    loop {
+        while asking.len() < VERSION_ASKS_AT_ONCE {
+            let Some(key) = keys.next() else { break };
+            let shared = shared.clone();
+            asking.spawn(async move {
+                let asked = shared.site_nodes(&key).await;
+                site_versions(key, asked)
+            });
+        }
+        match asking.join_next().await {
+            Some(Ok(v)) => sites.push(v),
+            Some(Err(e)) => {
+                return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+            }
+            None => break,
+        }
+    }
+    sites.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));
+    axum::Json(VersionsReport {
+        hub: fleet.hub,
+        hub_version: trellis_node::agent::VERSION.to_owned(),
+        sites,
+    })
+    .into_response()
+}
+
+fn site_versions(
+    (region, site): (String, String),
+    asked: Result<(String, Vec<trellis_node::site::MemberView>), DrillError>,
+) -> SiteVersions {
+    match asked {
+        Ok((_, members)) => {
+            let mut versions: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+            for m in members {
+                let role = m.health.role.map_or("unknown", |r| r.as_str());
+                let version = m
+                    .facts
+                    .get(trellis_node::agent::VERSION_FACT)
+                    .map_or("unknown", String::as_str);
+                *versions
+                    .entry(role.to_owned())
+                    .or_default()
+                    .entry(version.to_owned())
+                    .or_default() += 1;
+            }
+            SiteVersions {
+                region,
+                site,
+                reachable: true,
+                error: None,
+                versions,
+            }
+        }
+        Err(e) => SiteVersions {
+            region,
+            site,
+            reachable: false,
+            error: Some(e.to_string()),
+            versions: BTreeMap::new(),
+        },
     }
 }
 

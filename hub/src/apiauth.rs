@@ -243,6 +243,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/sites/{site}/history"),
     ("GET", "/api/v1/events"),
     ("GET", "/api/v1/hubs"),
+    ("GET", "/api/v1/versions"),
     ("GET", "/api/v1/incidents"),
     ("GET", "/api/v1/desired"),
     ("GET", "/api/v1/config"),

@@ -194,6 +194,11 @@ impl ApiClient {
         self.get("/api/v1/hubs").await
     }
 
+    /// Trellis versions per site, live from the relays.
+    pub async fn versions(&self) -> Result<crate::api::VersionsReport, ClientError> {
+        self.get("/api/v1/versions").await
+    }
+
     pub async fn desired(&self) -> Result<crate::api::DesiredReport, ClientError> {
         self.get("/api/v1/desired").await
     }

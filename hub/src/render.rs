@@ -218,6 +218,52 @@ pub fn fleet(report: &FleetReport, colour: bool) -> String {
 }
 
 /// The federation's hubs as a table.
+/// `trellis versions`: per site, each role's members by Trellis version.
+pub fn versions(report: &crate::api::VersionsReport, colour: bool) -> String {
+    let p = Paint(colour);
+    let mut out = String::new();
+    let _ = writeln!(out, "hub {} runs {}", report.hub, report.hub_version);
+    let versions: std::collections::BTreeSet<&str> = report
+        .sites
+        .iter()
+        .flat_map(|s| s.versions.values())
+        .flat_map(|by| by.keys().map(String::as_str))
+        .collect();
+    if versions.len() > 1 {
+        let list: Vec<&str> = versions.into_iter().collect();
+        let _ = writeln!(
+            out,
+            "{}",
+            p.site(
+                SiteStatus::Degraded,
+                &format!("mixed versions in the fleet: {}", list.join(", "))
+            )
+        );
+    }
+    for s in &report.sites {
+        let name = format!("{}/{}", s.region, s.site);
+        if !s.reachable {
+            let why = s.error.as_deref().unwrap_or("no answer");
+            let _ = writeln!(
+                out,
+                "{name}  {}",
+                p.site(SiteStatus::Unreachable, &format!("unknown ({why})"))
+            );
+            continue;
+        }
+        let roles: Vec<String> = s
+            .versions
+            .iter()
+            .map(|(role, by)| {
+                let each: Vec<String> = by.iter().map(|(v, n)| format!("{n}× {v}")).collect();
+                format!("{role} {}", each.join(", "))
+            })
+            .collect();
+        let _ = writeln!(out, "{name}  {}", roles.join("; "));
+    }
+    out
+}
+
 pub fn hubs(report: &crate::federation::HubsReport, colour: bool) -> String {
     let p = Paint(colour);
     let mut out = String::new();

@@ -226,8 +226,14 @@ pub fn machine_facts() -> BTreeMap<String, String> {
     }
     facts.insert("os".to_owned(), std::env::consts::OS.to_owned());
     facts.insert("arch".to_owned(), std::env::consts::ARCH.to_owned());
+    facts.insert(VERSION_FACT.to_owned(), VERSION.to_owned());
     facts
 }
+
+/// The fact naming the Trellis version a member runs.
+pub const VERSION_FACT: &str = "trellis_version";
+/// The Trellis version this binary is.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the task owning the node's [`Applier`] is asked to do.
 enum ApplyInput {

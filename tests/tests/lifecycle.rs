@@ -1,7 +1,8 @@
 //! A node's way out of the fleet, against running processes (a hub, a
 //! relay, nodes): `trellis node decommission` takes a node out of the views
 //! without reporting it dead and its certificate is refused afterwards; a
-//! node simply gone past `retention.dead_node` is reaped and reported once.
+//! node simply gone past `retention.dead_node` is reaped and reported once;
+//! `trellis versions` shows which Trellis each site's members run.
 
 use std::time::Duration;
 
@@ -66,6 +67,32 @@ fn a_decommissioned_node_leaves_the_views_is_not_counted_dead_and_is_refused() {
         "the site never showed three nodes alive: {:?}",
         counts(&api)
     );
+
+    // Every member says which Trellis it runs; the hub gathers it per site.
+    let versions = run("trellis", &["versions", "--hub", &api, "--json"]);
+    assert!(versions.status.success(), "{versions:?}");
+    let versions: Value = serde_json::from_slice(&versions.stdout).unwrap();
+    let here = trellis_node::agent::VERSION;
+    assert_eq!(versions["hub_version"], here, "{versions}");
+    let par = &versions["sites"][0];
+    assert_eq!(
+        (&par["site"], &par["reachable"]),
+        (&"par".into(), &true.into())
+    );
+    assert_eq!(
+        par["versions"]["node"],
+        serde_json::json!({ here: 3 }),
+        "{versions}"
+    );
+    assert_eq!(
+        par["versions"]["relay"],
+        serde_json::json!({ here: 1 }),
+        "{versions}"
+    );
+    let text = run("trellis", &["versions", "--hub", &api]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains(&format!("eu/par  node 3× {here}")), "{text}");
+    assert!(!text.contains("mixed"), "{text}");
 
     let ca = mesh.path().join("ca");
     let out = run(

@@ -144,6 +144,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show which Trellis versions run where: the hub's, and per site each
+    /// role's members by version, asked live from the relays (a site whose
+    /// relay cannot be reached says so). Mixed versions are flagged.
+    #[command(
+        after_help = "Examples:\n  trellis versions\n  trellis versions --json | jq '.sites[].versions.node'"
+    )]
+    Versions {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the federation's hubs: which are alive, what they serve, and
     /// whether they hold the same records and log.
     #[command(after_help = "Example:\n  trellis hubs --hub http://hub-2:7800")]
@@ -987,6 +999,13 @@ fn main() -> ExitCode {
                 .await
         })),
         Command::Hubs { hub, json } => runtime().block_on(hubs(&hub.hub, json)),
+        Command::Versions { hub, json } => runtime().block_on(async {
+            let client = match ApiClient::new(&hub.hub) {
+                Ok(c) => c,
+                Err(e) => return client_error(e),
+            };
+            answer(client.versions().await, json, render::versions)
+        }),
         Command::Incidents { all, hub, json } => runtime().block_on(incidents(&hub.hub, all, json)),
         Command::Desired(cmd) => runtime().block_on(desired(cmd)),
         Command::Config(ConfigCommand::Plan { dir, hub, json }) => {
