@@ -46,8 +46,26 @@ pub enum StartError {
     /// The node's last patch run could not be read.
     #[error(transparent)]
     Patch(#[from] crate::patching::PatchingError),
+    /// The member's own certificate was decommissioned: starting again
+    /// would only be refused by every peer.
+    #[error(
+        "this member was decommissioned ({reason}); its certificate is refused everywhere. \
+         To bring the machine back, issue it a new certificate"
+    )]
+    Decommissioned { reason: String },
     #[error("{0}")]
     Other(String),
+}
+
+impl StartError {
+    /// The exit status: 2 for what a restart cannot fix (a decommissioned
+    /// certificate, like a bad configuration), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Decommissioned { .. } => crate::cli::EXIT_USAGE,
+            _ => crate::cli::EXIT_FAILED,
+        }
+    }
 }
 
 /// Binds `/metrics` if enabled and serves `registry` until `shutdown`.
@@ -154,7 +172,6 @@ impl SiteMember {
     ) -> Result<Self, StartError> {
         let role = creds.identity.role;
         let mesh_metrics = MeshMetrics::register(registry);
-        let trust = creds.clone();
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds,
             gossip.listen_addr(),
@@ -181,15 +198,6 @@ impl SiteMember {
             .set(descriptor_kv(labels, &machine_facts()), "")
             .await;
         let site_gossip = Arc::new(site_gossip);
-        if role == crate::id::Role::Node {
-            // A relay takes its list from the hubs; a node from its relay.
-            // With the member's own token: a decommissioned node stops.
-            tokio::spawn(follow_revocations(
-                site_gossip.clone(),
-                trust,
-                shutdown.clone(),
-            ));
-        }
         let health_task = tokio::spawn(publish_health_loop(
             site_gossip.clone(),
             role,
@@ -390,6 +398,62 @@ impl DriftNotes {
     }
 }
 
+/// Where a node keeps the revocation list it last enforced.
+pub fn revocations_path(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("revocations")
+}
+
+/// Keeps `set` for the next start; a failure is logged (the list comes
+/// back from the relay within seconds of a start anyway).
+fn keep_revocations(path: &std::path::Path, set: &crate::revocation::RevocationSet) {
+    let bytes = postcard::to_stdvec(&set.signed()).expect("revocations serialise");
+    let kept = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| crate::apply::write_atomic(path, &bytes, 0o600));
+    if let Err(error) = kept {
+        warn!(path = %path.display(), %error, "cannot keep the revocation list for the next start");
+    }
+}
+
+/// Takes back the revocation list kept at `path` (entries checked against
+/// the CA again; a missing or unreadable file is an empty list, logged),
+/// enforces it, and refuses to start a member whose own certificate it
+/// decommissions.
+pub fn restore_revocations(path: &std::path::Path, creds: &Credentials) -> Result<(), StartError> {
+    use crate::revocation::{self, Kind, RevocationSet, SignedRevocation};
+    let list: Vec<SignedRevocation> = match std::fs::read(path) {
+        Ok(bytes) => match postcard::from_bytes(&bytes) {
+            Ok(list) => list,
+            Err(error) => {
+                warn!(path = %path.display(), %error, "kept revocation list unreadable; starting without it until the relay sends it");
+                return Ok(());
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => {
+            warn!(path = %path.display(), %error, "cannot read the kept revocation list; starting without it until the relay sends it");
+            return Ok(());
+        }
+    };
+    let now = (crate::clock::unix_ms() / 1000) as i64;
+    let (set, _) = RevocationSet::verified(creds.ca_der(), &list, now);
+    let own = revocation::fingerprint(creds.cert_der());
+    if let Some(r) = set.get(&own).filter(|r| r.kind == Kind::Decommissioned) {
+        return Err(StartError::Decommissioned {
+            reason: r.reason.clone(),
+        });
+    }
+    if !set.is_empty() {
+        info!(
+            entries = set.len(),
+            "revocation list taken back from the last run"
+        );
+    }
+    creds.revocations().replace(set);
+    Ok(())
+}
+
 /// How often a node reads the revocation list its relay publishes.
 pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
 
@@ -397,7 +461,12 @@ pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
 /// this node enforces, until shutdown. Every entry's CA signature is
 /// checked, so a member that publishes one cannot forge it. A node that
 /// finds itself decommissioned stops (cancels `shutdown`).
-async fn follow_revocations(gossip: Arc<Gossip>, creds: Credentials, shutdown: CancellationToken) {
+async fn follow_revocations(
+    gossip: Arc<Gossip>,
+    creds: Credentials,
+    kept: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
     use crate::revocation::{self, RevocationSet};
     let mut tick = tokio::time::interval(REVOCATION_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -426,6 +495,7 @@ async fn follow_revocations(gossip: Arc<Gossip>, creds: Credentials, shutdown: C
         for error in errors {
             warn!(%error, "revocation in gossip ignored");
         }
+        keep_revocations(&kept, &set);
         let own = revocation::fingerprint(creds.cert_der());
         if let Some(r) = set
             .get(&own)
@@ -672,6 +742,10 @@ impl NodeAgent {
     ) -> Result<Self, StartError> {
         let applier = Applier::open(&cfg.config.state_dir)?;
         let patch_run = crate::patching::load_record(&cfg.patch.dir)?;
+        // Before joining: a node restarted while its relay is away still
+        // refuses what was revoked, and a decommissioned one stays out.
+        let kept_revocations = revocations_path(&cfg.config.state_dir);
+        restore_revocations(&kept_revocations, &creds)?;
         let mut registry = Registry::default();
         let trust = creds.clone();
         let me = NodeFacts {
@@ -691,6 +765,14 @@ impl NodeAgent {
             &shutdown,
         )
         .await?;
+        // A relay takes its list from the hubs; a node from its relay. With
+        // the node's own token: a decommissioned node stops.
+        tokio::spawn(follow_revocations(
+            member.gossip.clone(),
+            trust.clone(),
+            kept_revocations,
+            shutdown.clone(),
+        ));
         let config_metrics = ConfigMetrics::register(&mut registry);
         let patches = PatchEngine::new(
             member.gossip.clone(),

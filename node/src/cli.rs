@@ -200,7 +200,7 @@ where
             }
             Err(e) => {
                 shutdown.cancel();
-                fail_logged(log_format, EXIT_FAILED, &e)
+                fail_logged(log_format, e.exit_code(), &e)
             }
         }
     })

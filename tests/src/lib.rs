@@ -353,15 +353,16 @@ impl Mesh {
     }
 
     /// Starts a node seeded with `seed`; returns it with its metrics address.
-    /// It keeps its patches in `<mesh dir>/<name>/patches` unless `extra`
-    /// sets `[patch] dir`.
+    /// It keeps its patches in `<mesh dir>/<name>/patches` and its state in
+    /// `<mesh dir>/<name>/state` unless `extra` sets `[patch] dir` or
+    /// `[config] state_dir`.
     ///
     /// Its disk check warns only at 100 % unless `extra` says otherwise: the
     /// tests run on shared machines whose disks may be over the default 90 %,
     /// and what they check is the mesh, not the machine's disk.
     pub fn start_node(&self, name: &str, seed: &str, extra: &str) -> (Proc, String) {
         let cfg = format!(
-            "{}\n[gossip]\nlisten = \"127.0.0.1:0\"\nseeds = [\"{seed}\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n[patch]\ndir = \"{name}/patches\"\n[health]\ndisk_warning_pct = 100\ndisk_critical_pct = 100\n",
+            "{}\n[gossip]\nlisten = \"127.0.0.1:0\"\nseeds = [\"{seed}\"]\n[metrics]\nlisten = \"127.0.0.1:0\"\n[patch]\ndir = \"{name}/patches\"\n[config]\nstate_dir = \"{name}/state\"\n[health]\ndisk_warning_pct = 100\ndisk_critical_pct = 100\n",
             self.identity_toml(name)
         );
         let path = self.write_config(name, &cfg, extra);

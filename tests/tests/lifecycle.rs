@@ -181,7 +181,24 @@ fn a_decommissioned_node_leaves_the_views_is_not_counted_dead_and_is_refused() {
             "did not stop"
         }
     );
-    if !stopped {
+    let config = mesh.path().join("par-n3.toml");
+    let kept = mesh.path().join("par-n3/state/revocations");
+    if stopped {
+        // It kept the list: started again, it refuses at once, with the
+        // status a supervisor does not restart on.
+        assert!(kept.exists(), "par-n3 did not keep the revocation list");
+        let out = run("trellis-node", &["--config", config.to_str().unwrap()]);
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(said.contains("decommissioned (hardware retired)"), "{said}");
+        // Without the list (a machine restored from an old image), its
+        // peers still refuse it.
+        std::fs::remove_file(&kept).unwrap();
+    } else {
         n3.terminate(Duration::from_secs(10));
     }
     let before = cut_off(&relay);
