@@ -7,8 +7,23 @@
 //! client that connected, the client checks the server it reached.
 
 use std::fmt;
+use std::ops::RangeInclusive;
 
 use crate::id::{Identity, Role};
+
+/// The mesh protocol version this build speaks best. Every ALPN carries it
+/// (`trellis-uplink/1`); it goes up when any protocol's wire format changes
+/// in a way an older member cannot read.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest mesh protocol version this build still speaks. Keeping it one
+/// step behind [`PROTOCOL_VERSION`] is what lets a fleet upgrade a member
+/// at a time: old and new members settle on the older version.
+pub const OLDEST_PROTOCOL_VERSION: u16 = 1;
+
+/// The protocol versions a member speaks.
+pub fn spoken_versions() -> RangeInclusive<u16> {
+    OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION
+}
 
 /// A protocol spoken over the mesh, one ALPN each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,18 +50,44 @@ impl Protocol {
         Protocol::Fetch,
     ];
 
-    pub fn alpn(self) -> &'static [u8] {
+    /// The ALPN name without its version.
+    pub fn alpn_name(self) -> &'static str {
         match self {
-            Protocol::Gossip => b"trellis-gossip/1",
-            Protocol::Uplink => b"trellis-uplink/1",
-            Protocol::Federation => b"trellis-federation/1",
-            Protocol::Replication => b"trellis-replication/1",
-            Protocol::Fetch => b"trellis-fetch/1",
+            Protocol::Gossip => "trellis-gossip",
+            Protocol::Uplink => "trellis-uplink",
+            Protocol::Federation => "trellis-federation",
+            Protocol::Replication => "trellis-replication",
+            Protocol::Fetch => "trellis-fetch",
         }
     }
 
-    pub fn from_alpn(alpn: &[u8]) -> Option<Self> {
-        Protocol::ALL.into_iter().find(|p| p.alpn() == alpn)
+    /// The ALPN of this protocol at `version` (`trellis-uplink/1`).
+    pub fn alpn_at(self, version: u16) -> Vec<u8> {
+        format!("{}/{version}", self.alpn_name()).into_bytes()
+    }
+
+    /// The ALPN at this build's [`PROTOCOL_VERSION`].
+    pub fn alpn(self) -> Vec<u8> {
+        self.alpn_at(PROTOCOL_VERSION)
+    }
+
+    /// The ALPNs for every version in `versions`, newest first: what a
+    /// member offers, and the order in which a server picks (TLS servers
+    /// take the first of their own list that the client offered, so two
+    /// members settle on the newest version both speak).
+    pub fn alpns(self, versions: &RangeInclusive<u16>) -> Vec<Vec<u8>> {
+        versions.clone().rev().map(|v| self.alpn_at(v)).collect()
+    }
+
+    /// The protocol and version an ALPN names.
+    pub fn from_alpn(alpn: &[u8]) -> Option<(Self, u16)> {
+        let text = std::str::from_utf8(alpn).ok()?;
+        let (name, version) = text.rsplit_once('/')?;
+        let version: u16 = version.parse().ok()?;
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.alpn_name() == name)
+            .map(|p| (p, version))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -440,9 +481,18 @@ mod tests {
     }
 
     #[test]
-    fn every_protocol_has_a_distinct_alpn() {
+    fn every_protocol_has_a_distinct_alpn_naming_its_version() {
         for p in Protocol::ALL {
-            assert_eq!(Protocol::from_alpn(p.alpn()), Some(p));
+            assert_eq!(Protocol::from_alpn(&p.alpn()), Some((p, PROTOCOL_VERSION)));
+            assert_eq!(Protocol::from_alpn(&p.alpn_at(7)), Some((p, 7)));
+            assert_eq!(
+                p.alpns(&(1..=3)),
+                vec![p.alpn_at(3), p.alpn_at(2), p.alpn_at(1)],
+                "newest first"
+            );
         }
+        assert_eq!(Protocol::from_alpn(b"trellis-uplink"), None);
+        assert_eq!(Protocol::from_alpn(b"trellis-nope/1"), None);
+        assert_eq!(Protocol::from_alpn(b"trellis-uplink/x"), None);
     }
 }

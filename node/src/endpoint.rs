@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::authz::{self, Protocol, Refusal, Side};
+use crate::authz::{self, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, Protocol, Refusal, Side};
 use crate::id::Identity;
 use crate::metrics::MeshMetrics;
 use crate::revocation::{Revocation, RevocationSet};
@@ -63,6 +63,23 @@ pub enum ConnectError {
     Identity { addr: SocketAddr, source: TlsError },
     #[error("refused {addr}: {source}")]
     Refused { addr: SocketAddr, source: Refusal },
+    #[error(
+        "{addr} speaks no version of {protocol} that this member speaks \
+         ({OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}): upgrade the older of the two"
+    )]
+    NoCommonVersion {
+        addr: SocketAddr,
+        protocol: Protocol,
+    },
+}
+
+/// The protocol version a connection settled on (from its ALPN).
+pub fn negotiated_version(conn: &quinn::Connection) -> Option<u16> {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .and_then(|alpn| Protocol::from_alpn(&alpn))
+        .map(|(_, version)| version)
 }
 
 /// Why an endpoint could not be created.
@@ -136,7 +153,21 @@ impl MeshEndpoint {
         serve: &[Protocol],
         metrics: MeshMetrics,
     ) -> Result<(Self, Routes), EndpointError> {
-        let alpns: Vec<&[u8]> = serve.iter().map(|p| p.alpn()).collect();
+        Self::bind_speaking(creds, addr, serve, metrics, authz::spoken_versions())
+    }
+
+    /// [`MeshEndpoint::bind`] speaking the protocol versions `versions`
+    /// (this build's are [`authz::spoken_versions`]; tests try others).
+    /// Every connection settles on the newest version both ends speak
+    /// ([`negotiated_version`]); with none in common the handshake fails.
+    pub fn bind_speaking(
+        creds: Credentials,
+        addr: SocketAddr,
+        serve: &[Protocol],
+        metrics: MeshMetrics,
+        versions: std::ops::RangeInclusive<u16>,
+    ) -> Result<(Self, Routes), EndpointError> {
+        let alpns: Vec<Vec<u8>> = serve.iter().flat_map(|p| p.alpns(&versions)).collect();
         let server = if serve.is_empty() {
             None
         } else {
@@ -154,7 +185,8 @@ impl MeshEndpoint {
             };
             clients.insert(
                 p,
-                creds.client_config(p.alpn(), tls::transport_config(keep_alive, idle))?,
+                creds
+                    .client_config(&p.alpns(&versions), tls::transport_config(keep_alive, idle))?,
             );
         }
         let endpoint = match server {
@@ -220,6 +252,11 @@ impl MeshEndpoint {
             .await
             .map_err(|_| ConnectError::Timeout { addr })?
             .map_err(|source| {
+                if no_common_version(&source) {
+                    self.inner.metrics.refused(protocol.as_str(), "version");
+                    warn!(%addr, %protocol, "refused server: no protocol version in common (it runs a Trellis too old or too new for this one)");
+                    return ConnectError::NoCommonVersion { addr, protocol };
+                }
                 if is_tls_failure(&source) {
                     self.inner.metrics.refused(protocol.as_str(), "tls");
                     warn!(%addr, %protocol, error = %source, "refused server: TLS handshake failed");
@@ -336,6 +373,11 @@ impl MeshEndpoint {
         };
         let conn = match conn {
             Ok(Ok(conn)) => conn,
+            Ok(Err(error)) if no_common_version(&error) => {
+                metrics.refused("unknown", "version");
+                warn!(%remote, "refused connection: no protocol version in common (the peer runs a Trellis too old or too new for this one)");
+                return;
+            }
             Ok(Err(error)) => {
                 metrics.refused("unknown", "tls");
                 warn!(%remote, %error, "refused connection: TLS handshake failed");
@@ -351,7 +393,7 @@ impl MeshEndpoint {
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
-        let Some(protocol) = alpn.as_deref().and_then(Protocol::from_alpn) else {
+        let Some((protocol, version)) = alpn.as_deref().and_then(Protocol::from_alpn) else {
             metrics.refused("unknown", "protocol");
             warn!(%remote, "refused connection: no supported protocol negotiated");
             conn.close(close::REFUSED, b"unsupported protocol");
@@ -392,7 +434,7 @@ impl MeshEndpoint {
         }
         self.track(&conn, &peer, fingerprint, protocol, true);
         metrics.connections_accepted.inc();
-        debug!(%remote, %peer, %protocol, "accepted connection");
+        debug!(%remote, %peer, %protocol, version, "accepted connection");
         let Some(route) = routes.get(&protocol) else {
             conn.close(close::REFUSED, b"protocol not served here");
             return;
@@ -438,10 +480,83 @@ async fn watch_revocations(
 
 /// Whether a handshake failure was the TLS layer refusing the certificate
 /// (ours or theirs), as opposed to a timeout or a reset.
+/// TLS's `no_application_protocol` alert (120), as QUIC reports it: the
+/// two ends offered no ALPN in common, which between members means no
+/// protocol version in common.
+fn no_common_version(e: &quinn::ConnectionError) -> bool {
+    let code = quinn::TransportErrorCode::crypto(120);
+    match e {
+        quinn::ConnectionError::TransportError(t) => t.code == code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code == code,
+        _ => false,
+    }
+}
+
 fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
     match e {
         quinn::ConnectionError::TransportError(t) => t.code.to_string().contains("crypto"),
         quinn::ConnectionError::ConnectionClosed(c) => c.error_code.to_string().contains("crypto"),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::Role;
+    use crate::tls::MeshCa;
+
+    fn node(ca: &MeshCa, name: &str) -> Credentials {
+        tls::install_crypto_provider();
+        let id = Identity::new(Role::Node, "eu", "s1", name).unwrap();
+        Credentials::issue(ca, &id).unwrap()
+    }
+
+    fn local() -> SocketAddr {
+        ([127, 0, 0, 1], 0).into()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_settle_on_the_newest_version_both_speak_and_none_in_common_is_refused() {
+        let ca = MeshCa::generate("t").unwrap();
+        let (server, mut routes) = MeshEndpoint::bind_speaking(
+            node(&ca, "a"),
+            local(),
+            &[Protocol::Gossip],
+            Default::default(),
+            1..=2,
+        )
+        .unwrap();
+        let mut accepted = routes.take(Protocol::Gossip);
+        for (versions, settled) in [(1..=1, 1), (1..=3, 2), (2..=2, 2)] {
+            let (client, _) = MeshEndpoint::bind_speaking(
+                node(&ca, "b"),
+                local(),
+                &[],
+                Default::default(),
+                versions.clone(),
+            )
+            .unwrap();
+            let (conn, _) = client
+                .connect(server.local_addr(), Protocol::Gossip)
+                .await
+                .unwrap();
+            assert_eq!(negotiated_version(&conn), Some(settled), "{versions:?}");
+            let there = accepted.recv().await.unwrap();
+            assert_eq!(negotiated_version(&there.conn), Some(settled));
+            client.shutdown().await;
+        }
+        let (newer, _) =
+            MeshEndpoint::bind_speaking(node(&ca, "c"), local(), &[], Default::default(), 3..=4)
+                .unwrap();
+        match newer.connect(server.local_addr(), Protocol::Gossip).await {
+            Err(e @ ConnectError::NoCommonVersion { .. }) => {
+                assert!(e.to_string().contains("upgrade the older"), "{e}");
+            }
+            Err(other) => panic!("expected no common version, got {other}"),
+            Ok(_) => panic!("connected with no version in common"),
+        }
+        newer.shutdown().await;
+        server.shutdown().await;
     }
 }

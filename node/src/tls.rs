@@ -424,7 +424,7 @@ impl Credentials {
     /// clients holding a certificate of the mesh CA.
     pub fn server_config(
         &self,
-        alpns: &[&[u8]],
+        alpns: &[Vec<u8>],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, TlsError> {
         let verifier =
@@ -437,7 +437,7 @@ impl Credentials {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        tls.alpn_protocols = alpns.to_vec();
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -445,11 +445,12 @@ impl Credentials {
         Ok(config)
     }
 
-    /// A quinn client configuration for one ALPN protocol, presenting our
+    /// A quinn client configuration offering `alpns` (one protocol, at the
+    /// versions the member speaks, newest first), presenting our
     /// certificate and trusting only the mesh CA.
     pub fn client_config(
         &self,
-        alpn: &[u8],
+        alpns: &[Vec<u8>],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ClientConfig, TlsError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -458,7 +459,7 @@ impl Credentials {
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.alpn_protocols = alpns.to_vec();
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -847,8 +848,9 @@ mod tests {
         assert!(signer.verify(b"bundlf", &sig).is_err(), "altered message");
         // The key still serves for mutual TLS.
         let transport = transport_config(None, IDLE_TIMEOUT);
-        op.client_config(b"test", transport.clone()).unwrap();
-        op.server_config(&[b"test"], transport).unwrap();
+        op.client_config(&[b"test".to_vec()], transport.clone())
+            .unwrap();
+        op.server_config(&[b"test".to_vec()], transport).unwrap();
     }
 
     #[test]

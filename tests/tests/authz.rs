@@ -54,7 +54,7 @@ async fn attempt(
 ) -> Seen {
     let config = creds
         .client_config(
-            protocol.alpn(),
+            &[protocol.alpn()],
             tls::transport_config(None, tls::IDLE_TIMEOUT),
         )
         .unwrap();

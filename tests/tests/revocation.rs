@@ -96,7 +96,7 @@ fn a_revoked_node_is_cut_off_by_its_relay_and_its_neighbour_within_a_minute() {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let config = creds
             .client_config(
-                Protocol::Gossip.alpn(),
+                &[Protocol::Gossip.alpn()],
                 tls::transport_config(None, tls::IDLE_TIMEOUT),
             )
             .unwrap();

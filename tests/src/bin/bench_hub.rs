@@ -538,7 +538,7 @@ fn issue_relays(ca: &MeshCa, n: usize) -> anyhow::Result<Vec<RelayId>> {
         let site = format!("site-{}", i + 1);
         let id = Identity::new(Role::Relay, REGION, site.clone(), format!("{site}-relay"))?;
         let creds = Credentials::issue(ca, &id)?;
-        let client = creds.client_config(Protocol::Uplink.alpn(), transport.clone())?;
+        let client = creds.client_config(&[Protocol::Uplink.alpn()], transport.clone())?;
         Ok(RelayId { id, client })
     })
 }
