@@ -288,3 +288,33 @@ fn every_binary_explains_itself() {
         assert!(stdout(&o).contains(needle), "{bin} --help lacks {needle:?}");
     }
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_cli_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    // `trellis completions zsh` writes about 100 KB, more than a pipe
+    // holds: reading 10 bytes and closing makes its next write fail.
+    let mut child = std::process::Command::new(trellis_tests::bin("trellis"))
+        .args(["completions", "zsh"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start trellis");
+    let mut head = [0u8; 10];
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_exact(&mut head)
+        .expect("some output");
+    let out = child.wait_with_output().expect("trellis ends");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    assert_eq!(
+        out.status.signal(),
+        Some(13), // SIGPIPE
+        "ended by the closed pipe, as cat or grep are: {:?}",
+        out.status
+    );
+}

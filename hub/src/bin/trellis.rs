@@ -904,6 +904,9 @@ fn parse_role(s: &str) -> Result<Role, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !matches!(args.command, Command::Up { .. }) {
+        stop_quietly_on_closed_stdout();
+    }
     cli::init_logging(args.log_format);
     if let Some(token) = args.token {
         trellis_hub::client::set_default_token(token);
@@ -2223,6 +2226,20 @@ where
 
 /// Prints an API answer: its JSON with `--json`, else rendered for a
 /// person (in colour on a terminal).
+/// Makes a closed stdout (`trellis events --json | head`) end the process
+/// quietly, as it ends `cat` or `grep`, instead of panicking in `print!`.
+/// Rust ignores SIGPIPE so that a write to a closed socket is an error; the
+/// CLI's sockets are written with `MSG_NOSIGNAL` anyway, so restoring the
+/// default only affects stdout and stderr. `trellis up`, which runs
+/// servers, keeps the ignoring.
+fn stop_quietly_on_closed_stdout() {
+    // SAFETY: setting a signal's disposition to its default, at start,
+    // before any thread is spawned.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn answer<T: serde::Serialize>(
     report: Result<T, ClientError>,
     json: bool,
