@@ -416,12 +416,22 @@ fn keep_revocations(path: &std::path::Path, set: &crate::revocation::RevocationS
     }
 }
 
+/// The entry that decommissions this member's own certificate, if any.
+fn own_decommission<'a>(
+    set: &'a crate::revocation::RevocationSet,
+    creds: &Credentials,
+) -> Option<&'a crate::revocation::Revocation> {
+    let own = crate::revocation::fingerprint(creds.cert_der());
+    set.get(&own)
+        .filter(|r| r.kind == crate::revocation::Kind::Decommissioned)
+}
+
 /// Takes back the revocation list kept at `path` (entries checked against
 /// the CA again; a missing or unreadable file is an empty list, logged),
 /// enforces it, and refuses to start a member whose own certificate it
 /// decommissions.
 pub fn restore_revocations(path: &std::path::Path, creds: &Credentials) -> Result<(), StartError> {
-    use crate::revocation::{self, Kind, RevocationSet, SignedRevocation};
+    use crate::revocation::{RevocationSet, SignedRevocation};
     let list: Vec<SignedRevocation> = match std::fs::read(path) {
         Ok(bytes) => match postcard::from_bytes(&bytes) {
             Ok(list) => list,
@@ -438,8 +448,7 @@ pub fn restore_revocations(path: &std::path::Path, creds: &Credentials) -> Resul
     };
     let now = (crate::clock::unix_ms() / 1000) as i64;
     let (set, _) = RevocationSet::verified(creds.ca_der(), &list, now);
-    let own = revocation::fingerprint(creds.cert_der());
-    if let Some(r) = set.get(&own).filter(|r| r.kind == Kind::Decommissioned) {
+    if let Some(r) = own_decommission(&set, creds) {
         return Err(StartError::Decommissioned {
             reason: r.reason.clone(),
         });
@@ -496,11 +505,7 @@ async fn follow_revocations(
             warn!(%error, "revocation in gossip ignored");
         }
         keep_revocations(&kept, &set);
-        let own = revocation::fingerprint(creds.cert_der());
-        if let Some(r) = set
-            .get(&own)
-            .filter(|r| r.kind == revocation::Kind::Decommissioned)
-        {
+        if let Some(r) = own_decommission(&set, &creds) {
             error!(
                 reason = %r.reason,
                 "this node was decommissioned: leaving the site and stopping (its certificate is refused from now on)"

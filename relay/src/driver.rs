@@ -1178,7 +1178,7 @@ async fn answer_requests(
         let config = config.clone();
         let artifacts = artifacts.clone();
         let revocations = revocations.clone();
-        let hidden = local.borrow().hidden.clone();
+        let local = local.clone();
         let inputs = inputs.clone();
         tokio::spawn(async move {
             let request = tokio::time::timeout(
@@ -1191,6 +1191,7 @@ async fn answer_requests(
                 Ok(Some(Request::Nodes)) => {
                     metrics.requests.inc();
                     let view = gossip.view().await;
+                    let hidden = local.borrow().hidden.clone();
                     Response::Nodes(
                         view.current_members()
                             .into_iter()
