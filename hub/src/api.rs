@@ -244,7 +244,7 @@ async fn versions(State(shared): State<Shared>) -> Response {
     sites.sort_by(|a, b| (&a.region, &a.site).cmp(&(&b.region, &b.site)));
     axum::Json(VersionsReport {
         hub: fleet.hub,
-        hub_version: trellis_node::agent::VERSION.to_owned(),
+        hub_version: trellis_node::upgrade::version().to_owned(),
         sites,
     })
     .into_response()

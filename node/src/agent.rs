@@ -234,14 +234,15 @@ pub fn machine_facts() -> BTreeMap<String, String> {
     }
     facts.insert("os".to_owned(), std::env::consts::OS.to_owned());
     facts.insert("arch".to_owned(), std::env::consts::ARCH.to_owned());
-    facts.insert(VERSION_FACT.to_owned(), VERSION.to_owned());
+    facts.insert(
+        VERSION_FACT.to_owned(),
+        crate::upgrade::version().to_owned(),
+    );
     facts
 }
 
 /// The fact naming the Trellis version a member runs.
 pub const VERSION_FACT: &str = "trellis_version";
-/// The Trellis version this binary is.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the task owning the node's [`Applier`] is asked to do.
 enum ApplyInput {
@@ -786,7 +787,8 @@ impl NodeAgent {
             &cfg,
             PatchMetrics::register(&mut registry),
             patch_run,
-        );
+        )
+        .with_restart(shutdown.clone());
         let metrics_addr =
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
         let applied = applier.applied().map(|s| (s.version, short_hex(&s.hash())));

@@ -596,12 +596,17 @@ impl ReloadOutcome {
 /// own; after `timeout` the whole group is killed (SIGKILL), so that
 /// whatever the command started goes too.
 pub async fn run_reload(cmd: &str, timeout: Duration) -> ReloadOutcome {
-    run_command(cmd, None, timeout).await
+    run_command(cmd, None, &[], timeout).await
 }
 
 /// [`run_reload`] in the working directory `dir` (the process's own when
 /// `None`): patch commands run next to their artifacts.
-pub async fn run_command(cmd: &str, dir: Option<&Path>, timeout: Duration) -> ReloadOutcome {
+pub async fn run_command(
+    cmd: &str,
+    dir: Option<&Path>,
+    env: &[(&str, &std::ffi::OsStr)],
+    timeout: Duration,
+) -> ReloadOutcome {
     let started = Instant::now();
     let mut outcome = ReloadOutcome {
         command: cmd.to_owned(),
@@ -622,6 +627,7 @@ pub async fn run_command(cmd: &str, dir: Option<&Path>, timeout: Duration) -> Re
     if let Some(dir) = dir {
         command.current_dir(dir);
     }
+    command.envs(env.iter().copied());
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {

@@ -119,6 +119,11 @@ pub trait MemberConfig: DeserializeOwned + Serialize + Default + Validate {
     fn resolve_paths(&mut self, base: &std::path::Path) {
         let _ = base;
     }
+
+    /// Runs once the configuration and credentials are known good, before
+    /// the member starts; a node agent replaces itself here with the build
+    /// of itself it should run ([`crate::upgrade`]).
+    fn before_start(&self) {}
 }
 
 /// A started member that can be waited on after shutdown.
@@ -189,6 +194,8 @@ where
         println!("configuration ok: {}", creds.identity);
         return ExitCode::SUCCESS;
     }
+    loaded.config.before_start();
+    crate::upgrade::allow_restart();
     let rt = runtime(role).expect("tokio runtime");
     rt.block_on(async move {
         let shutdown = shutdown_on_signal();
@@ -196,6 +203,8 @@ where
             Ok(running) => {
                 shutdown.cancelled().await;
                 running.stopped().await;
+                // A node agent that installed another build of itself.
+                crate::upgrade::restart_if_requested();
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -730,6 +730,10 @@ impl crate::cli::MemberConfig for NodeConfig {
             self.patch.dir = base.join(&self.patch.dir);
         }
     }
+
+    fn before_start(&self) {
+        crate::upgrade::launch(&self.patch.dir);
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@
 //! - [`config`]: TOML configuration with validation.
 //! - [`metrics`]: Prometheus counters and the `/metrics` server.
 //! - [`agent`]: the node agent driver.
+//! - [`upgrade`]: the agent's own builds on a machine, its version stamp,
+//!   and the restart into another build (self-upgrade by patch).
 //! - [`cli`]: logging, signals and exit codes shared by the binaries.
 //! - [`clock`]: the wall clock, for drivers only.
 
@@ -68,5 +70,6 @@ pub mod revocation;
 pub mod signature;
 pub mod site;
 pub mod tls;
+pub mod upgrade;
 pub mod waves;
 pub mod wire;

@@ -1,11 +1,13 @@
 //! `trellis-node`: the agent that runs on every managed machine.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use trellis_node::agent::NodeAgent;
 use trellis_node::cli::{self, MemberArgs};
 use trellis_node::id::Role;
+use trellis_node::upgrade;
 
 /// The Trellis node agent.
 ///
@@ -50,12 +52,159 @@ use trellis_node::id::Role;
 ///   interval = "10s"
 ///   timeout = "5s"
 #[derive(Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(
+    version = trellis_node::upgrade::version(),
+    verbatim_doc_comment,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
     #[command(flatten)]
     member: MemberArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Switch this machine's agent to another build of trellis-node: what a
+    /// self-upgrade patch's commands run.
+    ///
+    /// A release of trellis-node is published as a patch whose artifact is
+    /// the new binary, with
+    ///
+    ///   install = ['"$TRELLIS_NODE" upgrade install trellis-node']
+    ///   rollback = ['"$TRELLIS_NODE" upgrade revert trellis-node']
+    ///
+    /// and rolled out like any patch. Once the install commands have run, the
+    /// agent restarts into the selected build (same process, same
+    /// arguments), which bakes the run and reports its version; a rollback
+    /// restarts it into the build that ran before. A selected build that dies
+    /// before its run is healthy is given up at the next start (the packaged
+    /// unit restarts the agent on failure) and the run fails, so the
+    /// rollout's gate rolls it back.
+    #[command(verbatim_doc_comment)]
+    Upgrade {
+        #[command(subcommand)]
+        action: UpgradeAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum UpgradeAction {
+    /// Check that FILE is a trellis-node that runs here (`FILE --version`),
+    /// keep a copy in the patch directory and select it, on trial.
+    Install {
+        /// The new build (a path relative to the patch's artifacts).
+        file: PathBuf,
+        #[command(flatten)]
+        dir: PatchDir,
+    },
+    /// Select the build that ran before FILE was installed, if FILE is still
+    /// the one selected (otherwise change nothing).
+    Revert {
+        /// The build the patch installed.
+        file: PathBuf,
+        #[command(flatten)]
+        dir: PatchDir,
+    },
+    /// Show which build runs and which would be reverted to.
+    Status {
+        #[command(flatten)]
+        dir: PatchDir,
+        /// Print the selection as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct PatchDir {
+    /// The agent's `[patch] dir` (set for patch commands).
+    #[arg(long, env = upgrade::ENV_PATCH_DIR, value_name = "DIR")]
+    patch_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
-    cli::member_main(Args::parse().member, Role::Node, NodeAgent::start)
+    let args = Args::parse();
+    match args.command {
+        None => cli::member_main(args.member, Role::Node, NodeAgent::start),
+        Some(Command::Upgrade { action }) => upgrade_command(action),
+    }
+}
+
+fn upgrade_command(action: UpgradeAction) -> ExitCode {
+    let failed = |e: &dyn std::fmt::Display| cli::fail(cli::EXIT_FAILED, e);
+    match action {
+        UpgradeAction::Install { file, dir } => {
+            let running = match std::env::current_exe() {
+                Ok(p) => p,
+                Err(e) => return failed(&format!("cannot tell which binary runs: {e}")),
+            };
+            match upgrade::install(&dir.patch_dir, &file, &running) {
+                Ok(b) => {
+                    println!(
+                        "selected trellis-node {} ({}); the agent restarts into it once the \
+                         install commands have run",
+                        b.version,
+                        b.path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e),
+            }
+        }
+        UpgradeAction::Revert { file, dir } => match upgrade::revert(&dir.patch_dir, &file) {
+            Ok(upgrade::Reverted::To(b)) => {
+                let to = b.map_or("the base build".to_owned(), |b| {
+                    format!("trellis-node {}", b.version)
+                });
+                println!(
+                    "selected {to}; the agent restarts into it once the rollback commands have run"
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(upgrade::Reverted::NotSelected) => {
+                println!(
+                    "{} is not the selected build; nothing to revert",
+                    file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => failed(&e),
+        },
+        UpgradeAction::Status { dir, json } => match upgrade::load(&dir.patch_dir) {
+            Ok(sel) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&sel).expect("serialises")
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                println!(
+                    "trellis-node {} (no other build was ever installed)",
+                    upgrade::version()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(Some(sel)) => {
+                let show = |b: &Option<upgrade::Build>| {
+                    b.as_ref()
+                        .map_or(format!("base ({})", sel.base.display()), |b| {
+                            format!("{} ({})", b.version, b.path.display())
+                        })
+                };
+                println!("selected: {}", show(&sel.current));
+                println!("previous: {}", show(&sel.previous));
+                if sel.trial.is_some() {
+                    println!("on trial: not yet healthy since it was installed");
+                }
+                if let Some(why) = &sel.failed_start {
+                    println!("failed start: {why}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => failed(&e),
+        },
+    }
 }

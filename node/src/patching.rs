@@ -71,6 +71,7 @@ use crate::patch::{PatchManifest, SignedPatch, retry_delay, verify};
 use crate::patchstate::{NodePatch, OrderAction, PatchOrder, PatchState, keys};
 use crate::site::{CheckResult, SiteView, Status};
 use crate::tls::Credentials;
+use crate::upgrade;
 
 /// The node's last run, in the patch directory.
 pub const STATE_FILE: &str = "state";
@@ -469,10 +470,11 @@ pub fn save_record(dir: &Path, record: &PatchRecord) -> std::io::Result<()> {
 pub async fn run_commands(
     commands: &[String],
     dir: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
     timeout: Duration,
 ) -> Result<(), String> {
     for cmd in commands {
-        let outcome = run_command(cmd, Some(dir), timeout).await;
+        let outcome = run_command(cmd, Some(dir), env, timeout).await;
         if !outcome.succeeded() {
             warn!(
                 command = %outcome.command,
@@ -502,6 +504,9 @@ pub struct PatchEngine {
     health_interval: Duration,
     metrics: PatchMetrics,
     record: Option<PatchRecord>,
+    /// Cancelled to stop the whole agent when it restarts into another
+    /// build of itself ([`upgrade`]); none where it may not.
+    restart: Option<CancellationToken>,
 }
 
 impl PatchEngine {
@@ -526,7 +531,53 @@ impl PatchEngine {
             health_interval: cfg.health.interval,
             metrics,
             record,
+            restart: None,
         }
+    }
+
+    /// Lets the engine stop the agent (`agent`, its root shutdown token)
+    /// to restart it into a build of itself that a patch selected.
+    pub fn with_restart(mut self, agent: CancellationToken) -> Self {
+        self.restart = Some(agent);
+        self
+    }
+
+    /// What a patch command finds in its environment: the agent's own
+    /// binary (`TRELLIS_NODE`) and its patch directory
+    /// (`TRELLIS_PATCH_DIR`), for `"$TRELLIS_NODE" upgrade install FILE`.
+    async fn run_step(&self, commands: &[String], dir: &Path) -> Result<(), String> {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("trellis-node"));
+        let env = [
+            (upgrade::ENV_NODE, exe.as_os_str()),
+            (upgrade::ENV_PATCH_DIR, self.cfg.dir.as_os_str()),
+        ];
+        run_commands(commands, dir, &env, self.cfg.command_timeout).await
+    }
+
+    /// After a run's commands: if they selected another build of the agent,
+    /// stops the agent so that it replaces itself with that build, and
+    /// returns true. Where the agent may not restart, the run ends in
+    /// `otherwise` instead.
+    async fn restart_if_selected(&mut self, otherwise: PatchState) -> bool {
+        let Ok(running) = std::env::current_exe() else {
+            return false;
+        };
+        if !upgrade::restart_needed(&self.cfg.dir, &running) {
+            return false;
+        }
+        match &self.restart {
+            Some(agent) if upgrade::restart_allowed() => {
+                info!(dir = %self.cfg.dir.display(), "the patch selected another build of trellis-node; restarting into it");
+                upgrade::request_restart(&self.cfg.dir);
+                agent.cancel();
+            }
+            _ => {
+                let detail = "the patch selected another build of trellis-node, but this agent \
+                              runs inside another process and cannot restart into it";
+                self.to(otherwise, detail).await;
+            }
+        }
+        true
     }
 
     /// The last run, as read at start or since changed.
@@ -539,14 +590,24 @@ impl PatchEngine {
     /// command in progress finishes before shutdown is seen; a download or
     /// a bake stops at once (and starts over after a restart).
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // A build of the agent a patch installed that did not start.
+        let failed_start = upgrade::take_failed_start(&self.cfg.dir).unwrap_or_else(|e| {
+            error!(error = %e, "cannot read the agent's build selection");
+            None
+        });
         if let Some(found) = self.record.clone() {
             let (record, resume) = recover(found.clone());
             let changed = record.state != found.state;
             self.enter(record, changed).await;
-            match resume {
-                Resume::Publish => {}
-                Resume::Bake => self.bake(&shutdown).await,
-                Resume::RollBack => self.roll_back(None).await,
+            match (resume, failed_start) {
+                (Resume::Bake, Some(why)) => self.to(PatchState::Failed, why).await,
+                (Resume::Bake, None) => self.bake(&shutdown).await,
+                (Resume::RollBack, _) => self.roll_back(None).await,
+                (Resume::Publish, why) => {
+                    if let Some(why) = why {
+                        warn!(%why, "a build of trellis-node was given up at start");
+                    }
+                }
             }
         }
         loop {
@@ -663,10 +724,14 @@ impl PatchEngine {
         }
         self.to(PatchState::Installing, "").await;
         let dir = artifact_dir(&self.cfg.dir, &patch);
-        if let Err(detail) = run_commands(&manifest.install, &dir, self.cfg.command_timeout).await {
+        if let Err(detail) = self.run_step(&manifest.install, &dir).await {
             return self.to(PatchState::Failed, detail).await;
         }
         self.to(PatchState::Baking, "").await;
+        // A self-upgrade: the new build bakes the run again from its start.
+        if self.restart_if_selected(PatchState::Failed).await {
+            return;
+        }
         self.bake(shutdown).await;
     }
 
@@ -778,7 +843,13 @@ impl PatchEngine {
                 .map(|m| m.health.checks.clone());
             match judge_bake(&bounds, own.as_ref(), started.elapsed(), bake) {
                 Bake::Wait => {}
-                Bake::Healthy => return self.to(PatchState::Healthy, "").await,
+                Bake::Healthy => {
+                    // A build of the agent on trial has proved itself.
+                    if let Err(error) = upgrade::confirm(&self.cfg.dir) {
+                        error!(%error, "cannot record that this build of trellis-node runs healthy");
+                    }
+                    return self.to(PatchState::Healthy, "").await;
+                }
                 Bake::Failed(detail) => return self.to(PatchState::Failed, detail).await,
             }
             tokio::select! {
@@ -811,10 +882,12 @@ impl PatchEngine {
             return;
         };
         let dir = artifact_dir(&self.cfg.dir, &id);
-        match run_commands(&manifest.rollback, &dir, self.cfg.command_timeout).await {
+        match self.run_step(&manifest.rollback, &dir).await {
             Ok(()) => {
                 let detail = before.map_or(String::new(), |d| format!("after: {d}"));
-                self.to(PatchState::RolledBack, detail).await
+                self.to(PatchState::RolledBack, detail).await;
+                // A self-upgrade undone: back to the build that ran before.
+                self.restart_if_selected(PatchState::RollbackFailed).await;
             }
             Err(detail) => self.to(PatchState::RollbackFailed, detail).await,
         }
@@ -1240,19 +1313,25 @@ mod tests {
         std::fs::write(dir.join("install.sh"), "echo installed > marker\n").unwrap();
         let cmds = vec![
             "sh install.sh".to_owned(),
-            "echo second >> marker".to_owned(),
+            "echo second \"$TRELLIS_NODE\" >> marker".to_owned(),
         ];
-        run_commands(&cmds, dir, secs(10)).await.unwrap();
+        let env = [(
+            upgrade::ENV_NODE,
+            std::ffi::OsStr::new("/usr/bin/trellis-node"),
+        )];
+        run_commands(&cmds, dir, &env, secs(10)).await.unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join("marker")).unwrap(),
-            "installed\nsecond\n"
+            "installed\nsecond /usr/bin/trellis-node\n"
         );
         let failing = vec![
             "rm marker".to_owned(),
             "echo cannot stop service >&2; exit 4".to_owned(),
             "touch never".to_owned(),
         ];
-        let err = run_commands(&failing, dir, secs(10)).await.unwrap_err();
+        let err = run_commands(&failing, dir, &[], secs(10))
+            .await
+            .unwrap_err();
         assert_eq!(
             err,
             "`echo cannot stop service >&2; exit 4` exited with status 4: cannot stop service"
@@ -1267,6 +1346,7 @@ mod tests {
         let err = run_commands(
             &["sleep 5".to_owned()],
             tmp.path(),
+            &[],
             Duration::from_millis(200),
         )
         .await

@@ -72,7 +72,7 @@ fn a_decommissioned_node_leaves_the_views_is_not_counted_dead_and_is_refused() {
     let versions = run("trellis", &["versions", "--hub", &api, "--json"]);
     assert!(versions.status.success(), "{versions:?}");
     let versions: Value = serde_json::from_slice(&versions.stdout).unwrap();
-    let here = trellis_node::agent::VERSION;
+    let here = trellis_node::upgrade::version();
     assert_eq!(versions["hub_version"], here, "{versions}");
     let par = &versions["sites"][0];
     assert_eq!(
