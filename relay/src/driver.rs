@@ -1447,7 +1447,9 @@ impl Relay {
             keep_acked: cfg.buffer.keep_acked,
             rollout_path,
             ready_run,
-            revocations: trust.revocations().clone(),
+            // The list as published, not as enforced: a decommissioned
+            // node leaves the views at once, before its grace ends.
+            revocations: revocations.published(),
             departed_from: None,
             region: identity.region.clone(),
             site: identity.site.clone(),

@@ -186,6 +186,11 @@ impl Proc {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
+    /// How the process ended, if it has.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
     /// SIGKILL, and wait for it to be gone.
     pub fn kill9(&mut self) -> ExitStatus {
         self.child.kill().expect("kill -9");
