@@ -138,10 +138,11 @@ impl Fleet {
     }
 
     /// Waits (supervising the agents) for the newest rollout to reach
-    /// `state`.
-    fn wait_rollout(&mut self, state: &str) -> Value {
+    /// `state`, calling `watch` on every look.
+    fn wait_rollout(&mut self, state: &str, mut watch: impl FnMut(&Fleet)) -> Value {
         let reached = eventually(Duration::from_secs(150), || {
             self.supervise();
+            watch(self);
             self.rollout()["record"]["state"] == state
         });
         let status = self.rollout();
@@ -181,7 +182,17 @@ fn a_new_build_of_the_agent_rolls_out_in_waves_and_a_build_that_dies_at_start_is
     let build = trellis_node::upgrade::restamp(&build, &next).unwrap();
     let dir = write_upgrade(f.mesh.path(), "upgrade-next", &next, &build);
     f.publish_and_roll_out(&dir);
-    let done = f.wait_rollout("done");
+    // Between the waves, the canary on the new build and the others on the
+    // old one share the site.
+    let mut mixed = None;
+    let done = f.wait_rollout("done", |f| {
+        let v = f.node_versions();
+        if v[&here] == NODES - 1 && v[&next] == 1 {
+            mixed = Some(text(&f.trellis(&["versions"], false).stdout));
+        }
+    });
+    let mixed = mixed.expect("the site never ran two versions side by side");
+    assert!(mixed.contains("mixed"), "{mixed}");
     let waves = done["waves"].as_array().unwrap();
     assert_eq!(waves.len(), 2, "{done}");
     assert!(waves.iter().all(|w| w["phase"] == "passed"), "{done}");
@@ -210,7 +221,7 @@ fn a_new_build_of_the_agent_rolls_out_in_waves_and_a_build_that_dies_at_start_is
         broken.as_bytes(),
     );
     f.publish_and_roll_out(&dir);
-    let status = f.wait_rollout("rolled-back");
+    let status = f.wait_rollout("rolled-back", |_| {});
     let why = status["record"]["reason"].as_str().unwrap_or_default();
     assert!(
         why.contains("1 of 1 patched nodes failed"),
