@@ -204,7 +204,14 @@ where
                 shutdown.cancelled().await;
                 running.stopped().await;
                 // A node agent that installed another build of itself.
-                crate::upgrade::restart_if_requested();
+                if crate::upgrade::restart_if_requested() {
+                    return fail_logged(
+                        log_format,
+                        EXIT_FAILED,
+                        &"could not restart into the selected build of trellis-node; \
+                          exiting so that the service manager starts the agent again",
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -536,11 +536,18 @@ pub fn request_restart(patch_dir: &Path) {
 }
 
 /// After the agent stopped: if a restart was asked for, replaces the
-/// process with the selected build ([`launch`]); returns otherwise.
-pub fn restart_if_requested() {
+/// process with the selected build ([`launch`]). Returns whether a restart
+/// was asked for and did not happen (the build could not be started and
+/// was given up), in which case the process should exit with a failure so
+/// that its service manager starts it again.
+pub fn restart_if_requested() -> bool {
     let asked = RESTART.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(patch_dir) = asked {
-        launch(&patch_dir);
+    match asked {
+        Some(patch_dir) => {
+            launch(&patch_dir);
+            true
+        }
+        None => false,
     }
 }
 
