@@ -127,6 +127,10 @@ pub(crate) fn router(shared: Shared, auth: crate::apiauth::ApiAuth) -> Router {
                     crate::revokeapi::MAX_REVOCATION_BODY,
                 )),
         )
+        .route(
+            "/api/v1/tokens",
+            get(crate::enrolapi::list).post(crate::enrolapi::create),
+        )
         .route("/api/v1/config/{version}", get(config_show))
         .route("/api/v1/log", get(log))
         .route("/api/v1/audit", get(audit))
@@ -510,6 +514,9 @@ async fn put_desired(
     Path(key): Path<String>,
     axum::Json(body): axum::Json<PutBody>,
 ) -> Response {
+    if key.starts_with(crate::enrolapi::RESERVED_PREFIX) {
+        return reserved_key(&key);
+    }
     let author = caller.author(body.author);
     write_op(
         &shared,
@@ -533,8 +540,22 @@ async fn delete_desired(
     Path(key): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> Response {
+    if key.starts_with(crate::enrolapi::RESERVED_PREFIX) {
+        return reserved_key(&key);
+    }
     let author = caller.author(q.author);
     write_op(&shared, author, Op::Delete { key }).await
+}
+
+/// Keys that only token creation and enrolment write.
+fn reserved_key(key: &str) -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        format!(
+            "{key}: keys under {} are written by `trellis token create` and enrolment only",
+            crate::enrolapi::RESERVED_PREFIX
+        ),
+    )
 }
 
 async fn write_op(shared: &Shared, author: String, op: Op) -> Response {

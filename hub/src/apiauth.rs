@@ -221,12 +221,12 @@ impl ApiAuth {
     }
 }
 
-/// The role a request needs: reads need `viewer`, revocations `admin`,
-/// every other change `operator`.
+/// The role a request needs: reads need `viewer`, revocations and join
+/// tokens `admin`, every other change `operator`.
 pub fn required_role(method: &Method, path: &str) -> ApiRole {
     if method == Method::GET || method == Method::HEAD {
         ApiRole::Viewer
-    } else if path.starts_with("/api/v1/revocations") {
+    } else if path.starts_with("/api/v1/revocations") || path.starts_with("/api/v1/tokens") {
         ApiRole::Admin
     } else {
         ApiRole::Operator
@@ -258,6 +258,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/audit"),
     ("GET", "/api/v1/audit/verify"),
     ("GET", "/api/v1/revocations"),
+    ("GET", "/api/v1/tokens"),
     ("GET", "/metrics"),
     ("PUT", "/api/v1/desired/{key}"),
     ("DELETE", "/api/v1/desired/{key}"),
@@ -269,6 +270,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/rollouts"),
     ("POST", "/api/v1/rollouts/{run}/control"),
     ("POST", "/api/v1/revocations"),
+    ("POST", "/api/v1/tokens"),
 ];
 
 /// The API part of docs/SECURITY.md's authorisation tables, rendered

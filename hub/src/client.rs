@@ -266,6 +266,21 @@ impl ApiClient {
         .await
     }
 
+    /// Creates a join token (`POST /api/v1/tokens`).
+    pub async fn token_create(
+        &self,
+        request: &crate::enrolapi::TokenRequest,
+    ) -> Result<crate::enrolapi::TokenCreated, ClientError> {
+        let url = format!("{}/api/v1/tokens", self.base);
+        let resp = self.send(self.http.post(&url).json(request)).await?;
+        self.decode(url, resp).await
+    }
+
+    /// Every join token and its uses (`GET /api/v1/tokens`).
+    pub async fn tokens(&self) -> Result<Vec<crate::enrolapi::TokenView>, ClientError> {
+        self.get("/api/v1/tokens").await
+    }
+
     /// The revocations the hub enforces (`GET /api/v1/revocations`).
     pub async fn revocations(&self) -> Result<crate::revokeapi::RevocationList, ClientError> {
         self.get("/api/v1/revocations").await

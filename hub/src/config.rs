@@ -228,6 +228,29 @@ fn webhook_problem(url: &str) -> Option<String> {
     }
 }
 
+/// `[enrolment]`: signing certificates for machines that enrol with a
+/// join token.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrolmentConfig {
+    /// The mesh CA's directory (`ca.crt`, `ca.key`), relative to this
+    /// file. Without it this hub refuses enrolments (another hub that has
+    /// it signs them, if the relay is connected there).
+    pub ca_dir: Option<std::path::PathBuf>,
+    /// How long an enrolled machine's certificate is valid.
+    pub cert_days: Option<u32>,
+}
+
+/// Days a certificate issued at enrolment is valid unless
+/// `[enrolment] cert_days` says otherwise.
+pub const ENROLLED_CERT_DAYS: u32 = 365;
+
+impl EnrolmentConfig {
+    pub fn cert_days(&self) -> u32 {
+        self.cert_days.unwrap_or(ENROLLED_CERT_DAYS)
+    }
+}
+
 /// The hub's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -240,6 +263,7 @@ pub struct HubConfig {
     pub federation: FederationConfig,
     pub replication: ReplicationConfig,
     pub incidents: IncidentsConfig,
+    pub enrolment: EnrolmentConfig,
 }
 
 impl Default for HubConfig {
@@ -253,6 +277,7 @@ impl Default for HubConfig {
             federation: FederationConfig::default(),
             replication: ReplicationConfig::default(),
             incidents: IncidentsConfig::default(),
+            enrolment: EnrolmentConfig::default(),
         }
     }
 }
@@ -263,6 +288,13 @@ impl Validate for HubConfig {
     }
 
     fn validate(&self, p: &mut Problems<'_>) {
+        p.check(
+            self.enrolment
+                .cert_days
+                .is_none_or(|d| (1..=3650).contains(&d)),
+            "enrolment.cert_days",
+            "must be 1 to 3650 days",
+        );
         p.check(
             !self.api.token_required() || !self.api.tokens.is_empty(),
             "api.tokens",
@@ -377,6 +409,9 @@ impl trellis_node::cli::MemberConfig for HubConfig {
     fn resolve_paths(&mut self, base: &std::path::Path) {
         if self.store.path.is_relative() {
             self.store.path = base.join(&self.store.path);
+        }
+        if let Some(dir) = self.enrolment.ca_dir.as_mut().filter(|d| d.is_relative()) {
+            *dir = base.join(&*dir);
         }
     }
 }

@@ -843,19 +843,27 @@ async fn offer_config(conn: &quinn::Connection, c: &(Offer, SignedBundle)) -> Re
     }
 }
 
-/// Answers a relay's chunk requests (streams the relay opens on its
-/// uplink connection) until the connection ends.
-async fn serve_chunks(conn: quinn::Connection, store: Arc<trellis_node::patch::ChunkStore>) {
+/// Answers a relay's requests (streams the relay opens on its uplink
+/// connection: chunks, enrolments) until the connection ends.
+async fn serve_relay_requests(conn: quinn::Connection, relay: Identity, shared: Shared) {
     use trellis_relay::uplink::{RelayRequest, RelayResponse};
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let store = store.clone();
+        let store = shared.chunks.clone();
+        let (shared, relay) = (shared.clone(), relay.clone());
         tokio::spawn(async move {
             let request = tokio::time::timeout(
                 IO_TIMEOUT,
-                wire::read_msg::<RelayRequest>(&mut recv, UPLINK_VERSION, 1024),
+                wire::read_msg::<RelayRequest>(
+                    &mut recv,
+                    UPLINK_VERSION,
+                    trellis_node::enrol::MAX_ENROL_FRAME + 1024,
+                ),
             )
             .await;
             let response = match request {
+                Ok(Ok(Some(RelayRequest::Enrol(req)))) => {
+                    crate::enrolapi::enrol(&shared, &relay, req).await
+                }
                 Ok(Ok(Some(RelayRequest::Chunk(hash)))) => {
                     match tokio::task::spawn_blocking(move || store.get(&hash)).await {
                         Ok(Ok(Some(bytes))) => RelayResponse::Chunk(bytes),
@@ -976,6 +984,8 @@ pub(crate) struct Shared {
     pub incidents: watch::Receiver<crate::incidentdriver::IncidentList>,
     /// The revocations this hub enforces (its credentials' set).
     pub revocations: trellis_node::revocation::Revocations,
+    /// Whether and how this hub signs certificates for enrolments.
+    pub enrolment: crate::config::EnrolmentConfig,
 }
 
 /// Why a note was not recorded. Nothing was appended to the log.
@@ -1225,9 +1235,10 @@ async fn serve_relay_inner(
         peer.clone(),
         shared.rollout_head.clone(),
     )));
-    let _chunks = AbortOnDrop(tokio::spawn(serve_chunks(
+    let _requests = AbortOnDrop(tokio::spawn(serve_relay_requests(
         conn.clone(),
-        shared.chunks.clone(),
+        peer.clone(),
+        shared.clone(),
     )));
     loop {
         let first = tokio::select! {
@@ -1398,6 +1409,7 @@ impl Hub {
             rollout_head: rollout_head_rx,
             incidents: incidents_rx,
             revocations: creds.revocations().clone(),
+            enrolment: cfg.enrolment.clone(),
         };
         let (push_tx, push_rx) = mpsc::channel(1024);
         let (notes_tx, notes_rx) = mpsc::channel(NOTES_QUEUE);

@@ -40,6 +40,7 @@ pub mod config;
 pub mod core;
 pub mod dashboard;
 pub mod driver;
+pub mod enrolapi;
 pub mod federation;
 pub mod fleetmetrics;
 pub mod incidentdriver;

@@ -10,6 +10,12 @@ use trellis_relay::summary::SiteStatus;
 use crate::api::NodesReport;
 use trellis_relay::report::{FleetReport, SiteRow};
 
+/// A Unix time in milliseconds as RFC 3339, to the second (UTC).
+pub fn when_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
 /// Whether to colour output written to stdout: only on a terminal, and
 /// never when `NO_COLOR` is set.
 pub fn use_colour() -> bool {

@@ -13,6 +13,7 @@
 //! - [`tls`]: the mesh CA, issuing certificates, rustls/quinn configs.
 //! - [`authz`]: who may speak which protocol (ALPN) with whom; pure.
 //! - [`wire`]: the length-prefixed, versioned, size-limited frame codec.
+//! - [`enrol`]: join tokens, and a machine's enrolment through its relay.
 //! - [`endpoint`]: one QUIC endpoint per member; admits, authorises and
 //!   routes connections by protocol.
 //! - [`site`]: `SiteView`, `Health`: the seam between gossip and the rest.
@@ -56,6 +57,7 @@ pub mod config;
 pub mod desired;
 pub mod distribute;
 pub mod endpoint;
+pub mod enrol;
 pub mod gossip;
 pub mod gossip_codec;
 pub mod health;

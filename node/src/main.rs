@@ -66,6 +66,40 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Join the fleet with a join token: make this machine's key and a
+    /// certificate request here (the key never leaves the machine), send it
+    /// to the site's relay, and write the certificate and key where the
+    /// configuration's [identity] says.
+    ///
+    /// The configuration's `[identity] ca` must hold the mesh CA's
+    /// certificate (ca.crt, public; never ca.key). The relay must listen
+    /// for enrolments (`[enrol] listen` in relay.toml). The token comes
+    /// from `trellis token create --site SITE` and decides the site; the
+    /// relay forwards the request to a hub, or keeps it while its WAN link
+    /// is down, in which case this command waits (up to --wait) and can be
+    /// run again to go on waiting.
+    ///
+    ///   trellis-node enroll --config /etc/trellis/node.toml \
+    ///       --relay 10.1.0.2:7904 --token trellis-join-...
+    #[command(verbatim_doc_comment)]
+    Enroll {
+        /// Configuration file (TOML): where the CA certificate is read and
+        /// the certificate and key are written.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The relay's enrolment address (`[enrol] listen`), host:port.
+        #[arg(long)]
+        relay: String,
+        /// The join token.
+        #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// This machine's name in the fleet (default: its hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long to wait for the certificate, like 10m.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
     /// Switch this machine's agent to another build of trellis-node: what a
     /// self-upgrade patch's commands run.
     ///
@@ -129,6 +163,87 @@ fn main() -> ExitCode {
     match args.command {
         None => cli::member_main(args.member, Role::Node, NodeAgent::start),
         Some(Command::Upgrade { action }) => upgrade_command(action),
+        Some(Command::Enroll {
+            config,
+            relay,
+            token,
+            name,
+            wait,
+        }) => enroll_command(config, &relay, &token, name, wait),
+    }
+}
+
+fn enroll_command(
+    config: Option<PathBuf>,
+    relay: &str,
+    token: &str,
+    name: Option<String>,
+    wait: std::time::Duration,
+) -> ExitCode {
+    use trellis_node::config::Validate;
+    let usage = |e: &dyn std::fmt::Display| cli::fail(cli::EXIT_USAGE, e);
+    let mut loaded =
+        match trellis_node::config::load::<trellis_node::config::NodeConfig>(config.as_deref()) {
+            Ok(l) => l,
+            Err(e) => return usage(&e),
+        };
+    loaded.config.normalize();
+    let id = &loaded.config.identity;
+    let (Some(ca), Some(cert), Some(key)) = (&id.ca, &id.cert, &id.key) else {
+        return usage(&"[identity] needs ca, cert and key paths");
+    };
+    let (ca, cert, key) = (
+        loaded.resolve(ca),
+        loaded.resolve(cert),
+        loaded.resolve(key),
+    );
+    let relay = match std::net::ToSocketAddrs::to_socket_addrs(relay)
+        .ok()
+        .and_then(|mut a| a.next())
+    {
+        Some(a) => a,
+        None => {
+            return usage(&format!(
+                "--relay {relay}: not a host:port this machine can resolve"
+            ));
+        }
+    };
+    let name = match name
+        .or_else(|| sysinfo::System::host_name().ok())
+        .filter(|n| !n.is_empty())
+    {
+        Some(n) => n,
+        None => return usage(&"this machine has no hostname: give --name"),
+    };
+    trellis_node::tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    eprintln!("enrolling as {name} through the relay at {relay}");
+    let result = rt.block_on(trellis_node::enrol::enrol(
+        relay,
+        token,
+        &name,
+        &trellis_node::enrol::IdentityFiles {
+            ca,
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        wait,
+        |what| eprintln!("waiting: {what}"),
+    ));
+    match result {
+        Ok(done) => {
+            println!(
+                "enrolled: {}; certificate {}, key {}",
+                done.identity,
+                cert.display(),
+                key.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => cli::fail(cli::EXIT_FAILED, &e),
     }
 }
 

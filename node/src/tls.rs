@@ -167,24 +167,7 @@ impl MeshCa {
     pub fn issue(&self, identity: &Identity, days: u32) -> Result<IssuedCert, TlsError> {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate_for(KeyAlgorithm::for_role(identity.role).rcgen())?;
-        let mut params = CertificateParams::new(vec![MESH_SERVER_NAME.to_owned()])?;
-        params
-            .subject_alt_names
-            .push(SanType::URI(identity.to_uri().try_into()?));
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.name.clone());
-        dn.push(DnType::OrganizationName, "trellis");
-        dn.push(DnType::OrganizationalUnitName, identity.role.as_str());
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(days.into());
+        let params = member_params(identity, days)?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(IssuedCert {
             identity: identity.clone(),
@@ -192,6 +175,69 @@ impl MeshCa {
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Signs a member certificate for `identity`, valid for `days`, over
+    /// the public key of a certificate signing request (DER) made by the
+    /// member itself, whose key never leaves it. Only the key is taken from
+    /// the request: names, lifetime and usages are the CA's, as
+    /// [`MeshCa::issue`] sets them. The key must be of the kind the role
+    /// signs with. Returns the certificate (PEM).
+    pub fn sign_request(
+        &self,
+        csr_der: &[u8],
+        identity: &Identity,
+        days: u32,
+    ) -> Result<String, TlsError> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der)?;
+        let want = KeyAlgorithm::for_role(identity.role).rcgen();
+        if rcgen::PublicKeyData::algorithm(&csr.public_key) != want {
+            return Err(TlsError::Config(format!(
+                "the request's key is not of the kind a {} signs with ({want:?})",
+                identity.role
+            )));
+        }
+        csr.params = member_params(identity, days)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        Ok(csr.signed_by(&issuer)?.pem())
+    }
+}
+
+/// A new key for a member of `role` and a certificate signing request over
+/// it naming `name`: what a machine sends to enrol. Returns the key (PEM)
+/// and the request (DER).
+pub fn signing_request(role: Role, name: &str) -> Result<(String, Vec<u8>), TlsError> {
+    let key = KeyPair::generate_for(KeyAlgorithm::for_role(role).rcgen())?;
+    let mut params = CertificateParams::new(vec![MESH_SERVER_NAME.to_owned()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// What every member certificate says: the identity as a URI SAN, the mesh
+/// server name, the usages, and `days` of validity from an hour ago.
+fn member_params(identity: &Identity, days: u32) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(vec![MESH_SERVER_NAME.to_owned()])?;
+    params
+        .subject_alt_names
+        .push(SanType::URI(identity.to_uri().try_into()?));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.name.clone());
+    dn.push(DnType::OrganizationName, "trellis");
+    dn.push(DnType::OrganizationalUnitName, identity.role.as_str());
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days.into());
+    Ok(params)
 }
 
 /// The CA directory's record of the certificates it issued, one JSON
@@ -466,6 +512,54 @@ impl Credentials {
         config.transport_config(transport);
         Ok(config)
     }
+}
+
+impl Credentials {
+    /// A quinn server configuration for enrolment: clients present no
+    /// certificate (they have none yet), so it serves only the enrolment
+    /// protocol, on an endpoint of its own.
+    pub fn enrolment_server_config(
+        &self,
+        alpn: &[u8],
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport);
+        Ok(config)
+    }
+}
+
+/// A quinn client configuration for a machine that has only the mesh CA's
+/// certificate (`ca_pem`): it trusts servers of that CA and presents no
+/// certificate.
+pub fn enrolment_client_config(
+    ca_pem: &[u8],
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    let ca = CertificateDer::from_pem_slice(ca_pem)
+        .map_err(|e| TlsError::Config(format!("the CA certificate: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca)
+        .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
 impl Credentials {

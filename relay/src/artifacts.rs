@@ -259,6 +259,7 @@ impl ArtifactCache {
             Ok(Ok(Some(RelayResponse::Chunk(bytes)))) => Ok(bytes),
             Ok(Ok(Some(RelayResponse::NotHere))) => Err("the hub does not hold the chunk".into()),
             Ok(Ok(Some(RelayResponse::Error(e)))) => Err(e),
+            Ok(Ok(Some(other))) => Err(format!("unexpected answer to a chunk request: {other:?}")),
             Ok(Ok(None)) => Err("the hub closed the stream".into()),
         }
     }

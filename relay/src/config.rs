@@ -131,6 +131,15 @@ impl Default for BufferConfig {
     }
 }
 
+/// `[enrol]`: the endpoint machines without a certificate enrol on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrolConfig {
+    /// Where to listen (UDP, QUIC); off when unset. Only the enrolment
+    /// protocol is served there.
+    pub listen: Option<SocketAddr>,
+}
+
 /// `[api]`: the relay's local read API (the site, its nodes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -160,6 +169,7 @@ pub struct RelayConfig {
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
+    pub enrol: EnrolConfig,
     /// The relay's own checks; none by default.
     pub checks: Vec<CheckConfig>,
 }
@@ -175,6 +185,7 @@ impl Default for RelayConfig {
             health: HealthConfig::default(),
             metrics: MetricsConfig::with_listen(([127, 0, 0, 1], RELAY_METRICS_PORT).into()),
             retention: RetentionConfig::default(),
+            enrol: EnrolConfig::default(),
             checks: Vec::new(),
         }
     }

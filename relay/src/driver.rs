@@ -1357,6 +1357,25 @@ impl Relay {
         announce(&gossip, cached.as_ref().map(|c| c.0)).await;
         let (served_tx, served_rx) = watch::channel(cached.map(Arc::new));
         let (uplink_conn_tx, uplink_conn_rx) = watch::channel(None);
+        let enrol_addr = match cfg.enrol.listen {
+            Some(listen) => {
+                let queue = crate::enrolment::EnrolQueue::open(
+                    crate::enrolment::queue_dir(&cfg.buffer.path),
+                    uplink_conn_rx.clone(),
+                )
+                .map_err(StartError::Other)?;
+                Some(
+                    crate::enrolment::serve(
+                        listen,
+                        &trust,
+                        Arc::new(queue),
+                        shutdown.child_token(),
+                    )
+                    .map_err(StartError::Other)?,
+                )
+            }
+            None => None,
+        };
 
         let artifacts = Arc::new(
             ArtifactCache::open(
@@ -1552,6 +1571,7 @@ impl Relay {
             stream,
             api = %api_addr.map_or("off".to_owned(), |a| format!("http://{a}")),
             metrics = %metrics_addr.map_or("off".to_owned(), |a| a.to_string()),
+            enrol = %enrol_addr.map_or("off".to_owned(), |a| a.to_string()),
             "relay ready"
         );
         Ok(Relay {

@@ -30,6 +30,7 @@ pub mod configcache;
 pub mod core;
 pub mod departures;
 pub mod driver;
+pub mod enrolment;
 pub mod failover;
 pub mod pace;
 pub mod report;

@@ -44,6 +44,9 @@ use trellis_relay::driver::Relay;
 ///   [api]                        # the site, served locally (trellis status --relay)
 ///   listen = "127.0.0.1:7801"
 ///
+///   [enrol]                      # machines enrol here with a join token
+///   listen = "10.1.0.2:7904"     # (trellis-node enroll); off unless set
+///
 ///   [metrics]
 ///   listen = "127.0.0.1:7911"
 #[derive(Parser)]

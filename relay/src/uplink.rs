@@ -296,6 +296,9 @@ pub enum Request {
 pub enum RelayRequest {
     /// One chunk of a patch artifact, by BLAKE3.
     Chunk([u8; 32]),
+    /// A machine of the relay's site asks for a certificate with a join
+    /// token ([`trellis_node::enrol`]).
+    Enrol(trellis_node::enrol::EnrolRequest),
 }
 
 /// Hub → relay answer to a [`RelayRequest`].
@@ -306,6 +309,10 @@ pub enum RelayResponse {
     /// other).
     NotHere,
     Error(String),
+    /// The certificate an enrolment was given (PEM).
+    Issued(String),
+    /// An enrolment refused for good, and why.
+    Refused(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -48,6 +48,10 @@ use trellis_node::id::Role;
 ///   flap_window = "5m"           #   the node is flapping (one incident)
 ///   flap_quiet = "5m"            # quiet this long: the flapping resolves
 ///   keep_resolved = 1000
+///
+///   [enrolment]                  # sign certificates for join tokens
+///   ca_dir = "ca"                # the mesh CA (ca.crt, ca.key); unset: refuse
+///   cert_days = 365
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {

@@ -64,6 +64,9 @@ enum Command {
     /// Manage one node's place in the fleet.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Join tokens: how new machines enrol (`trellis-node enroll`).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Show the fleet: regions, sites, node counts, status.
     ///
     /// Sites are coloured by status: healthy, degraded (a node dead or
@@ -697,6 +700,44 @@ struct HubArg {
 }
 
 #[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token for one site (admin). A machine enrols with it
+    /// through that site's relay (`trellis-node enroll --relay ADDR --token
+    /// T`) and gets a node certificate for the site; the token is shown
+    /// once, only its hash is kept. Recorded in the audit log.
+    #[command(
+        after_help = "Examples:\n  trellis token create --region eu --site par-1\n  \
+                      trellis token create --region eu --site par-1 --uses 50 --ttl 24h"
+    )]
+    Create {
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        site: String,
+        /// How many machines may enrol with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it is valid (at most 30 days), like 1h or 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Who creates it, for the audit log (default: the API token's name).
+        #[arg(long = "as")]
+        author: Option<String>,
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List join tokens: site, uses, expiry (never their secrets).
+    List {
+        #[command(flatten)]
+        hub: HubArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum NodeCommand {
     /// Take a node out of the fleet for good: it leaves its site, its
     /// certificates are refused everywhere, and it disappears from the
@@ -1002,6 +1043,64 @@ fn main() -> ExitCode {
                 .await
         })),
         Command::Hubs { hub, json } => runtime().block_on(hubs(&hub.hub, json)),
+        Command::Token(TokenCommand::Create {
+            region,
+            site,
+            uses,
+            ttl,
+            author,
+            hub,
+            json,
+        }) => runtime().block_on(async {
+            let client = match ApiClient::new(&hub.hub) {
+                Ok(c) => c,
+                Err(e) => return client_error(e),
+            };
+            let request = trellis_hub::enrolapi::TokenRequest {
+                region,
+                site,
+                uses: Some(uses),
+                ttl: Some(ttl),
+                author,
+            };
+            answer(client.token_create(&request).await, json, |t, _| {
+                format!(
+                    "{}\n\njoin token {} for {}/{}: {} use(s), valid until {} (shown once; \
+                     give it to `trellis-node enroll --token`)\n",
+                    t.token,
+                    t.record.id,
+                    t.record.region,
+                    t.record.site,
+                    t.record.uses,
+                    render::when_ms(t.record.expires_ms)
+                )
+            })
+        }),
+        Command::Token(TokenCommand::List { hub, json }) => runtime().block_on(async {
+            let client = match ApiClient::new(&hub.hub) {
+                Ok(c) => c,
+                Err(e) => return client_error(e),
+            };
+            answer(client.tokens().await, json, |all, _| {
+                if all.is_empty() {
+                    return "no join tokens\n".to_owned();
+                }
+                let mut out = String::new();
+                for t in all {
+                    out.push_str(&format!(
+                        "{}  {}/{}  used {}/{}  until {}  by {}\n",
+                        t.id,
+                        t.region,
+                        t.site,
+                        t.used,
+                        t.uses,
+                        render::when_ms(t.expires_ms),
+                        t.created_by
+                    ));
+                }
+                out
+            })
+        }),
         Command::Versions { hub, json } => runtime().block_on(async {
             let client = match ApiClient::new(&hub.hub) {
                 Ok(c) => c,

@@ -1,0 +1,401 @@
+//! Enrolment: a machine with no certificate joins the fleet with a join
+//! token. It makes its key and a certificate signing request locally (the
+//! key never leaves it), sends the request with the token to its site's
+//! relay on the relay's enrolment endpoint (`trellis-enrol/1`, the only
+//! protocol served to clients without a certificate), and the relay
+//! forwards it to a hub over its uplink, or keeps it on disk while its WAN
+//! link is down and forwards it when the link returns. The hub checks the
+//! token (the relay's site, uses left, expiry) and signs a certificate for
+//! that site.
+//!
+//! This module holds what the three tiers share: the token's format and
+//! record, the request and its answers, and the machine's side.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::Role;
+
+/// The enrolment protocol.
+pub const ENROL_ALPN: &[u8] = b"trellis-enrol/1";
+/// Version byte of enrolment frames.
+pub const ENROL_VERSION: u8 = 1;
+/// Largest enrolment frame: a request (token, name, CSR) or an answer
+/// (a certificate).
+pub const MAX_ENROL_FRAME: usize = 16 * 1024;
+/// What every join token starts with.
+pub const TOKEN_PREFIX: &str = "trellis-join-";
+
+/// A machine's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    /// The whole join token.
+    pub token: String,
+    /// The name the machine asks for (its hostname by default).
+    pub name: String,
+    /// A certificate signing request over the machine's new key (DER).
+    pub csr: Vec<u8>,
+}
+
+impl EnrolRequest {
+    /// Names the request: the same request sent again is the same one.
+    pub fn id(&self) -> String {
+        let bytes = postcard::to_stdvec(self).expect("requests serialise");
+        blake3::hash(&bytes).to_hex()[..32].to_owned()
+    }
+}
+
+/// The answer to an [`EnrolRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrolResponse {
+    /// The certificate (PEM), signed by the mesh CA.
+    Issued { cert_pem: String },
+    /// Kept by the relay; ask again later with the same request.
+    Pending { why: String, retry_after_s: u32 },
+    /// Refused for good; the reason says what to do.
+    Refused { reason: String },
+}
+
+/// A join token split into its id (public: names the token in the log and
+/// the audit trail) and its secret (only its BLAKE3 is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret: String,
+}
+
+impl JoinToken {
+    /// A new random token.
+    pub fn generate() -> JoinToken {
+        use ring::rand::SecureRandom;
+        let rng = ring::rand::SystemRandom::new();
+        let mut id = [0u8; 8];
+        let mut secret = [0u8; 32];
+        rng.fill(&mut id).expect("the system's random numbers");
+        rng.fill(&mut secret).expect("the system's random numbers");
+        JoinToken {
+            id: crate::apply::hex(&id),
+            secret: crate::apply::hex(&secret),
+        }
+    }
+
+    /// Reads `trellis-join-ID.SECRET`.
+    pub fn parse(s: &str) -> Result<JoinToken, String> {
+        let bad = || {
+            format!(
+                "not a join token: expected {TOKEN_PREFIX}<16 hex>.<64 hex> (from `trellis token create`)"
+            )
+        };
+        let rest = s.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
+        let (id, secret) = rest.split_once('.').ok_or_else(bad)?;
+        let hex = |v: &str, n: usize| v.len() == n && v.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(id, 16) || !hex(secret, 64) {
+            return Err(bad());
+        }
+        Ok(JoinToken {
+            id: id.to_ascii_lowercase(),
+            secret: secret.to_ascii_lowercase(),
+        })
+    }
+
+    /// BLAKE3 of the secret, hex: what the hubs keep.
+    pub fn secret_hash(&self) -> String {
+        blake3::hash(self.secret.as_bytes()).to_hex().to_string()
+    }
+
+    /// Whether `hash` is this token's [`JoinToken::secret_hash`], compared
+    /// in constant time.
+    pub fn matches(&self, hash: &str) -> bool {
+        let mine = self.secret_hash();
+        mine.len() == hash.len()
+            && mine
+                .bytes()
+                .zip(hash.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{TOKEN_PREFIX}{}.{}", self.id, self.secret)
+    }
+}
+
+/// A join token as the hubs keep it (in the replicated log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    /// [`JoinToken::secret_hash`].
+    pub secret_blake3: String,
+    pub region: String,
+    pub site: String,
+    pub role: Role,
+    /// How many machines may enrol with it.
+    pub uses: u32,
+    /// Unix milliseconds after which it is refused.
+    pub expires_ms: u64,
+    pub created_ms: u64,
+    pub created_by: String,
+}
+
+/// Why a token does not admit a request from a relay of `region`/`site`
+/// at `now_ms` after `used` enrolments, or nothing if it does.
+pub fn check_token(
+    record: &TokenRecord,
+    region: &str,
+    site: &str,
+    used: u32,
+    now_ms: u64,
+) -> Result<(), String> {
+    if record.region != region || record.site != site {
+        return Err(format!(
+            "this token is for site {}/{}, not {region}/{site}: use a token created for this site",
+            record.region, record.site
+        ));
+    }
+    if now_ms >= record.expires_ms {
+        return Err(format!(
+            "this token expired {} s ago: create a new one with `trellis token create`",
+            (now_ms - record.expires_ms) / 1000
+        ));
+    }
+    if used >= record.uses {
+        return Err(format!(
+            "this token was used up ({} of {} uses): create a new one with `trellis token create`",
+            used, record.uses
+        ));
+    }
+    Ok(())
+}
+
+/// Sends `request` to the relay at `relay` once, trusting servers of the
+/// CA in `ca_pem`, and returns its answer.
+pub async fn ask_relay(
+    relay: SocketAddr,
+    ca_pem: &[u8],
+    request: &EnrolRequest,
+) -> Result<EnrolResponse, String> {
+    let config =
+        crate::tls::enrolment_client_config(ca_pem, ENROL_ALPN).map_err(|e| e.to_string())?;
+    let bind: SocketAddr = if relay.is_ipv4() {
+        "0.0.0.0:0".parse().expect("address")
+    } else {
+        "[::]:0".parse().expect("address")
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("cannot bind: {e}"))?;
+    endpoint.set_default_client_config(config);
+    let ask = async {
+        let conn = endpoint
+            .connect(relay, crate::tls::MESH_SERVER_NAME)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("cannot reach the relay at {relay}: {e}"))?;
+        let who = crate::tls::peer_identity(&conn).map_err(|e| e.to_string())?;
+        if who.role != Role::Relay {
+            return Err(format!("{relay} is {who}, not a relay"));
+        }
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        crate::wire::write_msg(&mut send, ENROL_VERSION, request, MAX_ENROL_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let answer =
+            crate::wire::read_msg::<EnrolResponse>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the relay closed the stream without answering")?;
+        conn.close(0u32.into(), b"done");
+        Ok(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(20), ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from the relay at {relay} within 20 s")));
+    endpoint.wait_idle().await;
+    answer
+}
+
+/// Where a machine's identity lives: the mesh CA's certificate (read),
+/// and its own certificate and key (written by [`enrol`]).
+#[derive(Debug, Clone)]
+pub struct IdentityFiles {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// What [`enrol`] wrote.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub identity: crate::id::Identity,
+}
+
+/// Enrols this machine: a new key and a request naming `name`, sent to
+/// `relay` until it is answered for good or `wait` is over (`progress`
+/// hears every pending answer). Writes the key (0600) and the certificate
+/// atomically where the configuration says; refuses to overwrite an
+/// existing certificate.
+pub async fn enrol(
+    relay: SocketAddr,
+    token: &str,
+    name: &str,
+    files: &IdentityFiles,
+    wait: Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Enrolled, String> {
+    let (ca_path, cert_path, key_path) = (&files.ca, &files.cert, &files.key);
+    JoinToken::parse(token)?;
+    crate::id::validate_name("name", name).map_err(|e| format!("--name {name}: {e}"))?;
+    if cert_path.exists() {
+        return Err(format!(
+            "{} already exists: this machine is enrolled (remove it to enrol again)",
+            cert_path.display()
+        ));
+    }
+    let ca_pem = std::fs::read(ca_path).map_err(|e| {
+        format!(
+            "cannot read the mesh CA's certificate {}: {e} (copy ca.crt from the CA, never ca.key)",
+            ca_path.display()
+        )
+    })?;
+    let (key_pem, csr) =
+        crate::tls::signing_request(Role::Node, name).map_err(|e| e.to_string())?;
+    let request = EnrolRequest {
+        token: token.trim().to_owned(),
+        name: name.to_owned(),
+        csr,
+    };
+    let started = Instant::now();
+    let cert_pem = loop {
+        let answer = ask_relay(relay, &ca_pem, &request).await;
+        let retry = match answer {
+            Ok(EnrolResponse::Issued { cert_pem }) => break cert_pem,
+            Ok(EnrolResponse::Refused { reason }) => {
+                return Err(format!("enrolment refused: {reason}"));
+            }
+            Ok(EnrolResponse::Pending { why, retry_after_s }) => {
+                progress(&format!("pending: {why}"));
+                Duration::from_secs(retry_after_s.clamp(1, 60).into())
+            }
+            Err(e) => {
+                progress(&e);
+                Duration::from_secs(2)
+            }
+        };
+        if started.elapsed() + retry > wait {
+            return Err(format!(
+                "not enrolled after {} s; run the same command again to go on waiting (the relay keeps the request)",
+                wait.as_secs()
+            ));
+        }
+        tokio::time::sleep(retry).await;
+    };
+    let identity = crate::tls::identity_of_pem(&cert_pem).map_err(|e| e.to_string())?;
+    if identity.name != name || identity.role != Role::Node {
+        return Err(format!(
+            "the certificate issued names {identity}, not node {name}"
+        ));
+    }
+    crate::apply::write_atomic(key_path, key_pem.as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+    crate::apply::write_atomic(cert_path, cert_pem.as_bytes(), 0o644)
+        .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+    Ok(Enrolled { identity })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_reads_back_and_its_secret_is_matched_by_its_hash_only() {
+        let t = JoinToken::generate();
+        let text = t.to_string();
+        assert!(text.starts_with(TOKEN_PREFIX));
+        let back = JoinToken::parse(&format!(" {text}\n")).unwrap();
+        assert_eq!(back, t);
+        assert!(back.matches(&t.secret_hash()));
+        let other = JoinToken::generate();
+        assert!(!back.matches(&other.secret_hash()));
+        for bad in [
+            "",
+            "trellis-join-",
+            "trellis-join-abc.def",
+            "join-0123456789abcdef.00",
+        ] {
+            assert!(
+                JoinToken::parse(bad)
+                    .unwrap_err()
+                    .contains("not a join token"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_admits_only_its_site_before_expiry_and_within_its_uses() {
+        let r = TokenRecord {
+            id: "0123456789abcdef".into(),
+            secret_blake3: String::new(),
+            region: "eu".into(),
+            site: "par".into(),
+            role: Role::Node,
+            uses: 2,
+            expires_ms: 10_000,
+            created_ms: 0,
+            created_by: "alice".into(),
+        };
+        assert_eq!(check_token(&r, "eu", "par", 1, 9_999), Ok(()));
+        assert!(
+            check_token(&r, "eu", "ber", 0, 0)
+                .unwrap_err()
+                .contains("for site eu/par, not eu/ber")
+        );
+        assert!(
+            check_token(&r, "eu", "par", 0, 12_000)
+                .unwrap_err()
+                .contains("expired 2 s ago")
+        );
+        assert!(
+            check_token(&r, "eu", "par", 2, 0)
+                .unwrap_err()
+                .contains("used up (2 of 2 uses)")
+        );
+    }
+
+    #[test]
+    fn the_ca_signs_a_request_for_the_key_in_it_with_its_own_names() {
+        use crate::id::Identity;
+        let ca = crate::tls::MeshCa::generate("t").unwrap();
+        let (key_pem, csr) = crate::tls::signing_request(Role::Node, "web-01").unwrap();
+        let id = Identity::new(Role::Node, "eu", "par", "web-01").unwrap();
+        let cert = ca.sign_request(&csr, &id, 30).unwrap();
+        assert_eq!(crate::tls::identity_of_pem(&cert).unwrap(), id);
+        // The key and the certificate make working credentials.
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k, a) = (
+            dir.path().join("c"),
+            dir.path().join("k"),
+            dir.path().join("a"),
+        );
+        std::fs::write(&c, &cert).unwrap();
+        std::fs::write(&k, &key_pem).unwrap();
+        std::fs::write(&a, ca.cert_pem()).unwrap();
+        let creds = crate::tls::Credentials::load(&a, &c, &k).unwrap();
+        assert_eq!(creds.identity, id);
+        // A damaged request, or a key of the wrong kind, is refused.
+        let mut bad = csr.clone();
+        let n = bad.len();
+        bad[n - 5] ^= 1;
+        assert!(ca.sign_request(&bad, &id, 30).is_err());
+        let (_, op) = crate::tls::signing_request(Role::Operator, "alice").unwrap();
+        assert!(
+            ca.sign_request(&op, &id, 30)
+                .unwrap_err()
+                .to_string()
+                .contains("not of the kind")
+        );
+    }
+}
