@@ -864,6 +864,9 @@ async fn serve_relay_requests(conn: quinn::Connection, relay: Identity, shared: 
                 Ok(Ok(Some(RelayRequest::Enrol(req)))) => {
                     crate::enrolapi::enrol(&shared, &relay, req).await
                 }
+                Ok(Ok(Some(RelayRequest::Renew { name, csr }))) => {
+                    crate::enrolapi::renew(&shared, &relay, &name, &csr).await
+                }
                 Ok(Ok(Some(RelayRequest::Chunk(hash)))) => {
                     match tokio::task::spawn_blocking(move || store.get(&hash)).await {
                         Ok(Ok(Some(bytes))) => RelayResponse::Chunk(bytes),

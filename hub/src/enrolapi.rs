@@ -298,3 +298,59 @@ pub(crate) async fn enrol(shared: &Shared, relay: &Identity, req: EnrolRequest) 
         Err(e) => RelayResponse::Error(format!("the enrolment was not recorded: {e}")),
     }
 }
+
+/// Answers a renewal the relay `relay` forwarded for its node `name`,
+/// which presented its current certificate to the relay (checked there
+/// against the CA and the revocation list): a new certificate for the same
+/// identity over the request's key, unless the node was decommissioned.
+/// Recorded as a `node.renewed` note.
+pub(crate) async fn renew(
+    shared: &Shared,
+    relay: &Identity,
+    name: &str,
+    csr: &[u8],
+) -> RelayResponse {
+    let Some(ca_dir) = shared.enrolment.ca_dir.as_ref() else {
+        return RelayResponse::Error(
+            "this hub cannot sign certificates ([enrolment] ca_dir is not set)".into(),
+        );
+    };
+    let Some(peering) = shared.peering.get() else {
+        return RelayResponse::Error("the hub is starting".into());
+    };
+    let identity = match Identity::new(Role::Node, &relay.region, &relay.site, name) {
+        Ok(i) => i,
+        Err(e) => return RelayResponse::Refused(format!("name {name:?}: {e}")),
+    };
+    let uri = identity.to_uri();
+    if shared
+        .revocations
+        .current()
+        .decommissioned()
+        .any(|d| d == uri)
+    {
+        return RelayResponse::Refused(format!("{identity} was decommissioned: not renewed"));
+    }
+    let ca = match trellis_node::tls::MeshCa::load(ca_dir) {
+        Ok(ca) => ca,
+        Err(e) => return RelayResponse::Error(format!("cannot load the mesh CA: {e}")),
+    };
+    let cert_pem = match ca.sign_request(csr, &identity, shared.enrolment.cert_days()) {
+        Ok(c) => c,
+        Err(e) => {
+            return RelayResponse::Refused(format!("the certificate request is unusable: {e}"));
+        }
+    };
+    let op = Op::Note {
+        kind: "node.renewed".into(),
+        subject: uri.clone(),
+        detail: format!("through relay {}", relay.name),
+    };
+    match crate::peering::write(shared, peering, format!("relay:{}", relay.name), op).await {
+        Ok(_) => {
+            tracing::info!(identity = %uri, relay = %relay, "certificate renewed");
+            RelayResponse::Issued(cert_pem)
+        }
+        Err(e) => RelayResponse::Error(format!("the renewal was not recorded: {e}")),
+    }
+}

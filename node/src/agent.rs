@@ -519,6 +519,71 @@ async fn follow_revocations(
     }
 }
 
+/// Renews the node's certificate through a relay of its site that serves
+/// enrolment (found in gossip, [`crate::enrol::GOSSIP_KEY`]) once it
+/// expires within `renew_before`, then stops the agent (`shutdown`, its
+/// root token) so that it starts again on the new certificate; looks every
+/// `check_every` (first after 5 s at most).
+async fn renew_certificate(
+    gossip: Arc<Gossip>,
+    creds: Credentials,
+    files: crate::enrol::IdentityFiles,
+    cfg: crate::config::RenewalConfig,
+    shutdown: CancellationToken,
+) {
+    let expires = match crate::enrol::not_after(creds.cert_der()) {
+        Ok(t) => t,
+        Err(error) => {
+            warn!(%error, "cannot read this node's certificate expiry; it will not be renewed");
+            return;
+        }
+    };
+    let mut wait = cfg.check_every.min(Duration::from_secs(5));
+    let mut told = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = cfg.check_every;
+        let left = expires - (crate::clock::unix_ms() / 1000) as i64;
+        if left > cfg.renew_before.as_secs() as i64 {
+            continue;
+        }
+        let relays: Vec<SocketAddr> = gossip
+            .values(crate::enrol::GOSSIP_KEY)
+            .await
+            .iter()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if relays.is_empty() && !told {
+            warn!(
+                expires_in_s = left,
+                "this node's certificate expires soon and no relay of its site serves renewal ([enrol] listen)"
+            );
+            told = true;
+        }
+        for relay in relays {
+            match crate::enrol::renew(relay, &creds, &files).await {
+                Ok(until) => {
+                    if crate::upgrade::restart_allowed() {
+                        info!(until, %relay, "certificate renewed; starting again on it");
+                        crate::upgrade::request_reexec();
+                        shutdown.cancel();
+                    } else {
+                        info!(until, %relay, "certificate renewed; it is used from the agent's next start");
+                    }
+                    return;
+                }
+                Err(error) => {
+                    warn!(%relay, %error, expires_in_s = left, "certificate not renewed; will try again")
+                }
+            }
+        }
+    }
+}
+
 /// How often a node looks for a newer configuration offer in gossip.
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait between fetches after failures.
@@ -777,6 +842,17 @@ impl NodeAgent {
             member.gossip.clone(),
             trust.clone(),
             kept_revocations,
+            shutdown.clone(),
+        ));
+        tokio::spawn(renew_certificate(
+            member.gossip.clone(),
+            trust.clone(),
+            crate::enrol::IdentityFiles {
+                ca: cfg.identity.ca.clone().unwrap_or_default(),
+                cert: cfg.identity.cert.clone().unwrap_or_default(),
+                key: cfg.identity.key.clone().unwrap_or_default(),
+            },
+            cfg.renewal.clone(),
             shutdown.clone(),
         ));
         let config_metrics = ConfigMetrics::register(&mut registry);

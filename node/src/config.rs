@@ -624,6 +624,28 @@ impl Validate for ApplyConfig {
 /// Where a node keeps patches when the configuration does not say.
 pub const DEFAULT_PATCH_DIR: &str = "/var/lib/trellis/patches";
 
+/// `[renewal]`: renewing the node's certificate before it expires, through
+/// its relay's enrolment endpoint ([`crate::enrol`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RenewalConfig {
+    /// Renew once the certificate expires within this long.
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+    /// How often the certificate's expiry is looked at.
+    #[serde(with = "humantime_serde")]
+    pub check_every: Duration,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        RenewalConfig {
+            renew_before: Duration::from_secs(30 * 86400),
+            check_every: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// `[patch]`: how the node installs the patches its relay orders.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -673,6 +695,7 @@ pub struct NodeConfig {
     pub metrics: MetricsConfig,
     pub config: ApplyConfig,
     pub patch: PatchConfig,
+    pub renewal: RenewalConfig,
     pub checks: Vec<CheckConfig>,
 }
 
@@ -691,6 +714,7 @@ impl Default for NodeConfig {
             metrics: MetricsConfig::with_listen(([127, 0, 0, 1], NODE_METRICS_PORT).into()),
             config: ApplyConfig::default(),
             patch: PatchConfig::default(),
+            renewal: RenewalConfig::default(),
             checks: Vec::new(),
         }
     }
@@ -710,6 +734,11 @@ impl Validate for NodeConfig {
         self.health.validate(p);
         self.config.validate(p);
         self.patch.validate(p);
+        p.check(
+            self.renewal.check_every >= Duration::from_secs(1),
+            "renewal.check_every",
+            "must be at least 1s",
+        );
         validate_checks(&self.checks, p);
     }
 }
@@ -728,6 +757,16 @@ impl crate::cli::MemberConfig for NodeConfig {
         }
         if self.patch.dir.is_relative() {
             self.patch.dir = base.join(&self.patch.dir);
+        }
+        // The agent rewrites its certificate and key when it renews them.
+        for p in [
+            &mut self.identity.ca,
+            &mut self.identity.cert,
+            &mut self.identity.key,
+        ] {
+            if let Some(path) = p.as_mut().filter(|x| x.is_relative()) {
+                *path = base.join(&*path);
+            }
         }
     }
 

@@ -12,8 +12,10 @@
 //! record, the request and its answers, and the machine's side.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 use crate::id::Role;
@@ -27,6 +29,20 @@ pub const ENROL_VERSION: u8 = 1;
 pub const MAX_ENROL_FRAME: usize = 16 * 1024;
 /// What every join token starts with.
 pub const TOKEN_PREFIX: &str = "trellis-join-";
+/// The gossip key under which a relay publishes its enrolment address, so
+/// that its nodes find where to renew their certificates.
+pub const GOSSIP_KEY: &str = "enrol";
+
+/// What a machine asks a relay's enrolment endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrolAsk {
+    /// A first certificate, with a join token.
+    Enrol(EnrolRequest),
+    /// A new certificate for the identity of the (still valid, unrevoked)
+    /// certificate the machine presents on the connection, over a new key:
+    /// `csr` is a signing request over that key (DER).
+    Renew { csr: Vec<u8> },
+}
 
 /// A machine's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,15 +187,15 @@ pub fn check_token(
     Ok(())
 }
 
-/// Sends `request` to the relay at `relay` once, trusting servers of the
-/// CA in `ca_pem`, and returns its answer.
+/// Sends `ask` to the relay at `relay` once with `config` (trusting the
+/// mesh CA; presenting the machine's certificate for a renewal) and
+/// returns its answer.
 pub async fn ask_relay(
     relay: SocketAddr,
-    ca_pem: &[u8],
-    request: &EnrolRequest,
+    config: quinn::ClientConfig,
+    ask: &EnrolAsk,
 ) -> Result<EnrolResponse, String> {
-    let config =
-        crate::tls::enrolment_client_config(ca_pem, ENROL_ALPN).map_err(|e| e.to_string())?;
+    let request = ask;
     let bind: SocketAddr = if relay.is_ipv4() {
         "0.0.0.0:0".parse().expect("address")
     } else {
@@ -262,14 +278,16 @@ pub async fn enrol(
     })?;
     let (key_pem, csr) =
         crate::tls::signing_request(Role::Node, name).map_err(|e| e.to_string())?;
-    let request = EnrolRequest {
+    let request = EnrolAsk::Enrol(EnrolRequest {
         token: token.trim().to_owned(),
         name: name.to_owned(),
         csr,
-    };
+    });
+    let config =
+        crate::tls::enrolment_client_config(&ca_pem, ENROL_ALPN).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let cert_pem = loop {
-        let answer = ask_relay(relay, &ca_pem, &request).await;
+        let answer = ask_relay(relay, config.clone(), &request).await;
         let retry = match answer {
             Ok(EnrolResponse::Issued { cert_pem }) => break cert_pem,
             Ok(EnrolResponse::Refused { reason }) => {
@@ -303,6 +321,64 @@ pub async fn enrol(
     crate::apply::write_atomic(cert_path, cert_pem.as_bytes(), 0o644)
         .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
     Ok(Enrolled { identity })
+}
+
+/// When the certificate (DER) expires, in Unix seconds.
+pub fn not_after(cert_der: &[u8]) -> Result<i64, String> {
+    use x509_parser::prelude::*;
+    let (_, x509) = X509Certificate::from_der(cert_der).map_err(|e| e.to_string())?;
+    Ok(x509.validity().not_after.timestamp())
+}
+
+/// When the certificate (PEM) expires, in Unix seconds.
+pub fn not_after_pem(cert_pem: &str) -> Result<i64, String> {
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| e.to_string())?;
+    not_after(&der)
+}
+
+/// Renews this member's certificate through the relay at `relay`: a new
+/// key and a request naming the same member, sent over a connection that
+/// presents the current certificate. The new key and certificate are
+/// written beside the old ones and then renamed over them (key first).
+/// Returns the new certificate's expiry (Unix seconds).
+pub async fn renew(
+    relay: SocketAddr,
+    creds: &crate::tls::Credentials,
+    files: &IdentityFiles,
+) -> Result<i64, String> {
+    let me = &creds.identity;
+    let (key_pem, csr) =
+        crate::tls::signing_request(me.role, &me.name).map_err(|e| e.to_string())?;
+    let config = creds
+        .client_config(
+            &[ENROL_ALPN.to_vec()],
+            Arc::new(quinn::TransportConfig::default()),
+        )
+        .map_err(|e| e.to_string())?;
+    let cert_pem = match ask_relay(relay, config, &EnrolAsk::Renew { csr }).await? {
+        EnrolResponse::Issued { cert_pem } => cert_pem,
+        EnrolResponse::Refused { reason } => return Err(format!("renewal refused: {reason}")),
+        EnrolResponse::Pending { why, .. } => return Err(format!("not renewed yet: {why}")),
+    };
+    let identity = crate::tls::identity_of_pem(&cert_pem).map_err(|e| e.to_string())?;
+    if &identity != me {
+        return Err(format!("the certificate issued names {identity}, not {me}"));
+    }
+    let expires = not_after_pem(&cert_pem)?;
+    let next = |p: &std::path::Path| {
+        let mut s = p.as_os_str().to_owned();
+        s.push(".next");
+        std::path::PathBuf::from(s)
+    };
+    crate::apply::write_atomic(&next(&files.key), key_pem.as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", files.key.display()))?;
+    crate::apply::write_atomic(&next(&files.cert), cert_pem.as_bytes(), 0o644)
+        .map_err(|e| format!("cannot write {}: {e}", files.cert.display()))?;
+    for p in [&files.key, &files.cert] {
+        std::fs::rename(next(p), p).map_err(|e| format!("cannot replace {}: {e}", p.display()))?;
+    }
+    Ok(expires)
 }
 
 #[cfg(test)]

@@ -42,6 +42,10 @@ use trellis_node::upgrade;
 ///   drift = "heal"             # or "report": log and count, leave the file
 ///   reload_timeout = "30s"     # a reload command running longer is killed
 ///
+///   [renewal]                  # the certificate, renewed through the relay
+///   renew_before = "30d"       # once it expires within this long
+///   check_every = "1h"
+///
 ///   [patch]                    # patches the site's relay orders
 ///   dir = "/var/lib/trellis/patches"  # last run, artifacts; commands run here
 ///   command_timeout = "10m"    # an install/rollback command running longer fails

@@ -515,18 +515,24 @@ impl Credentials {
 }
 
 impl Credentials {
-    /// A quinn server configuration for enrolment: clients present no
-    /// certificate (they have none yet), so it serves only the enrolment
-    /// protocol, on an endpoint of its own.
+    /// A quinn server configuration for enrolment: a client may present no
+    /// certificate (a machine has none yet), or one of the mesh CA (a
+    /// member renewing its own), so it serves only the enrolment protocol,
+    /// on an endpoint of its own.
     pub fn enrolment_server_config(
         &self,
         alpn: &[u8],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = vec![alpn.to_vec()];

@@ -535,20 +535,36 @@ pub fn request_restart(patch_dir: &Path) {
     *RESTART.lock().unwrap_or_else(|p| p.into_inner()) = Some(patch_dir.to_owned());
 }
 
+static REEXEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks the process to replace itself with its own binary once the agent
+/// has stopped: to start again on renewed credentials.
+pub fn request_reexec() {
+    REEXEC.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// After the agent stopped: if a restart was asked for, replaces the
-/// process with the selected build ([`launch`]). Returns whether a restart
-/// was asked for and did not happen (the build could not be started and
-/// was given up), in which case the process should exit with a failure so
-/// that its service manager starts it again.
+/// process with the selected build ([`launch`]), or with itself. Returns
+/// whether a restart was asked for and did not happen (the build could not
+/// be started and was given up), in which case the process should exit
+/// with a failure so that its service manager starts it again.
 pub fn restart_if_requested() -> bool {
     let asked = RESTART.lock().unwrap_or_else(|p| p.into_inner()).take();
-    match asked {
-        Some(patch_dir) => {
-            launch(&patch_dir);
-            true
-        }
-        None => false,
+    if let Some(patch_dir) = asked {
+        launch(&patch_dir);
+        return true;
     }
+    if REEXEC.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        match std::env::current_exe() {
+            Ok(exe) => {
+                let e = exec(&exe);
+                error!(error = %e, "cannot start again");
+            }
+            Err(e) => error!(error = %e, "cannot tell which binary runs"),
+        }
+        return true;
+    }
+    false
 }
 
 /// Whether the selected build is another binary than `running`.

@@ -1364,10 +1364,12 @@ impl Relay {
                     uplink_conn_rx.clone(),
                 )
                 .map_err(StartError::Other)?;
+                let site = (identity.region.clone(), identity.site.clone());
                 Some(
                     crate::enrolment::serve(
                         listen,
                         &trust,
+                        site,
                         Arc::new(queue),
                         shutdown.child_token(),
                     )
@@ -1376,6 +1378,19 @@ impl Relay {
             }
             None => None,
         };
+        if let Some(mut addr) = enrol_addr {
+            // Where the site's nodes renew their certificates (at the
+            // address they reach the relay's gossip on, if bound to all).
+            if addr.ip().is_unspecified() {
+                addr.set_ip(gossip.advertise_addr().ip());
+            }
+            gossip
+                .set(
+                    vec![(trellis_node::enrol::GOSSIP_KEY.to_owned(), addr.to_string())],
+                    trellis_node::enrol::GOSSIP_KEY,
+                )
+                .await;
+        }
 
         let artifacts = Arc::new(
             ArtifactCache::open(

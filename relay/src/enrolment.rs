@@ -20,8 +20,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use trellis_node::enrol::{
-    ENROL_ALPN, ENROL_VERSION, EnrolRequest, EnrolResponse, MAX_ENROL_FRAME,
+    ENROL_ALPN, ENROL_VERSION, EnrolAsk, EnrolRequest, EnrolResponse, MAX_ENROL_FRAME,
 };
+use trellis_node::id::{Identity, Role};
 use trellis_node::tls::Credentials;
 use trellis_node::wire;
 
@@ -162,8 +163,29 @@ impl EnrolQueue {
         }
     }
 
+    /// A renewal for `member` (the certificate it presented was checked):
+    /// asked of the hub now, not kept (the member asks again at its next
+    /// look).
+    pub async fn renew(&self, member: &Identity, csr: Vec<u8>) -> EnrolResponse {
+        let ask = RelayRequest::Renew {
+            name: member.name.clone(),
+            csr,
+        };
+        match self.ask_hub(&ask).await {
+            Ok(answer) => answer,
+            Err(why) => EnrolResponse::Pending {
+                why,
+                retry_after_s: 60,
+            },
+        }
+    }
+
     /// Asks the hub; `Err` says why there is no final answer yet.
     async fn forward(&self, req: &EnrolRequest) -> Result<EnrolResponse, String> {
+        self.ask_hub(&RelayRequest::Enrol(req.clone())).await
+    }
+
+    async fn ask_hub(&self, request: &RelayRequest) -> Result<EnrolResponse, String> {
         let Some(conn) = self.uplink.borrow().clone() else {
             return Err(
                 "the site's link to the hubs is down; the relay keeps the request and sends it \
@@ -173,14 +195,9 @@ impl EnrolQueue {
         };
         let ask = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            wire::write_msg(
-                &mut send,
-                UPLINK_VERSION,
-                &RelayRequest::Enrol(req.clone()),
-                MAX_UPLINK_FRAME,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            wire::write_msg(&mut send, UPLINK_VERSION, request, MAX_UPLINK_FRAME)
+                .await
+                .map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
             wire::read_msg::<RelayResponse>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
                 .await
@@ -225,6 +242,7 @@ impl EnrolQueue {
 pub fn serve(
     listen: std::net::SocketAddr,
     creds: &Credentials,
+    site: (String, String),
     queue: Arc<EnrolQueue>,
     shutdown: CancellationToken,
 ) -> Result<std::net::SocketAddr, String> {
@@ -241,6 +259,7 @@ pub fn serve(
     let endpoint = quinn::Endpoint::server(config, listen)
         .map_err(|e| format!("cannot listen for enrolments on {listen}: {e}"))?;
     let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let creds = creds.clone();
     let drain_queue = queue.clone();
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -267,9 +286,10 @@ pub fn serve(
                 continue;
             };
             let queue = queue.clone();
+            let (creds, site) = (creds.clone(), site.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = answer_one(incoming, &queue).await {
+                if let Err(e) = answer_one(incoming, &queue, &creds, &site).await {
                     warn!(error = %e, "enrolment connection ended");
                 }
             });
@@ -279,7 +299,12 @@ pub fn serve(
     Ok(addr)
 }
 
-async fn answer_one(incoming: quinn::Incoming, queue: &EnrolQueue) -> Result<(), String> {
+async fn answer_one(
+    incoming: quinn::Incoming,
+    queue: &EnrolQueue,
+    creds: &Credentials,
+    site: &(String, String),
+) -> Result<(), String> {
     let within = |what: &'static str| move |_| format!("{what} took longer than {IO_TIMEOUT:?}");
     let conn = tokio::time::timeout(IO_TIMEOUT, incoming)
         .await
@@ -291,12 +316,16 @@ async fn answer_one(incoming: quinn::Incoming, queue: &EnrolQueue) -> Result<(),
         .map_err(|e| e.to_string())?;
     let req = tokio::time::timeout(
         IO_TIMEOUT,
-        wire::read_msg::<EnrolRequest>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME),
+        wire::read_msg::<EnrolAsk>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME),
     )
     .await
     .map_err(within("the request"))?;
     let answer = match req {
-        Ok(Some(req)) => queue.answer(req).await,
+        Ok(Some(EnrolAsk::Enrol(req))) => queue.answer(req).await,
+        Ok(Some(EnrolAsk::Renew { csr })) => match renewing_member(&conn, creds, site) {
+            Ok(member) => queue.renew(&member, csr).await,
+            Err(reason) => EnrolResponse::Refused { reason },
+        },
         Ok(None) => return Ok(()),
         Err(e) => EnrolResponse::Refused {
             reason: format!("not an enrolment request: {e}"),
@@ -309,4 +338,37 @@ async fn answer_one(incoming: quinn::Incoming, queue: &EnrolQueue) -> Result<(),
     // Until the machine has read the answer and closed.
     let _ = tokio::time::timeout(IO_TIMEOUT, conn.closed()).await;
     Ok(())
+}
+
+/// The node of this relay's site that presented its certificate on `conn`,
+/// if that certificate is one of the mesh CA (checked in the handshake) and
+/// not revoked or decommissioned.
+fn renewing_member(
+    conn: &quinn::Connection,
+    creds: &Credentials,
+    site: &(String, String),
+) -> Result<Identity, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .filter(|c| !c.is_empty())
+        .ok_or("a renewal needs the member's current certificate on the connection")?;
+    let member = trellis_node::tls::identity_of(&certs[0]).map_err(|e| e.to_string())?;
+    if member.role != Role::Node || member.region != site.0 || member.site != site.1 {
+        return Err(format!(
+            "{member} is not a node of this relay's site {}/{}",
+            site.0, site.1
+        ));
+    }
+    let fingerprint = trellis_node::revocation::fingerprint(&certs[0]);
+    if let Some(r) = creds.revocations().current().revoked(&fingerprint) {
+        return Err(format!(
+            "{member}'s certificate is {}: not renewed",
+            r.kind.as_str()
+        ));
+    }
+    Ok(member)
 }

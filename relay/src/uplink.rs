@@ -299,6 +299,10 @@ pub enum RelayRequest {
     /// A machine of the relay's site asks for a certificate with a join
     /// token ([`trellis_node::enrol`]).
     Enrol(trellis_node::enrol::EnrolRequest),
+    /// A node of the relay's site, which presented its current certificate
+    /// (checked by the relay against the CA and the revocation list),
+    /// asks for a new one over a new key (`csr`).
+    Renew { name: String, csr: Vec<u8> },
 }
 
 /// Hub → relay answer to a [`RelayRequest`].

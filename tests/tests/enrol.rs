@@ -240,3 +240,74 @@ fn a_machine_enrols_with_a_token_and_joins_and_bad_tokens_are_refused_with_the_r
     s.procs.push(n);
     s.wait_alive(3);
 }
+
+#[test]
+fn a_node_renews_its_certificate_before_it_expires_and_starts_again_on_it() {
+    let _serial = serial();
+    let s = Site::start();
+    // A node whose certificate expires tomorrow.
+    let p = s.mesh.path();
+    let (ca, certs) = (p.join("ca"), p.join("certs"));
+    let out = run(
+        "trellis",
+        &[
+            "ca",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--out",
+            certs.to_str().unwrap(),
+            "--role",
+            "node",
+            "--region",
+            "eu",
+            "--site",
+            "par",
+            "--name",
+            "par-short",
+            "--days",
+            "1",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let expiry = |path: &std::path::Path| {
+        trellis_node::enrol::not_after_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let cert = s.cert("par-short");
+    let before = expiry(&cert);
+    let (mut node, _) = s.mesh.start_node(
+        "par-short",
+        &s.gossip,
+        "[renewal]\nrenew_before = \"2d\"\ncheck_every = \"1s\"\n",
+    );
+
+    // It renews through its relay, then starts again (the same process)
+    // on the new certificate, and stays in its site.
+    let renewed = node.wait_line("certificate renewed", Duration::from_secs(30));
+    assert!(renewed.is_some(), "{}", node.log().join("\n"));
+    let again = eventually(Duration::from_secs(20), || {
+        node.log()
+            .iter()
+            .filter(|l| l.contains("node ready"))
+            .count()
+            == 2
+    });
+    assert!(again, "{}", node.log().join("\n"));
+    assert!(node.is_running());
+    let after = expiry(&cert);
+    assert!(
+        after - before > 300 * 86400,
+        "the new certificate runs to {after}, the old to {before}"
+    );
+    s.wait_alive(2);
+    // Renewed once: the new certificate is far from its end.
+    std::thread::sleep(Duration::from_secs(3));
+    let times = node
+        .log()
+        .iter()
+        .filter(|l| l.contains("certificate renewed"))
+        .count();
+    assert_eq!(times, 1, "{}", node.log().join("\n"));
+    let audit = run("trellis", &["audit", "log", "--hub", &s.api]);
+    assert!(text(&audit.stdout).contains("node.renewed"), "{audit:?}");
+}

@@ -4,11 +4,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use trellis_node::enrol::{ENROL_VERSION, EnrolRequest, EnrolResponse, JoinToken, MAX_ENROL_FRAME};
+use trellis_node::enrol::{ENROL_VERSION, EnrolAsk, EnrolResponse, JoinToken, MAX_ENROL_FRAME};
 use trellis_node::wire;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok((req, _)) = wire::decode::<EnrolRequest>(data, ENROL_VERSION, MAX_ENROL_FRAME) {
+    if let Ok((EnrolAsk::Enrol(req), _)) =
+        wire::decode::<EnrolAsk>(data, ENROL_VERSION, MAX_ENROL_FRAME)
+    {
         let _ = req.id();
         let _ = JoinToken::parse(&req.token);
     }
