@@ -237,6 +237,10 @@ pub struct EnrolmentConfig {
     /// file. Without it this hub refuses enrolments (another hub that has
     /// it signs them, if the relay is connected there).
     pub ca_dir: Option<std::path::PathBuf>,
+    /// Where relays enrol with relay tokens (UDP, QUIC); off when unset.
+    /// Only the enrolment protocol is served there. Nodes enrol through
+    /// their relay, not here.
+    pub listen: Option<std::net::SocketAddr>,
     /// How long an enrolled machine's certificate is valid.
     pub cert_days: Option<u32>,
 }

@@ -862,7 +862,7 @@ async fn serve_relay_requests(conn: quinn::Connection, relay: Identity, shared: 
             .await;
             let response = match request {
                 Ok(Ok(Some(RelayRequest::Enrol(req)))) => {
-                    crate::enrolapi::enrol(&shared, &relay, req).await
+                    crate::enrolapi::enrol(&shared, Some(&relay), req).await
                 }
                 Ok(Ok(Some(RelayRequest::Renew { name, csr }))) => {
                     crate::enrolapi::renew(&shared, &relay, &name, &csr).await
@@ -1552,6 +1552,13 @@ impl Hub {
                 });
             }
         }));
+        let enrol_addr = match cfg.enrolment.listen {
+            Some(listen) => Some(
+                crate::enrolapi::serve(listen, &creds, shared.clone(), shutdown.child_token())
+                    .map_err(StartError::Other)?,
+            ),
+            None => None,
+        };
         let app = api::router(
             shared.clone(),
             crate::apiauth::ApiAuth::new(
@@ -1574,6 +1581,7 @@ impl Hub {
             api = %format!("http://{api_addr}"),
             store = %cfg.store.path.display(),
             restored_sites,
+            enrol = %enrol_addr.map_or("off".to_owned(), |a| a.to_string()),
             "hub ready"
         );
         Ok(Hub {

@@ -39,6 +39,10 @@ pub const MAX_TOKEN_USES: u32 = 100_000;
 pub struct TokenRequest {
     pub region: String,
     pub site: String,
+    /// Who enrols with it: `node` (through the site's relay, the default)
+    /// or `relay` (with a hub).
+    #[serde(default)]
+    pub role: Option<Role>,
     /// How many machines may enrol with it (default 1).
     #[serde(default)]
     pub uses: Option<u32>,
@@ -147,7 +151,14 @@ pub(crate) async fn create(
     let Some(peering) = shared.peering.get() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the hub is starting");
     };
-    if let Err(e) = Identity::new(Role::Node, &body.region, &body.site, "probe") {
+    let role = body.role.unwrap_or(Role::Node);
+    if !matches!(role, Role::Node | Role::Relay) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "role: node or relay (hubs and operators are issued with `trellis ca issue`)",
+        );
+    }
+    if let Err(e) = Identity::new(role, &body.region, &body.site, "probe") {
         return error(StatusCode::BAD_REQUEST, format!("region and site: {e}"));
     }
     let uses = body.uses.unwrap_or(1);
@@ -179,7 +190,7 @@ pub(crate) async fn create(
         secret_blake3: token.secret_hash(),
         region: body.region,
         site: body.site,
-        role: Role::Node,
+        role,
         uses,
         expires_ms: now + ttl.as_millis() as u64,
         created_ms: now,
@@ -211,12 +222,21 @@ pub(crate) async fn create(
 /// cannot both take its last use here.
 static ENROLLING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Answers a machine's request that the relay `relay` forwarded:
-/// `Issued`, `Refused` for good, or `Error` for a failure worth trying
-/// again (the relay keeps the request).
-pub(crate) async fn enrol(shared: &Shared, relay: &Identity, req: EnrolRequest) -> RelayResponse {
+/// Answers a machine's request that the relay `relay` forwarded (a node
+/// token, for the relay's own site), or, with no relay, one a relay made
+/// at this hub's enrolment endpoint (a relay token): `Issued`, `Refused`
+/// for good, or `Error` for a failure worth trying again (the relay keeps
+/// the request).
+pub(crate) async fn enrol(
+    shared: &Shared,
+    relay: Option<&Identity>,
+    req: EnrolRequest,
+) -> RelayResponse {
+    let via = relay.map_or("this hub's enrolment endpoint".to_owned(), |r| {
+        r.to_string()
+    });
     let refused = |reason: String| {
-        tracing::warn!(relay = %relay, name = %req.name, %reason, "enrolment refused");
+        tracing::warn!(via = %via, name = %req.name, %reason, "enrolment refused");
         RelayResponse::Refused(reason)
     };
     let Some(ca_dir) = shared.enrolment.ca_dir.as_ref() else {
@@ -250,16 +270,32 @@ pub(crate) async fn enrol(shared: &Shared, relay: &Identity, req: EnrolRequest) 
     if let Some((_, _, u)) = known.uses.iter().find(|(_, _, u)| u.request == request_id) {
         return RelayResponse::Issued(u.cert_pem.clone());
     }
+    let (region, site) = match (relay, record.role) {
+        (Some(r), Role::Node) => (&r.region, &r.site),
+        (None, Role::Relay) => (&record.region, &record.site),
+        (Some(_), _) => {
+            return refused(format!(
+                "this is a {} token: a relay enrols with a hub (`trellis-relay enroll --hub`)",
+                record.role
+            ));
+        }
+        (None, _) => {
+            return refused(format!(
+                "this is a {} token: a node enrols through its site's relay (`trellis-node enroll --relay`)",
+                record.role
+            ));
+        }
+    };
     if let Err(reason) = check_token(
         record,
-        &relay.region,
-        &relay.site,
+        region,
+        site,
         known.used(&record.id),
         trellis_node::clock::unix_ms(),
     ) {
         return refused(reason);
     }
-    let identity = match Identity::new(record.role, &relay.region, &relay.site, &req.name) {
+    let identity = match Identity::new(record.role, region, site, &req.name) {
         Ok(i) => i,
         Err(e) => return refused(format!("name {:?}: {e}", req.name)),
     };
@@ -292,7 +328,7 @@ pub(crate) async fn enrol(shared: &Shared, relay: &Identity, req: EnrolRequest) 
     let author = format!("token:{}", record.id);
     match crate::peering::write(shared, peering, author, op).await {
         Ok(_) => {
-            tracing::info!(identity = %uri, token = %record.id, relay = %relay, "machine enrolled");
+            tracing::info!(identity = %uri, token = %record.id, via = %via, "machine enrolled");
             RelayResponse::Issued(cert_pem)
         }
         Err(e) => RelayResponse::Error(format!("the enrolment was not recorded: {e}")),
@@ -353,4 +389,107 @@ pub(crate) async fn renew(
         }
         Err(e) => RelayResponse::Error(format!("the renewal was not recorded: {e}")),
     }
+}
+
+/// Relays enrolling at once on the hub's endpoint.
+const ENROLLING_AT_ONCE: usize = 8;
+const ENROL_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the enrolment protocol for relays on `listen` (`[enrolment]
+/// listen`) until `shutdown`: a relay with a relay token gets its
+/// certificate here, answered at once. Returns the bound address.
+pub(crate) fn serve(
+    listen: std::net::SocketAddr,
+    creds: &trellis_node::tls::Credentials,
+    shared: Shared,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<std::net::SocketAddr, String> {
+    use trellis_node::enrol::ENROL_ALPN;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            Duration::from_secs(20).try_into().expect("a short timeout"),
+        ))
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into());
+    let config = creds
+        .enrolment_server_config(ENROL_ALPN, std::sync::Arc::new(transport))
+        .map_err(|e| e.to_string())?;
+    let endpoint = quinn::Endpoint::server(config, listen)
+        .map_err(|e| format!("cannot listen for enrolments on {listen}: {e}"))?;
+    let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(ENROLLING_AT_ONCE));
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                incoming.refuse();
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(error) = answer_relay(incoming, &shared).await {
+                    tracing::warn!(%error, "enrolment connection ended");
+                }
+            });
+        }
+        endpoint.close(0u32.into(), b"hub stopping");
+    });
+    Ok(addr)
+}
+
+async fn answer_relay(incoming: quinn::Incoming, shared: &Shared) -> Result<(), String> {
+    use trellis_node::enrol::{ENROL_VERSION, EnrolAsk, EnrolResponse, MAX_ENROL_FRAME};
+    use trellis_node::wire;
+    let late = |what: &str| format!("{what} took longer than {ENROL_IO_TIMEOUT:?}");
+    let conn = tokio::time::timeout(ENROL_IO_TIMEOUT, incoming)
+        .await
+        .map_err(|_| late("the handshake"))?
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = tokio::time::timeout(ENROL_IO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| late("opening a stream"))?
+        .map_err(|e| e.to_string())?;
+    let ask = tokio::time::timeout(
+        ENROL_IO_TIMEOUT,
+        wire::read_msg::<EnrolAsk>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME),
+    )
+    .await
+    .map_err(|_| late("the request"))?;
+    let answer = match ask {
+        Ok(Some(EnrolAsk::Enrol(req))) => match enrol(shared, None, req).await {
+            RelayResponse::Issued(cert_pem) => EnrolResponse::Issued { cert_pem },
+            RelayResponse::Refused(reason) => EnrolResponse::Refused { reason },
+            RelayResponse::Error(why) => EnrolResponse::Pending {
+                why,
+                retry_after_s: 10,
+            },
+            other => EnrolResponse::Pending {
+                why: format!("unexpected: {other:?}"),
+                retry_after_s: 10,
+            },
+        },
+        Ok(Some(EnrolAsk::Renew { .. })) => EnrolResponse::Refused {
+            reason: "relays are not renewed here yet: issue a new certificate with \
+                     `trellis ca issue`, or enrol again with a relay token"
+                .into(),
+        },
+        Ok(None) => return Ok(()),
+        Err(e) => EnrolResponse::Refused {
+            reason: format!("not an enrolment request: {e}"),
+        },
+    };
+    wire::write_msg(&mut send, ENROL_VERSION, &answer, MAX_ENROL_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(ENROL_IO_TIMEOUT, conn.closed()).await;
+    Ok(())
 }

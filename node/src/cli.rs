@@ -221,3 +221,74 @@ where
         }
     })
 }
+
+/// `trellis-node enroll` and `trellis-relay enroll`: enrols this machine
+/// as a member of `role` through the enrolment endpoint at `server` (a
+/// relay for a node, a hub for a relay), writing the certificate and key
+/// where the configuration's `[identity]` says.
+pub fn enroll_main<C: MemberConfig>(
+    role: Role,
+    config: Option<&std::path::Path>,
+    server: &str,
+    token: &str,
+    name: Option<String>,
+    wait: std::time::Duration,
+) -> ExitCode {
+    let usage = |e: &dyn std::fmt::Display| fail(EXIT_USAGE, e);
+    let loaded = match config::load::<C>(config) {
+        Ok(l) => l,
+        Err(e) => return usage(&e),
+    };
+    let id = loaded.config.identity();
+    let (Some(ca), Some(cert), Some(key)) = (&id.ca, &id.cert, &id.key) else {
+        return usage(&"[identity] needs ca, cert and key paths");
+    };
+    let files = crate::enrol::IdentityFiles {
+        ca: loaded.resolve(ca),
+        cert: loaded.resolve(cert),
+        key: loaded.resolve(key),
+    };
+    let through = crate::enrol::enrols_through(role);
+    let Some(addr) = std::net::ToSocketAddrs::to_socket_addrs(server)
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        return usage(&format!(
+            "--{through} {server}: not a host:port this machine can resolve"
+        ));
+    };
+    let name = match name
+        .or_else(|| sysinfo::System::host_name().ok())
+        .filter(|n| !n.is_empty())
+    {
+        Some(n) => n,
+        None => return usage(&"this machine has no hostname: give --name"),
+    };
+    crate::tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    eprintln!("enrolling as {role} {name} through the {through} at {addr}");
+    let result = rt.block_on(crate::enrol::enrol(
+        addr,
+        role,
+        token,
+        &name,
+        &files,
+        wait,
+        |what| eprintln!("waiting: {what}"),
+    ));
+    match result {
+        Ok(done) => {
+            println!(
+                "enrolled: {}; certificate {}, key {}",
+                done.identity,
+                files.cert.display(),
+                files.key.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_FAILED, &e),
+    }
+}

@@ -187,11 +187,22 @@ pub fn check_token(
     Ok(())
 }
 
-/// Sends `ask` to the relay at `relay` once with `config` (trusting the
-/// mesh CA; presenting the machine's certificate for a renewal) and
-/// returns its answer.
+/// The member a machine of `role` enrols through: a node through its
+/// site's relay, a relay through a hub.
+pub fn enrols_through(role: Role) -> Role {
+    match role {
+        Role::Node => Role::Relay,
+        _ => Role::Hub,
+    }
+}
+
+/// Sends `ask` once to the enrolment endpoint at `relay`, which must be a
+/// `expect` (a relay, or a hub), with `config` (trusting the mesh CA;
+/// presenting the machine's certificate for a renewal), and returns its
+/// answer.
 pub async fn ask_relay(
     relay: SocketAddr,
+    expect: Role,
     config: quinn::ClientConfig,
     ask: &EnrolAsk,
 ) -> Result<EnrolResponse, String> {
@@ -208,10 +219,10 @@ pub async fn ask_relay(
             .connect(relay, crate::tls::MESH_SERVER_NAME)
             .map_err(|e| e.to_string())?
             .await
-            .map_err(|e| format!("cannot reach the relay at {relay}: {e}"))?;
+            .map_err(|e| format!("cannot reach the {expect} at {relay}: {e}"))?;
         let who = crate::tls::peer_identity(&conn).map_err(|e| e.to_string())?;
-        if who.role != Role::Relay {
-            return Err(format!("{relay} is {who}, not a relay"));
+        if who.role != expect {
+            return Err(format!("{relay} is {who}, not a {expect}"));
         }
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         crate::wire::write_msg(&mut send, ENROL_VERSION, request, MAX_ENROL_FRAME)
@@ -222,13 +233,17 @@ pub async fn ask_relay(
             crate::wire::read_msg::<EnrolResponse>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME)
                 .await
                 .map_err(|e| e.to_string())?
-                .ok_or("the relay closed the stream without answering")?;
+                .ok_or("the stream was closed without an answer")?;
         conn.close(0u32.into(), b"done");
         Ok(answer)
     };
     let answer = tokio::time::timeout(Duration::from_secs(20), ask)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer from the relay at {relay} within 20 s")));
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer from the {expect} at {relay} within 20 s"
+            ))
+        });
     endpoint.wait_idle().await;
     answer
 }
@@ -255,6 +270,7 @@ pub struct Enrolled {
 /// existing certificate.
 pub async fn enrol(
     relay: SocketAddr,
+    role: Role,
     token: &str,
     name: &str,
     files: &IdentityFiles,
@@ -276,8 +292,7 @@ pub async fn enrol(
             ca_path.display()
         )
     })?;
-    let (key_pem, csr) =
-        crate::tls::signing_request(Role::Node, name).map_err(|e| e.to_string())?;
+    let (key_pem, csr) = crate::tls::signing_request(role, name).map_err(|e| e.to_string())?;
     let request = EnrolAsk::Enrol(EnrolRequest {
         token: token.trim().to_owned(),
         name: name.to_owned(),
@@ -287,7 +302,7 @@ pub async fn enrol(
         crate::tls::enrolment_client_config(&ca_pem, ENROL_ALPN).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let cert_pem = loop {
-        let answer = ask_relay(relay, config.clone(), &request).await;
+        let answer = ask_relay(relay, enrols_through(role), config.clone(), &request).await;
         let retry = match answer {
             Ok(EnrolResponse::Issued { cert_pem }) => break cert_pem,
             Ok(EnrolResponse::Refused { reason }) => {
@@ -311,9 +326,9 @@ pub async fn enrol(
         tokio::time::sleep(retry).await;
     };
     let identity = crate::tls::identity_of_pem(&cert_pem).map_err(|e| e.to_string())?;
-    if identity.name != name || identity.role != Role::Node {
+    if identity.name != name || identity.role != role {
         return Err(format!(
-            "the certificate issued names {identity}, not node {name}"
+            "the certificate issued names {identity}, not {role} {name}"
         ));
     }
     crate::apply::write_atomic(key_path, key_pem.as_bytes(), 0o600)
@@ -356,7 +371,8 @@ pub async fn renew(
             Arc::new(quinn::TransportConfig::default()),
         )
         .map_err(|e| e.to_string())?;
-    let cert_pem = match ask_relay(relay, config, &EnrolAsk::Renew { csr }).await? {
+    let through = enrols_through(me.role);
+    let cert_pem = match ask_relay(relay, through, config, &EnrolAsk::Renew { csr }).await? {
         EnrolResponse::Issued { cert_pem } => cert_pem,
         EnrolResponse::Refused { reason } => return Err(format!("renewal refused: {reason}")),
         EnrolResponse::Pending { why, .. } => return Err(format!("not renewed yet: {why}")),

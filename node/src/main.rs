@@ -173,81 +173,14 @@ fn main() -> ExitCode {
             token,
             name,
             wait,
-        }) => enroll_command(config, &relay, &token, name, wait),
-    }
-}
-
-fn enroll_command(
-    config: Option<PathBuf>,
-    relay: &str,
-    token: &str,
-    name: Option<String>,
-    wait: std::time::Duration,
-) -> ExitCode {
-    use trellis_node::config::Validate;
-    let usage = |e: &dyn std::fmt::Display| cli::fail(cli::EXIT_USAGE, e);
-    let mut loaded =
-        match trellis_node::config::load::<trellis_node::config::NodeConfig>(config.as_deref()) {
-            Ok(l) => l,
-            Err(e) => return usage(&e),
-        };
-    loaded.config.normalize();
-    let id = &loaded.config.identity;
-    let (Some(ca), Some(cert), Some(key)) = (&id.ca, &id.cert, &id.key) else {
-        return usage(&"[identity] needs ca, cert and key paths");
-    };
-    let (ca, cert, key) = (
-        loaded.resolve(ca),
-        loaded.resolve(cert),
-        loaded.resolve(key),
-    );
-    let relay = match std::net::ToSocketAddrs::to_socket_addrs(relay)
-        .ok()
-        .and_then(|mut a| a.next())
-    {
-        Some(a) => a,
-        None => {
-            return usage(&format!(
-                "--relay {relay}: not a host:port this machine can resolve"
-            ));
-        }
-    };
-    let name = match name
-        .or_else(|| sysinfo::System::host_name().ok())
-        .filter(|n| !n.is_empty())
-    {
-        Some(n) => n,
-        None => return usage(&"this machine has no hostname: give --name"),
-    };
-    trellis_node::tls::install_crypto_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    eprintln!("enrolling as {name} through the relay at {relay}");
-    let result = rt.block_on(trellis_node::enrol::enrol(
-        relay,
-        token,
-        &name,
-        &trellis_node::enrol::IdentityFiles {
-            ca,
-            cert: cert.clone(),
-            key: key.clone(),
-        },
-        wait,
-        |what| eprintln!("waiting: {what}"),
-    ));
-    match result {
-        Ok(done) => {
-            println!(
-                "enrolled: {}; certificate {}, key {}",
-                done.identity,
-                cert.display(),
-                key.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => cli::fail(cli::EXIT_FAILED, &e),
+        }) => cli::enroll_main::<trellis_node::config::NodeConfig>(
+            Role::Node,
+            config.as_deref(),
+            &relay,
+            &token,
+            name,
+            wait,
+        ),
     }
 }
 

@@ -50,12 +50,62 @@ use trellis_relay::driver::Relay;
 ///   [metrics]
 ///   listen = "127.0.0.1:7911"
 #[derive(Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(version, verbatim_doc_comment, args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(flatten)]
     member: MemberArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Join the fleet with a relay join token (`trellis token create --role
+    /// relay --site SITE`): make this relay's key and a certificate request
+    /// here, send it to a hub's enrolment endpoint (`[enrolment] listen` in
+    /// hub.toml), and write the certificate and key where the
+    /// configuration's [identity] says. `[identity] ca` must hold the mesh
+    /// CA's certificate.
+    ///
+    ///   trellis-relay enroll --config /etc/trellis/relay.toml \
+    ///       --hub 10.0.0.5:7705 --token trellis-join-...
+    #[command(verbatim_doc_comment)]
+    Enroll {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<std::path::PathBuf>,
+        /// The hub's enrolment address (`[enrolment] listen`), host:port.
+        #[arg(long)]
+        hub: String,
+        /// The join token.
+        #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// This relay's name (default: the machine's hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long to wait for the certificate, like 10m.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
-    cli::member_main(Args::parse().member, Role::Relay, Relay::start)
+    let args = Args::parse();
+    match args.command {
+        None => cli::member_main(args.member, Role::Relay, Relay::start),
+        Some(Command::Enroll {
+            config,
+            hub,
+            token,
+            name,
+            wait,
+        }) => cli::enroll_main::<trellis_relay::config::RelayConfig>(
+            Role::Relay,
+            config.as_deref(),
+            &hub,
+            &token,
+            name,
+            wait,
+        ),
+    }
 }

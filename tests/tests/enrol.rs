@@ -311,3 +311,71 @@ fn a_node_renews_its_certificate_before_it_expires_and_starts_again_on_it() {
     let audit = run("trellis", &["audit", "log", "--hub", &s.api]);
     assert!(text(&audit.stdout).contains("node.renewed"), "{audit:?}");
 }
+
+#[test]
+fn a_relay_enrols_with_a_hub_using_a_relay_token_and_serves_its_site() {
+    let _serial = serial();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    let ca_dir = mesh.path().join("ca");
+    let (mut hub, uplink, api) = mesh.start_hub(
+        "hub-1",
+        &format!("[enrolment]\nca_dir = {ca_dir:?}\nlisten = \"127.0.0.1:0\"\n"),
+    );
+    let enrol = hub.wait_field("hub ready", "enrol", Duration::from_secs(10));
+    let token = |role: &str| {
+        let out = run(
+            "trellis",
+            &[
+                "token", "create", "--role", role, "--region", "eu", "--site", "lyon", "--hub",
+                &api, "--json",
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    };
+    let config = mesh.path().join("enrol-lyon-relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}[uplink]\nhubs = [\"{uplink}\"]\n",
+            mesh.identity_toml("lyon-relay")
+        ),
+    )
+    .unwrap();
+    let enroll = |token: &str| {
+        run(
+            "trellis-relay",
+            &[
+                "enroll",
+                "--config",
+                config.to_str().unwrap(),
+                "--hub",
+                &enrol,
+                "--token",
+                token,
+                "--name",
+                "lyon-relay",
+            ],
+        )
+    };
+    // A node token is for a relay to take to the hub, not the other way.
+    let out = enroll(&token("node"));
+    assert!(
+        text(&out.stderr).contains("this is a node token"),
+        "{out:?}"
+    );
+    let out = enroll(&token("relay"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("enrolled: relay lyon-relay (site eu/lyon)"),
+        "{out:?}"
+    );
+    // It connects to the hub with that certificate and serves its site.
+    let (_relay, _) = mesh.start_relay("lyon-relay", &uplink, "");
+    let serving = eventually(Duration::from_secs(30), || {
+        fleet_site(&api, "lyon").is_some()
+    });
+    assert!(serving, "the hub never heard from lyon's relay");
+}

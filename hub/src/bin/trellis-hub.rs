@@ -52,6 +52,7 @@ use trellis_node::id::Role;
 ///   [enrolment]                  # sign certificates for join tokens
 ///   ca_dir = "ca"                # the mesh CA (ca.crt, ca.key); unset: refuse
 ///   cert_days = 365
+///   listen = "10.0.0.5:7705"     # relays enrol here (relay tokens); off unless set
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {

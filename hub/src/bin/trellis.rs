@@ -714,6 +714,10 @@ enum TokenCommand {
         region: String,
         #[arg(long)]
         site: String,
+        /// Who enrols with it: node (through the site's relay) or relay
+        /// (with a hub's `[enrolment] listen`).
+        #[arg(long, default_value = "node")]
+        role: Role,
         /// How many machines may enrol with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
@@ -1046,6 +1050,7 @@ fn main() -> ExitCode {
         Command::Token(TokenCommand::Create {
             region,
             site,
+            role,
             uses,
             ttl,
             author,
@@ -1059,20 +1064,23 @@ fn main() -> ExitCode {
             let request = trellis_hub::enrolapi::TokenRequest {
                 region,
                 site,
+                role: Some(role),
                 uses: Some(uses),
                 ttl: Some(ttl),
                 author,
             };
             answer(client.token_create(&request).await, json, |t, _| {
                 format!(
-                    "{}\n\njoin token {} for {}/{}: {} use(s), valid until {} (shown once; \
-                     give it to `trellis-node enroll --token`)\n",
+                    "{}\n\n{} join token {} for {}/{}: {} use(s), valid until {} (shown once; \
+                     give it to `trellis-{} enroll --token`)\n",
                     t.token,
+                    t.record.role,
                     t.record.id,
                     t.record.region,
                     t.record.site,
                     t.record.uses,
-                    render::when_ms(t.record.expires_ms)
+                    render::when_ms(t.record.expires_ms),
+                    t.record.role
                 )
             })
         }),
@@ -1088,8 +1096,9 @@ fn main() -> ExitCode {
                 let mut out = String::new();
                 for t in all {
                     out.push_str(&format!(
-                        "{}  {}/{}  used {}/{}  until {}  by {}\n",
+                        "{}  {:<5}  {}/{}  used {}/{}  until {}  by {}\n",
                         t.id,
+                        t.role.as_str(),
                         t.region,
                         t.site,
                         t.used,
