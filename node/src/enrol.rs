@@ -200,7 +200,7 @@ pub fn enrols_through(role: Role) -> Role {
 /// `expect` (a relay, or a hub), with `config` (trusting the mesh CA;
 /// presenting the machine's certificate for a renewal), and returns its
 /// answer.
-pub async fn ask_relay(
+pub async fn ask_endpoint(
     relay: SocketAddr,
     expect: Role,
     config: quinn::ClientConfig,
@@ -292,17 +292,45 @@ pub async fn enrol(
             ca_path.display()
         )
     })?;
-    let (key_pem, csr) = crate::tls::signing_request(role, name).map_err(|e| e.to_string())?;
-    let request = EnrolAsk::Enrol(EnrolRequest {
-        token: token.trim().to_owned(),
-        name: name.to_owned(),
-        csr,
-    });
+    // The key and the request are kept until the certificate comes, so
+    // that running the command again asks for the same request (which the
+    // relay may hold) rather than a second one that takes another use.
+    let (pending_key, pending_request) = (
+        with_suffix(key_path, ".pending"),
+        with_suffix(cert_path, ".request"),
+    );
+    let kept = std::fs::read_to_string(&pending_key).ok().zip(
+        std::fs::read(&pending_request)
+            .ok()
+            .and_then(|b| postcard::from_bytes::<EnrolRequest>(&b).ok()),
+    );
+    let (key_pem, request) = match kept {
+        Some((key, req)) if req.token == token.trim() && req.name == name => {
+            progress("asking again with the request made before");
+            (key, req)
+        }
+        _ => {
+            let (key_pem, csr) =
+                crate::tls::signing_request(role, name).map_err(|e| e.to_string())?;
+            let req = EnrolRequest {
+                token: token.trim().to_owned(),
+                name: name.to_owned(),
+                csr,
+            };
+            crate::apply::write_atomic(&pending_key, key_pem.as_bytes(), 0o600)
+                .map_err(|e| format!("cannot write {}: {e}", pending_key.display()))?;
+            let bytes = postcard::to_stdvec(&req).expect("requests serialise");
+            crate::apply::write_atomic(&pending_request, &bytes, 0o600)
+                .map_err(|e| format!("cannot write {}: {e}", pending_request.display()))?;
+            (key_pem, req)
+        }
+    };
+    let request = EnrolAsk::Enrol(request);
     let config =
         crate::tls::enrolment_client_config(&ca_pem, ENROL_ALPN).map_err(|e| e.to_string())?;
     let started = Instant::now();
     let cert_pem = loop {
-        let answer = ask_relay(relay, enrols_through(role), config.clone(), &request).await;
+        let answer = ask_endpoint(relay, enrols_through(role), config.clone(), &request).await;
         let retry = match answer {
             Ok(EnrolResponse::Issued { cert_pem }) => break cert_pem,
             Ok(EnrolResponse::Refused { reason }) => {
@@ -335,7 +363,16 @@ pub async fn enrol(
         .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
     crate::apply::write_atomic(cert_path, cert_pem.as_bytes(), 0o644)
         .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+    let _ = std::fs::remove_file(&pending_request);
+    let _ = std::fs::remove_file(&pending_key);
     Ok(Enrolled { identity })
+}
+
+/// `path` with `suffix` added to its file name.
+fn with_suffix(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    std::path::PathBuf::from(s)
 }
 
 /// When the certificate (DER) expires, in Unix seconds.
@@ -372,7 +409,7 @@ pub async fn renew(
         )
         .map_err(|e| e.to_string())?;
     let through = enrols_through(me.role);
-    let cert_pem = match ask_relay(relay, through, config, &EnrolAsk::Renew { csr }).await? {
+    let cert_pem = match ask_endpoint(relay, through, config, &EnrolAsk::Renew { csr }).await? {
         EnrolResponse::Issued { cert_pem } => cert_pem,
         EnrolResponse::Refused { reason } => return Err(format!("renewal refused: {reason}")),
         EnrolResponse::Pending { why, .. } => return Err(format!("not renewed yet: {why}")),
@@ -382,11 +419,7 @@ pub async fn renew(
         return Err(format!("the certificate issued names {identity}, not {me}"));
     }
     let expires = not_after_pem(&cert_pem)?;
-    let next = |p: &std::path::Path| {
-        let mut s = p.as_os_str().to_owned();
-        s.push(".next");
-        std::path::PathBuf::from(s)
-    };
+    let next = |p: &std::path::Path| with_suffix(p, ".next");
     crate::apply::write_atomic(&next(&files.key), key_pem.as_bytes(), 0o600)
         .map_err(|e| format!("cannot write {}: {e}", files.key.display()))?;
     crate::apply::write_atomic(&next(&files.cert), cert_pem.as_bytes(), 0o644)

@@ -202,6 +202,16 @@ fn a_machine_enrols_with_a_token_and_joins_and_bad_tokens_are_refused_with_the_r
         metric(&s.relay_metrics, "trellis_relay_uplink_connected") == Some(0.0)
     });
     assert!(down, "the relay never noticed its uplink was cut");
+    // Given up after a while, then run again: the same request is asked
+    // for, so the relay holds one, not two.
+    let args = s.enroll_args("par-late", &token, "3s");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("trellis-node", &refs);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("run the same command again"),
+        "{out:?}"
+    );
     let args = s.enroll_args("par-late", &token, "120s");
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut late = Proc::spawn(
@@ -212,6 +222,13 @@ fn a_machine_enrols_with_a_token_and_joins_and_bad_tokens_are_refused_with_the_r
     );
     let waiting = late.wait_line("link to the hubs is down", Duration::from_secs(20));
     assert!(waiting.is_some(), "{}", late.log().join("\n"));
+    assert!(
+        late.log()
+            .iter()
+            .any(|l| l.contains("the request made before")),
+        "{}",
+        late.log().join("\n")
+    );
     let kept = s.mesh.path().join("par-relay/enrol");
     let queued = std::fs::read_dir(&kept)
         .map(|d| {
