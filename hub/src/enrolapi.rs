@@ -393,7 +393,6 @@ pub(crate) async fn renew(
 
 /// Relays enrolling at once on the hub's endpoint.
 const ENROLLING_AT_ONCE: usize = 8;
-const ENROL_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the enrolment protocol for relays on `listen` (`[enrolment]
 /// listen`) until `shutdown`: a relay with a relay token gets its
@@ -404,92 +403,29 @@ pub(crate) fn serve(
     shared: Shared,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<std::net::SocketAddr, String> {
-    use trellis_node::enrol::ENROL_ALPN;
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(
-            Duration::from_secs(20).try_into().expect("a short timeout"),
-        ))
-        .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into());
-    let config = creds
-        .enrolment_server_config(ENROL_ALPN, std::sync::Arc::new(transport))
-        .map_err(|e| e.to_string())?;
-    let endpoint = quinn::Endpoint::server(config, listen)
-        .map_err(|e| format!("cannot listen for enrolments on {listen}: {e}"))?;
-    let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(ENROLLING_AT_ONCE));
-        loop {
-            let incoming = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                i = endpoint.accept() => match i {
-                    Some(i) => i,
-                    None => break,
+    use trellis_node::enrol::{EnrolAsk, EnrolResponse};
+    trellis_node::enrol::serve(listen, creds, ENROLLING_AT_ONCE, shutdown, move |ask, _| {
+        let shared = shared.clone();
+        async move {
+            match ask {
+                EnrolAsk::Enrol(req) => match enrol(&shared, None, req).await {
+                    RelayResponse::Issued(cert_pem) => EnrolResponse::Issued { cert_pem },
+                    RelayResponse::Refused(reason) => EnrolResponse::Refused { reason },
+                    RelayResponse::Error(why) => EnrolResponse::Pending {
+                        why,
+                        retry_after_s: 10,
+                    },
+                    other => EnrolResponse::Pending {
+                        why: format!("unexpected: {other:?}"),
+                        retry_after_s: 10,
+                    },
                 },
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                incoming.refuse();
-                continue;
-            };
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(error) = answer_relay(incoming, &shared).await {
-                    tracing::warn!(%error, "enrolment connection ended");
-                }
-            });
+                EnrolAsk::Renew { .. } => EnrolResponse::Refused {
+                    reason: "relays are not renewed here yet: issue a new certificate with \
+                             `trellis ca issue`, or enrol again with a relay token"
+                        .into(),
+                },
+            }
         }
-        endpoint.close(0u32.into(), b"hub stopping");
-    });
-    Ok(addr)
-}
-
-async fn answer_relay(incoming: quinn::Incoming, shared: &Shared) -> Result<(), String> {
-    use trellis_node::enrol::{ENROL_VERSION, EnrolAsk, EnrolResponse, MAX_ENROL_FRAME};
-    use trellis_node::wire;
-    let late = |what: &str| format!("{what} took longer than {ENROL_IO_TIMEOUT:?}");
-    let conn = tokio::time::timeout(ENROL_IO_TIMEOUT, incoming)
-        .await
-        .map_err(|_| late("the handshake"))?
-        .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = tokio::time::timeout(ENROL_IO_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| late("opening a stream"))?
-        .map_err(|e| e.to_string())?;
-    let ask = tokio::time::timeout(
-        ENROL_IO_TIMEOUT,
-        wire::read_msg::<EnrolAsk>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME),
-    )
-    .await
-    .map_err(|_| late("the request"))?;
-    let answer = match ask {
-        Ok(Some(EnrolAsk::Enrol(req))) => match enrol(shared, None, req).await {
-            RelayResponse::Issued(cert_pem) => EnrolResponse::Issued { cert_pem },
-            RelayResponse::Refused(reason) => EnrolResponse::Refused { reason },
-            RelayResponse::Error(why) => EnrolResponse::Pending {
-                why,
-                retry_after_s: 10,
-            },
-            other => EnrolResponse::Pending {
-                why: format!("unexpected: {other:?}"),
-                retry_after_s: 10,
-            },
-        },
-        Ok(Some(EnrolAsk::Renew { .. })) => EnrolResponse::Refused {
-            reason: "relays are not renewed here yet: issue a new certificate with \
-                     `trellis ca issue`, or enrol again with a relay token"
-                .into(),
-        },
-        Ok(None) => return Ok(()),
-        Err(e) => EnrolResponse::Refused {
-            reason: format!("not an enrolment request: {e}"),
-        },
-    };
-    wire::write_msg(&mut send, ENROL_VERSION, &answer, MAX_ENROL_FRAME)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(ENROL_IO_TIMEOUT, conn.closed()).await;
-    Ok(())
+    })
 }

@@ -257,6 +257,115 @@ pub struct IdentityFiles {
     pub key: std::path::PathBuf,
 }
 
+/// How long a client of an enrolment endpoint may take over each step.
+pub const ENDPOINT_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the enrolment protocol on `listen` until `shutdown` (a relay's
+/// `[enrol] listen`, a hub's `[enrolment] listen`): one request per
+/// connection, `at_once` connections answered at a time (more are
+/// refused), each answered by `answer` (given the connection, whose peer
+/// certificate it may read). Returns the bound address.
+pub fn serve<A, F>(
+    listen: SocketAddr,
+    creds: &crate::tls::Credentials,
+    at_once: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+    answer: A,
+) -> Result<SocketAddr, String>
+where
+    A: Fn(EnrolAsk, quinn::Connection) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = EnrolResponse> + Send,
+{
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            Duration::from_secs(20).try_into().expect("a short timeout"),
+        ))
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into());
+    let config = creds
+        .enrolment_server_config(ENROL_ALPN, Arc::new(transport))
+        .map_err(|e| e.to_string())?;
+    let endpoint = quinn::Endpoint::server(config, listen)
+        .map_err(|e| format!("cannot listen for enrolments on {listen}: {e}"))?;
+    let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        let limit = Arc::new(tokio::sync::Semaphore::new(at_once));
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                incoming.refuse();
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(error) = answer_one(incoming, &*answer).await {
+                    tracing::warn!(%error, "enrolment connection ended");
+                }
+            });
+        }
+        endpoint.close(0u32.into(), b"stopping");
+    });
+    Ok(addr)
+}
+
+async fn answer_one<A, F>(incoming: quinn::Incoming, answer: &A) -> Result<(), String>
+where
+    A: Fn(EnrolAsk, quinn::Connection) -> F,
+    F: std::future::Future<Output = EnrolResponse>,
+{
+    let late = |what: &str| format!("{what} took longer than {ENDPOINT_IO_TIMEOUT:?}");
+    let conn = tokio::time::timeout(ENDPOINT_IO_TIMEOUT, incoming)
+        .await
+        .map_err(|_| late("the handshake"))?
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = tokio::time::timeout(ENDPOINT_IO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| late("opening a stream"))?
+        .map_err(|e| e.to_string())?;
+    let ask = tokio::time::timeout(
+        ENDPOINT_IO_TIMEOUT,
+        crate::wire::read_msg::<EnrolAsk>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME),
+    )
+    .await
+    .map_err(|_| late("the request"))?;
+    let response = match ask {
+        Ok(Some(ask)) => answer(ask, conn.clone()).await,
+        Ok(None) => return Ok(()),
+        Err(e) => EnrolResponse::Refused {
+            reason: format!("not an enrolment request: {e}"),
+        },
+    };
+    crate::wire::write_msg(&mut send, ENROL_VERSION, &response, MAX_ENROL_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    // Until the client has read the answer and closed.
+    let _ = tokio::time::timeout(ENDPOINT_IO_TIMEOUT, conn.closed()).await;
+    Ok(())
+}
+
+/// The identity of the member certificate `conn`'s client presented, and
+/// its fingerprint, if it presented one (checked against the mesh CA in the
+/// handshake).
+pub fn client_certificate(conn: &quinn::Connection) -> Option<(crate::id::Identity, [u8; 32])> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let first = certs.first()?;
+    let identity = crate::tls::identity_of(first).ok()?;
+    Some((identity, crate::revocation::fingerprint(first)))
+}
+
 /// What [`enrol`] wrote.
 #[derive(Debug)]
 pub struct Enrolled {

@@ -16,12 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use trellis_node::enrol::{
-    ENROL_ALPN, ENROL_VERSION, EnrolAsk, EnrolRequest, EnrolResponse, MAX_ENROL_FRAME,
-};
+use trellis_node::enrol::{EnrolAsk, EnrolRequest, EnrolResponse};
 use trellis_node::id::{Identity, Role};
 use trellis_node::tls::Credentials;
 use trellis_node::wire;
@@ -237,8 +235,8 @@ impl EnrolQueue {
     }
 }
 
-/// Serves enrolment on `listen` until `shutdown`; returns the bound
-/// address.
+/// Serves enrolment on `listen` until `shutdown` (and forwards the kept
+/// requests while the link is up); returns the bound address.
 pub fn serve(
     listen: std::net::SocketAddr,
     creds: &Credentials,
@@ -246,20 +244,6 @@ pub fn serve(
     queue: Arc<EnrolQueue>,
     shutdown: CancellationToken,
 ) -> Result<std::net::SocketAddr, String> {
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(
-            Duration::from_secs(20).try_into().expect("a short timeout"),
-        ))
-        .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into());
-    let config = creds
-        .enrolment_server_config(ENROL_ALPN, Arc::new(transport))
-        .map_err(|e| e.to_string())?;
-    let endpoint = quinn::Endpoint::server(config, listen)
-        .map_err(|e| format!("cannot listen for enrolments on {listen}: {e}"))?;
-    let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
-    let creds = creds.clone();
     let drain_queue = queue.clone();
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -271,73 +255,19 @@ pub fn serve(
             drain_queue.drain().await;
         }
     });
-    tokio::spawn(async move {
-        let limit = Arc::new(Semaphore::new(AT_ONCE));
-        loop {
-            let incoming = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                i = endpoint.accept() => match i {
-                    Some(i) => i,
-                    None => break,
+    let enforced = creds.clone();
+    trellis_node::enrol::serve(listen, creds, AT_ONCE, shutdown, move |ask, conn| {
+        let (queue, creds, site) = (queue.clone(), enforced.clone(), site.clone());
+        async move {
+            match ask {
+                EnrolAsk::Enrol(req) => queue.answer(req).await,
+                EnrolAsk::Renew { csr } => match renewing_member(&conn, &creds, &site) {
+                    Ok(member) => queue.renew(&member, csr).await,
+                    Err(reason) => EnrolResponse::Refused { reason },
                 },
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                incoming.refuse();
-                continue;
-            };
-            let queue = queue.clone();
-            let (creds, site) = (creds.clone(), site.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(e) = answer_one(incoming, &queue, &creds, &site).await {
-                    warn!(error = %e, "enrolment connection ended");
-                }
-            });
+            }
         }
-        endpoint.close(0u32.into(), b"relay stopping");
-    });
-    Ok(addr)
-}
-
-async fn answer_one(
-    incoming: quinn::Incoming,
-    queue: &EnrolQueue,
-    creds: &Credentials,
-    site: &(String, String),
-) -> Result<(), String> {
-    let within = |what: &'static str| move |_| format!("{what} took longer than {IO_TIMEOUT:?}");
-    let conn = tokio::time::timeout(IO_TIMEOUT, incoming)
-        .await
-        .map_err(within("the handshake"))?
-        .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = tokio::time::timeout(IO_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(within("opening a stream"))?
-        .map_err(|e| e.to_string())?;
-    let req = tokio::time::timeout(
-        IO_TIMEOUT,
-        wire::read_msg::<EnrolAsk>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME),
-    )
-    .await
-    .map_err(within("the request"))?;
-    let answer = match req {
-        Ok(Some(EnrolAsk::Enrol(req))) => queue.answer(req).await,
-        Ok(Some(EnrolAsk::Renew { csr })) => match renewing_member(&conn, creds, site) {
-            Ok(member) => queue.renew(&member, csr).await,
-            Err(reason) => EnrolResponse::Refused { reason },
-        },
-        Ok(None) => return Ok(()),
-        Err(e) => EnrolResponse::Refused {
-            reason: format!("not an enrolment request: {e}"),
-        },
-    };
-    wire::write_msg(&mut send, ENROL_VERSION, &answer, MAX_ENROL_FRAME)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    // Until the machine has read the answer and closed.
-    let _ = tokio::time::timeout(IO_TIMEOUT, conn.closed()).await;
-    Ok(())
+    })
 }
 
 /// The node of this relay's site that presented its certificate on `conn`,
@@ -348,22 +278,14 @@ fn renewing_member(
     creds: &Credentials,
     site: &(String, String),
 ) -> Result<Identity, String> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|i| {
-            i.downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .filter(|c| !c.is_empty())
+    let (member, fingerprint) = trellis_node::enrol::client_certificate(conn)
         .ok_or("a renewal needs the member's current certificate on the connection")?;
-    let member = trellis_node::tls::identity_of(&certs[0]).map_err(|e| e.to_string())?;
     if member.role != Role::Node || member.region != site.0 || member.site != site.1 {
         return Err(format!(
             "{member} is not a node of this relay's site {}/{}",
             site.0, site.1
         ));
     }
-    let fingerprint = trellis_node::revocation::fingerprint(&certs[0]);
     if let Some(r) = creds.revocations().current().revoked(&fingerprint) {
         return Err(format!(
             "{member}'s certificate is {}: not renewed",
