@@ -224,15 +224,9 @@ pub async fn ask_endpoint(
         if who.role != expect {
             return Err(format!("{relay} is {who}, not a {expect}"));
         }
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        crate::wire::write_msg(&mut send, ENROL_VERSION, request, MAX_ENROL_FRAME)
-            .await
-            .map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
         let answer =
-            crate::wire::read_msg::<EnrolResponse>(&mut recv, ENROL_VERSION, MAX_ENROL_FRAME)
-                .await
-                .map_err(|e| e.to_string())?
+            crate::wire::ask::<_, EnrolResponse>(&conn, ENROL_VERSION, request, MAX_ENROL_FRAME)
+                .await?
                 .ok_or("the stream was closed without an answer")?;
         conn.close(0u32.into(), b"done");
         Ok(answer)

@@ -473,10 +473,26 @@ impl Credentials {
         alpns: &[Vec<u8>],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+        self.quic_server(false, alpns, transport)
+    }
+
+    /// A quinn server configuration presenting this member's certificate,
+    /// verifying clients' against the mesh CA (and, if `optional`, also
+    /// taking clients that present none).
+    fn quic_server(
+        &self,
+        optional: bool,
+        alpns: &[Vec<u8>],
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let mut verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider());
+        if optional {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = verifier
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -524,23 +540,7 @@ impl Credentials {
         alpn: &[u8],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(transport);
-        Ok(config)
+        self.quic_server(true, &[alpn.to_vec()], transport)
     }
 }
 

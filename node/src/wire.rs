@@ -250,6 +250,25 @@ pub mod bytes {
     }
 }
 
+/// One request on a new bidirectional stream of `conn` and its answer:
+/// writes `msg`, finishes the stream, reads one message back. `None`: the
+/// peer closed the stream without answering.
+pub async fn ask<Q: Serialize, R: DeserializeOwned>(
+    conn: &quinn::Connection,
+    version: u8,
+    msg: &Q,
+    limit: usize,
+) -> Result<Option<R>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_msg(&mut send, version, msg, limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    read_msg::<R>(&mut recv, version, limit)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

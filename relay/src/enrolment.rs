@@ -191,16 +191,7 @@ impl EnrolQueue {
                     .into(),
             );
         };
-        let ask = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            wire::write_msg(&mut send, UPLINK_VERSION, request, MAX_UPLINK_FRAME)
-                .await
-                .map_err(|e| e.to_string())?;
-            send.finish().map_err(|e| e.to_string())?;
-            wire::read_msg::<RelayResponse>(&mut recv, UPLINK_VERSION, MAX_UPLINK_FRAME)
-                .await
-                .map_err(|e| e.to_string())
-        };
+        let ask = wire::ask::<_, RelayResponse>(&conn, UPLINK_VERSION, request, MAX_UPLINK_FRAME);
         match tokio::time::timeout(IO_TIMEOUT, ask).await {
             Err(_) => Err("the hub did not answer in time; the relay keeps the request".into()),
             Ok(Err(e)) => Err(format!(
