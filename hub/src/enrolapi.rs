@@ -43,6 +43,10 @@ pub struct TokenRequest {
     /// or `relay` (with a hub).
     #[serde(default)]
     pub role: Option<Role>,
+    /// Labels the machines enrolled with it get (merged under their own
+    /// configuration's `[node] labels`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// How many machines may enrol with it (default 1).
     #[serde(default)]
     pub uses: Option<u32>,
@@ -69,6 +73,7 @@ pub struct TokenView {
     pub region: String,
     pub site: String,
     pub role: Role,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub uses: u32,
     pub used: u32,
     pub expires_ms: u64,
@@ -126,6 +131,7 @@ fn view(r: &TokenRecord, used: u32) -> TokenView {
         region: r.region.clone(),
         site: r.site.clone(),
         role: r.role,
+        labels: r.labels.clone(),
         uses: r.uses,
         used,
         expires_ms: r.expires_ms,
@@ -161,6 +167,20 @@ pub(crate) async fn create(
     if let Err(e) = Identity::new(role, &body.region, &body.site, "probe") {
         return error(StatusCode::BAD_REQUEST, format!("region and site: {e}"));
     }
+    if body.labels.len() > trellis_node::config::MAX_LABELS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("labels: at most {}", trellis_node::config::MAX_LABELS),
+        );
+    }
+    if let Some((k, v)) = body.labels.iter().find(|(k, v)| {
+        !trellis_node::config::valid_label_part(k) || !trellis_node::config::valid_label_part(v)
+    }) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("labels: {k}={v}: keys and values are 1 to 63 characters of A-Z a-z 0-9 . _ -"),
+        );
+    }
     let uses = body.uses.unwrap_or(1);
     if uses == 0 || uses > MAX_TOKEN_USES {
         return error(
@@ -191,6 +211,7 @@ pub(crate) async fn create(
         region: body.region,
         site: body.site,
         role,
+        labels: body.labels,
         uses,
         expires_ms: now + ttl.as_millis() as u64,
         created_ms: now,
@@ -268,7 +289,10 @@ pub(crate) async fn enrol(
     let request_id = req.id();
     // The same request asked again (its answer was lost): the same answer.
     if let Some((_, _, u)) = known.uses.iter().find(|(_, _, u)| u.request == request_id) {
-        return RelayResponse::Issued(u.cert_pem.clone());
+        return RelayResponse::Issued {
+            cert_pem: u.cert_pem.clone(),
+            labels: record.labels.clone(),
+        };
     }
     let (region, site) = match (relay, record.role) {
         (Some(r), Role::Node) => (&r.region, &r.site),
@@ -329,7 +353,10 @@ pub(crate) async fn enrol(
     match crate::peering::write(shared, peering, author, op).await {
         Ok(_) => {
             tracing::info!(identity = %uri, token = %record.id, via = %via, "machine enrolled");
-            RelayResponse::Issued(cert_pem)
+            RelayResponse::Issued {
+                cert_pem,
+                labels: record.labels.clone(),
+            }
         }
         Err(e) => RelayResponse::Error(format!("the enrolment was not recorded: {e}")),
     }
@@ -385,7 +412,10 @@ pub(crate) async fn renew(
     match crate::peering::write(shared, peering, format!("relay:{}", relay.name), op).await {
         Ok(_) => {
             tracing::info!(identity = %uri, relay = %relay, "certificate renewed");
-            RelayResponse::Issued(cert_pem)
+            RelayResponse::Issued {
+                cert_pem,
+                labels: Default::default(),
+            }
         }
         Err(e) => RelayResponse::Error(format!("the renewal was not recorded: {e}")),
     }
@@ -409,7 +439,9 @@ pub(crate) fn serve(
         async move {
             match ask {
                 EnrolAsk::Enrol(req) => match enrol(&shared, None, req).await {
-                    RelayResponse::Issued(cert_pem) => EnrolResponse::Issued { cert_pem },
+                    RelayResponse::Issued { cert_pem, labels } => {
+                        EnrolResponse::Issued { cert_pem, labels }
+                    }
                     RelayResponse::Refused(reason) => EnrolResponse::Refused { reason },
                     RelayResponse::Error(why) => EnrolResponse::Pending {
                         why,

@@ -808,9 +808,16 @@ impl NodeAgent {
     /// runs until `shutdown` is cancelled.
     pub async fn start(
         creds: Credentials,
-        cfg: NodeConfig,
+        mut cfg: NodeConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
+        // Labels its join token gave the node, under the configuration's.
+        if let Some(cert) = cfg.identity.cert.clone() {
+            let given = crate::enrol::enrolled_labels(&cert).map_err(StartError::Other)?;
+            for (k, v) in given {
+                cfg.node.labels.entry(k).or_insert(v);
+            }
+        }
         let applier = Applier::open(&cfg.config.state_dir)?;
         let patch_run = crate::patching::load_record(&cfg.patch.dir)?;
         // Before joining: a node restarted while its relay is away still

@@ -11,6 +11,7 @@
 //! This module holds what the three tiers share: the token's format and
 //! record, the request and its answers, and the machine's side.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,7 +68,12 @@ impl EnrolRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EnrolResponse {
     /// The certificate (PEM), signed by the mesh CA.
-    Issued { cert_pem: String },
+    Issued {
+        cert_pem: String,
+        /// Labels the token gives the machine (merged under its
+        /// configuration's `[node] labels`).
+        labels: BTreeMap<String, String>,
+    },
     /// Kept by the relay; ask again later with the same request.
     Pending { why: String, retry_after_s: u32 },
     /// Refused for good; the reason says what to do.
@@ -149,6 +155,9 @@ pub struct TokenRecord {
     pub region: String,
     pub site: String,
     pub role: Role,
+    /// Labels the machines enrolled with it get.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// How many machines may enrol with it.
     pub uses: u32,
     /// Unix milliseconds after which it is refused.
@@ -432,10 +441,10 @@ pub async fn enrol(
     let config =
         crate::tls::enrolment_client_config(&ca_pem, ENROL_ALPN).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let cert_pem = loop {
+    let (cert_pem, labels) = loop {
         let answer = ask_endpoint(relay, enrols_through(role), config.clone(), &request).await;
         let retry = match answer {
-            Ok(EnrolResponse::Issued { cert_pem }) => break cert_pem,
+            Ok(EnrolResponse::Issued { cert_pem, labels }) => break (cert_pem, labels),
             Ok(EnrolResponse::Refused { reason }) => {
                 return Err(format!("enrolment refused: {reason}"));
             }
@@ -464,11 +473,41 @@ pub async fn enrol(
     }
     crate::apply::write_atomic(key_path, key_pem.as_bytes(), 0o600)
         .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+    let labels_file = labels_path(cert_path);
+    if labels.is_empty() {
+        let _ = std::fs::remove_file(&labels_file);
+    } else {
+        let json = serde_json::to_vec_pretty(&labels).expect("labels serialise");
+        crate::apply::write_atomic(&labels_file, &json, 0o644)
+            .map_err(|e| format!("cannot write {}: {e}", labels_file.display()))?;
+    }
     crate::apply::write_atomic(cert_path, cert_pem.as_bytes(), 0o644)
         .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
     let _ = std::fs::remove_file(&pending_request);
     let _ = std::fs::remove_file(&pending_key);
     Ok(Enrolled { identity })
+}
+
+/// Where the labels a token gave the machine are kept: beside its
+/// certificate.
+pub fn labels_path(cert: &std::path::Path) -> std::path::PathBuf {
+    with_suffix(cert, ".labels.json")
+}
+
+/// The labels a token gave the machine whose certificate is at `cert`
+/// (none if it was not enrolled with labels). A damaged file is an error.
+pub fn enrolled_labels(cert: &std::path::Path) -> Result<BTreeMap<String, String>, String> {
+    let path = labels_path(cert);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            format!(
+                "{} is damaged ({e}); remove it, or enrol again",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
 }
 
 /// `path` with `suffix` added to its file name.
@@ -513,7 +552,7 @@ pub async fn renew(
         .map_err(|e| e.to_string())?;
     let through = enrols_through(me.role);
     let cert_pem = match ask_endpoint(relay, through, config, &EnrolAsk::Renew { csr }).await? {
-        EnrolResponse::Issued { cert_pem } => cert_pem,
+        EnrolResponse::Issued { cert_pem, .. } => cert_pem,
         EnrolResponse::Refused { reason } => return Err(format!("renewal refused: {reason}")),
         EnrolResponse::Pending { why, .. } => return Err(format!("not renewed yet: {why}")),
     };
@@ -570,6 +609,7 @@ mod tests {
             region: "eu".into(),
             site: "par".into(),
             role: Role::Node,
+            labels: BTreeMap::new(),
             uses: 2,
             expires_ms: 10_000,
             created_ms: 0,

@@ -197,7 +197,9 @@ impl EnrolQueue {
             Ok(Err(e)) => Err(format!(
                 "the hub could not be asked ({e}); the relay keeps the request"
             )),
-            Ok(Ok(Some(RelayResponse::Issued(cert_pem)))) => Ok(EnrolResponse::Issued { cert_pem }),
+            Ok(Ok(Some(RelayResponse::Issued { cert_pem, labels }))) => {
+                Ok(EnrolResponse::Issued { cert_pem, labels })
+            }
             Ok(Ok(Some(RelayResponse::Refused(reason)))) => Ok(EnrolResponse::Refused { reason }),
             Ok(Ok(Some(RelayResponse::Error(e)))) => Err(format!("the hub: {e}")),
             Ok(Ok(other)) => Err(format!("unexpected answer from the hub: {other:?}")),

@@ -313,8 +313,12 @@ pub enum RelayResponse {
     /// other).
     NotHere,
     Error(String),
-    /// The certificate an enrolment was given (PEM).
-    Issued(String),
+    /// The certificate an enrolment was given (PEM), and the labels its
+    /// token gives the machine.
+    Issued {
+        cert_pem: String,
+        labels: std::collections::BTreeMap<String, String>,
+    },
     /// An enrolment refused for good, and why.
     Refused(String),
 }

@@ -66,14 +66,17 @@ impl Site {
 
     /// A token for `site`.
     fn token(&self, site: &str, uses: u32, ttl: &str) -> String {
+        self.token_with(site, uses, ttl, &[])
+    }
+
+    fn token_with(&self, site: &str, uses: u32, ttl: &str, extra: &[&str]) -> String {
         let uses = uses.to_string();
-        let out = run(
-            "trellis",
-            &[
-                "token", "create", "--region", "eu", "--site", site, "--uses", &uses, "--ttl", ttl,
-                "--hub", &self.api, "--json",
-            ],
-        );
+        let mut args = vec![
+            "token", "create", "--region", "eu", "--site", site, "--uses", &uses, "--ttl", ttl,
+            "--hub", &self.api, "--json",
+        ];
+        args.extend(extra);
+        let out = run("trellis", &args);
         assert!(out.status.success(), "token create: {out:?}");
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v["token"].as_str().unwrap().to_owned()
@@ -124,7 +127,7 @@ fn a_machine_enrols_with_a_token_and_joins_and_bad_tokens_are_refused_with_the_r
     let mut s = Site::start();
 
     // Enrol, then start with the certificate: the site counts two nodes.
-    let token = s.token("par", 1, "1h");
+    let token = s.token_with("par", 1, "1h", &["--labels", "role=web,rack=r7"]);
     assert!(token.starts_with("trellis-join-"), "{token}");
     let out = s.enroll("par-new", &token);
     assert!(out.status.success(), "enroll: {out:?}");
@@ -138,9 +141,27 @@ fn a_machine_enrols_with_a_token_and_joins_and_bad_tokens_are_refused_with_the_r
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let (new, _) = s.mesh.start_node("par-new", &s.gossip, "");
+    // Its own configuration's labels win over the token's.
+    let (new, _) = s
+        .mesh
+        .start_node("par-new", &s.gossip, "[node]\nlabels = { rack = \"r9\" }\n");
     s.procs.push(new);
     s.wait_alive(2);
+    let labelled = eventually(Duration::from_secs(20), || {
+        let out = run("trellis", &["nodes", "par", "--hub", &s.api, "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["nodes"].as_array().is_some_and(|nodes| {
+            nodes.iter().any(|n| {
+                n["name"] == "par-new"
+                    && n["labels"]["role"] == "web"
+                    && n["labels"]["rack"] == "r9"
+            })
+        })
+    });
+    assert!(
+        labelled,
+        "par-new does not carry role=web and its own rack=r9"
+    );
 
     // The token was for one machine.
     let out = s.enroll("par-second", &token);

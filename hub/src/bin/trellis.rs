@@ -718,6 +718,10 @@ enum TokenCommand {
         /// (with a hub's `[enrolment] listen`).
         #[arg(long, default_value = "node")]
         role: Role,
+        /// Labels the machines enrolled with it get, like role=web,rack=r12
+        /// (their own configuration's labels take precedence).
+        #[arg(long, value_delimiter = ',', value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         /// How many machines may enrol with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
@@ -1051,6 +1055,7 @@ fn main() -> ExitCode {
             region,
             site,
             role,
+            labels,
             uses,
             ttl,
             author,
@@ -1061,10 +1066,21 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return client_error(e),
             };
+            let mut parsed = std::collections::BTreeMap::new();
+            for l in &labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    return cli::fail(
+                        EXIT_USAGE,
+                        &format!("--labels {l}: expected KEY=VALUE, like role=web"),
+                    );
+                };
+                parsed.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
             let request = trellis_hub::enrolapi::TokenRequest {
                 region,
                 site,
                 role: Some(role),
+                labels: parsed,
                 uses: Some(uses),
                 ttl: Some(ttl),
                 author,
