@@ -120,6 +120,12 @@ pub trait MemberConfig: DeserializeOwned + Serialize + Default + Validate {
         let _ = base;
     }
 
+    /// Before the credentials are loaded: a member that has none yet and
+    /// a join token in its configuration enrols here.
+    fn enrol_first(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Runs once the configuration and credentials are known good, before
     /// the member starts; a node agent replaces itself here with the build
     /// of itself it should run ([`crate::upgrade`]).
@@ -172,6 +178,11 @@ where
             toml::to_string(&loaded.config).expect("config serialises")
         );
         return ExitCode::SUCCESS;
+    }
+    if !args.check_config
+        && let Err(e) = loaded.config.enrol_first()
+    {
+        return fail_logged(log_format, EXIT_FAILED, &e);
     }
     let creds = match loaded.config.identity().load(&loaded) {
         Ok(c) => c,
@@ -248,37 +259,10 @@ pub fn enroll_main<C: MemberConfig>(
         cert: loaded.resolve(cert),
         key: loaded.resolve(key),
     };
-    let through = crate::enrol::enrols_through(role);
-    let Some(addr) = std::net::ToSocketAddrs::to_socket_addrs(server)
-        .ok()
-        .and_then(|mut a| a.next())
-    else {
-        return usage(&format!(
-            "--{through} {server}: not a host:port this machine can resolve"
-        ));
-    };
-    let name = match name
-        .or_else(|| sysinfo::System::host_name().ok())
-        .filter(|n| !n.is_empty())
-    {
-        Some(n) => n,
-        None => return usage(&"this machine has no hostname: give --name"),
-    };
-    crate::tls::install_crypto_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    eprintln!("enrolling as {role} {name} through the {through} at {addr}");
-    let result = rt.block_on(crate::enrol::enrol(
-        addr,
-        role,
-        token,
-        &name,
-        &files,
-        wait,
-        |what| eprintln!("waiting: {what}"),
-    ));
+    eprintln!("enrolling as a {role} through {server}");
+    let result = enrol_now(role, &files, server, token, name, wait, |what| {
+        eprintln!("waiting: {what}")
+    });
     match result {
         Ok(done) => {
             println!(
@@ -291,4 +275,38 @@ pub fn enroll_main<C: MemberConfig>(
         }
         Err(e) => fail(EXIT_FAILED, &e),
     }
+}
+
+/// Enrols this machine as a member of `role` through the enrolment
+/// endpoint at `server` (host:port), on a runtime of its own; `progress`
+/// hears every pending answer.
+pub fn enrol_now(
+    role: Role,
+    files: &crate::enrol::IdentityFiles,
+    server: &str,
+    token: &str,
+    name: Option<String>,
+    wait: std::time::Duration,
+    progress: impl FnMut(&str),
+) -> Result<crate::enrol::Enrolled, String> {
+    let through = crate::enrol::enrols_through(role);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(server)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            format!("the {through} {server}: not a host:port this machine can resolve")
+        })?;
+    let name = name
+        .or_else(|| sysinfo::System::host_name().ok())
+        .filter(|n| !n.is_empty())
+        .ok_or("this machine has no hostname: give it a name")?;
+    crate::tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    tracing::info!(%role, %name, %through, %addr, "enrolling");
+    rt.block_on(crate::enrol::enrol(
+        addr, role, token, &name, files, wait, progress,
+    ))
 }

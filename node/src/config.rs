@@ -624,6 +624,21 @@ impl Validate for ApplyConfig {
 /// Where a node keeps patches when the configuration does not say.
 pub const DEFAULT_PATCH_DIR: &str = "/var/lib/trellis/patches";
 
+/// `[join]`: enrolment at the agent's first start, for machines built from
+/// an image with the token in their configuration: with no certificate
+/// yet, the agent enrols through `relay` with `token` (as `trellis-node
+/// enroll` does), waiting as long as it takes, then starts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JoinConfig {
+    /// The site relay's enrolment address (its `[enrol] listen`).
+    pub relay: Option<String>,
+    /// The join token (`trellis token create`).
+    pub token: Option<String>,
+    /// This machine's name in the fleet (default: its hostname).
+    pub name: Option<String>,
+}
+
 /// `[renewal]`: renewing the node's certificate before it expires, through
 /// its relay's enrolment endpoint ([`crate::enrol`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -696,6 +711,7 @@ pub struct NodeConfig {
     pub config: ApplyConfig,
     pub patch: PatchConfig,
     pub renewal: RenewalConfig,
+    pub join: JoinConfig,
     pub checks: Vec<CheckConfig>,
 }
 
@@ -715,6 +731,7 @@ impl Default for NodeConfig {
             config: ApplyConfig::default(),
             patch: PatchConfig::default(),
             renewal: RenewalConfig::default(),
+            join: JoinConfig::default(),
             checks: Vec::new(),
         }
     }
@@ -734,6 +751,11 @@ impl Validate for NodeConfig {
         self.health.validate(p);
         self.config.validate(p);
         self.patch.validate(p);
+        p.check(
+            self.join.token.is_none() || self.join.relay.is_some(),
+            "join.relay",
+            "is not set: a join token needs the relay's enrolment address (host:port)",
+        );
         p.check(
             self.renewal.check_every >= Duration::from_secs(1),
             "renewal.check_every",
@@ -772,6 +794,35 @@ impl crate::cli::MemberConfig for NodeConfig {
 
     fn before_start(&self) {
         crate::upgrade::launch(&self.patch.dir);
+    }
+
+    fn enrol_first(&self) -> Result<(), String> {
+        let (Some(relay), Some(token)) = (&self.join.relay, &self.join.token) else {
+            return Ok(());
+        };
+        let (Some(ca), Some(cert), Some(key)) =
+            (&self.identity.ca, &self.identity.cert, &self.identity.key)
+        else {
+            return Ok(());
+        };
+        if cert.exists() {
+            return Ok(());
+        }
+        let files = crate::enrol::IdentityFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        crate::cli::enrol_now(
+            crate::id::Role::Node,
+            &files,
+            relay,
+            token,
+            self.join.name.clone(),
+            Duration::from_secs(365 * 86400),
+            |what| tracing::info!(%what, "enrolling: waiting"),
+        )
+        .map(|done| tracing::info!(identity = %done.identity, "enrolled with the join token in the configuration"))
     }
 }
 

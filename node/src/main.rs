@@ -42,6 +42,10 @@ use trellis_node::upgrade;
 ///   drift = "heal"             # or "report": log and count, leave the file
 ///   reload_timeout = "30s"     # a reload command running longer is killed
 ///
+///   [join]                     # enrol at the first start (no certificate yet)
+///   relay = "10.1.0.2:7904"    # the relay's [enrol] listen
+///   token = "trellis-join-..." # from `trellis token create`
+///
 ///   [renewal]                  # the certificate, renewed through the relay
 ///   renew_before = "30d"       # once it expires within this long
 ///   check_every = "1h"

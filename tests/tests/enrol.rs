@@ -277,6 +277,24 @@ fn a_machine_enrols_with_a_token_and_joins_and_bad_tokens_are_refused_with_the_r
     let (n, _) = s.mesh.start_node("par-late", &s.gossip, "");
     s.procs.push(n);
     s.wait_alive(3);
+
+    // A machine built from an image with the token in its configuration
+    // enrols when the agent first starts, then runs.
+    let token = s.token("par", 1, "1h");
+    let (n, _) = s.mesh.start_node(
+        "par-image",
+        &s.gossip,
+        &format!("[join]\nrelay = \"{}\"\ntoken = \"{token}\"\n", s.enrol),
+    );
+    assert!(
+        n.log()
+            .iter()
+            .any(|l| l.contains("enrolled with the join token")),
+        "{}",
+        n.log().join("\n")
+    );
+    s.procs.push(n);
+    s.wait_alive(4);
 }
 
 #[test]
