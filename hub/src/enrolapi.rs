@@ -373,6 +373,21 @@ pub(crate) async fn renew(
     name: &str,
     csr: &[u8],
 ) -> RelayResponse {
+    let identity = match Identity::new(Role::Node, &relay.region, &relay.site, name) {
+        Ok(i) => i,
+        Err(e) => return RelayResponse::Refused(format!("name {name:?}: {e}")),
+    };
+    renew_identity(shared, identity, &format!("relay {}", relay.name), csr).await
+}
+
+/// A new certificate for `identity` over the request's key, unless it was
+/// decommissioned; recorded as a `node.renewed` (or `relay.renewed`) note.
+async fn renew_identity(
+    shared: &Shared,
+    identity: Identity,
+    via: &str,
+    csr: &[u8],
+) -> RelayResponse {
     let Some(ca_dir) = shared.enrolment.ca_dir.as_ref() else {
         return RelayResponse::Error(
             "this hub cannot sign certificates ([enrolment] ca_dir is not set)".into(),
@@ -380,10 +395,6 @@ pub(crate) async fn renew(
     };
     let Some(peering) = shared.peering.get() else {
         return RelayResponse::Error("the hub is starting".into());
-    };
-    let identity = match Identity::new(Role::Node, &relay.region, &relay.site, name) {
-        Ok(i) => i,
-        Err(e) => return RelayResponse::Refused(format!("name {name:?}: {e}")),
     };
     let uri = identity.to_uri();
     if shared
@@ -405,13 +416,14 @@ pub(crate) async fn renew(
         }
     };
     let op = Op::Note {
-        kind: "node.renewed".into(),
+        kind: format!("{}.renewed", identity.role),
         subject: uri.clone(),
-        detail: format!("through relay {}", relay.name),
+        detail: format!("through {via}"),
     };
-    match crate::peering::write(shared, peering, format!("relay:{}", relay.name), op).await {
+    let author = format!("{}:{}", identity.role, identity.name);
+    match crate::peering::write(shared, peering, author, op).await {
         Ok(_) => {
-            tracing::info!(identity = %uri, relay = %relay, "certificate renewed");
+            tracing::info!(identity = %uri, via, "certificate renewed");
             RelayResponse::Issued {
                 cert_pem,
                 labels: Default::default(),
@@ -434,30 +446,59 @@ pub(crate) fn serve(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<std::net::SocketAddr, String> {
     use trellis_node::enrol::{EnrolAsk, EnrolResponse};
-    trellis_node::enrol::serve(listen, creds, ENROLLING_AT_ONCE, shutdown, move |ask, _| {
-        let shared = shared.clone();
-        async move {
-            match ask {
-                EnrolAsk::Enrol(req) => match enrol(&shared, None, req).await {
-                    RelayResponse::Issued { cert_pem, labels } => {
-                        EnrolResponse::Issued { cert_pem, labels }
+    trellis_node::enrol::serve(
+        listen,
+        creds,
+        ENROLLING_AT_ONCE,
+        shutdown,
+        move |ask, conn| {
+            let shared = shared.clone();
+            async move {
+                match ask {
+                    EnrolAsk::Enrol(req) => match enrol(&shared, None, req).await {
+                        RelayResponse::Issued { cert_pem, labels } => {
+                            EnrolResponse::Issued { cert_pem, labels }
+                        }
+                        RelayResponse::Refused(reason) => EnrolResponse::Refused { reason },
+                        RelayResponse::Error(why) => EnrolResponse::Pending {
+                            why,
+                            retry_after_s: 10,
+                        },
+                        other => EnrolResponse::Pending {
+                            why: format!("unexpected: {other:?}"),
+                            retry_after_s: 10,
+                        },
+                    },
+                    EnrolAsk::Renew { csr } => {
+                        let relay = trellis_node::enrol::client_certificate(&conn)
+                            .filter(|(id, _)| id.role == Role::Relay);
+                        let Some((relay, fingerprint)) = relay else {
+                            return EnrolResponse::Refused {
+                                reason: "a renewal here needs the relay's current certificate on \
+                                     the connection"
+                                    .into(),
+                            };
+                        };
+                        if let Some(r) = shared.revocations.current().revoked(&fingerprint) {
+                            return EnrolResponse::Refused {
+                                reason: format!("{relay}'s certificate is {}", r.kind.as_str()),
+                            };
+                        }
+                        match renew_identity(&shared, relay, "the hub's enrolment endpoint", &csr)
+                            .await
+                        {
+                            RelayResponse::Issued { cert_pem, labels } => {
+                                EnrolResponse::Issued { cert_pem, labels }
+                            }
+                            RelayResponse::Refused(reason) => EnrolResponse::Refused { reason },
+                            other => EnrolResponse::Pending {
+                                why: format!("{other:?}"),
+                                retry_after_s: 60,
+                            },
+                        }
                     }
-                    RelayResponse::Refused(reason) => EnrolResponse::Refused { reason },
-                    RelayResponse::Error(why) => EnrolResponse::Pending {
-                        why,
-                        retry_after_s: 10,
-                    },
-                    other => EnrolResponse::Pending {
-                        why: format!("unexpected: {other:?}"),
-                        retry_after_s: 10,
-                    },
-                },
-                EnrolAsk::Renew { .. } => EnrolResponse::Refused {
-                    reason: "relays are not renewed here yet: issue a new certificate with \
-                             `trellis ca issue`, or enrol again with a relay token"
-                        .into(),
-                },
+                }
             }
-        }
-    })
+        },
+    )
 }

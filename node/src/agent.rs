@@ -519,13 +519,22 @@ async fn follow_revocations(
     }
 }
 
+/// Where a member renews its certificate.
+pub enum RenewFrom {
+    /// A relay of the node's site that publishes its enrolment address in
+    /// gossip.
+    SiteRelays(Arc<Gossip>),
+    /// A hub's enrolment endpoint (`[renewal] hub`, host:port), for relays.
+    Hub(String),
+}
+
 /// Renews the node's certificate through a relay of its site that serves
 /// enrolment (found in gossip, [`crate::enrol::GOSSIP_KEY`]) once it
 /// expires within `renew_before`, then stops the agent (`shutdown`, its
 /// root token) so that it starts again on the new certificate; looks every
 /// `check_every` (first after 5 s at most).
-async fn renew_certificate(
-    gossip: Arc<Gossip>,
+pub async fn renew_certificate(
+    from: RenewFrom,
     creds: Credentials,
     files: crate::enrol::IdentityFiles,
     cfg: crate::config::RenewalConfig,
@@ -551,16 +560,21 @@ async fn renew_certificate(
         if left > cfg.renew_before.as_secs() as i64 {
             continue;
         }
-        let relays: Vec<SocketAddr> = gossip
-            .values(crate::enrol::GOSSIP_KEY)
-            .await
-            .iter()
-            .filter_map(|v| v.parse().ok())
-            .collect();
+        let relays: Vec<SocketAddr> = match &from {
+            RenewFrom::SiteRelays(gossip) => gossip
+                .values(crate::enrol::GOSSIP_KEY)
+                .await
+                .iter()
+                .filter_map(|v| v.parse().ok())
+                .collect(),
+            RenewFrom::Hub(addr) => std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+                .map(|a| a.take(1).collect())
+                .unwrap_or_default(),
+        };
         if relays.is_empty() && !told {
             warn!(
                 expires_in_s = left,
-                "this node's certificate expires soon and no relay of its site serves renewal ([enrol] listen)"
+                "this member's certificate expires soon and nothing serves its renewal (a relay's [enrol] listen, or [renewal] hub)"
             );
             told = true;
         }
@@ -852,7 +866,7 @@ impl NodeAgent {
             shutdown.clone(),
         ));
         tokio::spawn(renew_certificate(
-            member.gossip.clone(),
+            RenewFrom::SiteRelays(member.gossip.clone()),
             trust.clone(),
             crate::enrol::IdentityFiles {
                 ca: cfg.identity.ca.clone().unwrap_or_default(),

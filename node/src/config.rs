@@ -650,6 +650,10 @@ pub struct RenewalConfig {
     /// How often the certificate's expiry is looked at.
     #[serde(with = "humantime_serde")]
     pub check_every: Duration,
+    /// For a relay: the hub enrolment endpoint it renews at (the hub's
+    /// `[enrolment] listen`, host:port); unset, it is not renewed. Nodes
+    /// renew through their site's relay and leave this unset.
+    pub hub: Option<String>,
 }
 
 impl Default for RenewalConfig {
@@ -657,6 +661,7 @@ impl Default for RenewalConfig {
         RenewalConfig {
             renew_before: Duration::from_secs(30 * 86400),
             check_every: Duration::from_secs(3600),
+            hub: None,
         }
     }
 }

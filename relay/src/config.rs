@@ -170,6 +170,7 @@ pub struct RelayConfig {
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub enrol: EnrolConfig,
+    pub renewal: trellis_node::config::RenewalConfig,
     /// The relay's own checks; none by default.
     pub checks: Vec<CheckConfig>,
 }
@@ -186,6 +187,7 @@ impl Default for RelayConfig {
             metrics: MetricsConfig::with_listen(([127, 0, 0, 1], RELAY_METRICS_PORT).into()),
             retention: RetentionConfig::default(),
             enrol: EnrolConfig::default(),
+            renewal: Default::default(),
             checks: Vec::new(),
         }
     }
@@ -281,6 +283,16 @@ impl trellis_node::cli::MemberConfig for RelayConfig {
     fn resolve_paths(&mut self, base: &std::path::Path) {
         if self.buffer.path.is_relative() {
             self.buffer.path = base.join(&self.buffer.path);
+        }
+        // The relay rewrites its certificate and key when it renews them.
+        for p in [
+            &mut self.identity.ca,
+            &mut self.identity.cert,
+            &mut self.identity.key,
+        ] {
+            if let Some(path) = p.as_mut().filter(|x| x.is_relative()) {
+                *path = base.join(&*path);
+            }
         }
     }
 }

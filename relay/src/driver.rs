@@ -1378,6 +1378,19 @@ impl Relay {
             }
             None => None,
         };
+        if let Some(hub) = cfg.renewal.hub.clone() {
+            tokio::spawn(trellis_node::agent::renew_certificate(
+                trellis_node::agent::RenewFrom::Hub(hub),
+                trust.clone(),
+                trellis_node::enrol::IdentityFiles {
+                    ca: cfg.identity.ca.clone().unwrap_or_default(),
+                    cert: cfg.identity.cert.clone().unwrap_or_default(),
+                    key: cfg.identity.key.clone().unwrap_or_default(),
+                },
+                cfg.renewal.clone(),
+                shutdown.clone(),
+            ));
+        }
         if let Some(mut addr) = enrol_addr {
             // Where the site's nodes renew their certificates (at the
             // address they reach the relay's gossip on, if bound to all).

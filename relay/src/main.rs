@@ -47,6 +47,10 @@ use trellis_relay::driver::Relay;
 ///   [enrol]                      # machines enrol here with a join token
 ///   listen = "10.1.0.2:7904"     # (trellis-node enroll); off unless set
 ///
+///   [renewal]                    # this relay's certificate, renewed at a hub
+///   hub = "10.0.0.5:7705"        # its [enrolment] listen; off unless set
+///   renew_before = "30d"
+///
 ///   [metrics]
 ///   listen = "127.0.0.1:7911"
 #[derive(Parser)]

@@ -435,3 +435,67 @@ fn a_relay_enrols_with_a_hub_using_a_relay_token_and_serves_its_site() {
     });
     assert!(serving, "the hub never heard from lyon's relay");
 }
+
+#[test]
+fn a_relay_renews_its_certificate_at_a_hub_and_starts_again_on_it() {
+    let _serial = serial();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    let p = mesh.path();
+    let (ca, certs) = (p.join("ca"), p.join("certs"));
+    let (mut hub, uplink, api) = mesh.start_hub(
+        "hub-1",
+        &format!("[enrolment]\nca_dir = {ca:?}\nlisten = \"127.0.0.1:0\"\n"),
+    );
+    let enrol = hub.wait_field("hub ready", "enrol", Duration::from_secs(10));
+    let out = run(
+        "trellis",
+        &[
+            "ca",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--out",
+            certs.to_str().unwrap(),
+            "--role",
+            "relay",
+            "--region",
+            "eu",
+            "--site",
+            "lyon",
+            "--name",
+            "lyon-relay",
+            "--days",
+            "1",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let cert = certs.join("lyon-relay.crt");
+    let expiry = |path: &std::path::Path| {
+        trellis_node::enrol::not_after_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let before = expiry(&cert);
+    let (mut relay, _) = mesh.start_relay(
+        "lyon-relay",
+        &uplink,
+        &format!("[renewal]\nhub = \"{enrol}\"\nrenew_before = \"2d\"\ncheck_every = \"1s\"\n"),
+    );
+    let renewed = relay.wait_line("certificate renewed", Duration::from_secs(30));
+    assert!(renewed.is_some(), "{}", relay.log().join("\n"));
+    let again = eventually(Duration::from_secs(20), || {
+        relay
+            .log()
+            .iter()
+            .filter(|l| l.contains("relay ready"))
+            .count()
+            == 2
+    });
+    assert!(again, "{}", relay.log().join("\n"));
+    assert!(expiry(&cert) - before > 300 * 86400);
+    let serving = eventually(Duration::from_secs(30), || {
+        fleet_site(&api, "lyon").is_some()
+    });
+    assert!(serving, "the hub never heard from lyon's relay");
+    let audit = run("trellis", &["audit", "log", "--hub", &api]);
+    assert!(text(&audit.stdout).contains("relay.renewed"), "{audit:?}");
+}
