@@ -208,6 +208,10 @@ fn a_machine_enrols_with_a_token_and_joins_and_bad_tokens_are_refused_with_the_r
         .collect();
     assert_eq!(used.iter().sum::<u64>(), 1, "{list}");
     assert!(!text(&out.stdout).contains(&token[token.len() - 64..]));
+    // Creating a token and each enrolment are in the audit trail.
+    let audit = text(&run("trellis", &["audit", "log", "--hub", &s.api]).stdout);
+    assert!(audit.contains("enrol/token/"), "{audit}");
+    assert!(audit.contains("enrol/used/"), "{audit}");
     // Enrolment keys are not writable through the generic desired state.
     let out = run(
         "trellis",
