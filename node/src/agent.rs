@@ -868,11 +868,7 @@ impl NodeAgent {
         tokio::spawn(renew_certificate(
             RenewFrom::SiteRelays(member.gossip.clone()),
             trust.clone(),
-            crate::enrol::IdentityFiles {
-                ca: cfg.identity.ca.clone().unwrap_or_default(),
-                cert: cfg.identity.cert.clone().unwrap_or_default(),
-                key: cfg.identity.key.clone().unwrap_or_default(),
-            },
+            cfg.identity.files(),
             cfg.renewal.clone(),
             shutdown.clone(),
         ));

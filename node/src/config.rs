@@ -167,6 +167,16 @@ impl IdentityConfig {
         }
     }
 
+    /// The paths as they are (resolved by the member's configuration
+    /// loader), for enrolment and renewal; unset ones are empty.
+    pub fn files(&self) -> crate::enrol::IdentityFiles {
+        crate::enrol::IdentityFiles {
+            ca: self.ca.clone().unwrap_or_default(),
+            cert: self.cert.clone().unwrap_or_default(),
+            key: self.key.clone().unwrap_or_default(),
+        }
+    }
+
     /// The certificate path (after [`Validate::normalize`]).
     pub fn cert_path(&self) -> &Path {
         self.cert.as_deref().unwrap_or(Path::new("tls/member.crt"))

@@ -1382,11 +1382,7 @@ impl Relay {
             tokio::spawn(trellis_node::agent::renew_certificate(
                 trellis_node::agent::RenewFrom::Hub(hub),
                 trust.clone(),
-                trellis_node::enrol::IdentityFiles {
-                    ca: cfg.identity.ca.clone().unwrap_or_default(),
-                    cert: cfg.identity.cert.clone().unwrap_or_default(),
-                    key: cfg.identity.key.clone().unwrap_or_default(),
-                },
+                cfg.identity.files(),
                 cfg.renewal.clone(),
                 shutdown.clone(),
             ));

@@ -16,6 +16,40 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Issues `name` a certificate that expires in a day, into `certs/`.
+fn issue_for_a_day(mesh: &Mesh, role: &str, site: &str, name: &str) -> PathBuf {
+    let p = mesh.path();
+    let (ca, certs) = (p.join("ca"), p.join("certs"));
+    let out = run(
+        "trellis",
+        &[
+            "ca",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--out",
+            certs.to_str().unwrap(),
+            "--role",
+            role,
+            "--region",
+            "eu",
+            "--site",
+            site,
+            "--name",
+            name,
+            "--days",
+            "1",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    certs.join(format!("{name}.crt"))
+}
+
+/// When the certificate at `path` expires (Unix seconds).
+fn expiry(path: &std::path::Path) -> i64 {
+    trellis_node::enrol::not_after_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 struct Site {
     mesh: Mesh,
     api: String,
@@ -306,34 +340,7 @@ fn a_node_renews_its_certificate_before_it_expires_and_starts_again_on_it() {
     let _serial = serial();
     let s = Site::start();
     // A node whose certificate expires tomorrow.
-    let p = s.mesh.path();
-    let (ca, certs) = (p.join("ca"), p.join("certs"));
-    let out = run(
-        "trellis",
-        &[
-            "ca",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--out",
-            certs.to_str().unwrap(),
-            "--role",
-            "node",
-            "--region",
-            "eu",
-            "--site",
-            "par",
-            "--name",
-            "par-short",
-            "--days",
-            "1",
-        ],
-    );
-    assert!(out.status.success(), "{out:?}");
-    let expiry = |path: &std::path::Path| {
-        trellis_node::enrol::not_after_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
-    };
-    let cert = s.cert("par-short");
+    let cert = issue_for_a_day(&s.mesh, "node", "par", "par-short");
     let before = expiry(&cert);
     let (mut node, _) = s.mesh.start_node(
         "par-short",
@@ -445,39 +452,13 @@ fn a_relay_renews_its_certificate_at_a_hub_and_starts_again_on_it() {
     let _serial = serial();
     let mesh = Mesh::new();
     mesh.issue("hub", "eu", "", "hub-1");
-    let p = mesh.path();
-    let (ca, certs) = (p.join("ca"), p.join("certs"));
+    let ca = mesh.path().join("ca");
     let (mut hub, uplink, api) = mesh.start_hub(
         "hub-1",
         &format!("[enrolment]\nca_dir = {ca:?}\nlisten = \"127.0.0.1:0\"\n"),
     );
     let enrol = hub.wait_field("hub ready", "enrol", Duration::from_secs(10));
-    let out = run(
-        "trellis",
-        &[
-            "ca",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--out",
-            certs.to_str().unwrap(),
-            "--role",
-            "relay",
-            "--region",
-            "eu",
-            "--site",
-            "lyon",
-            "--name",
-            "lyon-relay",
-            "--days",
-            "1",
-        ],
-    );
-    assert!(out.status.success(), "{out:?}");
-    let cert = certs.join("lyon-relay.crt");
-    let expiry = |path: &std::path::Path| {
-        trellis_node::enrol::not_after_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
-    };
+    let cert = issue_for_a_day(&mesh, "relay", "lyon", "lyon-relay");
     let before = expiry(&cert);
     let (mut relay, _) = mesh.start_relay(
         "lyon-relay",
