@@ -809,11 +809,7 @@ async fn config_apply(State(shared): State<Shared>, body: axum::body::Bytes) -> 
                 write: WriteReport::of(&w),
             };
             // Stored here either way; not acknowledged unless on a quorum.
-            let status = if w.acknowledged() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
+            let status = w.http_status();
             (status, axum::Json(report)).into_response()
         }
     }
@@ -1021,11 +1017,7 @@ async fn patch_publish(State(shared): State<Shared>, body: axum::body::Bytes) ->
     match crate::peering::write(&shared, peering, operator.name.clone(), op).await {
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Ok(w) => {
-            let status = if w.acknowledged() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
+            let status = w.http_status();
             let report = PatchPublished {
                 id,
                 name: manifest.name,

@@ -224,11 +224,7 @@ pub(crate) async fn create(
     match crate::peering::write(&shared, peering, author, op).await {
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Ok(w) => {
-            let status = if w.acknowledged() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
+            let status = w.http_status();
             let created = TokenCreated {
                 token: token.to_string(),
                 record: view(&record, 0),

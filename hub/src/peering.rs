@@ -468,6 +468,16 @@ impl WriteOutcome {
     pub fn acknowledged(&self) -> bool {
         self.durable_on.len() >= self.quorum
     }
+
+    /// How a write route answers: 200 once a quorum holds the entry, 202
+    /// when it is stored here but not yet acknowledged.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        if self.acknowledged() {
+            axum::http::StatusCode::OK
+        } else {
+            axum::http::StatusCode::ACCEPTED
+        }
+    }
 }
 
 /// Answers the replication requests of other hubs.

@@ -129,11 +129,7 @@ pub(crate) async fn revoke(
     match crate::peering::write(&shared, peering, author, op).await {
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Ok(w) => {
-            let status = if w.acknowledged() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
+            let status = w.http_status();
             let report = Revoked {
                 revocation: view,
                 already: false,

@@ -215,7 +215,6 @@ pub async fn ask_endpoint(
     config: quinn::ClientConfig,
     ask: &EnrolAsk,
 ) -> Result<EnrolResponse, String> {
-    let request = ask;
     let bind: SocketAddr = if relay.is_ipv4() {
         "0.0.0.0:0".parse().expect("address")
     } else {
@@ -223,7 +222,7 @@ pub async fn ask_endpoint(
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("cannot bind: {e}"))?;
     endpoint.set_default_client_config(config);
-    let ask = async {
+    let exchange = async {
         let conn = endpoint
             .connect(relay, crate::tls::MESH_SERVER_NAME)
             .map_err(|e| e.to_string())?
@@ -234,13 +233,13 @@ pub async fn ask_endpoint(
             return Err(format!("{relay} is {who}, not a {expect}"));
         }
         let answer =
-            crate::wire::ask::<_, EnrolResponse>(&conn, ENROL_VERSION, request, MAX_ENROL_FRAME)
+            crate::wire::ask::<_, EnrolResponse>(&conn, ENROL_VERSION, ask, MAX_ENROL_FRAME)
                 .await?
                 .ok_or("the stream was closed without an answer")?;
         conn.close(0u32.into(), b"done");
         Ok(answer)
     };
-    let answer = tokio::time::timeout(Duration::from_secs(20), ask)
+    let answer = tokio::time::timeout(Duration::from_secs(20), exchange)
         .await
         .unwrap_or_else(|_| {
             Err(format!(
