@@ -20,6 +20,7 @@ use crate::config::{
 use crate::desired::NodeFacts;
 use crate::distribute::{self, ConfigResult, DriftAction, DriftNote, Offer, Outcome};
 use crate::endpoint::MeshEndpoint;
+use crate::foresight::Foresight;
 use crate::gossip::Gossip;
 use crate::health::{self, Checks, ResourceSampler};
 use crate::managed::{ManagedState, short_hex};
@@ -93,35 +94,63 @@ pub async fn serve_metrics(
 }
 
 /// Samples health and publishes it in gossip every `cfg.interval` until
-/// `shutdown`; keeps the membership gauges current.
+/// `shutdown`, with the findings of [`Foresight`] (`cert_not_after`: the
+/// member's certificate's expiry, seconds since the epoch); keeps the
+/// membership gauges current.
 pub async fn publish_health_loop(
     gossip: Arc<Gossip>,
     role: crate::id::Role,
     cfg: HealthConfig,
     checks: Checks,
     metrics: MeshMetrics,
+    cert_not_after: Option<i64>,
     shutdown: CancellationToken,
 ) {
     let mut sampler = ResourceSampler::new();
     let mut tick = crate::clock::ticker(cfg.interval);
     let mut published: Option<crate::site::Status> = None;
     let mut steady = health::Steady::default();
+    let mut foresight = Foresight::new(cfg.foresight.clone(), cert_not_after);
+    let mut raised: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        // sysinfo reads /proc synchronously; keep it off the async threads.
-        let (s, resources) = tokio::task::spawn_blocking(move || {
-            let r = sampler.sample();
-            (sampler, r)
+        // sysinfo reads /proc synchronously, and foresight sorts its
+        // histories now and then; keep both off the async threads.
+        let (s, f, resources) = tokio::task::spawn_blocking(move || {
+            let (r, o) = sampler.observe();
+            foresight.observe(crate::clock::unix_ms(), &o);
+            (sampler, foresight, r)
         })
         .await
         .expect("sampler does not panic");
-        sampler = s;
+        (sampler, foresight) = (s, f);
         let resources = steady.damp(&resources, std::time::Instant::now(), &cfg);
-        let health = health::assess(role, &resources, &checks.results(), &cfg);
+        let mut results = checks.results();
+        results.extend(
+            foresight
+                .checks()
+                .iter()
+                .map(|(n, r)| (n.clone(), r.clone())),
+        );
+        let now_raised: Vec<String> = foresight
+            .checks()
+            .iter()
+            .filter(|(_, r)| r.status != crate::site::Status::Passing)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if now_raised != raised {
+            for (name, r) in foresight.checks() {
+                if raised.contains(name) != now_raised.contains(name) {
+                    info!(finding = %name, status = %r.status, detail = %r.detail, "foresight");
+                }
+            }
+            raised = now_raised;
+        }
+        let health = health::assess(role, &resources, &results, &cfg);
         gossip.publish(&health).await;
         if published != Some(health.status) {
             let checks: Vec<&str> = health
@@ -171,6 +200,7 @@ impl SiteMember {
         shutdown: &CancellationToken,
     ) -> Result<Self, StartError> {
         let role = creds.identity.role;
+        let cert_not_after = crate::enrol::not_after(creds.cert_der()).ok();
         let mesh_metrics = MeshMetrics::register(registry);
         let (endpoint, mut routes) = MeshEndpoint::bind(
             creds,
@@ -204,6 +234,7 @@ impl SiteMember {
             health_cfg.clone(),
             checks,
             mesh_metrics,
+            cert_not_after,
             shutdown.child_token(),
         ));
         Ok(SiteMember {

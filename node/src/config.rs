@@ -365,6 +365,8 @@ pub struct HealthConfig {
     pub memory_warning_pct: u8,
     /// Memory use at or above this percentage: critical.
     pub memory_critical_pct: u8,
+    /// Anomalies and forecasts on this member's own figures.
+    pub foresight: crate::foresight::ForesightConfig,
 }
 
 impl Default for HealthConfig {
@@ -375,12 +377,16 @@ impl Default for HealthConfig {
             disk_critical_pct: 97,
             memory_warning_pct: 95,
             memory_critical_pct: 99,
+            foresight: Default::default(),
         }
     }
 }
 
 impl Validate for HealthConfig {
     fn validate(&self, p: &mut Problems<'_>) {
+        for (field, problem) in self.foresight.problems() {
+            p.check(false, field, problem);
+        }
         p.check(
             self.interval >= Duration::from_millis(100),
             "health.interval",

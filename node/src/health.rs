@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::{CheckConfig, CheckKind, HealthConfig};
+use crate::foresight::Observation;
 use crate::id::Role;
 use crate::metrics::CheckMetrics;
 use crate::site::{CheckResult, Health, Status};
@@ -170,9 +171,13 @@ pub fn assess(
             cfg.memory_critical_pct,
         ),
     );
+    // Findings (anomalies, forecasts) are reported, not judged: they do
+    // not make the member warning or critical, so a burst of work never
+    // fails a rollout's health gate.
     let status = all
-        .values()
-        .map(|c| c.status)
+        .iter()
+        .filter(|(name, _)| !crate::foresight::is_finding(name))
+        .map(|(_, c)| c.status)
         .max()
         .unwrap_or(Status::Passing);
     Health {
@@ -229,7 +234,14 @@ impl ResourceSampler {
     }
 
     pub fn sample(&mut self) -> Resources {
+        self.observe().0
+    }
+
+    /// Samples the resources, as published and as [`crate::foresight`]
+    /// reads them (exact figures, bytes, every disk by mount point).
+    pub fn observe(&mut self) -> (Resources, Observation) {
         let mut r = Resources::default();
+        let mut o = Observation::default();
         if let Some(sys) = &mut self.system {
             sys.refresh_cpu_usage();
             sys.refresh_memory();
@@ -237,28 +249,28 @@ impl ResourceSampler {
                 let busy = f64::from(sys.global_cpu_usage());
                 let avg = self.cpu.add(busy, std::time::Instant::now());
                 r.cpu_pct = Some(avg.round().clamp(0.0, 100.0) as u8);
+                o.cpu_pct = Some(avg.clamp(0.0, 100.0));
             }
             self.primed = true;
-            r.mem_pct = pct(
-                sys.total_memory().saturating_sub(sys.available_memory()),
-                sys.total_memory(),
-            );
+            let used = sys.total_memory().saturating_sub(sys.available_memory());
+            r.mem_pct = pct(used, sys.total_memory());
+            o.mem = (sys.total_memory() > 0).then_some((used, sys.total_memory()));
         }
         if let Some(disks) = &mut self.disks {
             disks.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
-            r.disk_pct = disks
-                .iter()
-                .filter(|d| d.total_space() > 0)
-                .filter_map(|d| {
-                    pct(
-                        d.total_space().saturating_sub(d.available_space()),
-                        d.total_space(),
-                    )
-                })
-                .max();
+            for d in disks.iter().filter(|d| d.total_space() > 0) {
+                let used = d.total_space().saturating_sub(d.available_space());
+                r.disk_pct = r.disk_pct.max(pct(used, d.total_space()));
+                let mount = d.mount_point().to_string_lossy().into_owned();
+                if !o.disks.iter().any(|(m, _, _)| *m == mount) {
+                    o.disks.push((mount, used, d.total_space()));
+                }
+            }
+            o.disks.sort();
         }
         r.load1 = System::load_average().ok().map(|l| l.one as f32);
-        r
+        o.load1 = r.load1.map(f64::from);
+        (r, o)
     }
 }
 

@@ -19,6 +19,8 @@
 //! - [`site`]: `SiteView`, `Health`: the seam between gossip and the rest.
 //! - [`gossip`]: chitchat's transport over QUIC and the site's gossip.
 //! - [`health`]: resource sampling, user checks, and their assessment.
+//! - [`foresight`]: anomalies in a member's own figures and forecasts of
+//!   what runs out (disk, memory, certificate); pure.
 //! - [`managed`]: the files one node must hold (`ManagedState`), between
 //!   resolving the fleet's configuration and applying it.
 //! - [`desired`]: the fleet's configuration as a directory of TOML
@@ -58,6 +60,7 @@ pub mod desired;
 pub mod distribute;
 pub mod endpoint;
 pub mod enrol;
+pub mod foresight;
 pub mod gossip;
 pub mod gossip_codec;
 pub mod health;
