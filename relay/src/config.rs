@@ -12,6 +12,7 @@ use trellis_node::config::{
 
 use crate::buffer::{DownsampleRule, default_downsample};
 use crate::core::CoreConfig;
+use crate::outliers::OutliersConfig;
 
 /// Default UDP port of a relay's gossip endpoint.
 pub const RELAY_GOSSIP_PORT: u16 = 7901;
@@ -68,16 +69,6 @@ impl Default for UplinkConfig {
             replay_bytes_per_s: 256 * 1024,
             failover_after: Duration::from_secs(15),
             failback_every: Duration::from_secs(60),
-        }
-    }
-}
-
-impl UplinkConfig {
-    pub fn core(&self, retention: &RetentionConfig) -> CoreConfig {
-        CoreConfig {
-            summary_interval: self.summary_interval,
-            ack_timeout: self.ack_timeout,
-            reap_dead_after: retention.dead_node,
         }
     }
 }
@@ -171,8 +162,22 @@ pub struct RelayConfig {
     pub retention: RetentionConfig,
     pub enrol: EnrolConfig,
     pub renewal: trellis_node::config::RenewalConfig,
+    /// Nodes far above their same-labelled peers (`outlier:METRIC` checks).
+    pub outliers: OutliersConfig,
     /// The relay's own checks; none by default.
     pub checks: Vec<CheckConfig>,
+}
+
+impl RelayConfig {
+    /// The core's tuning.
+    pub fn core(&self) -> CoreConfig {
+        CoreConfig {
+            summary_interval: self.uplink.summary_interval,
+            ack_timeout: self.uplink.ack_timeout,
+            reap_dead_after: self.retention.dead_node,
+            outliers: self.outliers.clone(),
+        }
+    }
 }
 
 impl Default for RelayConfig {
@@ -188,6 +193,7 @@ impl Default for RelayConfig {
             retention: RetentionConfig::default(),
             enrol: EnrolConfig::default(),
             renewal: Default::default(),
+            outliers: OutliersConfig::default(),
             checks: Vec::new(),
         }
     }
@@ -259,6 +265,46 @@ impl Validate for RelayConfig {
             "retention.dead_node",
             "must be at least 10s",
         );
+        let o = &self.outliers;
+        p.check(
+            o.ratio.is_finite() && o.ratio > 1.0,
+            "outliers.ratio",
+            format!("is {}; must be more than 1 (default 5)", o.ratio),
+        );
+        p.check(
+            o.min_peers >= 2,
+            "outliers.min_peers",
+            format!("is {}; must be at least 2 (default 3)", o.min_peers),
+        );
+        p.check(
+            o.min_gap_pct > 0.0 && o.min_gap_pct <= 100.0,
+            "outliers.min_gap_pct",
+            format!(
+                "is {}; must be more than 0 and at most 100 (default 20)",
+                o.min_gap_pct
+            ),
+        );
+        p.check(
+            o.min_gap_load.is_finite() && o.min_gap_load > 0.0,
+            "outliers.min_gap_load",
+            format!("is {}; must be more than 0 (default 2)", o.min_gap_load),
+        );
+        p.check(
+            !o.enabled || !o.metrics.is_empty(),
+            "outliers.metrics",
+            "is empty; list some of \"cpu\", \"mem\", \"load\", or set enabled = false",
+        );
+        let distinct: std::collections::BTreeSet<_> = o.metrics.iter().collect();
+        p.check(
+            distinct.len() == o.metrics.len(),
+            "outliers.metrics",
+            "lists a metric twice",
+        );
+        p.check(
+            o.hold_for <= Duration::from_secs(86400),
+            "outliers.hold_for",
+            "must be at most 1d",
+        );
         let b = &self.buffer;
         p.check(
             b.max_bytes >= 16 * 1024,
@@ -326,6 +372,43 @@ mod tests {
         let c = check("[gossip]\ninterval = \"2s\"\n").unwrap();
         assert_eq!(c.gossip.listen_addr().port(), RELAY_GOSSIP_PORT);
         assert_eq!(c.metrics.listen_addr().port(), RELAY_METRICS_PORT);
+    }
+
+    #[test]
+    fn outliers_are_on_by_default_and_reach_the_core() {
+        let c = check("").unwrap();
+        assert_eq!(c.outliers, OutliersConfig::default());
+        assert!(c.core().outliers.enabled);
+        let c = check(
+            "[outliers]\nmetrics = [\"cpu\"]\nratio = 4\nmin_peers = 5\nmin_gap_pct = 30\nhold_for = \"10m\"\n",
+        )
+        .unwrap();
+        let o = c.core().outliers;
+        assert_eq!(o.metrics, vec![crate::outliers::Metric::Cpu]);
+        assert_eq!((o.ratio, o.min_peers, o.min_gap_pct), (4.0, 5, 30.0));
+        assert_eq!(o.hold_for, Duration::from_secs(600));
+        assert_eq!(o.min_gap_load, 2.0);
+        assert!(check("[outliers]\nenabled = false\nmetrics = []\n").is_ok());
+    }
+
+    #[test]
+    fn bad_outlier_settings_are_rejected() {
+        for (text, field) in [
+            ("ratio = 1", "outliers.ratio"),
+            ("min_peers = 1", "outliers.min_peers"),
+            ("min_gap_pct = 0", "outliers.min_gap_pct"),
+            ("min_gap_pct = 101", "outliers.min_gap_pct"),
+            ("min_gap_load = -1", "outliers.min_gap_load"),
+            ("metrics = []", "outliers.metrics"),
+            ("metrics = [\"cpu\", \"cpu\"]", "outliers.metrics"),
+            ("hold_for = \"2d\"", "outliers.hold_for"),
+        ] {
+            let err = check(&format!("[outliers]\n{text}\n")).unwrap_err();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        for text in ["metrics = [\"disk\"]", "persist = 3"] {
+            assert!(check(&format!("[outliers]\n{text}\n")).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -22,10 +22,12 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use trellis_node::distribute::{ConfigResult, DriftNote};
+use trellis_node::foresight;
 use trellis_node::patchstate::NodePatch;
-use trellis_node::site::{SiteView, Status};
+use trellis_node::site::{CheckResult, SiteView, Status};
 
 use crate::buffer::NewRecord;
+use crate::outliers::{Outliers, OutliersConfig};
 use crate::rollout::{SiteOrder, SiteRollout};
 use crate::summarise::{is_node, summarise};
 use crate::summary::SiteSummary;
@@ -42,6 +44,8 @@ pub struct CoreConfig {
     /// A node dead this long is reaped: reported once
     /// ([`Event::NodeReaped`]) and no longer counted (`retention.dead_node`).
     pub reap_dead_after: Duration,
+    /// Peer outliers (`[outliers]`), reported as `outlier:METRIC` checks.
+    pub outliers: OutliersConfig,
 }
 
 impl Default for CoreConfig {
@@ -50,6 +54,7 @@ impl Default for CoreConfig {
             summary_interval: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(15),
             reap_dead_after: Duration::from_secs(3 * 86400),
+            outliers: OutliersConfig::default(),
         }
     }
 }
@@ -80,6 +85,10 @@ pub enum Transmit {
 struct NodeState {
     alive: bool,
     checks: BTreeMap<String, Status>,
+    /// Its findings (anomalies, forecasts, outliers) as last reported: a
+    /// finding whose score rises by a quarter is reported again with its
+    /// status unchanged, so the hub ranks it by how unusual it got.
+    findings: BTreeMap<String, CheckResult>,
     /// Its last configuration attempt.
     result: Option<ConfigResult>,
     /// Its last drift of each file, by path.
@@ -144,6 +153,8 @@ pub struct RelayCore {
     reaped: BTreeMap<String, u64>,
     reaped_changed: bool,
     hidden: BTreeSet<String>,
+    /// Peer outliers, added to the nodes' checks at each look.
+    outliers: Outliers,
 }
 
 /// How long a new member may take to be seen alive before it counts as
@@ -163,6 +174,7 @@ impl RelayCore {
     ) -> Self {
         RelayCore {
             relay: relay.into(),
+            outliers: Outliers::new(cfg.outliers.clone()),
             cfg,
             to_persist: Vec::new(),
             persisted,
@@ -343,7 +355,15 @@ impl RelayCore {
     /// a summary if the site's state changed or one is due.
     pub fn handle_view(&mut self, now: Instant, wall_ms: u64, view: &SiteView) {
         let view = &self.without_joining(wall_ms, view);
-        let view = &self.without_gone(wall_ms, view);
+        let mut view = self.without_gone(wall_ms, view);
+        self.add_outliers(now, &mut view);
+        let view = &view;
+        let reported = |node: &str, check: &str| {
+            self.nodes
+                .as_ref()
+                .and_then(|n| n.get(node))
+                .and_then(|n| n.findings.get(check))
+        };
         let current: BTreeMap<String, NodeState> = view
             .current_members()
             .into_iter()
@@ -355,11 +375,22 @@ impl RelayCore {
                     .iter()
                     .map(|(n, r)| (n.clone(), r.status))
                     .collect();
+                let findings = m
+                    .health
+                    .checks
+                    .iter()
+                    .filter(|(n, _)| foresight::is_finding(n))
+                    .map(|(n, r)| {
+                        let settled = foresight::settle(reported(&m.name, n), r.clone());
+                        (n.clone(), settled)
+                    })
+                    .collect();
                 (
                     m.name.clone(),
                     NodeState {
                         alive: m.alive,
                         checks,
+                        findings,
                         result: m.config.result.clone(),
                         patch: m.patch.state.clone(),
                         drift: m.config.drift.clone(),
@@ -401,6 +432,37 @@ impl RelayCore {
         if due {
             self.push(wall_ms, RecordBody::Summary(Box::new(summary.clone())));
             self.last_summary = Some((now, summary));
+        }
+    }
+
+    /// Adds the peer outliers' checks (`outlier:METRIC`) to the current
+    /// generation of the nodes they concern, so that they become
+    /// `CheckChanged` events and count in the summary like any check.
+    /// Checks with that prefix the nodes published themselves are dropped:
+    /// the names are the relay's.
+    fn add_outliers(&mut self, now: Instant, view: &mut SiteView) {
+        if !self.outliers.enabled() {
+            return;
+        }
+        let mut found = self.outliers.assess(now, view, &self.relay);
+        let current: BTreeMap<String, u64> = if found.is_empty() {
+            BTreeMap::new()
+        } else {
+            view.current_members()
+                .into_iter()
+                .map(|m| (m.name.clone(), m.generation))
+                .collect()
+        };
+        for m in &mut view.members {
+            if !is_node(m, &self.relay) {
+                continue;
+            }
+            crate::outliers::strip(&mut m.health.checks);
+            if current.get(&m.name) == Some(&m.generation)
+                && let Some(checks) = found.remove(&m.name)
+            {
+                m.health.checks.extend(checks);
+            }
         }
     }
 
@@ -632,7 +694,22 @@ fn diff(
             }
         }
         match prev.get(name) {
-            None if now.alive => events.push(Event::NodeJoined { node }),
+            None if now.alive => {
+                events.push(Event::NodeJoined { node: node.clone() });
+                // What it joins with is news too: a check already failing,
+                // a finding already raised.
+                for (check, &to) in &now.checks {
+                    if matches!(to, Status::Warning | Status::Critical) {
+                        events.push(Event::CheckChanged {
+                            node: node.clone(),
+                            check: check.clone(),
+                            from: Status::Unknown,
+                            to,
+                            detail: detail_of(view, name, check),
+                        });
+                    }
+                }
+            }
             // Past its join grace without ever being alive.
             None => events.push(Event::NodeDied { node }),
             Some(before) => {
@@ -651,6 +728,17 @@ fn diff(
                                 from,
                                 to,
                                 detail: detail_of(view, name, check),
+                            });
+                        } else if let Some(f) = now.findings.get(check)
+                            && before.findings.get(check) != Some(f)
+                        {
+                            // Same status, a score that rose: said again.
+                            events.push(Event::CheckChanged {
+                                node: node.clone(),
+                                check: check.clone(),
+                                from,
+                                to,
+                                detail: f.detail.clone(),
                             });
                         }
                     }
@@ -966,6 +1054,33 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_joins_with_a_failing_check_reports_it() {
+        let t0 = Instant::now();
+        let mut core = core();
+        core.handle_view(t0, 1, &view(vec![member("a", true, Status::Passing)]));
+        let v = view(vec![
+            member("a", true, Status::Passing),
+            member("b", true, Status::Critical),
+            member("c", true, Status::Passing),
+        ]);
+        core.handle_view(t0, 2, &v);
+        assert_eq!(
+            events(&mut core),
+            vec![
+                Event::NodeJoined { node: "b".into() },
+                Event::CheckChanged {
+                    node: "b".into(),
+                    check: "web".into(),
+                    from: Status::Unknown,
+                    to: Status::Critical,
+                    detail: "x".into(),
+                },
+                Event::NodeJoined { node: "c".into() },
+            ]
+        );
+    }
+
+    #[test]
     fn check_changes_become_events_with_their_detail() {
         let t0 = Instant::now();
         let mut core = core();
@@ -979,6 +1094,132 @@ mod tests {
             to: Status::Critical,
             detail: "x".into(),
         })));
+    }
+
+    #[test]
+    fn a_peer_outlier_becomes_a_check_changed_event_and_counts_in_the_summary() {
+        let cfg = CoreConfig::default();
+        let hold = cfg.outliers.hold_for;
+        let mut core = RelayCore::new("relay", cfg, 0, 0, None);
+        let site = |hot_cpu: u8| {
+            let mut members: Vec<MemberView> = (0..9)
+                .map(|i| {
+                    let mut m = member(&format!("web-{i}"), true, Status::Passing);
+                    m.health.cpu_pct = Some(10 + i as u8);
+                    m.labels.insert("role".into(), "web".into());
+                    m
+                })
+                .collect();
+            let mut hot = member("web-hot", true, Status::Passing);
+            hot.health.cpu_pct = Some(hot_cpu);
+            hot.labels.insert("role".into(), "web".into());
+            members.push(hot);
+            view(members)
+        };
+        let outlier_events = |core: &mut RelayCore| -> Vec<Event> {
+            events(core)
+                .into_iter()
+                .filter(|e| matches!(e, Event::CheckChanged { check, .. } if check.starts_with("outlier:")))
+                .collect()
+        };
+        let t0 = Instant::now();
+        let mut t = t0;
+        let mut wall = 1_000;
+        let mut look = |core: &mut RelayCore, v: &SiteView, until: Instant, t: &mut Instant| {
+            while *t <= until {
+                core.handle_view(*t, wall, v);
+                wall += 1_000;
+                *t += Duration::from_secs(1);
+            }
+        };
+        look(
+            &mut core,
+            &site(87),
+            t0 + hold - Duration::from_secs(1),
+            &mut t,
+        );
+        assert!(outlier_events(&mut core).is_empty(), "not yet");
+        look(&mut core, &site(87), t0 + hold, &mut t);
+        assert_eq!(
+            outlier_events(&mut core),
+            vec![Event::CheckChanged {
+                node: "web-hot".into(),
+                check: "outlier:cpu".into(),
+                from: Status::Unknown,
+                to: Status::Warning,
+                detail:
+                    "score 6.2: cpu 87% against a median of 14% among 9 peers labelled role=web"
+                        .into(),
+            }]
+        );
+        let s = core.last_summary().unwrap();
+        assert_eq!(s.failing_checks["outlier:cpu"].warning, 1);
+        assert_eq!(s.by_status.passing, 10, "statuses are the nodes' own");
+        // Back among its peers: passing once that held for hold_for.
+        let back = t + hold;
+        look(&mut core, &site(15), back, &mut t);
+        let events = outlier_events(&mut core);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(matches!(
+            &events[0],
+            Event::CheckChanged { node, from: Status::Warning, to: Status::Passing, detail, .. }
+                if node == "web-hot" && detail.starts_with("score 1.1: cpu 15% ")
+        ));
+        assert!(
+            !core
+                .last_summary()
+                .unwrap()
+                .failing_checks
+                .contains_key("outlier:cpu")
+        );
+    }
+
+    #[test]
+    fn a_findings_score_that_rises_a_quarter_is_reported_again_with_its_status() {
+        let t0 = Instant::now();
+        let mut core = core();
+        let with_score = |score: u32| {
+            let mut m = member("a", true, Status::Passing);
+            m.health.checks.insert(
+                "anomaly:cpu".into(),
+                CheckResult::new(Status::Warning, format!("score {score}: cpu")),
+            );
+            view(vec![m])
+        };
+        let findings = |core: &mut RelayCore| -> Vec<(Status, Status, String)> {
+            events(core)
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::CheckChanged {
+                        check,
+                        from,
+                        to,
+                        detail,
+                        ..
+                    } if check == "anomaly:cpu" => Some((from, to, detail)),
+                    _ => None,
+                })
+                .collect()
+        };
+        core.handle_view(t0, 1_000, &view(vec![member("a", true, Status::Passing)]));
+        core.handle_view(t0, 2_000, &with_score(8));
+        let w = Status::Warning;
+        assert_eq!(
+            findings(&mut core),
+            vec![(Status::Unknown, w, "score 8: cpu".to_owned())]
+        );
+        // 9 is within a quarter of 8: nothing new.
+        core.handle_view(t0, 3_000, &with_score(9));
+        assert!(findings(&mut core).is_empty());
+        // 9, then 10, then 11: each within a quarter of the last look, but
+        // 11 is more than a quarter above what was reported (8).
+        core.handle_view(t0, 4_000, &with_score(10));
+        assert!(findings(&mut core).is_empty());
+        core.handle_view(t0, 5_000, &with_score(11));
+        assert_eq!(
+            findings(&mut core),
+            vec![(w, w, "score 11: cpu".to_owned())]
+        );
     }
 
     #[test]

@@ -1432,7 +1432,7 @@ impl Relay {
             .map_or(buffer.last_seq(), |f| f - 1);
         let mut core = RelayCore::new(
             identity.name.clone(),
-            cfg.uplink.core(&cfg.retention),
+            cfg.core(),
             deleted,
             buffer.last_seq(),
             latest,

@@ -11,6 +11,8 @@
 //! - [`buffer`]: the durable outage buffer (SQLite), bounded by
 //!   downsampling and gaps.
 //! - [`core`]: the sans-IO relay core (records, sequence numbers, acks).
+//! - [`outliers`]: nodes far above their same-labelled peers, as
+//!   `outlier:METRIC` checks; pure, fed by the core.
 //! - [`config`]: the relay's TOML configuration.
 //! - [`artifacts`]: patch artifacts kept for the site, fetched from the
 //!   hub once, chunk by chunk, resumable.
@@ -32,6 +34,7 @@ pub mod departures;
 pub mod driver;
 pub mod enrolment;
 pub mod failover;
+pub mod outliers;
 pub mod pace;
 pub mod report;
 pub mod revocations;
