@@ -23,6 +23,17 @@
 //!   wave's bake time or while the rollout rolls back, names the rollout
 //!   as its likely cause.
 //!
+//! # Foresight findings
+//! Checks with a reserved name (user check names cannot contain `:`) carry
+//! what members and relays foresee rather than what failed:
+//! `anomaly:METRIC` (a node's metric far outside its own baseline),
+//! `outlier:METRIC` (a node far above its same-labelled peers in the site)
+//! and `forecast:WHAT` (a resource predicted to run out). They never open
+//! a check failing incident. A node's raised anomalies and outliers are one
+//! *node anomaly* incident; each raised forecast is one *resource forecast*
+//! incident, critical while its check is. Their detail starts with
+//! `score N: `; the score ranks them (see [`rank`]).
+//!
 //! Incidents are built again from what arrives after a hub starts; the
 //! newest resolved ones are kept (bounded), for the record.
 
@@ -81,6 +92,12 @@ pub enum IncidentKind {
     NodeFlapping,
     /// A patch failed on one node (or its rollback did).
     PatchFailed,
+    /// One node's metrics are far from its own baseline or from its peers'
+    /// (its raised `anomaly:*` and `outlier:*` checks).
+    NodeAnomaly,
+    /// A resource of one node is forecast to run out (a raised
+    /// `forecast:*` check).
+    ResourceForecast,
 }
 
 impl IncidentKind {
@@ -92,6 +109,8 @@ impl IncidentKind {
             IncidentKind::NodeDown => "node-down",
             IncidentKind::NodeFlapping => "node-flapping",
             IncidentKind::PatchFailed => "patch-failed",
+            IncidentKind::NodeAnomaly => "node-anomaly",
+            IncidentKind::ResourceForecast => "resource-forecast",
         }
     }
 }
@@ -132,6 +151,102 @@ impl std::fmt::Display for Scope {
     }
 }
 
+/// How unusual a foresight finding is, from the `score N: ` its check's
+/// detail starts with: robust standard deviations (or times the peer
+/// median) away for an anomaly or an outlier, higher the sooner for a
+/// forecast. Held in tenths, so that it compares exactly; in JSON it is
+/// the number itself (`27`, `4.5`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Score(u32);
+
+impl Score {
+    pub const ZERO: Score = Score(0);
+
+    pub fn from_tenths(tenths: u32) -> Self {
+        Score(tenths)
+    }
+
+    pub fn tenths(self) -> u32 {
+        self.0
+    }
+
+    /// `n` (finite, not negative) rounded to a tenth.
+    pub fn from_f64(n: f64) -> Option<Self> {
+        // `as` saturates: a huge score is the largest one.
+        (n.is_finite() && n >= 0.0).then(|| Score((n * 10.0).round() as u32))
+    }
+
+    pub fn as_f64(self) -> f64 {
+        f64::from(self.0) / 10.0
+    }
+
+    /// The score a finding's detail starts with (`score 27: ...`,
+    /// `score 4.5: ...`); `None` if it does not.
+    pub fn of_detail(detail: &str) -> Option<Self> {
+        let (n, _) = detail.strip_prefix("score ")?.split_once(':')?;
+        let plain = n.bytes().any(|b| b.is_ascii_digit())
+            && n.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && n.bytes().filter(|b| *b == b'.').count() <= 1;
+        if !plain {
+            return None;
+        }
+        Score::from_f64(n.parse().ok()?)
+    }
+}
+
+impl std::fmt::Display for Score {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_multiple_of(10) {
+            write!(f, "{}", self.0 / 10)
+        } else {
+            write!(f, "{}.{}", self.0 / 10, self.0 % 10)
+        }
+    }
+}
+
+impl Serialize for Score {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_multiple_of(10) {
+            s.serialize_u32(self.0 / 10)
+        } else {
+            s.serialize_f64(self.as_f64())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Score {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = f64::deserialize(d)?;
+        Score::from_f64(n)
+            .ok_or_else(|| serde::de::Error::custom(format!("score {n} is not a number >= 0")))
+    }
+}
+
+/// What a check with a reserved name (one with a `:`) foresees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Foresight {
+    /// `anomaly:METRIC`: a node's metric far outside its own baseline.
+    Anomaly,
+    /// `outlier:METRIC`: a node far above its same-labelled peers.
+    Outlier,
+    /// `forecast:WHAT`: a resource predicted to run out.
+    Forecast,
+}
+
+impl Foresight {
+    /// What the check named `check` is, if it is a foresight finding.
+    /// Other names, reserved or not, are ordinary checks here.
+    pub fn of_check(check: &str) -> Option<Self> {
+        let (kind, _) = check.split_once(':')?;
+        match kind {
+            "anomaly" => Some(Foresight::Anomaly),
+            "outlier" => Some(Foresight::Outlier),
+            "forecast" => Some(Foresight::Forecast),
+            _ => None,
+        }
+    }
+}
+
 /// The rollout an incident is likely due to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutCause {
@@ -155,7 +270,7 @@ pub struct Incident {
     pub kind: IncidentKind,
     pub severity: Severity,
     pub scope: Scope,
-    /// The check, for a check incident.
+    /// The check, for a check incident or a resource forecast.
     pub check: Option<String>,
     pub title: String,
     pub detail: String,
@@ -164,9 +279,16 @@ pub struct Incident {
     pub updated_ms: u64,
     pub resolved_ms: Option<u64>,
     /// The nodes involved (those failing the check, the node itself, or
-    /// for an unreachable site those reported dead or failing meanwhile).
+    /// for an unreachable site those reported meanwhile as dead, failing,
+    /// unusual or running out).
     pub nodes: Vec<String>,
     pub cause: Option<RolloutCause>,
+    /// How unusual it is, for `node-anomaly` (its highest finding's) and
+    /// `resource-forecast` (its finding's), a finding whose detail gives no
+    /// score counting 0; `None` (JSON `null`, or absent from an older hub's
+    /// JSON) for the other kinds. See [`rank`].
+    #[serde(default)]
+    pub score: Option<Score>,
 }
 
 /// An incident that opened or resolved: what the driver notes and sends
@@ -188,24 +310,32 @@ enum Key {
     NodeDown(NodeKey),
     Flapping(NodeKey),
     PatchFailed(NodeKey),
+    Anomaly(NodeKey),
+    Forecast(NodeKey, String),
 }
 
 impl Key {
     fn site(&self) -> SiteKey {
         match self {
             Key::Site(s) | Key::SiteCheck(s, _) => s.clone(),
-            Key::NodeCheck(n, _) | Key::NodeDown(n) | Key::Flapping(n) | Key::PatchFailed(n) => {
-                (n.0.clone(), n.1.clone())
-            }
+            Key::NodeCheck(n, _)
+            | Key::NodeDown(n)
+            | Key::Flapping(n)
+            | Key::PatchFailed(n)
+            | Key::Anomaly(n)
+            | Key::Forecast(n, _) => (n.0.clone(), n.1.clone()),
         }
     }
 
     fn node(&self) -> Option<&NodeKey> {
         match self {
             Key::Site(_) | Key::SiteCheck(..) => None,
-            Key::NodeCheck(n, _) | Key::NodeDown(n) | Key::Flapping(n) | Key::PatchFailed(n) => {
-                Some(n)
-            }
+            Key::NodeCheck(n, _)
+            | Key::NodeDown(n)
+            | Key::Flapping(n)
+            | Key::PatchFailed(n)
+            | Key::Anomaly(n)
+            | Key::Forecast(n, _) => Some(n),
         }
     }
 }
@@ -214,6 +344,28 @@ impl Key {
 struct Want {
     nodes: Vec<String>,
     detail: String,
+    /// For a kind whose severity follows its condition; `None` keeps the
+    /// one it opened with.
+    severity: Option<Severity>,
+    score: Option<Score>,
+}
+
+impl Want {
+    fn new(nodes: Vec<String>, detail: String) -> Self {
+        Want {
+            nodes,
+            detail,
+            severity: None,
+            score: None,
+        }
+    }
+}
+
+/// A raised foresight finding of a node.
+struct Finding {
+    status: Status,
+    detail: String,
+    score: Score,
 }
 
 /// What is known of an unreachable site when it became so.
@@ -231,6 +383,8 @@ pub struct IncidentEngine {
     /// Nodes failing each check (critical), with the check's last detail.
     failing: BTreeMap<(SiteKey, String), BTreeMap<String, String>>,
     patch_failed: BTreeMap<NodeKey, String>,
+    /// Raised foresight findings (warning or critical) per node, by check.
+    findings: BTreeMap<NodeKey, BTreeMap<String, Finding>>,
     /// Recent changes per node, for flap detection.
     changes: BTreeMap<NodeKey, VecDeque<u64>>,
     /// Flapping nodes and their last change.
@@ -250,6 +404,7 @@ impl IncidentEngine {
             dead: BTreeSet::new(),
             failing: BTreeMap::new(),
             patch_failed: BTreeMap::new(),
+            findings: BTreeMap::new(),
             changes: BTreeMap::new(),
             flapping: BTreeMap::new(),
             rollout: None,
@@ -285,6 +440,7 @@ impl IncidentEngine {
             Event::NodeLeft { node } | Event::NodeReaped { node, .. } => {
                 self.dead.remove(&key(node));
                 self.patch_failed.remove(&key(node));
+                self.findings.remove(&key(node));
                 self.flapping.remove(&key(node));
                 self.changes.remove(&key(node));
                 let here = (region.to_owned(), site.to_owned());
@@ -294,6 +450,31 @@ impl IncidentEngine {
                     }
                     !nodes.is_empty()
                 });
+            }
+            Event::CheckChanged {
+                node,
+                check,
+                from,
+                to,
+                detail,
+            } if Foresight::of_check(check).is_some() => {
+                let findings = self.findings.entry(key(node)).or_default();
+                if matches!(to, Status::Warning | Status::Critical) {
+                    let finding = Finding {
+                        status: *to,
+                        detail: detail.clone(),
+                        score: Score::of_detail(detail).unwrap_or(Score::ZERO),
+                    };
+                    findings.insert(check.clone(), finding);
+                } else {
+                    findings.remove(check);
+                }
+                if findings.is_empty() {
+                    self.findings.remove(&key(node));
+                }
+                if from != to {
+                    self.changed(now_ms, key(node));
+                }
             }
             Event::CheckChanged {
                 node,
@@ -379,6 +560,14 @@ impl IncidentEngine {
         self.open.len()
     }
 
+    /// Open incidents, ranked (see [`rank`]): most severe and most unusual
+    /// first.
+    pub fn ranked(&self) -> Vec<Incident> {
+        let mut open: Vec<Incident> = self.open.values().cloned().collect();
+        rank(&mut open);
+        open
+    }
+
     /// Every incident kept (open and resolved), newest first.
     pub fn all(&self) -> Vec<Incident> {
         let mut all: Vec<Incident> = self
@@ -437,22 +626,19 @@ impl IncidentEngine {
             {
                 node_level.insert(
                     site_wide,
-                    Want {
-                        nodes: steady.iter().map(|(n, _)| (*n).clone()).collect(),
-                        detail: format!(
+                    Want::new(
+                        steady.iter().map(|(n, _)| (*n).clone()).collect(),
+                        format!(
                             "{} node(s) report check {check} critical; last said: {detail}",
                             steady.len()
                         ),
-                    },
+                    ),
                 );
             } else {
                 for (n, detail) in steady {
                     node_level.insert(
                         Key::NodeCheck((site.0.clone(), site.1.clone(), n.clone()), check.clone()),
-                        Want {
-                            nodes: vec![n.clone()],
-                            detail: detail.clone(),
-                        },
+                        Want::new(vec![n.clone()], detail.clone()),
                     );
                 }
             }
@@ -460,35 +646,77 @@ impl IncidentEngine {
         for n in self.dead.iter().filter(|n| !self.flapping.contains_key(*n)) {
             node_level.insert(
                 Key::NodeDown(n.clone()),
-                Want {
-                    nodes: vec![n.2.clone()],
-                    detail: "the site's relay reports the node dead (no gossip heartbeat)"
-                        .to_owned(),
-                },
+                Want::new(
+                    vec![n.2.clone()],
+                    "the site's relay reports the node dead (no gossip heartbeat)".to_owned(),
+                ),
             );
         }
         for (n, detail) in &self.patch_failed {
             node_level.insert(
                 Key::PatchFailed(n.clone()),
-                Want {
-                    nodes: vec![n.2.clone()],
-                    detail: detail.clone(),
-                },
+                Want::new(vec![n.2.clone()], detail.clone()),
             );
+        }
+        for (n, findings) in self
+            .findings
+            .iter()
+            .filter(|(n, _)| !self.flapping.contains_key(*n))
+        {
+            let mut unusual: Vec<(&String, &Finding)> = findings
+                .iter()
+                .filter(|(c, _)| Foresight::of_check(c) != Some(Foresight::Forecast))
+                .collect();
+            if !unusual.is_empty() {
+                // Highest score first, then by name.
+                unusual.sort_by_key(|(c, f)| (std::cmp::Reverse(f.score), *c));
+                let detail = unusual
+                    .iter()
+                    .map(|(c, f)| format!("{c}: {}", f.detail))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                node_level.insert(
+                    Key::Anomaly(n.clone()),
+                    Want {
+                        nodes: vec![n.2.clone()],
+                        detail,
+                        severity: Some(Severity::Warning),
+                        score: Some(unusual[0].1.score),
+                    },
+                );
+            }
+            for (c, f) in findings
+                .iter()
+                .filter(|(c, _)| Foresight::of_check(c) == Some(Foresight::Forecast))
+            {
+                node_level.insert(
+                    Key::Forecast(n.clone(), c.clone()),
+                    Want {
+                        nodes: vec![n.2.clone()],
+                        detail: f.detail.clone(),
+                        severity: Some(if f.status == Status::Critical {
+                            Severity::Critical
+                        } else {
+                            Severity::Warning
+                        }),
+                        score: Some(f.score),
+                    },
+                );
+            }
         }
         for (n, last) in &self.flapping {
             let changes = self.changes.get(n).map_or(0, VecDeque::len);
             node_level.insert(
                 Key::Flapping(n.clone()),
-                Want {
-                    nodes: vec![n.2.clone()],
-                    detail: format!(
+                Want::new(
+                    vec![n.2.clone()],
+                    format!(
                         "{changes} changes of its checks or liveness in the last {}; \
                          resolves after {} without change (last change at {last} ms)",
                         human_ms(self.settings.flap_window_ms),
                         human_ms(quiet)
                     ),
-                },
+                ),
             );
         }
 
@@ -516,11 +744,11 @@ impl IncidentEngine {
             );
             if !nodes.is_empty() {
                 detail.push_str(&format!(
-                    "; reported meanwhile as dead or failing: {}",
+                    "; reported meanwhile as dead, failing, unusual or running out: {}",
                     nodes.join(", ")
                 ));
             }
-            wanted.insert(Key::Site(site.clone()), Want { nodes, detail });
+            wanted.insert(Key::Site(site.clone()), Want::new(nodes, detail));
         }
         wanted
     }
@@ -565,9 +793,16 @@ impl IncidentEngine {
         for (key, want) in &wanted {
             if let Some(id) = self.keys.get(key) {
                 let i = self.open.get_mut(id).expect("keys point at open incidents");
-                if i.nodes != want.nodes || i.detail != want.detail {
+                let severity = want.severity.unwrap_or(i.severity);
+                if i.nodes != want.nodes
+                    || i.detail != want.detail
+                    || i.severity != severity
+                    || i.score != want.score
+                {
                     i.nodes = want.nodes.clone();
                     i.detail = want.detail.clone();
+                    i.severity = severity;
+                    i.score = want.score;
                     i.updated_ms = now_ms;
                 }
                 continue;
@@ -672,7 +907,27 @@ impl IncidentEngine {
                 None,
                 format!("patch failed on {scope}"),
             ),
+            Key::Anomaly(_) => (
+                IncidentKind::NodeAnomaly,
+                Severity::Warning,
+                None,
+                format!("node {scope} unusual"),
+            ),
+            Key::Forecast(_, c) => (
+                IncidentKind::ResourceForecast,
+                Severity::Warning,
+                Some(c.clone()),
+                match c.strip_prefix("forecast:").unwrap_or(c) {
+                    "cert" => format!("certificate of {scope} expiring"),
+                    "mem" => format!("memory of {scope} forecast to run out"),
+                    what => format!(
+                        "{} of {scope} forecast to fill up",
+                        what.replacen(':', " ", 1)
+                    ),
+                },
+            ),
         };
+        let severity = want.severity.unwrap_or(severity);
         let id = self.next_id;
         self.next_id += 1;
         Incident {
@@ -691,8 +946,33 @@ impl IncidentEngine {
                 .rollout
                 .as_ref()
                 .and_then(|r| rollout_cause(r, &site, now_ms)),
+            score: want.score,
         }
     }
+}
+
+/// Orders incidents for a person to read: open ones first, by severity
+/// (critical first), then score (highest first; none counts as 0), then
+/// newest first (opened, then id); resolved ones after them, newest first
+/// (by id).
+pub fn rank(incidents: &mut [Incident]) {
+    incidents.sort_by(rank_order);
+}
+
+/// The order of [`rank`].
+pub fn rank_order(a: &Incident, b: &Incident) -> std::cmp::Ordering {
+    use std::cmp::Reverse;
+    let key = |i: &Incident| {
+        let open = i.resolved_ms.is_none();
+        (
+            Reverse(open),
+            Reverse(open.then_some(i.severity)),
+            Reverse(open.then(|| i.score.unwrap_or(Score::ZERO))),
+            Reverse(open.then_some(i.opened_ms)),
+            Reverse(i.id),
+        )
+    };
+    key(a).cmp(&key(b))
 }
 
 /// The rollout as the likely cause of something starting at `site` at
@@ -1160,6 +1440,495 @@ mod tests {
         assert_eq!(e.open_count(), 0);
         e.handle_event(3_000, "eu", "par", &state(PatchState::RollbackFailed));
         assert_eq!(e.open().next().unwrap().severity, Severity::Critical);
+    }
+
+    fn finding(node: &str, check: &str, to: Status, detail: &str) -> Event {
+        Event::CheckChanged {
+            node: node.to_owned(),
+            check: check.to_owned(),
+            from: if to == Status::Passing {
+                Status::Warning
+            } else {
+                Status::Passing
+            },
+            to,
+            detail: detail.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_score_is_read_from_the_start_of_a_findings_detail() {
+        let s = |d: &str| Score::of_detail(d).map(Score::tenths);
+        assert_eq!(s("score 27: cpu 93% against a usual 12% (±3)"), Some(270));
+        assert_eq!(s("score 4.5: disk /var full in ~6 h"), Some(45));
+        assert_eq!(s("score 0.04: barely"), Some(0));
+        assert_eq!(s("score 1.25: rounds"), Some(13));
+        for none in [
+            "cpu high",
+            "score -1: no",
+            "score : no",
+            "score .: no",
+            "score 1e3: no",
+        ] {
+            assert_eq!(s(none), None, "{none}");
+        }
+        assert_eq!(Score::from_tenths(270).to_string(), "27");
+        assert_eq!(Score::from_tenths(45).to_string(), "4.5");
+        assert_eq!(
+            serde_json::to_string(&Score::from_tenths(270)).unwrap(),
+            "27"
+        );
+        assert_eq!(
+            serde_json::to_string(&Score::from_tenths(45)).unwrap(),
+            "4.5"
+        );
+        assert_eq!(serde_json::from_str::<Score>("4.5").unwrap().tenths(), 45);
+        assert!(serde_json::from_str::<Score>("-1").is_err());
+        assert_eq!(Foresight::of_check("anomaly:cpu"), Some(Foresight::Anomaly));
+        assert_eq!(Foresight::of_check("outlier:cpu"), Some(Foresight::Outlier));
+        assert_eq!(
+            Foresight::of_check("forecast:disk:/var"),
+            Some(Foresight::Forecast)
+        );
+        assert_eq!(Foresight::of_check("web"), None);
+    }
+
+    #[test]
+    fn an_incident_without_a_score_reads_as_before() {
+        let mut e = engine();
+        e.handle_event(1_000, "eu", "par", &check("par-n0", Status::Critical));
+        let i = e.open().next().unwrap().clone();
+        assert_eq!(i.score, None);
+        let mut json = serde_json::to_value(&i).unwrap();
+        assert_eq!(json["score"], serde_json::Value::Null);
+        json.as_object_mut().unwrap().remove("score");
+        assert_eq!(serde_json::from_value::<Incident>(json).unwrap(), i);
+    }
+
+    #[test]
+    fn anomalies_of_a_node_are_one_incident_scored_by_the_highest() {
+        let mut e = engine();
+        let c = e.handle_event(
+            1_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n0",
+                "anomaly:cpu",
+                Status::Warning,
+                "score 7: cpu 40% against a usual 12% (±3)",
+            ),
+        );
+        let [Change::Opened(i)] = &c[..] else {
+            panic!("{c:?}")
+        };
+        assert_eq!(i.kind, IncidentKind::NodeAnomaly);
+        assert_eq!(i.kind.as_str(), "node-anomaly");
+        assert_eq!(i.severity, Severity::Warning);
+        assert_eq!(i.scope.to_string(), "eu/par/par-n0");
+        assert_eq!(i.score, Some(Score::from_tenths(70)));
+        assert_eq!(i.title, "node eu/par/par-n0 unusual");
+        let id = i.id;
+        // An outlier of the same node folds into it, and scores higher.
+        let c = e.handle_event(
+            2_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n0",
+                "outlier:cpu",
+                Status::Warning,
+                "score 12.5: cpu 40% against a peer median of 3%",
+            ),
+        );
+        assert!(c.is_empty(), "{c:?}");
+        let open: Vec<&Incident> = e.open().collect();
+        assert_eq!(open.len(), 1, "{open:?}");
+        let i = open[0];
+        assert_eq!((i.id, i.updated_ms), (id, 2_000));
+        assert_eq!(i.score, Some(Score::from_tenths(125)));
+        assert_eq!(
+            i.detail,
+            "outlier:cpu: score 12.5: cpu 40% against a peer median of 3%; \
+             anomaly:cpu: score 7: cpu 40% against a usual 12% (±3)"
+        );
+        // A score that changes updates it in place.
+        let c = e.handle_event(
+            3_000,
+            "eu",
+            "par",
+            &Event::CheckChanged {
+                node: "par-n0".into(),
+                check: "anomaly:cpu".into(),
+                from: Status::Warning,
+                to: Status::Warning,
+                detail: "score 27: cpu 93% against a usual 12% (±3)".into(),
+            },
+        );
+        assert!(c.is_empty(), "{c:?}");
+        let i = e.open().next().unwrap();
+        assert_eq!(
+            (i.id, i.updated_ms, i.score),
+            (id, 3_000, Some(Score::from_tenths(270)))
+        );
+        assert!(
+            i.detail.starts_with("anomaly:cpu: score 27: "),
+            "{}",
+            i.detail
+        );
+        // It stays while one finding is raised and resolves with the last.
+        let c = e.handle_event(
+            4_000,
+            "eu",
+            "par",
+            &finding("par-n0", "anomaly:cpu", Status::Passing, "score 0: usual"),
+        );
+        assert!(c.is_empty(), "{c:?}");
+        assert_eq!(
+            e.open().next().unwrap().score,
+            Some(Score::from_tenths(125))
+        );
+        let c = e.handle_event(
+            5_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n0",
+                "outlier:cpu",
+                Status::Passing,
+                "in line with peers",
+            ),
+        );
+        assert!(
+            matches!(&c[..], [Change::Resolved(i)] if i.id == id && i.resolved_ms == Some(5_000)),
+            "{c:?}"
+        );
+        assert_eq!(e.open_count(), 0);
+    }
+
+    #[test]
+    fn a_finding_without_a_score_counts_as_zero() {
+        let mut e = engine();
+        e.handle_event(
+            1_000,
+            "eu",
+            "par",
+            &finding("par-n0", "anomaly:load", Status::Warning, "load 40"),
+        );
+        let i = e.open().next().unwrap();
+        assert_eq!(i.score, Some(Score::ZERO));
+        assert_eq!(i.detail, "anomaly:load: load 40");
+    }
+
+    #[test]
+    fn a_critical_forecast_is_a_resource_forecast_not_a_failing_check() {
+        let mut e = engine();
+        let c = e.handle_event(
+            1_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n0",
+                "forecast:disk:/var",
+                Status::Critical,
+                "score 20: disk /var full in ~1 h (±10 min) at 2.1 GB/h",
+            ),
+        );
+        let [Change::Opened(i)] = &c[..] else {
+            panic!("{c:?}")
+        };
+        assert_eq!(i.kind, IncidentKind::ResourceForecast);
+        assert_eq!(i.kind.as_str(), "resource-forecast");
+        assert_eq!(i.severity, Severity::Critical);
+        assert_eq!(i.check.as_deref(), Some("forecast:disk:/var"));
+        assert_eq!(i.score, Some(Score::from_tenths(200)));
+        assert_eq!(i.title, "disk /var of eu/par/par-n0 forecast to fill up");
+        // A second node with the same forecast is its own incident, never
+        // a site's check failing.
+        e.handle_event(
+            1_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n1",
+                "forecast:disk:/var",
+                Status::Critical,
+                "score 19: soon",
+            ),
+        );
+        let mut k = kinds(&e);
+        k.sort();
+        assert_eq!(
+            k,
+            vec![
+                (IncidentKind::ResourceForecast, "eu/par/par-n0".to_owned()),
+                (IncidentKind::ResourceForecast, "eu/par/par-n1".to_owned()),
+            ]
+        );
+        // Each forecast of a node is its own incident.
+        e.handle_event(
+            2_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n0",
+                "forecast:mem",
+                Status::Warning,
+                "score 3: mem full in ~20 h",
+            ),
+        );
+        assert_eq!(e.open_count(), 3);
+        let c = e.handle_event(
+            3_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n0",
+                "forecast:disk:/var",
+                Status::Passing,
+                "score 0: fine",
+            ),
+        );
+        assert!(
+            matches!(&c[..], [Change::Resolved(i)] if i.check.as_deref() == Some("forecast:disk:/var")),
+            "{c:?}"
+        );
+        assert_eq!(e.open_count(), 2);
+    }
+
+    #[test]
+    fn a_forecast_escalates_and_eases_in_place() {
+        let mut e = engine();
+        let forecast = |to: Status, detail: &str| Event::CheckChanged {
+            node: "par-n0".into(),
+            check: "forecast:mem".into(),
+            from: Status::Warning,
+            to,
+            detail: detail.into(),
+        };
+        e.handle_event(
+            1_000,
+            "eu",
+            "par",
+            &forecast(Status::Warning, "score 3: mem full in ~20 h"),
+        );
+        let id = e.open().next().unwrap().id;
+        let c = e.handle_event(
+            2_000,
+            "eu",
+            "par",
+            &forecast(Status::Critical, "score 15: mem full in ~1 h"),
+        );
+        assert!(c.is_empty(), "{c:?}");
+        let i = e.open().next().unwrap();
+        assert_eq!(
+            (i.id, i.severity, i.score, i.updated_ms, i.opened_ms),
+            (
+                id,
+                Severity::Critical,
+                Some(Score::from_tenths(150)),
+                2_000,
+                1_000
+            )
+        );
+        assert_eq!(i.detail, "score 15: mem full in ~1 h");
+        let c = e.handle_event(
+            3_000,
+            "eu",
+            "par",
+            &forecast(Status::Warning, "score 2: mem full in ~22 h"),
+        );
+        assert!(c.is_empty(), "{c:?}");
+        let i = e.open().next().unwrap();
+        assert_eq!((i.id, i.severity), (id, Severity::Warning));
+        assert_eq!(e.open_count(), 1);
+    }
+
+    #[test]
+    fn a_user_check_critical_next_to_findings_still_fails_the_check() {
+        let mut e = engine();
+        e.handle_event(
+            1_000,
+            "eu",
+            "par",
+            &finding("par-n0", "anomaly:cpu", Status::Warning, "score 9: cpu"),
+        );
+        e.handle_event(1_000, "eu", "par", &check("par-n0", Status::Critical));
+        let mut k = kinds(&e);
+        k.sort();
+        assert_eq!(
+            k,
+            vec![
+                (IncidentKind::NodeCheckFailing, "eu/par/par-n0".to_owned()),
+                (IncidentKind::NodeAnomaly, "eu/par/par-n0".to_owned()),
+            ]
+        );
+        let failing = e
+            .open()
+            .find(|i| i.kind == IncidentKind::NodeCheckFailing)
+            .unwrap();
+        assert_eq!(failing.check.as_deref(), Some("web"));
+        assert_eq!(failing.score, None);
+    }
+
+    #[test]
+    fn findings_follow_the_correlation_rules() {
+        // At an unreachable site they fold into the site's incident.
+        let mut e = engine();
+        e.handle_fleet(1_000, &[row("par", SiteStatus::Unreachable)]);
+        let c = e.handle_event(
+            2_000,
+            "eu",
+            "par",
+            &finding("par-n0", "forecast:mem", Status::Critical, "score 15: soon"),
+        );
+        assert!(c.is_empty(), "{c:?}");
+        let site = e.open().next().unwrap();
+        assert_eq!(site.kind, IncidentKind::SiteUnreachable);
+        assert_eq!(site.nodes, vec!["par-n0"]);
+        // Reachable again, the forecast that still holds opens.
+        let c = e.handle_fleet(3_000, &[row("par", SiteStatus::Healthy)]);
+        assert!(
+            matches!(&c[0], Change::Opened(i) if i.kind == IncidentKind::ResourceForecast),
+            "{c:?}"
+        );
+        // A node that left takes its findings with it.
+        e.handle_event(
+            3_000,
+            "eu",
+            "par",
+            &finding("par-n0", "anomaly:cpu", Status::Warning, "score 9: cpu"),
+        );
+        assert_eq!(e.open_count(), 2);
+        e.handle_event(
+            4_000,
+            "eu",
+            "par",
+            &Event::NodeLeft {
+                node: "par-n0".into(),
+            },
+        );
+        assert_eq!(e.open_count(), 0);
+
+        // A flapping node's findings open nothing of their own, and count
+        // as its changes.
+        let mut e = IncidentEngine::new(IncidentSettings {
+            flap_changes: 2,
+            ..IncidentSettings::default()
+        });
+        let mut t = 0;
+        for (check, to) in [
+            ("anomaly:cpu", Status::Warning),
+            ("anomaly:load", Status::Warning),
+            ("anomaly:load", Status::Passing),
+        ] {
+            t += 1_000;
+            e.handle_event(
+                t,
+                "eu",
+                "par",
+                &finding("par-n0", check, to, "score 9: high"),
+            );
+        }
+        assert_eq!(
+            kinds(&e),
+            vec![(IncidentKind::NodeFlapping, "eu/par/par-n0".to_owned())]
+        );
+        let folded = e
+            .all()
+            .into_iter()
+            .find(|i| i.kind == IncidentKind::NodeAnomaly);
+        assert!(
+            folded.is_some_and(|i| i.detail.ends_with("; folded into incident 2")),
+            "{:?}",
+            e.all()
+        );
+        // Quiet again, it opens.
+        let c = e.tick(t + 300_000);
+        assert!(
+            matches!(&c[0], Change::Opened(i) if i.kind == IncidentKind::NodeAnomaly),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_finding_during_a_waves_bake_names_the_rollout() {
+        let mut e = engine();
+        e.handle_rollout(Some(rollout(RunState::Running)));
+        e.handle_event(
+            130_000,
+            "eu",
+            "par",
+            &finding("par-n0", "anomaly:mem", Status::Warning, "score 6: mem"),
+        );
+        let i = e.open().next().unwrap();
+        assert_eq!(i.kind, IncidentKind::NodeAnomaly);
+        assert_eq!(i.cause.as_ref().map(|c| (c.run, c.wave)), Some((1, 0)));
+    }
+
+    #[test]
+    fn incidents_rank_by_severity_then_score_then_newest() {
+        let mut e = engine();
+        // 1: critical node-check-failing (no score).
+        e.handle_event(1_000, "eu", "par", &check("par-n0", Status::Critical));
+        // 2: warning anomaly, score 27.
+        e.handle_event(
+            2_000,
+            "eu",
+            "par",
+            &finding("par-n1", "anomaly:cpu", Status::Warning, "score 27: cpu"),
+        );
+        // 3: critical forecast, score 4.5.
+        e.handle_event(
+            3_000,
+            "eu",
+            "par",
+            &finding(
+                "par-n2",
+                "forecast:disk:/var",
+                Status::Critical,
+                "score 4.5: disk",
+            ),
+        );
+        // 4: warning anomaly, score 3.
+        e.handle_event(
+            4_000,
+            "eu",
+            "par",
+            &finding("par-n3", "outlier:cpu", Status::Warning, "score 3: cpu"),
+        );
+        // 5: warning node-down (no score), newest.
+        e.handle_event(
+            5_000,
+            "eu",
+            "par",
+            &Event::NodeDied {
+                node: "par-n4".into(),
+            },
+        );
+        // 6: warning node-down, resolved.
+        e.handle_event(
+            6_000,
+            "eu",
+            "par",
+            &Event::NodeDied {
+                node: "par-n5".into(),
+            },
+        );
+        e.handle_event(
+            7_000,
+            "eu",
+            "par",
+            &Event::NodeRecovered {
+                node: "par-n5".into(),
+            },
+        );
+        // 1 is a warning (one node's failing check) and 3 is critical.
+        let ids = |v: &[Incident]| v.iter().map(|i| i.id).collect::<Vec<_>>();
+        assert_eq!(ids(&e.ranked()), vec![3, 2, 4, 5, 1]);
+        let mut all = e.all();
+        rank(&mut all);
+        assert_eq!(ids(&all), vec![3, 2, 4, 5, 1, 6]);
     }
 
     #[test]

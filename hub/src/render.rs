@@ -1010,7 +1010,10 @@ pub fn rollout_list(l: &crate::rolloutapi::RolloutList, colour: bool) -> String 
 }
 
 /// `trellis incidents`: one line per incident, aligned, coloured by
-/// severity (resolved ones dimmed), with what it is about under it.
+/// severity (resolved ones dimmed), with what it is about under it. Open
+/// ones come first, ranked (most severe, then most unusual, then newest:
+/// [`crate::incidents::rank`]), with a score column when one has a score;
+/// resolved ones follow, newest first.
 pub fn incidents(r: &crate::incidentdriver::IncidentsReport, colour: bool) -> String {
     use crate::incidents::Severity;
     let p = Paint(colour);
@@ -1023,28 +1026,34 @@ pub fn incidents(r: &crate::incidentdriver::IncidentsReport, colour: bool) -> St
         });
         return out;
     }
+    let mut list = r.incidents.clone();
+    crate::incidents::rank(&mut list);
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let id_w = r
-        .incidents
+    let id_w = list
         .iter()
         .map(|i| i.id.to_string().len())
         .max()
         .unwrap_or(1);
-    let kind_w = r
-        .incidents
+    let kind_w = list
         .iter()
         .map(|i| i.kind.as_str().len())
         .max()
         .unwrap_or(0);
-    let scope_w = r
-        .incidents
+    let scope_w = list
         .iter()
         .map(|i| i.scope.to_string().chars().count())
         .max()
         .unwrap_or(0);
-    for i in &r.incidents {
+    let score = |i: &crate::incidents::Incident| i.score.map(|s| format!("score {s}"));
+    let score_w = list
+        .iter()
+        .filter_map(score)
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(0);
+    for i in &list {
         let state = match i.resolved_ms {
             None => format!("open {}", ago(now_ms.saturating_sub(i.opened_ms) / 1000)),
             Some(at) => format!("resolved {}", ago(now_ms.saturating_sub(at) / 1000)),
@@ -1055,8 +1064,13 @@ pub fn incidents(r: &crate::incidentdriver::IncidentsReport, colour: bool) -> St
             (None, Severity::Critical) => p.code("31;1", &severity),
             (None, Severity::Warning) => p.code("33", &severity),
         };
+        let score = if score_w == 0 {
+            String::new()
+        } else {
+            format!("{:<score_w$}  ", score(i).unwrap_or_default())
+        };
         let line = format!(
-            "#{:<id_w$}  {severity}  {:<kind_w$}  {:<scope_w$}  {}",
+            "#{:<id_w$}  {severity}  {score}{:<kind_w$}  {:<scope_w$}  {}",
             i.id,
             i.kind.as_str(),
             i.scope.to_string(),
@@ -1278,6 +1292,7 @@ mod tests {
                 wave: 0,
                 phase: "bake".into(),
             }),
+            score: None,
         };
         let r = IncidentsReport {
             open: 1,
@@ -1306,5 +1321,66 @@ mod tests {
         );
         assert_eq!(*lines.last().unwrap(), "1 incident open");
         assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
+    fn open_incidents_are_ranked_with_a_score_for_findings() {
+        use crate::incidentdriver::IncidentsReport;
+        use crate::incidents::{Incident, IncidentKind, Scope, Score, Severity};
+        let incident =
+            |id: u64, kind: IncidentKind, severity: Severity, score: Option<u32>| Incident {
+                id,
+                kind,
+                severity,
+                scope: Scope {
+                    region: "eu".into(),
+                    site: "par".into(),
+                    node: Some(format!("par-n{id}")),
+                },
+                check: None,
+                title: format!("title {id}"),
+                detail: "why".into(),
+                opened_ms: id,
+                updated_ms: id,
+                resolved_ms: None,
+                nodes: vec![format!("par-n{id}")],
+                cause: None,
+                score: score.map(Score::from_tenths),
+            };
+        // Newest first, as the API answers.
+        let r = IncidentsReport {
+            open: 3,
+            incidents: vec![
+                incident(3, IncidentKind::NodeDown, Severity::Warning, None),
+                incident(
+                    2,
+                    IncidentKind::ResourceForecast,
+                    Severity::Critical,
+                    Some(45),
+                ),
+                incident(1, IncidentKind::NodeAnomaly, Severity::Warning, Some(270)),
+            ],
+        };
+        let text = incidents(&r, false);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('#')).collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with(
+                "#2  critical  score 4.5  resource-forecast  eu/par/par-n2  title 2  open "
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with(
+                "#1  warning   score 27   node-anomaly       eu/par/par-n1  title 1  open "
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with(
+                "#3  warning              node-down          eu/par/par-n3  title 3  open "
+            ),
+            "{text}"
+        );
     }
 }

@@ -170,8 +170,11 @@ enum Command {
     },
     /// Show incidents: faults correlated from events and the fleet view
     /// (a site unreachable is one incident, a check failing on several
-    /// nodes of a site is one, a flapping node is one), newest first, with
-    /// the rollout that likely caused each if one was baking there.
+    /// nodes of a site is one, a flapping node is one), with the rollout
+    /// that likely caused each if one was baking there. Open ones come
+    /// first, most severe, then most unusual (highest score), then newest;
+    /// resolved ones follow, newest first. `--json` prints the API's
+    /// answer, newest first.
     #[command(
         after_help = "Examples:\n  trellis incidents            # the open ones\n  trellis incidents --all --json"
     )]

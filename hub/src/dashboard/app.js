@@ -570,7 +570,9 @@
       return '<tr class="' + (open ? 'sev-' + esc(i.severity) : 'muted') + '" data-testid="incident">' +
         '<td>' + esc(i.id) + '</td>' +
         '<td>' + esc(open ? i.severity : 'resolved') + '</td>' +
-        '<td>' + esc(i.title) + (i.detail ? '<br><span class="muted">' + esc(i.detail) + '</span>' : '') + '</td>' +
+        '<td>' + esc(i.title) +
+          (typeof i.score === 'number' ? ' <span class="muted" data-testid="incident-score">score ' + esc(i.score) + '</span>' : '') +
+          (i.detail ? '<br><span class="muted">' + esc(i.detail) + '</span>' : '') + '</td>' +
         '<td class="mono">' + esc(scope) + '</td>' +
         '<td>' + esc(nodes ? String(nodes) : '') + '</td>' +
         '<td>' + esc(since) + '</td>' +
