@@ -277,6 +277,19 @@ impl Mesh {
 
     /// Issues a certificate with `trellis ca issue` into `certs/`.
     pub fn issue(&self, role: &str, region: &str, site: &str, name: &str) {
+        self.issue_with(role, region, site, name, &[]);
+    }
+
+    /// Issues a certificate with `trellis ca issue` and `extra` arguments
+    /// (`--days 1`) into `certs/`; returns its path.
+    pub fn issue_with(
+        &self,
+        role: &str,
+        region: &str,
+        site: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> PathBuf {
         let ca = self.path().join("ca");
         let out = self.path().join("certs");
         let mut args = vec![
@@ -297,8 +310,10 @@ impl Mesh {
         if !site.is_empty() {
             args.extend(["--site", site]);
         }
+        args.extend(extra);
         let o = run("trellis", &args);
         assert!(o.status.success(), "ca issue {name}: {o:?}");
+        self.path().join(format!("certs/{name}.crt"))
     }
 
     /// The `[identity]` section for a member issued with [`Mesh::issue`].

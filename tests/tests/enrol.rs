@@ -18,31 +18,7 @@ fn text(b: &[u8]) -> String {
 
 /// Issues `name` a certificate that expires in a day, into `certs/`.
 fn issue_for_a_day(mesh: &Mesh, role: &str, site: &str, name: &str) -> PathBuf {
-    let p = mesh.path();
-    let (ca, certs) = (p.join("ca"), p.join("certs"));
-    let out = run(
-        "trellis",
-        &[
-            "ca",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--out",
-            certs.to_str().unwrap(),
-            "--role",
-            role,
-            "--region",
-            "eu",
-            "--site",
-            site,
-            "--name",
-            name,
-            "--days",
-            "1",
-        ],
-    );
-    assert!(out.status.success(), "{out:?}");
-    certs.join(format!("{name}.crt"))
+    mesh.issue_with(role, "eu", site, name, &["--days", "1"])
 }
 
 /// When the certificate at `path` expires (Unix seconds).

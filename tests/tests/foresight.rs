@@ -1,0 +1,83 @@
+//! Foresight through a real mesh: a node whose certificate runs out
+//! without being renewed forecasts it itself (`forecast:cert`, a check of
+//! its own), its relay reports the check's change, and the hub opens one
+//! `resource-forecast` incident, critical, with its score, ranked first by
+//! `trellis incidents`. The node's own status stays passing: a finding is
+//! reported, not judged.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_tests::{Mesh, eventually, get_json, run, serial};
+
+#[test]
+fn a_certificate_about_to_expire_is_forecast_by_its_node_and_becomes_a_ranked_incident() {
+    let _serial = serial();
+    let mesh = Mesh::new();
+    mesh.issue("hub", "eu", "", "hub-1");
+    mesh.issue("relay", "eu", "par", "par-relay");
+    // Expires tomorrow: critical (within 3 days), score 14 days / 1 day.
+    mesh.issue_with("node", "eu", "par", "par-n1", &["--days", "1"]);
+    mesh.issue("node", "eu", "par", "par-n2");
+    let (_hub, uplink, api) = mesh.start_hub("hub-1", "");
+    let (_relay, gossip) = mesh.start_relay("par-relay", &uplink, "");
+    // Not renewed: its renewal only starts an hour before expiry.
+    let (_n1, _) = mesh.start_node("par-n1", &gossip, "[renewal]\nrenew_before = \"1h\"\n");
+    let (_n2, _) = mesh.start_node("par-n2", &gossip, "");
+
+    let forecast = |v: &Value| -> Option<Value> {
+        v["incidents"]
+            .as_array()?
+            .iter()
+            .find(|i| i["kind"] == "resource-forecast" && i["resolved_ms"].is_null())
+            .cloned()
+    };
+    let mut found = None;
+    let opened = eventually(Duration::from_secs(40), || {
+        found = get_json(&format!("{api}/api/v1/incidents")).and_then(|v| forecast(&v));
+        found.is_some()
+    });
+    assert!(opened, "no resource-forecast incident opened");
+    let i = found.unwrap();
+    assert_eq!(i["severity"], "critical", "{i}");
+    assert_eq!(i["check"], "forecast:cert", "{i}");
+    assert_eq!(i["scope"]["node"], "par-n1", "{i}");
+    let score = i["score"].as_f64().expect("a score");
+    assert!((13.9..=14.2).contains(&score), "{i}");
+    let detail = i["detail"].as_str().unwrap();
+    assert!(detail.contains("expires in"), "{i}");
+    // One incident, not one per sample, and none for the other node.
+    let all = get_json(&format!("{api}/api/v1/incidents?state=all")).unwrap();
+    let forecasts = all["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["kind"] == "resource-forecast")
+        .count();
+    assert_eq!(forecasts, 1, "{all}");
+
+    // The node reports the finding as a check and stays passing.
+    let nodes = get_json(&format!("{api}/api/v1/sites/par/nodes")).expect("the site's nodes");
+    let n1 = nodes["nodes"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "par-n1"))
+        .cloned()
+        .unwrap_or_else(|| panic!("par-n1 in {nodes}"));
+    assert_eq!(n1["status"], "passing", "{n1}");
+    let cert = n1["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "forecast:cert"))
+        .unwrap_or_else(|| panic!("forecast:cert in {n1}"));
+    assert_eq!(cert["status"], "critical", "{n1}");
+
+    // `trellis incidents` ranks it first and shows its score.
+    let out = run("trellis", &["incidents", "--hub", &api]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text
+        .lines()
+        .find(|l| l.contains("resource-forecast") || l.contains("node-"))
+        .unwrap_or_default();
+    assert!(first.contains("resource-forecast"), "{text}");
+    assert!(first.contains("14"), "{text}");
+}
