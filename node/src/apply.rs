@@ -75,6 +75,10 @@ pub enum ApplyError {
         "the desired state names {path:?}, which cannot be managed: {problem}; fix the manifest that sets it"
     )]
     BadPath { path: String, problem: String },
+    /// The desired state holds a runbook that makes no sense (a state file
+    /// edited by hand, or made by a build that checked less).
+    #[error("the desired state's runbook {name:?} cannot be used: {problem}")]
+    BadRunbook { name: String, problem: String },
     /// The desired state asks for a mode that is not Unix permission bits.
     /// Nothing was written.
     #[error(
@@ -288,6 +292,19 @@ pub fn check_drift(
 /// spellings cannot name one file), not a Trellis temporary name, and the
 /// key it is filed under; every mode must be permission bits.
 pub fn check_state(state: &ManagedState) -> Result<(), ApplyError> {
+    for (name, r) in &state.runbooks {
+        let problems = r.problems();
+        if *name != r.name || !problems.is_empty() {
+            return Err(ApplyError::BadRunbook {
+                name: name.clone(),
+                problem: if *name != r.name {
+                    format!("it is filed under another name ({:?})", r.name)
+                } else {
+                    problems.join("; ")
+                },
+            });
+        }
+    }
     for (key, file) in &state.files {
         let bad = |problem: &str| ApplyError::BadPath {
             path: key.clone(),
@@ -1062,6 +1079,7 @@ mod tests {
         ManagedState {
             version,
             files: files.into_iter().map(|f| (f.path.clone(), f)).collect(),
+            ..ManagedState::default()
         }
     }
 
@@ -1293,6 +1311,24 @@ mod tests {
         let s = state(1, vec![file("/etc/a", "x", 0o100644, &[])]);
         assert!(matches!(check_state(&s), Err(ApplyError::BadMode { .. })));
         assert!(check_state(&state(1, vec![file("/etc/a", "x", 0o4755, &[])])).is_ok());
+    }
+
+    #[test]
+    fn states_with_runbooks_that_make_no_sense_are_refused() {
+        let rule: crate::runbook::Runbook =
+            toml::from_str("name = \"fix\"\ncheck = \"web\"\nrun = \"true\"\n").unwrap();
+        let mut s = state(1, vec![]);
+        s.runbooks.insert("fix".into(), rule.clone());
+        assert!(check_state(&s).is_ok());
+        s.runbooks.insert("other".into(), rule.clone());
+        let err = check_state(&s).unwrap_err().to_string();
+        assert!(err.contains("filed under another name"), "{err}");
+        let mut s = state(1, vec![]);
+        let mut bad = rule;
+        bad.max_per_site = 0;
+        s.runbooks.insert("fix".into(), bad);
+        let err = check_state(&s).unwrap_err().to_string();
+        assert!(err.contains("max_per_site"), "{err}");
     }
 
     // --- write_atomic and friends ---

@@ -1,6 +1,6 @@
 //! The fleet's desired configuration as files: a directory of TOML
-//! manifests, resolved into the [`ManagedState`] of one node, and the plan of
-//! what a new version changes.
+//! manifests, resolved into the [`ManagedState`] of one node (its files and
+//! its remediation runbooks), and the plan of what a new version changes.
 //!
 //! Everything here is pure except [`Fleet::load`], which reads the
 //! directory once; the loaded [`Fleet`] holds every file's bytes, so it can
@@ -11,14 +11,26 @@
 //! as `.git` skipped, symlinked directories not followed) is a manifest, in
 //! order of relative path, except a `.toml` file that some manifest names as
 //! a file's `source`: that one is content. A manifest holds `[[vars]]`
-//! (`selector`, `values`) and `[[file]]` (`path`, `content` or `source`,
-//! `mode`, `reload`, `selector`, `template`). An omitted selector is `"all"`.
+//! (`selector`, `values`), `[[file]]` (`path`, `content` or `source`,
+//! `mode`, `reload`, `selector`, `template`) and `[[runbook]]`. An omitted
+//! selector is `"all"`. Unknown keys are refused, naming the manifest, line
+//! and column.
+//!
+//! A `[[runbook]]` is a remediation rule ([`Runbook`], see
+//! [`crate::runbook`]) and the nodes it is for: `selector`, and the rule's
+//! own fields with the rule's defaults: `name` and `check` and `run`
+//! (required), `when` (`"critical"`), `after` (`"1m"`), `timeout`
+//! (`"1m"`), `verify` (`"2m"`), `max_per_site` (1), `min_interval`
+//! (`"10m"`), `breaker_failures` (3), `breaker_window` (`"1h"`) and
+//! `dry_run` (false); durations are written like `"90s"` or `"5m"`. A
+//! runbook with any of [`Runbook::problems`] is refused when loading,
+//! naming the manifest and `runbook[N] NAME`.
 //!
 //! # Selectors and precedence
 //! A selector is `"all"` or a table of `region`, `site` (needs `region`) and
 //! `labels`; a node matches when each given field equals its own. For each
-//! file path, and for each var name on its own, the matching definition of
-//! the highest [`Specificity`] wins:
+//! file path, each runbook name, and each var name on its own, the matching
+//! definition of the highest [`Specificity`] wins:
 //!
 //! | specificity | selector |
 //! |---|---|
@@ -30,8 +42,9 @@
 //! | 5 `site+labels` | `{ region, site, labels }` |
 //!
 //! The number of labels does not count. Two matching definitions of the same
-//! path or var at the winning specificity are a conflict, an error for that
-//! node; ties below the winner are shadowed and harmless.
+//! path, runbook or var at the winning specificity are a conflict, an error
+//! for that node; ties below the winner are shadowed and harmless. The
+//! winning runbooks are the node's [`ManagedState::runbooks`], by name.
 //!
 //! # Templates
 //! Unless `template = false`, a file's content is a template: `{{name}}` is
@@ -40,6 +53,9 @@
 //! and reported facts; spaces inside the braces are allowed. `{{"text"}}`
 //! writes `text` as is, so a literal `{{` is written `{{"{{"}}`. A name the
 //! node does not have is an error. Var values are not templates themselves.
+//!
+//! Runbooks are not templates: every field is used as written (a `{{` in
+//! `run` is two braces), the same for every node the rule applies to.
 //!
 //! # Limits
 //! One file may hold at most [`MAX_FILE_BYTES`] (before and after
@@ -53,6 +69,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::managed::{ManagedFile, ManagedState};
+use crate::runbook::Runbook;
 
 /// Largest content of one managed file, in bytes.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -199,7 +216,8 @@ pub struct FileSpec {
 }
 
 /// One manifest: its path relative to the fleet directory and what it
-/// defines, in file order.
+/// defines, in file order. Its runbooks are kept apart, in
+/// [`Fleet::runbooks`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub name: String,
@@ -207,10 +225,128 @@ pub struct Manifest {
     pub files: Vec<FileSpec>,
 }
 
+/// One remediation rule as a manifest defines it: the rule and the nodes
+/// it is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunbookSpec {
+    pub selector: Selector,
+    pub runbook: Runbook,
+}
+
+/// The `[[runbook]]`s of one manifest, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRunbooks {
+    /// The manifest's name, as in [`Manifest::name`].
+    pub manifest: String,
+    pub runbooks: Vec<RunbookSpec>,
+}
+
 /// The whole fleet's desired configuration, every file's bytes included.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// It encodes as its manifests, then its runbooks only if there are any, so
+/// a fleet without runbooks encodes exactly as fleets did before runbooks
+/// existed (postcard: the manifests alone; JSON: no `runbooks` key).
+/// Bundles signed before still decode, and members that predate runbooks
+/// still read bundles that define none; a bundle that defines some, they
+/// refuse (its bytes go on after the fleet they know). In postcard the
+/// runbooks are read only when bytes follow the manifests, so a `Fleet`
+/// must be the last thing in an encoding, as it is in a bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Fleet {
     manifests: Vec<Manifest>,
+    /// Only manifests that define runbooks, in manifest order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    runbooks: Vec<ManifestRunbooks>,
+}
+
+impl<'de> Deserialize<'de> for Fleet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            #[derive(Deserialize)]
+            struct Named {
+                manifests: Vec<Manifest>,
+                #[serde(default)]
+                runbooks: Vec<ManifestRunbooks>,
+            }
+            let n = Named::deserialize(d)?;
+            return Ok(Fleet {
+                manifests: n.manifests,
+                runbooks: n.runbooks,
+            });
+        }
+
+        struct Compact;
+        impl<'de> serde::de::Visitor<'de> for Compact {
+            type Value = Fleet;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a fleet: its manifests, then its runbooks if any")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Fleet, A::Error> {
+                let manifests = seq
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::invalid_length(0, &self))?;
+                let runbooks = seq.next_element_seed(Trailing)?.unwrap_or_default();
+                Ok(Fleet {
+                    manifests,
+                    runbooks,
+                })
+            }
+        }
+
+        /// The runbooks after the manifests; none if the encoding ends
+        /// before their count (a fleet encoded before runbooks existed).
+        /// Once the count is read, anything wrong is an error, and so is a
+        /// count of 0 (no runbooks are encoded as nothing, so that one
+        /// fleet has one encoding and a byte after a bundle stays an error).
+        struct Trailing;
+        impl<'de> serde::de::DeserializeSeed<'de> for Trailing {
+            type Value = Vec<ManifestRunbooks>;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Self::Value, D::Error> {
+                let mut counted = false;
+                match d.deserialize_seq(List {
+                    counted: &mut counted,
+                }) {
+                    Ok(list) => Ok(list),
+                    Err(_) if !counted => Ok(Vec::new()),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+
+        struct List<'a> {
+            counted: &'a mut bool,
+        }
+        impl<'de> serde::de::Visitor<'de> for List<'_> {
+            type Value = Vec<ManifestRunbooks>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("the runbooks of each manifest")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                *self.counted = true;
+                let mut out = Vec::new();
+                while let Some(group) = seq.next_element()? {
+                    out.push(group);
+                }
+                if out.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "a fleet without runbooks ends after its manifests",
+                    ));
+                }
+                Ok(out)
+            }
+        }
+
+        d.deserialize_struct("Fleet", &["manifests", "runbooks"], Compact)
+    }
 }
 
 /// What is wrong with one definition in a manifest.
@@ -262,6 +398,10 @@ pub enum Problem {
     /// The file's content is over [`MAX_FILE_BYTES`].
     #[error("{0} bytes of content is over the limit of {MAX_FILE_BYTES} bytes for one file")]
     TooLarge(u64),
+    /// A runbook's [`Runbook::problems`], without the runbook's name in
+    /// front (the item names it).
+    #[error("{}", .0.join("; "))]
+    Runbook(Vec<String>),
 }
 
 /// Why a template does not parse.
@@ -307,7 +447,8 @@ pub enum FleetError {
     #[error("{manifest}: {item}: {problem}")]
     Invalid {
         manifest: PathBuf,
-        /// `file[N] PATH` or `vars[N]`, counting from 0 in file order.
+        /// `file[N] PATH`, `runbook[N] NAME` or `vars[N]`, counting from 0
+        /// in file order, each kind on its own.
         item: String,
         problem: Problem,
     },
@@ -323,7 +464,7 @@ pub enum FleetError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Origin {
     pub manifest: String,
-    /// `file[N]` or `vars[N]`.
+    /// `file[N]`, `runbook[N]` or `vars[N]`.
     pub item: String,
     pub selector: Selector,
 }
@@ -338,14 +479,14 @@ impl fmt::Display for Origin {
 /// that node then; other nodes are unaffected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
-    /// Two definitions of the same file path or var match the node with the
-    /// same specificity, and none more specific does.
+    /// Two definitions of the same file path, runbook or var match the node
+    /// with the same specificity, and none more specific does.
     #[error(
         "{what} {name} is defined twice for this node with the same precedence ({specificity}): \
          by {first} and by {second}; make one selector more specific or remove one"
     )]
     Conflict {
-        /// `file` or `var`.
+        /// `file`, `runbook` or `var`.
         what: &'static str,
         name: String,
         specificity: Specificity,
@@ -500,6 +641,8 @@ struct ManifestToml {
     vars: Vec<VarsToml>,
     #[serde(default)]
     file: Vec<FileToml>,
+    #[serde(default)]
+    runbook: Vec<RunbookToml>,
 }
 
 #[derive(Deserialize)]
@@ -527,6 +670,103 @@ struct FileToml {
 
 fn yes() -> bool {
     true
+}
+
+/// A `[[runbook]]` as written: `selector`, and the rest read as a
+/// [`Runbook`] is, with its defaults and its refusal of unknown keys (so
+/// the two cannot drift apart). TOML errors keep pointing at the key or
+/// value at fault.
+struct RunbookToml {
+    selector: SelectorToml,
+    runbook: Runbook,
+}
+
+impl<'de> Deserialize<'de> for RunbookToml {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RunbookToml;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a runbook table")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RunbookToml, A::Error> {
+                let mut selector = None;
+                let runbook = Runbook::deserialize(serde::de::value::MapAccessDeserializer::new(
+                    WithoutSelector {
+                        map,
+                        selector: &mut selector,
+                    },
+                ))?;
+                Ok(RunbookToml {
+                    selector: selector.unwrap_or_default(),
+                    runbook,
+                })
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// A runbook table's keys and values without `selector`, which it keeps.
+struct WithoutSelector<'a, A> {
+    map: A,
+    selector: &'a mut Option<SelectorToml>,
+}
+
+impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for WithoutSelector<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = seed;
+        loop {
+            match self.map.next_key_seed(KeyOrSelector(seed))? {
+                None => return Ok(None),
+                Some(Ok(key)) => return Ok(Some(key)),
+                Some(Err(unused)) => {
+                    if self.selector.is_some() {
+                        return Err(serde::de::Error::duplicate_field("selector"));
+                    }
+                    *self.selector = Some(self.map.next_value()?);
+                    seed = unused;
+                }
+            }
+        }
+    }
+
+    fn next_value_seed<V: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+}
+
+/// A runbook table's key: `selector` (and the seed back, unused), or the
+/// runbook's own.
+struct KeyOrSelector<K>(K);
+
+impl<'de, K: serde::de::DeserializeSeed<'de>> serde::de::DeserializeSeed<'de> for KeyOrSelector<K> {
+    type Value = Result<K::Value, K>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let key = String::deserialize(d)?;
+        if key == "selector" {
+            return Ok(Err(self.0));
+        }
+        // A runbook's field name only fails to read when it is unknown.
+        self.0
+            .deserialize(serde::de::value::StringDeserializer::<D::Error>::new(key))
+            .map(Ok)
+            .map_err(|e| {
+                serde::de::Error::custom(format!("{} or `selector`", e.to_string().trim_end()))
+            })
+    }
 }
 
 /// `"all"` or `{ region, site, labels }`, as written in any TOML file that
@@ -732,8 +972,36 @@ fn check_vars(v: &VarSet) -> Result<(), Problem> {
     }
 }
 
+/// Checks one runbook definition on its own (shared by loading and
+/// [`Fleet::validate`]).
+fn check_runbook(r: &RunbookSpec) -> Result<(), Problem> {
+    r.selector.check()?;
+    let problems = r.runbook.problems();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let named = format!("runbook {}: ", r.runbook.name);
+    Err(Problem::Runbook(
+        problems
+            .into_iter()
+            .map(|p| match p.strip_prefix(&named) {
+                Some(rest) => rest.to_owned(),
+                None => p,
+            })
+            .collect(),
+    ))
+}
+
 fn file_item(i: usize, path: &str) -> String {
     format!("file[{i}] {path}")
+}
+
+fn runbook_item(i: usize, name: &str) -> String {
+    if name.is_empty() {
+        format!("runbook[{i}]")
+    } else {
+        format!("runbook[{i}] {name}")
+    }
 }
 
 impl Fleet {
@@ -765,6 +1033,7 @@ impl Fleet {
             .filter_map(normalise_source)
             .collect();
         let mut manifests = Vec::new();
+        let mut runbooks = Vec::new();
         let mut total = 0u64;
         for (name, shown, manifest) in parsed {
             if sources.contains(&name) {
@@ -799,23 +1068,57 @@ impl Fleet {
                 }
                 files.push(spec);
             }
+            let mut defined = Vec::with_capacity(m.runbook.len());
+            for (i, r) in m.runbook.into_iter().enumerate() {
+                let spec = RunbookSpec {
+                    selector: r.selector.0,
+                    runbook: r.runbook,
+                };
+                check_runbook(&spec)
+                    .map_err(|p| invalid(runbook_item(i, &spec.runbook.name), p))?;
+                defined.push(spec);
+            }
+            if !defined.is_empty() {
+                runbooks.push(ManifestRunbooks {
+                    manifest: name.clone(),
+                    runbooks: defined,
+                });
+            }
             manifests.push(Manifest { name, vars, files });
         }
-        Ok(Fleet { manifests })
+        Ok(Fleet {
+            manifests,
+            runbooks,
+        })
     }
 
     /// A fleet from manifests built in memory (checked as
     /// [`Fleet::validate`] does, and put in name order).
-    pub fn from_manifests(mut manifests: Vec<Manifest>) -> Result<Fleet, FleetError> {
+    pub fn from_manifests(manifests: Vec<Manifest>) -> Result<Fleet, FleetError> {
+        Fleet::from_parts(manifests, Vec::new())
+    }
+
+    /// A fleet from manifests and their runbooks built in memory (checked
+    /// as [`Fleet::validate`] does, and put in name order; manifests
+    /// without runbooks left out of `runbooks`).
+    pub fn from_parts(
+        mut manifests: Vec<Manifest>,
+        mut runbooks: Vec<ManifestRunbooks>,
+    ) -> Result<Fleet, FleetError> {
         manifests.sort_by(|a, b| a.name.cmp(&b.name));
-        let fleet = Fleet { manifests };
+        runbooks.retain(|r| !r.runbooks.is_empty());
+        runbooks.sort_by(|a, b| a.manifest.cmp(&b.manifest));
+        let fleet = Fleet {
+            manifests,
+            runbooks,
+        };
         fleet.validate()?;
         Ok(fleet)
     }
 
     /// Checks everything [`Fleet::load`] checks that does not need the
-    /// directory: paths, modes, selectors, var names, template syntax and
-    /// sizes. For a fleet decoded from bytes.
+    /// directory: paths, modes, selectors, var names, template syntax,
+    /// sizes and runbooks. For a fleet decoded from bytes.
     pub fn validate(&self) -> Result<(), FleetError> {
         let mut total = 0u64;
         for m in &self.manifests {
@@ -835,6 +1138,15 @@ impl Fleet {
                 }
             }
         }
+        for group in &self.runbooks {
+            for (i, r) in group.runbooks.iter().enumerate() {
+                check_runbook(r).map_err(|problem| FleetError::Invalid {
+                    manifest: PathBuf::from(&group.manifest),
+                    item: runbook_item(i, &r.runbook.name),
+                    problem,
+                })?;
+            }
+        }
         Ok(())
     }
 
@@ -842,21 +1154,32 @@ impl Fleet {
         &self.manifests
     }
 
-    /// What `node` must hold, as configuration `version`.
-    pub fn resolve(&self, node: &NodeFacts, version: u64) -> Result<ManagedState, ResolveError> {
-        let files = self
-            .resolve_with_origins(node)?
-            .into_iter()
-            .map(|(path, (file, _))| (path, file))
-            .collect();
-        Ok(ManagedState { version, files })
+    /// The runbooks of the manifests that define any, in manifest order.
+    pub fn runbooks(&self) -> &[ManifestRunbooks] {
+        &self.runbooks
     }
 
-    /// Like [`Fleet::resolve`], with the definition each file came from.
-    fn resolve_with_origins(
-        &self,
-        node: &NodeFacts,
-    ) -> Result<BTreeMap<String, (ManagedFile, Origin)>, ResolveError> {
+    /// What `node` must hold, as configuration `version`.
+    pub fn resolve(&self, node: &NodeFacts, version: u64) -> Result<ManagedState, ResolveError> {
+        let resolved = self.resolve_with_origins(node)?;
+        Ok(ManagedState {
+            version,
+            files: resolved
+                .files
+                .into_iter()
+                .map(|(path, (file, _))| (path, file))
+                .collect(),
+            runbooks: resolved
+                .runbooks
+                .into_iter()
+                .map(|(name, (runbook, _))| (name, runbook))
+                .collect(),
+        })
+    }
+
+    /// Like [`Fleet::resolve`], with the definition each file and runbook
+    /// came from.
+    fn resolve_with_origins(&self, node: &NodeFacts) -> Result<Resolved, ResolveError> {
         let var_origin = |(mi, vi): (usize, usize)| {
             Box::new(Origin {
                 manifest: self.manifests[mi].name.clone(),
@@ -869,6 +1192,13 @@ impl Fleet {
                 manifest: self.manifests[mi].name.clone(),
                 item: format!("file[{fi}]"),
                 selector: self.manifests[mi].files[fi].selector.clone(),
+            })
+        };
+        let runbook_origin = |(gi, ri): (usize, usize)| {
+            Box::new(Origin {
+                manifest: self.runbooks[gi].manifest.clone(),
+                item: format!("runbook[{ri}]"),
+                selector: self.runbooks[gi].runbooks[ri].selector.clone(),
             })
         };
 
@@ -924,6 +1254,39 @@ impl Fleet {
             }
         }
 
+        let mut runbooks: BTreeMap<&str, Winner<(usize, usize)>> = BTreeMap::new();
+        for (gi, group) in self.runbooks.iter().enumerate() {
+            for (ri, r) in group.runbooks.iter().enumerate() {
+                if r.selector.matches(node) {
+                    offer(
+                        &mut runbooks,
+                        r.runbook.name.as_str(),
+                        r.selector.specificity(),
+                        (gi, ri),
+                    );
+                }
+            }
+        }
+        for (name, w) in &runbooks {
+            if let Some(tie) = w.tie {
+                return Err(ResolveError::Conflict {
+                    what: "runbook",
+                    name: (*name).to_owned(),
+                    specificity: w.specificity,
+                    first: runbook_origin(w.value),
+                    second: runbook_origin(tie),
+                });
+            }
+        }
+        let runbooks = runbooks
+            .into_iter()
+            .map(|(name, w)| {
+                let (gi, ri) = w.value;
+                let runbook = self.runbooks[gi].runbooks[ri].runbook.clone();
+                (name.to_owned(), (runbook, *runbook_origin(w.value)))
+            })
+            .collect();
+
         let mut out = BTreeMap::new();
         for (path, w) in files {
             let (mi, fi) = w.value;
@@ -960,8 +1323,18 @@ impl Fleet {
             };
             out.insert(path.to_owned(), (file, *from));
         }
-        Ok(out)
+        Ok(Resolved {
+            files: out,
+            runbooks,
+        })
     }
+}
+
+/// A node's files and runbooks, each with the definition it came from.
+#[derive(Default)]
+struct Resolved {
+    files: BTreeMap<String, (ManagedFile, Origin)>,
+    runbooks: BTreeMap<String, (Runbook, Origin)>,
 }
 
 /// The best definition of one path or var so far, and the first equally
@@ -1063,13 +1436,13 @@ fn load_file(root: &Path, f: FileToml) -> Result<FileSpec, LoadFileError> {
 pub struct Plan {
     /// Nodes considered.
     pub nodes: usize,
-    /// Nodes whose files change.
+    /// Nodes whose files or runbooks change.
     pub changing: usize,
     /// Nodes the new version cannot be resolved for.
     pub failing: usize,
     /// Sites with at least one changing or failing node, by region and site.
     pub sites: Vec<SitePlan>,
-    /// Per winning selector, the paths that differ somewhere.
+    /// Per winning selector, the paths and runbooks that differ somewhere.
     pub scopes: Vec<ScopePlan>,
 }
 
@@ -1097,7 +1470,7 @@ pub struct NodeGroup {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum NodeChange {
-    /// Its files change.
+    /// Its files or runbooks change.
     Changes {
         added: Vec<String>,
         changed: Vec<PathChange>,
@@ -1106,6 +1479,15 @@ pub enum NodeChange {
         /// The old version could not be resolved for this node, so the
         /// changes are counted from nothing.
         previous_error: Option<String>,
+        /// Names of runbooks the node gains (left out when none).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        runbooks_added: Vec<String>,
+        /// Runbooks whose definition changes (left out when none).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        runbooks_changed: Vec<RunbookChange>,
+        /// Names of runbooks the node no longer runs (left out when none).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        runbooks_removed: Vec<String>,
     },
     /// The new version cannot be resolved for it.
     Fails { error: String },
@@ -1120,15 +1502,65 @@ pub struct PathChange {
     pub reload: bool,
 }
 
-/// The paths that differ under one selector (of the definition that wins in
-/// the new version, or won in the old one for removed paths).
+/// A runbook whose definition changes, and in which fields (named as in a
+/// manifest, in the order of [`Runbook`]'s fields).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct RunbookChange {
+    pub name: String,
+    pub fields: Vec<String>,
+}
+
+/// The paths and runbooks that differ under one selector (of the definition
+/// that wins in the new version, or won in the old one for removed ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ScopePlan {
     pub selector: Selector,
     pub specificity: Specificity,
     pub paths: Vec<String>,
-    /// Nodes with at least one of these paths differing.
+    /// Runbook names (left out when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runbooks: Vec<String>,
+    /// Nodes with at least one of these paths or runbooks differing.
     pub nodes: usize,
+}
+
+/// The fields in which two definitions of one runbook differ.
+fn runbook_fields_changed(old: &Runbook, new: &Runbook) -> Vec<String> {
+    // Every field by name, so that a new one cannot be forgotten here.
+    let Runbook {
+        name: _,
+        check,
+        when,
+        after,
+        run,
+        timeout,
+        verify,
+        max_per_site,
+        min_interval,
+        breaker_failures,
+        breaker_window,
+        dry_run,
+    } = new;
+    [
+        ("check", *check != old.check),
+        ("when", *when != old.when),
+        ("after", *after != old.after),
+        ("run", *run != old.run),
+        ("timeout", *timeout != old.timeout),
+        ("verify", *verify != old.verify),
+        ("max_per_site", *max_per_site != old.max_per_site),
+        ("min_interval", *min_interval != old.min_interval),
+        (
+            "breaker_failures",
+            *breaker_failures != old.breaker_failures,
+        ),
+        ("breaker_window", *breaker_window != old.breaker_window),
+        ("dry_run", *dry_run != old.dry_run),
+    ]
+    .into_iter()
+    .filter(|(_, differs)| *differs)
+    .map(|(field, _)| field.to_owned())
+    .collect()
 }
 
 impl Plan {
@@ -1141,7 +1573,8 @@ impl Plan {
 /// Compares what `old` (none: nothing managed yet) and `new` give each of
 /// `nodes`.
 pub fn plan(old: Option<&Fleet>, new: &Fleet, nodes: &[NodeFacts]) -> Plan {
-    type Scopes = BTreeMap<(Specificity, Selector), (BTreeSet<String>, usize)>;
+    /// Per winning selector: paths, runbook names, nodes.
+    type Scopes = BTreeMap<(Specificity, Selector), (BTreeSet<String>, BTreeSet<String>, usize)>;
     // Per (region, site): its node count and its nodes by change.
     type Sites<'a> = BTreeMap<(&'a str, &'a str), (usize, BTreeMap<NodeChange, Vec<String>>)>;
     let mut sites: Sites<'_> = BTreeMap::new();
@@ -1155,8 +1588,8 @@ pub fn plan(old: Option<&Fleet>, new: &Fleet, nodes: &[NodeFacts]) -> Plan {
             .entry((node.region.as_str(), node.site.as_str()))
             .or_default();
         site.0 += 1;
-        let new_files = match new.resolve_with_origins(node) {
-            Ok(files) => files,
+        let new_resolved = match new.resolve_with_origins(node) {
+            Ok(resolved) => resolved,
             Err(e) => {
                 result.failing += 1;
                 let change = NodeChange::Fails {
@@ -1166,26 +1599,30 @@ pub fn plan(old: Option<&Fleet>, new: &Fleet, nodes: &[NodeFacts]) -> Plan {
                 continue;
             }
         };
-        let (old_files, previous_error) = match old.map(|f| f.resolve_with_origins(node)) {
-            None => (BTreeMap::new(), None),
-            Some(Ok(files)) => (files, None),
-            Some(Err(e)) => (BTreeMap::new(), Some(e.to_string())),
+        let (old_resolved, previous_error) = match old.map(|f| f.resolve_with_origins(node)) {
+            None => (Resolved::default(), None),
+            Some(Ok(resolved)) => (resolved, None),
+            Some(Err(e)) => (Resolved::default(), Some(e.to_string())),
         };
+        let (new_files, old_files) = (&new_resolved.files, &old_resolved.files);
         let mut added = Vec::new();
         let mut changed = Vec::new();
         let mut removed = Vec::new();
-        let mut touched: BTreeMap<(Specificity, Selector), Vec<String>> = BTreeMap::new();
-        let mut touch = |origin: &Origin, path: &str| {
-            touched
+        // Per selector: the paths and the runbooks that differ.
+        type Touched = BTreeMap<(Specificity, Selector), (Vec<String>, Vec<String>)>;
+        let mut touched: Touched = BTreeMap::new();
+        let mut touch = |origin: &Origin, path: Option<&str>, runbook: Option<&str>| {
+            let entry = touched
                 .entry((origin.selector.specificity(), origin.selector.clone()))
-                .or_default()
-                .push(path.to_owned());
+                .or_default();
+            entry.0.extend(path.map(str::to_owned));
+            entry.1.extend(runbook.map(str::to_owned));
         };
-        for (path, (file, origin)) in &new_files {
+        for (path, (file, origin)) in new_files {
             match old_files.get(path) {
                 None => {
                     added.push(path.clone());
-                    touch(origin, path);
+                    touch(origin, Some(path), None);
                 }
                 Some((before, _)) if before != file => {
                     changed.push(PathChange {
@@ -1194,32 +1631,64 @@ pub fn plan(old: Option<&Fleet>, new: &Fleet, nodes: &[NodeFacts]) -> Plan {
                         mode: before.mode != file.mode,
                         reload: before.reload != file.reload,
                     });
-                    touch(origin, path);
+                    touch(origin, Some(path), None);
                 }
                 Some(_) => {}
             }
         }
-        for (path, (_, origin)) in &old_files {
+        for (path, (_, origin)) in old_files {
             if !new_files.contains_key(path) {
                 removed.push(path.clone());
-                touch(origin, path);
+                touch(origin, Some(path), None);
             }
         }
-        if added.is_empty() && changed.is_empty() && removed.is_empty() && previous_error.is_none()
-        {
+        let (new_runbooks, old_runbooks) = (&new_resolved.runbooks, &old_resolved.runbooks);
+        let mut runbooks_added = Vec::new();
+        let mut runbooks_changed = Vec::new();
+        let mut runbooks_removed = Vec::new();
+        for (name, (runbook, origin)) in new_runbooks {
+            match old_runbooks.get(name) {
+                None => {
+                    runbooks_added.push(name.clone());
+                    touch(origin, None, Some(name));
+                }
+                Some((before, _)) if before != runbook => {
+                    runbooks_changed.push(RunbookChange {
+                        name: name.clone(),
+                        fields: runbook_fields_changed(before, runbook),
+                    });
+                    touch(origin, None, Some(name));
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, (_, origin)) in old_runbooks {
+            if !new_runbooks.contains_key(name) {
+                runbooks_removed.push(name.clone());
+                touch(origin, None, Some(name));
+            }
+        }
+        let same_files = added.is_empty() && changed.is_empty() && removed.is_empty();
+        let same_runbooks =
+            runbooks_added.is_empty() && runbooks_changed.is_empty() && runbooks_removed.is_empty();
+        if same_files && same_runbooks && previous_error.is_none() {
             continue;
         }
         result.changing += 1;
-        for (key, paths) in touched {
+        for (key, (paths, runbooks)) in touched {
             let entry = scopes.entry(key).or_default();
             entry.0.extend(paths);
-            entry.1 += 1;
+            entry.1.extend(runbooks);
+            entry.2 += 1;
         }
         let change = NodeChange::Changes {
             added,
             changed,
             removed,
             previous_error,
+            runbooks_added,
+            runbooks_changed,
+            runbooks_removed,
         };
         site.1.entry(change).or_default().push(node.name.clone());
     }
@@ -1239,12 +1708,15 @@ pub fn plan(old: Option<&Fleet>, new: &Fleet, nodes: &[NodeFacts]) -> Plan {
         .collect();
     result.scopes = scopes
         .into_iter()
-        .map(|((specificity, selector), (paths, nodes))| ScopePlan {
-            selector,
-            specificity,
-            paths: paths.into_iter().collect(),
-            nodes,
-        })
+        .map(
+            |((specificity, selector), (paths, runbooks, nodes))| ScopePlan {
+                selector,
+                specificity,
+                paths: paths.into_iter().collect(),
+                runbooks: runbooks.into_iter().collect(),
+                nodes,
+            },
+        )
         .collect();
     result
 }
@@ -1283,6 +1755,9 @@ impl fmt::Display for Plan {
                         changed,
                         removed,
                         previous_error,
+                        runbooks_added,
+                        runbooks_changed,
+                        runbooks_removed,
                     } => {
                         writeln!(f, "  {names}")?;
                         if let Some(e) = previous_error {
@@ -1305,6 +1780,15 @@ impl fmt::Display for Plan {
                         for p in removed {
                             writeln!(f, "    - {p} (no longer managed)")?;
                         }
+                        for r in runbooks_added {
+                            writeln!(f, "    + runbook {r}")?;
+                        }
+                        for c in runbooks_changed {
+                            writeln!(f, "    ~ runbook {} ({})", c.name, c.fields.join(", "))?;
+                        }
+                        for r in runbooks_removed {
+                            writeln!(f, "    - runbook {r} (no longer runs here)")?;
+                        }
                     }
                 }
             }
@@ -1312,12 +1796,18 @@ impl fmt::Display for Plan {
         if !self.scopes.is_empty() {
             writeln!(f, "\nby scope:")?;
             for s in &self.scopes {
+                let items: Vec<String> = s
+                    .paths
+                    .iter()
+                    .cloned()
+                    .chain(s.runbooks.iter().map(|r| format!("runbook {r}")))
+                    .collect();
                 writeln!(
                     f,
                     "  {} [{}]: {} ({} nodes)",
                     s.selector,
                     s.specificity,
-                    s.paths.join(", "),
+                    items.join(", "),
                     s.nodes
                 )?;
             }
@@ -1995,6 +2485,9 @@ content = '{{"{{"}}port}} is {{port}}; }} alone stays; {{ "a b" }}'
             changed: vec![],
             removed: vec!["/etc/old".into()],
             previous_error: None,
+            runbooks_added: vec![],
+            runbooks_changed: vec![],
+            runbooks_removed: vec![],
         };
         assert_eq!(changes(&["a1"]), removed_old);
         assert_eq!(
@@ -2009,6 +2502,9 @@ content = '{{"{{"}}port}} is {{port}}; }} alone stays; {{ "a b" }}'
                 }],
                 removed: vec!["/etc/old".into()],
                 previous_error: None,
+                runbooks_added: vec![],
+                runbooks_changed: vec![],
+                runbooks_removed: vec![],
             }
         );
         assert_eq!(
@@ -2018,6 +2514,9 @@ content = '{{"{{"}}port}} is {{port}}; }} alone stays; {{ "a b" }}'
                 changed: vec![],
                 removed: vec![],
                 previous_error: None,
+                runbooks_added: vec![],
+                runbooks_changed: vec![],
+                runbooks_removed: vec![],
             }
         );
         let scopes: Vec<_> = p
@@ -2084,6 +2583,473 @@ content = '{{"{{"}}port}} is {{port}}; }} alone stays; {{ "a b" }}'
         let back: Fleet = postcard::from_bytes(&postcard::to_stdvec(&one).unwrap()).unwrap();
         assert_eq!(back, one);
         back.validate().unwrap();
+    }
+
+    fn runbook(name: &str, run: &str, selector: &str) -> String {
+        format!(
+            "[[runbook]]\nname = {name:?}\ncheck = \"disk\"\nrun = {run:?}\nselector = {selector}\n\n"
+        )
+    }
+
+    #[test]
+    fn a_site_runbook_overrides_the_one_for_all_of_the_same_name_on_that_site_only() {
+        let d = Dir::new();
+        d.write(
+            "base.toml",
+            [
+                file("/etc/motd", "hi", r#""all""#),
+                runbook("clean-tmp", "rm -rf /tmp/cache", r#""all""#),
+            ]
+            .concat(),
+        )
+        .write(
+            "sites/s1.toml",
+            r#"
+[[runbook]]
+name = "clean-tmp"
+selector = { region = "eu", site = "s1" }
+check = "disk"
+when = "warning"
+after = "5m"
+run = "rm -rf /tmp/cache /var/tmp/cache"
+timeout = "30s"
+verify = "90s"
+max_per_site = 2
+min_interval = "1h"
+breaker_failures = 2
+breaker_window = "6h"
+dry_run = true
+
+[[runbook]]
+name = "restart-app"
+check = "app"
+run = "systemctl restart app"
+
+[runbook.selector]
+region = "eu"
+site = "s1"
+labels = { role = "web" }
+"#,
+        );
+        let fleet = d.load().unwrap();
+        let groups: Vec<_> = fleet
+            .runbooks()
+            .iter()
+            .map(|g| (g.manifest.as_str(), g.runbooks.len()))
+            .collect();
+        assert_eq!(groups, [("base.toml", 1), ("sites/s1.toml", 2)]);
+
+        let s1 = fleet.resolve(&node("a", "eu", "s1", &[]), 3).unwrap();
+        let names: Vec<_> = s1.runbooks.keys().map(String::as_str).collect();
+        assert_eq!(names, ["clean-tmp"]);
+        let r = &s1.runbooks["clean-tmp"];
+        assert_eq!(r.run, "rm -rf /tmp/cache /var/tmp/cache");
+        assert_eq!(r.when, crate::site::Status::Warning);
+        assert_eq!(r.after, std::time::Duration::from_secs(300));
+        assert_eq!(r.timeout, std::time::Duration::from_secs(30));
+        assert_eq!(r.verify, std::time::Duration::from_secs(90));
+        assert_eq!((r.max_per_site, r.breaker_failures), (2, 2));
+        assert_eq!(r.min_interval, std::time::Duration::from_secs(3600));
+        assert_eq!(r.breaker_window, std::time::Duration::from_secs(6 * 3600));
+        assert!(r.dry_run);
+        assert_eq!(s1.files.len(), 1);
+
+        // Elsewhere the rule for all, with the runbook's defaults.
+        let other = fleet.resolve(&node("b", "eu", "s2", &[]), 3).unwrap();
+        let r = &other.runbooks["clean-tmp"];
+        assert_eq!(r.run, "rm -rf /tmp/cache");
+        assert_eq!(r.when, crate::site::Status::Critical);
+        assert_eq!(r.after, std::time::Duration::from_secs(60));
+        assert_eq!(
+            (r.max_per_site, r.breaker_failures, r.dry_run),
+            (1, 3, false)
+        );
+        assert_eq!(other.runbooks.len(), 1);
+
+        // A web node of s1 gets both.
+        let web = fleet
+            .resolve(&node("w", "eu", "s1", &[("role", "web")]), 3)
+            .unwrap();
+        let names: Vec<_> = web.runbooks.keys().map(String::as_str).collect();
+        assert_eq!(names, ["clean-tmp", "restart-app"]);
+        assert_eq!(web.runbooks["clean-tmp"].max_per_site, 2);
+        assert_ne!(web.hash(), s1.hash());
+    }
+
+    #[test]
+    fn two_runbooks_of_one_name_at_the_same_specificity_are_a_conflict_naming_both() {
+        let d = Dir::new();
+        d.write(
+            "a.toml",
+            runbook("clean", "rm a", r#"{ labels = { role = "web" } }"#),
+        )
+        .write(
+            "b.toml",
+            runbook("clean", "rm b", r#"{ labels = { tier = "1" } }"#),
+        );
+        let fleet = d.load().unwrap();
+        let both = node("n1", "eu", "s1", &[("role", "web"), ("tier", "1")]);
+        let err = fleet.resolve(&both, 1).unwrap_err();
+        assert!(
+            matches!(&err, ResolveError::Conflict { what: "runbook", name, specificity: Specificity::Labels, first, second }
+                if name == "clean" && first.manifest == "a.toml" && second.manifest == "b.toml"
+                    && first.item == "runbook[0]"),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("runbook clean is defined twice")
+                && text.contains("a.toml runbook[0]")
+                && text.contains("b.toml runbook[0]"),
+            "{text}"
+        );
+        // One of them alone is fine, and a more specific one settles it.
+        let web = node("n2", "eu", "s1", &[("role", "web")]);
+        assert_eq!(
+            fleet.resolve(&web, 1).unwrap().runbooks["clean"].run,
+            "rm a"
+        );
+        d.write(
+            "c.toml",
+            runbook(
+                "clean",
+                "rm c",
+                r#"{ region = "eu", labels = { role = "web" } }"#,
+            ),
+        );
+        let fleet = d.load().unwrap();
+        assert_eq!(
+            fleet.resolve(&both, 1).unwrap().runbooks["clean"].run,
+            "rm c"
+        );
+        // The conflict shows in the plan.
+        let d2 = Dir::new();
+        d2.write("a.toml", runbook("clean", "rm a", r#""all""#))
+            .write("b.toml", runbook("clean", "rm b", r#""all""#));
+        let p = plan(None, &d2.load().unwrap(), &[web]);
+        assert_eq!((p.changing, p.failing), (0, 1));
+    }
+
+    #[test]
+    fn a_runbook_with_problems_is_refused_when_loading_naming_the_manifest_and_the_rule() {
+        let d = Dir::new();
+        for (body, expect) in [
+            ("max_per_site = 0\n", "`max_per_site` must be at least 1"),
+            (
+                "when = \"passing\"\n",
+                "`when` must be \"warning\" or \"critical\"",
+            ),
+            (
+                "breaker_failures = 0\n",
+                "`breaker_failures` must be at least 1",
+            ),
+            ("timeout = \"0s\"\n", "`timeout` must be more than 0"),
+        ] {
+            d.write(
+                "ops/rb.toml",
+                format!(
+                    "[[file]]\npath = \"/etc/a\"\ncontent = \"\"\n\
+                     [[runbook]]\nname = \"ok\"\ncheck = \"disk\"\nrun = \"true\"\n\
+                     [[runbook]]\nname = \"clean\"\ncheck = \"disk\"\nrun = \"true\"\n{body}"
+                ),
+            );
+            let err = d.load().unwrap_err();
+            assert!(
+                matches!(&err, FleetError::Invalid { manifest, item, problem: Problem::Runbook(_) }
+                    if manifest == &d.path().join("ops/rb.toml") && item == "runbook[1] clean"),
+                "{body}: {err}"
+            );
+            let text = err.to_string();
+            let head = format!(
+                "{}: runbook[1] clean: ",
+                d.path().join("ops/rb.toml").display()
+            );
+            assert!(
+                text.starts_with(&head) && text[head.len()..].starts_with(expect),
+                "{body}: {text}"
+            );
+        }
+        // Every problem is named, the runbook's name not repeated.
+        d.write(
+            "ops/rb.toml",
+            "[[runbook]]\nname = \"clean\"\ncheck = \"disk\"\nrun = \"  \"\nmax_per_site = 0\n",
+        );
+        assert_eq!(
+            d.load().unwrap_err().to_string(),
+            format!(
+                "{}: runbook[0] clean: `run` is empty; `max_per_site` must be at least 1",
+                d.path().join("ops/rb.toml").display()
+            )
+        );
+        d.write(
+            "ops/rb.toml",
+            "[[runbook]]\nname = \"Bad Name\"\ncheck = \"runbook:x\"\nrun = \"true\"\n",
+        );
+        let err = d.load().unwrap_err().to_string();
+        assert!(
+            err.contains("runbook[0] Bad Name: runbook name \"Bad Name\" must be")
+                && err.contains("`check` must name a check other than a runbook's"),
+            "{err}"
+        );
+        // The selector is checked like any other.
+        d.write(
+            "ops/rb.toml",
+            runbook("clean", "true", r#"{ site = "s1" }"#),
+        );
+        assert!(matches!(
+            d.load().unwrap_err(),
+            FleetError::Invalid { problem: Problem::SiteWithoutRegion, item, .. } if item == "runbook[0] clean"
+        ));
+    }
+
+    #[test]
+    fn unknown_or_missing_runbook_keys_are_refused_with_the_manifest_line_and_column() {
+        let d = Dir::new();
+        d.write(
+            "ops/rb.toml",
+            "[[runbook]]\nname = \"clean\"\ncheck = \"disk\"\nrun = \"true\"\n  max_per_node = 2\n",
+        );
+        let err = d.load().unwrap_err();
+        let FleetError::Parse {
+            manifest,
+            line,
+            column,
+            message,
+        } = &err
+        else {
+            panic!("{err}")
+        };
+        assert_eq!(manifest, &d.path().join("ops/rb.toml"));
+        assert_eq!((*line, *column), (5, 3), "{err}");
+        assert!(
+            message.contains("max_per_node")
+                && message.contains("max_per_site")
+                && message.contains("`selector`"),
+            "{message}"
+        );
+        // A selector that is not one, and a missing field.
+        d.write(
+            "ops/rb.toml",
+            "[[runbook]]\nname = \"clean\"\ncheck = \"disk\"\nrun = \"true\"\nselector = {}\n",
+        );
+        assert!(
+            matches!(d.load().unwrap_err(), FleetError::Parse { line: 5, message, .. } if message.contains("empty selector")),
+        );
+        d.write(
+            "ops/rb.toml",
+            "[[runbook]]\nname = \"clean\"\ncheck = \"disk\"\n",
+        );
+        assert!(
+            matches!(d.load().unwrap_err(), FleetError::Parse { message, .. } if message.contains("missing field `run`")),
+        );
+        d.write(
+            "ops/rb.toml",
+            "[[runbook]]\nname = \"clean\"\ncheck = \"disk\"\nrun = \"true\"\nafter = \"soon\"\n",
+        );
+        assert!(matches!(
+            d.load().unwrap_err(),
+            FleetError::Parse { line: 5, .. }
+        ));
+        d.write(
+            "ops/rb.toml",
+            "[[runbooks]]\nname = \"clean\"\ncheck = \"disk\"\nrun = \"true\"\n",
+        );
+        assert!(
+            matches!(d.load().unwrap_err(), FleetError::Parse { line: 1, message, .. } if message.contains("runbooks")),
+        );
+    }
+
+    #[test]
+    fn runbooks_are_not_templates() {
+        let d = Dir::new();
+        d.write(
+            "rb.toml",
+            runbook("echo", "echo {{port}} {{node.name}} {{", r#""all""#),
+        );
+        let state = d
+            .load()
+            .unwrap()
+            .resolve(&node("n", "eu", "s", &[]), 1)
+            .unwrap();
+        assert_eq!(state.runbooks["echo"].run, "echo {{port}} {{node.name}} {{");
+    }
+
+    #[test]
+    fn a_fleet_without_runbooks_encodes_as_before_and_one_with_them_round_trips() {
+        let d = Dir::new();
+        d.write("a.toml", file("/etc/a", "a", r#""all""#));
+        let plain = d.load().unwrap();
+        let bytes = postcard::to_stdvec(&plain).unwrap();
+        // The encoding before runbooks: the manifests alone.
+        assert_eq!(bytes, postcard::to_stdvec(plain.manifests()).unwrap());
+        assert_eq!(postcard::from_bytes::<Fleet>(&bytes).unwrap(), plain);
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("runbooks"), "{json}");
+        assert_eq!(serde_json::from_str::<Fleet>(&json).unwrap(), plain);
+
+        d.write(
+            "rb.toml",
+            runbook("clean", "rm -rf /tmp/x", r#"{ region = "eu" }"#),
+        );
+        let with = d.load().unwrap();
+        let bytes = postcard::to_stdvec(&with).unwrap();
+        let (back, rest) = postcard::take_from_bytes::<Fleet>(&bytes).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(back, with);
+        back.validate().unwrap();
+        let json = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<Fleet>(&json).unwrap(), with);
+
+        // A member that predates runbooks reads the manifests and finds
+        // bytes after them, so it refuses the bundle.
+        #[derive(Deserialize)]
+        struct Before {
+            #[allow(dead_code)]
+            manifests: Vec<Manifest>,
+        }
+        let (_, rest) = postcard::take_from_bytes::<Before>(&bytes).unwrap();
+        assert!(!rest.is_empty());
+
+        // Runbooks that do not decode are an error, not none; so is an
+        // empty list after the manifests (one fleet, one encoding).
+        let cut = &bytes[..bytes.len() - 3];
+        assert!(postcard::from_bytes::<Fleet>(cut).is_err());
+        let mut padded = postcard::to_stdvec(&plain).unwrap();
+        padded.push(0);
+        assert!(postcard::from_bytes::<Fleet>(&padded).is_err());
+
+        // A decoded fleet's runbooks are checked.
+        let mut bad = with.clone();
+        bad.runbooks[0].runbooks[0].runbook.max_per_site = 0;
+        let decoded: Fleet = postcard::from_bytes(&postcard::to_stdvec(&bad).unwrap()).unwrap();
+        assert!(
+            matches!(decoded.validate().unwrap_err(), FleetError::Invalid { item, problem: Problem::Runbook(_), .. } if item == "runbook[0] clean")
+        );
+        assert!(Fleet::from_parts(bad.manifests.clone(), bad.runbooks.clone()).is_err());
+        assert_eq!(
+            Fleet::from_parts(with.manifests.clone(), with.runbooks.clone()).unwrap(),
+            with
+        );
+    }
+
+    #[test]
+    fn plan_lists_runbooks_added_changed_and_removed_per_node_and_scope() {
+        let old = Dir::new();
+        old.write(
+            "base.toml",
+            [
+                file("/etc/motd", "hi", r#""all""#),
+                runbook("clean", "rm -rf /tmp/x", r#""all""#),
+                runbook("gone", "true", r#"{ region = "eu", site = "s1" }"#),
+            ]
+            .concat(),
+        );
+        let new = Dir::new();
+        new.write(
+            "base.toml",
+            [
+                file("/etc/motd", "hi", r#""all""#),
+                runbook("clean", "rm -rf /tmp/x", r#""all""#),
+                "[[runbook]]\nname = \"clean\"\ncheck = \"disk\"\nrun = \"rm -rf /tmp/y\"\nmax_per_site = 2\nselector = { region = \"eu\", site = \"s2\" }\n\n".to_string(),
+                runbook("web", "systemctl restart web", r#"{ labels = { role = "web" } }"#),
+            ]
+            .concat(),
+        );
+        let (old, new) = (old.load().unwrap(), new.load().unwrap());
+        let nodes = [
+            node("a1", "eu", "s1", &[]),                // loses gone
+            node("b1", "eu", "s2", &[]),                // clean changes
+            node("c1", "us", "s9", &[]),                // unchanged
+            node("c2", "us", "s9", &[("role", "web")]), // gains web
+        ];
+        let p = plan(Some(&old), &new, &nodes);
+        assert_eq!((p.nodes, p.changing, p.failing), (4, 3, 0));
+        let change = |name: &str| {
+            p.sites
+                .iter()
+                .flat_map(|s| &s.groups)
+                .find(|g| g.nodes == [name])
+                .map(|g| g.change.clone())
+                .unwrap_or_else(|| panic!("no group {name} in {p:#?}"))
+        };
+        let only =
+            |added: &[&str], changed: Vec<RunbookChange>, removed: &[&str]| NodeChange::Changes {
+                added: vec![],
+                changed: vec![],
+                removed: vec![],
+                previous_error: None,
+                runbooks_added: added.iter().map(|s| s.to_string()).collect(),
+                runbooks_changed: changed,
+                runbooks_removed: removed.iter().map(|s| s.to_string()).collect(),
+            };
+        assert_eq!(change("a1"), only(&[], vec![], &["gone"]));
+        assert_eq!(
+            change("b1"),
+            only(
+                &[],
+                vec![RunbookChange {
+                    name: "clean".into(),
+                    fields: vec!["run".into(), "max_per_site".into()],
+                }],
+                &[]
+            )
+        );
+        assert_eq!(change("c2"), only(&["web"], vec![], &[]));
+        let scopes: Vec<_> = p
+            .scopes
+            .iter()
+            .map(|s| {
+                (
+                    s.selector.to_string(),
+                    s.paths.len(),
+                    s.runbooks.clone(),
+                    s.nodes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            scopes,
+            [
+                (
+                    "region=eu site=s1".to_string(),
+                    0,
+                    vec!["gone".to_string()],
+                    1
+                ),
+                (
+                    "region=eu site=s2".to_string(),
+                    0,
+                    vec!["clean".to_string()],
+                    1
+                ),
+                ("label:role=web".to_string(), 0, vec!["web".to_string()], 1),
+            ]
+        );
+        let text = p.to_string();
+        for line in [
+            "3 of 4 nodes change, 0 cannot be resolved",
+            "    - runbook gone (no longer runs here)",
+            "    ~ runbook clean (run, max_per_site)",
+            "    + runbook web",
+            "  region=eu site=s2 [site]: runbook clean (1 nodes)",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+        }
+        let json = serde_json::to_value(&p).unwrap();
+        let groups = json["sites"].as_array().unwrap();
+        assert!(
+            groups
+                .iter()
+                .any(|s| s["groups"][0]["change"]["runbooks_removed"][0] == "gone")
+        );
+        assert!(plan(Some(&new), &new, &nodes).is_empty());
+
+        // Without runbook changes the JSON has no runbook keys at all.
+        let files_only = Dir::new();
+        files_only.write("base.toml", file("/etc/motd", "hi", r#""all""#));
+        let p = plan(None, &files_only.load().unwrap(), &nodes[..1]);
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains("runbook"), "{json}");
     }
 
     #[test]

@@ -46,6 +46,9 @@
 //! - [`agent`]: the node agent driver.
 //! - [`upgrade`]: the agent's own builds on a machine, its version stamp,
 //!   and the restart into another build (self-upgrade by patch).
+//! - [`runbook`]: remediation rules, their rails and the site's leases;
+//!   pure.
+//! - [`remediate`]: the node's runbook task (leases, actions, audit file).
 //! - [`cli`]: logging, signals and exit codes shared by the binaries.
 //! - [`clock`]: the wall clock, for drivers only.
 
@@ -71,7 +74,9 @@ pub mod metrics;
 pub mod patch;
 pub mod patching;
 pub mod patchstate;
+pub mod remediate;
 pub mod revocation;
+pub mod runbook;
 pub mod signature;
 pub mod site;
 pub mod tls;

@@ -47,6 +47,7 @@ fn one_file(path: &std::path::Path, content: &str, reload: String) -> ManagedSta
                 reload: vec![reload],
             },
         )]),
+        ..ManagedState::default()
     }
 }
 

@@ -299,13 +299,15 @@ enum DesiredCommand {
 enum ConfigCommand {
     /// Show what a fleet directory would change, node by node.
     ///
-    /// Reads every *.toml manifest under DIR (files, vars, selectors; see
-    /// docs/ARCHITECTURE.md, "Configuration as files"), asks the hub for
-    /// every site's nodes (live from the sites' relays, with their labels
-    /// and facts), and resolves the manifests for each node. Prints, per
-    /// site, which nodes get which files added, changed or no longer
-    /// managed, and per selector the paths that differ. Sites whose relays
-    /// do not answer are listed: their nodes are not in the plan.
+    /// Reads every *.toml manifest under DIR (files, vars, runbooks,
+    /// selectors; see docs/ARCHITECTURE.md, "Configuration as files"), asks
+    /// the hub for every site's nodes (live from the sites' relays, with
+    /// their labels and facts), and resolves the manifests for each node.
+    /// Prints, per site, which nodes get which files added, changed or no
+    /// longer managed and which runbooks added, changed (and in which
+    /// fields) or removed, and per selector the paths and runbooks that
+    /// differ. Sites whose relays do not answer are listed: their nodes are
+    /// not in the plan.
     ///
     /// The plan compares with the newest version stored at the hubs (with
     /// nothing managed if there is none yet).
