@@ -488,22 +488,34 @@ impl CoreTask {
                 Event::ConfigDrift { .. } => "config.drift".to_owned(),
                 Event::PatchState { state, .. } => format!("patch.{}", state.state),
                 Event::PatchSiteRolledBack { .. } => "patch.site-rolled-back".to_owned(),
+                Event::CheckChanged { check, detail, .. }
+                    if check.starts_with(trellis_node::runbook::CHECK_PREFIX) =>
+                {
+                    runbook_note_kind(detail)
+                }
                 _ => continue,
             };
             let subject = match e {
                 Event::ConfigResult { node, .. }
                 | Event::ConfigDrift { node, .. }
-                | Event::PatchState { node, .. } => format!("{}/{}/{node}", r.region, r.site),
+                | Event::PatchState { node, .. }
+                | Event::CheckChanged { node, .. } => format!("{}/{}/{node}", r.region, r.site),
                 Event::PatchSiteRolledBack { .. } => format!("{}/{}", r.region, r.site),
                 _ => continue,
             };
             let op = Op::Note {
                 kind,
                 subject,
-                detail: e
-                    .config_text()
-                    .or_else(|| e.patch_text())
-                    .unwrap_or_default(),
+                detail: match e {
+                    Event::CheckChanged { check, detail, .. } => format!(
+                        "{}: {detail}",
+                        check.trim_start_matches(trellis_node::runbook::CHECK_PREFIX)
+                    ),
+                    _ => e
+                        .config_text()
+                        .or_else(|| e.patch_text())
+                        .unwrap_or_default(),
+                },
             };
             if self.notes.try_send((self.log_me(), op)).is_err() {
                 warn!(relay = %r.relay, "audit notes queue full; a configuration event is in the store but not in the audit log");
@@ -1654,6 +1666,18 @@ impl Hub {
 impl trellis_node::cli::Running for Hub {
     async fn stopped(self) {
         Hub::stopped(self).await
+    }
+}
+
+/// The audit note kind of a runbook's check change: `runbook.` and the
+/// word its detail starts with (`ran`, `running`, `failed`, `blocked`,
+/// `dry-run`, `tripped`, `reset`).
+fn runbook_note_kind(detail: &str) -> String {
+    let word = detail.split_once(':').map_or("", |(w, _)| w);
+    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+        format!("runbook.{word}")
+    } else {
+        "runbook.changed".to_owned()
     }
 }
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -26,7 +26,7 @@ use crate::health::{self, Checks, ResourceSampler};
 use crate::managed::{ManagedState, short_hex};
 use crate::metrics::{self, CheckMetrics, ConfigMetrics, MeshMetrics, PatchMetrics, Registry};
 use crate::patching::PatchEngine;
-use crate::site::{SiteView, descriptor_kv};
+use crate::site::{Health, SiteView, descriptor_kv};
 use crate::tls::Credentials;
 
 /// Why a member could not start. Nothing is left running.
@@ -93,10 +93,16 @@ pub async fn serve_metrics(
     Ok(Some(addr))
 }
 
+/// Checks other tasks publish with the member's health (a node's
+/// `runbook:NAME`), by name.
+pub type ExtraChecks = Arc<std::sync::Mutex<BTreeMap<String, crate::site::CheckResult>>>;
+
 /// Samples health and publishes it in gossip every `cfg.interval` until
 /// `shutdown`, with the findings of [`Foresight`] (`cert_not_after`: the
-/// member's certificate's expiry, seconds since the epoch); keeps the
-/// membership gauges current.
+/// member's certificate's expiry, seconds since the epoch) and the
+/// `extra` checks, and hands it to `published`; keeps the membership
+/// gauges current.
+#[allow(clippy::too_many_arguments)]
 pub async fn publish_health_loop(
     gossip: Arc<Gossip>,
     role: crate::id::Role,
@@ -104,6 +110,8 @@ pub async fn publish_health_loop(
     checks: Checks,
     metrics: MeshMetrics,
     cert_not_after: Option<i64>,
+    extra: ExtraChecks,
+    published_tx: watch::Sender<Health>,
     shutdown: CancellationToken,
 ) {
     let mut sampler = ResourceSampler::new();
@@ -150,8 +158,16 @@ pub async fn publish_health_loop(
             }
             raised = now_raised;
         }
+        results.extend(
+            extra
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(n, r)| (n.clone(), r.clone())),
+        );
         let health = health::assess(role, &resources, &results, &cfg);
         gossip.publish(&health).await;
+        published_tx.send_replace(health.clone());
         if published != Some(health.status) {
             let checks: Vec<&str> = health
                 .checks
@@ -180,6 +196,10 @@ pub struct SiteMember {
     pub gossip: Arc<Gossip>,
     /// Accepted connections of the protocols served besides gossip.
     pub routes: crate::endpoint::Routes,
+    /// The health last published.
+    pub health: watch::Receiver<Health>,
+    /// Checks published with the member's own (see [`ExtraChecks`]).
+    pub extra_checks: ExtraChecks,
     health_task: JoinHandle<()>,
 }
 
@@ -228,6 +248,8 @@ impl SiteMember {
             .set(descriptor_kv(labels, &machine_facts()), "")
             .await;
         let site_gossip = Arc::new(site_gossip);
+        let extra_checks = ExtraChecks::default();
+        let (health_tx, health) = watch::channel(first);
         let health_task = tokio::spawn(publish_health_loop(
             site_gossip.clone(),
             role,
@@ -235,12 +257,16 @@ impl SiteMember {
             checks,
             mesh_metrics,
             cert_not_after,
+            extra_checks.clone(),
+            health_tx,
             shutdown.child_token(),
         ));
         Ok(SiteMember {
             endpoint,
             gossip: site_gossip,
             routes,
+            health,
+            extra_checks,
             health_task,
         })
     }
@@ -316,12 +342,19 @@ async fn config_loop(
     mut inputs: mpsc::Receiver<ApplyInput>,
     gossip: Arc<Gossip>,
     metrics: ConfigMetrics,
+    runbooks: watch::Sender<Vec<crate::runbook::Runbook>>,
     shutdown: CancellationToken,
 ) {
     let mut tick = crate::clock::ticker(cfg.drift_interval);
     let mut open = true;
     let mut drift = DriftNotes::default();
     publish_applied(&gossip, &applier, None).await;
+    let runbooks_of = |a: &Applier| -> Vec<crate::runbook::Runbook> {
+        a.applied()
+            .map(|s| s.runbooks.values().cloned().collect())
+            .unwrap_or_default()
+    };
+    runbooks.send_replace(runbooks_of(&applier));
     loop {
         tokio::select! {
             biased;
@@ -337,6 +370,10 @@ async fn config_loop(
                     };
                     metrics.result(result.outcome);
                     publish_applied(&gossip, &applier, Some(result)).await;
+                    let now = runbooks_of(&applier);
+                    if *runbooks.borrow() != now {
+                        runbooks.send_replace(now);
+                    }
                     let _ = reply.send(report);
                 }
                 None => open = false,
@@ -843,6 +880,7 @@ pub struct NodeAgent {
     config_task: JoinHandle<()>,
     follow_task: JoinHandle<()>,
     patch_task: JoinHandle<()>,
+    runbook_task: JoinHandle<()>,
 }
 
 impl NodeAgent {
@@ -904,6 +942,7 @@ impl NodeAgent {
             shutdown.clone(),
         ));
         let config_metrics = ConfigMetrics::register(&mut registry);
+        let runbook_metrics = crate::remediate::RunbookMetrics::register(&mut registry);
         let patches = PatchEngine::new(
             member.gossip.clone(),
             member.endpoint.clone(),
@@ -917,14 +956,28 @@ impl NodeAgent {
             serve_metrics(&cfg.metrics, Arc::new(registry), shutdown.child_token()).await?;
         let applied = applier.applied().map(|s| (s.version, short_hex(&s.hash())));
         let (tx, rx) = mpsc::channel(8);
+        let (runbooks_tx, runbooks_rx) = watch::channel(Vec::new());
         let config_task = tokio::spawn(config_loop(
             applier,
             cfg.config.clone(),
             rx,
             member.gossip.clone(),
             config_metrics.clone(),
+            runbooks_tx,
             shutdown.child_token(),
         ));
+        let runbook_task = tokio::spawn(
+            crate::remediate::RunbookTask {
+                gossip: member.gossip.clone(),
+                endpoint: member.endpoint.clone(),
+                health: member.health.clone(),
+                rules: runbooks_rx,
+                extra: member.extra_checks.clone(),
+                state_dir: cfg.config.state_dir.clone(),
+                metrics: runbook_metrics,
+            }
+            .run(shutdown.child_token()),
+        );
         let apply = ApplyHandle { tx };
         let follow_task = tokio::spawn(
             Follower {
@@ -953,6 +1006,7 @@ impl NodeAgent {
             config_task,
             follow_task,
             patch_task,
+            runbook_task,
         })
     }
 
@@ -978,6 +1032,7 @@ impl NodeAgent {
     pub async fn stopped(self) {
         let _ = self.follow_task.await;
         let _ = self.patch_task.await;
+        let _ = self.runbook_task.await;
         let _ = self.config_task.await;
         self.member.stopped().await;
     }

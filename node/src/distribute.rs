@@ -322,6 +322,12 @@ pub enum FetchRequest {
     /// A signed patch manifest the relay keeps, by
     /// [`crate::patch::SignedPatch::id`].
     Patch([u8; 32]),
+    /// A lease to remediate with runbook `rule` ([`crate::runbook`]): at
+    /// most `max` nodes of the site hold one at once, each for `ttl_ms`.
+    /// The holder is the asking node's certificate name.
+    Lease { rule: String, max: u32, ttl_ms: u64 },
+    /// The lease on `rule` is given back.
+    Release { rule: String },
 }
 
 /// relay → node.
@@ -339,6 +345,10 @@ pub enum FetchResponse {
     Patch(Box<crate::patch::SignedPatch>),
     /// The relay does not hold that patch.
     NoPatch,
+    Lease(crate::runbook::LeaseAnswer),
+    Released,
+    /// This relay keeps no leases.
+    NoLeases,
 }
 
 /// Why a fetch failed. Nothing was applied.
@@ -456,6 +466,110 @@ pub async fn fetch(
             have: have.map_or("nothing".to_owned(), |o| format!("version {}", o.version)),
         }),
         other => Err(unexpected(addr, other)),
+    }
+}
+
+/// Asks the relay at `addr` for a lease on runbook `rule`.
+pub async fn ask_lease(
+    endpoint: &MeshEndpoint,
+    addr: SocketAddr,
+    rule: &str,
+    max: u32,
+    ttl: Duration,
+) -> Result<crate::runbook::LeaseAnswer, FetchError> {
+    let request = FetchRequest::Lease {
+        rule: rule.to_owned(),
+        max,
+        ttl_ms: ttl.as_millis() as u64,
+    };
+    match ask(endpoint, addr, &request).await? {
+        Some(FetchResponse::Lease(a)) => Ok(a),
+        Some(FetchResponse::NoLeases) => Err(FetchError::Stream {
+            addr,
+            reason: "the relay keeps no leases".to_owned(),
+        }),
+        other => Err(unexpected(addr, other)),
+    }
+}
+
+/// Gives the lease on runbook `rule` back to the relay at `addr`.
+pub async fn release_lease(
+    endpoint: &MeshEndpoint,
+    addr: SocketAddr,
+    rule: &str,
+) -> Result<(), FetchError> {
+    let request = FetchRequest::Release {
+        rule: rule.to_owned(),
+    };
+    match ask(endpoint, addr, &request).await? {
+        Some(FetchResponse::Released | FetchResponse::NoLeases) => Ok(()),
+        other => Err(unexpected(addr, other)),
+    }
+}
+
+/// A relay's runbook leases ([`crate::runbook::Leases`]), kept in a file:
+/// a grant is on disk before the node hears of it, so a relay that restarts
+/// does not grant the same places twice.
+pub struct LeaseBook {
+    path: std::path::PathBuf,
+    leases: std::sync::Mutex<crate::runbook::Leases>,
+}
+
+impl LeaseBook {
+    /// The book kept at `path`; empty when there is none. An unreadable
+    /// file is an error: starting empty could grant places still held.
+    pub fn open(path: &std::path::Path) -> Result<Self, String> {
+        let leases = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: unreadable runbook leases: {e}; remove the file to start without them (leases last {} at most)", path.display(), humantime::format_duration(crate::runbook::MAX_LEASE)))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        Ok(LeaseBook {
+            path: path.to_owned(),
+            leases: std::sync::Mutex::new(leases),
+        })
+    }
+
+    fn save(&self, leases: &crate::runbook::Leases) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(leases).map_err(std::io::Error::other)?;
+        crate::apply::write_atomic(&self.path, &bytes, 0o600)
+    }
+
+    /// Answers `node`'s request for a lease (blocking: it writes the file).
+    pub fn ask(
+        &self,
+        now_ms: u64,
+        rule: &str,
+        node: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<crate::runbook::LeaseAnswer, String> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let before = leases.clone();
+        let answer = leases.ask(now_ms, rule, node, max, ttl);
+        if *leases != before
+            && let Err(e) = self.save(&leases)
+        {
+            *leases = before;
+            return Err(format!("cannot keep the lease: {e}"));
+        }
+        Ok(answer)
+    }
+
+    /// Takes `node`'s lease on `rule` back (blocking: it writes the file).
+    pub fn release(&self, rule: &str, node: &str) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if leases.release(rule, node)
+            && let Err(error) = self.save(&leases)
+        {
+            warn!(%error, rule, node, "cannot write the runbook leases; the lease expires by itself");
+        }
+    }
+
+    /// Leases held now.
+    pub fn held(&self) -> usize {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).held()
     }
 }
 
@@ -773,7 +887,7 @@ impl ChunkCache {
 
 /// Serves fetches on the connections `accepted` until `shutdown`: each
 /// stream gets the bundle `served` holds if it is the one asked for, or a
-/// patch manifest or chunk from `chunks`. The streams of one connection
+/// patch manifest or chunk from `chunks`, or a runbook lease from `leases`. The streams of one connection
 /// are answered concurrently, at most [`CHUNKS_IN_FLIGHT`] at a time (a
 /// peer that opens more waits), and at most [`CHUNKS_SERVING`] chunks are
 /// being read and written for all connections together. A peer that sends
@@ -782,6 +896,7 @@ pub async fn serve(
     mut accepted: mpsc::Receiver<Accepted>,
     served: watch::Receiver<Served>,
     chunks: Option<Arc<crate::patch::PatchFiles>>,
+    leases: Option<Arc<LeaseBook>>,
     metrics: crate::metrics::MeshMetrics,
     shutdown: CancellationToken,
 ) {
@@ -798,6 +913,7 @@ pub async fn serve(
             conn: a.conn,
             served: served.clone(),
             chunks: chunks.clone(),
+            leases: leases.clone(),
             metrics: metrics.clone(),
             serving: serving.clone(),
             cache: cache.clone(),
@@ -827,6 +943,7 @@ struct FetchServer {
     conn: quinn::Connection,
     served: watch::Receiver<Served>,
     chunks: Option<Arc<crate::patch::PatchFiles>>,
+    leases: Option<Arc<LeaseBook>>,
     metrics: crate::metrics::MeshMetrics,
     /// Shared by every connection: [`CHUNKS_SERVING`] permits.
     serving: Arc<Semaphore>,
@@ -872,6 +989,37 @@ impl FetchServer {
                     FetchResponse::Patch(Box::new(p))
                 })
             }
+            Ok(Some(FetchRequest::Lease { rule, max, ttl_ms })) => match self.leases.clone() {
+                None => FetchResponse::NoLeases,
+                Some(book) => {
+                    let node = self.peer.name.clone();
+                    let ttl = Duration::from_millis(ttl_ms);
+                    let asked = tokio::task::spawn_blocking(move || {
+                        let answer = book.ask(crate::clock::unix_ms(), &rule, &node, max, ttl);
+                        (answer, rule, node)
+                    })
+                    .await;
+                    match asked {
+                        Ok((Ok(answer), rule, node)) => {
+                            tracing::info!(%node, %rule, max, ?answer, "runbook lease asked");
+                            FetchResponse::Lease(answer)
+                        }
+                        Ok((Err(error), rule, node)) => {
+                            warn!(%node, %rule, %error, "runbook lease not granted");
+                            FetchResponse::NoLeases
+                        }
+                        Err(_) => FetchResponse::NoLeases,
+                    }
+                }
+            },
+            Ok(Some(FetchRequest::Release { rule })) => match self.leases.clone() {
+                None => FetchResponse::NoLeases,
+                Some(book) => {
+                    let node = self.peer.name.clone();
+                    let _ = tokio::task::spawn_blocking(move || book.release(&rule, &node)).await;
+                    FetchResponse::Released
+                }
+            },
             Ok(Some(FetchRequest::Bundle { want })) => {
                 let current = self.served.borrow().clone();
                 match current {
@@ -1243,6 +1391,7 @@ mod tests {
             routes.take(Protocol::Fetch),
             served,
             Some(Arc::new(files)),
+            None,
             Default::default(),
             shutdown.clone(),
         ));

@@ -111,6 +111,7 @@ async fn a_node_installs_bakes_and_rolls_back_the_patch_its_relay_orders() {
         relay.routes.take(Protocol::Fetch),
         served,
         Some(Arc::new(files)),
+        None,
         Default::default(),
         shutdown.child_token(),
     ));

@@ -381,7 +381,13 @@ impl RelayCore {
                     .iter()
                     .filter(|(n, _)| foresight::is_finding(n))
                     .map(|(n, r)| {
-                        let settled = foresight::settle(reported(&m.name, n), r.clone());
+                        // A runbook's every new word is reported (it is
+                        // the audit of a run); a finding's when it rose.
+                        let settled = if n.starts_with(trellis_node::runbook::CHECK_PREFIX) {
+                            r.clone()
+                        } else {
+                            foresight::settle(reported(&m.name, n), r.clone())
+                        };
                         (n.clone(), settled)
                     })
                     .collect();

@@ -18,7 +18,7 @@
 //!   nodes (`trellis-fetch/1`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1413,6 +1413,11 @@ impl Relay {
         );
         // The site's nodes fetch the manifests and chunks from the same store.
         let fetch_chunks = Arc::new(artifacts.files());
+        // The site's runbook leases: at most so many nodes remediate at once.
+        let leases = Arc::new(
+            trellis_node::distribute::LeaseBook::open(&runbook_leases_path(&cfg.buffer.path))
+                .map_err(StartError::Other)?,
+        );
         let config = Arc::new(ConfigCache {
             path: cache_path,
             trust: trust.clone(),
@@ -1532,6 +1537,7 @@ impl Relay {
                 member.routes.take(Protocol::Fetch),
                 served_rx,
                 Some(fetch_chunks),
+                Some(leases),
                 member.endpoint.metrics().clone(),
                 shutdown.child_token(),
             )),
@@ -1637,6 +1643,11 @@ impl trellis_node::cli::Running for Relay {
     async fn stopped(self) {
         Relay::stopped(self).await
     }
+}
+
+/// Where the relay keeps the site's runbook leases: next to its buffer.
+pub fn runbook_leases_path(buffer: &Path) -> PathBuf {
+    buffer.with_file_name("runbook-leases.json")
 }
 
 #[cfg(test)]

@@ -433,6 +433,7 @@ impl HostileRelay {
             member.routes.take(Protocol::Fetch),
             rx,
             None,
+            None,
             member.endpoint.metrics().clone(),
             shutdown.child_token(),
         ));

@@ -243,6 +243,7 @@ async fn run(
         routes.take(Protocol::Fetch),
         served_rx,
         Some(Arc::new(files)),
+        None,
         relay.metrics().clone(),
         shutdown.child_token(),
     ));
