@@ -513,21 +513,44 @@ pub async fn release_lease(
 pub struct LeaseBook {
     path: std::path::PathBuf,
     leases: std::sync::Mutex<crate::runbook::Leases>,
+    /// Nothing is granted before this (wall clock ms): the file was
+    /// unreadable, and the places it held are unknown until every lease it
+    /// could hold has expired.
+    grant_from_ms: u64,
 }
 
 impl LeaseBook {
     /// The book kept at `path`; empty when there is none. An unreadable
-    /// file is an error: starting empty could grant places still held.
+    /// file is moved aside (`.bad`) and nothing is granted for
+    /// [`crate::runbook::MAX_LEASE`]: starting empty at once could grant
+    /// places still held.
     pub fn open(path: &std::path::Path) -> Result<Self, String> {
+        let mut grant_from_ms = 0;
         let leases = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: unreadable runbook leases: {e}; remove the file to start without them (leases last {} at most)", path.display(), humantime::format_duration(crate::runbook::MAX_LEASE)))?,
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(l) => l,
+                Err(e) => {
+                    let aside = path.with_extension("json.bad");
+                    std::fs::rename(path, &aside)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    grant_from_ms =
+                        crate::clock::unix_ms() + crate::runbook::MAX_LEASE.as_millis() as u64;
+                    tracing::error!(
+                        path = %path.display(),
+                        moved_to = %aside.display(),
+                        error = %e,
+                        "runbook leases unreadable; no lease is granted for an hour, until every lease it may have held expired"
+                    );
+                    Default::default()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         Ok(LeaseBook {
             path: path.to_owned(),
             leases: std::sync::Mutex::new(leases),
+            grant_from_ms,
         })
     }
 
@@ -545,6 +568,12 @@ impl LeaseBook {
         max: u32,
         ttl: Duration,
     ) -> Result<crate::runbook::LeaseAnswer, String> {
+        if now_ms < self.grant_from_ms {
+            return Ok(crate::runbook::LeaseAnswer::Busy {
+                holders: vec!["(unknown: the relay's lease file was unreadable)".to_owned()],
+                max,
+            });
+        }
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         let before = leases.clone();
         let answer = leases.ask(now_ms, rule, node, max, ttl);
@@ -1071,6 +1100,43 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_relays_leases_survive_its_restart_and_an_unreadable_file_grants_nothing_for_an_hour() {
+        use crate::runbook::LeaseAnswer;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runbook-leases.json");
+        let now = crate::clock::unix_ms();
+        let ttl = Duration::from_secs(60);
+        let book = LeaseBook::open(&path).unwrap();
+        assert!(matches!(
+            book.ask(now, "fix", "a", 1, ttl),
+            Ok(LeaseAnswer::Granted { .. })
+        ));
+        // Started again: the place is still taken.
+        let book = LeaseBook::open(&path).unwrap();
+        assert!(matches!(
+            book.ask(now, "fix", "b", 1, ttl),
+            Ok(LeaseAnswer::Busy { .. })
+        ));
+        book.release("fix", "a");
+        let book = LeaseBook::open(&path).unwrap();
+        assert_eq!(book.held(), 0);
+        // A damaged file is moved aside, the relay still starts, and it
+        // grants nothing until any lease it held has run out.
+        std::fs::write(&path, b"{not json").unwrap();
+        let book = LeaseBook::open(&path).unwrap();
+        assert!(path.with_extension("json.bad").exists());
+        assert!(matches!(
+            book.ask(now, "fix", "b", 1, ttl),
+            Ok(LeaseAnswer::Busy { .. })
+        ));
+        let later = now + crate::runbook::MAX_LEASE.as_millis() as u64 + 1_000;
+        assert!(matches!(
+            book.ask(later, "fix", "b", 1, ttl),
+            Ok(LeaseAnswer::Granted { .. })
+        ));
+    }
 
     #[test]
     fn an_offer_reads_back_as_written_and_garbage_reads_as_nothing() {
