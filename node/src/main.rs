@@ -129,6 +129,24 @@ enum Command {
         #[command(subcommand)]
         action: UpgradeAction,
     },
+    /// Show what this machine's runbooks did: each rule's runs, its rate
+    /// limit and breaker, and the latest runs with their output, from the
+    /// agent's state directory (`[config] state_dir`). Works while the
+    /// agent runs, and while the site is cut off.
+    ///
+    ///   trellis-node runbooks --config /etc/trellis/node.toml --last 5
+    #[command(verbatim_doc_comment)]
+    Runbooks {
+        /// Configuration file (TOML): where the state directory is.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How many of the latest runs to show.
+        #[arg(long, default_value_t = 10)]
+        last: usize,
+        /// Print the states and the runs as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +189,9 @@ fn main() -> ExitCode {
     match args.command {
         None => cli::member_main(args.member, Role::Node, NodeAgent::start),
         Some(Command::Upgrade { action }) => upgrade_command(action),
+        Some(Command::Runbooks { config, last, json }) => {
+            runbooks_command(config.as_deref(), last, json)
+        }
         Some(Command::Enroll {
             config,
             relay,
@@ -263,4 +284,77 @@ fn upgrade_command(action: UpgradeAction) -> ExitCode {
             Err(e) => failed(&e),
         },
     }
+}
+
+fn runbooks_command(config: Option<&std::path::Path>, last: usize, json: bool) -> ExitCode {
+    use trellis_node::cli::MemberConfig;
+    use trellis_node::remediate;
+    let failed = |e: &dyn std::fmt::Display| cli::fail(cli::EXIT_FAILED, e);
+    let loaded = match trellis_node::config::load::<trellis_node::config::NodeConfig>(config) {
+        Ok(l) => l,
+        Err(e) => return failed(&e),
+    };
+    let mut cfg = loaded.config;
+    cfg.resolve_paths(&loaded.base_dir);
+    let dir = &cfg.config.state_dir;
+    let states = match remediate::load_states(&remediate::states_path(dir)) {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    let runs = match remediate::read_records(&remediate::audit_path(dir)) {
+        Ok(r) => r,
+        Err(e) => return failed(&format!("{}: {e}", remediate::audit_path(dir).display())),
+    };
+    let latest = &runs[runs.len().saturating_sub(last)..];
+    if json {
+        let v = serde_json::json!({ "rules": states, "runs": latest });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
+        return ExitCode::SUCCESS;
+    }
+    if states.is_empty() && runs.is_empty() {
+        println!(
+            "no runbook has acted on this machine (state directory {})",
+            dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let when = |ms: u64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string()
+    };
+    for (name, st) in &states {
+        let breaker = st
+            .breaker_open_ms
+            .map_or("closed".to_owned(), |t| format!("OPEN since {}", when(t)));
+        println!(
+            "{name}: {} run(s), last {}, {} refusal(s) by the rails, breaker {breaker}",
+            st.runs,
+            st.last_run_ms.map_or("never".to_owned(), when),
+            st.blocked
+        );
+        if let Some(c) = &st.check {
+            println!("  runbook:{name} {}: {}", c.status, c.detail);
+        }
+    }
+    if !latest.is_empty() {
+        println!("\nlatest runs (of {}):", runs.len());
+    }
+    for r in latest {
+        println!(
+            "{}  {}  {:?}{}  {}",
+            when(r.at_ms),
+            r.rule,
+            r.result,
+            if r.dry_run { " (dry run)" } else { "" },
+            r.note
+        );
+        if let Some(o) = &r.outcome {
+            for line in o.output.lines() {
+                println!("    | {line}");
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -214,6 +214,18 @@ fn a_failing_check_is_remediated_on_each_node_at_most_two_at_once_while_the_site
             "{run}"
         );
     }
+    // The node says so itself, from its state directory.
+    let config = site.mesh.path().join("par-n0.toml");
+    let out = run(
+        "trellis-node",
+        &["runbooks", "--config", config.to_str().unwrap()],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(said.contains("restore-svc: 1 run(s)"), "{said}");
+    assert!(said.contains("breaker closed"), "{said}");
+    assert!(said.contains("| restored par-n0"), "{said}");
+
     // Two of them waited for a place: blocked, then ran.
     let blocked: usize = (0..4)
         .map(|i| {
