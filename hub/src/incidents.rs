@@ -183,14 +183,7 @@ impl Score {
     /// The score a finding's detail starts with (`score 27: ...`,
     /// `score 4.5: ...`); `None` if it does not.
     pub fn of_detail(detail: &str) -> Option<Self> {
-        let (n, _) = detail.strip_prefix("score ")?.split_once(':')?;
-        let plain = n.bytes().any(|b| b.is_ascii_digit())
-            && n.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-            && n.bytes().filter(|b| *b == b'.').count() <= 1;
-        if !plain {
-            return None;
-        }
-        Score::from_f64(n.parse().ok()?)
+        trellis_node::foresight::score_of(detail).and_then(Score::from_f64)
     }
 }
 

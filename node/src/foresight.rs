@@ -66,11 +66,14 @@ pub fn is_finding(check: &str) -> bool {
     check.contains(':')
 }
 
-/// The score a finding's detail starts with (`score N: ...`).
+/// The score a finding's detail starts with (`score N: ...`, N digits
+/// with at most one decimal point).
 pub fn score_of(detail: &str) -> Option<f64> {
-    let rest = detail.strip_prefix("score ")?;
-    let (n, _) = rest.split_once(':')?;
-    n.trim().parse::<f64>().ok().filter(|s| s.is_finite())
+    let (n, _) = detail.strip_prefix("score ")?.split_once(':')?;
+    let plain = n.bytes().any(|b| b.is_ascii_digit())
+        && n.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && n.bytes().filter(|b| *b == b'.').count() <= 1;
+    plain.then(|| n.parse::<f64>().ok()).flatten()
 }
 
 /// How far a finding's score must rise, as a factor, before its new
