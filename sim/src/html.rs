@@ -10,7 +10,9 @@
 //! # Layout
 //! - [`render`]: the page: the verdict and key figures, charts over virtual
 //!   time with the fault windows shaded, latency distributions, tables,
-//!   and how sites converged on each configuration change.
+//!   how sites converged on each configuration change, patch rollouts, and
+//!   foresight and runbooks (forecasts' lead times, anomalies flagged,
+//!   false alarms, remediations and what the rails refused).
 //! - [`Chart`]: an SVG line chart of several [`Line`]s (solid or dashed),
 //!   shaded [`Band`]s and vertical [`Marker`]s, with axes in human [`Unit`]s.
 //! - [`downsample`]: at most [`MAX_POINTS`] points a line, so a long run at
@@ -21,7 +23,8 @@
 use std::fmt::Write as _;
 
 use crate::report::{
-    ConfigChangeOutcome, ConvergenceTimes, FaultOutcome, Latency, Report, Timeseries,
+    ConfigChangeOutcome, ConvergenceTimes, FaultOutcome, ForesightOutcome, Latency, Report, Spread,
+    Timeseries,
 };
 
 /// The most points one line is drawn with. A chart is about a thousand
@@ -794,6 +797,9 @@ pub fn render(report: &Report, series: &Timeseries) -> String {
     if !report.rollouts.is_empty() {
         page.push_str("<a href=\"#patches\">Patches</a> · ");
     }
+    if report.foresight.is_some() {
+        page.push_str("<a href=\"#foresight\">Foresight</a> · ");
+    }
     page.push_str(
         "<a href=\"#traffic\">Traffic</a> · \
          <a href=\"#buffers\">Buffers</a> · <a href=\"#detection\">Detection</a> · \
@@ -804,6 +810,7 @@ pub fn render(report: &Report, series: &Timeseries) -> String {
     faults_table(&mut page, report);
     config_section(&mut page, report);
     rollouts_section(&mut page, report);
+    foresight_section(&mut page, report);
     traffic_table(&mut page, report);
     buffers_tables(&mut page, report);
     detection_table(&mut page, report);
@@ -978,6 +985,23 @@ fn header(page: &mut String, r: &Report, title: &str) {
             } else {
                 Mood::Warn
             },
+        );
+    }
+    if let Some(f) = &r.foresight
+        && let Some(worst) = f.runbooks.iter().max_by_key(|b| {
+            (
+                i64::from(b.max_concurrent) - i64::from(b.max_per_site),
+                b.max_concurrent,
+            )
+        })
+    {
+        let over = worst.max_concurrent > worst.max_per_site;
+        tile(
+            page,
+            "Remediating at once",
+            &format!("{} / {}", worst.max_concurrent, worst.max_per_site),
+            &format!("most at a site / max_per_site ({})", worst.name),
+            if over { Mood::Bad } else { Mood::Good },
         );
     }
     page.push_str("</div>\n");
@@ -1277,6 +1301,30 @@ fn time_charts(page: &mut String, r: &Report, series: &Timeseries) {
             .collect();
         page.push_str("<h3>Patches</h3>\n");
         page.push_str(&patched.to_html());
+    }
+
+    let mut fs = cols.chart(
+        "Modelled disks full, and nodes remediating",
+        Unit::Count,
+        &bands,
+    );
+    with_column(
+        &mut fs,
+        &cols,
+        Timeseries::DISKS_FULL,
+        "disks full",
+        palette(3),
+    );
+    with_column(
+        &mut fs,
+        &cols,
+        Timeseries::REMEDIATING,
+        "nodes remediating",
+        palette(2),
+    );
+    if !fs.lines.is_empty() {
+        page.push_str("<h3>Foresight and runbooks</h3>\n");
+        page.push_str(&fs.to_html());
     }
 
     let mut hub = cols.chart(
@@ -2058,6 +2106,434 @@ fn rollouts_section(page: &mut String, r: &Report) {
     page.push_str("</section>\n");
 }
 
+/// `p50 (min – max)` of a spread of durations, or a dash.
+fn spread_cell(s: &Spread) -> String {
+    if s.count == 0 {
+        "<td class=\"num\">–</td>".to_string()
+    } else {
+        format!(
+            "<td class=\"num\">{} ({} – {})</td>",
+            duration(s.p50_s),
+            duration(s.min_s),
+            duration(s.max_s)
+        )
+    }
+}
+
+fn opt_duration_cell(t: Option<f64>) -> String {
+    match t {
+        Some(t) => format!("<td class=\"num\">{}</td>", duration(t)),
+        None => "<td class=\"num\">–</td>".to_string(),
+    }
+}
+
+fn names_line(page: &mut String, what: &str, names: &[String], total: u64) {
+    if total == 0 {
+        return;
+    }
+    let shown: Vec<String> = names.iter().map(|n| escape(n)).collect();
+    out!(
+        page,
+        "<p class=\"note\">{what} ({}): <span class=\"mono\">{}</span>{}</p>\n",
+        count(total),
+        shown.join(", "),
+        if (names.len() as u64) < total {
+            format!(" … and {} more", count(total - names.len() as u64))
+        } else {
+            String::new()
+        }
+    );
+}
+
+fn foresight_section(page: &mut String, r: &Report) {
+    let Some(f) = &r.foresight else {
+        return;
+    };
+    out!(
+        page,
+        "<section id=\"foresight\">\n<h2>Foresight and runbooks</h2>\n<p class=\"note\">\
+         {} nodes ran the mesh's <code>Foresight</code> on modelled figures sampled every {}: \
+         {} given a disk that fills, {} an anomaly, and {} control nodes given nothing. A forecast \
+         needs {} of history. Lead: from a disk's first forecast (warning or critical) to the \
+         moment it was first full. Times are h:mm:ss of virtual time.</p>\n",
+        count(f.nodes_modelled),
+        duration(f.sample_every_s),
+        count(f.trend_nodes),
+        count(f.anomaly_nodes),
+        count(f.control_nodes),
+        duration(f.forecast_min_span_s),
+    );
+    let d = &f.disks;
+    let a = &f.anomalies;
+    let fa = &f.false_alarms;
+    page.push_str("<div class=\"tiles\">");
+    if d.disks > 0 {
+        tile(
+            page,
+            "Full disks forecast before",
+            &format!("{} / {}", count(d.predicted_before_full), count(d.filled)),
+            &format!("{} filling disks", count(d.disks)),
+            if d.predicted_before_full == d.filled {
+                Mood::Plain
+            } else {
+                Mood::Warn
+            },
+        );
+        tile(
+            page,
+            "Lead time p50",
+            &if d.lead_warning.count == 0 {
+                "–".to_string()
+            } else {
+                duration(d.lead_warning.p50_s)
+            },
+            &if d.lead_warning.count == 0 {
+                "no disk forecast before full".to_string()
+            } else {
+                format!(
+                    "{} – {}",
+                    duration(d.lead_warning.min_s),
+                    duration(d.lead_warning.max_s)
+                )
+            },
+            Mood::Plain,
+        );
+        tile(
+            page,
+            "Cleaned, never full",
+            &count(d.averted),
+            "by a runbook",
+            Mood::Plain,
+        );
+    }
+    if a.injected > 0 {
+        tile(
+            page,
+            "Anomalies flagged",
+            &format!("{} / {}", count(a.flagged), count(a.injected)),
+            &if a.delay.count == 0 {
+                "none flagged".to_string()
+            } else {
+                format!("delay p50 {}", duration(a.delay.p50_s))
+            },
+            if a.flagged == a.injected {
+                Mood::Plain
+            } else {
+                Mood::Warn
+            },
+        );
+    }
+    tile(
+        page,
+        "False alarms on controls",
+        &count(fa.on_controls),
+        &format!(
+            "{} control nodes, {} node-hours",
+            count(fa.control_nodes),
+            grouped(fa.control_node_hours, 0)
+        ),
+        if fa.on_controls == 0 {
+            Mood::Plain
+        } else {
+            Mood::Warn
+        },
+    );
+    page.push_str("</div>\n");
+
+    if d.disks > 0 {
+        page.push_str("<h3>Disks filling</h3>\n");
+        thead(
+            page,
+            &[
+                "#Trend",
+                "Mount",
+                "Rate",
+                "#Starts",
+                "#Disks",
+                "#Forecast",
+                "#Full",
+                "#Forecast before full",
+                "#Lead p50 (min – max)",
+                "#Lead from critical",
+                "#Start to full",
+                "#Cleaned, never full",
+            ],
+        );
+        for t in &d.per_trend {
+            out!(
+                page,
+                "<tr><td class=\"num\">{}</td><td class=\"mono\">{}</td><td class=\"nw\">{}</td>\
+                 {}<td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num{}\">{}</td>{}{}{}<td class=\"num\">{}</td></tr>\n",
+                t.index,
+                escape(&t.mount),
+                escape(&t.rate),
+                at_cell(Some(t.at_s)),
+                count(t.disks),
+                count(t.forecast),
+                count(t.filled),
+                if t.predicted_before_full < t.filled {
+                    " bad"
+                } else {
+                    ""
+                },
+                count(t.predicted_before_full),
+                spread_cell(&t.lead_warning),
+                spread_cell(&t.lead_critical),
+                spread_cell(&t.time_to_full),
+                count(t.averted),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+        names_line(
+            page,
+            "Full without a forecast before",
+            &d.not_predicted,
+            d.not_predicted_total,
+        );
+        let listed = d.nodes.len().min(MAX_SITE_ROWS);
+        out!(
+            page,
+            "<p class=\"note\">Disks ({} of {} listed: those full first, the least warned \
+             first).</p>\n",
+            count(listed as u64),
+            count(d.disks)
+        );
+        thead(
+            page,
+            &[
+                "Node",
+                "Mount",
+                "#Trend",
+                "#Forecast",
+                "#Critical",
+                "#Full",
+                "#Lead",
+                "#Times full",
+                "#Cleaned",
+                "#First cleaned",
+            ],
+        );
+        for n in d.nodes.iter().take(MAX_SITE_ROWS) {
+            out!(
+                page,
+                "<tr><td class=\"nw\">{}</td><td class=\"mono\">{}</td><td class=\"num\">{}</td>\
+                 {}{}{}{}<td class=\"num\">{}</td><td class=\"num\">{}</td>{}</tr>\n",
+                escape(&n.node),
+                escape(&n.mount),
+                n.trend,
+                at_cell(n.forecast_s),
+                at_cell(n.critical_s),
+                at_cell(n.full_s),
+                opt_duration_cell(n.lead_s),
+                count(n.times_full),
+                count(n.fixes),
+                at_cell(n.cleaned_s),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+    }
+
+    if a.injected > 0 {
+        page.push_str(
+            "<h3>Anomalies</h3>\n<p class=\"note\">Flagged: the node's \
+             <code>anomaly:cpu</code> raised while the anomaly lasted. Delay: from its start. \
+             Cleared: from its end to the finding passing again.</p>\n",
+        );
+        thead(
+            page,
+            &[
+                "#Anomaly",
+                "Metric",
+                "#Value",
+                "#Starts",
+                "#Lasts",
+                "#Nodes",
+                "#Flagged",
+                "#Delay p50 (min – max)",
+            ],
+        );
+        for x in &a.per_anomaly {
+            out!(
+                page,
+                "<tr><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{}%</td>{}\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num{}\">{}</td>{}</tr>\n",
+                x.index,
+                escape(&x.metric),
+                fixed(x.value, 1),
+                at_cell(Some(x.at_s)),
+                duration(x.duration_s),
+                count(x.nodes),
+                if x.flagged < x.nodes { " bad" } else { "" },
+                count(x.flagged),
+                spread_cell(&x.delay),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+        if a.cleared_after_end.count > 0 {
+            out!(
+                page,
+                "<p class=\"note\">Cleared after the anomaly ended: p50 {} (min {}, max {}).</p>\n",
+                duration(a.cleared_after_end.p50_s),
+                duration(a.cleared_after_end.min_s),
+                duration(a.cleared_after_end.max_s),
+            );
+        }
+        names_line(page, "Not flagged", &a.missed, a.missed_total);
+    }
+
+    out!(
+        page,
+        "<h3>False alarms</h3>\n<p class=\"note\">A finding raised without a cause: a forecast \
+         of a disk with no trend (or before its trend started), an anomaly of a figure nothing \
+         was injected into. On control nodes: {} in {} node-hours ({} nodes); on nodes given a \
+         trend or an anomaly: {}.</p>\n",
+        count(fa.on_controls),
+        grouped(fa.control_node_hours, 0),
+        count(fa.controls_alarmed),
+        count(fa.elsewhere),
+    );
+    if !fa.first.is_empty() {
+        thead(page, &["Node", "Given", "Check", "#At"]);
+        for x in &fa.first {
+            out!(
+                page,
+                "<tr><td class=\"nw\">{}</td><td>{}</td><td class=\"mono\">{}</td>{}</tr>\n",
+                escape(&x.node),
+                escape(&x.class),
+                escape(&x.check),
+                at_cell(Some(x.at_s)),
+            );
+        }
+        page.push_str("</tbody></table>\n");
+    }
+
+    runbooks_tables(page, f);
+    page.push_str("</section>\n");
+}
+
+fn runbooks_tables(page: &mut String, f: &ForesightOutcome) {
+    if f.runbooks.is_empty() {
+        return;
+    }
+    page.push_str(
+        "<h3>Runbooks</h3>\n<p class=\"note\">The mesh's runbook engine on each modelled node \
+         the rule applies to, leases from the site's relay. Runs end fixed, failed (the action \
+         failed or timed out) or not recovered (the check still bad after <code>verify</code>). \
+         Refused: lease requests the relay turned down at the site's limit (and the nodes \
+         refused), episodes the node's rate limit held back, requests no relay answered. At \
+         once: the most nodes of one site running or verifying the rule's action together, \
+         which must never be more than <code>max_per_site</code>.</p>\n",
+    );
+    thead(
+        page,
+        &[
+            "Rule",
+            "Check",
+            "#Max per site",
+            "#Nodes",
+            "#Runs",
+            "#Fixed",
+            "#Failed",
+            "#Not recovered",
+            "#Refused: site limit",
+            "#Rate limit",
+            "#No relay",
+            "#Breaker trips",
+            "#At once",
+        ],
+    );
+    for b in &f.runbooks {
+        out!(
+            page,
+            "<tr><td class=\"nw\">{}</td><td class=\"mono\">{} {}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{} ({} nodes)</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num{}\">{}{}</td></tr>\n",
+            escape(&b.name),
+            escape(&b.check),
+            escape(&b.when),
+            b.max_per_site,
+            count(b.nodes),
+            count(b.runs),
+            count(b.fixed),
+            count(b.failed),
+            count(b.not_recovered),
+            count(b.blocked_site_limit),
+            count(b.nodes_blocked_site_limit),
+            count(b.blocked_rate_limit),
+            count(b.blocked_no_relay),
+            count(b.breaker_trips),
+            if b.max_concurrent > b.max_per_site {
+                " bad"
+            } else {
+                ""
+            },
+            b.max_concurrent,
+            b.max_concurrent_site
+                .as_ref()
+                .map(|s| format!(" ({})", escape(s)))
+                .unwrap_or_default(),
+        );
+    }
+    page.push_str("</tbody></table>\n");
+    for b in &f.runbooks {
+        if b.sites.is_empty() && b.trips.is_empty() {
+            continue;
+        }
+        out!(
+            page,
+            "<p class=\"note\"><code>{}</code>: its action runs {} and {}; at most one run per \
+             {} on a node; {} failed runs within {} open its breaker.</p>\n",
+            escape(&b.name),
+            duration(b.action_s),
+            if b.fixes {
+                "removes the cause"
+            } else {
+                "changes nothing"
+            },
+            duration(b.min_interval_s),
+            b.breaker_failures,
+            duration(b.breaker_window_s),
+        );
+        if !b.sites.is_empty() {
+            thead(page, &["Site", "#Runs", "#Fixed", "#Refused", "#At once"]);
+            for s in b.sites.iter().take(20) {
+                out!(
+                    page,
+                    "<tr><td class=\"nw\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                     <td class=\"num\">{}</td><td class=\"num{}\">{}</td></tr>\n",
+                    escape(&s.site),
+                    count(s.runs),
+                    count(s.fixed),
+                    count(s.busy),
+                    if s.max_concurrent > b.max_per_site {
+                        " bad"
+                    } else {
+                        ""
+                    },
+                    s.max_concurrent,
+                );
+            }
+            page.push_str("</tbody></table>\n");
+        }
+        if !b.trips.is_empty() {
+            thead(page, &["Breaker tripped on", "#At", "Why"]);
+            for t in b.trips.iter().take(20) {
+                out!(
+                    page,
+                    "<tr><td class=\"nw\">{}</td>{}<td class=\"names\">{}</td></tr>\n",
+                    escape(&t.node),
+                    at_cell(Some(t.at_s)),
+                    escape(&t.note),
+                );
+            }
+            page.push_str("</tbody></table>\n");
+        }
+    }
+}
+
 fn latency_cells(l: &Latency) -> String {
     if l.count == 0 {
         return "<td class=\"num\">0</td><td class=\"num\">–</td><td class=\"num\">–</td>\
@@ -2384,6 +2860,7 @@ mod tests {
             },
             config_changes: Vec::new(),
             rollouts: Vec::new(),
+            foresight: None,
             violations: Vec::new(),
         };
         (report, series)

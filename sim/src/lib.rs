@@ -15,6 +15,8 @@
 //!   the books that time each site's convergence.
 //! - [`patch`]: patch rollouts: the published patches, each rollout's
 //!   waves, what hubs, relays and nodes hold and do of them, and the books.
+//! - [`foresight`]: trends, anomalies and runbooks on the nodes given
+//!   them: their figures, which nodes are modelled, and the books.
 //! - [`model`]: the gossip model of a site; [`real`]: real chitchat on an
 //!   in-memory transport under paused tokio time; [`site`]: a site, its
 //!   gossip and its relay.
@@ -25,6 +27,7 @@
 
 pub mod config;
 pub mod disk;
+pub mod foresight;
 pub mod html;
 pub mod model;
 pub mod net;

@@ -180,6 +180,10 @@ pub struct Report {
     /// without any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollouts: Vec<RolloutOutcome>,
+    /// Disk forecasts, anomalies, false alarms and remediations (absent
+    /// from runs without trends, anomalies or runbooks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foresight: Option<ForesightOutcome>,
     /// Invariant violations; empty on a good run.
     pub violations: Vec<String>,
 }
@@ -353,6 +357,241 @@ pub struct RolloutOutcome {
     pub waves: Vec<WaveOutcome>,
 }
 
+/// The least, the median and the most of a set of durations (seconds,
+/// rounded to the millisecond; all 0 when there are none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub count: u64,
+    pub min_s: f64,
+    pub p50_s: f64,
+    pub max_s: f64,
+}
+
+impl Spread {
+    pub fn of(samples: &[f64]) -> Spread {
+        let l = Latency::of(samples, false);
+        Spread {
+            count: l.count,
+            min_s: samples
+                .iter()
+                .copied()
+                .min_by(f64::total_cmp)
+                .map_or(0.0, ms),
+            p50_s: l.p50_s,
+            max_s: l.max_s,
+        }
+    }
+}
+
+/// Foresight and runbooks in a run: the modelled nodes (those given a
+/// trend or an anomaly, and the control nodes), what their `Foresight`s
+/// raised and when, and what their runbooks did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForesightOutcome {
+    /// How often the modelled nodes sampled their figures.
+    pub sample_every_s: f64,
+    /// History a forecast needs (`forecast_min_span`).
+    pub forecast_min_span_s: f64,
+    pub nodes_modelled: u64,
+    pub trend_nodes: u64,
+    pub anomaly_nodes: u64,
+    /// Nodes with nothing injected, modelled to count false alarms.
+    pub control_nodes: u64,
+    pub disks: DiskForecasts,
+    pub anomalies: AnomalyDetection,
+    pub false_alarms: FalseAlarms,
+    /// Per rule, in file order.
+    pub runbooks: Vec<RunbookOutcome>,
+}
+
+/// Disks given a trend: were they forecast before they filled, and how
+/// long before.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskForecasts {
+    pub disks: u64,
+    /// Forecast (`forecast:disk:MOUNT` warning or critical) at least once
+    /// after their trend started.
+    pub forecast: u64,
+    /// Full at least once.
+    pub filled: u64,
+    /// Of those, forecast before they were first full.
+    pub predicted_before_full: u64,
+    /// Full with no forecast before (`node:mount`; at most 50 listed).
+    pub not_predicted_total: u64,
+    pub not_predicted: Vec<String>,
+    /// From the first forecast (warning or critical), and from the first
+    /// critical one, to the moment the disk was first full.
+    pub lead_warning: Spread,
+    pub lead_critical: Spread,
+    /// Cleaned by a runbook and never full.
+    pub averted: u64,
+    pub per_trend: Vec<TrendOutcome>,
+    /// Per disk (at most 200: those full first, least warned first).
+    pub nodes: Vec<DiskOutcome>,
+}
+
+/// One `[[trends]]` entry's disks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrendOutcome {
+    pub index: u64,
+    pub mount: String,
+    pub rate: String,
+    pub at_s: f64,
+    pub disks: u64,
+    pub forecast: u64,
+    pub filled: u64,
+    pub predicted_before_full: u64,
+    pub lead_warning: Spread,
+    pub lead_critical: Spread,
+    /// From the trend's start to the disk first full, of those that filled.
+    pub time_to_full: Spread,
+    pub averted: u64,
+}
+
+/// One disk given a trend (times in seconds of the run).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskOutcome {
+    pub node: String,
+    pub mount: String,
+    pub trend: u64,
+    pub started_s: f64,
+    /// First forecast (warning or critical), first critical one.
+    pub forecast_s: Option<f64>,
+    pub critical_s: Option<f64>,
+    /// First full.
+    pub full_s: Option<f64>,
+    /// From the first forecast to full, when forecast before.
+    pub lead_s: Option<f64>,
+    pub times_full: u64,
+    /// Runbook actions that cleaned it, and when the first one did.
+    pub fixes: u64,
+    pub cleaned_s: Option<f64>,
+}
+
+/// Injected anomalies: flagged (`anomaly:METRIC` raised while it lasted),
+/// how soon, and how soon the finding cleared after it ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyDetection {
+    /// Node × anomaly.
+    pub injected: u64,
+    pub flagged: u64,
+    pub missed_total: u64,
+    /// Nodes whose anomaly was not flagged (at most 50 listed).
+    pub missed: Vec<String>,
+    /// From the anomaly's start to its finding.
+    pub delay: Spread,
+    /// From the anomaly's end to its finding passing again.
+    pub cleared_after_end: Spread,
+    pub per_anomaly: Vec<AnomalyOutcome>,
+}
+
+/// One `[[anomalies]]` entry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyOutcome {
+    pub index: u64,
+    pub metric: String,
+    pub value: f64,
+    pub at_s: f64,
+    pub duration_s: f64,
+    pub nodes: u64,
+    pub flagged: u64,
+    pub delay: Spread,
+}
+
+/// Findings raised without a cause: a forecast on a disk with no trend
+/// (or before its trend started), an anomaly of a figure nothing was
+/// injected into.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FalseAlarms {
+    pub control_nodes: u64,
+    pub control_node_hours: f64,
+    /// Findings raised on control nodes, and the control nodes with one.
+    pub on_controls: u64,
+    pub controls_alarmed: u64,
+    pub per_control_node_hour: f64,
+    /// Findings without a cause on nodes given a trend or an anomaly.
+    pub elsewhere: u64,
+    /// The first 50, in time order.
+    pub first: Vec<FalseAlarm>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FalseAlarm {
+    pub node: String,
+    /// `control`, `trend` or `anomaly`: what the node was given.
+    pub class: String,
+    pub check: String,
+    pub at_s: f64,
+}
+
+/// One runbook: what its engines ran and what the rails refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunbookOutcome {
+    pub name: String,
+    pub check: String,
+    pub when: String,
+    pub after_s: f64,
+    pub max_per_site: u32,
+    pub min_interval_s: f64,
+    pub breaker_failures: u32,
+    pub breaker_window_s: f64,
+    pub dry_run: bool,
+    /// What the modelled action does: removes the cause or not, and how
+    /// long it runs.
+    pub fixes: bool,
+    pub action_s: f64,
+    /// Modelled nodes the rule applies to.
+    pub nodes: u64,
+    /// Actions run, and how they ended: fixed, failed (the action failed
+    /// or timed out), not recovered (the check still bad after `verify`).
+    pub runs: u64,
+    pub fixed: u64,
+    pub failed: u64,
+    pub not_recovered: u64,
+    pub timed_out: u64,
+    pub dry_runs: u64,
+    pub lease_requests: u64,
+    /// Lease requests the site's relay refused (the site's limit), and the
+    /// nodes refused at least once.
+    pub blocked_site_limit: u64,
+    pub nodes_blocked_site_limit: u64,
+    /// Episodes (a check going bad) a node's rate limit refused.
+    pub blocked_rate_limit: u64,
+    /// Lease requests no relay answered.
+    pub blocked_no_relay: u64,
+    /// The engines' own count of refusals by the rails.
+    pub refusals: u64,
+    pub breaker_trips: u64,
+    pub breaker_resets: u64,
+    /// The most nodes of one site remediating at once (from the action's
+    /// start to the end of its verification), where and when first: must
+    /// never be more than `max_per_site`.
+    pub max_concurrent: u32,
+    pub max_concurrent_site: Option<String>,
+    pub max_concurrent_s: Option<f64>,
+    /// Sites with any remediation (at most 50, most concurrent first).
+    pub sites: Vec<SiteRemediation>,
+    /// Breaker trips (at most 50).
+    pub trips: Vec<Trip>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SiteRemediation {
+    pub site: String,
+    pub runs: u64,
+    pub fixed: u64,
+    /// Lease requests refused by the site's limit.
+    pub busy: u64,
+    pub max_concurrent: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trip {
+    pub node: String,
+    pub at_s: f64,
+    pub note: String,
+}
+
 /// Samples taken every `sample_every` of virtual time.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timeseries {
@@ -393,6 +632,12 @@ impl Timeseries {
     /// The column a run with patch rollouts adds: nodes with a patch
     /// installed (all rollouts together).
     pub const PATCH_INSTALLED: &str = "patch_installed";
+
+    /// The columns a run with trends, anomalies or runbooks adds: modelled
+    /// disks full, and nodes remediating (an action running or being
+    /// verified).
+    pub const DISKS_FULL: &str = "disks_full";
+    pub const REMEDIATING: &str = "remediating";
 
     pub fn new(columns: Vec<String>) -> Self {
         Timeseries {

@@ -1,6 +1,8 @@
 //! Scenario files (TOML): the topology, the links, the production settings
 //! the cores run with, a fault timeline, an operator's timeline of actions
-//! (configuration changes), and random fault rates.
+//! (configuration changes), random fault rates, and resource trends,
+//! anomalies and remediation rules on chosen nodes ([`ForesightSettings`],
+//! [`Trend`], [`Anomaly`], [`RunbookSpec`]).
 //!
 //! Names are derived from the topology: regions `r1`, `r2`…, sites
 //! `r1-s1`…, nodes `r1-s1-n1`…, the site's relay `r1-s1-relay`, hubs
@@ -10,6 +12,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod foresight;
+pub use foresight::{
+    Anomaly, AnomalyMetric, Bytes, DEFAULT_ACTION_TIME, DEFAULT_USED_AFTER, ForesightSettings,
+    MAX_ACTION_TIME, Rate, RunbookSpec, Selection, Trend, TrendKind, locate_node, parse_bytes,
+    parse_rate, watchable,
+};
 
 /// The largest signed bundle a node accepts (bytes).
 const MAX_BUNDLE_BYTES: u64 = trellis_node::bundle::MAX_BUNDLE_BYTES as u64;
@@ -60,6 +69,19 @@ pub struct Scenario {
     pub actions: Vec<Action>,
     #[serde(default)]
     pub swarm: Swarm,
+    /// How the nodes given a trend or an anomaly (and their control nodes)
+    /// are modelled.
+    #[serde(default, skip_serializing_if = "ForesightSettings::is_default")]
+    pub foresight: ForesightSettings,
+    /// Resource trends on chosen nodes: disks that fill.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trends: Vec<Trend>,
+    /// Anomalies injected into chosen nodes' figures.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomalies: Vec<Anomaly>,
+    /// Remediation rules the modelled nodes run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runbooks: Vec<RunbookSpec>,
 }
 
 fn default_drain() -> Duration {
@@ -783,6 +805,7 @@ impl Scenario {
             published <= MAX_PATCHES,
             &format!("at most {MAX_PATCHES} publish_patch actions; this scenario has {published}"),
         )?;
+        self.validate_foresight()?;
         Ok(())
     }
 

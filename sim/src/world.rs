@@ -27,7 +27,14 @@
 //! in chunks, hub to relay; wave orders from the rollout's hub to the
 //! relays and their reports back; announcements and node health through
 //! site gossip.
+//!
+//! Nodes given a disk that fills or an anomaly, and control nodes, run the
+//! mesh's `Foresight` and runbook `Engine` (`world/foresight.rs`, with the
+//! models and books in [`crate::foresight`]): their lease requests cross
+//! the LAN to the site relay's `Leases`, and the books check that no site
+//! runs a rule on more nodes at once than it allows.
 
+mod foresight;
 mod rollout;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -298,6 +305,8 @@ enum Ev {
         epoch: u64,
         rollout: usize,
     },
+    /// Foresight and runbooks on the modelled nodes.
+    Foresight(foresight::FsEv),
     End,
 }
 
@@ -473,6 +482,9 @@ pub struct World {
     /// When each patch was published (its hub was up to take it).
     published: Vec<Option<f64>>,
     rollouts: Vec<Rollout>,
+    /// The nodes modelled for foresight and runbooks (none without trends,
+    /// anomalies and runbooks).
+    fs: Option<Box<foresight::Fs>>,
     threads: usize,
     end: f64,
 }
@@ -695,6 +707,14 @@ impl World {
                 }
             }
         }
+        let fs = sc.has_foresight().then(|| {
+            let names: Vec<Vec<String>> = sites.iter().map(|s| s.members.clone()).collect();
+            Box::new(foresight::Fs::new(sc, seed, &names))
+        });
+        if fs.is_some() {
+            columns.push(Timeseries::DISKS_FULL.to_owned());
+            columns.push(Timeseries::REMEDIATING.to_owned());
+        }
         let end = (sc.duration + sc.drain).as_secs_f64();
         let mut w = World {
             seed,
@@ -735,6 +755,7 @@ impl World {
             published: vec![None; patches.len()],
             patches,
             rollouts,
+            fs,
             threads: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(8),
@@ -777,6 +798,9 @@ impl World {
         }
         for (i, r) in w.rollouts.iter().enumerate() {
             w.q.schedule_at(secs(r.spec.at), Ev::RolloutStart(i));
+        }
+        if w.fs.is_some() {
+            w.q.schedule_at(Duration::ZERO, foresight::ev(foresight::FsEv::Sample));
         }
         w.q.schedule_at(secs(end), Ev::End);
         Ok(w)
@@ -1430,6 +1454,7 @@ impl World {
             | Ev::PatchChecksFail { .. }
             | Ev::PatchBaked { .. }
             | Ev::PatchRolledBack { .. }) => self.handle_patch(ev),
+            Ev::Foresight(ev) => self.handle_foresight(ev),
             Ev::ConfigApplied {
                 site,
                 node,
@@ -2017,6 +2042,7 @@ impl World {
         // The nodes still running may now all have the newest version.
         self.config_nodes_changed(s);
         self.patch_node_crashed(s, j);
+        self.fs_node_crashed(s, j);
     }
 
     fn restart_node(&mut self, s: usize, j: usize) {
@@ -2041,6 +2067,7 @@ impl World {
             }
         }
         self.patch_node_restarted(s, j);
+        self.fs_node_restarted(s, j);
     }
 
     fn crash_relay(&mut self, s: usize) {
@@ -2538,6 +2565,11 @@ impl World {
             let installed: u64 = self.rollouts.iter().map(Rollout::installed).sum();
             row.push(installed as f64);
         }
+        if let Some(fs) = self.fs.as_mut() {
+            let (full, remediating) = fs.gauges(now);
+            row.push(full as f64);
+            row.push(remediating as f64);
+        }
         self.last_bytes = totals;
         self.series.push(row);
         let every = self.sc.sample_every.as_secs_f64();
@@ -2606,6 +2638,7 @@ impl World {
             .collect();
         peaks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.relay.cmp(&b.relay)));
         peaks.truncate(10);
+        let foresight = self.foresight_outcome();
         let topo = &self.sc.topology;
         let lan = Traffic {
             bytes: self.lan_bytes() - self.lan_base,
@@ -2652,9 +2685,10 @@ impl World {
                 &self.hubs.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
             ),
             rollouts: self.rollout_outcomes(),
+            foresight,
             violations: self.violations.clone(),
         };
-        let schedule = schedule::replayable(&self.sc, &self.faults);
+        let schedule = self.foresight_schedule(schedule::replayable(&self.sc, &self.faults));
         Outcome {
             report,
             series: self.series,

@@ -18,8 +18,9 @@ use trellis_sim::world::Progress;
 /// either modelled (fast enough for 100,000 nodes) or run as real chitchat
 /// for a sample of sites. A scenario file gives the topology, the links,
 /// a timeline of faults and one of operator actions (configuration
-/// changes, patches published and rolled out); the run writes a report
-/// and charts.
+/// changes, patches published and rolled out), and resource trends,
+/// anomalies and remediation runbooks on chosen nodes; the run writes a
+/// report and charts.
 ///
 /// Try it:
 ///   trellis-sim run sim/scenarios/wan-outage.toml --seed 1
@@ -27,8 +28,9 @@ use trellis_sim::world::Progress;
 ///
 /// The same scenario and seed always give a byte-identical report.json
 /// (for scenarios without real-chitchat sites). A run whose invariants
-/// fail (records lost or applied twice) exits 1 and prints the command
-/// that replays it.
+/// fail (records lost or applied twice, more nodes of a site remediating
+/// at once than a runbook allows) exits 1 and prints the command that
+/// replays it.
 ///
 /// Exit codes: 0 ok, 1 an invariant failed, 2 bad usage or input.
 #[derive(Parser)]
@@ -203,7 +205,73 @@ fn check(path: &Path, seed: u64) -> ExitCode {
             },
         );
     }
+    print_foresight_plan(&sc, seed);
     ExitCode::SUCCESS
+}
+
+/// What `check` says of trends, anomalies and runbooks.
+fn print_foresight_plan(sc: &Scenario, seed: u64) {
+    if !sc.has_foresight() {
+        return;
+    }
+    let secs = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let f = &sc.foresight;
+    println!(
+        "  foresight: modelled nodes sample every {}{}; forecasts need {} of history",
+        secs(f.sample_every),
+        if f.history.is_zero() {
+            ", starting empty".to_owned()
+        } else {
+            format!(", with {} of history before the start", secs(f.history))
+        },
+        secs(f.node.forecast_min_span),
+    );
+    for (i, t) in sc.trends.iter().enumerate() {
+        let n = trellis_sim::foresight::pick(sc, seed, "trend-nodes", i, t.selection()).len();
+        println!(
+            "    {:>8} disk fill on {n} node{} at {}{}",
+            secs(t.at),
+            if n == 1 { "" } else { "s" },
+            t.rate,
+            t.cleanup_every
+                .map(|e| format!(
+                    ", a clean-up every {} removing {}",
+                    secs(e),
+                    t.cleanup_fraction.unwrap_or(0.0)
+                ))
+                .unwrap_or_default(),
+        );
+    }
+    for (i, a) in sc.anomalies.iter().enumerate() {
+        let n = trellis_sim::foresight::pick(sc, seed, "anomaly-nodes", i, a.selection()).len();
+        println!(
+            "    {:>8} cpu at {}% for {} on {n} node{}",
+            secs(a.at),
+            a.value,
+            secs(a.duration),
+            if n == 1 { "" } else { "s" },
+        );
+    }
+    for r in &sc.runbooks {
+        println!(
+            "    runbook {}: when {} is {} for {}, run for {} ({}), at most {} per site{}",
+            r.rule.name,
+            r.rule.check,
+            r.rule.when,
+            secs(r.rule.after),
+            secs(r.duration),
+            if r.fixes { "fixes" } else { "fixes nothing" },
+            r.rule.max_per_site,
+            if r.sites.is_empty() && r.regions.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " on {}",
+                    [r.sites.clone(), r.regions.clone()].concat().join(", ")
+                )
+            },
+        );
+    }
 }
 
 fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
@@ -418,6 +486,9 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
             );
         }
     }
+    if let Some(f) = &r.foresight {
+        print_foresight(f);
+    }
     println!("  wrote {}", out.join("report.html").display());
     if !r.violations.is_empty() {
         eprintln!(
@@ -434,6 +505,85 @@ fn run(path: &Path, seed: u64, out: Option<PathBuf>, quiet: bool) -> ExitCode {
         return ExitCode::from(EXIT_FAILED);
     }
     ExitCode::SUCCESS
+}
+
+fn print_foresight(f: &trellis_sim::report::ForesightOutcome) {
+    let h = |s: f64| {
+        if s >= 3600.0 {
+            format!("{:.1} h", s / 3600.0)
+        } else if s >= 60.0 {
+            format!("{:.0} min", s / 60.0)
+        } else {
+            format!("{s:.0} s")
+        }
+    };
+    let spread = |s: &trellis_sim::report::Spread| {
+        if s.count == 0 {
+            "–".to_owned()
+        } else {
+            format!("p50 {}, min {}, max {}", h(s.p50_s), h(s.min_s), h(s.max_s))
+        }
+    };
+    println!(
+        "  foresight: {} nodes modelled ({} with a trend, {} with an anomaly, {} controls), sampled every {}",
+        f.nodes_modelled,
+        f.trend_nodes,
+        f.anomaly_nodes,
+        f.control_nodes,
+        h(f.sample_every_s)
+    );
+    let d = &f.disks;
+    if d.disks > 0 {
+        println!(
+            "    disks: {} filling, {} forecast; {} full, {} of them forecast before (lead {}; critical {}); {} full unforecast; {} cleaned by a runbook and never full",
+            d.disks,
+            d.forecast,
+            d.filled,
+            d.predicted_before_full,
+            spread(&d.lead_warning),
+            spread(&d.lead_critical),
+            d.not_predicted_total,
+            d.averted
+        );
+    }
+    let a = &f.anomalies;
+    if a.injected > 0 {
+        println!(
+            "    anomalies: {} injected, {} flagged (delay {}), {} missed",
+            a.injected,
+            a.flagged,
+            spread(&a.delay),
+            a.missed_total
+        );
+    }
+    let fa = &f.false_alarms;
+    println!(
+        "    false alarms: {} on {} control nodes ({:.0} node-hours), {} on other nodes",
+        fa.on_controls, fa.control_nodes, fa.control_node_hours, fa.elsewhere
+    );
+    for r in &f.runbooks {
+        println!(
+            "    runbook {} ({} {}, at most {} per site): {} runs, {} fixed, {} failed, {} not recovered; refused {}× by the site limit ({} nodes), {} episodes by the rate limit, {}× without a relay; {} breaker trips; at most {} at once at a site{}",
+            r.name,
+            r.check,
+            r.when,
+            r.max_per_site,
+            r.runs,
+            r.fixed,
+            r.failed,
+            r.not_recovered,
+            r.blocked_site_limit,
+            r.nodes_blocked_site_limit,
+            r.blocked_rate_limit,
+            r.blocked_no_relay,
+            r.breaker_trips,
+            r.max_concurrent,
+            r.max_concurrent_site
+                .as_ref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default(),
+        );
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
