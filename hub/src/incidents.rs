@@ -230,12 +230,15 @@ impl Foresight {
     /// What the check named `check` is, if it is a foresight finding.
     /// Other names, reserved or not, are ordinary checks here.
     pub fn of_check(check: &str) -> Option<Self> {
-        let (kind, _) = check.split_once(':')?;
-        match kind {
-            "anomaly" => Some(Foresight::Anomaly),
-            "outlier" => Some(Foresight::Outlier),
-            "forecast" => Some(Foresight::Forecast),
-            _ => None,
+        use trellis_node::foresight::{ANOMALY_PREFIX, FORECAST_PREFIX};
+        if check.starts_with(ANOMALY_PREFIX) {
+            Some(Foresight::Anomaly)
+        } else if check.starts_with(trellis_relay::outliers::CHECK_PREFIX) {
+            Some(Foresight::Outlier)
+        } else if check.starts_with(FORECAST_PREFIX) {
+            Some(Foresight::Forecast)
+        } else {
+            None
         }
     }
 }

@@ -716,7 +716,7 @@ impl Foresight {
         if !self.cfg.enabled {
             return;
         }
-        let cfg = self.cfg.clone();
+        let cfg = &self.cfg;
         let figures: [(&str, &str, &mut Detector, Option<f64>); 4] = [
             ("cpu", "%", &mut self.cpu, o.cpu_pct),
             (
@@ -734,7 +734,7 @@ impl Foresight {
         for (name, unit, det, value) in figures {
             let Some(v) = value else { continue };
             let was = det.raised();
-            det.observe(&cfg, now_ms, v);
+            det.observe(cfg, now_ms, v);
             let what = if name == "disk" { "fullest disk" } else { name };
             if det.raised() || was {
                 let status = if det.raised() {
@@ -754,8 +754,8 @@ impl Foresight {
                 continue;
             }
             let f = self.disks.entry(mount.clone()).or_default();
-            if f.add(&cfg, now_ms, *used as f64, *total as f64)
-                && let Some(r) = forecast_result(f, &format!("disk {mount}"), &cfg)
+            if f.add(cfg, now_ms, *used as f64, *total as f64)
+                && let Some(r) = forecast_result(f, &format!("disk {mount}"), cfg)
             {
                 found.push((format!("{FORECAST_PREFIX}disk:{mount}"), r));
             }
@@ -765,8 +765,8 @@ impl Foresight {
         let present: Vec<&String> = o.disks.iter().map(|d| &d.0).collect();
         self.disks.retain(|m, _| present.contains(&m));
         if let Some((used, total)) = o.mem.filter(|(_, t)| *t > 0)
-            && self.memory.add(&cfg, now_ms, used as f64, total as f64)
-            && let Some(r) = forecast_result(&self.memory, "memory", &cfg)
+            && self.memory.add(cfg, now_ms, used as f64, total as f64)
+            && let Some(r) = forecast_result(&self.memory, "memory", cfg)
         {
             found.push((format!("{FORECAST_PREFIX}mem"), r));
         }

@@ -208,18 +208,12 @@ impl RunbookTask {
                 }
                 Step::Run {
                     rule,
+                    check,
                     command,
                     timeout,
                 } => {
                     let cancel = actions.clone();
                     let node = endpoint.identity().name.clone();
-                    let check = self
-                        .rules
-                        .borrow()
-                        .iter()
-                        .find(|r| r.name == rule)
-                        .map(|r| r.check.clone())
-                        .unwrap_or_default();
                     tokio::spawn(async move {
                         info!(%rule, %command, "runbook action starting");
                         let env: [(&str, &std::ffi::OsStr); 3] = [

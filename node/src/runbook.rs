@@ -190,9 +190,11 @@ pub enum Step {
         max: u32,
         ttl: Duration,
     },
-    /// Run the action; answer with [`Engine::ran`].
+    /// Run the action (`check`: the check it is for); answer with
+    /// [`Engine::ran`].
     Run {
         rule: String,
+        check: String,
         command: String,
         timeout: Duration,
     },
@@ -510,6 +512,7 @@ impl Engine {
                 );
                 vec![Step::Run {
                     rule: rule.to_owned(),
+                    check: r.def.check.clone(),
                     command: r.def.run.clone(),
                     timeout: r.def.timeout,
                 }]
