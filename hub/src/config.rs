@@ -267,6 +267,7 @@ pub struct HubConfig {
     pub federation: FederationConfig,
     pub replication: ReplicationConfig,
     pub incidents: IncidentsConfig,
+    pub outliers: crate::outliers::RegionOutliersConfig,
     pub enrolment: EnrolmentConfig,
 }
 
@@ -281,6 +282,7 @@ impl Default for HubConfig {
             federation: FederationConfig::default(),
             replication: ReplicationConfig::default(),
             incidents: IncidentsConfig::default(),
+            outliers: crate::outliers::RegionOutliersConfig::default(),
             enrolment: EnrolmentConfig::default(),
         }
     }
@@ -337,6 +339,9 @@ impl Validate for HubConfig {
                     t.name
                 ),
             );
+        }
+        for (field, what) in self.outliers.problems() {
+            p.check(false, field, what);
         }
         p.check(
             self.uplink.silence_timeout >= Duration::from_secs(1),
@@ -487,5 +492,23 @@ mod tests {
         }
         let err = check("[incidents]\nsite_check_nodes = 1\n").unwrap_err();
         assert!(err.contains("incidents.site_check_nodes"), "{err}");
+    }
+
+    #[test]
+    fn region_outliers_are_checked_field_by_field() {
+        let c =
+            check("[outliers]\nmetrics = [\"cpu\", \"unhealthy\"]\nhold_for = \"2m\"\n").unwrap();
+        assert_eq!(c.outliers.hold_for, Duration::from_secs(120));
+        assert_eq!(c.outliers.threshold, 6.0);
+        for (bad, field) in [
+            ("threshold = 0", "outliers.threshold"),
+            ("min_gap_pct = 101", "outliers.min_gap_pct"),
+            ("min_peers = 0", "outliers.min_peers"),
+        ] {
+            let err = check(&format!("[outliers]\n{bad}\n")).unwrap_err();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        let err = check("[outliers]\nmetrics = [\"load\"]\n").unwrap_err();
+        assert!(err.contains("load"), "{err}");
     }
 }

@@ -1497,6 +1497,7 @@ impl Hub {
         tasks.push(tokio::spawn(crate::incidentdriver::incidents_task(
             shared.clone(),
             cfg.incidents.clone(),
+            cfg.outliers.clone(),
             name.clone(),
             cfg.fleet.stale_after,
             incident_events_rx,

@@ -1,11 +1,13 @@
 //! The hub's side of incidents, around the pure [`crate::incidents`]: one
 //! task owns the [`IncidentEngine`], fed with the events the core task
 //! stores and, every two seconds, with the fleet view and the newest
-//! rollout; it publishes the incidents for the API, notes each opening and
+//! rollout, and every ten with the sites raised as outliers of their region
+//! ([`crate::outliers`]); it publishes the incidents for the API, notes each opening and
 //! resolution in the audit log, and hands them to one webhook task per
 //! configured URL, which posts them with retries without ever holding the
 //! engine up.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,15 +18,19 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use trellis_node::clock::{ticker, unix_ms};
+use trellis_relay::summary::{SiteKey, SiteStatus};
 use trellis_relay::uplink::Event;
 
 use crate::config::IncidentsConfig;
 use crate::driver::{Input, Shared};
 use crate::incidents::{Change, Incident, IncidentEngine};
 use crate::log::Op;
+use crate::outliers::{RegionOutliers, RegionOutliersConfig};
 
 /// How often the task looks at the fleet view and the newest rollout.
 const LOOK_EVERY: Duration = Duration::from_secs(2);
+/// How often sites are compared with the rest of their region.
+const REGIONS_EVERY: Duration = Duration::from_secs(10);
 /// Events waiting for the incidents task, at most (past it they are
 /// dropped and counted: the store still has them).
 pub(crate) const EVENTS_QUEUE: usize = 8192;
@@ -53,6 +59,7 @@ pub(crate) struct IncidentMetrics {
     pub events_dropped: Counter,
     pub webhooks_dropped: Counter,
     pub webhooks_failed: Counter,
+    pub region_outliers: Gauge,
 }
 
 impl IncidentMetrics {
@@ -74,6 +81,11 @@ impl IncidentMetrics {
             "incident_webhooks_failed",
             "Incident changes a webhook never took, after every attempt",
             m.webhooks_failed.clone(),
+        );
+        r.register(
+            "region_outliers",
+            "Sites raised now as far from the other sites of their region",
+            m.region_outliers.clone(),
         );
         m
     }
@@ -107,6 +119,7 @@ impl WebhookBody {
 pub(crate) async fn incidents_task(
     shared: Shared,
     cfg: IncidentsConfig,
+    outliers: RegionOutliersConfig,
     hub: String,
     stale_after: std::time::Duration,
     mut events: mpsc::Receiver<SiteEvent>,
@@ -116,6 +129,8 @@ pub(crate) async fn incidents_task(
     shutdown: CancellationToken,
 ) {
     let mut engine = IncidentEngine::new(cfg.settings());
+    let mut regions = RegionOutliers::new(outliers);
+    let mut regions_looked: Option<std::time::Instant> = None;
     let hooks: Vec<(String, mpsc::Sender<Arc<WebhookBody>>)> = cfg
         .webhooks
         .iter()
@@ -171,11 +186,33 @@ pub(crate) async fn incidents_task(
                     break;
                 };
                 let now_ms = unix_ms();
-                let mut changes = if started.elapsed() >= stale_after {
+                let settled = started.elapsed() >= stale_after;
+                let mut changes = if settled {
                     engine.handle_fleet(now_ms, &fleet.sites)
                 } else {
                     Vec::new()
                 };
+                // Sites unusual in their region: from the summaries, every
+                // REGIONS_EVERY (their figures move slower than that).
+                if regions.enabled()
+                    && settled
+                    && regions_looked.is_none_or(|t| t.elapsed() >= REGIONS_EVERY)
+                {
+                    regions_looked = Some(std::time::Instant::now());
+                    let Some(summaries) = shared.ask(|reply| Input::Summaries { reply }).await
+                    else {
+                        break;
+                    };
+                    let unreachable: BTreeSet<SiteKey> = fleet
+                        .sites
+                        .iter()
+                        .filter(|s| s.status == SiteStatus::Unreachable)
+                        .map(|s| (s.region.clone(), s.site.clone()))
+                        .collect();
+                    let raised = regions.assess(now_ms, &summaries, &unreachable);
+                    metrics.region_outliers.set(raised.len() as i64);
+                    changes.extend(engine.handle_regions(now_ms, &raised));
+                }
                 changes.extend(engine.tick(now_ms));
                 changes
             }

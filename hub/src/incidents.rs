@@ -34,6 +34,10 @@
 //! incident, critical while its check is. Their detail starts with
 //! `score N: `; the score ranks them (see [`rank`]).
 //!
+//! The hub's own finding, a site far from the other sites of its region
+//! ([`crate::outliers`]), comes through [`IncidentEngine::handle_regions`]:
+//! one *site anomaly* incident per site, scored by its highest figure.
+//!
 //! Incidents are built again from what arrives after a hub starts; the
 //! newest resolved ones are kept (bounded), for the record.
 
@@ -98,6 +102,9 @@ pub enum IncidentKind {
     /// A resource of one node is forecast to run out (a raised
     /// `forecast:*` check).
     ResourceForecast,
+    /// A site's figures are far from the other sites of its region (see
+    /// [`crate::outliers`]).
+    SiteAnomaly,
 }
 
 impl IncidentKind {
@@ -111,6 +118,7 @@ impl IncidentKind {
             IncidentKind::PatchFailed => "patch-failed",
             IncidentKind::NodeAnomaly => "node-anomaly",
             IncidentKind::ResourceForecast => "resource-forecast",
+            IncidentKind::SiteAnomaly => "site-anomaly",
         }
     }
 }
@@ -308,12 +316,13 @@ enum Key {
     PatchFailed(NodeKey),
     Anomaly(NodeKey),
     Forecast(NodeKey, String),
+    SiteAnomaly(SiteKey),
 }
 
 impl Key {
     fn site(&self) -> SiteKey {
         match self {
-            Key::Site(s) | Key::SiteCheck(s, _) => s.clone(),
+            Key::Site(s) | Key::SiteCheck(s, _) | Key::SiteAnomaly(s) => s.clone(),
             Key::NodeCheck(n, _)
             | Key::NodeDown(n)
             | Key::Flapping(n)
@@ -325,7 +334,7 @@ impl Key {
 
     fn node(&self) -> Option<&NodeKey> {
         match self {
-            Key::Site(_) | Key::SiteCheck(..) => None,
+            Key::Site(_) | Key::SiteCheck(..) | Key::SiteAnomaly(_) => None,
             Key::NodeCheck(n, _)
             | Key::NodeDown(n)
             | Key::Flapping(n)
@@ -381,6 +390,8 @@ pub struct IncidentEngine {
     patch_failed: BTreeMap<NodeKey, String>,
     /// Raised foresight findings (warning or critical) per node, by check.
     findings: BTreeMap<NodeKey, BTreeMap<String, Finding>>,
+    /// Sites raised as outliers of their region: detail and score.
+    site_findings: BTreeMap<SiteKey, (String, Score)>,
     /// Recent changes per node, for flap detection.
     changes: BTreeMap<NodeKey, VecDeque<u64>>,
     /// Flapping nodes and their last change.
@@ -401,6 +412,7 @@ impl IncidentEngine {
             failing: BTreeMap::new(),
             patch_failed: BTreeMap::new(),
             findings: BTreeMap::new(),
+            site_findings: BTreeMap::new(),
             changes: BTreeMap::new(),
             flapping: BTreeMap::new(),
             rollout: None,
@@ -534,6 +546,27 @@ impl IncidentEngine {
                 nodes_total: row.nodes_total,
             });
         }
+        self.reconcile(now_ms)
+    }
+
+    /// The sites raised now as outliers of their region (what
+    /// [`crate::outliers::RegionOutliers::assess`] returned), at `now_ms`.
+    pub fn handle_regions(&mut self, now_ms: u64, raised: &crate::outliers::Raised) -> Vec<Change> {
+        self.site_findings = raised
+            .iter()
+            .filter_map(|(site, findings)| {
+                let top = findings.first()?;
+                let detail = findings
+                    .iter()
+                    .map(|f| format!("score {:.1}: {}", f.score, f.detail))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Some((
+                    site.clone(),
+                    (detail, Score::from_f64(top.score).unwrap_or(Score::ZERO)),
+                ))
+            })
+            .collect();
         self.reconcile(now_ms)
     }
 
@@ -699,6 +732,17 @@ impl IncidentEngine {
                     },
                 );
             }
+        }
+        for (site, (detail, score)) in &self.site_findings {
+            node_level.insert(
+                Key::SiteAnomaly(site.clone()),
+                Want {
+                    nodes: Vec::new(),
+                    detail: detail.clone(),
+                    severity: Some(Severity::Warning),
+                    score: Some(*score),
+                },
+            );
         }
         for (n, last) in &self.flapping {
             let changes = self.changes.get(n).map_or(0, VecDeque::len);
@@ -921,6 +965,12 @@ impl IncidentEngine {
                         what.replacen(':', " ", 1)
                     ),
                 },
+            ),
+            Key::SiteAnomaly(_) => (
+                IncidentKind::SiteAnomaly,
+                Severity::Warning,
+                None,
+                format!("site {scope} unusual in its region"),
             ),
         };
         let severity = want.severity.unwrap_or(severity);
@@ -1487,6 +1537,58 @@ mod tests {
             Some(Foresight::Forecast)
         );
         assert_eq!(Foresight::of_check("web"), None);
+    }
+
+    fn raised(site: &str, score: f64) -> crate::outliers::Raised {
+        use crate::outliers::{SiteFinding, SiteMetric};
+        [(
+            ("eu".to_owned(), site.to_owned()),
+            vec![
+                SiteFinding {
+                    metric: SiteMetric::Cpu,
+                    score,
+                    detail: "cpu 85% (...)".to_owned(),
+                },
+                SiteFinding {
+                    metric: SiteMetric::Unhealthy,
+                    score: 7.0,
+                    detail: "unhealthy 40% (...)".to_owned(),
+                },
+            ],
+        )]
+        .into()
+    }
+
+    #[test]
+    fn a_site_unusual_in_its_region_is_one_incident_until_it_is_no_longer() {
+        let mut e = engine();
+        let c = e.handle_regions(1_000, &raised("par", 12.04));
+        let [Change::Opened(i)] = c.as_slice() else {
+            panic!("{c:?}")
+        };
+        assert_eq!(i.kind, IncidentKind::SiteAnomaly);
+        assert_eq!(i.severity, Severity::Warning);
+        assert_eq!(i.title, "site eu/par unusual in its region");
+        assert_eq!(i.scope.node, None);
+        assert_eq!(i.score, Some(Score::from_tenths(120)));
+        assert_eq!(
+            i.detail,
+            "score 12.0: cpu 85% (...); score 7.0: unhealthy 40% (...)"
+        );
+        // Looked at again, scored higher: the same incident, updated.
+        assert!(e.handle_regions(11_000, &raised("par", 30.0)).is_empty());
+        let i = e.open().next().unwrap();
+        assert_eq!((i.id, i.score), (1, Some(Score::from_tenths(300))));
+        assert_eq!(i.updated_ms, 11_000);
+        // Node incidents of the site are their own.
+        e.handle_event(12_000, "eu", "par", &check("par-n0", Status::Critical));
+        assert_eq!(e.open_count(), 2);
+        let c = e.handle_regions(21_000, &crate::outliers::Raised::new());
+        let [Change::Resolved(i)] = c.as_slice() else {
+            panic!("{c:?}")
+        };
+        assert_eq!((i.id, i.kind), (1, IncidentKind::SiteAnomaly));
+        assert_eq!(e.open_count(), 1);
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub mod incidentdriver;
 pub mod incidents;
 pub mod inventory;
 pub mod log;
+pub mod outliers;
 pub mod patchdriver;
 pub mod patchrollout;
 pub mod peering;

@@ -49,6 +49,13 @@ use trellis_node::id::Role;
 ///   flap_quiet = "5m"            # quiet this long: the flapping resolves
 ///   keep_resolved = 1000
 ///
+///   [outliers]                   # sites far above the other sites of their region
+///   metrics = ["cpu", "mem", "disk", "unhealthy"]
+///   threshold = 6.0              # robust σ above the region's median, and
+///   min_gap_pct = 20             #   at least this many points above it
+///   min_peers = 3                # other sites of the region to compare with
+///   hold_for = "10m"             # an outlier this long: one site-anomaly incident
+///
 ///   [enrolment]                  # sign certificates for join tokens
 ///   ca_dir = "ca"                # the mesh CA (ca.crt, ca.key); unset: refuse
 ///   cert_days = 365
