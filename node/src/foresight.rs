@@ -594,21 +594,42 @@ impl Forecaster {
         if span < cfg.forecast_min_span.as_millis() as u64 || self.points.len() < 10 {
             return None;
         }
-        // Thin out evenly to at most FORECAST_POINTS, keeping the newest.
-        let n = self.points.len();
-        let every = n.div_ceil(FORECAST_POINTS);
-        let origin = self.points[0].0;
-        let pts: Vec<(f64, f64)> = self
-            .points
-            .iter()
-            .rev()
-            .step_by(every)
-            .map(|(t, v)| ((t - origin) as f64 / 1000.0, *v))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        theil_sen(&pts).and_then(|t| exhaustion(&t, self.limit))
+        let fit = |from: u64| {
+            let pts = thinned(self.points.iter().filter(|(t, _)| *t >= from));
+            theil_sen(&pts).filter(|_| pts.len() >= 10)
+        };
+        // The rise goes on: over the newest half of the span fitted, and
+        // over its newest quarter, the slope is at least a quarter of the
+        // fitted one. A one-off jump (a restore, an image copied in) makes
+        // the long pairs rise only while it sits near the middle of the
+        // span, and then what follows it, the newest quarter, is flat; a
+        // fill that started inside the span rises in both.
+        let goes_on = |from: u64, trend: &Trend| {
+            let len = now_ms.saturating_sub(from);
+            let rises = |from| fit(from).is_some_and(|h| h.slope >= trend.slope / 4.0);
+            rises(now_ms - len / 2) && rises(now_ms - len / 4)
+        };
+        let oldest = self.points.front().map_or(now_ms, |(t, _)| *t);
+        let mut trend = (oldest, fit(oldest)?);
+        // A fill that started inside the window: the whole window's slope
+        // mixes the steady part with the rise and is too gentle until the
+        // rise fills most of it. The newest `forecast_min_span` on its own
+        // is taken instead when its slope is clearly steeper: its whole
+        // interval above the whole window's.
+        let min_span = cfg.forecast_min_span.as_millis() as u64;
+        if span >= 2 * min_span {
+            let from = now_ms.saturating_sub(min_span);
+            if let Some(r) = fit(from).filter(|r| r.slope_low > trend.1.slope_high) {
+                trend = (from, r);
+            }
+        }
+        let e = exhaustion(&trend.1, self.limit)?;
+        // Only an estimate that raises or keeps a forecast needs the check.
+        if e.eta_s > 1.5 * cfg.forecast_warning.as_secs_f64() || goes_on(trend.0, &trend.1) {
+            Some(e)
+        } else {
+            None
+        }
     }
 
     fn evaluate(&mut self, cfg: &ForesightConfig, now_ms: u64) {
@@ -645,6 +666,20 @@ impl Forecaster {
             }
         }
     }
+}
+
+/// `points` (ms, value), oldest first, thinned out evenly to at most
+/// [`FORECAST_POINTS`] keeping the newest, as (seconds since the first
+/// kept, value).
+fn thinned<'a>(points: impl DoubleEndedIterator<Item = &'a (u64, f64)> + Clone) -> Vec<(f64, f64)> {
+    let n = points.clone().count();
+    let every = n.div_ceil(FORECAST_POINTS).max(1);
+    let mut pts: Vec<(u64, f64)> = points.rev().step_by(every).copied().collect();
+    pts.reverse();
+    let origin = pts.first().map_or(0, |(t, _)| *t);
+    pts.into_iter()
+        .map(|(t, v)| ((t - origin) as f64 / 1000.0, v))
+        .collect()
 }
 
 /// Seconds as a short human figure: `45 min`, `6 h`, `3.5 d`.
@@ -1166,6 +1201,89 @@ mod tests {
             "{within}/{runs} within the interval"
         );
         assert!(worst < 0.25, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn a_fill_that_starts_after_steady_hours_turns_critical_near_its_true_two_hours() {
+        // Steady at 60 % for 6 hours, then 15 GB/h with an hourly clean-up
+        // of a fifth of what was written (12 GB/h on average): full 3.3 h
+        // after the fill starts. The whole window's slope mixes the steady
+        // hours in; the newest two hours, clearly steeper, are used.
+        let mut rng = Rng(11);
+        let mut f = Foresight::new(ForesightConfig::default(), None);
+        let total = 100e9;
+        let start = 6 * HOUR_MS;
+        let rate = 15e9 / 3600.0;
+        let used_at = |t: u64| {
+            if t < start {
+                return 60e9;
+            }
+            let s = (t - start) as f64 / 1000.0;
+            60e9 + rate * s - 0.2 * rate * 3600.0 * ((t - start) / HOUR_MS) as f64
+        };
+        let mut t = 0;
+        let mut warned = None;
+        let mut critical = None;
+        while used_at(t) < total {
+            let used = used_at(t) + 20e6 * rng.normal();
+            f.observe(
+                t,
+                &Observation {
+                    disks: vec![("/var".to_owned(), used as u64, total as u64)],
+                    ..Observation::default()
+                },
+            );
+            match f.checks().get("forecast:disk:/var").map(|r| r.status) {
+                Some(Status::Warning) if warned.is_none() => warned = Some(t),
+                Some(Status::Critical) if critical.is_none() => critical = Some(t),
+                _ => {}
+            }
+            t += SAMPLE_MS;
+        }
+        let full = t;
+        let (warned, critical) = (warned.expect("warned"), critical.expect("critical"));
+        let min = |ms: u64| ms / 60_000;
+        println!(
+            "fill after steady hours: warned {} min after it started, critical {} min \
+             before full",
+            min(warned - start),
+            min(full - critical)
+        );
+        // Critical is meant 2 h before full: within half an hour of it
+        // (it came 38 min before full with the whole window's slope).
+        assert!(full - critical >= 90 * 60_000, "{}", min(full - critical));
+        assert!(full - critical <= 150 * 60_000, "{}", min(full - critical));
+    }
+
+    #[test]
+    fn a_one_off_jump_on_a_steady_disk_is_never_forecast() {
+        // 12 GB copied in at once (a restore, an image) on a steady disk,
+        // at every phase of the forecast's evaluation: it does not
+        // continue, so it is no fill.
+        for offset_min in (0..120).step_by(5) {
+            let mut rng = Rng(offset_min);
+            let mut f = Foresight::new(ForesightConfig::default(), None);
+            let jump = 6 * HOUR_MS + offset_min * 60_000;
+            let mut t = 0;
+            while t < 12 * HOUR_MS {
+                let used = 60e9 + if t >= jump { 12e9 } else { 0.0 } + 20e6 * rng.normal();
+                f.observe(
+                    t,
+                    &Observation {
+                        disks: vec![("/srv".to_owned(), used as u64, 100e9 as u64)],
+                        ..Observation::default()
+                    },
+                );
+                // (The jump itself is an anomaly, rightly.)
+                assert!(
+                    !f.checks().contains_key("forecast:disk:/srv"),
+                    "jump at +{offset_min} min, {} min after it: {:?}",
+                    (t.saturating_sub(jump)) / 60_000,
+                    f.checks()
+                );
+                t += SAMPLE_MS;
+            }
+        }
     }
 
     #[test]
