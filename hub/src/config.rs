@@ -268,6 +268,7 @@ pub struct HubConfig {
     pub replication: ReplicationConfig,
     pub incidents: IncidentsConfig,
     pub outliers: crate::outliers::RegionOutliersConfig,
+    pub baselines: crate::baselines::RegionBaselinesConfig,
     pub enrolment: EnrolmentConfig,
 }
 
@@ -283,6 +284,7 @@ impl Default for HubConfig {
             replication: ReplicationConfig::default(),
             incidents: IncidentsConfig::default(),
             outliers: crate::outliers::RegionOutliersConfig::default(),
+            baselines: crate::baselines::RegionBaselinesConfig::default(),
             enrolment: EnrolmentConfig::default(),
         }
     }
@@ -340,7 +342,12 @@ impl Validate for HubConfig {
                 ),
             );
         }
-        for (field, what) in self.outliers.problems() {
+        for (field, what) in self
+            .outliers
+            .problems()
+            .into_iter()
+            .chain(self.baselines.problems())
+        {
             p.check(false, field, what);
         }
         p.check(
@@ -510,5 +517,15 @@ mod tests {
         }
         let err = check("[outliers]\nmetrics = [\"load\"]\n").unwrap_err();
         assert!(err.contains("load"), "{err}");
+        let c = check("[baselines]\nthreshold = 8\nwarmup = \"1h\"\n").unwrap();
+        assert_eq!(c.baselines.threshold, 8.0);
+        for (bad, field) in [
+            ("threshold = -1", "baselines.threshold"),
+            ("persist = 0", "baselines.persist"),
+            ("half_life = \"10s\"", "baselines.half_life"),
+        ] {
+            let err = check(&format!("[baselines]\n{bad}\n")).unwrap_err();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
     }
 }

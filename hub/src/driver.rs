@@ -1498,6 +1498,7 @@ impl Hub {
             shared.clone(),
             cfg.incidents.clone(),
             cfg.outliers.clone(),
+            cfg.baselines.clone(),
             name.clone(),
             cfg.fleet.stale_after,
             incident_events_rx,

@@ -2,7 +2,8 @@
 //! task owns the [`IncidentEngine`], fed with the events the core task
 //! stores and, every two seconds, with the fleet view and the newest
 //! rollout, and every ten with the sites raised as outliers of their region
-//! ([`crate::outliers`]); it publishes the incidents for the API, notes each opening and
+//! ([`crate::outliers`]) and the regions raised as far from their usual
+//! figures ([`crate::baselines`]); it publishes the incidents for the API, notes each opening and
 //! resolution in the audit log, and hands them to one webhook task per
 //! configured URL, which posts them with retries without ever holding the
 //! engine up.
@@ -21,6 +22,7 @@ use trellis_node::clock::{ticker, unix_ms};
 use trellis_relay::summary::{SiteKey, SiteStatus};
 use trellis_relay::uplink::Event;
 
+use crate::baselines::{RegionBaselines, RegionBaselinesConfig};
 use crate::config::IncidentsConfig;
 use crate::driver::{Input, Shared};
 use crate::incidents::{Change, Incident, IncidentEngine};
@@ -60,6 +62,7 @@ pub(crate) struct IncidentMetrics {
     pub webhooks_dropped: Counter,
     pub webhooks_failed: Counter,
     pub region_outliers: Gauge,
+    pub region_anomalies: Gauge,
 }
 
 impl IncidentMetrics {
@@ -86,6 +89,11 @@ impl IncidentMetrics {
             "region_outliers",
             "Sites raised now as far from the other sites of their region",
             m.region_outliers.clone(),
+        );
+        r.register(
+            "region_anomalies",
+            "Regions raised now as far from their own usual figures",
+            m.region_anomalies.clone(),
         );
         m
     }
@@ -120,6 +128,7 @@ pub(crate) async fn incidents_task(
     shared: Shared,
     cfg: IncidentsConfig,
     outliers: RegionOutliersConfig,
+    baselines: RegionBaselinesConfig,
     hub: String,
     stale_after: std::time::Duration,
     mut events: mpsc::Receiver<SiteEvent>,
@@ -130,6 +139,7 @@ pub(crate) async fn incidents_task(
 ) {
     let mut engine = IncidentEngine::new(cfg.settings());
     let mut regions = RegionOutliers::new(outliers);
+    let mut baselines = RegionBaselines::new(baselines);
     let mut regions_looked: Option<std::time::Instant> = None;
     let hooks: Vec<(String, mpsc::Sender<Arc<WebhookBody>>)> = cfg
         .webhooks
@@ -192,9 +202,10 @@ pub(crate) async fn incidents_task(
                 } else {
                     Vec::new()
                 };
-                // Sites unusual in their region: from the summaries, every
-                // REGIONS_EVERY (their figures move slower than that).
-                if regions.enabled()
+                // Sites unusual in their region, and regions unusual for
+                // themselves: from the summaries, every REGIONS_EVERY (their
+                // figures move slower than that).
+                if (regions.enabled() || baselines.enabled())
                     && settled
                     && regions_looked.is_none_or(|t| t.elapsed() >= REGIONS_EVERY)
                 {
@@ -212,6 +223,9 @@ pub(crate) async fn incidents_task(
                     let raised = regions.assess(now_ms, &summaries, &unreachable);
                     metrics.region_outliers.set(raised.len() as i64);
                     changes.extend(engine.handle_regions(now_ms, &raised));
+                    let raised = baselines.observe(now_ms, &summaries, &unreachable);
+                    metrics.region_anomalies.set(raised.len() as i64);
+                    changes.extend(engine.handle_region_baselines(now_ms, &raised));
                 }
                 changes.extend(engine.tick(now_ms));
                 changes

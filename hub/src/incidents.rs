@@ -36,7 +36,10 @@
 //!
 //! The hub's own finding, a site far from the other sites of its region
 //! ([`crate::outliers`]), comes through [`IncidentEngine::handle_regions`]:
-//! one *site anomaly* incident per site, scored by its highest figure.
+//! one *site anomaly* incident per site, scored by its highest figure. A
+//! region far from its own usual figures ([`crate::baselines`]) comes
+//! through [`IncidentEngine::handle_region_baselines`]: one *region
+//! anomaly* incident per region, with no site in its scope.
 //!
 //! Incidents are built again from what arrives after a hub starts; the
 //! newest resolved ones are kept (bounded), for the record.
@@ -105,6 +108,9 @@ pub enum IncidentKind {
     /// A site's figures are far from the other sites of its region (see
     /// [`crate::outliers`]).
     SiteAnomaly,
+    /// A region's figures are far from their own usual level (see
+    /// [`crate::baselines`]).
+    RegionAnomaly,
 }
 
 impl IncidentKind {
@@ -119,6 +125,7 @@ impl IncidentKind {
             IncidentKind::NodeAnomaly => "node-anomaly",
             IncidentKind::ResourceForecast => "resource-forecast",
             IncidentKind::SiteAnomaly => "site-anomaly",
+            IncidentKind::RegionAnomaly => "region-anomaly",
         }
     }
 }
@@ -151,6 +158,10 @@ pub struct Scope {
 
 impl std::fmt::Display for Scope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A region's own incident has no site.
+        if self.site.is_empty() {
+            return write!(f, "{}", self.region);
+        }
         write!(f, "{}/{}", self.region, self.site)?;
         if let Some(n) = &self.node {
             write!(f, "/{n}")?;
@@ -317,12 +328,15 @@ enum Key {
     Anomaly(NodeKey),
     Forecast(NodeKey, String),
     SiteAnomaly(SiteKey),
+    /// A region (its site key's site is empty).
+    RegionAnomaly(String),
 }
 
 impl Key {
     fn site(&self) -> SiteKey {
         match self {
             Key::Site(s) | Key::SiteCheck(s, _) | Key::SiteAnomaly(s) => s.clone(),
+            Key::RegionAnomaly(r) => (r.clone(), String::new()),
             Key::NodeCheck(n, _)
             | Key::NodeDown(n)
             | Key::Flapping(n)
@@ -334,7 +348,7 @@ impl Key {
 
     fn node(&self) -> Option<&NodeKey> {
         match self {
-            Key::Site(_) | Key::SiteCheck(..) | Key::SiteAnomaly(_) => None,
+            Key::Site(_) | Key::SiteCheck(..) | Key::SiteAnomaly(_) | Key::RegionAnomaly(_) => None,
             Key::NodeCheck(n, _)
             | Key::NodeDown(n)
             | Key::Flapping(n)
@@ -392,6 +406,8 @@ pub struct IncidentEngine {
     findings: BTreeMap<NodeKey, BTreeMap<String, Finding>>,
     /// Sites raised as outliers of their region: detail and score.
     site_findings: BTreeMap<SiteKey, (String, Score)>,
+    /// Regions raised as far from their usual figures: detail and score.
+    region_findings: BTreeMap<String, (String, Score)>,
     /// Recent changes per node, for flap detection.
     changes: BTreeMap<NodeKey, VecDeque<u64>>,
     /// Flapping nodes and their last change.
@@ -413,6 +429,7 @@ impl IncidentEngine {
             patch_failed: BTreeMap::new(),
             findings: BTreeMap::new(),
             site_findings: BTreeMap::new(),
+            region_findings: BTreeMap::new(),
             changes: BTreeMap::new(),
             flapping: BTreeMap::new(),
             rollout: None,
@@ -556,14 +573,36 @@ impl IncidentEngine {
             .iter()
             .filter_map(|(site, findings)| {
                 let top = findings.first()?;
-                let detail = findings
-                    .iter()
-                    .map(|f| format!("score {:.1}: {}", f.score, f.detail))
-                    .collect::<Vec<_>>()
-                    .join("; ");
                 Some((
                     site.clone(),
-                    (detail, Score::from_f64(top.score).unwrap_or(Score::ZERO)),
+                    (
+                        scored(findings.iter().map(|f| (f.score, f.detail.as_str()))),
+                        Score::from_f64(top.score).unwrap_or(Score::ZERO),
+                    ),
+                ))
+            })
+            .collect();
+        self.reconcile(now_ms)
+    }
+
+    /// The regions raised now as far from their usual figures (what
+    /// [`crate::baselines::RegionBaselines::observe`] returned), at
+    /// `now_ms`.
+    pub fn handle_region_baselines(
+        &mut self,
+        now_ms: u64,
+        raised: &crate::baselines::RaisedRegions,
+    ) -> Vec<Change> {
+        self.region_findings = raised
+            .iter()
+            .filter_map(|(region, findings)| {
+                let top = findings.first()?;
+                Some((
+                    region.clone(),
+                    (
+                        scored(findings.iter().map(|f| (f.score, f.detail.as_str()))),
+                        Score::from_f64(top.score).unwrap_or(Score::ZERO),
+                    ),
                 ))
             })
             .collect();
@@ -736,6 +775,17 @@ impl IncidentEngine {
         for (site, (detail, score)) in &self.site_findings {
             node_level.insert(
                 Key::SiteAnomaly(site.clone()),
+                Want {
+                    nodes: Vec::new(),
+                    detail: detail.clone(),
+                    severity: Some(Severity::Warning),
+                    score: Some(*score),
+                },
+            );
+        }
+        for (region, (detail, score)) in &self.region_findings {
+            node_level.insert(
+                Key::RegionAnomaly(region.clone()),
                 Want {
                     nodes: Vec::new(),
                     detail: detail.clone(),
@@ -972,6 +1022,12 @@ impl IncidentEngine {
                 None,
                 format!("site {scope} unusual in its region"),
             ),
+            Key::RegionAnomaly(_) => (
+                IncidentKind::RegionAnomaly,
+                Severity::Warning,
+                None,
+                format!("region {scope} far from its usual figures"),
+            ),
         };
         let severity = want.severity.unwrap_or(severity);
         let id = self.next_id;
@@ -995,6 +1051,15 @@ impl IncidentEngine {
             score: want.score,
         }
     }
+}
+
+/// Findings as one detail: `score N: DETAIL`, highest first (as given),
+/// separated by `; `.
+fn scored<'a>(findings: impl Iterator<Item = (f64, &'a str)>) -> String {
+    findings
+        .map(|(score, detail)| format!("score {score:.1}: {detail}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Orders incidents for a person to read: open ones first, by severity
@@ -1589,6 +1654,48 @@ mod tests {
         };
         assert_eq!((i.id, i.kind), (1, IncidentKind::SiteAnomaly));
         assert_eq!(e.open_count(), 1);
+    }
+
+    #[test]
+    fn a_region_far_from_its_usual_figures_is_one_region_incident() {
+        use crate::baselines::RegionFinding;
+        use crate::outliers::SiteMetric;
+        let raised: crate::baselines::RaisedRegions = [(
+            "eu".to_owned(),
+            vec![RegionFinding {
+                metric: SiteMetric::Unhealthy,
+                score: 12.5,
+                detail: "unhealthy 26% over 160 nodes of 8 sites against a usual 3% (±2.0)"
+                    .to_owned(),
+            }],
+        )]
+        .into();
+        let mut e = engine();
+        let c = e.handle_region_baselines(1_000, &raised);
+        let [Change::Opened(i)] = c.as_slice() else {
+            panic!("{c:?}")
+        };
+        assert_eq!(i.kind, IncidentKind::RegionAnomaly);
+        assert_eq!(i.kind.as_str(), "region-anomaly");
+        assert_eq!(i.title, "region eu far from its usual figures");
+        assert_eq!(
+            (i.scope.site.as_str(), i.scope.to_string()),
+            ("", "eu".into())
+        );
+        assert_eq!(i.score, Some(Score::from_tenths(125)));
+        assert!(
+            i.detail.starts_with("score 12.5: unhealthy 26%"),
+            "{}",
+            i.detail
+        );
+        // A site of it unreachable changes nothing for the region's.
+        e.handle_fleet(2_000, &[row("par", SiteStatus::Unreachable)]);
+        assert_eq!(e.open_count(), 2);
+        let c = e.handle_region_baselines(3_000, &Default::default());
+        assert!(
+            matches!(c.as_slice(), [Change::Resolved(i)] if i.kind == IncidentKind::RegionAnomaly),
+            "{c:?}"
+        );
     }
 
     #[test]

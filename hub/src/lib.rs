@@ -35,6 +35,7 @@
 pub mod api;
 pub mod apiauth;
 pub mod audit;
+pub mod baselines;
 pub mod client;
 pub mod config;
 pub mod core;

@@ -56,6 +56,13 @@ use trellis_node::id::Role;
 ///   min_peers = 3                # other sites of the region to compare with
 ///   hold_for = "10m"             # an outlier this long: one site-anomaly incident
 ///
+///   [baselines]                  # regions far from their own usual figures
+///   metrics = ["cpu", "mem", "disk", "unhealthy"]
+///   threshold = 6.0              # robust σ from the usual level, for
+///   persist = 3                  #   this many looks (10 s apart) in a row
+///   warmup = "30m"               # history before anything is scored
+///   half_life = "1h"             # how fast the usual level follows a new one
+///
 ///   [enrolment]                  # sign certificates for join tokens
 ///   ca_dir = "ca"                # the mesh CA (ca.crt, ca.key); unset: refuse
 ///   cert_days = 365

@@ -561,7 +561,8 @@
 
     function row(i) {
       const open = i.resolved_ms === null || i.resolved_ms === undefined;
-      const scope = i.scope.region + '/' + i.scope.site + (i.scope.node ? '/' + i.scope.node : '');
+      // A region's own incident has no site.
+      const scope = i.scope.region + (i.scope.site ? '/' + i.scope.site : '') + (i.scope.node ? '/' + i.scope.node : '');
       const since = ago(Math.max(0, (Date.now() - i.opened_ms) / 1000));
       const cause = i.cause
         ? 'rollout ' + i.cause.run + ' (' + i.cause.name + ' ' + i.cause.version + '), wave ' + i.cause.wave
