@@ -572,14 +572,8 @@ impl IncidentEngine {
         self.site_findings = raised
             .iter()
             .filter_map(|(site, findings)| {
-                let top = findings.first()?;
-                Some((
-                    site.clone(),
-                    (
-                        scored(findings.iter().map(|f| (f.score, f.detail.as_str()))),
-                        Score::from_f64(top.score).unwrap_or(Score::ZERO),
-                    ),
-                ))
+                let found = scored(findings.iter().map(|f| (f.score, f.detail.as_str())))?;
+                Some((site.clone(), found))
             })
             .collect();
         self.reconcile(now_ms)
@@ -596,14 +590,8 @@ impl IncidentEngine {
         self.region_findings = raised
             .iter()
             .filter_map(|(region, findings)| {
-                let top = findings.first()?;
-                Some((
-                    region.clone(),
-                    (
-                        scored(findings.iter().map(|f| (f.score, f.detail.as_str()))),
-                        Score::from_f64(top.score).unwrap_or(Score::ZERO),
-                    ),
-                ))
+                let found = scored(findings.iter().map(|f| (f.score, f.detail.as_str())))?;
+                Some((region.clone(), found))
             })
             .collect();
         self.reconcile(now_ms)
@@ -1053,13 +1041,16 @@ impl IncidentEngine {
     }
 }
 
-/// Findings as one detail: `score N: DETAIL`, highest first (as given),
-/// separated by `; `.
-fn scored<'a>(findings: impl Iterator<Item = (f64, &'a str)>) -> String {
-    findings
-        .map(|(score, detail)| format!("score {score:.1}: {detail}"))
-        .collect::<Vec<_>>()
-        .join("; ")
+/// Findings (score, detail), highest first, as one incident's detail
+/// (`score N: DETAIL`, separated by `; `) and score (the first's); `None`
+/// without any.
+fn scored<'a>(mut findings: impl Iterator<Item = (f64, &'a str)>) -> Option<(String, Score)> {
+    let (top, detail) = findings.next()?;
+    let mut text = format!("score {top:.1}: {detail}");
+    for (score, detail) in findings {
+        text.push_str(&format!("; score {score:.1}: {detail}"));
+    }
+    Some((text, Score::from_f64(top).unwrap_or(Score::ZERO)))
 }
 
 /// Orders incidents for a person to read: open ones first, by severity
