@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use trellis_node::foresight::{Detector, ForesightConfig, Sides};
 use trellis_relay::summary::{Histogram, SiteSummary};
 
-use crate::outliers::SiteMetric;
+use crate::outliers::{SiteMetric, mean};
 
 /// `[baselines]`: regions far outside their own usual figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,27 +120,17 @@ fn sides(metric: SiteMetric) -> Sides {
 
 /// A region's figure over `sites`, and how many nodes it is over.
 pub fn region_value(metric: SiteMetric, sites: &[&SiteSummary]) -> Option<(f64, u32)> {
-    let hist = |pick: fn(&SiteSummary) -> &Histogram| {
+    let added = |pick: fn(&SiteSummary) -> &Histogram| {
         let mut h = Histogram::default();
         for s in sites {
             h.sum(pick(s));
         }
-        h
-    };
-    let one = |h: Histogram| {
-        let mut s = SiteSummary::empty("", "", "", 0);
-        match metric {
-            SiteMetric::Cpu => s.cpu = h,
-            SiteMetric::Mem => s.mem = h,
-            SiteMetric::Disk => s.disk = h,
-            SiteMetric::Unhealthy => {}
-        }
-        metric.value(&s)
+        mean(&h)
     };
     match metric {
-        SiteMetric::Cpu => one(hist(|s| &s.cpu)),
-        SiteMetric::Mem => one(hist(|s| &s.mem)),
-        SiteMetric::Disk => one(hist(|s| &s.disk)),
+        SiteMetric::Cpu => added(|s| &s.cpu),
+        SiteMetric::Mem => added(|s| &s.mem),
+        SiteMetric::Disk => added(|s| &s.disk),
         SiteMetric::Unhealthy => {
             let mut all = SiteSummary::empty("", "", "", 0);
             for s in sites {

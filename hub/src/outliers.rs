@@ -104,7 +104,7 @@ impl SiteMetric {
 
 /// The mean of a ten-point histogram, each bucket at its middle, and how
 /// many known values it is over.
-fn mean(h: &Histogram) -> Option<(f64, u32)> {
+pub(crate) fn mean(h: &Histogram) -> Option<(f64, u32)> {
     let known: u32 = h.buckets.iter().sum();
     if known == 0 {
         return None;
