@@ -507,6 +507,26 @@ impl Shared {
     }
 }
 
+/// How long chitchat keeps a deleted key's tombstone.
+pub const MARKED_FOR_DELETION_GRACE: Duration = Duration::from_secs(2 * 3600);
+
+/// chitchat's failure detector as a member runs it; only the interval,
+/// threshold and dead-node grace come from the configuration. The
+/// simulator's real-chitchat sites use the same.
+pub fn failure_detector(settings: &GossipSettings) -> FailureDetectorConfig {
+    FailureDetectorConfig {
+        phi_threshold: settings.phi_threshold,
+        // The default window (1,000) costs ~8 KB per peer and
+        // adapts slowly; 100 samples is plenty at 1 s intervals.
+        sampling_window_size: 100,
+        max_interval: Duration::from_secs(10),
+        // Start from the configured interval, not chitchat's 5 s,
+        // so that failures right after a join are seen as quickly.
+        initial_interval: settings.interval,
+        dead_node_grace_period: settings.dead_node_grace,
+    }
+}
+
 /// Gossip settings, from the member's configuration.
 #[derive(Debug, Clone)]
 pub struct GossipSettings {
@@ -740,18 +760,8 @@ impl Gossip {
                 .filter(|s| **s != listen && **s != advertise)
                 .map(|s| s.to_string())
                 .collect(),
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: settings.phi_threshold,
-                // The default window (1,000) costs ~8 KB per peer and
-                // adapts slowly; 100 samples is plenty at 1 s intervals.
-                sampling_window_size: 100,
-                max_interval: Duration::from_secs(10),
-                // Start from the configured interval, not chitchat's 5 s,
-                // so that failures right after a join are seen as quickly.
-                initial_interval: settings.interval,
-                dead_node_grace_period: settings.dead_node_grace,
-            },
-            marked_for_deletion_grace_period: Duration::from_secs(2 * 3600),
+            failure_detector_config: failure_detector(settings),
+            marked_for_deletion_grace_period: MARKED_FOR_DELETION_GRACE,
             catchup_callback: None,
             extra_liveness_predicate: None,
         };

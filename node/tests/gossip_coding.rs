@@ -26,15 +26,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chitchat::transport::{Socket, Transport};
 use chitchat::{
-    ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, FailureDetectorConfig,
-    Serializable, spawn_chitchat,
+    ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, Serializable, spawn_chitchat,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use trellis_node::gossip::{decode_frame, encode_frame};
+use trellis_node::config::GossipConfig;
+use trellis_node::gossip::{
+    MARKED_FOR_DELETION_GRACE, decode_frame, encode_frame, failure_detector,
+};
 use trellis_node::gossip_codec::{StreamDecoder, StreamEncoder};
 
-const INTERVAL: Duration = Duration::from_secs(1);
 const WARMUP: Duration = Duration::from_secs(60);
 const WINDOW: Duration = Duration::from_secs(60);
 const KILLS: usize = 3;
@@ -139,35 +140,32 @@ async fn run(n: usize) -> Figures {
         counts: Mutex::default(),
         counting: AtomicBool::new(false),
     });
+    // A member's default gossip settings (1 s interval, threshold 8).
+    let settings = GossipConfig::default().settings();
     let transport = NetTransport(net.clone());
     let addr = |i: usize| SocketAddr::from(([127, 0, (i >> 8) as u8, i as u8], 7900));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut handles: Vec<ChitchatHandle> = Vec::with_capacity(n);
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
-        // Members start at their own phase of the interval, as in a site.
+        // Members join one after another, a random 1 ms to 1,000/n ms
+        // apart (about half an interval in all), so that they do not all
+        // tick at the same moment.
         let phase = next(&mut seed) % 1_000;
         tokio::time::sleep(Duration::from_millis(phase / n as u64 + 1)).await;
         let id = ChitchatId::new(format!("eu-s1-n{i:03}"), 1_763_800_000_000, addr(i));
         let config = ChitchatConfig {
             chitchat_id: id.clone(),
             cluster_id: "eu/s1".into(),
-            gossip_interval: INTERVAL,
+            gossip_interval: settings.interval,
             listen_addr: addr(i),
             seed_nodes: if i == 0 {
                 vec![]
             } else {
                 vec![addr(0).to_string()]
             },
-            // As trellis-node configures it (`gossip::Gossip::join`).
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: 8.0,
-                sampling_window_size: 100,
-                max_interval: Duration::from_secs(10),
-                initial_interval: INTERVAL,
-                dead_node_grace_period: Duration::from_secs(3600),
-            },
-            marked_for_deletion_grace_period: Duration::from_secs(2 * 3600),
+            failure_detector_config: failure_detector(&settings),
+            marked_for_deletion_grace_period: MARKED_FOR_DELETION_GRACE,
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
@@ -224,7 +222,7 @@ async fn run(n: usize) -> Figures {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_sites_gossip_travels_in_a_twentieth_of_chitchats_own_bytes() {
+async fn a_sites_gossip_travels_in_under_a_tenth_of_chitchats_own_bytes() {
     let n: usize = std::env::var("TRELLIS_CODING_MEMBERS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -20,10 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chitchat::transport::ChannelTransport;
-use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, spawn_chitchat};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use trellis_node::gossip::{GossipSettings, site_view_of};
+use trellis_node::gossip::{
+    GossipSettings, MARKED_FOR_DELETION_GRACE, failure_detector, site_view_of,
+};
 use trellis_node::site::SiteView;
 
 use crate::rng::SimRng;
@@ -31,21 +33,6 @@ use crate::rng::SimRng;
 /// chitchat's largest message (one UDP datagram), which the in-memory
 /// transport enforces as the real one would.
 const MTU: usize = 65_507;
-
-/// The failure detector and grace periods exactly as trellis-node
-/// configures chitchat (`trellis_node::gossip::Gossip::join`); only the
-/// interval, threshold and dead-node grace come from the configuration.
-fn failure_detector(settings: &GossipSettings) -> FailureDetectorConfig {
-    FailureDetectorConfig {
-        phi_threshold: settings.phi_threshold,
-        sampling_window_size: 100,
-        max_interval: Duration::from_secs(10),
-        initial_interval: settings.interval,
-        dead_node_grace_period: settings.dead_node_grace,
-    }
-}
-
-const MARKED_FOR_DELETION_GRACE: Duration = Duration::from_secs(2 * 3600);
 
 /// The relay's verdict on one incarnation of a member changed.
 #[derive(Debug, Clone, Copy, PartialEq)]
