@@ -90,6 +90,22 @@ impl Protocol {
             .map(|p| (p, version))
     }
 
+    /// The streams a peer may keep open toward us at once on one
+    /// connection of this protocol. Gossip runs on one unidirectional
+    /// stream each way (a new one only after an error ends the last;
+    /// older members open one per message, which ends as soon as it is
+    /// read, hence room for 16); every other protocol asks and answers on
+    /// bidirectional streams.
+    pub fn peer_streams(self) -> PeerStreams {
+        match self {
+            Protocol::Gossip | Protocol::Federation => PeerStreams { bidi: 0, uni: 16 },
+            Protocol::Uplink | Protocol::Replication | Protocol::Fetch => PeerStreams {
+                bidi: PeerStreams::QUINN_DEFAULT.bidi,
+                uni: 0,
+            },
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Gossip => "gossip",
@@ -98,6 +114,40 @@ impl Protocol {
             Protocol::Replication => "replication",
             Protocol::Fetch => "fetch",
         }
+    }
+}
+
+/// How many streams of each kind a peer may have open toward us at once
+/// on one connection. quinn sets aside a slot for every stream a peer may
+/// open as soon as a connection starts (about 8 KB a connection at its
+/// default of 100 of each), and a member of a site holds a connection to
+/// each of its peers, so each protocol asks only for what it uses
+/// ([`Protocol::peer_streams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStreams {
+    pub bidi: u32,
+    pub uni: u32,
+}
+
+impl PeerStreams {
+    /// quinn's own default.
+    pub const QUINN_DEFAULT: PeerStreams = PeerStreams {
+        bidi: 100,
+        uni: 100,
+    };
+
+    /// Enough for every protocol in `protocols` (a server serves several
+    /// on one configuration).
+    pub fn enough_for(protocols: &[Protocol]) -> PeerStreams {
+        protocols
+            .iter()
+            .fold(PeerStreams { bidi: 0, uni: 0 }, |a, p| {
+                let b = p.peer_streams();
+                PeerStreams {
+                    bidi: a.bidi.max(b.bidi),
+                    uni: a.uni.max(b.uni),
+                }
+            })
     }
 }
 
@@ -373,6 +423,20 @@ mod tests {
 
     fn id(role: Role, region: &str, site: &str, name: &str) -> Identity {
         Identity::new(role, region, site, name).unwrap()
+    }
+
+    #[test]
+    fn each_server_lets_peers_open_only_the_streams_its_protocols_use() {
+        let node = PeerStreams::enough_for(served_by(Role::Node));
+        assert_eq!(node, PeerStreams { bidi: 0, uni: 16 });
+        let relay = PeerStreams::enough_for(served_by(Role::Relay));
+        assert_eq!(relay, PeerStreams { bidi: 100, uni: 16 });
+        let hub = PeerStreams::enough_for(served_by(Role::Hub));
+        assert_eq!(hub, PeerStreams { bidi: 100, uni: 16 });
+        assert_eq!(
+            PeerStreams::enough_for(&[Protocol::Fetch]),
+            PeerStreams { bidi: 100, uni: 0 }
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::authz::{self, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, Protocol, Refusal, Side};
+use crate::authz::{
+    self, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, PeerStreams, Protocol, Refusal, Side,
+};
 use crate::id::Identity;
 use crate::metrics::MeshMetrics;
 use crate::revocation::{Revocation, RevocationSet};
@@ -173,7 +175,11 @@ impl MeshEndpoint {
         } else {
             Some(creds.server_config(
                 &alpns,
-                tls::transport_config(None, tls::GOSSIP_IDLE_TIMEOUT),
+                tls::transport_config_with_streams(
+                    None,
+                    tls::GOSSIP_IDLE_TIMEOUT,
+                    PeerStreams::enough_for(serve),
+                ),
             )?)
         };
         let mut clients = HashMap::new();
@@ -185,8 +191,10 @@ impl MeshEndpoint {
             };
             clients.insert(
                 p,
-                creds
-                    .client_config(&p.alpns(&versions), tls::transport_config(keep_alive, idle))?,
+                creds.client_config(
+                    &p.alpns(&versions),
+                    tls::transport_config_with_streams(keep_alive, idle, p.peer_streams()),
+                )?,
             );
         }
         let endpoint = match server {

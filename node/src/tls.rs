@@ -23,6 +23,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
+use crate::authz::PeerStreams;
 use crate::id::{IdError, Identity, Role};
 
 /// The DNS name in every member certificate and the server name every
@@ -500,6 +501,7 @@ impl Credentials {
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = alpns.to_vec();
+        no_resumption_server(&mut tls);
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -522,6 +524,7 @@ impl Credentials {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = alpns.to_vec();
+        tls.resumption = rustls::client::Resumption::disabled();
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -563,6 +566,7 @@ pub fn enrolment_client_config(
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
@@ -831,6 +835,19 @@ pub fn not_after(cert_pem: &str) -> Result<i64, TlsError> {
     Ok(x509.validity().not_after.timestamp())
 }
 
+/// Turns TLS session resumption off on a server: it sends no tickets and
+/// keeps no sessions. Every member's certificate names the same server
+/// ([`MESH_SERVER_NAME`]), so the ticket a client offered was most likely
+/// another peer's, which cannot resume; what resumption did
+/// was add bytes to handshakes and keep up to 256 sessions, each holding
+/// the peer's certificate chain, in every configuration. Clients set
+/// `Resumption::disabled()`. Every connection therefore presents and
+/// verifies a full certificate chain.
+fn no_resumption_server(tls: &mut rustls::ServerConfig) {
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+}
+
 /// Idle timeout of mesh connections.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle timeout of gossip connections. A member of a 100-member site
@@ -847,11 +864,23 @@ pub fn transport_config(
     keep_alive: Option<Duration>,
     idle: Duration,
 ) -> Arc<quinn::TransportConfig> {
+    transport_config_with_streams(keep_alive, idle, PeerStreams::QUINN_DEFAULT)
+}
+
+/// [`transport_config`] letting a peer keep at most `streams` open toward
+/// us on a connection (see [`PeerStreams`]).
+pub fn transport_config_with_streams(
+    keep_alive: Option<Duration>,
+    idle: Duration,
+    streams: PeerStreams,
+) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(idle).expect("mesh idle timeouts fit"),
     ));
     t.keep_alive_interval(keep_alive);
+    t.max_concurrent_bidi_streams(streams.bidi.into());
+    t.max_concurrent_uni_streams(streams.uni.into());
     Arc::new(t)
 }
 
