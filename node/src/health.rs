@@ -35,12 +35,17 @@ pub struct Resources {
 /// changes nearly every time. A changed key also moves the member's
 /// version, which costs its entry in every digest several bytes instead of
 /// one (see `gossip_codec`) on each stream until that stream's next digest,
-/// some 16 s later at 100 members. A figure is republished when it moves by
-/// its step, when it enters another threshold band (so a status never
-/// waits on a step), and all of them every [`STEADY_REFRESH`].
+/// some 16 s later at 100 members. A figure is republished at once when it
+/// enters another threshold band (so a status never waits on a step); one
+/// that moved by its step waits until [`FIGURE_HOLD`] has passed since
+/// figures last moved that way, and then goes with every other that did;
+/// all of them are republished every [`STEADY_REFRESH`].
 #[derive(Debug, Default)]
 pub struct Steady {
+    /// What was published, and when all of it last was.
     last: Option<(Resources, std::time::Instant)>,
+    /// When figures last moved by their step (or were all refreshed).
+    stepped: Option<std::time::Instant>,
 }
 
 /// CPU percentage points a published figure must move by.
@@ -50,8 +55,14 @@ pub const MEM_STEP: u8 = 2;
 /// Disk percentage points a published figure must move by.
 pub const DISK_STEP: u8 = 1;
 /// Every figure is republished at least this often, however little it
-/// moved. Between refreshes a figure is off by less than its step.
+/// moved. Between refreshes a figure is off by less than its step, or was
+/// within it at most [`FIGURE_HOLD`] ago.
 pub const STEADY_REFRESH: Duration = Duration::from_secs(300);
+/// Figures that moved by their step are republished at most this often
+/// (all together): a machine's load or CPU can cross a step every few
+/// seconds, and each time is a change every member of the site receives.
+/// A band change, and so a status, never waits for it.
+pub const FIGURE_HOLD: Duration = Duration::from_secs(60);
 /// Time constant of the published CPU figure's average: a minute, as for
 /// `load1`. A 2 s sample of a shared machine swings by tens of points.
 pub const CPU_AVERAGE: Duration = Duration::from_secs(60);
@@ -91,22 +102,31 @@ impl Steady {
     ) -> Resources {
         let Some((last, at)) = self.last.as_ref() else {
             self.last = Some((*fresh, now));
+            self.stepped = Some(now);
             return *fresh;
         };
         if now.saturating_duration_since(*at) >= STEADY_REFRESH {
             self.last = Some((*fresh, now));
+            self.stepped = Some(now);
             return *fresh;
         }
+        let may_step = self
+            .stepped
+            .is_none_or(|t| now.saturating_duration_since(t) >= FIGURE_HOLD);
+        let mut stepped = false;
         let band = |v: u8, warn: u8, crit: u8| (v >= warn) as u8 + (v >= crit) as u8;
-        let pct = |old: Option<u8>, new: Option<u8>, step: u8, warn: u8, crit: u8| match (old, new)
-        {
-            (Some(o), Some(n))
-                if o.abs_diff(n) < step && band(o, warn, crit) == band(n, warn, crit) =>
-            {
-                Some(o)
-            }
-            _ => new,
-        };
+        let mut pct =
+            |old: Option<u8>, new: Option<u8>, step: u8, warn: u8, crit: u8| match (old, new) {
+                (Some(o), Some(n)) if band(o, warn, crit) == band(n, warn, crit) => {
+                    if o.abs_diff(n) < step || !may_step {
+                        Some(o)
+                    } else {
+                        stepped = true;
+                        new
+                    }
+                }
+                _ => new,
+            };
         let out = Resources {
             cpu_pct: pct(last.cpu_pct, fresh.cpu_pct, CPU_STEP, u8::MAX, u8::MAX),
             mem_pct: pct(
@@ -124,10 +144,17 @@ impl Steady {
                 cfg.disk_critical_pct,
             ),
             load1: match (last.load1, fresh.load1) {
-                (Some(o), Some(n)) if (n - o).abs() < (0.25 * o).max(0.5) => Some(o),
+                (Some(o), Some(n)) if (n - o).abs() < (0.25 * o).max(0.5) || !may_step => Some(o),
+                (Some(_), Some(_)) => {
+                    stepped = true;
+                    fresh.load1
+                }
                 _ => fresh.load1,
             },
         };
+        if stepped {
+            self.stepped = Some(now);
+        }
         let at = *at;
         self.last = Some((out, at));
         out
@@ -454,12 +481,49 @@ mod tests {
             steady.damp(&figures(47, 51, 30, 1.2), t, &cfg),
             figures(40, 50, 30, 1.0)
         );
-        // Drift is measured from what was published, not the last sample.
+        // Drift is measured from what was published, not the last sample;
+        // figures that moved by their step wait out the hold, then all go.
         let t = t0 + Duration::from_secs(4);
+        assert_eq!(
+            steady.damp(&figures(50, 52, 31, 1.6), t, &cfg),
+            figures(40, 50, 30, 1.0)
+        );
+        let t = t0 + FIGURE_HOLD;
         assert_eq!(
             steady.damp(&figures(50, 52, 31, 1.6), t, &cfg),
             figures(50, 52, 31, 1.6)
         );
+    }
+
+    #[test]
+    fn figures_that_step_are_published_at_most_once_a_hold() {
+        let cfg = HealthConfig::default();
+        let t0 = std::time::Instant::now();
+        let mut steady = Steady::default();
+        steady.damp(&figures(40, 50, 30, 1.0), t0, &cfg);
+        // A load that swings past its step every sample.
+        let mut published = Vec::new();
+        for i in 1..=90u64 {
+            let load = if i % 2 == 0 { 1.0 } else { 2.0 };
+            let now = t0 + Duration::from_secs(2 * i);
+            published.push((
+                2 * i,
+                steady.damp(&figures(40, 50, 30, load), now, &cfg).load1,
+            ));
+        }
+        let changes: Vec<u64> = published
+            .windows(2)
+            .filter(|w| w[0].1 != w[1].1)
+            .map(|w| w[1].0)
+            .collect();
+        // At the first sample past the first hold that differs, then no
+        // sooner than a hold after each change: twice in 180 s, not 89
+        // times.
+        assert_eq!(changes, [62, 124], "{published:?}");
+        // A figure entering another band does not wait for the hold.
+        let now = t0 + Duration::from_secs(182);
+        let got = steady.damp(&figures(40, 95, 30, 2.0), now, &cfg);
+        assert_eq!(got.mem_pct, Some(95));
     }
 
     #[test]
