@@ -12,9 +12,11 @@ use std::ops::RangeInclusive;
 use crate::id::{Identity, Role};
 
 /// The mesh protocol version this build speaks best. Every ALPN carries it
-/// (`trellis-uplink/1`); it goes up when any protocol's wire format changes
-/// in a way an older member cannot read.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// (`trellis-uplink/2`); it goes up when any protocol's wire format changes
+/// in a way an older member cannot read. Version 2: gossip digests code a
+/// member whose keys changed in two bytes (`gossip_codec`, kind 2); every
+/// other protocol is as at version 1.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest mesh protocol version this build still speaks. Keeping it one
 /// step behind [`PROTOCOL_VERSION`] is what lets a fleet upgrade a member
 /// at a time: old and new members settle on the older version.

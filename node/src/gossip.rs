@@ -462,11 +462,13 @@ impl Shared {
             let sent = tokio::time::timeout(IO_TIMEOUT, async {
                 if out.as_ref().map(|o| o.conn) != Some(conn.stable_id()) {
                     // A new connection (or none yet): a new stream, coded
-                    // from nothing.
+                    // from nothing, in what the connection's version reads.
+                    let version = crate::endpoint::negotiated_version(&conn)
+                        .unwrap_or(crate::authz::OLDEST_PROTOCOL_VERSION);
                     out = Some(Outgoing {
                         conn: conn.stable_id(),
                         send: conn.open_uni().await?,
-                        encoder: StreamEncoder::default(),
+                        encoder: StreamEncoder::speaking(version),
                     });
                 }
                 let o = out.as_mut().expect("just set");

@@ -23,13 +23,26 @@
 //! ```text
 //! 0, chitchat bytes                          a message without a digest
 //! 1, head[4], count, step, entry * count, tail   a Syn or SynAck
+//! 2, head[4], count, step, entry * count, tail   the same, entries may also
+//!                                            be "moved" (mesh protocol 2)
 //! entry: b < 0x80                            the entry after the previous
 //!                                            match, same GC and max versions,
 //!                                            heartbeat + step + (b - 64)
 //!        0x80, id_len, id, hb, gc, max       a new id, values in full
 //!        0x81, ref, dhb, dgc, dmax           the (ref-1)th entry after the
 //!                                            previous match, differences
+//!        b >= 0x82, h                        (kind 2 only) the entry after
+//!                                            the previous match, same GC
+//!                                            version, max version + (b - 0x81),
+//!                                            heartbeat + step + (h - 128)
 //! ```
+//! A member whose keys changed since the stream's previous digest (a
+//! health figure, a check) moves its max version; at 100 members, with
+//! figures changing about once a minute each, a third of the entries of a
+//! digest have, and each took 6 bytes as a "changed" entry. Kind 2 makes
+//! them 2. Older members cannot read it, so a stream uses it only on a
+//! connection that settled on mesh protocol version 2 or later
+//! ([`StreamEncoder::speaking`]); the decoder reads both.
 //! `head` is chitchat's magic, protocol version and message type; `tail` is
 //! the rest of the message (a Syn's cluster id, a SynAck's delta). Counts,
 //! lengths and refs are LEB128 varints; `step` and differences are zigzag
@@ -47,12 +60,19 @@ const HEAD_LEN: usize = 4;
 
 const KIND_PLAIN: u8 = 0;
 const KIND_DIGEST: u8 = 1;
+const KIND_DIGEST_MOVES: u8 = 2;
+/// The first mesh protocol version whose members read [`KIND_DIGEST_MOVES`].
+pub const MOVES_SINCE_VERSION: u16 = 2;
 
 /// Entry ops (see the module's documentation); below `OP_NEW` the byte is
 /// the next entry's heartbeat deviation from the step, plus `SHORT_BIAS`.
 const OP_NEW: u8 = 0x80;
 const OP_CHANGED: u8 = 0x81;
 const SHORT_BIAS: i64 = 64;
+/// Kind 2: from this byte up, the next entry's max version moved by
+/// `b - OP_CHANGED` (1 to 126), and a heartbeat byte follows.
+const OP_MOVED: u8 = 0x82;
+const MOVED_HB_BIAS: i64 = 128;
 
 /// Longest member id accepted in a coded digest (chitchat's own limit on
 /// the name is its u16 length; no real member comes near this).
@@ -92,6 +112,8 @@ struct Counters {
 pub struct StreamEncoder {
     keys: RandomState,
     prev: Vec<([u64; 2], Counters)>,
+    /// Whether the peer reads "moved" entries (kind 2).
+    moves: bool,
 }
 
 /// The receiving side of one stream. It keeps the previous digest's ids
@@ -103,6 +125,15 @@ pub struct StreamDecoder {
 }
 
 impl StreamEncoder {
+    /// An encoder for a stream to a peer on a connection that settled on
+    /// mesh protocol `version`: it codes what that version reads.
+    pub fn speaking(version: u16) -> Self {
+        StreamEncoder {
+            moves: version >= MOVES_SINCE_VERSION,
+            ..StreamEncoder::default()
+        }
+    }
+
     /// Two independent 64-bit keyed hashes: a collision between two ids of
     /// one site would code one member as another, so 64 bits are not
     /// taken on trust; the keys are this process's own, so ids cannot be
@@ -148,7 +179,11 @@ impl StreamEncoder {
         steps.sort_unstable();
         let step = steps.get(steps.len() / 2).copied().unwrap_or(0);
         let mut out = Vec::with_capacity(16 + entries.len() * 2 + plain.len() - tail_at);
-        out.push(KIND_DIGEST);
+        out.push(if self.moves {
+            KIND_DIGEST_MOVES
+        } else {
+            KIND_DIGEST
+        });
         out.extend_from_slice(&plain[..HEAD_LEN]);
         put_varint(&mut out, entries.len() as u64);
         put_zigzag(&mut out, step);
@@ -158,12 +193,21 @@ impl StreamEncoder {
                 Some(i) if i >= cursor => {
                     let p = &self.prev[i].1;
                     let off = (e.c.heartbeat.wrapping_sub(p.heartbeat) as i64).wrapping_sub(step);
+                    let moved = e.c.max.wrapping_sub(p.max);
                     if i == cursor
                         && e.c.gc == p.gc
                         && e.c.max == p.max
                         && (-SHORT_BIAS..SHORT_BIAS).contains(&off)
                     {
                         out.push((off + SHORT_BIAS) as u8);
+                    } else if self.moves
+                        && i == cursor
+                        && e.c.gc == p.gc
+                        && (1..=u64::from(u8::MAX - OP_CHANGED)).contains(&moved)
+                        && (-MOVED_HB_BIAS..MOVED_HB_BIAS).contains(&off)
+                    {
+                        out.push(OP_CHANGED + moved as u8);
+                        out.push((off + MOVED_HB_BIAS) as u8);
                     } else {
                         out.push(OP_CHANGED);
                         put_varint(&mut out, (i - cursor + 1) as u64);
@@ -205,12 +249,18 @@ impl StreamDecoder {
                 }
                 Ok(rest.to_vec())
             }
-            KIND_DIGEST => self.decode_digest(rest, limit),
+            KIND_DIGEST => self.decode_digest(rest, limit, false),
+            KIND_DIGEST_MOVES => self.decode_digest(rest, limit, true),
             _ => Err(CodecError::Malformed("unknown kind")),
         }
     }
 
-    fn decode_digest(&mut self, coded: &[u8], limit: usize) -> Result<Vec<u8>, CodecError> {
+    fn decode_digest(
+        &mut self,
+        coded: &[u8],
+        limit: usize,
+        moves: bool,
+    ) -> Result<Vec<u8>, CodecError> {
         let mut r = Reader(coded);
         let head = r.take(HEAD_LEN)?;
         if head[..2] != CHITCHAT_MAGIC || head[2] != CHITCHAT_V0 {
@@ -258,6 +308,19 @@ impl StreamDecoder {
                         heartbeat: r.diff(p.heartbeat)?,
                         gc: r.diff(p.gc)?,
                         max: r.diff(p.max)?,
+                    };
+                    (self.id(i), c)
+                }
+                b if moves && b >= OP_MOVED => {
+                    let i = cursor;
+                    let p = self.prev.get(i).ok_or_else(past)?.2;
+                    cursor += 1;
+                    let h = r.byte()?;
+                    let off = step.wrapping_add(i64::from(h) - MOVED_HB_BIAS);
+                    let c = Counters {
+                        heartbeat: p.heartbeat.wrapping_add(off as u64),
+                        max: p.max.wrapping_add(u64::from(b - OP_CHANGED)),
+                        ..p
                     };
                     (self.id(i), c)
                 }
@@ -445,9 +508,22 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// An encoder for each mesh protocol version this build speaks.
+    fn encoders() -> Vec<StreamEncoder> {
+        crate::authz::spoken_versions()
+            .map(StreamEncoder::speaking)
+            .collect()
+    }
+
     #[test]
     fn every_message_of_a_stream_decodes_to_chitchats_exact_bytes() {
-        let (mut enc, mut dec) = (StreamEncoder::default(), StreamDecoder::default());
+        for mut enc in encoders() {
+            every_message_decodes_with(&mut enc);
+        }
+    }
+
+    fn every_message_decodes_with(enc: &mut StreamEncoder) {
+        let mut dec = StreamDecoder::default();
         let ack = ChitchatMessage::Ack {
             delta: Default::default(),
         }
@@ -456,6 +532,8 @@ pub(crate) mod tests {
         third.remove(7); // a member gone
         third.push(("site-1-n999".into(), 1, 0, 1)); // one new
         third[3].3 += 5; // a member's state changed
+        third[4].3 += 200; // by more than a moved entry says
+        third[5].2 += 1; // its GC version too
         let stream = [
             message(TYPE_SYN, &refs(&site(30, 0))),
             ack.clone(),
@@ -480,6 +558,34 @@ pub(crate) mod tests {
         let b = enc.encode(&second).len();
         assert!(a > 100 * 30, "the first carries every id: {a} B");
         assert!(b <= 100 + 40, "{b} B for 100 members of {} B", second.len());
+    }
+
+    #[test]
+    fn entries_whose_keys_changed_cost_two_bytes_from_protocol_2() {
+        let first = message(TYPE_SYN, &refs(&site(100, 0)));
+        let mut moved = site(100, 33);
+        for m in moved.iter_mut().step_by(3) {
+            m.3 += 2; // a third of the members changed a key or two
+        }
+        let second = message(TYPE_SYN, &refs(&moved));
+        let mut sizes = Vec::new();
+        for version in [1, 2] {
+            let (mut enc, mut dec) = (StreamEncoder::speaking(version), StreamDecoder::default());
+            dec.decode(&enc.encode(&first), 1 << 20).unwrap();
+            let coded = enc.encode(&second);
+            // Version 1's members cannot read kind 2: it is never sent them.
+            assert_eq!(
+                coded[0],
+                [KIND_DIGEST, KIND_DIGEST_MOVES][version as usize - 1]
+            );
+            assert_eq!(dec.decode(&coded, 1 << 20).unwrap(), second);
+            sizes.push(coded.len());
+        }
+        // 66 entries of 1 byte and 34 of 5 (6 once heartbeats have moved
+        // by 64 or more), then of 2; the head and a Syn's cluster id take
+        // about 20 bytes.
+        assert!(sizes[0] >= 66 + 34 * 5 + 16, "{sizes:?}");
+        assert!(sizes[1] <= 66 + 34 * 2 + 24, "{sizes:?}");
     }
 
     #[test]
@@ -522,9 +628,11 @@ pub(crate) mod tests {
         ) {
             let mut dec = StreamDecoder::default();
             let _ = dec.decode(&bytes, 1 << 16);
-            let mut digest = vec![KIND_DIGEST];
-            digest.extend_from_slice(&bytes);
-            let _ = dec.decode(&digest, 1 << 16);
+            for kind in [KIND_DIGEST, KIND_DIGEST_MOVES] {
+                let mut digest = vec![kind];
+                digest.extend_from_slice(&bytes);
+                let _ = dec.decode(&digest, 1 << 16);
+            }
         }
 
         #[test]
@@ -532,9 +640,10 @@ pub(crate) mod tests {
             rounds in proptest::collection::vec(
                 proptest::collection::btree_map(0u16..64, (any::<u64>(), any::<u64>(), any::<u64>()), 0..40),
                 1..6,
-            )
+            ),
+            version in 1u16..=3,
         ) {
-            let (mut enc, mut dec) = (StreamEncoder::default(), StreamDecoder::default());
+            let (mut enc, mut dec) = (StreamEncoder::speaking(version), StreamDecoder::default());
             for round in rounds {
                 let names: Vec<(String, u64, u64, u64)> = round
                     .iter()
@@ -549,11 +658,12 @@ pub(crate) mod tests {
         #[test]
         fn heartbeats_near_the_common_step_round_trip(
             rounds in proptest::collection::vec(
-                (0u64..40, proptest::collection::vec((-70i64..70, 0u64..3, any::<bool>()), 30)),
+                (0u64..40, proptest::collection::vec((-140i64..140, 0u64..130, any::<bool>()), 30)),
                 1..6,
-            )
+            ),
+            version in 1u16..=3,
         ) {
-            let (mut enc, mut dec) = (StreamEncoder::default(), StreamDecoder::default());
+            let (mut enc, mut dec) = (StreamEncoder::speaking(version), StreamDecoder::default());
             let mut members: Vec<(String, u64, u64, u64)> =
                 (0..30).map(|i| (format!("site-1-n{i:03}"), 1_000, 0, 40)).collect();
             for (step, noise) in rounds {

@@ -30,6 +30,7 @@ use chitchat::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use trellis_node::authz::PROTOCOL_VERSION;
 use trellis_node::config::GossipConfig;
 use trellis_node::gossip::{
     MARKED_FOR_DELETION_GRACE, decode_frame, encode_frame, failure_detector,
@@ -85,7 +86,12 @@ impl Socket for NetSocket {
         let plain = msg.serialize_to_vec();
         let delivered = {
             let mut streams = net.streams.lock().unwrap();
-            let (enc, dec) = streams.entry((self.addr, to)).or_default();
+            let (enc, dec) = streams.entry((self.addr, to)).or_insert_with(|| {
+                (
+                    StreamEncoder::speaking(PROTOCOL_VERSION),
+                    StreamDecoder::default(),
+                )
+            });
             let frame = encode_frame(enc, &plain)?;
             if net.counting.load(Ordering::Relaxed) {
                 let kind = match &msg {
