@@ -23,30 +23,42 @@
 //! ```text
 //! 0, chitchat bytes                          a message without a digest
 //! 1, head[4], count, step, entry * count, tail   a Syn or SynAck
-//! 2, head[4], count, step, entry * count, tail   the same, entries may also
-//!                                            be "moved" (mesh protocol 2)
 //! entry: b < 0x80                            the entry after the previous
 //!                                            match, same GC and max versions,
 //!                                            heartbeat + step + (b - 64)
 //!        0x80, id_len, id, hb, gc, max       a new id, values in full
 //!        0x81, ref, dhb, dgc, dmax           the (ref-1)th entry after the
 //!                                            previous match, differences
-//!        b >= 0x82, h                        (kind 2 only) the entry after
-//!                                            the previous match, same GC
-//!                                            version, max version + (b - 0x81),
-//!                                            heartbeat + step + (h - 128)
+//!
+//! 2, head[4], count, step, mode, bits_len, bits[bits_len], escape*, [tail]
+//!    (mesh protocol 2) the same digest with the entries in a bit section,
+//!    most significant bit first, zero-padded to a byte:
+//!    0, rice(dev)                            the entry after the previous
+//!                                            match, same GC and max versions
+//!    10, gamma(moved), rice(dev)             the same, max version + moved
+//!    11                                      the next escape, a 0x80 or 0x81
+//!                                            record as in kind 1
+//!    dev is the zigzag of the heartbeat's deviation from the step;
+//!    rice(z) is z >> k in unary (ones, then a zero; at most 24) and the
+//!    low k bits of z, k = mode & 0x7f (at most 40, chosen per digest);
+//!    gamma(v) is Elias gamma (v from 1 to 2^24). Mode bit 0x80: the tail
+//!    is the previous Syn's on this stream (a Syn's cluster id), not sent.
 //! ```
-//! A member whose keys changed since the stream's previous digest (a
-//! health figure, a check) moves its max version; at 100 members, with
-//! figures changing about once a minute each, a third of the entries of a
-//! digest have, and each took 6 bytes as a "changed" entry. Kind 2 makes
-//! them 2. Older members cannot read it, so a stream uses it only on a
-//! connection that settled on mesh protocol version 2 or later
-//! ([`StreamEncoder::speaking`]); the decoder reads both.
 //! `head` is chitchat's magic, protocol version and message type; `tail` is
 //! the rest of the message (a Syn's cluster id, a SynAck's delta). Counts,
 //! lengths and refs are LEB128 varints; `step` and differences are zigzag
 //! varints of the wrapping difference, so any values round-trip.
+//!
+//! Why kind 2. A heartbeat moves once a gossip round and once per message
+//! its member handles, so its deviation from the step spreads over a few
+//! dozen values: a byte in kind 1, about 7 bits as a Rice code. A member
+//! whose keys changed since the stream's previous digest (a health figure,
+//! a check) has moved its max version; at 100 members, with figures
+//! changing about once a minute each, a third of a digest's entries have,
+//! and each took 5 or 6 bytes as a "changed" record; kind 2 codes it in
+//! about 10 bits. Older members cannot read kind 2, so a stream uses it
+//! only on a connection that settled on mesh protocol version 2 or later
+//! ([`StreamEncoder::speaking`]); the decoder reads both.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -60,19 +72,25 @@ const HEAD_LEN: usize = 4;
 
 const KIND_PLAIN: u8 = 0;
 const KIND_DIGEST: u8 = 1;
-const KIND_DIGEST_MOVES: u8 = 2;
-/// The first mesh protocol version whose members read [`KIND_DIGEST_MOVES`].
-pub const MOVES_SINCE_VERSION: u16 = 2;
+const KIND_DIGEST_BITS: u8 = 2;
+/// The first mesh protocol version whose members read [`KIND_DIGEST_BITS`].
+pub const BITS_SINCE_VERSION: u16 = 2;
 
 /// Entry ops (see the module's documentation); below `OP_NEW` the byte is
 /// the next entry's heartbeat deviation from the step, plus `SHORT_BIAS`.
 const OP_NEW: u8 = 0x80;
 const OP_CHANGED: u8 = 0x81;
 const SHORT_BIAS: i64 = 64;
-/// Kind 2: from this byte up, the next entry's max version moved by
-/// `b - OP_CHANGED` (1 to 126), and a heartbeat byte follows.
-const OP_MOVED: u8 = 0x82;
-const MOVED_HB_BIAS: i64 = 128;
+/// Kind 2: the mode byte's flag saying a Syn's tail (its cluster id) is
+/// the previous Syn's on the stream; the low bits are the Rice parameter.
+const MODE_SAME_TAIL: u8 = 0x80;
+const MAX_RICE: u8 = 40;
+/// Kind 2: longest unary part of a Rice code, and largest max-version move
+/// coded in the bit section; beyond either an entry is an escape.
+const MAX_UNARY: u64 = 24;
+const MAX_MOVED: u64 = 1 << 24;
+/// Longest Syn tail (cluster id) either end keeps to code the next against.
+const MAX_KEPT_TAIL: usize = 256;
 
 /// Longest member id accepted in a coded digest (chitchat's own limit on
 /// the name is its u16 length; no real member comes near this).
@@ -112,8 +130,35 @@ struct Counters {
 pub struct StreamEncoder {
     keys: RandomState,
     prev: Vec<([u64; 2], Counters)>,
-    /// Whether the peer reads "moved" entries (kind 2).
+    /// Whether the peer reads kind 2.
     moves: bool,
+    prev_syn_tail: Option<Box<[u8]>>,
+}
+
+/// An entry's op as read: the next entry after the previous match (same GC
+/// version, max version moved by `moved`, heartbeat `off` from the common
+/// step), or a byte op ("new" or "changed").
+enum Got {
+    Next { moved: u64, off: i64 },
+    Byte(u8),
+}
+
+/// An entry of a digest being coded, against the previous digest.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// The entry after the previous match, same GC version, max version
+    /// moved by `moved`, heartbeat `off` from the common step.
+    Next {
+        moved: u64,
+        off: i64,
+        p: Counters,
+    },
+    /// The `r`th entry after the previous match (1: the next), otherwise.
+    Changed {
+        r: u64,
+        p: Counters,
+    },
+    New,
 }
 
 /// The receiving side of one stream. It keeps the previous digest's ids
@@ -122,6 +167,7 @@ pub struct StreamEncoder {
 pub struct StreamDecoder {
     ids: Vec<u8>,
     prev: Vec<(u32, u16, Counters)>,
+    prev_syn_tail: Option<Box<[u8]>>,
 }
 
 impl StreamEncoder {
@@ -129,7 +175,7 @@ impl StreamEncoder {
     /// mesh protocol `version`: it codes what that version reads.
     pub fn speaking(version: u16) -> Self {
         StreamEncoder {
-            moves: version >= MOVES_SINCE_VERSION,
+            moves: version >= BITS_SINCE_VERSION,
             ..StreamEncoder::default()
         }
     }
@@ -178,56 +224,92 @@ impl StreamEncoder {
             .collect();
         steps.sort_unstable();
         let step = steps.get(steps.len() / 2).copied().unwrap_or(0);
-        let mut out = Vec::with_capacity(16 + entries.len() * 2 + plain.len() - tail_at);
+        // What each entry is against the previous digest.
+        let mut ops = Vec::with_capacity(entries.len());
+        let mut cursor = 0usize;
+        for (e, m) in entries.iter().zip(&matched) {
+            ops.push(match *m {
+                Some(i) if i >= cursor => {
+                    let p = self.prev[i].1;
+                    let r = (i - cursor + 1) as u64;
+                    cursor = i + 1;
+                    let moved = e.c.max.wrapping_sub(p.max);
+                    if r == 1 && e.c.gc == p.gc && moved <= MAX_MOVED {
+                        let off =
+                            (e.c.heartbeat.wrapping_sub(p.heartbeat) as i64).wrapping_sub(step);
+                        Op::Next { moved, off, p }
+                    } else {
+                        Op::Changed { r, p }
+                    }
+                }
+                _ => Op::New,
+            });
+        }
+        let tail = &plain[tail_at..];
+        let mut out = Vec::with_capacity(24 + entries.len() * 2 + tail.len());
         out.push(if self.moves {
-            KIND_DIGEST_MOVES
+            KIND_DIGEST_BITS
         } else {
             KIND_DIGEST
         });
         out.extend_from_slice(&plain[..HEAD_LEN]);
         put_varint(&mut out, entries.len() as u64);
         put_zigzag(&mut out, step);
-        let mut cursor = 0usize;
-        for (e, m) in entries.iter().zip(&matched) {
-            match *m {
-                Some(i) if i >= cursor => {
-                    let p = &self.prev[i].1;
-                    let off = (e.c.heartbeat.wrapping_sub(p.heartbeat) as i64).wrapping_sub(step);
-                    let moved = e.c.max.wrapping_sub(p.max);
-                    if i == cursor
-                        && e.c.gc == p.gc
-                        && e.c.max == p.max
-                        && (-SHORT_BIAS..SHORT_BIAS).contains(&off)
-                    {
-                        out.push((off + SHORT_BIAS) as u8);
-                    } else if self.moves
-                        && i == cursor
-                        && e.c.gc == p.gc
-                        && (1..=u64::from(u8::MAX - OP_CHANGED)).contains(&moved)
-                        && (-MOVED_HB_BIAS..MOVED_HB_BIAS).contains(&off)
-                    {
-                        out.push(OP_CHANGED + moved as u8);
-                        out.push((off + MOVED_HB_BIAS) as u8);
-                    } else {
-                        out.push(OP_CHANGED);
-                        put_varint(&mut out, (i - cursor + 1) as u64);
-                        put_diff(&mut out, e.c.heartbeat, p.heartbeat);
-                        put_diff(&mut out, e.c.gc, p.gc);
-                        put_diff(&mut out, e.c.max, p.max);
+        if self.moves {
+            let k = rice_parameter(&ops);
+            let is_syn = plain[3] == TYPE_SYN;
+            let same_tail = is_syn && self.prev_syn_tail.as_deref() == Some(tail);
+            out.push(k | if same_tail { MODE_SAME_TAIL } else { 0 });
+            let mut bits = BitWriter::default();
+            let mut escapes = Vec::new();
+            for (e, op) in entries.iter().zip(&ops) {
+                match *op {
+                    Op::Next { moved, off, .. } if zigzag(off) >> k <= MAX_UNARY => {
+                        if moved == 0 {
+                            bits.put(0, 1);
+                        } else {
+                            bits.put(0b10, 2);
+                            bits.gamma(moved);
+                        }
+                        bits.rice(zigzag(off), k);
                     }
-                    cursor = i + 1;
-                }
-                _ => {
-                    out.push(OP_NEW);
-                    put_varint(&mut out, e.id.len() as u64);
-                    out.extend_from_slice(e.id);
-                    put_varint(&mut out, e.c.heartbeat);
-                    put_varint(&mut out, e.c.gc);
-                    put_varint(&mut out, e.c.max);
+                    Op::Next { p, .. } => {
+                        bits.put(0b11, 2);
+                        put_changed(&mut escapes, 1, e.c, p);
+                    }
+                    Op::Changed { r, p } => {
+                        bits.put(0b11, 2);
+                        put_changed(&mut escapes, r, e.c, p);
+                    }
+                    Op::New => {
+                        bits.put(0b11, 2);
+                        put_new(&mut escapes, e);
+                    }
                 }
             }
+            let bits = bits.finish();
+            put_varint(&mut out, bits.len() as u64);
+            out.extend_from_slice(&bits);
+            out.extend_from_slice(&escapes);
+            if !same_tail {
+                out.extend_from_slice(tail);
+            }
+            if is_syn {
+                self.prev_syn_tail = (tail.len() <= MAX_KEPT_TAIL).then(|| tail.into());
+            }
+        } else {
+            for (e, op) in entries.iter().zip(&ops) {
+                match *op {
+                    Op::Next { moved: 0, off, .. } if (-SHORT_BIAS..SHORT_BIAS).contains(&off) => {
+                        out.push((off + SHORT_BIAS) as u8)
+                    }
+                    Op::Next { p, .. } => put_changed(&mut out, 1, e.c, p),
+                    Op::Changed { r, p } => put_changed(&mut out, r, e.c, p),
+                    Op::New => put_new(&mut out, e),
+                }
+            }
+            out.extend_from_slice(tail);
         }
-        out.extend_from_slice(&plain[tail_at..]);
         self.prev = keys
             .into_iter()
             .zip(&entries)
@@ -250,7 +332,7 @@ impl StreamDecoder {
                 Ok(rest.to_vec())
             }
             KIND_DIGEST => self.decode_digest(rest, limit, false),
-            KIND_DIGEST_MOVES => self.decode_digest(rest, limit, true),
+            KIND_DIGEST_BITS => self.decode_digest(rest, limit, true),
             _ => Err(CodecError::Malformed("unknown kind")),
         }
     }
@@ -259,7 +341,7 @@ impl StreamDecoder {
         &mut self,
         coded: &[u8],
         limit: usize,
-        moves: bool,
+        bits_kind: bool,
     ) -> Result<Vec<u8>, CodecError> {
         let mut r = Reader(coded);
         let head = r.take(HEAD_LEN)?;
@@ -269,19 +351,73 @@ impl StreamDecoder {
         if head[3] != TYPE_SYN && head[3] != TYPE_SYN_ACK {
             return Err(CodecError::Malformed("a digest in a message without one"));
         }
+        let is_syn = head[3] == TYPE_SYN;
         let count = r.varint()?;
         let count = u16::try_from(count).map_err(|_| CodecError::Malformed("too many entries"))?;
         let mut out = Vec::with_capacity(HEAD_LEN + 2 + count as usize * 51);
         out.extend_from_slice(head);
         out.extend_from_slice(&count.to_le_bytes());
         let step = r.zigzag()?;
+        // Kind 2: the mode, then the bit section; escapes follow it.
+        let mut bits = None;
+        let mut same_tail = false;
+        if bits_kind {
+            let mode = r.byte()?;
+            let k = mode & !MODE_SAME_TAIL;
+            if k > MAX_RICE {
+                return Err(CodecError::Malformed("Rice parameter out of range"));
+            }
+            same_tail = mode & MODE_SAME_TAIL != 0;
+            if same_tail && (!is_syn || self.prev_syn_tail.is_none()) {
+                return Err(CodecError::Malformed("no previous cluster id to repeat"));
+            }
+            let len = usize::try_from(r.varint()?).map_err(|_| CodecError::Truncated)?;
+            bits = Some((BitReader::new(r.take(len)?), k));
+        }
         let mut ids = Vec::with_capacity(self.ids.len());
         let mut prev = Vec::with_capacity(count as usize);
         let mut cursor = 0usize;
         let past = || CodecError::Malformed("reference past the previous digest");
         for _ in 0..count {
-            let (id, c) = match r.byte()? {
-                OP_NEW => {
+            // The entry's op: kind 1's byte, or kind 2's bit code (whose
+            // escapes are kind 1's "new" and "changed" records).
+            let op = match bits.as_mut() {
+                None => match r.byte()? {
+                    short if short < OP_NEW => Got::Next {
+                        moved: 0,
+                        off: i64::from(short) - SHORT_BIAS,
+                    },
+                    op => Got::Byte(op),
+                },
+                Some((b, k)) => {
+                    if b.bit()? == 0 {
+                        let off = unzigzag(b.rice(*k)?);
+                        Got::Next { moved: 0, off }
+                    } else if b.bit()? == 0 {
+                        let moved = b.gamma()?;
+                        let off = unzigzag(b.rice(*k)?);
+                        Got::Next { moved, off }
+                    } else {
+                        match r.byte()? {
+                            op @ (OP_NEW | OP_CHANGED) => Got::Byte(op),
+                            _ => return Err(CodecError::Malformed("unknown escape op")),
+                        }
+                    }
+                }
+            };
+            let (id, c) = match op {
+                Got::Next { moved, off } => {
+                    let i = cursor;
+                    let p = self.prev.get(i).ok_or_else(past)?.2;
+                    cursor += 1;
+                    let c = Counters {
+                        heartbeat: p.heartbeat.wrapping_add(step.wrapping_add(off) as u64),
+                        max: p.max.wrapping_add(moved),
+                        ..p
+                    };
+                    (self.id(i), c)
+                }
+                Got::Byte(OP_NEW) => {
                     let len = r.varint()? as usize;
                     if len > MAX_ID_LEN {
                         return Err(CodecError::Malformed("member id too long"));
@@ -294,7 +430,7 @@ impl StreamDecoder {
                     };
                     (id, c)
                 }
-                OP_CHANGED => {
+                Got::Byte(OP_CHANGED) => {
                     let k = r.varint()?;
                     let i = usize::try_from(k)
                         .ok()
@@ -311,31 +447,7 @@ impl StreamDecoder {
                     };
                     (self.id(i), c)
                 }
-                b if moves && b >= OP_MOVED => {
-                    let i = cursor;
-                    let p = self.prev.get(i).ok_or_else(past)?.2;
-                    cursor += 1;
-                    let h = r.byte()?;
-                    let off = step.wrapping_add(i64::from(h) - MOVED_HB_BIAS);
-                    let c = Counters {
-                        heartbeat: p.heartbeat.wrapping_add(off as u64),
-                        max: p.max.wrapping_add(u64::from(b - OP_CHANGED)),
-                        ..p
-                    };
-                    (self.id(i), c)
-                }
-                short if short < OP_NEW => {
-                    let i = cursor;
-                    let p = self.prev.get(i).ok_or_else(past)?.2;
-                    cursor += 1;
-                    let off = step.wrapping_add(i64::from(short) - SHORT_BIAS);
-                    let c = Counters {
-                        heartbeat: p.heartbeat.wrapping_add(off as u64),
-                        ..p
-                    };
-                    (self.id(i), c)
-                }
-                _ => return Err(CodecError::Malformed("unknown entry op")),
+                Got::Byte(_) => return Err(CodecError::Malformed("unknown entry op")),
             };
             if out.len() + id.len() + 24 > limit {
                 return Err(CodecError::TooLarge(limit));
@@ -348,11 +460,25 @@ impl StreamDecoder {
             prev.push((ids.len() as u32, id.len() as u16, c));
             ids.extend_from_slice(id);
         }
-        let tail = r.0;
+        if let Some((b, _)) = &bits {
+            b.finish()?;
+        }
+        let tail = if same_tail {
+            if !r.0.is_empty() {
+                return Err(CodecError::Malformed("bytes after a repeated cluster id"));
+            }
+            self.prev_syn_tail.as_deref().expect("checked above")
+        } else {
+            r.0
+        };
         if out.len() + tail.len() > limit {
             return Err(CodecError::TooLarge(limit));
         }
         out.extend_from_slice(tail);
+        if bits_kind && is_syn {
+            let kept = (tail.len() <= MAX_KEPT_TAIL).then(|| tail.into());
+            self.prev_syn_tail = kept;
+        }
         self.ids = ids;
         self.prev = prev;
         Ok(out)
@@ -460,6 +586,177 @@ fn put_diff(out: &mut Vec<u8>, new: u64, old: u64) {
     put_zigzag(out, new.wrapping_sub(old) as i64);
 }
 
+fn zigzag(d: i64) -> u64 {
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
+}
+
+/// A "changed" record: the `r`th entry after the previous match, as
+/// differences from its previous counters `p`.
+fn put_changed(out: &mut Vec<u8>, r: u64, c: Counters, p: Counters) {
+    out.push(OP_CHANGED);
+    put_varint(out, r);
+    put_diff(out, c.heartbeat, p.heartbeat);
+    put_diff(out, c.gc, p.gc);
+    put_diff(out, c.max, p.max);
+}
+
+/// A "new" record: the id and counters in full.
+fn put_new(out: &mut Vec<u8>, e: &Entry<'_>) {
+    out.push(OP_NEW);
+    put_varint(out, e.id.len() as u64);
+    out.extend_from_slice(e.id);
+    put_varint(out, e.c.heartbeat);
+    put_varint(out, e.c.gc);
+    put_varint(out, e.c.max);
+}
+
+/// The Rice parameter that codes the heartbeat deviations of `ops` in the
+/// fewest bits (entries whose code would be too long become escapes).
+fn rice_parameter(ops: &[Op]) -> u8 {
+    let zs: Vec<u64> = ops
+        .iter()
+        .filter_map(|op| match *op {
+            Op::Next { off, .. } => Some(zigzag(off)),
+            _ => None,
+        })
+        .collect();
+    (0..=MAX_RICE)
+        .min_by_key(|&k| {
+            zs.iter()
+                .map(|z| match z >> k {
+                    q if q <= MAX_UNARY => q + 1 + u64::from(k),
+                    _ => 8 * 12, // an escape: a "changed" record
+                })
+                .sum::<u64>()
+        })
+        .unwrap_or(0)
+}
+
+/// Bits written most significant first, then padded with zeros to a byte.
+#[derive(Default)]
+struct BitWriter {
+    out: Vec<u8>,
+    acc: u64,
+    n: u32,
+}
+
+impl BitWriter {
+    /// The low `n` bits of `v` (at most 32).
+    fn put(&mut self, v: u64, n: u32) {
+        debug_assert!(n <= 32);
+        self.acc = (self.acc << n) | (v & ((1u64 << n) - 1));
+        self.n += n;
+        while self.n >= 8 {
+            self.n -= 8;
+            self.out.push((self.acc >> self.n) as u8);
+        }
+    }
+
+    /// `z` as a Rice code with parameter `k`: `z >> k` in unary (ones,
+    /// then a zero), then the low `k` bits.
+    fn rice(&mut self, z: u64, k: u8) {
+        let mut q = z >> k;
+        while q > 0 {
+            let run = q.min(32) as u32;
+            self.put(u64::MAX, run);
+            q -= u64::from(run);
+        }
+        self.put(0, 1);
+        let k = u32::from(k);
+        if k > 32 {
+            self.put(z >> 32, k - 32);
+        }
+        self.put(z, k.min(32));
+    }
+
+    /// `v` (at least 1) as an Elias gamma code: as many zeros as it has
+    /// bits after its top one, then its bits.
+    fn gamma(&mut self, v: u64) {
+        let n = 64 - v.leading_zeros();
+        self.put(0, n - 1);
+        if n > 32 {
+            self.put(v >> 32, n - 32);
+        }
+        self.put(v, n.min(32));
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.n > 0 {
+            self.put(0, 8 - self.n);
+        }
+        self.out
+    }
+}
+
+/// Reads what [`BitWriter`] wrote; every read is bounded by the section.
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> BitReader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        BitReader { bytes, pos: 0 }
+    }
+
+    fn bit(&mut self) -> Result<u8, CodecError> {
+        let byte = self.bytes.get(self.pos / 8).ok_or(CodecError::Truncated)?;
+        let b = (byte >> (7 - self.pos % 8)) & 1;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn bits(&mut self, n: u32) -> Result<u64, CodecError> {
+        let mut v = 0u64;
+        for _ in 0..n {
+            v = (v << 1) | u64::from(self.bit()?);
+        }
+        Ok(v)
+    }
+
+    fn rice(&mut self, k: u8) -> Result<u64, CodecError> {
+        let mut q = 0u64;
+        while self.bit()? == 1 {
+            q += 1;
+            if q > MAX_UNARY {
+                return Err(CodecError::Malformed("Rice code too long"));
+            }
+        }
+        Ok((q << k) | self.bits(u32::from(k))?)
+    }
+
+    fn gamma(&mut self) -> Result<u64, CodecError> {
+        let mut zeros = 0u32;
+        while self.bit()? == 0 {
+            zeros += 1;
+            if u64::from(zeros) > MAX_MOVED.ilog2() as u64 {
+                return Err(CodecError::Malformed("gamma code too long"));
+            }
+        }
+        Ok((1u64 << zeros) | self.bits(zeros)?)
+    }
+
+    /// The section must end here, padded with zero bits to its last byte.
+    fn finish(&self) -> Result<(), CodecError> {
+        let end = self.bytes.len() * 8;
+        if end - self.pos >= 8 {
+            return Err(CodecError::Malformed("bits left over in a digest"));
+        }
+        let mut rest = BitReader {
+            bytes: self.bytes,
+            pos: self.pos,
+        };
+        if rest.bits((end - self.pos) as u32)? != 0 {
+            return Err(CodecError::Malformed("bits left over in a digest"));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use chitchat::{ChitchatId, ChitchatMessage, Deserializable, Serializable};
@@ -561,7 +858,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn entries_whose_keys_changed_cost_two_bytes_from_protocol_2() {
+    fn entries_whose_keys_changed_cost_a_few_bits_from_protocol_2() {
         let first = message(TYPE_SYN, &refs(&site(100, 0)));
         let mut moved = site(100, 33);
         for m in moved.iter_mut().step_by(3) {
@@ -576,16 +873,37 @@ pub(crate) mod tests {
             // Version 1's members cannot read kind 2: it is never sent them.
             assert_eq!(
                 coded[0],
-                [KIND_DIGEST, KIND_DIGEST_MOVES][version as usize - 1]
+                [KIND_DIGEST, KIND_DIGEST_BITS][version as usize - 1]
             );
             assert_eq!(dec.decode(&coded, 1 << 20).unwrap(), second);
             sizes.push(coded.len());
         }
         // 66 entries of 1 byte and 34 of 5 (6 once heartbeats have moved
-        // by 64 or more), then of 2; the head and a Syn's cluster id take
-        // about 20 bytes.
+        // by 64 or more); then, every heartbeat on the step, 2 bits and 6
+        // (10, gamma(2), rice(0) with k = 0). The head and a Syn's cluster
+        // id take about 20 bytes, less in kind 2.
         assert!(sizes[0] >= 66 + 34 * 5 + 16, "{sizes:?}");
-        assert!(sizes[1] <= 66 + 34 * 2 + 24, "{sizes:?}");
+        assert!(sizes[1] <= (66 * 2 + 34 * 6) / 8 + 24, "{sizes:?}");
+    }
+
+    #[test]
+    fn a_syn_repeats_the_previous_cluster_id_by_a_flag() {
+        let (mut enc, mut dec) = (StreamEncoder::speaking(2), StreamDecoder::default());
+        let syn = message(TYPE_SYN, &refs(&site(10, 0)));
+        let first = enc.encode(&syn);
+        let second = enc.encode(&syn);
+        let cluster_id = 2 + "bench/site-1".len();
+        assert!(
+            second.len() + cluster_id <= first.len(),
+            "{first:?} {second:?}"
+        );
+        assert_eq!(dec.decode(&first, 1 << 20).unwrap(), syn);
+        assert_eq!(dec.decode(&second, 1 << 20).unwrap(), syn);
+        // A stream's first Syn cannot say "the same cluster id".
+        assert_eq!(
+            StreamDecoder::default().decode(&second, 1 << 20),
+            Err(CodecError::Malformed("no previous cluster id to repeat"))
+        );
     }
 
     #[test]
@@ -628,7 +946,7 @@ pub(crate) mod tests {
         ) {
             let mut dec = StreamDecoder::default();
             let _ = dec.decode(&bytes, 1 << 16);
-            for kind in [KIND_DIGEST, KIND_DIGEST_MOVES] {
+            for kind in [KIND_DIGEST, KIND_DIGEST_BITS] {
                 let mut digest = vec![kind];
                 digest.extend_from_slice(&bytes);
                 let _ = dec.decode(&digest, 1 << 16);
