@@ -125,13 +125,15 @@ struct Counters {
 
 /// The sending side of one stream. It keeps the previous digest as a
 /// 128-bit keyed hash of each id and its counters (40 bytes a member),
-/// not the ids: a member holds one of these per peer.
+/// not the ids: a member holds one of these per peer. [`Default`] codes
+/// for mesh protocol 1; [`StreamEncoder::speaking`] for a given version.
 #[derive(Debug, Default)]
 pub struct StreamEncoder {
     keys: RandomState,
     prev: Vec<([u64; 2], Counters)>,
-    /// Whether the peer reads kind 2.
-    moves: bool,
+    /// Whether the peer reads kind 2 (the bit-coded digest).
+    bit_coded: bool,
+    /// Kind 2: the previous Syn's tail (its cluster id), if short.
     prev_syn_tail: Option<Box<[u8]>>,
 }
 
@@ -167,6 +169,7 @@ enum Op {
 pub struct StreamDecoder {
     ids: Vec<u8>,
     prev: Vec<(u32, u16, Counters)>,
+    /// Kind 2: the previous Syn's tail (its cluster id), if short.
     prev_syn_tail: Option<Box<[u8]>>,
 }
 
@@ -175,7 +178,7 @@ impl StreamEncoder {
     /// mesh protocol `version`: it codes what that version reads.
     pub fn speaking(version: u16) -> Self {
         StreamEncoder {
-            moves: version >= BITS_SINCE_VERSION,
+            bit_coded: version >= BITS_SINCE_VERSION,
             ..StreamEncoder::default()
         }
     }
@@ -247,7 +250,7 @@ impl StreamEncoder {
         }
         let tail = &plain[tail_at..];
         let mut out = Vec::with_capacity(24 + entries.len() * 2 + tail.len());
-        out.push(if self.moves {
+        out.push(if self.bit_coded {
             KIND_DIGEST_BITS
         } else {
             KIND_DIGEST
@@ -255,7 +258,7 @@ impl StreamEncoder {
         out.extend_from_slice(&plain[..HEAD_LEN]);
         put_varint(&mut out, entries.len() as u64);
         put_zigzag(&mut out, step);
-        if self.moves {
+        if self.bit_coded {
             let k = rice_parameter(&ops);
             let is_syn = plain[3] == TYPE_SYN;
             let same_tail = is_syn && self.prev_syn_tail.as_deref() == Some(tail);
