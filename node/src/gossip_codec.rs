@@ -137,14 +137,6 @@ pub struct StreamEncoder {
     prev_syn_tail: Option<Box<[u8]>>,
 }
 
-/// An entry's op as read: the next entry after the previous match (same GC
-/// version, max version moved by `moved`, heartbeat `off` from the common
-/// step), or a byte op ("new" or "changed").
-enum Got {
-    Next { moved: u64, off: i64 },
-    Byte(u8),
-}
-
 /// An entry of a digest being coded, against the previous digest.
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -161,6 +153,14 @@ enum Op {
         p: Counters,
     },
     New,
+}
+
+/// An entry's op as read: the next entry after the previous match (same GC
+/// version, max version moved by `moved`, heartbeat `off` from the common
+/// step), or a byte op ("new" or "changed").
+enum Got {
+    Next { moved: u64, off: i64 },
+    Byte(u8),
 }
 
 /// The receiving side of one stream. It keeps the previous digest's ids
@@ -276,17 +276,9 @@ impl StreamEncoder {
                         }
                         bits.rice(zigzag(off), k);
                     }
-                    Op::Next { p, .. } => {
+                    _ => {
                         bits.put(0b11, 2);
-                        put_changed(&mut escapes, 1, e.c, p);
-                    }
-                    Op::Changed { r, p } => {
-                        bits.put(0b11, 2);
-                        put_changed(&mut escapes, r, e.c, p);
-                    }
-                    Op::New => {
-                        bits.put(0b11, 2);
-                        put_new(&mut escapes, e);
+                        put_record(&mut escapes, e, *op);
                     }
                 }
             }
@@ -306,9 +298,7 @@ impl StreamEncoder {
                     Op::Next { moved: 0, off, .. } if (-SHORT_BIAS..SHORT_BIAS).contains(&off) => {
                         out.push((off + SHORT_BIAS) as u8)
                     }
-                    Op::Next { p, .. } => put_changed(&mut out, 1, e.c, p),
-                    Op::Changed { r, p } => put_changed(&mut out, r, e.c, p),
-                    Op::New => put_new(&mut out, e),
+                    _ => put_record(&mut out, e, *op),
                 }
             }
             out.extend_from_slice(tail);
@@ -463,7 +453,7 @@ impl StreamDecoder {
             prev.push((ids.len() as u32, id.len() as u16, c));
             ids.extend_from_slice(id);
         }
-        if let Some((b, _)) = &bits {
+        if let Some((b, _)) = bits {
             b.finish()?;
         }
         let tail = if same_tail {
@@ -564,8 +554,7 @@ impl<'a> Reader<'a> {
     }
 
     fn zigzag(&mut self) -> Result<i64, CodecError> {
-        let z = self.varint()?;
-        Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
+        Ok(unzigzag(self.varint()?))
     }
 
     fn diff(&mut self, base: u64) -> Result<u64, CodecError> {
@@ -582,7 +571,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 fn put_zigzag(out: &mut Vec<u8>, d: i64) {
-    put_varint(out, ((d << 1) ^ (d >> 63)) as u64);
+    put_varint(out, zigzag(d));
 }
 
 fn put_diff(out: &mut Vec<u8>, new: u64, old: u64) {
@@ -597,24 +586,28 @@ fn unzigzag(z: u64) -> i64 {
     ((z >> 1) as i64) ^ -((z & 1) as i64)
 }
 
-/// A "changed" record: the `r`th entry after the previous match, as
-/// differences from its previous counters `p`.
-fn put_changed(out: &mut Vec<u8>, r: u64, c: Counters, p: Counters) {
+/// Entry `e` as a byte record: "new" (the id and counters in full) or
+/// "changed" (which entry after the previous match, and differences from
+/// its previous counters), as kind 1 codes it and kind 2 escapes to.
+fn put_record(out: &mut Vec<u8>, e: &Entry<'_>, op: Op) {
+    let (r, p) = match op {
+        Op::Next { p, .. } => (1, p),
+        Op::Changed { r, p } => (r, p),
+        Op::New => {
+            out.push(OP_NEW);
+            put_varint(out, e.id.len() as u64);
+            out.extend_from_slice(e.id);
+            for v in [e.c.heartbeat, e.c.gc, e.c.max] {
+                put_varint(out, v);
+            }
+            return;
+        }
+    };
     out.push(OP_CHANGED);
     put_varint(out, r);
-    put_diff(out, c.heartbeat, p.heartbeat);
-    put_diff(out, c.gc, p.gc);
-    put_diff(out, c.max, p.max);
-}
-
-/// A "new" record: the id and counters in full.
-fn put_new(out: &mut Vec<u8>, e: &Entry<'_>) {
-    out.push(OP_NEW);
-    put_varint(out, e.id.len() as u64);
-    out.extend_from_slice(e.id);
-    put_varint(out, e.c.heartbeat);
-    put_varint(out, e.c.gc);
-    put_varint(out, e.c.max);
+    put_diff(out, e.c.heartbeat, p.heartbeat);
+    put_diff(out, e.c.gc, p.gc);
+    put_diff(out, e.c.max, p.max);
 }
 
 /// The Rice parameter that codes the heartbeat deviations of `ops` in the
@@ -648,9 +641,10 @@ struct BitWriter {
 }
 
 impl BitWriter {
-    /// The low `n` bits of `v` (at most 32).
+    /// The low `n` bits of `v` (`n` at most 56: the accumulator keeps
+    /// fewer than 8 bits between calls).
     fn put(&mut self, v: u64, n: u32) {
-        debug_assert!(n <= 32);
+        debug_assert!(n <= 56);
         self.acc = (self.acc << n) | (v & ((1u64 << n) - 1));
         self.n += n;
         while self.n >= 8 {
@@ -659,32 +653,21 @@ impl BitWriter {
         }
     }
 
-    /// `z` as a Rice code with parameter `k`: `z >> k` in unary (ones,
-    /// then a zero), then the low `k` bits.
+    /// `z` as a Rice code with parameter `k`: `z >> k` (at most
+    /// [`MAX_UNARY`]) in unary, ones then a zero, then the low `k` bits.
     fn rice(&mut self, z: u64, k: u8) {
-        let mut q = z >> k;
-        while q > 0 {
-            let run = q.min(32) as u32;
-            self.put(u64::MAX, run);
-            q -= u64::from(run);
-        }
-        self.put(0, 1);
-        let k = u32::from(k);
-        if k > 32 {
-            self.put(z >> 32, k - 32);
-        }
-        self.put(z, k.min(32));
+        let q = (z >> k) as u32;
+        debug_assert!(u64::from(q) <= MAX_UNARY);
+        self.put(((1u64 << q) - 1) << 1, q + 1);
+        self.put(z, u32::from(k));
     }
 
-    /// `v` (at least 1) as an Elias gamma code: as many zeros as it has
-    /// bits after its top one, then its bits.
+    /// `v` (1 to [`MAX_MOVED`]) as an Elias gamma code: as many zeros as
+    /// it has bits after its top one, then its bits.
     fn gamma(&mut self, v: u64) {
         let n = 64 - v.leading_zeros();
         self.put(0, n - 1);
-        if n > 32 {
-            self.put(v >> 32, n - 32);
-        }
-        self.put(v, n.min(32));
+        self.put(v, n);
     }
 
     fn finish(mut self) -> Vec<u8> {
@@ -736,7 +719,7 @@ impl<'a> BitReader<'a> {
         let mut zeros = 0u32;
         while self.bit()? == 0 {
             zeros += 1;
-            if u64::from(zeros) > MAX_MOVED.ilog2() as u64 {
+            if zeros > MAX_MOVED.ilog2() {
                 return Err(CodecError::Malformed("gamma code too long"));
             }
         }
@@ -744,16 +727,9 @@ impl<'a> BitReader<'a> {
     }
 
     /// The section must end here, padded with zero bits to its last byte.
-    fn finish(&self) -> Result<(), CodecError> {
-        let end = self.bytes.len() * 8;
-        if end - self.pos >= 8 {
-            return Err(CodecError::Malformed("bits left over in a digest"));
-        }
-        let mut rest = BitReader {
-            bytes: self.bytes,
-            pos: self.pos,
-        };
-        if rest.bits((end - self.pos) as u32)? != 0 {
+    fn finish(mut self) -> Result<(), CodecError> {
+        let padding = self.bytes.len() * 8 - self.pos;
+        if padding >= 8 || self.bits(padding as u32)? != 0 {
             return Err(CodecError::Malformed("bits left over in a digest"));
         }
         Ok(())
@@ -832,7 +808,8 @@ pub(crate) mod tests {
         third.remove(7); // a member gone
         third.push(("site-1-n999".into(), 1, 0, 1)); // one new
         third[3].3 += 5; // a member's state changed
-        third[4].3 += 200; // by more than a moved entry says
+        third[4].3 += MAX_MOVED + 1; // by more than kind 2's bit code says
+        third[6].1 += 1 << 40; // a heartbeat far off the step
         third[5].2 += 1; // its GC version too
         let stream = [
             message(TYPE_SYN, &refs(&site(30, 0))),

@@ -42,10 +42,17 @@ pub struct Resources {
 /// all of them are republished every [`STEADY_REFRESH`].
 #[derive(Debug, Default)]
 pub struct Steady {
-    /// What was published, and when all of it last was.
-    last: Option<(Resources, std::time::Instant)>,
+    last: Option<Published>,
+}
+
+/// What [`Steady`] last published.
+#[derive(Debug, Clone, Copy)]
+struct Published {
+    figures: Resources,
+    /// When all of them last were.
+    refreshed: std::time::Instant,
     /// When figures last moved by their step (or were all refreshed).
-    stepped: Option<std::time::Instant>,
+    stepped: std::time::Instant,
 }
 
 /// CPU percentage points a published figure must move by.
@@ -100,19 +107,19 @@ impl Steady {
         now: std::time::Instant,
         cfg: &HealthConfig,
     ) -> Resources {
-        let Some((last, at)) = self.last.as_ref() else {
-            self.last = Some((*fresh, now));
-            self.stepped = Some(now);
-            return *fresh;
+        let last = match self.last {
+            Some(last) if now.saturating_duration_since(last.refreshed) < STEADY_REFRESH => last,
+            _ => {
+                // The first figures, or a refresh: all of them, as they are.
+                self.last = Some(Published {
+                    figures: *fresh,
+                    refreshed: now,
+                    stepped: now,
+                });
+                return *fresh;
+            }
         };
-        if now.saturating_duration_since(*at) >= STEADY_REFRESH {
-            self.last = Some((*fresh, now));
-            self.stepped = Some(now);
-            return *fresh;
-        }
-        let may_step = self
-            .stepped
-            .is_none_or(|t| now.saturating_duration_since(t) >= FIGURE_HOLD);
+        let may_step = now.saturating_duration_since(last.stepped) >= FIGURE_HOLD;
         let mut stepped = false;
         let band = |v: u8, warn: u8, crit: u8| (v >= warn) as u8 + (v >= crit) as u8;
         let mut pct =
@@ -127,23 +134,24 @@ impl Steady {
                 }
                 _ => new,
             };
+        let old = last.figures;
         let out = Resources {
-            cpu_pct: pct(last.cpu_pct, fresh.cpu_pct, CPU_STEP, u8::MAX, u8::MAX),
+            cpu_pct: pct(old.cpu_pct, fresh.cpu_pct, CPU_STEP, u8::MAX, u8::MAX),
             mem_pct: pct(
-                last.mem_pct,
+                old.mem_pct,
                 fresh.mem_pct,
                 MEM_STEP,
                 cfg.memory_warning_pct,
                 cfg.memory_critical_pct,
             ),
             disk_pct: pct(
-                last.disk_pct,
+                old.disk_pct,
                 fresh.disk_pct,
                 DISK_STEP,
                 cfg.disk_warning_pct,
                 cfg.disk_critical_pct,
             ),
-            load1: match (last.load1, fresh.load1) {
+            load1: match (old.load1, fresh.load1) {
                 (Some(o), Some(n)) if (n - o).abs() < (0.25 * o).max(0.5) || !may_step => Some(o),
                 (Some(_), Some(_)) => {
                     stepped = true;
@@ -152,11 +160,11 @@ impl Steady {
                 _ => fresh.load1,
             },
         };
-        if stepped {
-            self.stepped = Some(now);
-        }
-        let at = *at;
-        self.last = Some((out, at));
+        self.last = Some(Published {
+            figures: out,
+            stepped: if stepped { now } else { last.stepped },
+            ..last
+        });
         out
     }
 }
