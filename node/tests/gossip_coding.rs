@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use trellis_node::authz::PROTOCOL_VERSION;
 use trellis_node::config::GossipConfig;
 use trellis_node::gossip::{
-    MARKED_FOR_DELETION_GRACE, decode_frame, encode_frame, failure_detector,
+    MARKED_FOR_DELETION_GRACE, decode_frame, encode_frame, failure_detector, worth_sending,
 };
 use trellis_node::gossip_codec::{StreamDecoder, StreamEncoder};
 
@@ -82,6 +82,9 @@ impl Socket for NetSocket {
             if down.contains(&self.addr) || down.contains(&to) {
                 return Ok(());
             }
+        }
+        if !worth_sending(&msg) {
+            return Ok(());
         }
         let plain = msg.serialize_to_vec();
         let delivered = {
@@ -147,7 +150,13 @@ async fn run(n: usize) -> Figures {
         counting: AtomicBool::new(false),
     });
     // A member's default gossip settings (1 s interval, threshold 8).
-    let settings = GossipConfig::default().settings();
+    let mut settings = GossipConfig::default().settings();
+    if let Some(ms) = env_number("TRELLIS_CODING_INTERVAL_MS") {
+        settings.interval = Duration::from_millis(ms as u64);
+    }
+    if let Some(phi) = env_number("TRELLIS_CODING_PHI") {
+        settings.phi_threshold = phi;
+    }
     let transport = NetTransport(net.clone());
     let addr = |i: usize| SocketAddr::from(([127, 0, (i >> 8) as u8, i as u8], 7900));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -225,6 +234,14 @@ async fn run(n: usize) -> Figures {
         counts,
         detection_s,
     }
+}
+
+/// A number from the environment variable `name`, if set.
+fn env_number(name: &str) -> Option<f64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, not {v:?}"))
+    })
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
