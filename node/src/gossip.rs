@@ -539,7 +539,7 @@ pub fn failure_detector(settings: &GossipSettings) -> FailureDetectorConfig {
     FailureDetectorConfig {
         phi_threshold: settings.phi_threshold,
         // The default window (1,000) costs ~8 KB per peer and
-        // adapts slowly; 100 samples is plenty at 1 s intervals.
+        // adapts slowly; 100 samples is plenty at second-scale intervals.
         sampling_window_size: 100,
         max_interval: Duration::from_secs(10),
         // Start from the configured interval, not chitchat's 5 s,
@@ -1019,6 +1019,96 @@ mod tests {
                 decode_frame(&mut StreamDecoder::default(), &body),
                 Err(WireError::Malformed(_))
             ));
+        }
+    }
+
+    /// chitchat's own messages between two members, delivered in memory
+    /// the way [`QuicSocket`] delivers them, each one recorded.
+    #[derive(Clone, Default)]
+    struct Recorded {
+        inboxes:
+            Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<(SocketAddr, ChitchatMessage)>>>>,
+        /// Each message sent: whether it was an Ack, and worth sending.
+        sent: Arc<Mutex<Vec<(bool, bool)>>>,
+    }
+
+    struct RecordedSocket {
+        net: Recorded,
+        addr: SocketAddr,
+        inbox: mpsc::UnboundedReceiver<(SocketAddr, ChitchatMessage)>,
+    }
+
+    #[async_trait]
+    impl Transport for Recorded {
+        async fn open(&self, addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+            let (tx, inbox) = mpsc::unbounded_channel();
+            self.inboxes.lock().unwrap().insert(addr, tx);
+            Ok(Box::new(RecordedSocket {
+                net: self.clone(),
+                addr,
+                inbox,
+            }))
+        }
+    }
+
+    #[async_trait]
+    impl Socket for RecordedSocket {
+        async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+            let worth = worth_sending(&msg);
+            let ack = matches!(msg, ChitchatMessage::Ack { .. });
+            self.net.sent.lock().unwrap().push((ack, worth));
+            if worth && let Some(inbox) = self.net.inboxes.lock().unwrap().get(&to) {
+                let _ = inbox.send((self.addr, msg));
+            }
+            Ok(())
+        }
+
+        async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+            self.inbox
+                .recv()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("gone"))
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_ack_goes_when_it_carries_keys_and_not_when_it_is_empty() {
+        let net = Recorded::default();
+        let settings = crate::config::GossipConfig::default().settings();
+        let mut handles = Vec::new();
+        for (i, key) in ["a", "b"].into_iter().enumerate() {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16));
+            let config = ChitchatConfig {
+                chitchat_id: ChitchatId::new(format!("n{i}"), 1, addr),
+                cluster_id: "eu/s1".into(),
+                gossip_interval: settings.interval,
+                listen_addr: addr,
+                seed_nodes: vec!["127.0.0.1:7000".into()],
+                failure_detector_config: failure_detector(&settings),
+                marked_for_deletion_grace_period: MARKED_FOR_DELETION_GRACE,
+                catchup_callback: None,
+                extra_liveness_predicate: None,
+            };
+            let kv = vec![(key.to_owned(), "1".to_owned())];
+            handles.push(spawn_chitchat(config, kv, &net).await.unwrap());
+        }
+        tokio::time::sleep(settings.interval * 20).await;
+        // Each member holds the other's key, though no empty Ack was sent.
+        for (h, key) in handles.iter().zip(["b", "a"]) {
+            let seen = h
+                .with_chitchat(move |c| c.node_states().values().any(|s| s.get(key).is_some()))
+                .await;
+            assert!(seen, "the other member's key {key:?} never arrived");
+        }
+        let sent = net.sent.lock().unwrap().clone();
+        let acks: Vec<bool> = sent.iter().filter(|m| m.0).map(|m| m.1).collect();
+        // The first exchange's Ack carries the initiator's key; a settled
+        // pair's carry nothing and stay home.
+        assert!(acks.iter().any(|&w| w), "no Ack with keys: {acks:?}");
+        assert!(acks.iter().filter(|&&w| !w).count() > 10, "{acks:?}");
+        assert!(sent.iter().filter(|m| !m.0).all(|m| m.1));
+        for h in handles {
+            let _ = h.shutdown().await;
         }
     }
 
