@@ -45,7 +45,7 @@ impl Default for UpOptions {
             hubs: 1,
             api: crate::config::DEFAULT_API.parse().expect("valid default"),
             dir: None,
-            gossip_interval: Duration::from_secs(1),
+            gossip_interval: trellis_node::config::DEFAULT_GOSSIP_INTERVAL,
         }
     }
 }

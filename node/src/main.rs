@@ -31,7 +31,7 @@ use trellis_node::upgrade;
 ///   [gossip]
 ///   listen = "127.0.0.1:7900"
 ///   seeds = ["127.0.0.1:7901"] # the site's relay (default: none)
-///   interval = "1s"
+///   interval = "1500ms"
 ///
 ///   [metrics]
 ///   listen = "127.0.0.1:7910"

@@ -149,7 +149,7 @@ async fn run(n: usize) -> Figures {
         counts: Mutex::default(),
         counting: AtomicBool::new(false),
     });
-    // A member's default gossip settings (1 s interval, threshold 8).
+    // A member's default gossip settings (1.5 s interval, threshold 5.5).
     let mut settings = GossipConfig::default().settings();
     if let Some(ms) = env_number("TRELLIS_CODING_INTERVAL_MS") {
         settings.interval = Duration::from_millis(ms as u64);

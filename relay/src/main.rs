@@ -26,7 +26,7 @@ use trellis_relay::driver::Relay;
 ///
 ///   [gossip]
 ///   listen = "127.0.0.1:7901"    # nodes list this address as a seed
-///   interval = "1s"
+///   interval = "1500ms"
 ///
 ///   [uplink]
 ///   hubs = ["127.0.0.1:7700"]    # tried in order

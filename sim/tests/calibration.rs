@@ -199,7 +199,7 @@ impl Figures {
 }
 
 fn settings() -> GossipSettings {
-    // Production defaults: 1 s interval, phi threshold 8.
+    // Production defaults: 1.5 s interval, phi threshold 5.5.
     GossipConfig::default().settings()
 }
 

@@ -238,7 +238,7 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Time between gossip rounds.
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
         gossip_interval: Duration,
     },
     /// Print a completion script for a shell.
