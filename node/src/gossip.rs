@@ -1022,12 +1022,13 @@ mod tests {
         }
     }
 
+    type Inbox = mpsc::UnboundedSender<(SocketAddr, ChitchatMessage)>;
+
     /// chitchat's own messages between two members, delivered in memory
     /// the way [`QuicSocket`] delivers them, each one recorded.
     #[derive(Clone, Default)]
     struct Recorded {
-        inboxes:
-            Arc<Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<(SocketAddr, ChitchatMessage)>>>>,
+        inboxes: Arc<Mutex<HashMap<SocketAddr, Inbox>>>,
         /// Each message sent: whether it was an Ack, and worth sending.
         sent: Arc<Mutex<Vec<(bool, bool)>>>,
     }
