@@ -209,9 +209,13 @@ impl IdentityConfig {
 /// Time between a member's gossip rounds unless configured. At 1 s a
 /// member of a 100-member site sent about 780 B/s of gossip; at 1.5 s (and
 /// the threshold lowered to keep the time to a failure verdict) about a
-/// third less, with a changed value taking about half a second more to
-/// reach everyone (docs/BENCHMARKS.md).
+/// quarter less, with a changed value taking 2.6 to 3.1 s instead of
+/// 1.2 s to reach everyone (docs/BENCHMARKS.md).
 pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(1500);
+
+/// Failure detector threshold unless configured: at
+/// [`DEFAULT_GOSSIP_INTERVAL`], about 8 s of silence to a verdict.
+pub const DEFAULT_PHI_THRESHOLD: f64 = 5.5;
 
 /// `[gossip]`: the site's chitchat cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,7 +254,7 @@ impl Default for GossipConfig {
             advertise: None,
             seeds: Vec::new(),
             interval: DEFAULT_GOSSIP_INTERVAL,
-            phi_threshold: 5.5,
+            phi_threshold: DEFAULT_PHI_THRESHOLD,
             dead_node_grace: Duration::from_secs(24 * 3600),
         }
     }
@@ -308,7 +312,7 @@ impl Validate for GossipConfig {
             self.phi_threshold.is_finite() && (1.0..=64.0).contains(&self.phi_threshold),
             "gossip.phi_threshold",
             format!(
-                "is {}; use between 1 and 64 (5.5 at the default interval, about 8 s to a verdict)",
+                "is {}; use between 1 and 64 ({DEFAULT_PHI_THRESHOLD} at the default interval, about 8 s to a verdict)",
                 self.phi_threshold
             ),
         );

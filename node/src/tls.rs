@@ -853,8 +853,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle timeout of gossip connections. A member of a 100-member site
 /// exchanges with any one peer about every 24 s, at random (16 s at a
 /// 1 s interval, when with 60 s one connection in forty idled out between
-/// two exchanges and its next
-/// digest started again from full member ids; see `gossip_codec`).
+/// two exchanges and its next digest started again from full member ids;
+/// see `gossip_codec`).
 pub const GOSSIP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Transport settings of mesh connections: an idle timeout and, for

@@ -237,9 +237,9 @@ enum Command {
         /// Directory for the mesh CA (created, or reused if it holds one).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Time between gossip rounds.
-        #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
-        gossip_interval: Duration,
+        /// Time between gossip rounds (the members' own default unless set).
+        #[arg(long, default_value_t = trellis_node::config::DEFAULT_GOSSIP_INTERVAL.into())]
+        gossip_interval: humantime::Duration,
     },
     /// Print a completion script for a shell.
     ///
@@ -1228,7 +1228,7 @@ fn main() -> ExitCode {
                 hubs,
                 api,
                 dir,
-                gossip_interval,
+                gossip_interval: gossip_interval.into(),
             };
             runtime().block_on(up(opts))
         }
