@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 use crate::authz::Protocol;
 use crate::bundle::{MAX_BUNDLE_BYTES, SignedBundle};
 use crate::endpoint::{Accepted, MeshEndpoint, close};
+use crate::patch::DIRECT_ALIGN;
 use crate::wire::{self, WireError};
 
 /// The gossip keys of configuration.
@@ -630,6 +631,9 @@ pub struct ArtifactFetch {
     /// Chunks the partial file of an earlier attempt held already (not
     /// asked for).
     pub held: u64,
+    /// Chunks written to the disk with direct I/O, not through the page
+    /// cache (none where the file system does not allow it).
+    pub direct: u64,
     pub stats: crate::patch::DownloadStats,
 }
 
@@ -667,6 +671,7 @@ pub async fn fetch_artifact(
     };
     let partial = Arc::new(partial);
     let mut d = Download::new(artifact, &held, max_attempts);
+    let bufs = Arc::new(ChunkBufs::default());
     let mut conn: Option<quinn::Connection> = None;
     // Dropping these (an early return) cancels the requests.
     let mut asking: JoinSet<(u32, Result<HashedChunk, String>)> = JoinSet::new();
@@ -688,8 +693,9 @@ pub async fn fetch_artifact(
                 Ok(c) => {
                     for index in requests {
                         let (c, hash) = (c.clone(), artifact.chunks[index as usize]);
+                        let bufs = bufs.clone();
                         asking.spawn(async move {
-                            let got = match ask_chunk(&c, hash).await {
+                            let got = match ask_chunk(&c, hash, &bufs).await {
                                 Ok(bytes) => {
                                     tokio::task::spawn_blocking(move || HashedChunk::new(bytes))
                                         .await
@@ -736,12 +742,14 @@ pub async fn fetch_artifact(
     }
     // Every write has ended: this is the only reference.
     let partial = Arc::try_unwrap(partial).map_err(|_| "a chunk write is still running")?;
+    let direct = u64::from(partial.direct_writes());
     tokio::task::spawn_blocking(move || partial.finish())
         .await
         .map_err(blocking)?
         .map_err(|e| e.to_string())?;
     Ok(ArtifactFetch {
         held: held.len() as u64,
+        direct,
         stats: d.stats(),
     })
 }
@@ -763,17 +771,22 @@ async fn fetch_connection(
     Ok(c)
 }
 
-/// One chunk, on a stream of its own, within [`FETCH_TIMEOUT`].
-async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<bytes::Bytes, String> {
+/// One chunk, on a stream of its own, within [`FETCH_TIMEOUT`], read
+/// into one of `bufs`.
+async fn ask_chunk(
+    conn: &quinn::Connection,
+    hash: [u8; 32],
+    bufs: &Arc<ChunkBufs>,
+) -> Result<bytes::Bytes, String> {
     let ask = async {
         let addr = conn.remote_address();
-        let body = exchange_body(conn, addr, &FetchRequest::Chunk(hash))
+        let answer = exchange_chunk(conn, addr, hash, bufs)
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| {
                 format!("fetch from {addr}: the relay closed the stream without an answer")
             })?;
-        match chunk_answer(body).map_err(|source| FetchError::Wire { addr, source }.to_string())? {
+        match answer {
             Ok(bytes) => Ok(bytes),
             Err(FetchResponse::NoChunk) => Err("the relay does not hold the chunk".to_owned()),
             Err(other) => Err(format!("unexpected answer {other:?}")),
@@ -784,8 +797,142 @@ async fn ask_chunk(conn: &quinn::Connection, hash: [u8; 32]) -> Result<bytes::By
         .unwrap_or_else(|_| Err(format!("no chunk within {FETCH_TIMEOUT:?}")))
 }
 
+/// Asks for chunk `hash` on a stream of its own and reads the answer's
+/// frame into one of `bufs`, placed so that the chunk's first byte falls
+/// on a [`DIRECT_ALIGN`] boundary: [`PartialArtifact::write`] can then
+/// hand it to the disk without a copy through the page cache. A chunk
+/// answer comes back as a view of that buffer, which returns to `bufs`
+/// when the last view of it is dropped; any other answer decoded.
+///
+/// [`PartialArtifact::write`]: crate::patch::PartialArtifact::write
+async fn exchange_chunk(
+    conn: &quinn::Connection,
+    addr: SocketAddr,
+    hash: [u8; 32],
+    bufs: &Arc<ChunkBufs>,
+) -> Result<Option<Result<bytes::Bytes, FetchResponse>>, FetchError> {
+    let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
+        addr,
+        reason: e.to_string(),
+    };
+    let wire_err = |source| FetchError::Wire { addr, source };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
+    let request = FetchRequest::Chunk(hash);
+    wire::write_msg(&mut send, FETCH_VERSION, &request, MAX_FETCH_REQUEST)
+        .await
+        .map_err(wire_err)?;
+    send.finish().map_err(|e| stream_err(&e))?;
+    let Some(len) = wire::read_len(&mut recv, MAX_FETCH_FRAME)
+        .await
+        .map_err(wire_err)?
+    else {
+        return Ok(None);
+    };
+    let mut buf = bufs.take(len + DIRECT_ALIGN);
+    let head = chunk_head_len(len).unwrap_or(0);
+    let pad = (DIRECT_ALIGN - (buf.as_ptr() as usize + head) % DIRECT_ALIGN) % DIRECT_ALIGN;
+    // Within the capacity `take` made sure of: no reallocation moves the
+    // buffer after `pad` was worked out, and a reused buffer is not
+    // zeroed again.
+    if buf.len() < pad + len {
+        buf.resize(pad + len, 0);
+    }
+    let body = pad..pad + len;
+    let read = wire::read_body_into(&mut recv, &mut buf[body.clone()]).await;
+    if let Err(source) = read {
+        bufs.give(buf);
+        return Err(wire_err(source));
+    }
+    match chunk_offset(&buf[body.clone()]) {
+        Some(at) => Ok(Some(Ok(bytes::Bytes::from_owner(PooledChunk {
+            buf,
+            range: pad + at..body.end,
+            bufs: bufs.clone(),
+        })))),
+        None => {
+            let answer = wire::decode_body(&buf[body], FETCH_VERSION);
+            bufs.give(buf);
+            answer.map(|a| Some(Err(a))).map_err(wire_err)
+        }
+    }
+}
+
+/// Buffers for chunk answers, reused from one chunk of a download to the
+/// next: a fresh megabyte for each chunk costs the kernel a page fault
+/// for every 4 KiB of it.
+#[derive(Debug, Default)]
+struct ChunkBufs {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+/// Free buffers a [`ChunkBufs`] keeps; more are dropped. A download holds
+/// at most [`CHUNKS_IN_FLIGHT`] answers being read or written and the
+/// chunks its whole-file hash keeps ahead, so this many cover the buffers
+/// that come back between two chunks.
+const CHUNK_BUFS_KEPT: usize = CHUNKS_IN_FLIGHT;
+
+impl ChunkBufs {
+    /// A buffer with room for at least `capacity` bytes.
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut buf = self
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        if buf.capacity() < capacity {
+            buf.reserve_exact(capacity - buf.len());
+        }
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < CHUNK_BUFS_KEPT {
+            free.push(buf);
+        }
+    }
+}
+
+/// The bytes of a chunk inside a [`ChunkBufs`] buffer, which goes back to
+/// the pool when the last [`bytes::Bytes`] viewing it is dropped.
+struct PooledChunk {
+    buf: Vec<u8>,
+    range: std::ops::Range<usize>,
+    bufs: Arc<ChunkBufs>,
+}
+
+impl AsRef<[u8]> for PooledChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
+
+impl Drop for PooledChunk {
+    fn drop(&mut self) {
+        self.bufs.give(std::mem::take(&mut self.buf));
+    }
+}
+
 /// postcard's variant index of [`FetchResponse::Chunk`].
 const CHUNK_TAG: u8 = 2;
+
+/// Where the chunk starts in a chunk answer's body of `len` bytes: after
+/// the version, the variant and the chunk's length, a varint as long as
+/// postcard makes it for `len` less that head. `None` for a length no
+/// chunk answer has (then the body is read as any other answer).
+fn chunk_head_len(len: usize) -> Option<usize> {
+    (1..=5).map(|n| 2 + n).find(|&head| {
+        len.checked_sub(head)
+            .is_some_and(|chunk| varint_len(chunk) == head - 2)
+    })
+}
+
+/// Bytes of `n` as a LEB128 varint.
+fn varint_len(n: usize) -> usize {
+    let bits = usize::BITS - n.leading_zeros();
+    (bits.max(1) as usize).div_ceil(7)
+}
 
 /// The chunk a chunk answer's frame body (version byte on) carries, as a
 /// view of the body, not a copy; any other answer decoded. Public for the
@@ -1255,6 +1402,18 @@ mod tests {
     }
 
     #[test]
+    fn the_head_of_a_chunk_answer_is_known_from_its_length() {
+        for len in [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
+            let body = body_of(&FetchResponse::Chunk(vec![0; len]));
+            assert_eq!(chunk_head_len(body.len()), chunk_offset(&body), "{len}");
+        }
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(usize::MAX), 10);
+        // Too short for a version, a tag and a length.
+        assert_eq!(chunk_head_len(2), None);
+    }
+
+    #[test]
     fn a_chunk_answer_is_taken_from_its_frame_as_postcard_wrote_it() {
         // Lengths whose varint takes one, two and three bytes.
         for len in [0, 1, 127, 128, 16_383, 16_384, CHUNK_SIZE as usize] {
@@ -1412,6 +1571,10 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), bytes);
         assert_eq!(got.held, 0);
+        // Every whole chunk went from the buffer it was read into straight
+        // to the disk; the last, shorter one through the page cache.
+        let direct = crate::patch::direct_io_in(tmp.path());
+        assert_eq!(got.direct, if direct { chunks as u64 - 1 } else { 0 });
         assert_eq!(
             (
                 got.stats.requested,

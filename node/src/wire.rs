@@ -177,6 +177,19 @@ pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u
     Ok(body)
 }
 
+/// Reads a frame body of `body.len()` bytes (from [`read_len`]) into
+/// `body`, a buffer the caller keeps and reuses.
+pub async fn read_body_into(
+    recv: &mut quinn::RecvStream,
+    body: &mut [u8],
+) -> Result<(), WireError> {
+    match recv.read_exact(body).await {
+        Ok(()) => Ok(()),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(WireError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(WireError::Stream(e.to_string())),
+    }
+}
+
 /// Reads and decodes one message; `Ok(None)` at a clean end of stream.
 pub async fn read_msg<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,

@@ -186,6 +186,11 @@ struct Run {
     cpu: Option<Duration>,
 }
 
+/// Chunks the Trellis nodes fetched, and of those the chunks written with
+/// direct I/O, over every round.
+static CHUNKS_FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static CHUNKS_DIRECT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 async fn run(
     dir: &Path,
     size: u64,
@@ -334,13 +339,16 @@ async fn run(
          whole artifact, checked. CPU: this process (relay, nodes, or TCP server and clients) over \
          that span. Trellis: each node fetches and verifies the signed manifest, fetches the \
          chunks over one QUIC connection ({} requests in flight, each chunk checked against its \
-         BLAKE3 and written in place in the artifact's partial file), which is hashed whole as \
-         it fills, then fsynced and renamed; the relay reads and checks a chunk once and serves \
+         BLAKE3 and written in place in the artifact's partial file, with direct I/O where the \
+         file system allows it: {} of {} chunks here), which is hashed whole as it fills, then \
+         fsynced and renamed; the relay reads and checks a chunk once and serves \
          it to every node from memory while it is among the {} last asked for ({} B in its \
-         store). TCP: each client BLAKE3-hashes the stream, writes it to a temporary file, \
-         fsyncs it once and renames it. Every file was read back after the run and matched the \
-         source's BLAKE3.",
+         store). TCP: each client BLAKE3-hashes the stream, writes it to a temporary file \
+         through the page cache, fsyncs it once and renames it. Every file was read back after \
+         the run and matched the source's BLAKE3.",
         trellis_node::distribute::CHUNKS_IN_FLIGHT,
+        thousands(CHUNKS_DIRECT.load(std::sync::atomic::Ordering::Relaxed)),
+        thousands(CHUNKS_FETCHED.load(std::sync::atomic::Ordering::Relaxed)),
         trellis_node::distribute::CHUNKS_CACHED,
         thousands(relay_dir_bytes)
     );
@@ -405,9 +413,12 @@ async fn trellis_round(
                 manifest.artifacts.first() == Some(&artifact),
                 "the relay's manifest names another artifact"
             );
-            fetch_artifact(&endpoint, relay, &artifact, &dest, MAX_ATTEMPTS)
+            let got = fetch_artifact(&endpoint, relay, &artifact, &dest, MAX_ATTEMPTS)
                 .await
                 .map_err(anyhow::Error::msg)?;
+            let relaxed = std::sync::atomic::Ordering::Relaxed;
+            CHUNKS_FETCHED.fetch_add(got.stats.fetched, relaxed);
+            CHUNKS_DIRECT.fetch_add(got.direct, relaxed);
             anyhow::Ok(())
         }));
     }
