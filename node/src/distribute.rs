@@ -1402,6 +1402,37 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_buffer_comes_back_when_its_last_view_is_dropped() {
+        let bufs = Arc::new(ChunkBufs::default());
+        let mut buf = bufs.take(100);
+        assert!(buf.capacity() >= 100);
+        buf.extend_from_slice(&[7; 100]);
+        let at = buf.as_ptr();
+        let chunk = bytes::Bytes::from_owner(PooledChunk {
+            buf,
+            range: 10..100,
+            bufs: bufs.clone(),
+        });
+        let view = chunk.slice(5..);
+        assert_eq!(chunk.len(), 90);
+        drop(chunk);
+        assert!(
+            bufs.free.lock().unwrap().is_empty(),
+            "a view is still alive"
+        );
+        assert_eq!(view.len(), 85);
+        drop(view);
+        // The same memory, not zeroed again, is the next one handed out.
+        let again = bufs.take(100);
+        assert_eq!((again.as_ptr(), again.len()), (at, 100));
+        // No more than CHUNK_BUFS_KEPT are kept.
+        for _ in 0..CHUNK_BUFS_KEPT + 3 {
+            bufs.give(vec![0; 10]);
+        }
+        assert_eq!(bufs.free.lock().unwrap().len(), CHUNK_BUFS_KEPT);
+    }
+
+    #[test]
     fn the_head_of_a_chunk_answer_is_known_from_its_length() {
         for len in [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
             let body = body_of(&FetchResponse::Chunk(vec![0; len]));
