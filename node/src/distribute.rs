@@ -400,24 +400,35 @@ async fn exchange(
 }
 
 /// [`exchange`], up to the answer's frame body (version byte on), not
-/// decoded: a chunk answer is taken from it in place ([`chunk_answer`]).
+/// decoded.
 async fn exchange_body(
     conn: &quinn::Connection,
     addr: SocketAddr,
     request: &FetchRequest,
 ) -> Result<Option<Vec<u8>>, FetchError> {
+    let mut recv = send_request(conn, addr, request).await?;
+    wire::read_frame(&mut recv, MAX_FETCH_FRAME)
+        .await
+        .map_err(|source| FetchError::Wire { addr, source })
+}
+
+/// Sends `request` on a stream of its own and returns the stream's
+/// receiving half, where the answer comes.
+async fn send_request(
+    conn: &quinn::Connection,
+    addr: SocketAddr,
+    request: &FetchRequest,
+) -> Result<quinn::RecvStream, FetchError> {
     let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
         addr,
         reason: e.to_string(),
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
     wire::write_msg(&mut send, FETCH_VERSION, request, MAX_FETCH_REQUEST)
         .await
         .map_err(|source| FetchError::Wire { addr, source })?;
     send.finish().map_err(|e| stream_err(&e))?;
-    wire::read_frame(&mut recv, MAX_FETCH_FRAME)
-        .await
-        .map_err(|source| FetchError::Wire { addr, source })
+    Ok(recv)
 }
 
 /// Sends one request to the relay at `addr` on a connection of its own
@@ -811,17 +822,8 @@ async fn exchange_chunk(
     hash: [u8; 32],
     bufs: &Arc<ChunkBufs>,
 ) -> Result<Option<Result<bytes::Bytes, FetchResponse>>, FetchError> {
-    let stream_err = |e: &dyn std::fmt::Display| FetchError::Stream {
-        addr,
-        reason: e.to_string(),
-    };
     let wire_err = |source| FetchError::Wire { addr, source };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(&e))?;
-    let request = FetchRequest::Chunk(hash);
-    wire::write_msg(&mut send, FETCH_VERSION, &request, MAX_FETCH_REQUEST)
-        .await
-        .map_err(wire_err)?;
-    send.finish().map_err(|e| stream_err(&e))?;
+    let mut recv = send_request(conn, addr, &FetchRequest::Chunk(hash)).await?;
     let Some(len) = wire::read_len(&mut recv, MAX_FETCH_FRAME)
         .await
         .map_err(wire_err)?
