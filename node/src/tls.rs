@@ -486,6 +486,26 @@ impl Credentials {
         alpns: &[Vec<u8>],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, TlsError> {
+        let tls = self.tls_server(optional, alpns)?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport);
+        Ok(config)
+    }
+
+    /// The TLS 1.3 server side of [`Credentials::server_config`] on its
+    /// own, for a transport other than QUIC (the artifact benchmark's TLS
+    /// over TCP row).
+    pub fn tls_server_config(&self, alpns: &[Vec<u8>]) -> Result<rustls::ServerConfig, TlsError> {
+        self.tls_server(false, alpns)
+    }
+
+    fn tls_server(
+        &self,
+        optional: bool,
+        alpns: &[Vec<u8>],
+    ) -> Result<rustls::ServerConfig, TlsError> {
         let mut verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider());
         if optional {
@@ -502,11 +522,7 @@ impl Credentials {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = alpns.to_vec();
         no_resumption_server(&mut tls);
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(transport);
-        Ok(config)
+        Ok(tls)
     }
 
     /// A quinn client configuration offering `alpns` (one protocol, at the
@@ -517,6 +533,18 @@ impl Credentials {
         alpns: &[Vec<u8>],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ClientConfig, TlsError> {
+        let tls = self.tls_client_config(alpns)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport);
+        Ok(config)
+    }
+
+    /// The TLS 1.3 client side of [`Credentials::client_config`] on its
+    /// own, for a transport other than QUIC (the artifact benchmark's TLS
+    /// over TCP row). It names the server [`MESH_SERVER_NAME`].
+    pub fn tls_client_config(&self, alpns: &[Vec<u8>]) -> Result<rustls::ClientConfig, TlsError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -525,11 +553,7 @@ impl Credentials {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = alpns.to_vec();
         tls.resumption = rustls::client::Resumption::disabled();
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport);
-        Ok(config)
+        Ok(tls)
     }
 }
 

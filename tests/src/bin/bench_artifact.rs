@@ -20,7 +20,9 @@
 //! file to as many concurrent clients; each client hashes the stream
 //! (BLAKE3), writes it to a temporary file in the same kind of directory,
 //! fsyncs it once and renames it into place: the least a safe download
-//! does.
+//! does. A third row does the same copy through TLS 1.3 (rustls, with the
+//! relay's and each node's mesh certificate, AES-GCM as the mesh
+//! negotiates it): what an encrypted stream costs without QUIC.
 //!
 //! ```text
 //! cargo run --release -p trellis-tests --bin bench-artifact -- [--quick] [--size-mib 100] [--nodes 10]
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use trellis_node::authz::Protocol;
@@ -58,6 +60,8 @@ const MAX_ATTEMPTS: u32 = trellis_node::patching::ARTIFACT_ATTEMPTS;
 /// Read and write size of the TCP baseline.
 const TCP_BUFFER: usize = 1 << 20;
 const MIB: f64 = (1 << 20) as f64;
+/// ALPN of the TLS over TCP row (it is no mesh protocol).
+const TLS_ALPN: &[u8] = b"trellis-bench-tls";
 
 /// Distribution of one patch artifact from a relay to the nodes of its
 /// site, against a plain TCP copy of the same file.
@@ -93,7 +97,7 @@ struct Args {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Run only one of the transfers (to profile it); no ratio is printed.
-    #[arg(long, value_parser = ["trellis", "tcp"])]
+    #[arg(long, value_parser = ["trellis", "tcp", "tls"])]
     only: Option<String>,
     /// Log Trellis's messages to stderr (level from TRELLIS_LOG, info by
     /// default).
@@ -254,12 +258,26 @@ async fn run(
     ));
     let relay_addr = relay.local_addr();
 
-    let tcp = TcpSource::start(source.clone()).await?;
+    let tcp = TcpSource::start(source.clone(), None).await?;
+    let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        creds.relay.tls_server_config(&[TLS_ALPN.to_vec()])?,
+    ));
+    let tls = TcpSource::start(source.clone(), Some(tls_acceptor)).await?;
+    let tls_clients = creds
+        .nodes
+        .iter()
+        .map(|c| {
+            let config = c.tls_client_config(&[TLS_ALPN.to_vec()])?;
+            anyhow::Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut trellis_runs = Vec::new();
     let mut tcp_runs = Vec::new();
+    let mut tls_runs = Vec::new();
+    let wanted = |name: &str| only.is_none_or(|o| o == name);
     for round in 0..rounds {
-        if only != Some("tcp") {
+        if wanted("trellis") {
             let t = trellis_round(
                 &creds,
                 relay_addr,
@@ -271,21 +289,34 @@ async fn run(
             .with_context(|| format!("Trellis transfer, round {}", round + 1))?;
             trellis_runs.push(t);
         }
-        if only != Some("trellis") {
+        if wanted("tcp") {
             let c = tcp_round(
                 tcp.addr,
                 &artifact,
-                nodes,
+                &vec![None; nodes],
                 &dir.join(format!("tcp-{round}")),
             )
             .await
             .with_context(|| format!("TCP transfer, round {}", round + 1))?;
             tcp_runs.push(c);
         }
+        if wanted("tls") {
+            let clients: Vec<_> = tls_clients.iter().cloned().map(Some).collect();
+            let c = tcp_round(
+                tls.addr,
+                &artifact,
+                &clients,
+                &dir.join(format!("tls-{round}")),
+            )
+            .await
+            .with_context(|| format!("TLS over TCP transfer, round {}", round + 1))?;
+            tls_runs.push(c);
+        }
     }
     shutdown.cancel();
     relay.shutdown().await;
     tcp.stop.cancel();
+    tls.stop.cancel();
 
     let total = size * nodes as u64;
     let rate = |r: &Run| total as f64 / MIB / r.wall.as_secs_f64();
@@ -305,6 +336,7 @@ async fn run(
     for (name, runs) in [
         ("Trellis (QUIC, chunks)", &trellis_runs),
         ("TCP copy", &tcp_runs),
+        ("TLS 1.3 over TCP copy", &tls_runs),
     ] {
         let Some(r) = median(runs) else { continue };
         let (cpu_s, cores) = r.cpu.map_or(("n/a".to_owned(), "n/a".to_owned()), |c| {
@@ -328,10 +360,14 @@ async fn run(
     if let (Some(t), Some(c)) = (median(&trellis_runs), median(&tcp_runs)) {
         println!("Trellis / TCP rate: {:.2}", rate(t) / rate(c));
     }
+    if let (Some(t), Some(c)) = (median(&tls_runs), median(&tcp_runs)) {
+        println!("TLS over TCP / TCP rate: {:.2}", rate(t) / rate(c));
+    }
     println!(
-        "rounds, wall s (Trellis | TCP): {} | {}",
+        "rounds, wall s (Trellis | TCP | TLS over TCP): {} | {} | {}",
         walls(&trellis_runs),
-        walls(&tcp_runs)
+        walls(&tcp_runs),
+        walls(&tls_runs)
     );
     println!();
     println!(
@@ -344,13 +380,17 @@ async fn run(
          fsynced and renamed; the relay reads and checks a chunk once and serves \
          it to every node from memory while it is among the {} last asked for ({} B in its \
          store). TCP: each client BLAKE3-hashes the stream, writes it to a temporary file \
-         through the page cache, fsyncs it once and renames it. Every file was read back after \
-         the run and matched the source's BLAKE3.",
+         through the page cache, fsyncs it once and renames it. TLS over TCP: the same, through \
+         TLS 1.3 with the relay's and each node's mesh certificate (rustls, {}). Every file was \
+         read back after the run and matched the source's BLAKE3.",
         trellis_node::distribute::CHUNKS_IN_FLIGHT,
         thousands(CHUNKS_DIRECT.load(std::sync::atomic::Ordering::Relaxed)),
         thousands(CHUNKS_FETCHED.load(std::sync::atomic::Ordering::Relaxed)),
         trellis_node::distribute::CHUNKS_CACHED,
-        thousands(relay_dir_bytes)
+        thousands(relay_dir_bytes),
+        TLS_SUITE
+            .get()
+            .map_or("no connection made".to_owned(), |s| format!("{s:?}"))
     );
     Ok(())
 }
@@ -435,42 +475,44 @@ async fn trellis_round(
     Ok(Run { wall, cpu })
 }
 
-/// A TCP server on 127.0.0.1 that sends the file to whoever connects.
+/// The cipher suite the TLS over TCP row's first connection settled on.
+static TLS_SUITE: std::sync::OnceLock<tokio_rustls::rustls::CipherSuite> =
+    std::sync::OnceLock::new();
+
+/// A TCP server on 127.0.0.1 that sends the file to whoever connects,
+/// through TLS if it is given an acceptor.
 struct TcpSource {
     addr: SocketAddr,
     stop: CancellationToken,
 }
 
 impl TcpSource {
-    async fn start(file: PathBuf) -> anyhow::Result<TcpSource> {
+    async fn start(
+        file: PathBuf,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> anyhow::Result<TcpSource> {
         let listener = tokio::net::TcpListener::bind(loopback()).await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move {
             loop {
-                let (mut sock, _) = tokio::select! {
+                let (sock, _) = tokio::select! {
                     biased;
                     _ = token.cancelled() => return,
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
                 };
                 let file = file.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let Ok(mut f) = tokio::fs::File::open(&file).await else {
-                        return;
-                    };
-                    let mut buf = vec![0u8; TCP_BUFFER];
-                    loop {
-                        match f.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if sock.write_all(&buf[..n]).await.is_err() {
-                                    return;
-                                }
+                    match tls {
+                        None => send_file(sock, &file).await,
+                        Some(tls) => {
+                            if let Ok(sock) = tls.accept(sock).await {
+                                send_file(sock, &file).await;
                             }
                         }
                     }
-                    let _ = sock.shutdown().await;
                 });
             }
         });
@@ -478,14 +520,34 @@ impl TcpSource {
     }
 }
 
-/// `nodes` TCP clients fetch the file at once.
+/// Sends `file` down `sock`, then shuts the stream down.
+async fn send_file(mut sock: impl AsyncWrite + Unpin, file: &Path) {
+    let Ok(mut f) = tokio::fs::File::open(file).await else {
+        return;
+    };
+    let mut buf = vec![0u8; TCP_BUFFER];
+    loop {
+        match f.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if sock.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = sock.shutdown().await;
+}
+
+/// One TCP client per entry of `clients` fetches the file at once, through
+/// TLS where the entry holds a connector.
 async fn tcp_round(
     server: SocketAddr,
     artifact: &ArtifactRef,
-    nodes: usize,
+    clients: &[Option<tokio_rustls::TlsConnector>],
     dir: &Path,
 ) -> anyhow::Result<Run> {
-    let dests: Vec<PathBuf> = (0..nodes)
+    let dests: Vec<PathBuf> = (0..clients.len())
         .map(|i| dir.join(format!("node-{i:03}/artifacts")))
         .collect();
     for d in &dests {
@@ -494,31 +556,25 @@ async fn tcp_round(
     let cpu0 = process_cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for d in &dests {
+    for (d, tls) in dests.iter().zip(clients) {
         let d = d.clone();
         let want = artifact.blake3;
+        let tls = tls.clone();
         tasks.push(tokio::spawn(async move {
-            let mut sock = tokio::net::TcpStream::connect(server).await?;
-            let tmp = d.join(format!(".{ARTIFACT}.part"));
-            let mut file = tokio::fs::File::create(&tmp).await?;
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; TCP_BUFFER];
-            loop {
-                let n = sock.read(&mut buf).await?;
-                if n == 0 {
-                    break;
+            let sock = tokio::net::TcpStream::connect(server).await?;
+            match tls {
+                None => receive_file(sock, &d, want).await,
+                Some(tls) => {
+                    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(
+                        trellis_node::tls::MESH_SERVER_NAME,
+                    )?;
+                    let sock = tls.connect(name, sock).await?;
+                    if let Some(suite) = sock.get_ref().1.negotiated_cipher_suite() {
+                        let _ = TLS_SUITE.set(suite.suite());
+                    }
+                    receive_file(sock, &d, want).await
                 }
-                hasher.update(&buf[..n]);
-                file.write_all(&buf[..n]).await?;
             }
-            file.sync_all().await?;
-            drop(file);
-            if hasher.finalize().as_bytes() != &want {
-                bail!("the TCP copy does not match the source");
-            }
-            tokio::fs::rename(&tmp, d.join(ARTIFACT)).await?;
-            tokio::fs::File::open(&d).await?.sync_all().await?;
-            anyhow::Ok(())
         }));
     }
     for t in tasks {
@@ -531,6 +587,35 @@ async fn tcp_round(
     }
     std::fs::remove_dir_all(dir)?;
     Ok(Run { wall, cpu })
+}
+
+/// Reads the whole stream into the artifact's file in `d`: hashed, written
+/// through the page cache, fsynced, checked and renamed into place.
+async fn receive_file(
+    mut sock: impl AsyncRead + Unpin,
+    d: &Path,
+    want: [u8; 32],
+) -> anyhow::Result<()> {
+    let tmp = d.join(format!(".{ARTIFACT}.part"));
+    let mut file = tokio::fs::File::create(&tmp).await?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; TCP_BUFFER];
+    loop {
+        let n = sock.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).await?;
+    }
+    file.sync_all().await?;
+    drop(file);
+    if hasher.finalize().as_bytes() != &want {
+        bail!("the TCP copy does not match the source");
+    }
+    tokio::fs::rename(&tmp, d.join(ARTIFACT)).await?;
+    tokio::fs::File::open(&d).await?.sync_all().await?;
+    Ok(())
 }
 
 /// Reads `path` back and checks it against the artifact's size and BLAKE3.
