@@ -948,6 +948,63 @@ mod tests {
         assert!(err.contains("trellis ca init"), "{err}");
     }
 
+    /// One TLS 1.3 handshake over loopback TCP between a server built
+    /// from `server` and a client built from `client`; the client's view
+    /// of the server's identity, or the handshake's error.
+    fn tls_over_tcp(server: &Credentials, client: &Credentials) -> Result<Identity, String> {
+        use std::io::{Read, Write};
+        let alpn = b"trellis-test".to_vec();
+        let sconf = Arc::new(
+            server
+                .tls_server_config(std::slice::from_ref(&alpn))
+                .unwrap(),
+        );
+        let cconf = Arc::new(client.tls_client_config(&[alpn]).unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let conn = rustls::ServerConnection::new(sconf).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let mut got = [0u8; 5];
+            tls.read_exact(&mut got).map(|_| got)
+        });
+        let sock = std::net::TcpStream::connect(addr).unwrap();
+        let name = rustls::pki_types::ServerName::try_from(MESH_SERVER_NAME).unwrap();
+        let conn = rustls::ClientConnection::new(cconf, name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        let sent = tls.write_all(b"hello").and_then(|()| tls.flush());
+        if sent.is_err() {
+            // Whether or not our alert went out, the server stops reading.
+            let _ = tls.sock.shutdown(std::net::Shutdown::Both);
+        }
+        let read = served.join().unwrap();
+        sent.map_err(|e| e.to_string())?;
+        assert_eq!(&read.map_err(|e| e.to_string())?, b"hello");
+        let chain = tls.conn.peer_certificates().expect("a verified server");
+        identity_of(&chain[0]).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_tls_configurations_work_over_tcp_for_the_mesh_and_nobody_else() {
+        let ca = MeshCa::generate("test").unwrap();
+        let relay =
+            Credentials::issue(&ca, &Identity::new(Role::Relay, "eu", "par", "r1").unwrap())
+                .unwrap();
+        let node = Credentials::issue(&ca, &Identity::new(Role::Node, "eu", "par", "n1").unwrap())
+            .unwrap();
+        assert_eq!(tls_over_tcp(&relay, &node).unwrap(), relay.identity);
+
+        let other = MeshCa::generate("other").unwrap();
+        let stranger = Credentials::issue(
+            &other,
+            &Identity::new(Role::Node, "eu", "par", "n1").unwrap(),
+        )
+        .unwrap();
+        assert!(tls_over_tcp(&relay, &stranger).is_err());
+        assert!(tls_over_tcp(&stranger, &node).is_err());
+    }
+
     #[test]
     fn a_signature_verifies_for_its_signer_and_nothing_else() {
         let ca = MeshCa::generate("test").unwrap();
