@@ -96,6 +96,66 @@ pub enum EndpointError {
     },
 }
 
+/// The receive and send buffer a mesh endpoint asks the kernel for on its
+/// UDP socket, each.
+///
+/// At Linux's default (208 KiB) a relay serving an artifact to ten nodes
+/// had the kernel drop about 3 % of the batches arriving at a node while
+/// the node was busy; QUIC resent them and cut its congestion window each
+/// time: 2 to 9 % of the bytes went twice and every connection saw 7 to 16
+/// congestion events in a 20 MiB download, none with 4 MiB
+/// (docs/BENCHMARKS.md, "Socket buffers"). The buffer is a ceiling on
+/// queued datagrams, not memory set aside: an idle member costs nothing
+/// more. The kernel grants at most `net.core.rmem_max` (and `wmem_max`);
+/// where that is lower, the endpoint says so once in its log.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// Asks for `want` bytes of receive and send buffer on `socket`; returns
+/// what the kernel granted, as it reports it (Linux reports twice what it
+/// allows for data, the rest being its bookkeeping), or `None` if it could
+/// not be read. A grant short of `want` is logged once per process.
+pub fn size_udp_buffers(socket: &std::net::UdpSocket, want: usize) -> Option<(usize, usize)> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        let want_c = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let mut granted = [0usize; 2];
+        for (slot, opt) in granted.iter_mut().zip([libc::SO_RCVBUF, libc::SO_SNDBUF]) {
+            // SAFETY: `fd` is an open socket for the duration of the calls
+            // and both pointers point to a c_int of the length given.
+            let got = unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&raw const want_c).cast(), len);
+                let mut v: libc::c_int = 0;
+                let mut l = len;
+                (libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &mut l) == 0)
+                    .then_some(v)
+            };
+            *slot = usize::try_from(got?).ok()?;
+        }
+        static SHORT: std::sync::Once = std::sync::Once::new();
+        if granted.iter().any(|&g| g < want) {
+            SHORT.call_once(|| {
+                info!(
+                    asked_kib = want >> 10,
+                    receive_kib = granted[0] >> 10,
+                    send_kib = granted[1] >> 10,
+                    "the kernel grants smaller UDP buffers than asked for; bursts (an artifact \
+                     download) may be dropped and sent again: raise net.core.rmem_max and \
+                     net.core.wmem_max to at least {want}"
+                );
+            });
+        }
+        Some((granted[0], granted[1]))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (socket, want);
+        None
+    }
+}
+
 struct Inner {
     endpoint: quinn::Endpoint,
     creds: Credentials,
@@ -197,11 +257,16 @@ impl MeshEndpoint {
                 )?,
             );
         }
-        let endpoint = match server {
-            Some(server) => quinn::Endpoint::server(server, addr),
-            None => quinn::Endpoint::client(addr),
-        }
-        .map_err(|source| EndpointError::Bind { addr, source })?;
+        let bind = |source| EndpointError::Bind { addr, source };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+        size_udp_buffers(&socket, UDP_BUFFER);
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind)?;
         let mut senders = HashMap::new();
         let mut receivers = HashMap::new();
         for &p in serve {
@@ -513,6 +578,30 @@ mod tests {
     use super::*;
     use crate::id::Role;
     use crate::tls::MeshCa;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn udp_buffers_are_what_was_asked_for_up_to_the_kernels_ceiling() {
+        let limit = |name: &str| -> usize {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let (rmax, wmax) = (limit("rmem_max"), limit("wmem_max"));
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Asking for nothing gets the kernel's minimum.
+        let least = size_udp_buffers(&socket, 0).unwrap();
+        // Linux keeps twice the figure allowed, for its bookkeeping, and
+        // never less than its minimum.
+        for want in [64 << 10, UDP_BUFFER] {
+            let (r, w) = size_udp_buffers(&socket, want).unwrap();
+            assert_eq!(r, 2 * want.min(rmax), "receive buffer for {want}");
+            assert_eq!(w, 2 * want.min(wmax), "send buffer for {want}");
+        }
+        assert!(least.0 < 2 * (64 << 10), "{least:?}");
+    }
 
     fn node(ca: &MeshCa, name: &str) -> Credentials {
         tls::install_crypto_provider();

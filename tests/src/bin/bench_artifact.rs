@@ -194,6 +194,9 @@ struct Run {
 /// direct I/O, over every round.
 static CHUNKS_FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static CHUNKS_DIRECT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// UDP datagrams the kernel dropped for want of socket buffer during the
+/// Trellis rounds (every socket of the machine, `RcvbufErrors`).
+static UDP_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn run(
     dir: &Path,
@@ -363,6 +366,13 @@ async fn run(
     if let (Some(t), Some(c)) = (median(&tls_runs), median(&tcp_runs)) {
         println!("TLS over TCP / TCP rate: {:.2}", rate(t) / rate(c));
     }
+    if !trellis_runs.is_empty() {
+        println!(
+            "UDP datagrams the kernel dropped for want of receive buffer during the Trellis \
+             rounds: {} (RcvbufErrors, /proc/net/snmp; each one resent by QUIC)",
+            thousands(UDP_DROPPED.load(std::sync::atomic::Ordering::Relaxed))
+        );
+    }
     println!(
         "rounds, wall s (Trellis | TCP | TLS over TCP): {} | {} | {}",
         walls(&trellis_runs),
@@ -441,6 +451,7 @@ async fn trellis_round(
         nodes.push((endpoint, c.clone(), home.join("artifacts").join(ARTIFACT)));
     }
     let cpu0 = process_cpu();
+    let dropped0 = udp_receive_buffer_errors();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (endpoint, trust, dest) in &nodes {
@@ -467,6 +478,9 @@ async fn trellis_round(
     }
     let wall = start.elapsed();
     let cpu = process_cpu().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+    if let (Some(a), Some(b)) = (dropped0, udp_receive_buffer_errors()) {
+        UDP_DROPPED.fetch_add(b.saturating_sub(a), std::sync::atomic::Ordering::Relaxed);
+    }
     for (endpoint, _, dest) in &nodes {
         check_file(dest, artifact)?;
         endpoint.shutdown().await;
@@ -652,6 +666,17 @@ fn walls(runs: &[Run]) -> String {
         .map(|r| format!("{:.2}", r.wall.as_secs_f64()))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// UDP datagrams the kernel has dropped so far because a socket's receive
+/// buffer was full (`RcvbufErrors` in /proc/net/snmp), or `None` where
+/// that is not to be read.
+fn udp_receive_buffer_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// CPU time of this process so far (user + system), from /proc at the
