@@ -99,12 +99,12 @@ pub enum EndpointError {
 /// The receive and send buffer a mesh endpoint asks the kernel for on its
 /// UDP socket, each.
 ///
-/// At Linux's default (208 KiB) a relay serving an artifact to ten nodes
-/// had the kernel drop about 3 % of the batches arriving at a node while
-/// the node was busy; QUIC resent them and cut its congestion window each
-/// time: 2 to 9 % of the bytes went twice and every connection saw 7 to 16
-/// congestion events in a 20 MiB download, none with 4 MiB
-/// (docs/BENCHMARKS.md, "Socket buffers"). The buffer is a ceiling on
+/// At Linux's default (208 KiB) a relay serving a 100 MiB artifact to ten
+/// nodes three times had the kernel drop 2,700 to 4,600 batches arriving at
+/// nodes busy writing, and its QUIC declared 27,000 to 46,000 packets lost
+/// and cut its congestion window about 1,000 times; with 4 MiB, 160 to 340
+/// lost and once (`bench-artifact`, docs/BENCHMARKS.md, "Socket
+/// buffers"). The buffer is a ceiling on
 /// queued datagrams, not memory set aside: an idle member costs nothing
 /// more. The kernel grants at most `net.core.rmem_max` (and `wmem_max`);
 /// where that is lower, the endpoint says so once in its log.
@@ -377,7 +377,8 @@ impl MeshEndpoint {
 
     /// Keeps an open connection where a new revocation finds it, until it
     /// closes; an accepted one (`counted`) also gives its place in the
-    /// peer's connection limit back then.
+    /// peer's connection limit back then. What the connection lost is
+    /// added to the metrics when it closes.
     fn track(
         &self,
         conn: &quinn::Connection,
@@ -397,9 +398,11 @@ impl MeshEndpoint {
             },
         );
         let (inner, closing) = (Arc::downgrade(&self.inner), conn.clone());
+        let metrics = self.inner.metrics.clone();
         let key = (peer.clone(), protocol);
         tokio::spawn(async move {
             closing.closed().await;
+            metrics.connection_closed(protocol.as_str(), &closing.stats());
             let Some(inner) = inner.upgrade() else {
                 return;
             };
@@ -655,5 +658,23 @@ mod tests {
         }
         newer.shutdown().await;
         server.shutdown().await;
+        // Every closed connection added its losses (none, on loopback);
+        // the server learns of the last close a moment after it happens.
+        let gossip = crate::metrics::ProtocolLabels {
+            protocol: Protocol::Gossip.as_str().to_owned(),
+        };
+        let lost = || {
+            let m = server.metrics();
+            let lost = m.quic_lost_packets.get(&gossip).map(|c| c.get());
+            let cut = m.quic_congestion_events.get(&gossip).map(|c| c.get());
+            (lost, cut)
+        };
+        for _ in 0..500 {
+            if lost().0.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(lost(), (Some(0), Some(0)));
     }
 }

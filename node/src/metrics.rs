@@ -36,6 +36,11 @@ pub struct PeerErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
     /// `queue_full` (oldest message dropped for a slow peer),
     /// `unreachable` (no connection could be made), `inbox_full`.
@@ -200,6 +205,8 @@ pub struct MeshMetrics {
     pub refusals: Family<RefusalLabels, Counter>,
     pub peer_errors: Family<PeerErrorLabels, Counter>,
     pub connections_accepted: Counter,
+    pub quic_lost_packets: Family<ProtocolLabels, Counter>,
+    pub quic_congestion_events: Family<ProtocolLabels, Counter>,
     pub gossip_messages_sent: Counter,
     pub gossip_bytes_sent: Counter,
     pub gossip_messages_received: Counter,
@@ -227,6 +234,18 @@ impl MeshMetrics {
             "connections_accepted",
             "Connections accepted after authentication and authorisation",
             m.connections_accepted.clone(),
+        );
+        r.register(
+            "quic_lost_packets",
+            "Packets QUIC declared lost (and sent again if they carried data) on mesh \
+             connections, counted when a connection closes",
+            m.quic_lost_packets.clone(),
+        );
+        r.register(
+            "quic_congestion_events",
+            "Times QUIC cut its congestion window after a loss on mesh connections, counted \
+             when a connection closes",
+            m.quic_congestion_events.clone(),
         );
         r.register(
             "gossip_messages_sent",
@@ -273,6 +292,19 @@ impl MeshMetrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Adds what a mesh connection of `protocol` lost over its life.
+    pub fn connection_closed(&self, protocol: &str, stats: &quinn::ConnectionStats) {
+        let labels = ProtocolLabels {
+            protocol: protocol.to_owned(),
+        };
+        self.quic_lost_packets
+            .get_or_create(&labels)
+            .inc_by(stats.path.lost_packets);
+        self.quic_congestion_events
+            .get_or_create(&labels)
+            .inc_by(stats.path.congestion_events);
     }
 
     pub fn peer_error(&self, protocol: &str, kind: &str) {
