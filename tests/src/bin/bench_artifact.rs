@@ -318,6 +318,21 @@ async fn run(
     }
     shutdown.cancel();
     relay.shutdown().await;
+    let fetch = trellis_node::metrics::ProtocolLabels {
+        protocol: Protocol::Fetch.as_str().to_owned(),
+    };
+    let relay_losses = (
+        relay
+            .metrics()
+            .quic_lost_packets
+            .get_or_create(&fetch)
+            .get(),
+        relay
+            .metrics()
+            .quic_congestion_events
+            .get_or_create(&fetch)
+            .get(),
+    );
     tcp.stop.cancel();
     tls.stop.cancel();
 
@@ -369,8 +384,12 @@ async fn run(
     if !trellis_runs.is_empty() {
         println!(
             "UDP datagrams the kernel dropped for want of receive buffer during the Trellis \
-             rounds: {} (RcvbufErrors, /proc/net/snmp; each one resent by QUIC)",
-            thousands(UDP_DROPPED.load(std::sync::atomic::Ordering::Relaxed))
+             rounds: {} (RcvbufErrors, /proc/net/snmp); packets the relay's QUIC declared lost: \
+             {}, congestion events: {} (trellis_quic_lost_packets, \
+             trellis_quic_congestion_events)",
+            thousands(UDP_DROPPED.load(std::sync::atomic::Ordering::Relaxed)),
+            thousands(relay_losses.0),
+            thousands(relay_losses.1)
         );
     }
     println!(
