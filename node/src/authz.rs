@@ -92,6 +92,19 @@ impl Protocol {
             .map(|p| (p, version))
     }
 
+    /// Whether connections of this protocol move bulk data (artifact
+    /// chunks, a replayed outage buffer, a hub's log catch-up), so are
+    /// worth datagrams larger than an Ethernet path's
+    /// ([`crate::tls::MAX_UDP_PAYLOAD`]). Gossip and federation exchange
+    /// small messages with many peers, and each connection's send buffer
+    /// quinn sizes by its datagrams.
+    pub fn carries_bulk(self) -> bool {
+        matches!(
+            self,
+            Protocol::Fetch | Protocol::Uplink | Protocol::Replication
+        )
+    }
+
     /// The streams a peer may keep open toward us at once on one
     /// connection of this protocol. Gossip runs on one unidirectional
     /// stream each way (a new one only after an error ends the last;
