@@ -2287,28 +2287,17 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
         assert!(!path.exists());
     }
 
-    /// `chunk` copied into memory that starts at a [`DIRECT_ALIGN`]
-    /// boundary, as a download reads it.
-    fn aligned(chunk: &HashedChunk) -> HashedChunk {
+    /// `chunk` copied into memory that starts `past` bytes after a
+    /// [`DIRECT_ALIGN`] boundary: at 0 as a download reads it, anywhere
+    /// else to keep it from going direct (a chunk's own allocation is
+    /// aligned by chance now and then).
+    fn placed(chunk: &HashedChunk, past: usize) -> HashedChunk {
         let len = chunk.bytes().len();
-        let mut buf = vec![0u8; len + DIRECT_ALIGN];
-        let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        let mut buf = vec![0u8; len + DIRECT_ALIGN + past];
+        let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN + past;
         buf[pad..pad + len].copy_from_slice(chunk.bytes());
         let c = HashedChunk::new(bytes::Bytes::from(buf).slice(pad..pad + len));
-        assert_eq!(c.bytes().as_ptr() as usize % DIRECT_ALIGN, 0);
-        c
-    }
-
-    /// `chunk` copied into memory one byte past a [`DIRECT_ALIGN`]
-    /// boundary. (A chunk's own allocation is aligned by chance now and
-    /// then, and would go direct.)
-    fn misaligned(chunk: &HashedChunk) -> HashedChunk {
-        let len = chunk.bytes().len();
-        let mut buf = vec![0u8; len + DIRECT_ALIGN + 1];
-        let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN + 1;
-        buf[pad..pad + len].copy_from_slice(chunk.bytes());
-        let c = HashedChunk::new(bytes::Bytes::from(buf).slice(pad..pad + len));
-        assert_ne!(c.bytes().as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert_eq!(c.bytes().as_ptr() as usize % DIRECT_ALIGN, past);
         c
     }
 
@@ -2321,15 +2310,15 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
         let (p, _) = PartialArtifact::open(&a, &dest).unwrap();
         // Chunk 0 aligned; chunk 1 not (it goes through the page cache);
         // the last one aligned in memory but shorter than a block.
-        p.write(0, &aligned(&chunks[0])).unwrap();
-        p.write(1, &misaligned(&chunks[1])).unwrap();
-        p.write(3, &aligned(&chunks[3])).unwrap();
+        p.write(0, &placed(&chunks[0], 0)).unwrap();
+        p.write(1, &placed(&chunks[1], 1)).unwrap();
+        p.write(3, &placed(&chunks[3], 0)).unwrap();
         assert_eq!(p.direct_writes(), u32::from(direct));
         drop(p);
         // What went around the page cache reads back intact.
         let (p, held) = PartialArtifact::open(&a, &dest).unwrap();
         assert_eq!(held, [0, 1, 3]);
-        p.write(2, &aligned(&chunks[2])).unwrap();
+        p.write(2, &placed(&chunks[2], 0)).unwrap();
         assert_eq!(p.direct_writes(), u32::from(direct));
         p.finish().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), bytes);

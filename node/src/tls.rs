@@ -889,8 +889,8 @@ pub const GOSSIP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// batch over 65,507 bytes with `EMSGSIZE`, which quinn takes for a lost
 /// MTU probe and drops silently. Ten times this is 65,000, so every batch
 /// fits. With quinn's default bound (1,452 bytes, an Ethernet path) a relay
-/// serving a 100 MiB artifact to ten nodes over loopback spent 3.1 to 3.7 s
-/// of CPU on the gigabyte; with this one, 2.3 to 2.6 s (`bench-artifact`,
+/// serving a 100 MiB artifact to ten nodes over loopback spent 3.3 to 3.7 s
+/// of CPU on the gigabyte; with this one, 2.05 to 2.3 s (`bench-artifact`,
 /// docs/BENCHMARKS.md, "Datagrams as large as the path takes"). At 8,952
 /// (jumbo frames) the batches no longer fit, packets were lost and quinn's
 /// black-hole detector fell back to 1,200 bytes; at 6,550 (65,500 a batch)
@@ -910,6 +910,7 @@ pub const ETHERNET_UDP_PAYLOAD: u16 = 1_452;
 /// protocols that need one, a keep-alive. A connection idles out after
 /// the shorter of its two ends' timeouts, so a server offers the longest
 /// ([`GOSSIP_IDLE_TIMEOUT`]) and each client config sets its protocol's.
+/// Datagrams stop at an Ethernet path's, as on the mesh's uplinks.
 pub fn transport_config(
     keep_alive: Option<Duration>,
     idle: Duration,
@@ -918,7 +919,7 @@ pub fn transport_config(
         keep_alive,
         idle,
         PeerStreams::QUINN_DEFAULT,
-        MAX_UDP_PAYLOAD,
+        ETHERNET_UDP_PAYLOAD,
     )
 }
 
