@@ -990,16 +990,22 @@ async fn patch_publish(State(shared): State<Shared>, body: axum::body::Bytes) ->
         .into_response();
     }
     // Every chunk must be here first: a published patch can be served.
+    // And the chunks must make the files the manifest names: this is the
+    // one place a whole artifact is hashed (nodes check each chunk
+    // against the signed list and no more, see `ChunkStore::check`).
     let store = shared.chunks.clone();
     let artifacts = manifest.artifacts.clone();
-    let missing = tokio::task::spawn_blocking(move || {
-        artifacts
-            .iter()
-            .map(|a| store.missing(a).len())
-            .sum::<usize>()
+    let checked = tokio::task::spawn_blocking(move || {
+        artifacts.iter().try_fold(0usize, |missing, a| {
+            store.check(a).map(|m| missing + m.len())
+        })
     })
-    .await
-    .unwrap_or(usize::MAX);
+    .await;
+    let missing = match checked {
+        Ok(Ok(missing)) => missing,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("patch refused: {e}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
     if missing > 0 {
         return error(
             StatusCode::CONFLICT,

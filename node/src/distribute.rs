@@ -662,7 +662,7 @@ pub const CHUNKS_IN_FLIGHT: usize = 8;
 /// [`CHUNKS_IN_FLIGHT`] streams at a time, each chunk checked against its
 /// BLAKE3 before it is written in place ([`crate::patch::Download`] paces,
 /// retries and gives up after `max_attempts` failures of one chunk); then
-/// the whole file is checked and renamed to `dest`. Hashing and disk work
+/// the file is flushed and renamed to `dest`. Hashing and disk work
 /// run on tokio's blocking threads.
 pub async fn fetch_artifact(
     endpoint: &MeshEndpoint,
@@ -868,9 +868,8 @@ struct ChunkBufs {
 }
 
 /// Free buffers a [`ChunkBufs`] keeps; more are dropped. A download holds
-/// at most [`CHUNKS_IN_FLIGHT`] answers being read or written and the
-/// chunks its whole-file hash keeps ahead, so this many cover the buffers
-/// that come back between two chunks.
+/// at most [`CHUNKS_IN_FLIGHT`] answers being read or written, so this
+/// many cover the buffers that come back between two chunks.
 const CHUNK_BUFS_KEPT: usize = CHUNKS_IN_FLIGHT;
 
 impl ChunkBufs {

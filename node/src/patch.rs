@@ -30,8 +30,11 @@
 //! for each artifact, an [`ArtifactRef`] with its size, its BLAKE3 and the
 //! BLAKE3 of each [`CHUNK_SIZE`] chunk. The artifact bytes are not signed
 //! themselves: each chunk is checked against the signed hash as it
-//! arrives, and the whole file once more when it is assembled, so a relay
-//! or hub that alters a byte is caught at the chunk it altered. The
+//! arrives, so a relay or hub that alters a byte is caught at the chunk
+//! it altered, and a file made of checked chunks is the file the operator
+//! signed. The whole file's BLAKE3 is checked once, by the hub a patch is
+//! published to ([`ChunkStore::check`]), which refuses a manifest whose
+//! chunks and whole hash disagree; nodes do not hash it again. The
 //! manifest's postcard encoding is what is signed and what travels, and
 //! [`SignedPatch::id`] (BLAKE3 of those bytes) names the patch.
 //!
@@ -102,7 +105,8 @@ pub struct ArtifactRef {
     /// Relative path inside the patch directory, `/`-separated.
     pub name: String,
     pub size: u64,
-    /// BLAKE3 of the whole file.
+    /// BLAKE3 of the whole file, checked against the chunks when the patch
+    /// is published ([`ChunkStore::check`]).
     pub blake3: [u8; 32],
     /// [`CHUNK_SIZE`]; carried so that another size is recognised, not
     /// misread.
@@ -357,11 +361,11 @@ pub enum PatchError {
          chunks first"
     )]
     ChunkMissing { artifact: String, chunk: u32 },
-    /// The assembled artifact does not have the size or BLAKE3 its
-    /// manifest gives, although each chunk matched: the manifest
-    /// contradicts itself. Nothing was written.
+    /// The artifact's chunks, each matching its hash, do not put together
+    /// a file of the size and BLAKE3 its manifest gives: the manifest
+    /// contradicts itself ([`ChunkStore::check`]).
     #[error(
-        "artifact {artifact}: the assembled file does not match the manifest's size and \
+        "artifact {artifact}: its chunks put together do not match the manifest's size and \
          BLAKE3; the manifest is inconsistent: sign the patch again from its directory"
     )]
     ArtifactMismatch { artifact: String },
@@ -862,6 +866,37 @@ impl ChunkStore {
             .map(|(i, _)| i)
             .collect()
     }
+
+    /// [`ChunkStore::missing`], and, when no chunk is missing, whether the
+    /// chunks in order make a file of the manifest's size and whole-file
+    /// BLAKE3 ([`PatchError::ArtifactMismatch`] if not). This is where
+    /// the whole hash is checked: a hub checks it once before it
+    /// publishes a patch, and the nodes, which check each chunk against
+    /// the signed list, do not hash the file a second time. One read of
+    /// each chunk.
+    pub fn check(&self, artifact: &ArtifactRef) -> Result<Vec<u32>, PatchError> {
+        let mut whole = blake3::Hasher::new();
+        // As many chunks as the size makes, each as long as it makes it:
+        // then together they are that size.
+        let mut sizes_agree = artifact.chunks.len() as u64 == artifact.expected_chunks();
+        let mut missing = Vec::new();
+        for (i, hash) in (0u32..).zip(&artifact.chunks) {
+            match self.get(hash) {
+                Ok(Some(bytes)) if missing.is_empty() => {
+                    whole.update(&bytes);
+                    sizes_agree &= artifact.chunk_len(i) == Some(bytes.len() as u64);
+                }
+                Ok(Some(_)) => {}
+                _ => missing.push(i),
+            }
+        }
+        if missing.is_empty() && (!sizes_agree || whole.finalize().as_bytes() != &artifact.blake3) {
+            return Err(PatchError::ArtifactMismatch {
+                artifact: artifact.name.clone(),
+            });
+        }
+        Ok(missing)
+    }
 }
 
 /// A chunk file's bytes, at most one more than [`CHUNK_SIZE`] (so that a
@@ -933,7 +968,10 @@ impl PatchFiles {
 
 /// An artifact being fetched: the file that becomes `dest`, written in
 /// place chunk by chunk at each chunk's offset, whatever order the chunks
-/// come in, and hashed as one file as it fills up from the front.
+/// come in. Each chunk is checked against the signed list before it is
+/// written, and that is the whole check: the file is not hashed again as
+/// one (the hub checked, when the patch was published, that the signed
+/// whole-file hash agrees with the chunks: [`ChunkStore::check`]).
 ///
 /// The file (`.NAME.partial` next to `dest`) is kept between attempts:
 /// [`PartialArtifact::open`] hashes what it holds, so a download that was
@@ -941,8 +979,7 @@ impl PatchFiles {
 /// and a chunk damaged on disk in between is fetched again. Chunks are
 /// not flushed as they are written: what a power loss damages is found
 /// the same way. [`PartialArtifact::finish`] flushes the file once and
-/// renames it to `dest`, after checking the whole file's size and BLAKE3
-/// against the manifest.
+/// renames it to `dest`, once every chunk is in.
 ///
 /// A node writes what it fetches here rather than into a [`ChunkStore`]:
 /// it serves no one, so a file per chunk would cost it a file creation, a
@@ -958,7 +995,8 @@ pub struct PartialArtifact {
     direct: Option<fs::File>,
     /// Chunks written through `direct`.
     direct_writes: std::sync::atomic::AtomicU32,
-    whole: std::sync::Mutex<WholeHash>,
+    /// Which chunks the file holds, checked.
+    written: std::sync::Mutex<Vec<bool>>,
 }
 
 /// The alignment direct I/O asks of a buffer's address, a write's length
@@ -1000,25 +1038,6 @@ pub(crate) fn direct_io_in(dir: &Path) -> bool {
     direct
 }
 
-/// The BLAKE3 of the file's front: every chunk before `next` is hashed.
-#[derive(Debug)]
-struct WholeHash {
-    hasher: blake3::Hasher,
-    next: u32,
-    /// Chunks after `next` already in the file, with their bytes while
-    /// fewer than [`KEPT_AHEAD`] are kept (the others are read back when
-    /// their turn comes).
-    written: std::collections::BTreeMap<u32, Option<bytes::Bytes>>,
-    /// Buffer for chunks read back.
-    buf: Vec<u8>,
-}
-
-/// Chunks written ahead of the hashed front that a [`PartialArtifact`]
-/// keeps in memory (sharing the bytes the download received) rather than
-/// reading them back: enough for the chunks a download has in flight,
-/// bounded when one chunk is late.
-const KEPT_AHEAD: usize = 16;
-
 impl PartialArtifact {
     /// Where the partial file of `dest` is kept.
     pub fn path_for(dest: &Path) -> PathBuf {
@@ -1058,12 +1077,7 @@ impl PartialArtifact {
             path,
             dest: dest.to_owned(),
             file,
-            whole: std::sync::Mutex::new(WholeHash {
-                hasher: blake3::Hasher::new(),
-                next: 0,
-                written: std::collections::BTreeMap::new(),
-                buf: Vec::new(),
-            }),
+            written: std::sync::Mutex::new(vec![false; artifact.chunks.len()]),
         };
         let mut held = Vec::new();
         // A new file holds nothing: not worth reading.
@@ -1075,19 +1089,20 @@ impl PartialArtifact {
                 }
             }
         }
-        partial
-            .lock()
-            .written
-            .extend(held.iter().map(|&i| (i, None)));
-        partial.hash_front()?;
+        {
+            let mut written = partial.lock();
+            for &i in &held {
+                written[i as usize] = true;
+            }
+        }
         Ok((partial, held))
     }
 
     /// Writes chunk `index` in place, with direct I/O when the chunk's
     /// bytes allow it ([`DIRECT_ALIGN`]). Its hash and length must be the
     /// manifest's: the caller has checked them ([`Download::on_hashed`]);
-    /// this checks again, cheaply, because a wrong chunk here would only be
-    /// found when the whole file is checked.
+    /// this checks again, cheaply (the hash computed, against the
+    /// manifest's), because nothing after it would find a wrong chunk.
     pub fn write(&self, index: u32, chunk: &HashedChunk) -> Result<(), PatchError> {
         let expected = self.artifact.chunks.get(index as usize);
         if expected != Some(&chunk.hash)
@@ -1104,14 +1119,8 @@ impl PartialArtifact {
                 .write_all_at(&chunk.bytes, offset)
                 .map_err(io_err(&self.path))?;
         }
-        {
-            let mut whole = self.lock();
-            let keep = whole.written.len() < KEPT_AHEAD;
-            whole
-                .written
-                .insert(index, keep.then(|| chunk.bytes.clone()));
-        }
-        self.hash_front()
+        self.lock()[index as usize] = true;
+        Ok(())
     }
 
     /// Writes `bytes` at `offset` with direct I/O if it can: the file is
@@ -1157,28 +1166,14 @@ impl PartialArtifact {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Flushes the file and renames it to `dest` if every chunk is in it
-    /// and the whole file has the manifest's size and BLAKE3; otherwise
-    /// leaves it for the next attempt (a chunk missing:
-    /// [`PatchError::ChunkMissing`]; each chunk right but the whole wrong:
-    /// [`PatchError::ArtifactMismatch`], the manifest contradicts itself).
+    /// Flushes the file and renames it to `dest` if every chunk is in it;
+    /// otherwise leaves it for the next attempt
+    /// ([`PatchError::ChunkMissing`]).
     pub fn finish(self) -> Result<(), PatchError> {
-        let whole = self.whole.into_inner().unwrap_or_else(|p| p.into_inner());
-        if let Some(missing) =
-            (whole.next..self.artifact.chunks.len() as u32).find(|i| !whole.written.contains_key(i))
-        {
+        if let Some(missing) = self.lock().iter().position(|&w| !w) {
             return Err(PatchError::ChunkMissing {
                 artifact: self.artifact.name.clone(),
-                chunk: missing,
-            });
-        }
-        let size = (0..whole.next)
-            .filter_map(|i| self.artifact.chunk_len(i))
-            .sum::<u64>();
-        if size != self.artifact.size || whole.hasher.finalize().as_bytes() != &self.artifact.blake3
-        {
-            return Err(PatchError::ArtifactMismatch {
-                artifact: self.artifact.name.clone(),
+                chunk: missing as u32,
             });
         }
         let path = &self.path;
@@ -1195,30 +1190,8 @@ impl PartialArtifact {
         .map_err(io_err(path))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, WholeHash> {
-        self.whole.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Hashes the chunks now contiguous from the front, from memory or
-    /// read back from the file.
-    fn hash_front(&self) -> Result<(), PatchError> {
-        let mut guard = self.lock();
-        let whole = &mut *guard;
-        while let Some(kept) = whole.written.remove(&whole.next) {
-            match kept {
-                Some(bytes) => {
-                    whole.hasher.update(&bytes);
-                }
-                None => {
-                    if !self.read_chunk(whole.next, &mut whole.buf)? {
-                        return Ok(());
-                    }
-                    whole.hasher.update(&whole.buf);
-                }
-            }
-            whole.next += 1;
-        }
-        Ok(())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads chunk `index` from the file into `buf`; `false` if the
@@ -2207,6 +2180,33 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
         fs::write(store.path_of(&a.chunks[2]), b"garbage").unwrap();
         assert_eq!(store.missing(&a), [1, 2]);
         assert!(!store.has(&a.chunks[2]));
+        assert_eq!(store.check(&a).unwrap(), [1, 2]);
+    }
+
+    #[test]
+    fn a_manifest_whose_whole_hash_or_size_contradicts_its_chunks_fails_the_check() {
+        let (_d, store) = store();
+        let (_, a) = stored(&store, 2 * MIB + 10, 5);
+        assert_eq!(store.check(&a).unwrap(), Vec::<u32>::new());
+        let mut wrong_hash = a.clone();
+        wrong_hash.blake3[0] ^= 1;
+        let mut wrong_size = a.clone();
+        wrong_size.size -= 1;
+        // The chunks of another artifact, in the same order and sizes.
+        let (_, other) = stored(&store, 2 * MIB + 10, 6);
+        let mut swapped = a.clone();
+        swapped.chunks = other.chunks.clone();
+        for bad in [&wrong_hash, &wrong_size, &swapped] {
+            let err = store.check(bad).unwrap_err();
+            assert!(
+                matches!(&err, PatchError::ArtifactMismatch { artifact } if artifact == "pkg.deb"),
+                "{err}"
+            );
+            assert!(err.to_string().contains("sign the patch again"), "{err}");
+        }
+        // Missing chunks are reported before anything is hashed as a whole.
+        fs::remove_file(store.path_of(&a.chunks[0])).unwrap();
+        assert_eq!(store.check(&wrong_hash).unwrap(), [0]);
     }
 
     // -- partial artifact ----------------------------------------------------
@@ -2234,9 +2234,8 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
         for i in [2, 0, 3] {
             p.write(i, &chunks[i as usize]).unwrap();
         }
-        assert_eq!(p.lock().next, 1, "hashed from the front only");
+        assert_eq!(*p.lock(), [true, false, true, true]);
         p.write(1, &chunks[1]).unwrap();
-        assert_eq!(p.lock().next, 4);
         p.finish().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), bytes);
         assert_eq!(files_in(&d.path().join("out")), ["pkg.deb"]);
@@ -2336,20 +2335,7 @@ artifacts = ["install.sh", "rollback.sh", "pkg.deb"]
                 "{i}: {err}"
             );
         }
-        assert!(p.lock().written.is_empty());
-    }
-
-    #[test]
-    fn a_manifest_whose_whole_hash_contradicts_its_chunks_does_not_become_the_artifact() {
-        let d = tempfile::tempdir().unwrap();
-        let (_, mut a, chunks) = chunked(100, 11);
-        a.blake3[0] ^= 1;
-        let dest = d.path().join("pkg.deb");
-        let (p, _) = PartialArtifact::open(&a, &dest).unwrap();
-        p.write(0, &chunks[0]).unwrap();
-        let err = p.finish().unwrap_err();
-        assert!(matches!(err, PatchError::ArtifactMismatch { .. }), "{err}");
-        assert!(!dest.exists());
+        assert!(p.lock().iter().all(|&w| !w));
     }
 
     // -- download ------------------------------------------------------------

@@ -183,6 +183,22 @@ fn a_patch_is_published_in_chunks_an_interrupted_publish_resumes_and_bad_input_i
         }
         other => panic!("a patch without its chunks was published: {other:?}"),
     }
+    // So is one whose chunks are all here but whose whole-file hash is not
+    // theirs: the hub is where the whole file is checked.
+    let mut m = loaded.manifest.clone();
+    m.version = "3.0.13-4".into();
+    m.artifacts[2].blake3[0] ^= 1;
+    let contradictory = sign(&alice, &m).unwrap();
+    match rt.block_on(client.patch_publish(&contradictory)) {
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert!(
+            message.contains("pkg.bin") && message.contains("inconsistent"),
+            "{message}"
+        ),
+        other => panic!("a manifest contradicting its chunks was published: {other:?}"),
+    }
 
     // The other hub copies the chunks: either can serve the patch.
     let copied = eventually(Duration::from_secs(30), || {

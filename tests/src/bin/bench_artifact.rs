@@ -13,8 +13,9 @@
 //!   what a node does on a patch order: `fetch_patch`, `patch::verify`,
 //!   then `fetch_artifact`, which keeps several chunk requests in flight
 //!   on one connection, checks every chunk against its BLAKE3, writes it
-//!   in place in the artifact's partial file, hashes the whole file as it
-//!   fills, then flushes it and renames it into place.
+//!   in place in the artifact's partial file, then flushes it and renames
+//!   it into place (the whole file's hash was checked by the hub when the
+//!   patch was published; here the relay's store is checked the same way).
 //!
 //! The baseline is a tokio TCP server on 127.0.0.1 that sends the same
 //! file to as many concurrent clients; each client hashes the stream
@@ -405,9 +406,9 @@ async fn run(
          that span. Trellis: each node fetches and verifies the signed manifest, fetches the \
          chunks over one QUIC connection ({} requests in flight, each chunk checked against its \
          BLAKE3 and written in place in the artifact's partial file, with direct I/O where the \
-         file system allows it: {} of {} chunks here), which is hashed whole as it fills, then \
-         fsynced and renamed; the relay reads and checks a chunk once and serves \
-         it to every node from memory while it is among the {} last asked for ({} B in its \
+         file system allows it: {} of {} chunks here), then fsynced and renamed (the whole \
+         file is not hashed again: the hub checks it once when a patch is published); the \
+         relay reads and checks a chunk once and serves it to every node from memory while it is among the {} last asked for ({} B in its \
          store). TCP: each client BLAKE3-hashes the stream, writes it to a temporary file \
          through the page cache, fsyncs it once and renames it. TLS over TCP: the same, through \
          TLS 1.3 with the relay's and each node's mesh certificate (rustls, {}). Every file was \
@@ -452,6 +453,12 @@ fn publish_chunks(store: &ChunkStore, artifact: &ArtifactRef, source: &Path) -> 
         file.read_exact(&mut buf[..len])?;
         store.put(hash, &buf[..len])?;
     }
+    // What a hub does before it publishes a patch: the chunks make the
+    // file the manifest names.
+    anyhow::ensure!(
+        store.check(artifact)?.is_empty(),
+        "chunks missing from the relay's store"
+    );
     Ok(())
 }
 
