@@ -19,6 +19,9 @@ pub struct HubUplinkConfig {
     pub listen: SocketAddr,
     /// A relay that sends nothing for this long is disconnected (relays
     /// summarise at least every `uplink.summary_interval`, 5 s by default).
+    /// On a lossy link, leave room for QUIC's retransmission timer, which
+    /// doubles each time the same packet is lost again: a record delayed
+    /// by retransmission is not silence.
     #[serde(with = "humantime_serde")]
     pub silence_timeout: Duration,
 }

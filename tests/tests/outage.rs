@@ -38,19 +38,24 @@ fn node_name(i: usize) -> String {
     format!("par-n{i:02}")
 }
 
+/// The hub notices a silent relay within 3 s, so that the blackhole tests
+/// see the site go stale quickly.
+const HUB_QUICK: &str = "[uplink]\nsilence_timeout = \"3s\"\n[fleet]\nstale_after = \"5s\"\n";
+
 /// A hub, a proxy in front of it, a relay uplinking through the proxy and
 /// `n` nodes, all alive at the hub.
 fn setup(n: usize, relay_extra: &str, node_extra: &str) -> Setup {
+    setup_with_hub(HUB_QUICK, n, relay_extra, node_extra)
+}
+
+fn setup_with_hub(hub_cfg: &str, n: usize, relay_extra: &str, node_extra: &str) -> Setup {
     let mesh = Mesh::new();
     mesh.issue("hub", "eu", "", "hub-1");
     mesh.issue("relay", "eu", SITE, RELAY);
     for i in 0..n {
         mesh.issue("node", "eu", SITE, &node_name(i));
     }
-    let (hub, uplink, api) = mesh.start_hub(
-        "hub-1",
-        "[uplink]\nsilence_timeout = \"3s\"\n[fleet]\nstale_after = \"5s\"\n",
-    );
+    let (hub, uplink, api) = mesh.start_hub("hub-1", hub_cfg);
     let proxy = UdpProxy::with_seed(uplink.parse().unwrap(), 7).unwrap();
     let relay_cfg_extra = trellis_tests::merge_toml(
         "[uplink]\nsummary_interval = \"1s\"\nack_timeout = \"3s\"\nmax_backoff = \"1s\"\n",
@@ -416,7 +421,17 @@ fn a_full_buffer_downsamples_summaries_first_then_drops_and_the_hub_is_told_exac
 #[test]
 fn with_30_percent_loss_and_200ms_delay_every_record_still_arrives_in_order() {
     let _serial = serial();
-    let s = setup(3, "[uplink]\nack_timeout = \"15s\"\n", FLAPPING);
+    // At 30 % loss and a 400 ms round trip, QUIC's retransmission timer
+    // backs off past 3 s whenever the same packet is lost twice, and a hub
+    // that calls a relay silent after 3 s would tear down the uplink again
+    // and again while records are merely in flight. Both ends allow 15 s,
+    // as a hub and relay on such a link are configured.
+    let s = setup_with_hub(
+        "[uplink]\nsilence_timeout = \"15s\"\n[fleet]\nstale_after = \"5s\"\n",
+        3,
+        "[uplink]\nack_timeout = \"15s\"\n",
+        FLAPPING,
+    );
     let start = s.relay_metric("trellis_relay_acked_through").unwrap();
     s.proxy.set_loss(0.3);
     s.proxy.set_delay(Duration::from_millis(200));
