@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::authz::Protocol;
 use crate::endpoint::{Accepted, MeshEndpoint, close};
-use crate::gossip_codec::{StreamDecoder, StreamEncoder};
+use crate::gossip_codec::{IdTable, StreamDecoder, StreamEncoder};
 use crate::site::{Health, MemberView, SiteView, descriptors_of, keys};
 use crate::wire::{self, WireError};
 
@@ -219,6 +219,8 @@ struct Shared {
     protocol: Protocol,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     peers: Mutex<HashMap<SocketAddr, Arc<PeerQueue>>>,
+    /// The member ids every stream's coder keeps, once for all of them.
+    ids: IdTable,
     inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
     shutdown: CancellationToken,
 }
@@ -244,6 +246,7 @@ impl QuicTransport {
             protocol,
             conns: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            ids: IdTable::default(),
             inbox: tx,
             shutdown,
         });
@@ -357,7 +360,7 @@ impl Shared {
     /// arrived the rest must follow within [`IO_TIMEOUT`].
     async fn read_stream(&self, conn: &quinn::Connection, mut recv: quinn::RecvStream) {
         let addr = conn.remote_address();
-        let mut decoder = StreamDecoder::default();
+        let mut decoder = StreamDecoder::sharing(&self.ids);
         loop {
             let frame = match wire::read_len(&mut recv, MAX_GOSSIP_FRAME).await {
                 Ok(Some(len)) => tokio::time::timeout(IO_TIMEOUT, wire::read_body(&mut recv, len))
@@ -488,7 +491,7 @@ impl Shared {
                     out = Some(Outgoing {
                         conn: conn.stable_id(),
                         send: conn.open_uni().await?,
-                        encoder: StreamEncoder::speaking(version),
+                        encoder: StreamEncoder::speaking(version).sharing(&self.ids),
                     });
                 }
                 let o = out.as_mut().expect("just set");

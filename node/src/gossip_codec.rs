@@ -18,6 +18,10 @@
 //! encoding into the coded form and back, byte for byte. Each side keeps the
 //! last digest of its stream; the stream is reliable and ordered (one QUIC
 //! stream), so both hold the same one. A new stream starts from nothing.
+//! A member holds an encoder and a decoder per peer, and every one of them
+//! names the same members: the ids are kept once, in an [`IdTable`] the
+//! member's streams share, and a stream's digest is a slot number and three
+//! counters per entry (28 bytes).
 //!
 //! Coded form (before the frame's compression):
 //! ```text
@@ -61,7 +65,7 @@
 //! ([`StreamEncoder::speaking`]); the decoder reads both.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// chitchat's magic number and protocol version 0, as it writes them.
 const CHITCHAT_MAGIC: [u8; 2] = 45_139u16.to_le_bytes();
@@ -123,14 +127,107 @@ struct Counters {
     max: u64,
 }
 
-/// The sending side of one stream. It keeps the previous digest as a
-/// 128-bit keyed hash of each id and its counters (40 bytes a member),
-/// not the ids: a member holds one of these per peer. [`Default`] codes
-/// for mesh protocol 1; [`StreamEncoder::speaking`] for a given version.
+/// The member ids a member's streams name, each kept once however many
+/// streams' digests hold it, and forgotten when none does. Cloning shares
+/// the table. Slots are counted references: a slot a stream holds is never
+/// given to another id, so two entries with the same slot have the same id.
+#[derive(Debug, Clone, Default)]
+pub struct IdTable(Arc<Mutex<Ids>>);
+
+#[derive(Debug, Default)]
+struct Ids {
+    /// An id's bytes and how many digest entries hold its slot.
+    slots: Vec<Option<(Arc<[u8]>, u32)>>,
+    free: Vec<u32>,
+    index: HashMap<Arc<[u8]>, u32>,
+}
+
+impl IdTable {
+    fn lock(&self) -> MutexGuard<'_, Ids> {
+        // The table is consistent between calls: nothing in it panics
+        // half-way through a change.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many distinct ids the streams sharing this table hold.
+    pub fn len(&self) -> usize {
+        self.lock().index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Ids {
+    /// The slot of `id`, taken once more.
+    fn acquire(&mut self, id: &[u8]) -> u32 {
+        if let Some(&slot) = self.index.get(id) {
+            self.retain(slot);
+            return slot;
+        }
+        let id: Arc<[u8]> = id.into();
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some((id.clone(), 1));
+                slot
+            }
+            None => {
+                self.slots.push(Some((id.clone(), 1)));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(id, slot);
+        slot
+    }
+
+    fn retain(&mut self, slot: u32) {
+        if let Some((_, refs)) = &mut self.slots[slot as usize] {
+            *refs += 1;
+        }
+    }
+
+    fn release(&mut self, slot: u32) {
+        let entry = &mut self.slots[slot as usize];
+        if let Some((id, refs)) = entry {
+            *refs -= 1;
+            if *refs == 0 {
+                self.index.remove(&**id);
+                *entry = None;
+                self.free.push(slot);
+            }
+        }
+    }
+
+    fn id(&self, slot: u32) -> &[u8] {
+        self.slots[slot as usize].as_ref().map_or(&[], |(id, _)| id)
+    }
+
+    fn release_all(&mut self, kept: &[Kept]) {
+        for k in kept {
+            self.release(k.slot);
+        }
+    }
+}
+
+/// A digest entry as a stream keeps it: its id's slot in the [`IdTable`]
+/// and its counters, 28 bytes.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
+struct Kept {
+    slot: u32,
+    c: Counters,
+}
+
+/// The sending side of one stream. It keeps the previous digest as the
+/// slot of each id and its counters: a member holds one of these per peer.
+/// [`Default`] codes for mesh protocol 1 with a table of its own;
+/// [`StreamEncoder::speaking`] for a given version, and
+/// [`StreamEncoder::sharing`] with the member's table.
 #[derive(Debug, Default)]
 pub struct StreamEncoder {
-    keys: RandomState,
-    prev: Vec<([u64; 2], Counters)>,
+    table: IdTable,
+    prev: Vec<Kept>,
     /// Whether the peer reads kind 2 (the bit-coded digest).
     bit_coded: bool,
     /// Kind 2: the previous Syn's tail (its cluster id), if short.
@@ -163,12 +260,12 @@ enum Got {
     Byte(u8),
 }
 
-/// The receiving side of one stream. It keeps the previous digest's ids
-/// back to back in one buffer, and each entry's place in it.
+/// The receiving side of one stream. It keeps the previous digest as the
+/// slot of each id and its counters, as [`StreamEncoder`] does.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
-    ids: Vec<u8>,
-    prev: Vec<(u32, u16, Counters)>,
+    table: IdTable,
+    prev: Vec<Kept>,
     /// Kind 2: the previous Syn's tail (its cluster id), if short.
     prev_syn_tail: Option<Box<[u8]>>,
 }
@@ -178,24 +275,42 @@ impl StreamEncoder {
     /// mesh protocol `version`: it codes what that version reads.
     pub fn speaking(version: u16) -> Self {
         StreamEncoder {
+            table: IdTable::default(),
+            prev: Vec::new(),
             bit_coded: version >= BITS_SINCE_VERSION,
-            ..StreamEncoder::default()
+            prev_syn_tail: None,
         }
     }
 
-    /// Two independent 64-bit keyed hashes: a collision between two ids of
-    /// one site would code one member as another, so 64 bits are not
-    /// taken on trust; the keys are this process's own, so ids cannot be
-    /// chosen to collide.
-    fn key(&self, id: &[u8]) -> [u64; 2] {
-        [self.keys.hash_one((0u8, id)), self.keys.hash_one((1u8, id))]
+    /// The same encoder, keeping its ids in `table` (before any message).
+    pub fn sharing(mut self, table: &IdTable) -> Self {
+        self.table.lock().release_all(&self.prev);
+        self.prev.clear();
+        self.table = table.clone();
+        self
     }
 }
 
 impl StreamDecoder {
-    fn id(&self, i: usize) -> &[u8] {
-        let (at, len, _) = self.prev[i];
-        &self.ids[at as usize..at as usize + len as usize]
+    /// A decoder keeping its ids in `table`.
+    pub fn sharing(table: &IdTable) -> Self {
+        StreamDecoder {
+            table: table.clone(),
+            prev: Vec::new(),
+            prev_syn_tail: None,
+        }
+    }
+}
+
+impl Drop for StreamEncoder {
+    fn drop(&mut self) {
+        self.table.lock().release_all(&self.prev);
+    }
+}
+
+impl Drop for StreamDecoder {
+    fn drop(&mut self) {
+        self.table.lock().release_all(&self.prev);
     }
 }
 
@@ -209,21 +324,23 @@ impl StreamEncoder {
             out.extend_from_slice(plain);
             return out;
         };
-        let index: HashMap<[u64; 2], usize> = self
+        let mut ids = self.table.lock();
+        // Every id's slot, taken for this digest before the previous one's
+        // are given back: a slot both hold stays the same id throughout.
+        let slots: Vec<u32> = entries.iter().map(|e| ids.acquire(e.id)).collect();
+        let index: HashMap<u32, usize> = self
             .prev
             .iter()
             .enumerate()
-            .map(|(i, (k, _))| (*k, i))
+            .map(|(i, k)| (k.slot, i))
             .collect();
-        let keys: Vec<[u64; 2]> = entries.iter().map(|e| self.key(e.id)).collect();
-        let matched: Vec<Option<usize>> = keys.iter().map(|k| index.get(k).copied()).collect();
+        let matched: Vec<Option<usize>> = slots.iter().map(|s| index.get(s).copied()).collect();
+        let prev_c = |i: usize| -> Counters { self.prev[i].c };
         // The common heartbeat step: the median of the matched entries'.
         let mut steps: Vec<i64> = entries
             .iter()
             .zip(&matched)
-            .filter_map(|(e, m)| {
-                m.map(|i| e.c.heartbeat.wrapping_sub(self.prev[i].1.heartbeat) as i64)
-            })
+            .filter_map(|(e, m)| m.map(|i| e.c.heartbeat.wrapping_sub(prev_c(i).heartbeat) as i64))
             .collect();
         steps.sort_unstable();
         let step = steps.get(steps.len() / 2).copied().unwrap_or(0);
@@ -233,7 +350,7 @@ impl StreamEncoder {
         for (e, m) in entries.iter().zip(&matched) {
             ops.push(match *m {
                 Some(i) if i >= cursor => {
-                    let p = self.prev[i].1;
+                    let p = prev_c(i);
                     let r = (i - cursor + 1) as u64;
                     cursor = i + 1;
                     let moved = e.c.max.wrapping_sub(p.max);
@@ -303,10 +420,11 @@ impl StreamEncoder {
             }
             out.extend_from_slice(tail);
         }
-        self.prev = keys
+        ids.release_all(&self.prev);
+        self.prev = slots
             .into_iter()
             .zip(&entries)
-            .map(|(k, e)| (k, e.c))
+            .map(|(slot, e)| Kept { slot, c: e.c })
             .collect();
         out
     }
@@ -336,6 +454,38 @@ impl StreamDecoder {
         limit: usize,
         bits_kind: bool,
     ) -> Result<Vec<u8>, CodecError> {
+        let mut ids = self.table.lock();
+        let mut prev = Vec::new();
+        match self.decode_entries(&mut ids, &mut prev, coded, limit, bits_kind) {
+            Ok((out, syn_tail)) => {
+                ids.release_all(&self.prev);
+                self.prev = prev;
+                if let Some(kept) = syn_tail {
+                    self.prev_syn_tail = kept;
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                // The stream's state is unchanged: give back what this
+                // digest took.
+                ids.release_all(&prev);
+                Err(e)
+            }
+        }
+    }
+
+    /// Decodes a digest into chitchat's bytes, its entries into `prev`
+    /// (each slot taken once, also on error), and says what the stream's
+    /// kept Syn tail becomes, if it changes.
+    #[allow(clippy::type_complexity)]
+    fn decode_entries(
+        &self,
+        ids: &mut Ids,
+        prev: &mut Vec<Kept>,
+        coded: &[u8],
+        limit: usize,
+        bits_kind: bool,
+    ) -> Result<(Vec<u8>, Option<Option<Box<[u8]>>>), CodecError> {
         let mut r = Reader(coded);
         let head = r.take(HEAD_LEN)?;
         if head[..2] != CHITCHAT_MAGIC || head[2] != CHITCHAT_V0 {
@@ -367,8 +517,7 @@ impl StreamDecoder {
             let len = usize::try_from(r.varint()?).map_err(|_| CodecError::Truncated)?;
             bits = Some((BitReader::new(r.take(len)?), k));
         }
-        let mut ids = Vec::with_capacity(self.ids.len());
-        let mut prev = Vec::with_capacity(count as usize);
+        prev.reserve_exact(count as usize);
         let mut cursor = 0usize;
         let past = || CodecError::Malformed("reference past the previous digest");
         for _ in 0..count {
@@ -398,17 +547,19 @@ impl StreamDecoder {
                     }
                 }
             };
-            let (id, c) = match op {
+            let (slot, c) = match op {
                 Got::Next { moved, off } => {
                     let i = cursor;
-                    let p = self.prev.get(i).ok_or_else(past)?.2;
+                    let k = *self.prev.get(i).ok_or_else(past)?;
+                    let p = k.c;
                     cursor += 1;
                     let c = Counters {
                         heartbeat: p.heartbeat.wrapping_add(step.wrapping_add(off) as u64),
                         max: p.max.wrapping_add(moved),
                         ..p
                     };
-                    (self.id(i), c)
+                    ids.retain(k.slot);
+                    (k.slot, c)
                 }
                 Got::Byte(OP_NEW) => {
                     let len = r.varint()? as usize;
@@ -421,7 +572,7 @@ impl StreamDecoder {
                         gc: r.varint()?,
                         max: r.varint()?,
                     };
-                    (id, c)
+                    (ids.acquire(id), c)
                 }
                 Got::Byte(OP_CHANGED) => {
                     let k = r.varint()?;
@@ -431,17 +582,21 @@ impl StreamDecoder {
                         .and_then(|k| cursor.checked_add(k - 1))
                         .filter(|&i| i < self.prev.len())
                         .ok_or_else(past)?;
-                    let p = self.prev[i].2;
+                    let k = self.prev[i];
+                    let p = k.c;
                     cursor = i + 1;
                     let c = Counters {
                         heartbeat: r.diff(p.heartbeat)?,
                         gc: r.diff(p.gc)?,
                         max: r.diff(p.max)?,
                     };
-                    (self.id(i), c)
+                    ids.retain(k.slot);
+                    (k.slot, c)
                 }
                 Got::Byte(_) => return Err(CodecError::Malformed("unknown entry op")),
             };
+            prev.push(Kept { slot, c });
+            let id = ids.id(slot);
             if out.len() + id.len() + 24 > limit {
                 return Err(CodecError::TooLarge(limit));
             }
@@ -449,9 +604,6 @@ impl StreamDecoder {
             for v in [c.heartbeat, c.gc, c.max] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
-            // Both fit: the output is within `limit`, ids within MAX_ID_LEN.
-            prev.push((ids.len() as u32, id.len() as u16, c));
-            ids.extend_from_slice(id);
         }
         if let Some((b, _)) = bits {
             b.finish()?;
@@ -468,13 +620,9 @@ impl StreamDecoder {
             return Err(CodecError::TooLarge(limit));
         }
         out.extend_from_slice(tail);
-        if bits_kind && is_syn {
-            let kept = (tail.len() <= MAX_KEPT_TAIL).then(|| tail.into());
-            self.prev_syn_tail = kept;
-        }
-        self.ids = ids;
-        self.prev = prev;
-        Ok(out)
+        let syn_tail =
+            (bits_kind && is_syn).then(|| (tail.len() <= MAX_KEPT_TAIL).then(|| tail.into()));
+        Ok((out, syn_tail))
     }
 }
 
@@ -738,6 +886,8 @@ impl<'a> BitReader<'a> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::BTreeSet;
+
     use chitchat::{ChitchatId, ChitchatMessage, Deserializable, Serializable};
     use proptest::prelude::*;
 
@@ -889,8 +1039,56 @@ pub(crate) mod tests {
     #[test]
     fn the_state_kept_per_stream_is_small() {
         // A member keeps one encoder and one decoder per peer.
-        assert_eq!(std::mem::size_of::<([u64; 2], Counters)>(), 40);
-        assert_eq!(std::mem::size_of::<(u32, u16, Counters)>(), 32);
+        assert_eq!(std::mem::size_of::<Kept>(), 28);
+    }
+
+    #[test]
+    fn streams_sharing_a_table_keep_each_id_once_and_forget_it_with_the_last_holder() {
+        // A member with 10 peers: its encoders share one table, and the
+        // peers' decoders (one member's view of them) another.
+        let (sending, receiving) = (IdTable::default(), IdTable::default());
+        let mut streams: Vec<(StreamEncoder, StreamDecoder)> = (0..10)
+            .map(|_| {
+                (
+                    StreamEncoder::speaking(BITS_SINCE_VERSION).sharing(&sending),
+                    StreamDecoder::sharing(&receiving),
+                )
+            })
+            .collect();
+        let mut members = site(100, 0);
+        for round in 0..3u64 {
+            if round == 2 {
+                // Five members restart: new ids, the old ones gone.
+                for m in &mut members[..5] {
+                    m.0.push('x');
+                }
+            }
+            for (i, (enc, dec)) in streams.iter_mut().enumerate() {
+                for m in &mut members {
+                    m.1 += 1;
+                }
+                let plain = message(TYPE_SYN, &refs(&members));
+                assert_eq!(dec.decode(&enc.encode(&plain), 1 << 20).unwrap(), plain);
+                if round == 2 && i < 9 {
+                    // Streams not yet sent the new digest still hold the
+                    // restarted members' old ids.
+                    assert_eq!((sending.len(), receiving.len()), (105, 105));
+                }
+            }
+            assert_eq!((sending.len(), receiving.len()), (100, 100));
+        }
+        // A bad message leaves the stream and the table as they were.
+        let (enc, dec) = &mut streams[0];
+        let mut bad = enc.encode(&message(TYPE_SYN, &refs(&site(120, 9))));
+        bad.truncate(bad.len() - 3);
+        assert!(dec.decode(&bad, 1 << 20).is_err());
+        assert_eq!(receiving.len(), 100);
+        let plain = message(TYPE_SYN, &refs(&members));
+        let mut fresh = StreamEncoder::speaking(BITS_SINCE_VERSION);
+        assert!(dec.decode(&fresh.encode(&plain), 1 << 20).is_ok());
+        drop(streams);
+        assert!(sending.is_empty() && receiving.is_empty());
+        drop(fresh);
     }
 
     #[test]
@@ -951,6 +1149,42 @@ pub(crate) mod tests {
                 let coded = enc.encode(&plain);
                 prop_assert_eq!(dec.decode(&coded, 1 << 20).unwrap(), plain);
             }
+        }
+
+        #[test]
+        fn streams_sharing_tables_round_trip_in_any_order_and_leave_nothing_behind(
+            sends in proptest::collection::vec(
+                (0usize..4, proptest::collection::btree_set(0u16..48, 0..30), any::<u64>()),
+                1..40,
+            ),
+        ) {
+            let (sending, receiving) = (IdTable::default(), IdTable::default());
+            let mut streams: Vec<(StreamEncoder, StreamDecoder)> = (0..4)
+                .map(|i| {
+                    (
+                        StreamEncoder::speaking(1 + i as u16 % 2).sharing(&sending),
+                        StreamDecoder::sharing(&receiving),
+                    )
+                })
+                .collect();
+            // The ids each stream's last digest holds: a member's id is
+            // its name and its address, which `message` takes from its place.
+            let mut held: Vec<BTreeSet<(u16, usize)>> = vec![BTreeSet::new(); 4];
+            for (to, names, hb) in sends {
+                let members: Vec<(String, u64, u64, u64)> = names
+                    .iter()
+                    .map(|&n| (format!("m{n:03}"), hb.wrapping_add(u64::from(n)), 0, u64::from(n)))
+                    .collect();
+                let plain = message(TYPE_SYN_ACK, &refs(&members));
+                let (enc, dec) = &mut streams[to];
+                prop_assert_eq!(dec.decode(&enc.encode(&plain), 1 << 20).unwrap(), plain);
+                held[to] = names.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+                // Each id held by some stream is kept, once; no other is.
+                let distinct = held.iter().flatten().collect::<BTreeSet<_>>().len();
+                prop_assert_eq!((sending.len(), receiving.len()), (distinct, distinct));
+            }
+            drop(streams);
+            prop_assert!(sending.is_empty() && receiving.is_empty());
         }
 
         #[test]
